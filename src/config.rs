@@ -1,0 +1,67 @@
+//! Configuration from the environment (and a `.env` file), shared by every command.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// Settings every command shares. Each has an environment variable; the flag wins.
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// PostgreSQL to use. Unset: leadledger runs its own in the data directory.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Where the embedded PostgreSQL and the first admin key live.
+    #[arg(
+        long,
+        env = "LEADLEDGER_DATA_DIR",
+        default_value = ".leadledger",
+        global = true
+    )]
+    pub data_dir: PathBuf,
+
+    /// Log lines for people (`pretty`) or for machines (`json`).
+    #[arg(
+        long,
+        env = "LEADLEDGER_LOG_FORMAT",
+        value_enum,
+        default_value = "pretty",
+        global = true
+    )]
+    pub log_format: LogFormat,
+
+    /// Connections in the pool.
+    #[arg(
+        long,
+        env = "LEADLEDGER_DB_POOL_SIZE",
+        default_value_t = 20,
+        global = true
+    )]
+    pub db_pool_size: u32,
+}
+
+/// Settings of `serve` alone.
+#[derive(Debug, Clone, Args)]
+pub struct ServeConfig {
+    /// Address to listen on; port 0 picks a free one.
+    #[arg(long, env = "LEADLEDGER_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+
+    /// How long in-flight requests may run on after a shutdown signal.
+    #[arg(long, env = "LEADLEDGER_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl ServeConfig {
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown_grace_secs)
+    }
+}

@@ -1,0 +1,62 @@
+//! `GET /health/live` and `GET /health/ready`.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::json;
+
+use super::AppState;
+use crate::db;
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/health/live", get(live))
+        .route("/health/ready", get(ready))
+}
+
+async fn live() -> impl IntoResponse {
+    Json(json!({"status": "live"}))
+}
+
+/// Ready means: the database answers within a bounded time and every migration this
+/// binary knows is applied. A load balancer should route only to ready processes.
+async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+    let check = tokio::time::timeout(Duration::from_secs(5), db::is_ready(&state.pool)).await;
+    let (status, reason) = match check {
+        Ok(Ok(true)) => (StatusCode::OK, "ready"),
+        Ok(Ok(false)) => (StatusCode::SERVICE_UNAVAILABLE, "migrations pending"),
+        Ok(Err(e)) if is_missing_table(&e) => {
+            (StatusCode::SERVICE_UNAVAILABLE, "migrations pending")
+        }
+        Ok(Err(_)) => (StatusCode::SERVICE_UNAVAILABLE, "database unavailable"),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "database did not answer in time",
+        ),
+    };
+    let mut response = (
+        status,
+        Json(json!({
+            "status": if status == StatusCode::OK { "ready" } else { "not_ready" },
+            "reason": reason,
+        })),
+    )
+        .into_response();
+    if status != StatusCode::OK {
+        response.headers_mut().insert(
+            axum::http::header::RETRY_AFTER,
+            axum::http::HeaderValue::from_static("1"),
+        );
+    }
+    response
+}
+
+fn is_missing_table(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "42P01")
+}

@@ -1,0 +1,88 @@
+//! Prometheus metrics: the recorder, the per-request middleware and `GET /metrics`.
+
+use std::sync::OnceLock;
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::http::header;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use super::AppState;
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The process-wide recorder; installed once, whatever number of servers the process runs.
+pub fn handle() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), LATENCY_BUCKETS)
+                .expect("bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (an embedding program); then the
+            // metrics go there and /metrics shows what this handle saw.
+            let _ = metrics::set_global_recorder(recorder);
+            metrics::describe_counter!("http_requests_total", "HTTP requests answered");
+            metrics::describe_histogram!(
+                "http_request_duration_seconds",
+                metrics::Unit::Seconds,
+                "HTTP request latency"
+            );
+            handle
+        })
+        .clone()
+}
+
+/// The route template a request matched, passed out through the response extensions so
+/// that [`track`], which runs outside the router, can label unmatched requests too.
+#[derive(Clone)]
+struct RouteLabel(String);
+
+/// Inner layer (`route_layer`): reports the matched route template.
+pub async fn label_route(matched: Option<MatchedPath>, request: Request, next: Next) -> Response {
+    let mut response = next.run(request).await;
+    if let Some(matched) = matched {
+        response
+            .extensions_mut()
+            .insert(RouteLabel(matched.as_str().to_owned()));
+    }
+    response
+}
+
+/// Outer layer: counts each request and times it, by method, route template and status.
+/// The route is the template (`/v1/contacts/{id}`), never the raw path or query.
+pub async fn track(request: Request, next: Next) -> Response {
+    let method = request.method().as_str().to_owned();
+    let start = Instant::now();
+    let response = next.run(request).await;
+    let route = response
+        .extensions()
+        .get::<RouteLabel>()
+        .map(|r| r.0.clone())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let status = response.status().as_u16().to_string();
+    let labels = [("method", method), ("route", route), ("status", status)];
+    metrics::counter!("http_requests_total", &labels).increment(1);
+    metrics::histogram!("http_request_duration_seconds", &labels)
+        .record(start.elapsed().as_secs_f64());
+    response
+}
+
+pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
+    let pool = &state.pool;
+    metrics::gauge!("db_pool_connections").set(f64::from(pool.size()));
+    metrics::gauge!("db_pool_idle_connections").set(pool.num_idle() as f64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(),
+    )
+}

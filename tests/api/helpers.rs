@@ -1,0 +1,292 @@
+//! The test harness: a real PostgreSQL for the whole run, a fresh migrated database for
+//! each test, and `spawn_app`, which starts the real server on port 0.
+//!
+//! Without `DATABASE_URL`, one private cluster is started for the test run through the
+//! same embedded code path the service uses; a watcher process stops and removes it when
+//! the test process exits. Each test's database is cloned from a template database that
+//! was migrated once (named after the migrations, so a changed migration makes a new one).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use leadledger::db::{self, MIGRATOR};
+use leadledger::embedded::{EmbeddedOptions, EmbeddedPostgres};
+use leadledger::http::{self, AppState};
+use sha2::{Digest, Sha256};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+pub struct Harness {
+    /// Connection options for the server; `.database(..)` picks the database.
+    base: PgConnectOptions,
+    /// The database to connect to for CREATE/DROP DATABASE.
+    admin_db: String,
+    template: String,
+    embedded: Option<EmbeddedPostgres>,
+    external_url: Option<url::Url>,
+}
+
+pub fn harness() -> &'static Harness {
+    static HARNESS: OnceLock<Harness> = OnceLock::new();
+    // Built on a thread of its own with its own runtime: every test has its own runtime,
+    // and nothing made here may be tied to one of them.
+    HARNESS.get_or_init(|| {
+        std::thread::spawn(|| {
+            tokio::runtime::Runtime::new()
+                .expect("runtime")
+                .block_on(Harness::init())
+        })
+        .join()
+        .expect("harness init panicked")
+    })
+}
+
+impl Harness {
+    async fn init() -> Self {
+        leadledger::telemetry::init(leadledger::config::LogFormat::Pretty);
+        let (base, admin_db, embedded, external_url) = match std::env::var("DATABASE_URL") {
+            Ok(url) => {
+                let options: PgConnectOptions = url.parse().expect("DATABASE_URL parses");
+                let admin_db = options.get_database().unwrap_or("postgres").to_string();
+                let parsed = url::Url::parse(&url).expect("DATABASE_URL is a URL");
+                (options, admin_db, None, Some(parsed))
+            }
+            Err(_) => {
+                let dir = std::env::temp_dir().join(format!(
+                    "leadledger-test-{}-{}",
+                    std::process::id(),
+                    uuid::Uuid::new_v4().simple()
+                ));
+                let options = EmbeddedOptions {
+                    durable: false,
+                    max_connections: 400,
+                };
+                let pg = EmbeddedPostgres::start(&dir, &options)
+                    .await
+                    .expect("the test cluster starts");
+                pg.stop_and_remove_when_process_exits()
+                    .expect("the cluster watcher starts");
+                (
+                    pg.connect_options_for("postgres"),
+                    "postgres".to_string(),
+                    Some(pg),
+                    None,
+                )
+            }
+        };
+        let mut harness = Self {
+            base,
+            admin_db,
+            template: String::new(),
+            embedded,
+            external_url,
+        };
+        harness.template = harness.ensure_template().await;
+        harness
+    }
+
+    async fn admin(&self) -> PgConnection {
+        self.base
+            .clone()
+            .database(&self.admin_db)
+            .connect()
+            .await
+            .expect("admin connection")
+    }
+
+    /// A template database migrated to this build's migrations, made once per content.
+    async fn ensure_template(&self) -> String {
+        let mut hasher = Sha256::new();
+        for m in MIGRATOR.iter() {
+            hasher.update(m.version.to_le_bytes());
+            hasher.update(&*m.checksum);
+        }
+        let digest = hasher.finalize();
+        let short: String = digest.iter().take(8).map(|b| format!("{b:02x}")).collect();
+        let template = format!("leadledger_tpl_{short}");
+        let mut admin = self.admin().await;
+        let exists: bool =
+            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+                .bind(&template)
+                .fetch_one(&mut admin)
+                .await
+                .expect("query pg_database");
+        if exists {
+            return template;
+        }
+        // Migrate a scratch database, then publish it under the template's name in one
+        // step, so a concurrent test run never clones a half-migrated template.
+        let scratch = format!("leadledger_scratch_{}", uuid::Uuid::new_v4().simple());
+        execute(&mut admin, &format!("CREATE DATABASE {scratch}")).await;
+        // One plain connection, closed before the rename: a pooled one may linger.
+        let mut conn = self
+            .base
+            .clone()
+            .database(&scratch)
+            .connect()
+            .await
+            .expect("connect scratch");
+        MIGRATOR.run(&mut conn).await.expect("migrations apply");
+        conn.close().await.expect("close scratch connection");
+        // The closed pool's backends may take a moment to exit (55006 until they have).
+        let rename = format!("ALTER DATABASE {scratch} RENAME TO {template}");
+        for attempt in 0.. {
+            match sqlx::query(&rename).execute(&mut admin).await {
+                Ok(_) => return template,
+                Err(e) if attempt < 100 && code(&e) == Some("55006") => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                // Another test run published the same template first.
+                Err(_) => break,
+            }
+        }
+        execute(
+            &mut admin,
+            &format!("DROP DATABASE IF EXISTS {scratch} WITH (FORCE)"),
+        )
+        .await;
+        template
+    }
+
+    /// A new database cloned from the template.
+    pub async fn fresh_database(&self) -> String {
+        let name = format!("leadledger_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = self.admin().await;
+        let sql = format!("CREATE DATABASE {name} TEMPLATE {}", self.template);
+        for attempt in 0.. {
+            match sqlx::query(&sql).execute(&mut admin).await {
+                Ok(_) => break,
+                // 55006: the template is busy (another clone is being made); try again.
+                Err(e) if attempt < 50 && code(&e) == Some("55006") => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("creating a test database: {e}"),
+            }
+        }
+        name
+    }
+
+    pub fn options(&self, database: &str) -> PgConnectOptions {
+        self.base.clone().database(database)
+    }
+
+    /// A URL for `database`, for child processes.
+    pub fn url(&self, database: &str) -> String {
+        match (&self.embedded, &self.external_url) {
+            (Some(pg), _) => pg.url_for_database(database),
+            (None, Some(url)) => {
+                let mut url = url.clone();
+                url.set_path(&format!("/{database}"));
+                url.to_string()
+            }
+            (None, None) => unreachable!("one of the two is always set"),
+        }
+    }
+
+    /// Drops a test database, closing whatever still uses it.
+    pub fn drop_database(&'static self, name: String) {
+        let _ = std::thread::spawn(move || {
+            tokio::runtime::Runtime::new()
+                .expect("runtime")
+                .block_on(async {
+                    let mut admin = self.admin().await;
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut admin)
+                        .await;
+                    let _ = admin.close().await;
+                })
+        })
+        .join();
+    }
+}
+
+fn code(e: &sqlx::Error) -> Option<&str> {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .map(|c| match c {
+            std::borrow::Cow::Borrowed(s) => s,
+            std::borrow::Cow::Owned(_) => "other",
+        })
+}
+
+// Test-harness DDL: identifiers cannot be bound, and these names are generated here.
+async fn execute(conn: &mut PgConnection, sql: &str) {
+    sqlx::query(sql).execute(conn).await.expect(sql);
+}
+
+/// A running server on its own fresh database.
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub pool: PgPool,
+    pub database: String,
+    shutdown: CancellationToken,
+}
+
+pub async fn spawn_app() -> TestApp {
+    let harness = harness();
+    let database = harness.fresh_database().await;
+    let pool = db::pool_options(10)
+        .connect_with(harness.options(&database))
+        .await
+        .expect("test pool");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind port 0");
+    let address = format!("http://{}", listener.local_addr().expect("local addr"));
+    let shutdown = CancellationToken::new();
+    let app = http::router(AppState::new(pool.clone()));
+    let stop = shutdown.clone();
+    tokio::spawn(http::serve(
+        listener,
+        app,
+        async move { stop.cancelled().await },
+        Duration::from_secs(5),
+    ));
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        pool,
+        database,
+        shutdown,
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request sent")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+        harness().drop_database(std::mem::take(&mut self.database));
+    }
+}
+
+/// Asserts a problem+json answer with `status`, returning its body.
+pub async fn assert_problem(response: reqwest::Response, status: u16) -> serde_json::Value {
+    assert_eq!(response.status().as_u16(), status, "status");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(content_type, "application/problem+json");
+    let body: serde_json::Value = response.json().await.expect("problem body is JSON");
+    assert_eq!(body["status"], status, "problem status field");
+    assert!(body["type"].as_str().is_some_and(|t| !t.is_empty()));
+    assert!(body["title"].as_str().is_some_and(|t| !t.is_empty()));
+    body
+}

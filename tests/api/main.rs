@@ -1,0 +1,5 @@
+//! Integration tests: the real server on a real PostgreSQL. One binary, one module a feature.
+
+mod health;
+mod helpers;
+mod lifecycle;

@@ -36,6 +36,9 @@ CREATE TABLE snapshots (
     aggregate_type text        NOT NULL,
     aggregate_id   text        NOT NULL,
     last_sequence  bigint      NOT NULL,
+    -- Where the last covered event stands in the feed (for read-your-writes tokens).
+    last_position  bigint      NOT NULL,
+    last_transaction_id xid8   NOT NULL,
     payload        jsonb       NOT NULL,
     recorded_at    timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (aggregate_type, aggregate_id)

@@ -5,6 +5,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
+use crate::auth::{self, Scope};
 use crate::config::{Config, ServeConfig};
 use crate::db::Database;
 use crate::http::{self, AppState};
@@ -34,6 +35,46 @@ pub enum Command {
         #[command(subcommand)]
         command: DbCommand,
     },
+    /// API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Read models.
+    Projections {
+        #[command(subcommand)]
+        command: ProjectionsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; prints it alone on the last line of stdout (it is not shown again).
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum)]
+        scope: Scope,
+    },
+    /// List keys (never the keys themselves).
+    List,
+    /// Revoke a key by id.
+    Revoke { id: uuid::Uuid },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectionsCommand {
+    /// Each projection's checkpoint, how far behind it is, its state and who runs it.
+    Status {
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -81,7 +122,106 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             db.close().await?;
             Ok(())
         }
+        Command::Keys { command } => {
+            with_migrated_db(&config, async |db| keys(db, command).await).await
+        }
+        Command::Projections { command } => {
+            with_migrated_db(&config, async |db| projections_command(db, command).await).await
+        }
     }
+}
+
+/// Opens and migrates the database, runs `f`, and closes the database whatever `f` returned.
+async fn with_migrated_db<F>(config: &Config, f: F) -> anyhow::Result<()>
+where
+    F: AsyncFnOnce(&Database) -> anyhow::Result<()>,
+{
+    let db = Database::open(config)
+        .await
+        .context("opening the database")?;
+    let result = match db.migrate().await.context("applying migrations") {
+        Ok(()) => f(&db).await,
+        Err(e) => Err(e),
+    };
+    db.close().await?;
+    result
+}
+
+async fn keys(db: &Database, command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Create { name, scope } => {
+            let (id, key) = auth::create_key(&db.pool, &name, scope).await?;
+            println!("created {scope} key {id} ({name}); it is shown once:");
+            println!("{key}");
+        }
+        KeysCommand::List => {
+            println!(
+                "{:<36}  {:<6}  {:<10}  {:<20}  {:<8}  name",
+                "id", "scope", "prefix", "created", "status"
+            );
+            for k in auth::list_keys(&db.pool).await? {
+                let status = if k.revoked_at.is_some() {
+                    "revoked"
+                } else {
+                    "active"
+                };
+                println!(
+                    "{:<36}  {:<6}  {:<10}  {:<20}  {:<8}  {}",
+                    k.id,
+                    k.scope,
+                    k.prefix,
+                    k.created_at.format("%Y-%m-%d %H:%M:%S"),
+                    status,
+                    k.name
+                );
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            if auth::revoke_key(&db.pool, id).await? {
+                println!("revoked {id}");
+            } else {
+                anyhow::bail!("no active key with id {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn projections_command(db: &Database, command: ProjectionsCommand) -> anyhow::Result<()> {
+    match command {
+        ProjectionsCommand::Status { format } => {
+            let mut conn = db.pool.acquire().await?;
+            let all = projections::status::all(&mut conn).await?;
+            match format {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&all)?),
+                OutputFormat::Table => {
+                    println!(
+                        "{:<20}  {:<8}  {:<24}  {:>8}  held by / error",
+                        "projection", "state", "checkpoint", "behind"
+                    );
+                    for p in all {
+                        let detail = match (&p.failed_error, &p.held_by) {
+                            (Some(e), _) => format!(
+                                "stopped at position {}: {e}",
+                                p.failed_position.unwrap_or_default()
+                            ),
+                            (None, Some(h)) => h.clone(),
+                            (None, None) => "-".into(),
+                        };
+                        println!(
+                            "{:<20}  {:<8}  {:<24}  {:>8}  {}",
+                            p.name,
+                            p.state,
+                            p.checkpoint.to_string(),
+                            p.behind,
+                            detail
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn run_serve(config: &Config, serve: &ServeConfig) -> anyhow::Result<()> {
@@ -100,7 +240,19 @@ async fn run_serve(config: &Config, serve: &ServeConfig) -> anyhow::Result<()> {
         }
     };
     let addr = listener.local_addr()?;
+    match auth::ensure_first_admin_key(&db.pool, &config.data_dir).await {
+        Ok(Some(path)) => println!(
+            "no API key existed: an admin key was written to {}",
+            path.display()
+        ),
+        Ok(None) => {}
+        Err(e) => {
+            db.close().await?;
+            return Err(e).context("creating the first admin key");
+        }
+    }
     let state = AppState::new(db.pool.clone());
+    let workers = crate::workers::start(&state);
     tracing::info!(%addr, "leadledger listening");
     println!("leadledger listening on http://{addr}");
 
@@ -111,7 +263,9 @@ async fn run_serve(config: &Config, serve: &ServeConfig) -> anyhow::Result<()> {
         serve.shutdown_grace(),
     )
     .await;
-    tracing::info!("HTTP server stopped; closing the database");
+    tracing::info!("HTTP server stopped; stopping background workers");
+    workers.stop().await;
+    tracing::info!("closing the database");
     db.close().await.context("closing the database")?;
     tracing::info!("stopped");
     result.context("serving HTTP")

@@ -160,10 +160,23 @@ pub fn is_unavailable(e: &sqlx::Error) -> bool {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
+impl From<aggregates::CampaignError> for ApiError {
+    fn from(e: aggregates::CampaignError) -> Self {
+        use aggregates::CampaignError as E;
+        match e {
+            E::InvalidName(_) => Self::invalid(vec![FieldError::new("name", e.to_string())]),
+            E::NotFound => Self::NotFound("no campaign with this id".into()),
+            E::AlreadyExists => Self::conflict("already-exists", e.to_string()),
+            E::InvalidTransition { .. } => Self::conflict("invalid-transition", e.to_string()),
+        }
+    }
+}
+
+impl ApiError {
+    /// The problem+json body; server-side details are logged here and never sent.
+    pub fn problem(&self) -> serde_json::Value {
         let status = self.status();
-        let detail = match &self {
+        let detail = match self {
             Self::Internal(inner) => {
                 tracing::error!(error = %inner, "internal error");
                 "an unexpected error occurred; it has been logged".to_string()
@@ -175,7 +188,7 @@ impl IntoResponse for ApiError {
             Self::Unauthorized(detail) => detail.clone(),
             other => other.to_string(),
         };
-        let errors = match &self {
+        let errors = match self {
             Self::Unprocessable { errors, .. } if !errors.is_empty() => Some(errors.as_slice()),
             _ => None,
         };
@@ -186,7 +199,14 @@ impl IntoResponse for ApiError {
             detail,
             errors,
         };
-        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        serde_json::to_value(&body).unwrap_or_default()
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let bytes = serde_json::to_vec(&self.problem()).unwrap_or_default();
         let mut response = (status, bytes).into_response();
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(PROBLEM_JSON));

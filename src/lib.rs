@@ -10,10 +10,13 @@
 //!
 //! The domain lives in the `aggregates` crate, read models in `projections`.
 
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod db;
 pub mod embedded;
 pub mod error;
 pub mod http;
+pub mod store;
 pub mod telemetry;
+pub mod workers;

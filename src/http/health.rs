@@ -2,28 +2,34 @@
 
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
 use serde_json::json;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use crate::db;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/health/live", get(live))
-        .route("/health/ready", get(ready))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(live))
+        .routes(routes!(ready))
 }
 
+/// 200 while the process runs.
+#[utoipa::path(get, path = "/health/live", tag = "operations", security(),
+    responses((status = 200, description = "The process is running")))]
 async fn live() -> impl IntoResponse {
     Json(json!({"status": "live"}))
 }
 
 /// Ready means: the database answers within a bounded time and every migration this
 /// binary knows is applied. A load balancer should route only to ready processes.
+#[utoipa::path(get, path = "/health/ready", tag = "operations", security(),
+    responses((status = 200, description = "Ready"), (status = 503, description = "Database unavailable or migrations pending")))]
 async fn ready(State(state): State<AppState>) -> impl IntoResponse {
     let check = tokio::time::timeout(Duration::from_secs(5), db::is_ready(&state.pool)).await;
     let (status, reason) = match check {

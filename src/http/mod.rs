@@ -1,6 +1,10 @@
 //! The HTTP API (axum): shared state, the router assembled from each feature's `router()`,
 //! the middleware every route gets, and the server loop with graceful shutdown.
 
+pub mod campaigns;
+pub mod command;
+pub mod docs;
+pub mod extract;
 pub mod health;
 pub mod metrics;
 
@@ -19,7 +23,12 @@ use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+
 use crate::error::ApiError;
+use crate::http::command::RetryPolicy;
+use crate::store::Store;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
@@ -28,6 +37,8 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub struct AppState {
     pub pool: PgPool,
     pub metrics: PrometheusHandle,
+    pub store: Store,
+    pub retry: RetryPolicy,
 }
 
 impl AppState {
@@ -35,15 +46,55 @@ impl AppState {
         Self {
             pool,
             metrics: metrics::handle(),
+            store: Store::default(),
+            retry: RetryPolicy::default(),
         }
     }
 }
 
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "leadledger", description = "Event-sourced system of record for sales automation."),
+    modifiers(&SecurityAddon),
+    security(("api_key" = [])),
+)]
+struct ApiDoc;
+
+struct SecurityAddon;
+
+impl utoipa::Modify for SecurityAddon {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "api_key",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+/// Every route with its OpenAPI description: `/v1` behind API keys, the rest open.
+/// Routes are only ever added through `routes!`, so router and document cannot disagree.
+pub fn api(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    let v1 = OpenApiRouter::new().merge(campaigns::router());
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .merge(health::router())
+        .merge(docs::router())
+        .merge(v1.route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::auth::authenticate,
+        )))
+        .split_for_parts()
+}
+
 /// The whole API.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .merge(health::router())
+    let (routes, openapi) = api(&state);
+    routes
         .route("/metrics", get(metrics::render))
+        .layer(axum::Extension(std::sync::Arc::new(openapi)))
+        // Command bodies are small JSON documents; routes that take more raise their own.
+        .layer(axum::extract::DefaultBodyLimit::max(1 << 20))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(axum::middleware::from_fn(metrics::label_route))

@@ -9,9 +9,12 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use leadledger::auth::{self, Scope};
 use leadledger::db::{self, MIGRATOR};
 use leadledger::embedded::{EmbeddedOptions, EmbeddedPostgres};
 use leadledger::http::{self, AppState};
+use leadledger::workers::{self, Workers};
+use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection, PgConnection, PgPool};
@@ -215,19 +218,29 @@ async fn execute(conn: &mut PgConnection, sql: &str) {
     sqlx::query(sql).execute(conn).await.expect(sql);
 }
 
-/// A running server on its own fresh database.
+/// A running server on its own fresh database, with its background workers, and one API
+/// key of each scope.
 pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub pool: PgPool,
     pub database: String,
+    pub admin_key: String,
+    pub write_key: String,
+    pub read_key: String,
     shutdown: CancellationToken,
+    workers: Option<Workers>,
 }
 
 pub async fn spawn_app() -> TestApp {
+    spawn_app_with(true).await
+}
+
+/// `with_workers = false` starts no projection runner (tests that run their own).
+pub async fn spawn_app_with(with_workers: bool) -> TestApp {
     let harness = harness();
     let database = harness.fresh_database().await;
-    let pool = db::pool_options(10)
+    let pool = db::pool_options(20)
         .connect_with(harness.options(&database))
         .await
         .expect("test pool");
@@ -236,7 +249,18 @@ pub async fn spawn_app() -> TestApp {
         .expect("bind port 0");
     let address = format!("http://{}", listener.local_addr().expect("local addr"));
     let shutdown = CancellationToken::new();
-    let app = http::router(AppState::new(pool.clone()));
+    let state = AppState::new(pool.clone());
+    let workers = with_workers.then(|| workers::start(&state));
+    let app = http::router(state);
+    let (_, admin_key) = auth::create_key(&pool, "test admin", Scope::Admin)
+        .await
+        .unwrap();
+    let (_, write_key) = auth::create_key(&pool, "test write", Scope::Write)
+        .await
+        .unwrap();
+    let (_, read_key) = auth::create_key(&pool, "test read", Scope::Read)
+        .await
+        .unwrap();
     let stop = shutdown.clone();
     tokio::spawn(http::serve(
         listener,
@@ -249,7 +273,11 @@ pub async fn spawn_app() -> TestApp {
         client: reqwest::Client::new(),
         pool,
         database,
+        admin_key,
+        write_key,
+        read_key,
         shutdown,
+        workers,
     }
 }
 
@@ -265,10 +293,49 @@ impl TestApp {
             .await
             .expect("request sent")
     }
+
+    /// GET with the read key.
+    pub async fn read(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .bearer_auth(&self.read_key)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// POST a JSON body with the write key.
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .bearer_auth(&self.write_key)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent")
+    }
+
+    /// Creates a campaign; returns its JSON.
+    pub async fn create_campaign(&self, name: &str) -> Value {
+        let response = self.post("/v1/campaigns", &json!({"name": name})).await;
+        assert_eq!(response.status().as_u16(), 201);
+        response.json().await.unwrap()
+    }
+
+    /// Rows of a table, to check that a refused request changed nothing.
+    pub async fn count(&self, table: &str) -> i64 {
+        sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+            .fetch_one(&self.pool)
+            .await
+            .unwrap()
+    }
 }
 
 impl Drop for TestApp {
     fn drop(&mut self) {
+        if let Some(w) = &self.workers {
+            w.cancel();
+        }
         self.shutdown.cancel();
         harness().drop_database(std::mem::take(&mut self.database));
     }

@@ -1,5 +1,10 @@
 //! Integration tests: the real server on a real PostgreSQL. One binary, one module a feature.
 
+mod auth;
+mod commands;
 mod health;
 mod helpers;
 mod lifecycle;
+mod openapi;
+mod projections;
+mod store;

@@ -1,0 +1,400 @@
+//! The projection runner: feeds each projection the global feed, batch by batch, with the
+//! batch's changes and the checkpoint committed in one transaction (an exactly-once effect,
+//! whatever crashes between batches).
+//!
+//! - One task per projection. Each holds a PostgreSQL session advisory lock for its
+//!   projection on a connection of its own, and applies batches on that same connection:
+//!   among several server processes exactly one applies a projection, and when its process
+//!   or connection dies the lock goes with it and another process takes over.
+//! - It wakes on LISTEN/NOTIFY (events committed, other checkpoints moved) and falls back
+//!   to polling.
+//! - A failing event stops its projection there: the batch is rolled back to the last good
+//!   event, the failure is recorded on the checkpoint row, logged and exported as a metric,
+//!   and the runner retries until the cause is fixed. Nothing is skipped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::postgres::{PgListener, PgPool};
+use sqlx::{ConnectOptions, Connection, PgConnection};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::feed::{self, FeedEvent, Position, parse_xid};
+use crate::{Projection, ProjectionError};
+
+/// First key of the two-key advisory locks the runner takes ("LL").
+pub const LOCK_CLASS: i32 = 0x4c4c;
+/// Channel notified at the commit of events (by a trigger on `events`).
+pub const EVENTS_CHANNEL: &str = "leadledger_events";
+/// Channel notified at the commit of a checkpoint move.
+pub const CHECKPOINTS_CHANNEL: &str = "leadledger_checkpoints";
+
+#[derive(Debug, Clone)]
+pub struct RunnerConfig {
+    pub batch_size: i64,
+    /// Fallback poll when no notification comes.
+    pub poll_interval: Duration,
+    /// How often a process without a projection's lock tries to take it over.
+    pub standby_interval: Duration,
+    /// How long a failed projection waits before trying its failing event again.
+    pub failure_retry: Duration,
+}
+
+impl Default for RunnerConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            poll_interval: Duration::from_millis(250),
+            standby_interval: Duration::from_secs(1),
+            failure_retry: Duration::from_secs(5),
+        }
+    }
+}
+
+pub struct Runner {
+    pool: PgPool,
+    projections: Vec<Arc<dyn Projection>>,
+    config: RunnerConfig,
+}
+
+enum BatchOutcome {
+    Applied(usize),
+    Failed,
+}
+
+impl Runner {
+    pub fn new(pool: PgPool, projections: Vec<Arc<dyn Projection>>, config: RunnerConfig) -> Self {
+        Self {
+            pool,
+            projections,
+            config,
+        }
+    }
+
+    /// Runs every projection until `cancel`; a batch in progress is finished (committed or
+    /// rolled back) before a task stops.
+    pub async fn run(self, cancel: CancellationToken) {
+        let (wake_tx, wake_rx) = watch::channel(0u64);
+        let listener = tokio::spawn(listen(self.pool.clone(), wake_tx, cancel.clone()));
+        let mut tasks = Vec::new();
+        for projection in &self.projections {
+            tasks.push(tokio::spawn(run_projection(
+                self.pool.clone(),
+                projection.clone(),
+                self.config.clone(),
+                wake_rx.clone(),
+                cancel.clone(),
+            )));
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        listener.abort();
+        let _ = listener.await;
+    }
+}
+
+/// Turns notifications into wake-ups; reconnects when the connection drops.
+async fn listen(pool: PgPool, wake: watch::Sender<u64>, cancel: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    while !cancel.is_cancelled() {
+        let mut listener = match PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "projection listener cannot connect; polling meanwhile");
+                sleep_or_cancel(backoff, &cancel).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        if let Err(e) = listener
+            .listen_all([EVENTS_CHANNEL, CHECKPOINTS_CHANNEL])
+            .await
+        {
+            tracing::warn!(error = %e, "LISTEN failed; polling meanwhile");
+            sleep_or_cancel(backoff, &cancel).await;
+            continue;
+        }
+        backoff = Duration::from_millis(100);
+        wake.send_modify(|n| *n += 1);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                message = listener.recv() => match message {
+                    Ok(_) => wake.send_modify(|n| *n += 1),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "projection listener lost its connection");
+                        break;
+                    }
+                },
+            }
+        }
+    }
+}
+
+async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) {
+    tokio::select! {
+        () = tokio::time::sleep(d) => {},
+        () = cancel.cancelled() => {},
+    }
+}
+
+async fn run_projection(
+    pool: PgPool,
+    projection: Arc<dyn Projection>,
+    config: RunnerConfig,
+    mut wake: watch::Receiver<u64>,
+    cancel: CancellationToken,
+) {
+    let name = projection.name();
+    while !cancel.is_cancelled() {
+        let mut conn = match connect(&pool, name).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(projection = name, error = %e, "projection cannot connect");
+                sleep_or_cancel(config.standby_interval, &cancel).await;
+                continue;
+            }
+        };
+        match try_lock(&mut conn, name).await {
+            Ok(true) => {}
+            Ok(false) => {
+                metrics::gauge!("projection_active", "projection" => name).set(0.0);
+                let _ = conn.close().await;
+                sleep_or_cancel(config.standby_interval, &cancel).await;
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(projection = name, error = %e, "projection lock failed");
+                sleep_or_cancel(config.standby_interval, &cancel).await;
+                continue;
+            }
+        }
+        tracing::info!(projection = name, "projection running here");
+        metrics::gauge!("projection_active", "projection" => name).set(1.0);
+        loop {
+            if cancel.is_cancelled() {
+                break;
+            }
+            // Mark what we have seen before reading: a notification arriving during the read
+            // makes the next wait return at once.
+            wake.borrow_and_update();
+            let failed = match run_batch(&mut conn, projection.as_ref(), config.batch_size).await {
+                Ok(BatchOutcome::Applied(n)) if n as i64 == config.batch_size => continue,
+                Ok(BatchOutcome::Applied(_)) => false,
+                Ok(BatchOutcome::Failed) => true,
+                Err(e) => {
+                    tracing::warn!(projection = name, error = %e, "projection connection failed; reconnecting");
+                    break;
+                }
+            };
+            let wait = if failed {
+                config.failure_retry
+            } else {
+                config.poll_interval
+            };
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                () = tokio::time::sleep(wait) => {},
+                _ = wake.changed(), if !failed => {},
+            }
+        }
+        metrics::gauge!("projection_active", "projection" => name).set(0.0);
+        let _ = conn.close().await;
+    }
+}
+
+async fn connect(pool: &PgPool, name: &str) -> Result<PgConnection, sqlx::Error> {
+    let host = std::process::id();
+    pool.connect_options()
+        .as_ref()
+        .clone()
+        .application_name(&format!("leadledger-projection:{name}:pid{host}"))
+        .connect()
+        .await
+}
+
+async fn try_lock(conn: &mut PgConnection, name: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query!(
+        "INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
+        name
+    )
+    .execute(&mut *conn)
+    .await?;
+    let locked = sqlx::query_scalar!(
+        r#"SELECT pg_try_advisory_lock($1, hashtext($2)) AS "locked!""#,
+        LOCK_CLASS,
+        name
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok(locked)
+}
+
+/// The checkpoint of `name`.
+pub async fn checkpoint(conn: &mut PgConnection, name: &str) -> Result<Position, sqlx::Error> {
+    let row = sqlx::query!(
+        r#"SELECT transaction_id::text AS "transaction_id!", position
+           FROM projection_checkpoints WHERE name = $1"#,
+        name
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        Some(r) => Ok(Position {
+            transaction_id: parse_xid(&r.transaction_id)?,
+            position: r.position,
+        }),
+        None => Ok(Position::default()),
+    }
+}
+
+/// One batch: read without a transaction (an idle runner takes no transaction id, which
+/// would hold back everyone's feed), then apply and move the checkpoint in one transaction.
+async fn run_batch(
+    conn: &mut PgConnection,
+    projection: &dyn Projection,
+    limit: i64,
+) -> Result<BatchOutcome, sqlx::Error> {
+    let name = projection.name();
+    let after = checkpoint(conn, name).await?;
+    let events = feed::read(conn, after, limit).await?;
+    if events.is_empty() {
+        return Ok(BatchOutcome::Applied(0));
+    }
+    let mut tx = conn.begin().await?;
+    let mut failure = None;
+    for event in &events {
+        if let Err(e) = projection.apply(&mut tx, event).await {
+            failure = Some((event.at, e));
+            break;
+        }
+    }
+    match failure {
+        None => {
+            let last = events.last().map(|e| e.at).unwrap_or(after);
+            advance(&mut tx, name, last).await?;
+            tx.commit().await?;
+            metrics::counter!("projection_events_applied_total", "projection" => name)
+                .increment(events.len() as u64);
+            metrics::gauge!("projection_failed", "projection" => name).set(0.0);
+            metrics::gauge!("projection_position", "projection" => name).set(last.position as f64);
+            Ok(BatchOutcome::Applied(events.len()))
+        }
+        Some((failed_at, error)) => {
+            tx.rollback().await?;
+            if let ProjectionError::Database(e) = &error
+                && is_connection_error(e)
+            {
+                return Err(sqlx::Error::Protocol(e.to_string()));
+            }
+            // Apply again one event at a time up to the failing one, so every good event
+            // before it is kept, then record where and why the projection stopped.
+            let mut tx = conn.begin().await?;
+            let mut last_good = None;
+            for event in events.iter().take_while(|e| e.at < failed_at) {
+                projection
+                    .apply(&mut tx, event)
+                    .await
+                    .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
+                last_good = Some(event.at);
+            }
+            if let Some(last) = last_good {
+                advance(&mut tx, name, last).await?;
+            }
+            let message = error.to_string();
+            sqlx::query!(
+                "UPDATE projection_checkpoints
+                 SET failed_position = $2, failed_error = $3, failed_at = now()
+                 WHERE name = $1",
+                name,
+                failed_at.position,
+                message
+            )
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            tracing::error!(
+                projection = name,
+                position = %failed_at,
+                error = %message,
+                "projection stopped at a failing event; retrying until it is fixed"
+            );
+            metrics::gauge!("projection_failed", "projection" => name).set(1.0);
+            Ok(BatchOutcome::Failed)
+        }
+    }
+}
+
+async fn advance(conn: &mut PgConnection, name: &str, to: Position) -> Result<(), sqlx::Error> {
+    sqlx::query!(
+        "UPDATE projection_checkpoints
+         SET transaction_id = $2::text::xid8, position = $3, updated_at = now(),
+             failed_position = NULL, failed_error = NULL, failed_at = NULL
+         WHERE name = $1",
+        name,
+        to.transaction_id.to_string(),
+        to.position
+    )
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query!("SELECT pg_notify($1, $2)", CHECKPOINTS_CHANNEL, name)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+fn is_connection_error(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::PoolTimedOut
+    )
+}
+
+/// For each event in `events`, applies it: the same code path a rebuild or a test uses to
+/// replay a history into a projection's tables.
+pub async fn apply_all(
+    conn: &mut PgConnection,
+    projection: &dyn Projection,
+    events: &[FeedEvent],
+) -> Result<(), ProjectionError> {
+    for event in events {
+        projection.apply(conn, event).await?;
+    }
+    Ok(())
+}
+
+/// Waits until every projection in `names` has applied `position` (or `timeout` passes).
+/// Returns whether it was reached.
+pub async fn wait_for(
+    pool: &PgPool,
+    position: Position,
+    names: &[&str],
+    timeout: Duration,
+) -> Result<bool, sqlx::Error> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let names: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    let mut pause = Duration::from_millis(1);
+    loop {
+        let behind = sqlx::query_scalar!(
+            r#"SELECT count(*) AS "n!" FROM unnest($1::text[]) AS n(name)
+               LEFT JOIN projection_checkpoints c ON c.name = n.name
+               WHERE c.name IS NULL
+                  OR (c.transaction_id, c.position) < ($2::text::xid8, $3)"#,
+            &names,
+            position.transaction_id.to_string(),
+            position.position
+        )
+        .fetch_one(pool)
+        .await?;
+        if behind == 0 {
+            return Ok(true);
+        }
+        if tokio::time::Instant::now() + pause > deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(20));
+    }
+}

@@ -1,0 +1,69 @@
+//! Where each projection stands: checkpoint, events behind, failure, and which process
+//! holds it. Used by `leadledger projections status` and `/metrics`.
+
+use serde::Serialize;
+use sqlx::PgConnection;
+
+use crate::feed::{self, Position, parse_xid};
+use crate::runner::LOCK_CLASS;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProjectionStatus {
+    pub name: String,
+    pub checkpoint: Position,
+    pub behind: i64,
+    /// `running` (held by a process), `idle` (nobody holds it), or `failed`.
+    pub state: &'static str,
+    pub failed_position: Option<i64>,
+    pub failed_error: Option<String>,
+    /// The application name of the connection holding it (`leadledger-projection:NAME:pidN`).
+    pub held_by: Option<String>,
+}
+
+pub async fn all(conn: &mut PgConnection) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
+    let mut out = Vec::new();
+    for name in crate::names() {
+        let row = sqlx::query!(
+            r#"SELECT c.transaction_id::text AS "transaction_id!", c.position, c.failed_position, c.failed_error,
+                      (SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+                       WHERE l.locktype = 'advisory' AND l.granted
+                         AND l.classid = $2::int::oid AND l.objid = hashtext($1)::oid
+                       LIMIT 1) AS held_by
+               FROM projection_checkpoints c WHERE c.name = $1"#,
+            name,
+            LOCK_CLASS
+        )
+        .fetch_optional(&mut *conn)
+        .await?;
+        let (checkpoint, failed_position, failed_error, held_by) = match row {
+            Some(r) => (
+                Position {
+                    transaction_id: parse_xid(&r.transaction_id)?,
+                    position: r.position,
+                },
+                r.failed_position,
+                r.failed_error,
+                r.held_by,
+            ),
+            None => (Position::default(), None, None, None),
+        };
+        let behind = feed::count_after(conn, checkpoint).await?;
+        let state = if failed_position.is_some() {
+            "failed"
+        } else if held_by.is_some() {
+            "running"
+        } else {
+            "idle"
+        };
+        out.push(ProjectionStatus {
+            name: name.to_string(),
+            checkpoint,
+            behind,
+            state,
+            failed_position,
+            failed_error,
+            held_by,
+        });
+    }
+    Ok(out)
+}

@@ -1,0 +1,310 @@
+//! Campaign routes: create, rename, start/pause/complete (commands on the Campaign
+//! aggregate), get one (from its stream) and list (from the `campaigns` read model).
+
+use aggregates::campaign::{Campaign, CampaignCommand, CampaignName};
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::error::{ApiError, FieldError};
+use crate::http::AppState;
+use crate::http::command::{self, Reply, Written};
+use crate::http::extract::{ApiQuery, CommandRequest, MinPosition, PageQuery, encode_cursor};
+use crate::store::Loaded;
+
+const TAG: &str = "campaigns";
+const READ_MODEL: &str = "campaigns";
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_campaign, list_campaigns))
+        .routes(routes!(get_campaign, rename_campaign))
+        .routes(routes!(start_campaign))
+        .routes(routes!(pause_campaign))
+        .routes(routes!(complete_campaign))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCampaign {
+    /// 1..=200 characters, trimmed.
+    name: String,
+    /// End an enrollment's sequence when the contact replies. Default true.
+    stop_on_reply: Option<bool>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RenameCampaign {
+    name: String,
+}
+
+/// A campaign as its stream says (strongly consistent).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CampaignBody {
+    id: Uuid,
+    name: String,
+    /// draft | running | paused | completed
+    status: String,
+    stop_on_reply: bool,
+    created_at: Option<DateTime<Utc>>,
+    updated_at: Option<DateTime<Utc>>,
+    /// Events in the campaign's stream; the ETag.
+    version: u64,
+    /// Read-your-writes token of the campaign's last event (pass as `min_position`).
+    position: String,
+}
+
+fn body(id: Uuid, loaded: &Loaded<Campaign>) -> CampaignBody {
+    let c = &loaded.aggregate;
+    CampaignBody {
+        id,
+        name: c.name.clone(),
+        status: c.status.as_str().to_string(),
+        stop_on_reply: c.stop_on_reply,
+        created_at: c.created_at,
+        updated_at: c.updated_at,
+        version: loaded.version,
+        position: loaded.last_position.unwrap_or_default().to_string(),
+    }
+}
+
+fn reply(id: Uuid, written: &Written<Campaign>) -> Reply {
+    let mut b = serde_json::to_value(body(id, &written.loaded)).unwrap_or_default();
+    b["position"] = json!(written.position().to_string());
+    Reply::ok(b).with_etag(written.version())
+}
+
+fn parse_name(raw: &str) -> Result<CampaignName, ApiError> {
+    CampaignName::parse(raw)
+        .map_err(|e| ApiError::invalid(vec![FieldError::new("name", e.to_string())]))
+}
+
+fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::NotFound("no campaign with this id".into()))
+}
+
+/// Create a campaign (status `draft`).
+#[utoipa::path(post, path = "/v1/campaigns", tag = TAG, request_body = CreateCampaign,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key")),
+    responses((status = 201, body = CampaignBody), (status = 422, description = "Invalid values")))]
+async fn create_campaign(
+    State(state): State<AppState>,
+    request: CommandRequest,
+) -> Result<Response, ApiError> {
+    let input: CreateCampaign = request.json()?;
+    let name = parse_name(&input.name)?;
+    let stop_on_reply = input.stop_on_reply.unwrap_or(true);
+    let id = Uuid::now_v7();
+    let at = Utc::now();
+    command::execute::<Campaign, _, _>(
+        &state,
+        &request,
+        &id.to_string(),
+        &(),
+        |_| {
+            Ok(CampaignCommand::Create {
+                name: name.clone(),
+                stop_on_reply,
+                at,
+            })
+        },
+        |written| {
+            reply(id, written)
+                .with_status(StatusCode::CREATED)
+                .with_location(format!("/v1/campaigns/{id}"))
+        },
+    )
+    .await
+}
+
+/// Rename a campaign. Honours `If-Match`.
+#[utoipa::path(patch, path = "/v1/campaigns/{id}", tag = TAG, request_body = RenameCampaign,
+    params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header, description = "Expected version, e.g. \"3\"")),
+    responses((status = 200, body = CampaignBody), (status = 404), (status = 412)))]
+async fn rename_campaign(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    request: CommandRequest,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let input: RenameCampaign = request.json()?;
+    let name = parse_name(&input.name)?;
+    let at = Utc::now();
+    command::execute::<Campaign, _, _>(
+        &state,
+        &request,
+        &id.to_string(),
+        &(),
+        |_| {
+            Ok(CampaignCommand::Rename {
+                name: name.clone(),
+                at,
+            })
+        },
+        |written| reply(id, written),
+    )
+    .await
+}
+
+async fn transition(
+    state: AppState,
+    id: String,
+    request: CommandRequest,
+    make: fn(DateTime<Utc>) -> CampaignCommand,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    request.require_json()?;
+    let at = Utc::now();
+    command::execute::<Campaign, _, _>(
+        &state,
+        &request,
+        &id.to_string(),
+        &(),
+        |_| Ok(make(at)),
+        |written| reply(id, written),
+    )
+    .await
+}
+
+/// Start (or resume) a campaign.
+#[utoipa::path(post, path = "/v1/campaigns/{id}/start", tag = TAG, params(("id" = Uuid, Path)),
+    responses((status = 200, body = CampaignBody), (status = 404), (status = 409, description = "Not allowed from its status")))]
+async fn start_campaign(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    request: CommandRequest,
+) -> Result<Response, ApiError> {
+    transition(state, id, request, |at| CampaignCommand::Start { at }).await
+}
+
+/// Pause a running campaign.
+#[utoipa::path(post, path = "/v1/campaigns/{id}/pause", tag = TAG, params(("id" = Uuid, Path)),
+    responses((status = 200, body = CampaignBody), (status = 404), (status = 409)))]
+async fn pause_campaign(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    request: CommandRequest,
+) -> Result<Response, ApiError> {
+    transition(state, id, request, |at| CampaignCommand::Pause { at }).await
+}
+
+/// Complete a running or paused campaign.
+#[utoipa::path(post, path = "/v1/campaigns/{id}/complete", tag = TAG, params(("id" = Uuid, Path)),
+    responses((status = 200, body = CampaignBody), (status = 404), (status = 409)))]
+async fn complete_campaign(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    request: CommandRequest,
+) -> Result<Response, ApiError> {
+    transition(state, id, request, |at| CampaignCommand::Complete { at }).await
+}
+
+/// A campaign, from its event stream.
+#[utoipa::path(get, path = "/v1/campaigns/{id}", tag = TAG, params(("id" = Uuid, Path)),
+    responses((status = 200, body = CampaignBody), (status = 404)))]
+async fn get_campaign(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let mut conn = state.pool.acquire().await?;
+    let loaded: Loaded<Campaign> = state
+        .store
+        .load(&mut conn, &id.to_string())
+        .await
+        .map_err(command::store_error)?;
+    if !loaded.aggregate.created {
+        return Err(ApiError::NotFound("no campaign with this id".into()));
+    }
+    let mut response = axum::Json(body(id, &loaded)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", loaded.version)) {
+        response.headers_mut().insert(header::ETAG, v);
+    }
+    Ok(response)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListCampaigns {
+    /// draft | running | paused | completed
+    status: Option<String>,
+    /// 1..=500, default 50
+    limit: Option<i64>,
+    cursor: Option<String>,
+    /// Wait until the list includes this write.
+    min_position: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CampaignListItem {
+    id: Uuid,
+    name: String,
+    status: String,
+    stop_on_reply: bool,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    version: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CampaignPage {
+    items: Vec<CampaignListItem>,
+    next_cursor: Option<String>,
+}
+
+/// Campaigns, newest first (read model `campaigns`).
+#[utoipa::path(get, path = "/v1/campaigns", tag = TAG, params(ListCampaigns),
+    responses((status = 200, body = CampaignPage), (status = 400), (status = 503, description = "min_position not reached in 5 s")))]
+async fn list_campaigns(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ListCampaigns>,
+    min_position: MinPosition,
+) -> Result<Response, ApiError> {
+    let page = PageQuery {
+        limit: query.limit,
+        cursor: query.cursor.clone(),
+    };
+    let limit = page.limit()?;
+    let cursor: Option<(DateTime<Utc>, Uuid)> = page.cursor()?;
+    if let Some(s) = &query.status
+        && !["draft", "running", "paused", "completed"].contains(&s.as_str())
+    {
+        return Err(ApiError::BadRequest(
+            "status must be draft, running, paused or completed".into(),
+        ));
+    }
+    let _ = &query.min_position;
+    min_position.wait(&state, &[READ_MODEL]).await?;
+    let (after_at, after_id) = cursor.map_or((None, None), |(a, i)| (Some(a), Some(i)));
+    let mut items = sqlx::query_as!(
+        CampaignListItem,
+        "SELECT id, name, status, stop_on_reply, created_at, updated_at, version
+         FROM campaigns_view
+         WHERE ($1::text IS NULL OR status = $1)
+           AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
+         ORDER BY created_at DESC, id DESC
+         LIMIT $4",
+        query.status,
+        after_at,
+        after_id,
+        limit + 1
+    )
+    .fetch_all(&state.pool)
+    .await?;
+    let next_cursor = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|c| encode_cursor(&(c.created_at, c.id)))
+    } else {
+        None
+    };
+    Ok(axum::Json(CampaignPage { items, next_cursor }).into_response())
+}

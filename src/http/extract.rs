@@ -1,0 +1,362 @@
+//! Request parsing shared by every route, with API.md's status codes: malformed JSON,
+//! query parameters and headers are 400; well-formed JSON with invalid values is 422 with
+//! the failing field's path in `errors[]`; a wrong content type is 415.
+
+use std::time::Duration;
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::header::CONTENT_TYPE;
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+
+use crate::auth::ApiKey;
+use crate::error::{ApiError, FieldError};
+use crate::http::AppState;
+use crate::store::{Metadata, Position};
+
+/// How long a read waits for `?min_position=` before answering 503.
+pub const MIN_POSITION_WAIT: Duration = Duration::from_secs(5);
+
+/// Parses a JSON body into `T`, telling syntax errors (400) from invalid values (422).
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::BadRequest("a JSON body is required".into()));
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = strip_location(&inner.to_string());
+        match inner.classify() {
+            serde_json::error::Category::Data => {
+                let field = if path == "." {
+                    "body".to_string()
+                } else {
+                    path
+                };
+                ApiError::invalid(vec![FieldError::new(field, message)])
+            }
+            _ => ApiError::BadRequest(format!("malformed JSON: {message}")),
+        }
+    })?;
+    de.end().map_err(|e| {
+        ApiError::BadRequest(format!(
+            "malformed JSON: {}",
+            strip_location(&e.to_string())
+        ))
+    })?;
+    Ok(value)
+}
+
+fn strip_location(message: &str) -> String {
+    match message.rfind(" at line ") {
+        Some(i) => message[..i].to_string(),
+        None => message.to_string(),
+    }
+}
+
+/// The query string as `T`; anything malformed or unknown is 400.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or_default();
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(de)
+            .map(ApiQuery)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                ApiError::BadRequest(format!("query parameter {path}: {}", e.into_inner()))
+            })
+    }
+}
+
+/// `?min_position=<token>`: the read waits until the read models include that write.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MinPosition(pub Option<Position>);
+
+impl<S: Send + Sync> FromRequestParts<S> for MinPosition {
+    type Rejection = ApiError;
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let query = parts.uri.query().unwrap_or_default();
+        let raw = form_urlencoded::parse(query.as_bytes())
+            .find(|(k, _)| k == "min_position")
+            .map(|(_, v)| v.into_owned());
+        match raw {
+            None => Ok(Self(None)),
+            Some(v) => v.parse().map(|p| Self(Some(p))).map_err(|_| {
+                ApiError::BadRequest(
+                    "min_position must be a position token returned by a write".into(),
+                )
+            }),
+        }
+    }
+}
+
+impl MinPosition {
+    /// Waits for `projections` to include the position; 503 with `Retry-After` if they do
+    /// not within [`MIN_POSITION_WAIT`].
+    pub async fn wait(self, state: &AppState, projections: &[&str]) -> Result<(), ApiError> {
+        let Some(position) = self.0 else {
+            return Ok(());
+        };
+        let reached =
+            projections::runner::wait_for(&state.pool, position, projections, MIN_POSITION_WAIT)
+                .await?;
+        if reached {
+            Ok(())
+        } else {
+            Err(ApiError::Unavailable(
+                "read models have not reached min_position yet".into(),
+            ))
+        }
+    }
+}
+
+/// `?limit=` (1..=500, default 50) and `?cursor=`.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct PageQuery {
+    pub limit: Option<i64>,
+    pub cursor: Option<String>,
+}
+
+impl PageQuery {
+    pub fn limit(&self) -> Result<i64, ApiError> {
+        match self.limit {
+            None => Ok(50),
+            Some(n @ 1..=500) => Ok(n),
+            Some(_) => Err(ApiError::BadRequest(
+                "limit must be between 1 and 500".into(),
+            )),
+        }
+    }
+
+    /// The decoded cursor, if any: the sort key of the last item of the previous page.
+    pub fn cursor<T: DeserializeOwned>(&self) -> Result<Option<T>, ApiError> {
+        let Some(raw) = &self.cursor else {
+            return Ok(None);
+        };
+        let bad = || ApiError::BadRequest("cursor is not one this server returned".into());
+        let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| bad())?;
+        serde_json::from_slice(&bytes).map(Some).map_err(|_| bad())
+    }
+}
+
+pub fn encode_cursor<T: serde::Serialize>(key: &T) -> String {
+    URL_SAFE_NO_PAD.encode(serde_json::to_vec(key).unwrap_or_default())
+}
+
+/// Everything a command route needs from its request: the caller's key, the idempotency
+/// key, `If-Match`, a hash of the request (method, target, body) and the raw body.
+#[derive(Debug, Clone)]
+pub struct CommandRequest {
+    pub key: ApiKey,
+    pub idempotency_key: Option<String>,
+    pub if_match: Option<u64>,
+    pub request_hash: Vec<u8>,
+    pub request_id: Option<String>,
+    pub content_type: Option<String>,
+    pub body: Bytes,
+}
+
+impl CommandRequest {
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        self.require_json()?;
+        parse_json(&self.body)
+    }
+
+    /// 415 unless the body is declared JSON (an empty body needs no declaration).
+    pub fn require_json(&self) -> Result<(), ApiError> {
+        if self.body.is_empty() {
+            return Ok(());
+        }
+        match self.content_type.as_deref() {
+            Some(ct) if is_json(ct) => Ok(()),
+            _ => Err(ApiError::UnsupportedMediaType(
+                "send the body as application/json".into(),
+            )),
+        }
+    }
+
+    pub fn metadata(&self) -> Metadata {
+        Metadata {
+            correlation_id: self.request_id.clone(),
+            causation_id: None,
+            actor: Some(format!("api_key:{}", self.key.id)),
+            idempotency_key: self.idempotency_key.clone(),
+        }
+    }
+}
+
+fn is_json(content_type: &str) -> bool {
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    essence.eq_ignore_ascii_case("application/json")
+        || (essence.to_ascii_lowercase().starts_with("application/")
+            && essence.to_ascii_lowercase().ends_with("+json"))
+}
+
+impl<S: Send + Sync> FromRequest<S> for CommandRequest {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let (mut parts, body) = request.into_parts();
+        let key = ApiKey::from_request_parts(&mut parts, state).await?;
+        let idempotency_key = idempotency_key(&parts.headers)?;
+        let if_match = if_match(&parts.headers)?;
+        let request_id = parts
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let content_type = parts
+            .headers
+            .get(CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let method = parts.method.clone();
+        let target = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_default();
+        let request = Request::from_parts(parts, body);
+        let body = Bytes::from_request(request, state)
+            .await
+            .map_err(|rejection| {
+                if rejection.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                    ApiError::PayloadTooLarge("the body is larger than this route accepts".into())
+                } else {
+                    ApiError::BadRequest(format!("the body could not be read: {rejection}"))
+                }
+            })?;
+        Ok(Self {
+            key,
+            idempotency_key,
+            if_match,
+            request_hash: request_hash(&method, &target, &body),
+            request_id,
+            content_type,
+            body,
+        })
+    }
+}
+
+fn request_hash(method: &Method, target: &str, body: &[u8]) -> Vec<u8> {
+    let mut h = Sha256::new();
+    h.update(method.as_str().as_bytes());
+    h.update([0]);
+    h.update(target.as_bytes());
+    h.update([0]);
+    h.update(body);
+    h.finalize().to_vec()
+}
+
+/// `Idempotency-Key`: 1..=255 visible ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let bytes = value.as_bytes();
+    if bytes.is_empty() || bytes.len() > 255 || !bytes.iter().all(|b| (0x21..=0x7e).contains(b)) {
+        return Err(ApiError::BadRequest(
+            "Idempotency-Key must be 1 to 255 visible ASCII characters".into(),
+        ));
+    }
+    Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
+}
+
+/// `If-Match: "<version>"` (a weak `W/` prefix and a bare number are accepted too).
+fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+    let Some(value) = headers.get("if-match") else {
+        return Ok(None);
+    };
+    let bad =
+        || ApiError::BadRequest("If-Match must be an ETag this server returned, like \"3\"".into());
+    let text = value.to_str().map_err(|_| bad())?.trim();
+    if text == "*" {
+        return Ok(None);
+    }
+    let text = text.strip_prefix("W/").unwrap_or(text);
+    let text = text
+        .strip_prefix('"')
+        .and_then(|t| t.strip_suffix('"'))
+        .unwrap_or(text);
+    text.parse::<u64>().map(Some).map_err(|_| bad())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Body {
+        name: String,
+        count: Option<u32>,
+    }
+
+    #[test]
+    fn syntax_errors_are_400_and_value_errors_are_422_with_the_field() {
+        assert!(matches!(
+            parse_json::<Body>(b"{\"name\": "),
+            Err(ApiError::BadRequest(_))
+        ));
+        assert!(matches!(
+            parse_json::<Body>(b"   "),
+            Err(ApiError::BadRequest(_))
+        ));
+        assert!(matches!(
+            parse_json::<Body>(b"{\"name\": \"a\"} trailing"),
+            Err(ApiError::BadRequest(_))
+        ));
+        match parse_json::<Body>(b"{\"name\": \"a\", \"count\": \"three\"}") {
+            Err(ApiError::Unprocessable { errors, .. }) => {
+                assert_eq!(errors[0].field, "count");
+                assert!(!errors[0].message.contains("line"), "{}", errors[0].message);
+            }
+            other => panic!("{other:?}"),
+        }
+        match parse_json::<Body>(b"{\"name\": \"a\", \"extra\": 1}") {
+            Err(ApiError::Unprocessable { errors, .. }) => {
+                assert!(errors[0].message.contains("unknown field"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn idempotency_keys_must_be_visible_ascii_up_to_255() {
+        let mut h = HeaderMap::new();
+        h.insert("idempotency-key", "abc-123".parse().unwrap());
+        assert_eq!(idempotency_key(&h).unwrap().as_deref(), Some("abc-123"));
+        h.insert("idempotency-key", "has space".parse().unwrap());
+        assert!(idempotency_key(&h).is_err());
+        h.insert("idempotency-key", "x".repeat(256).parse().unwrap());
+        assert!(idempotency_key(&h).is_err());
+        h.insert("idempotency-key", "x".repeat(255).parse().unwrap());
+        assert!(idempotency_key(&h).is_ok());
+    }
+
+    #[test]
+    fn if_match_accepts_quoted_weak_and_bare_versions() {
+        let mut h = HeaderMap::new();
+        for (raw, want) in [
+            ("\"3\"", Some(3)),
+            ("W/\"4\"", Some(4)),
+            ("5", Some(5)),
+            ("*", None),
+        ] {
+            h.insert("if-match", raw.parse().unwrap());
+            assert_eq!(if_match(&h).unwrap(), want, "{raw}");
+        }
+        h.insert("if-match", "\"abc\"".parse().unwrap());
+        assert!(if_match(&h).is_err());
+    }
+}

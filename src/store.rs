@@ -1,0 +1,492 @@
+//! The event store: append-only streams per aggregate in PostgreSQL, with optimistic
+//! concurrency, snapshots, upcasting and read-your-writes positions.
+//!
+//! The store never opens transactions of its own in [`Store::load`] and [`Store::append`]:
+//! the caller passes a connection (usually inside a transaction), so that several
+//! aggregates, an idempotency record and the events can commit together or not at all.
+//! [`PgEventStore`] wraps it as cqrs-es's `EventStore`, with one transaction per commit.
+//!
+//! A note on cqrs-es: `EventSink::write` applies each event to the aggregate while the
+//! command is handled. The state after `handle` is therefore already the new state; the
+//! store must not apply the events again (doing so is how cqrs-es's own persisted store
+//! corrupts snapshots).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+
+use cqrs_es::persist::{EventUpcaster, SerializedEvent};
+use cqrs_es::{Aggregate, AggregateContext, AggregateError, DomainEvent, EventEnvelope};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool};
+
+pub use projections::feed::{InvalidPosition, Position};
+
+/// Who and what caused an event; stored as the event's `metadata`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Metadata {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub correlation_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub causation_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+}
+
+impl Metadata {
+    fn to_map(&self) -> HashMap<String, String> {
+        let mut map = HashMap::new();
+        let fields = [
+            ("correlation_id", &self.correlation_id),
+            ("causation_id", &self.causation_id),
+            ("actor", &self.actor),
+            ("idempotency_key", &self.idempotency_key),
+        ];
+        for (k, v) in fields {
+            if let Some(v) = v {
+                map.insert(k.to_string(), v.clone());
+            }
+        }
+        map
+    }
+
+    fn from_map(map: &HashMap<String, String>) -> Self {
+        Self {
+            correlation_id: map.get("correlation_id").cloned(),
+            causation_id: map.get("causation_id").cloned(),
+            actor: map.get("actor").cloned(),
+            idempotency_key: map.get("idempotency_key").cloned(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another writer appended to the stream first (optimistic concurrency).
+    #[error("the stream was changed by another writer")]
+    Conflict,
+    #[error("stored data does not match the aggregate's types: {0}")]
+    Deserialize(#[from] serde_json::Error),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+impl StoreError {
+    fn from_insert(e: sqlx::Error) -> Self {
+        let conflict = e.as_database_error().is_some_and(|d| {
+            d.code().is_some_and(|c| c == "23505")
+                && d.constraint()
+                    .is_some_and(|c| c == "events_stream_sequence")
+        });
+        if conflict {
+            Self::Conflict
+        } else {
+            Self::Database(e)
+        }
+    }
+}
+
+/// An aggregate as loaded: its state, its version (events so far) and where its last
+/// event stands in the feed.
+#[derive(Debug, Clone)]
+pub struct Loaded<A> {
+    pub id: String,
+    pub aggregate: A,
+    pub version: u64,
+    pub last_position: Option<Position>,
+}
+
+impl<A: Aggregate> AggregateContext<A> for Loaded<A> {
+    fn aggregate(&mut self) -> &mut A {
+        &mut self.aggregate
+    }
+}
+
+/// What an append wrote.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// The aggregate's version after the append.
+    pub version: u64,
+    /// (sequence, position) of each event written, in order.
+    pub events: Vec<(u64, Position)>,
+}
+
+impl Appended {
+    pub fn last_position(&self) -> Option<Position> {
+        self.events.last().map(|(_, p)| *p)
+    }
+}
+
+/// The store's settings and upcasters; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    snapshot_every: u64,
+    upcasters: Arc<Vec<Box<dyn EventUpcaster>>>,
+}
+
+impl fmt::Debug for Store {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Store")
+            .field("snapshot_every", &self.snapshot_every)
+            .field("upcasters", &self.upcasters.len())
+            .finish()
+    }
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new(DEFAULT_SNAPSHOT_EVERY)
+    }
+}
+
+/// A snapshot every this many events keeps loads bounded: at most this many events are
+/// replayed on top of a snapshot.
+pub const DEFAULT_SNAPSHOT_EVERY: u64 = 100;
+
+impl Store {
+    /// `snapshot_every = 0` turns snapshots off (every load replays the whole stream).
+    pub fn new(snapshot_every: u64) -> Self {
+        Self {
+            snapshot_every,
+            upcasters: Arc::new(aggregates::upcasters::all()),
+        }
+    }
+
+    pub fn with_upcasters(mut self, upcasters: Vec<Box<dyn EventUpcaster>>) -> Self {
+        self.upcasters = Arc::new(upcasters);
+        self
+    }
+
+    /// The latest snapshot, then the events after it.
+    pub async fn load<A: Aggregate>(
+        &self,
+        conn: &mut PgConnection,
+        id: &str,
+    ) -> Result<Loaded<A>, StoreError> {
+        let mut loaded = Loaded {
+            id: id.to_string(),
+            aggregate: A::default(),
+            version: 0,
+            last_position: None,
+        };
+        if self.snapshot_every > 0 {
+            let snapshot = sqlx::query!(
+                r#"SELECT last_sequence, last_position, last_transaction_id::text AS "last_transaction_id!", payload
+                   FROM snapshots WHERE aggregate_type = $1 AND aggregate_id = $2"#,
+                A::TYPE,
+                id
+            )
+            .fetch_optional(&mut *conn)
+            .await?;
+            if let Some(s) = snapshot {
+                match serde_json::from_value::<A>(s.payload) {
+                    Ok(aggregate) => {
+                        loaded.aggregate = aggregate;
+                        loaded.version = s.last_sequence as u64;
+                        loaded.last_position = Some(Position {
+                            transaction_id: parse_xid(&s.last_transaction_id)?,
+                            position: s.last_position,
+                        });
+                    }
+                    // A snapshot of an older shape of the state: replay instead; the next
+                    // snapshot written replaces it.
+                    Err(e) => tracing::warn!(
+                        aggregate_type = A::TYPE,
+                        error = %e,
+                        "snapshot unreadable; replaying the whole stream"
+                    ),
+                }
+            }
+        }
+        let rows = sqlx::query!(
+            r#"SELECT sequence, event_type, event_version, payload, metadata, position,
+                      transaction_id::text AS "transaction_id!"
+               FROM events
+               WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3
+               ORDER BY sequence"#,
+            A::TYPE,
+            id,
+            loaded.version as i64
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        for row in rows {
+            let event: A::Event = self.deserialize::<A>(
+                id,
+                row.sequence,
+                row.event_type,
+                row.event_version,
+                row.payload,
+                row.metadata.clone(),
+            )?;
+            loaded.aggregate.apply(event);
+            loaded.version = row.sequence as u64;
+            loaded.last_position = Some(Position {
+                transaction_id: parse_xid(&row.transaction_id)?,
+                position: row.position,
+            });
+        }
+        Ok(loaded)
+    }
+
+    /// Every event of a stream, upcast, in order.
+    pub async fn load_events<A: Aggregate>(
+        &self,
+        conn: &mut PgConnection,
+        id: &str,
+    ) -> Result<Vec<EventEnvelope<A>>, StoreError> {
+        let rows = sqlx::query!(
+            r#"SELECT sequence, event_type, event_version, payload, metadata
+               FROM events WHERE aggregate_type = $1 AND aggregate_id = $2
+               ORDER BY sequence"#,
+            A::TYPE,
+            id
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        rows.into_iter()
+            .map(|row| {
+                let metadata: HashMap<String, String> =
+                    serde_json::from_value(row.metadata.clone()).unwrap_or_default();
+                let payload = self.deserialize::<A>(
+                    id,
+                    row.sequence,
+                    row.event_type,
+                    row.event_version,
+                    row.payload,
+                    row.metadata,
+                )?;
+                Ok(EventEnvelope {
+                    aggregate_id: id.to_string(),
+                    sequence: row.sequence as usize,
+                    payload,
+                    metadata,
+                })
+            })
+            .collect()
+    }
+
+    fn deserialize<A: Aggregate>(
+        &self,
+        id: &str,
+        sequence: i64,
+        event_type: String,
+        event_version: String,
+        payload: serde_json::Value,
+        metadata: serde_json::Value,
+    ) -> Result<A::Event, StoreError> {
+        let mut event = SerializedEvent::new(
+            id.to_string(),
+            sequence as usize,
+            A::TYPE.to_string(),
+            event_type,
+            event_version,
+            payload,
+            metadata,
+        );
+        for upcaster in self.upcasters.iter() {
+            if upcaster.can_upcast(&event.event_type, &event.event_version) {
+                event = upcaster.upcast(event);
+            }
+        }
+        Ok(serde_json::from_value(event.payload)?)
+    }
+
+    /// Appends `events` to the loaded stream (whose state already includes them: see the
+    /// module note) and writes a snapshot when the stream crosses a multiple of
+    /// `snapshot_every`. Fails with [`StoreError::Conflict`] if another writer got there
+    /// first; the caller's transaction is then unusable and must be rolled back.
+    pub async fn append<A: Aggregate>(
+        &self,
+        conn: &mut PgConnection,
+        loaded: &mut Loaded<A>,
+        events: &[A::Event],
+        metadata: &Metadata,
+    ) -> Result<Appended, StoreError> {
+        if events.is_empty() {
+            return Ok(Appended {
+                version: loaded.version,
+                events: Vec::new(),
+            });
+        }
+        let n = events.len();
+        let first = loaded.version + 1;
+        let sequences: Vec<i64> = (0..n as u64).map(|i| (first + i) as i64).collect();
+        let mut types = Vec::with_capacity(n);
+        let mut versions = Vec::with_capacity(n);
+        let mut payloads = Vec::with_capacity(n);
+        for e in events {
+            types.push(e.event_type());
+            versions.push(e.event_version());
+            payloads.push(serde_json::to_value(e)?);
+        }
+        let metadata_json = serde_json::to_value(metadata)?;
+        let rows = sqlx::query!(
+            r#"INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+               SELECT $1, $2, u.sequence, u.event_type, u.event_version, u.payload, $7
+               FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::jsonb[])
+                    AS u(sequence, event_type, event_version, payload)
+               RETURNING sequence, position, transaction_id::text AS "transaction_id!""#,
+            A::TYPE,
+            loaded.id,
+            &sequences,
+            &types,
+            &versions,
+            &payloads,
+            metadata_json
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(StoreError::from_insert)?;
+        let mut written = Vec::with_capacity(n);
+        for row in rows {
+            written.push((
+                row.sequence as u64,
+                Position {
+                    transaction_id: parse_xid(&row.transaction_id)?,
+                    position: row.position,
+                },
+            ));
+        }
+        written.sort_by_key(|(seq, _)| *seq);
+        let old_version = loaded.version;
+        loaded.version = old_version + n as u64;
+        loaded.last_position = written.last().map(|(_, p)| *p);
+        if self.snapshot_every > 0
+            && loaded.version / self.snapshot_every > old_version / self.snapshot_every
+        {
+            self.write_snapshot(conn, loaded).await?;
+        }
+        Ok(Appended {
+            version: loaded.version,
+            events: written,
+        })
+    }
+
+    async fn write_snapshot<A: Aggregate>(
+        &self,
+        conn: &mut PgConnection,
+        loaded: &Loaded<A>,
+    ) -> Result<(), StoreError> {
+        let Some(last) = loaded.last_position else {
+            return Ok(());
+        };
+        let payload = serde_json::to_value(&loaded.aggregate)?;
+        sqlx::query!(
+            r#"INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, last_position, last_transaction_id, payload)
+               VALUES ($1, $2, $3, $4, $5::text::xid8, $6)
+               ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE
+               SET last_sequence = EXCLUDED.last_sequence, last_position = EXCLUDED.last_position,
+                   last_transaction_id = EXCLUDED.last_transaction_id, payload = EXCLUDED.payload,
+                   recorded_at = now()
+               WHERE snapshots.last_sequence < EXCLUDED.last_sequence"#,
+            A::TYPE,
+            loaded.id,
+            loaded.version as i64,
+            last.position,
+            last.transaction_id.to_string(),
+            payload
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+}
+
+fn parse_xid(text: &str) -> Result<i64, StoreError> {
+    text.parse::<i64>()
+        .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))
+}
+
+/// cqrs-es's `EventStore` on [`Store`]: each commit is one transaction of its own.
+pub struct PgEventStore<A> {
+    pool: PgPool,
+    store: Store,
+    _aggregate: PhantomData<fn() -> A>,
+}
+
+impl<A> PgEventStore<A> {
+    pub fn new(pool: PgPool, store: Store) -> Self {
+        Self {
+            pool,
+            store,
+            _aggregate: PhantomData,
+        }
+    }
+}
+
+fn aggregate_error<E: std::error::Error>(e: StoreError) -> AggregateError<E> {
+    match e {
+        StoreError::Conflict => AggregateError::AggregateConflict,
+        StoreError::Deserialize(e) => AggregateError::DeserializationError(Box::new(e)),
+        StoreError::Database(e) => AggregateError::DatabaseConnectionError(Box::new(e)),
+    }
+}
+
+impl<A: Aggregate> cqrs_es::EventStore<A> for PgEventStore<A> {
+    type AC = Loaded<A>;
+
+    async fn load_events(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| aggregate_error(e.into()))?;
+        self.store
+            .load_events(&mut conn, aggregate_id)
+            .await
+            .map_err(aggregate_error)
+    }
+
+    async fn load_aggregate(
+        &self,
+        aggregate_id: &str,
+    ) -> Result<Loaded<A>, AggregateError<A::Error>> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| aggregate_error(e.into()))?;
+        self.store
+            .load(&mut conn, aggregate_id)
+            .await
+            .map_err(aggregate_error)
+    }
+
+    async fn commit(
+        &self,
+        events: Vec<A::Event>,
+        mut context: Loaded<A>,
+        metadata: HashMap<String, String>,
+    ) -> Result<Vec<EventEnvelope<A>>, AggregateError<A::Error>> {
+        let metadata_struct = Metadata::from_map(&metadata);
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| aggregate_error(e.into()))?;
+        let appended = self
+            .store
+            .append(&mut tx, &mut context, &events, &metadata_struct)
+            .await
+            .map_err(aggregate_error)?;
+        tx.commit().await.map_err(|e| aggregate_error(e.into()))?;
+        let stored_metadata = metadata_struct.to_map();
+        Ok(events
+            .into_iter()
+            .zip(appended.events)
+            .map(|(payload, (sequence, _))| EventEnvelope {
+                aggregate_id: context.id.clone(),
+                sequence: sequence as usize,
+                payload,
+                metadata: stored_metadata.clone(),
+            })
+            .collect())
+    }
+}

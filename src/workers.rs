@@ -1,0 +1,59 @@
+//! Background work of a server process: the projection runner and the purge of old
+//! idempotency records. Every worker is safe with several processes on one database.
+
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::http::AppState;
+use crate::http::command::purge_idempotency_records;
+
+/// Idempotency records are kept at least this long (API.md: at least 24 hours).
+pub const IDEMPOTENCY_RETENTION: Duration = Duration::from_secs(25 * 3600);
+
+pub struct Workers {
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+pub fn start(state: &AppState) -> Workers {
+    let cancel = CancellationToken::new();
+    let runner = projections::runner::Runner::new(
+        state.pool.clone(),
+        projections::all(),
+        projections::runner::RunnerConfig::default(),
+    );
+    let mut tasks = vec![tokio::spawn(runner.run(cancel.clone()))];
+    let pool = state.pool.clone();
+    let stop = cancel.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            match purge_idempotency_records(&pool, IDEMPOTENCY_RETENTION).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(purged = n, "old idempotency records purged"),
+                Err(e) => tracing::warn!(error = %e, "purging idempotency records failed"),
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(3600)) => {},
+            }
+        }
+    }));
+    Workers { cancel, tasks }
+}
+
+impl Workers {
+    /// Asks every worker to stop without waiting (for drop paths that cannot await).
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Asks every worker to stop and waits until each has finished its current batch.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}

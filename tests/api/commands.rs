@@ -1,0 +1,444 @@
+//! Command execution over HTTP: optimistic concurrency with retries, If-Match, idempotency
+//! keys, and the API's error conventions (problem+json, 400/413/415/422/503).
+
+use std::collections::HashSet;
+
+use serde_json::{Value, json};
+
+use crate::helpers::{assert_problem, spawn_app};
+
+async fn stream(app: &crate::helpers::TestApp, id: &str) -> Vec<(i64, String)> {
+    sqlx::query_as(
+        "SELECT sequence, event_type FROM events WHERE aggregate_id = $1 ORDER BY sequence",
+    )
+    .bind(id)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn fifty_concurrent_commands_on_one_aggregate_all_succeed_through_retries() {
+    let app = spawn_app().await;
+    let campaign = app.create_campaign("hot").await;
+    let id = campaign["id"].as_str().unwrap().to_string();
+    let requests = (0..50).map(|i| {
+        let client = app.client.clone();
+        let url = app.url(&format!("/v1/campaigns/{id}"));
+        let key = app.write_key.clone();
+        tokio::spawn(async move {
+            client
+                .patch(url)
+                .bearer_auth(key)
+                .json(&json!({"name": format!("name {i}")}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        })
+    });
+    let statuses: Vec<u16> = futures::future::join_all(requests)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert!(statuses.iter().all(|s| *s == 200), "{statuses:?}");
+
+    let events = stream(&app, &id).await;
+    let sequences: Vec<i64> = events.iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        sequences,
+        (1..=51).collect::<Vec<_>>(),
+        "created + 50 renames, no gaps"
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|(_, t)| t == "CampaignRenamed")
+            .count(),
+        50
+    );
+    let renamed: HashSet<String> = sqlx::query_scalar(
+        "SELECT payload->'CampaignRenamed'->>'name' FROM events WHERE aggregate_id = $1 AND sequence > 1",
+    )
+    .bind(&id)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap()
+    .into_iter()
+    .collect();
+    assert_eq!(renamed.len(), 50, "every command's own change was recorded");
+
+    let now: Value = app
+        .read(&format!("/v1/campaigns/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(now["version"], 51);
+}
+
+#[tokio::test]
+async fn a_stale_if_match_gives_412_and_writes_nothing() {
+    let app = spawn_app().await;
+    let campaign = app.create_campaign("guarded").await;
+    let id = campaign["id"].as_str().unwrap();
+    assert_eq!(campaign["version"], 1);
+
+    let fresh = app
+        .client
+        .patch(app.url(&format!("/v1/campaigns/{id}")))
+        .bearer_auth(&app.write_key)
+        .header("if-match", "\"1\"")
+        .json(&json!({"name": "second"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fresh.status().as_u16(), 200);
+    assert_eq!(fresh.headers()["etag"], "\"2\"");
+
+    let before = app.count("events").await;
+    let stale = app
+        .client
+        .patch(app.url(&format!("/v1/campaigns/{id}")))
+        .bearer_auth(&app.write_key)
+        .header("if-match", "\"1\"")
+        .json(&json!({"name": "third"}))
+        .send()
+        .await
+        .unwrap();
+    let body = assert_problem(stale, 412).await;
+    assert!(body["detail"].as_str().unwrap().contains("version"));
+    assert_eq!(app.count("events").await, before);
+    let now: Value = app
+        .read(&format!("/v1/campaigns/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(now["name"], "second");
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_twice_gives_one_effect_and_the_same_response() {
+    let app = spawn_app().await;
+    let send = || {
+        app.client
+            .post(app.url("/v1/campaigns"))
+            .bearer_auth(&app.write_key)
+            .header("idempotency-key", "create-q4")
+            .json(&json!({"name": "Q4"}))
+            .send()
+    };
+    let first = send().await.unwrap();
+    assert_eq!(first.status().as_u16(), 201);
+    let first_body: Value = first.json().await.unwrap();
+    let second = send().await.unwrap();
+    assert_eq!(second.status().as_u16(), 201);
+    assert_eq!(second.headers()["idempotent-replayed"], "true");
+    let second_body: Value = second.json().await.unwrap();
+    assert_eq!(first_body, second_body);
+    assert_eq!(app.count("events").await, 1, "one campaign created");
+}
+
+#[tokio::test]
+async fn an_idempotency_key_reused_with_a_different_body_is_422() {
+    let app = spawn_app().await;
+    let send = |name: &'static str| {
+        app.client
+            .post(app.url("/v1/campaigns"))
+            .bearer_auth(&app.write_key)
+            .header("idempotency-key", "k-1")
+            .json(&json!({"name": name}))
+            .send()
+    };
+    assert_eq!(send("one").await.unwrap().status().as_u16(), 201);
+    let body = assert_problem(send("two").await.unwrap(), 422).await;
+    assert_eq!(body["errors"][0]["field"], "Idempotency-Key");
+    assert_eq!(app.count("events").await, 1);
+}
+
+#[tokio::test]
+async fn idempotency_keys_are_scoped_to_the_api_key() {
+    let app = spawn_app().await;
+    for key in [&app.write_key, &app.admin_key] {
+        let response = app
+            .client
+            .post(app.url("/v1/campaigns"))
+            .bearer_auth(key)
+            .header("idempotency-key", "shared-name")
+            .json(&json!({"name": "same"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 201);
+    }
+    assert_eq!(app.count("events").await, 2);
+}
+
+#[tokio::test]
+async fn concurrent_requests_with_one_key_give_one_effect() {
+    let app = spawn_app().await;
+    let requests = (0..10).map(|_| {
+        let request = app
+            .client
+            .post(app.url("/v1/campaigns"))
+            .bearer_auth(&app.write_key)
+            .header("idempotency-key", "race")
+            .json(&json!({"name": "raced"}));
+        tokio::spawn(async move {
+            let r = request.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        })
+    });
+    let results: Vec<(u16, Value)> = futures::future::join_all(requests)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let created: Vec<&Value> = results
+        .iter()
+        .filter(|(s, _)| *s == 201)
+        .map(|(_, b)| b)
+        .collect();
+    assert!(!created.is_empty());
+    assert!(
+        created.iter().all(|b| b["id"] == created[0]["id"]),
+        "every 201 is the same answer"
+    );
+    for (status, body) in &results {
+        assert!(*status == 201 || *status == 409, "{status} {body}");
+        if *status == 409 {
+            assert!(
+                body["type"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("idempotency-key-in-flight")
+            );
+        }
+    }
+    assert_eq!(app.count("events").await, 1, "one effect");
+}
+
+#[tokio::test]
+async fn a_domain_error_is_recorded_for_its_idempotency_key() {
+    let app = spawn_app().await;
+    let campaign = app.create_campaign("done").await;
+    let id = campaign["id"].as_str().unwrap();
+    for path in ["start", "complete"] {
+        app.post(&format!("/v1/campaigns/{id}/{path}"), &json!({}))
+            .await;
+    }
+    let send = || {
+        app.client
+            .post(app.url(&format!("/v1/campaigns/{id}/start")))
+            .bearer_auth(&app.write_key)
+            .header("idempotency-key", "restart")
+            .send()
+    };
+    let first = assert_problem(send().await.unwrap(), 409).await;
+    assert!(
+        first["type"]
+            .as_str()
+            .unwrap()
+            .ends_with("invalid-transition")
+    );
+    let again = send().await.unwrap();
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(assert_problem(again, 409).await, first);
+}
+
+#[tokio::test]
+async fn write_responses_carry_version_etag_and_a_position_token() {
+    let app = spawn_app().await;
+    let response = app.post("/v1/campaigns", &json!({"name": "tokens"})).await;
+    assert_eq!(response.status().as_u16(), 201);
+    assert_eq!(response.headers()["etag"], "\"1\"");
+    let id = response.headers()["location"].to_str().unwrap().to_string();
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(
+        format!("/v1/campaigns/{}", body["id"].as_str().unwrap()),
+        id
+    );
+    assert_eq!(body["version"], 1);
+    assert_eq!(body["status"], "draft");
+    let position = body["position"].as_str().unwrap();
+    assert!(position.split_once('-').is_some(), "{position}");
+}
+
+#[tokio::test]
+async fn campaign_transitions_follow_the_lifecycle_and_refuse_the_rest_with_409() {
+    let app = spawn_app().await;
+    let id = app.create_campaign("life").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let step = |path: &'static str| {
+        let id = id.clone();
+        let app = &app;
+        async move {
+            app.post(&format!("/v1/campaigns/{id}/{path}"), &json!({}))
+                .await
+        }
+    };
+    let paused = step("pause").await;
+    assert_problem(paused, 409).await;
+    for (path, status) in [
+        ("start", "running"),
+        ("pause", "paused"),
+        ("start", "running"),
+        ("complete", "completed"),
+    ] {
+        let r = step(path).await;
+        assert_eq!(r.status().as_u16(), 200, "{path}");
+        assert_eq!(r.json::<Value>().await.unwrap()["status"], status);
+    }
+    let events_before = app.count("events").await;
+    let body = assert_problem(step("start").await, 409).await;
+    assert!(body["detail"].as_str().unwrap().contains("completed"));
+    assert_eq!(app.count("events").await, events_before);
+}
+
+#[tokio::test]
+async fn invalid_input_is_refused_with_the_right_status_and_writes_nothing() {
+    let app = spawn_app().await;
+    let post_raw = |body: &'static str, content_type: &'static str| {
+        app.client
+            .post(app.url("/v1/campaigns"))
+            .bearer_auth(&app.write_key)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+    };
+    let malformed = assert_problem(
+        post_raw("{\"name\": ", "application/json").await.unwrap(),
+        400,
+    )
+    .await;
+    assert!(
+        malformed["detail"]
+            .as_str()
+            .unwrap()
+            .contains("malformed JSON")
+    );
+    assert_problem(post_raw("", "application/json").await.unwrap(), 400).await;
+    assert_problem(
+        post_raw("name=x", "application/x-www-form-urlencoded")
+            .await
+            .unwrap(),
+        415,
+    )
+    .await;
+
+    let unknown = assert_problem(
+        post_raw("{\"name\": \"a\", \"colour\": 1}", "application/json")
+            .await
+            .unwrap(),
+        422,
+    )
+    .await;
+    assert!(
+        unknown["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field")
+    );
+    let wrong_type = assert_problem(
+        post_raw("{\"name\": 5}", "application/json").await.unwrap(),
+        422,
+    )
+    .await;
+    assert_eq!(wrong_type["errors"][0]["field"], "name");
+    let blank = assert_problem(
+        post_raw("{\"name\": \"   \"}", "application/json")
+            .await
+            .unwrap(),
+        422,
+    )
+    .await;
+    assert_eq!(blank["errors"][0]["field"], "name");
+    let long = format!("{{\"name\": \"{}\"}}", "x".repeat(201));
+    let response = app
+        .client
+        .post(app.url("/v1/campaigns"))
+        .bearer_auth(&app.write_key)
+        .header("content-type", "application/json")
+        .body(long)
+        .send()
+        .await
+        .unwrap();
+    assert_problem(response, 422).await;
+    let huge = app
+        .client
+        .post(app.url("/v1/campaigns"))
+        .bearer_auth(&app.write_key)
+        .header("content-type", "application/json")
+        .body(format!("{{\"name\": \"{}\"}}", "x".repeat(2 << 20)))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(huge, 413).await;
+    let bad_key = app
+        .client
+        .post(app.url("/v1/campaigns"))
+        .bearer_auth(&app.write_key)
+        .header("idempotency-key", "has spaces in it")
+        .json(&json!({"name": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(bad_key, 400).await;
+    let bad_if_match = app
+        .client
+        .patch(app.url("/v1/campaigns/00000000-0000-0000-0000-000000000000"))
+        .bearer_auth(&app.write_key)
+        .header("if-match", "yesterday")
+        .json(&json!({"name": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_problem(bad_if_match, 400).await;
+    assert_eq!(app.count("events").await, 0, "nothing was written");
+}
+
+#[tokio::test]
+async fn text_with_quotes_and_sql_is_stored_and_returned_exactly() {
+    let app = spawn_app().await;
+    let name = "Robert'); DROP TABLE events; -- \"quoted\" ; émoji 🚀";
+    let created = app.create_campaign(name).await;
+    assert_eq!(created["name"], name);
+    let id = created["id"].as_str().unwrap();
+    let read: Value = app
+        .read(&format!("/v1/campaigns/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(read["name"], name);
+}
+
+#[tokio::test]
+async fn unknown_campaigns_are_404_for_reads_and_commands() {
+    let app = spawn_app().await;
+    let missing = "0190f1b4-0000-7000-8000-000000000000";
+    assert_problem(app.read(&format!("/v1/campaigns/{missing}")).await, 404).await;
+    assert_problem(app.read("/v1/campaigns/not-a-uuid").await, 404).await;
+    assert_problem(
+        app.post(&format!("/v1/campaigns/{missing}/start"), &json!({}))
+            .await,
+        404,
+    )
+    .await;
+    assert_eq!(app.count("events").await, 0);
+}
+
+#[tokio::test]
+async fn a_database_outage_is_503_with_retry_after_not_500() {
+    let app = spawn_app().await;
+    app.pool.close().await;
+    let response = app.post("/v1/campaigns", &json!({"name": "offline"})).await;
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_problem(response, 503).await;
+}

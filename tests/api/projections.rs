@@ -1,0 +1,340 @@
+//! The projection runner: exactly-once application, one runner per projection across
+//! processes, take-over, crashes mid-batch, failures that stop and resume, and
+//! read-your-writes through `?min_position=`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use projections::runner::{Runner, RunnerConfig, wait_for};
+use projections::{FeedEvent, Projection, ProjectionError};
+use serde_json::{Value, json};
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+
+use crate::helpers::{TestApp, assert_problem, spawn_app, spawn_app_with};
+
+fn fast() -> RunnerConfig {
+    RunnerConfig {
+        batch_size: 50,
+        poll_interval: Duration::from_millis(50),
+        standby_interval: Duration::from_millis(100),
+        failure_retry: Duration::from_millis(100),
+    }
+}
+
+fn start_runner(
+    pool: &PgPool,
+    projections: Vec<Arc<dyn Projection>>,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let cancel = CancellationToken::new();
+    let runner = Runner::new(pool.clone(), projections, fast());
+    (cancel.clone(), tokio::spawn(runner.run(cancel)))
+}
+
+/// Writes `n` commands spread over a few campaigns through the API; returns the last token.
+async fn write_history(app: &TestApp, campaigns: usize, renames: usize) -> String {
+    let mut last = String::new();
+    for c in 0..campaigns {
+        let id = app.create_campaign(&format!("campaign {c}")).await["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        for r in 0..renames {
+            let _: Value = app
+                .client
+                .patch(app.url(&format!("/v1/campaigns/{id}")))
+                .bearer_auth(&app.write_key)
+                .json(&json!({"name": format!("campaign {c} v{r}")}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+        }
+        let started: Value = app
+            .post(&format!("/v1/campaigns/{id}/start"), &json!({}))
+            .await
+            .json()
+            .await
+            .unwrap();
+        last = started["position"].as_str().unwrap().to_string();
+    }
+    last
+}
+
+/// The read model must equal the streams: same names and statuses, and each row's count of
+/// applied events equal to its stream's length (an event applied twice or lost would show).
+async fn assert_model_matches_streams(pool: &PgPool) {
+    let mismatches: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT e.aggregate_id, count(*) AS events, coalesce(max(v.version), -1) AS applied
+         FROM events e LEFT JOIN campaigns_view v ON v.id::text = e.aggregate_id
+         WHERE e.aggregate_type = 'campaign'
+         GROUP BY e.aggregate_id
+         HAVING count(*) <> coalesce(max(v.version), -1)",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
+    assert!(
+        mismatches.is_empty(),
+        "rows that differ from their streams: {mismatches:?}"
+    );
+    let streams: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT aggregate_id) FROM events WHERE aggregate_type = 'campaign'",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM campaigns_view")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, streams);
+}
+
+async fn reach(pool: &PgPool, token: &str) {
+    let position = token.parse().unwrap();
+    assert!(
+        wait_for(pool, position, &["campaigns"], Duration::from_secs(15))
+            .await
+            .unwrap(),
+        "the projection reached {token}"
+    );
+}
+
+#[tokio::test]
+async fn a_write_is_readable_at_once_with_its_position_token() {
+    let app = spawn_app().await;
+    for i in 0..5 {
+        let created = app.create_campaign(&format!("fresh {i}")).await;
+        let token = created["position"].as_str().unwrap();
+        let list: Value = app
+            .read(&format!("/v1/campaigns?min_position={token}"))
+            .await
+            .json()
+            .await
+            .unwrap();
+        let ids: Vec<&Value> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| &c["id"])
+            .collect();
+        assert!(ids.contains(&&created["id"]), "read-your-writes: {list}");
+    }
+}
+
+#[tokio::test]
+async fn a_position_never_reached_answers_503_with_retry_after() {
+    let app = spawn_app().await;
+    let response = app
+        .read("/v1/campaigns?min_position=9223372036854775-1")
+        .await;
+    assert_eq!(response.headers()["retry-after"], "1");
+    assert_problem(response, 503).await;
+    assert_problem(app.read("/v1/campaigns?min_position=yesterday").await, 400).await;
+}
+
+#[tokio::test]
+async fn two_runners_on_one_database_never_apply_an_event_twice_and_one_takes_over() {
+    let app = spawn_app_with(false).await;
+    let (first_cancel, first) = start_runner(&app.pool, projections::all());
+    // Let the first runner take the lock before the second starts.
+    let mut conn = app.pool.acquire().await.unwrap();
+    for _ in 0..100 {
+        let status = projections::status::all(&mut conn).await.unwrap();
+        if status[0].held_by.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (second_cancel, second) = start_runner(&app.pool, projections::all());
+
+    let token = write_history(&app, 4, 5).await;
+    reach(&app.pool, &token).await;
+    assert_model_matches_streams(&app.pool).await;
+
+    // The process holding the projection goes away; the other carries on.
+    first_cancel.cancel();
+    first.await.unwrap();
+    let token = write_history(&app, 2, 3).await;
+    reach(&app.pool, &token).await;
+    assert_model_matches_streams(&app.pool).await;
+    let status = projections::status::all(&mut conn).await.unwrap();
+    assert_eq!(status[0].state, "running");
+    assert_eq!(status[0].behind, 0);
+    second_cancel.cancel();
+    second.await.unwrap();
+}
+
+/// The campaigns projection, slowed down so that a kill lands in the middle of a batch.
+struct Slow(projections::campaigns::CampaignsProjection);
+
+#[async_trait::async_trait]
+impl Projection for Slow {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        event: &FeedEvent,
+    ) -> Result<(), ProjectionError> {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        self.0.apply(conn, event).await
+    }
+}
+
+#[tokio::test]
+async fn killing_the_runner_mid_batch_loses_and_doubles_nothing() {
+    let app = spawn_app_with(false).await;
+    let token = write_history(&app, 3, 10).await; // 36 events: one batch of up to 50
+    let (_, killed) = start_runner(
+        &app.pool,
+        vec![Arc::new(Slow(projections::campaigns::CampaignsProjection))],
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    killed.abort(); // dropped mid-batch: its connection and open transaction go with it
+    let _ = killed.await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM campaigns_view")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 0, "the half-applied batch was rolled back");
+
+    let (cancel, runner) = start_runner(&app.pool, projections::all());
+    reach(&app.pool, &token).await;
+    assert_model_matches_streams(&app.pool).await;
+    cancel.cancel();
+    runner.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_failing_event_stops_its_projection_visibly_until_fixed() {
+    let app = spawn_app_with(false).await;
+    let good = app.create_campaign("before the bad event").await;
+    let bad_id = uuid::Uuid::now_v7();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload)
+         VALUES ('campaign', $1, 1, 'CampaignCreated', '1.0', '{\"CampaignCreated\": {\"name\": 42}}')",
+    )
+    .bind(bad_id.to_string())
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let after = app.create_campaign("after the bad event").await;
+
+    let (cancel, runner) = start_runner(&app.pool, projections::all());
+    let mut conn = app.pool.acquire().await.unwrap();
+    let mut status = Vec::new();
+    for _ in 0..200 {
+        status = projections::status::all(&mut conn).await.unwrap();
+        if status[0].state == "failed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status[0].state, "failed", "{status:?}");
+    assert!(
+        status[0]
+            .failed_error
+            .as_deref()
+            .unwrap()
+            .contains("CampaignCreated")
+    );
+    assert!(
+        status[0].behind >= 2,
+        "stopped at the bad event: {status:?}"
+    );
+    let names: Vec<String> = sqlx::query_scalar("SELECT name FROM campaigns_view")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        names,
+        vec![good["name"].as_str().unwrap().to_string()],
+        "events before it applied, none after"
+    );
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("projection_failed{projection=\"campaigns\"} 1"),
+        "{metrics}"
+    );
+
+    // The cause is fixed (here: the event is repaired); the projection resumes by itself.
+    sqlx::query(
+        "UPDATE events SET payload = jsonb_build_object('CampaignCreated',
+             jsonb_build_object('name', 'repaired', 'stop_on_reply', true, 'created_at', '2026-11-01T00:00:00Z'))
+         WHERE aggregate_id = $1",
+    )
+    .bind(bad_id.to_string())
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    reach(&app.pool, after["position"].as_str().unwrap()).await;
+    let status = projections::status::all(&mut conn).await.unwrap();
+    assert_eq!(status[0].state, "running");
+    assert_model_matches_streams(&app.pool).await;
+    cancel.cancel();
+    runner.await.unwrap();
+}
+
+#[tokio::test]
+async fn the_campaign_list_pages_newest_first_and_filters_by_status() {
+    let app = spawn_app().await;
+    let mut token = String::new();
+    for i in 0..7 {
+        let c = app.create_campaign(&format!("list {i}")).await;
+        token = c["position"].as_str().unwrap().to_string();
+        if i % 2 == 0 {
+            let s: Value = app
+                .post(
+                    &format!("/v1/campaigns/{}/start", c["id"].as_str().unwrap()),
+                    &json!({}),
+                )
+                .await
+                .json()
+                .await
+                .unwrap();
+            token = s["position"].as_str().unwrap().to_string();
+        }
+    }
+    let mut seen = Vec::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = format!("/v1/campaigns?limit=3&min_position={token}");
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let page: Value = app.read(&path).await.json().await.unwrap();
+        for item in page["items"].as_array().unwrap() {
+            seen.push(item["name"].as_str().unwrap().to_string());
+        }
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    let expected: Vec<String> = (0..7).rev().map(|i| format!("list {i}")).collect();
+    assert_eq!(seen, expected);
+    let running: Value = app
+        .read(&format!(
+            "/v1/campaigns?status=running&min_position={token}"
+        ))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(running["items"].as_array().unwrap().len(), 4);
+    for bad in [
+        "limit=0",
+        "limit=501",
+        "limit=abc",
+        "status=archived",
+        "cursor=%%%",
+        "colour=red",
+    ] {
+        assert_problem(app.read(&format!("/v1/campaigns?{bad}")).await, 400).await;
+    }
+}

@@ -1,0 +1,344 @@
+//! The event store and the global feed, against a real PostgreSQL.
+
+use std::time::Duration;
+
+use aggregates::campaign::{Campaign, CampaignCommand, CampaignName};
+use chrono::Utc;
+use cqrs_es::Aggregate;
+use cqrs_es::event_sink::EventSink;
+use leadledger::store::{Loaded, Metadata, Position, Store, StoreError};
+use projections::feed;
+use proptest::prelude::*;
+use sqlx::{Connection, PgPool};
+use uuid::Uuid;
+
+use crate::helpers::spawn_app_with;
+
+/// Handles `command` on the stored aggregate and appends what it decides, in one transaction.
+async fn run(
+    pool: &PgPool,
+    store: &Store,
+    id: &str,
+    command: CampaignCommand,
+) -> Result<Loaded<Campaign>, String> {
+    let mut tx = pool.begin().await.unwrap();
+    let mut loaded: Loaded<Campaign> = store.load(&mut tx, id).await.unwrap();
+    let sink = EventSink::default();
+    loaded
+        .aggregate
+        .handle(command, &(), &sink)
+        .await
+        .map_err(|e| e.to_string())?;
+    let events = sink.collect().await;
+    store
+        .append(&mut tx, &mut loaded, &events, &Metadata::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    tx.commit().await.unwrap();
+    Ok(loaded)
+}
+
+fn create(name: &str) -> CampaignCommand {
+    CampaignCommand::Create {
+        name: CampaignName::parse(name).unwrap(),
+        stop_on_reply: true,
+        at: Utc::now(),
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Rename(u8),
+    Start,
+    Pause,
+    Complete,
+}
+
+fn command(step: &Step) -> CampaignCommand {
+    let at = Utc::now();
+    match step {
+        Step::Rename(n) => CampaignCommand::Rename {
+            name: CampaignName::parse(&format!("name {n}")).unwrap(),
+            at,
+        },
+        Step::Start => CampaignCommand::Start { at },
+        Step::Pause => CampaignCommand::Pause { at },
+        Step::Complete => CampaignCommand::Complete { at },
+    }
+}
+
+fn steps() -> impl Strategy<Value = Vec<Step>> {
+    prop::collection::vec(
+        prop_oneof![
+            4 => any::<u8>().prop_map(Step::Rename),
+            2 => Just(Step::Start),
+            2 => Just(Step::Pause),
+            1 => Just(Step::Complete),
+        ],
+        1..40,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loading_from_snapshots_gives_the_same_state_as_a_full_replay() {
+    let app = spawn_app_with(false).await;
+    let pool = app.pool.clone();
+    let snapshotting = Store::new(3);
+    let replaying = Store::new(0);
+    let handle = tokio::runtime::Handle::current();
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig {
+        cases: 24,
+        ..ProptestConfig::default()
+    });
+    let result = runner.run(&steps(), |steps| {
+        tokio::task::block_in_place(|| {
+            handle.block_on(async {
+                let id = Uuid::now_v7().to_string();
+                run(&pool, &snapshotting, &id, create("prop"))
+                    .await
+                    .unwrap();
+                for step in &steps {
+                    // Refused transitions are part of the property: they write nothing.
+                    let _ = run(&pool, &snapshotting, &id, command(step)).await;
+                }
+                let mut conn = pool.acquire().await.unwrap();
+                let from_snapshot: Loaded<Campaign> =
+                    snapshotting.load(&mut conn, &id).await.unwrap();
+                let from_events: Loaded<Campaign> = replaying.load(&mut conn, &id).await.unwrap();
+                prop_assert_eq!(&from_snapshot.aggregate, &from_events.aggregate);
+                prop_assert_eq!(from_snapshot.version, from_events.version);
+                prop_assert_eq!(from_snapshot.last_position, from_events.last_position);
+                let count: i64 =
+                    sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_id = $1")
+                        .bind(&id)
+                        .fetch_one(&pool)
+                        .await
+                        .unwrap();
+                prop_assert_eq!(from_events.version, count as u64);
+                Ok(())
+            })
+        })
+    });
+    result.unwrap();
+    let snapshots: i64 = sqlx::query_scalar("SELECT count(*) FROM snapshots")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(
+        snapshots > 0,
+        "the property was checked with snapshots present"
+    );
+}
+
+#[tokio::test]
+async fn a_second_writer_of_the_same_version_gets_a_conflict() {
+    let app = spawn_app_with(false).await;
+    let store = Store::default();
+    let id = Uuid::now_v7().to_string();
+    run(&app.pool, &store, &id, create("c")).await.unwrap();
+
+    let mut a = app.pool.begin().await.unwrap();
+    let mut b = app.pool.begin().await.unwrap();
+    let mut la: Loaded<Campaign> = store.load(&mut a, &id).await.unwrap();
+    let mut lb: Loaded<Campaign> = store.load(&mut b, &id).await.unwrap();
+    let event = |n: &str| aggregates::CampaignEvent::CampaignRenamed {
+        name: CampaignName::parse(n).unwrap(),
+        renamed_at: Utc::now(),
+    };
+    store
+        .append(&mut a, &mut la, &[event("a")], &Metadata::default())
+        .await
+        .unwrap();
+    a.commit().await.unwrap();
+    let second = store
+        .append(&mut b, &mut lb, &[event("b")], &Metadata::default())
+        .await;
+    assert!(matches!(second, Err(StoreError::Conflict)), "{second:?}");
+}
+
+#[tokio::test]
+async fn several_aggregates_commit_in_one_transaction_or_not_at_all() {
+    let app = spawn_app_with(false).await;
+    let store = Store::default();
+    let existing = Uuid::now_v7().to_string();
+    run(&app.pool, &store, &existing, create("existing"))
+        .await
+        .unwrap();
+
+    let mut tx = app.pool.begin().await.unwrap();
+    let fresh = Uuid::now_v7().to_string();
+    let mut new_one: Loaded<Campaign> = store.load(&mut tx, &fresh).await.unwrap();
+    let created = aggregates::CampaignEvent::CampaignCreated {
+        name: CampaignName::parse("new").unwrap(),
+        stop_on_reply: true,
+        created_at: Utc::now(),
+    };
+    store
+        .append(
+            &mut tx,
+            &mut new_one,
+            &[created.clone()],
+            &Metadata::default(),
+        )
+        .await
+        .unwrap();
+    // A stale view of `existing` (as if another writer had moved it on): sequence 1 again.
+    let mut stale: Loaded<Campaign> = Loaded {
+        id: existing.clone(),
+        aggregate: Campaign::default(),
+        version: 0,
+        last_position: None,
+    };
+    let clash = store
+        .append(&mut tx, &mut stale, &[created], &Metadata::default())
+        .await;
+    assert!(matches!(clash, Err(StoreError::Conflict)));
+    drop(tx);
+    let fresh_events: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_id = $1")
+            .bind(&fresh)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        fresh_events, 0,
+        "the first aggregate's events went with the failed transaction"
+    );
+}
+
+#[tokio::test]
+async fn events_carry_type_version_metadata_and_the_writing_transaction() {
+    let app = spawn_app_with(false).await;
+    let store = Store::default();
+    let id = Uuid::now_v7().to_string();
+    let mut tx = app.pool.begin().await.unwrap();
+    let mut loaded: Loaded<Campaign> = store.load(&mut tx, &id).await.unwrap();
+    let metadata = Metadata {
+        correlation_id: Some("req-1".into()),
+        causation_id: None,
+        actor: Some("api_key:test".into()),
+        idempotency_key: Some("k".into()),
+    };
+    let created = aggregates::CampaignEvent::CampaignCreated {
+        name: CampaignName::parse("meta").unwrap(),
+        stop_on_reply: false,
+        created_at: Utc::now(),
+    };
+    let appended = store
+        .append(&mut tx, &mut loaded, &[created], &metadata)
+        .await
+        .unwrap();
+    let xid: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+        .fetch_one(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let (event_type, version, meta, stored_xid, is_jsonb): (String, String, serde_json::Value, String, bool) =
+        sqlx::query_as(
+            "SELECT event_type, event_version, metadata, transaction_id::text, pg_typeof(payload) = 'jsonb'::regtype
+             FROM events WHERE aggregate_id = $1",
+        )
+        .bind(&id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(event_type, "CampaignCreated");
+    assert_eq!(version, "1.0");
+    assert_eq!(meta["correlation_id"], "req-1");
+    assert_eq!(meta["idempotency_key"], "k");
+    assert_eq!(stored_xid, xid);
+    assert!(is_jsonb);
+    assert_eq!(
+        appended.last_position().unwrap().transaction_id.to_string(),
+        xid
+    );
+}
+
+async fn read_all(pool: &PgPool, after: Position) -> Vec<feed::FeedEvent> {
+    let mut conn = pool.acquire().await.unwrap();
+    feed::read(&mut conn, after, 1000).await.unwrap()
+}
+
+#[tokio::test]
+async fn the_feed_waits_for_a_transaction_that_commits_late_and_then_delivers_it_once() {
+    let app = spawn_app_with(false).await;
+    let store = Store::default();
+    let before = Uuid::now_v7().to_string();
+    run(&app.pool, &store, &before, create("before"))
+        .await
+        .unwrap();
+
+    // A transaction takes a low position and stays open...
+    let slow_id = Uuid::now_v7().to_string();
+    let mut slow = sqlx::PgConnection::connect_with(&app.pool.connect_options())
+        .await
+        .unwrap();
+    let mut slow_tx = slow.begin().await.unwrap();
+    let mut slow_loaded: Loaded<Campaign> = store.load(&mut slow_tx, &slow_id).await.unwrap();
+    let created = aggregates::CampaignEvent::CampaignCreated {
+        name: CampaignName::parse("slow").unwrap(),
+        stop_on_reply: true,
+        created_at: Utc::now(),
+    };
+    let slow_written = store
+        .append(
+            &mut slow_tx,
+            &mut slow_loaded,
+            &[created],
+            &Metadata::default(),
+        )
+        .await
+        .unwrap();
+    // ...while later ones, with higher positions, commit.
+    let mut later = Vec::new();
+    for i in 0..3 {
+        let id = Uuid::now_v7().to_string();
+        run(&app.pool, &store, &id, create(&format!("later {i}")))
+            .await
+            .unwrap();
+        later.push(id);
+    }
+    let later_position: i64 = sqlx::query_scalar("SELECT max(position) FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(slow_written.last_position().unwrap().position < later_position);
+
+    let seen = read_all(&app.pool, Position::default()).await;
+    let ids: Vec<&str> = seen.iter().map(|e| e.aggregate_id.as_str()).collect();
+    assert!(
+        ids.iter().all(|id| *id == before),
+        "nothing after the open transaction is delivered: {ids:?}"
+    );
+    let checkpoint = seen.last().map(|e| e.at).unwrap_or_default();
+
+    slow_tx.commit().await.unwrap();
+    let mut delivered = Vec::new();
+    for _ in 0..500 {
+        delivered = read_all(&app.pool, checkpoint).await;
+        if delivered.len() == 4 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let ids: Vec<&str> = delivered.iter().map(|e| e.aggregate_id.as_str()).collect();
+    assert_eq!(
+        ids.len(),
+        4,
+        "the late transaction and the three after it: {ids:?}"
+    );
+    assert_eq!(
+        ids[0], slow_id,
+        "the late transaction comes first: it started first"
+    );
+    assert_eq!(
+        &ids[1..],
+        later
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice()
+    );
+    let again = read_all(&app.pool, delivered.last().unwrap().at).await;
+    assert!(again.is_empty(), "nothing is delivered twice");
+}

@@ -9,6 +9,7 @@ use crate::auth::{self, Scope};
 use crate::config::{Config, ServeConfig};
 use crate::db::Database;
 use crate::http::{self, AppState};
+use crate::store::Store;
 use crate::telemetry;
 
 #[derive(Debug, Parser)]
@@ -251,7 +252,7 @@ async fn run_serve(config: &Config, serve: &ServeConfig) -> anyhow::Result<()> {
             return Err(e).context("creating the first admin key");
         }
     }
-    let state = AppState::new(db.pool.clone());
+    let state = AppState::new(db.pool.clone()).with_store(Store::new(config.snapshot_every));
     let workers = crate::workers::start(&state);
     tracing::info!(%addr, "leadledger listening");
     println!("leadledger listening on http://{addr}");

@@ -46,6 +46,15 @@ pub struct Config {
         global = true
     )]
     pub db_pool_size: u32,
+
+    /// A snapshot of an aggregate every this many events (0: never).
+    #[arg(
+        long,
+        env = "LEADLEDGER_SNAPSHOT_EVERY",
+        default_value_t = crate::store::DEFAULT_SNAPSHOT_EVERY,
+        global = true
+    )]
+    pub snapshot_every: u64,
 }
 
 /// Settings of `serve` alone.

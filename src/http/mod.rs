@@ -50,6 +50,11 @@ impl AppState {
             retry: RetryPolicy::default(),
         }
     }
+
+    pub fn with_store(mut self, store: Store) -> Self {
+        self.store = store;
+        self
+    }
 }
 
 #[derive(OpenApi)]

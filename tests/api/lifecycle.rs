@@ -6,6 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -40,6 +41,8 @@ fn leadledger(data: &Path) -> Command {
 struct Server {
     child: Child,
     address: String,
+    /// Everything the process printed, stdout and stderr.
+    output: Arc<Mutex<String>>,
 }
 
 /// Starts `serve` on port 0 and waits for the line that says where it listens.
@@ -47,22 +50,37 @@ fn serve(mut cmd: Command) -> Server {
     let mut child = cmd
         .args(["serve", "--addr", "127.0.0.1:0"])
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(Stdio::piped())
         .spawn()
         .expect("serve starts");
-    let stdout = child.stdout.take().unwrap();
+    let output = Arc::new(Mutex::new(String::new()));
     let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = child.stdout.take().unwrap();
+    let out = output.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(addr) = line.strip_prefix("leadledger listening on ") {
                 let _ = tx.send(addr.to_string());
             }
+            out.lock().unwrap().push_str(&format!("{line}\n"));
+        }
+    });
+    let stderr = child.stderr.take().unwrap();
+    let err = output.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            err.lock().unwrap().push_str(&format!("{line}\n"));
         }
     });
     let address = rx
         .recv_timeout(Duration::from_secs(120))
         .expect("serve printed its address");
-    Server { child, address }
+    Server {
+        child,
+        address,
+        output,
+    }
 }
 
 impl Server {
@@ -274,4 +292,152 @@ async fn a_data_dir_postgres_cannot_reach_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("cannot reach"), "{stderr}");
     assert!(stderr.contains("LEADLEDGER_DATA_DIR"), "{stderr}");
+}
+
+#[tokio::test]
+async fn the_first_serve_writes_a_private_admin_key_and_never_prints_it() {
+    let (_keep, data) = data_dir();
+    let server = serve(leadledger(&data));
+    let path = data.join("admin.key");
+    let key = std::fs::read_to_string(&path).unwrap().trim().to_string();
+    assert!(key.starts_with("ll_"));
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let client = reqwest::Client::new();
+    let list = client
+        .get(format!("{}/v1/campaigns", server.address))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(list.status().as_u16(), 200);
+    let created = client
+        .post(format!("{}/v1/campaigns", server.address))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"name": "kept"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let created: serde_json::Value = created.json().await.unwrap();
+    server.signal(Signal::SIGTERM);
+    let output = server.output.clone();
+    assert!(server.wait().success());
+    let printed = output.lock().unwrap().clone();
+    assert!(
+        printed.contains(&path.display().to_string()),
+        "the path is printed: {printed}"
+    );
+    assert!(
+        !printed.contains(&key),
+        "the key itself is never printed or logged"
+    );
+
+    // A restart writes no new key; the first one still works, and so does the data.
+    let server = serve(leadledger(&data));
+    assert_eq!(std::fs::read_to_string(&path).unwrap().trim(), key);
+    let list: serde_json::Value = client
+        .get(format!(
+            "{}/v1/campaigns?min_position={}",
+            server.address,
+            created["position"].as_str().unwrap()
+        ))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["items"][0]["id"], created["id"], "{list}");
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait().success());
+}
+
+#[tokio::test]
+async fn keys_are_created_listed_and_revoked_from_the_command_line() {
+    let (_keep, data) = data_dir();
+    let server = serve(leadledger(&data));
+    let out = leadledger(&data)
+        .args(["keys", "create", "--name", "reporting", "--scope", "read"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let key = stdout.lines().last().unwrap().trim().to_string();
+    assert!(
+        key.starts_with("ll_"),
+        "the key alone on the last line: {stdout}"
+    );
+    let client = reqwest::Client::new();
+    let get = |k: String| {
+        let client = client.clone();
+        let url = format!("{}/v1/campaigns", server.address);
+        async move {
+            client
+                .get(url)
+                .bearer_auth(k)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(get(key.clone()).await, 200);
+    let post = client
+        .post(format!("{}/v1/campaigns", server.address))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({"name": "x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(post.status().as_u16(), 403, "a read key cannot write");
+
+    let list = leadledger(&data).args(["keys", "list"]).output().unwrap();
+    let listed = String::from_utf8(list.stdout).unwrap();
+    let line = listed
+        .lines()
+        .find(|l| l.contains("reporting"))
+        .expect("listed");
+    assert!(!listed.contains(&key), "the list never shows a key");
+    let id = line.split_whitespace().next().unwrap();
+    let revoke = leadledger(&data)
+        .args(["keys", "revoke", id])
+        .output()
+        .unwrap();
+    assert!(revoke.status.success());
+    assert_eq!(get(key).await, 401);
+    let again = leadledger(&data)
+        .args(["keys", "revoke", id])
+        .output()
+        .unwrap();
+    assert!(!again.status.success(), "revoking twice is an error");
+
+    let status = leadledger(&data)
+        .args(["projections", "status", "--format", "json"])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(status[0]["name"], "campaigns");
+    assert!(
+        status[0]["held_by"]
+            .as_str()
+            .unwrap_or("")
+            .contains("leadledger-projection"),
+        "{status}"
+    );
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait().success());
 }

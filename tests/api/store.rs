@@ -177,7 +177,7 @@ async fn several_aggregates_commit_in_one_transaction_or_not_at_all() {
         .append(
             &mut tx,
             &mut new_one,
-            &[created.clone()],
+            std::slice::from_ref(&created),
             &Metadata::default(),
         )
         .await

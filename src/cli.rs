@@ -41,6 +41,11 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Contacts.
+    Contacts {
+        #[command(subcommand)]
+        command: ContactsCommand,
+    },
     /// Read models.
     Projections {
         #[command(subcommand)]
@@ -61,6 +66,16 @@ pub enum KeysCommand {
     List,
     /// Revoke a key by id.
     Revoke { id: uuid::Uuid },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContactsCommand {
+    /// Import contacts from a CSV file (header row of field names) or a JSON array.
+    Import {
+        file: std::path::PathBuf,
+        #[arg(long, value_enum, default_value = "partial")]
+        mode: crate::contacts::ImportMode,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -126,6 +141,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys { command } => {
             with_migrated_db(&config, async |db| keys(db, command).await).await
         }
+        Command::Contacts {
+            command: ContactsCommand::Import { file, mode },
+        } => {
+            with_migrated_db(&config, async |db| {
+                import_contacts(db, &config, &file, mode).await
+            })
+            .await
+        }
         Command::Projections { command } => {
             with_migrated_db(&config, async |db| projections_command(db, command).await).await
         }
@@ -184,6 +207,76 @@ async fn keys(db: &Database, command: KeysCommand) -> anyhow::Result<()> {
                 anyhow::bail!("no active key with id {id}");
             }
         }
+    }
+    Ok(())
+}
+
+async fn import_contacts(
+    db: &Database,
+    config: &Config,
+    file: &std::path::Path,
+    mode: crate::contacts::ImportMode,
+) -> anyhow::Result<()> {
+    use crate::contacts::{self, ImportOutcome};
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let is_json = match file.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("json") => true,
+        Some(e) if e.eq_ignore_ascii_case("csv") => false,
+        _ => bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'['),
+    };
+    let parsed = if is_json {
+        contacts::rows_from_json(&bytes)
+    } else {
+        contacts::rows_from_csv(&bytes)
+    };
+    let rows = parsed.map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let bar = indicatif::ProgressBar::new(rows.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>10} [{bar:40}] {pos}/{len} rows ({per_sec}, eta {eta})",
+        )?
+        .progress_chars("=> "),
+    );
+    bar.set_message("validating");
+    let state = AppState::new(db.pool.clone()).with_store(Store::new(config.snapshot_every));
+    let metadata = crate::store::Metadata {
+        actor: Some("cli".into()),
+        causation_id: Some(format!("import:{}", file.display())),
+        ..Default::default()
+    };
+    let progress = |done: usize| {
+        bar.set_position(done as u64);
+        if done as u64 == bar.length().unwrap_or(0) {
+            bar.set_message("writing");
+        }
+    };
+    let outcome = contacts::import(&state, rows, mode, None, metadata, &progress)
+        .await
+        .map_err(|e| anyhow::anyhow!("import failed: {e}"))?;
+    bar.finish_and_clear();
+    let ImportOutcome::Done { report, written } = outcome else {
+        anyhow::bail!("unexpected replay without an idempotency key");
+    };
+    println!(
+        "received {}  created {}  updated {}  unchanged {}  failed {}",
+        report.received, report.created, report.updated, report.unchanged, report.failed
+    );
+    for e in &report.errors {
+        println!(
+            "row {:>6}  {}  {}",
+            e.row,
+            e.email.as_deref().unwrap_or("-"),
+            e.message
+        );
+    }
+    if !written {
+        anyhow::bail!(
+            "atomic import: {} invalid rows, nothing was written",
+            report.failed
+        );
+    }
+    if let Some(p) = &report.position {
+        println!("position {p}");
     }
     Ok(())
 }

@@ -172,6 +172,19 @@ impl From<aggregates::CampaignError> for ApiError {
     }
 }
 
+impl From<aggregates::contact::ContactError> for ApiError {
+    fn from(e: aggregates::contact::ContactError) -> Self {
+        use aggregates::contact::ContactError as E;
+        match e {
+            E::InvalidField { field, reason } => {
+                Self::invalid(vec![FieldError::new(field, reason)])
+            }
+            E::NotFound => Self::NotFound("no contact with this id".into()),
+            E::EmailMismatch => Self::conflict("email-mismatch", e.to_string()),
+        }
+    }
+}
+
 impl ApiError {
     /// The problem+json body; server-side details are logged here and never sent.
     pub fn problem(&self) -> serde_json::Value {

@@ -13,6 +13,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod contacts;
 pub mod db;
 pub mod embedded;
 pub mod error;

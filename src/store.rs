@@ -166,70 +166,8 @@ impl Store {
         conn: &mut PgConnection,
         id: &str,
     ) -> Result<Loaded<A>, StoreError> {
-        let mut loaded = Loaded {
-            id: id.to_string(),
-            aggregate: A::default(),
-            version: 0,
-            last_position: None,
-        };
-        if self.snapshot_every > 0 {
-            let snapshot = sqlx::query!(
-                r#"SELECT last_sequence, last_position, last_transaction_id::text AS "last_transaction_id!", payload
-                   FROM snapshots WHERE aggregate_type = $1 AND aggregate_id = $2"#,
-                A::TYPE,
-                id
-            )
-            .fetch_optional(&mut *conn)
-            .await?;
-            if let Some(s) = snapshot {
-                match serde_json::from_value::<A>(s.payload) {
-                    Ok(aggregate) => {
-                        loaded.aggregate = aggregate;
-                        loaded.version = s.last_sequence as u64;
-                        loaded.last_position = Some(Position {
-                            transaction_id: parse_xid(&s.last_transaction_id)?,
-                            position: s.last_position,
-                        });
-                    }
-                    // A snapshot of an older shape of the state: replay instead; the next
-                    // snapshot written replaces it.
-                    Err(e) => tracing::warn!(
-                        aggregate_type = A::TYPE,
-                        error = %e,
-                        "snapshot unreadable; replaying the whole stream"
-                    ),
-                }
-            }
-        }
-        let rows = sqlx::query!(
-            r#"SELECT sequence, event_type, event_version, payload, metadata, position,
-                      transaction_id::text AS "transaction_id!"
-               FROM events
-               WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3
-               ORDER BY sequence"#,
-            A::TYPE,
-            id,
-            loaded.version as i64
-        )
-        .fetch_all(&mut *conn)
-        .await?;
-        for row in rows {
-            let event: A::Event = self.deserialize::<A>(
-                id,
-                row.sequence,
-                row.event_type,
-                row.event_version,
-                row.payload,
-                row.metadata.clone(),
-            )?;
-            loaded.aggregate.apply(event);
-            loaded.version = row.sequence as u64;
-            loaded.last_position = Some(Position {
-                transaction_id: parse_xid(&row.transaction_id)?,
-                position: row.position,
-            });
-        }
-        Ok(loaded)
+        let mut loaded = self.load_many(conn, &[id.to_string()]).await?;
+        Ok(loaded.remove(id).expect("one result per id"))
     }
 
     /// Every event of a stream, upcast, in order.
@@ -306,64 +244,190 @@ impl Store {
         events: &[A::Event],
         metadata: &Metadata,
     ) -> Result<Appended, StoreError> {
-        if events.is_empty() {
-            return Ok(Appended {
+        let mut written = self
+            .append_many(conn, &mut [(loaded, events)], metadata)
+            .await?;
+        Ok(written.pop().expect("one result per stream"))
+    }
+
+    /// Appends to several streams in one statement (one round trip however many), each
+    /// with its own concurrency check. Streams are written in id order, so that two
+    /// transactions appending to overlapping sets of streams cannot deadlock.
+    pub async fn append_many<A: Aggregate>(
+        &self,
+        conn: &mut PgConnection,
+        streams: &mut [(&mut Loaded<A>, &[A::Event])],
+        metadata: &Metadata,
+    ) -> Result<Vec<Appended>, StoreError> {
+        let mut order: Vec<usize> = (0..streams.len()).collect();
+        order.sort_by(|a, b| streams[*a].0.id.cmp(&streams[*b].0.id));
+        let total: usize = streams.iter().map(|(_, e)| e.len()).sum();
+        let mut ids = Vec::with_capacity(total);
+        let mut sequences = Vec::with_capacity(total);
+        let mut types = Vec::with_capacity(total);
+        let mut versions = Vec::with_capacity(total);
+        let mut payloads = Vec::with_capacity(total);
+        for &i in &order {
+            let (loaded, events) = &streams[i];
+            for (k, e) in events.iter().enumerate() {
+                ids.push(loaded.id.clone());
+                sequences.push((loaded.version + 1 + k as u64) as i64);
+                types.push(e.event_type());
+                versions.push(e.event_version());
+                payloads.push(serde_json::to_value(e)?);
+            }
+        }
+        let mut positions: HashMap<(String, i64), Position> = HashMap::with_capacity(total);
+        if total > 0 {
+            let metadata_json = serde_json::to_value(metadata)?;
+            let rows = sqlx::query!(
+                r#"INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
+                   SELECT $1, u.aggregate_id, u.sequence, u.event_type, u.event_version, u.payload, $7
+                   FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[])
+                        AS u(aggregate_id, sequence, event_type, event_version, payload)
+                   RETURNING aggregate_id, sequence, position, transaction_id::text AS "transaction_id!""#,
+                A::TYPE,
+                &ids,
+                &sequences,
+                &types,
+                &versions,
+                &payloads,
+                metadata_json
+            )
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(StoreError::from_insert)?;
+            for row in rows {
+                positions.insert(
+                    (row.aggregate_id, row.sequence),
+                    Position {
+                        transaction_id: parse_xid(&row.transaction_id)?,
+                        position: row.position,
+                    },
+                );
+            }
+        }
+        let mut results = Vec::with_capacity(streams.len());
+        for (loaded, events) in streams.iter_mut() {
+            let old_version = loaded.version;
+            let mut written = Vec::with_capacity(events.len());
+            for k in 0..events.len() as u64 {
+                let sequence = old_version + 1 + k;
+                let position = positions
+                    .get(&(loaded.id.clone(), sequence as i64))
+                    .copied()
+                    .ok_or_else(|| {
+                        StoreError::Database(sqlx::Error::Protocol(
+                            "an appended event was not returned".into(),
+                        ))
+                    })?;
+                written.push((sequence, position));
+            }
+            loaded.version = old_version + events.len() as u64;
+            if let Some((_, last)) = written.last() {
+                loaded.last_position = Some(*last);
+            }
+            if self.snapshot_every > 0
+                && loaded.version / self.snapshot_every > old_version / self.snapshot_every
+            {
+                self.write_snapshot(conn, loaded).await?;
+            }
+            results.push(Appended {
                 version: loaded.version,
-                events: Vec::new(),
+                events: written,
             });
         }
-        let n = events.len();
-        let first = loaded.version + 1;
-        let sequences: Vec<i64> = (0..n as u64).map(|i| (first + i) as i64).collect();
-        let mut types = Vec::with_capacity(n);
-        let mut versions = Vec::with_capacity(n);
-        let mut payloads = Vec::with_capacity(n);
-        for e in events {
-            types.push(e.event_type());
-            versions.push(e.event_version());
-            payloads.push(serde_json::to_value(e)?);
+        Ok(results)
+    }
+
+    /// Loads several streams at once: two queries however many (for bulk commands).
+    pub async fn load_many<A: Aggregate>(
+        &self,
+        conn: &mut PgConnection,
+        ids: &[String],
+    ) -> Result<HashMap<String, Loaded<A>>, StoreError> {
+        let mut loaded: HashMap<String, Loaded<A>> = ids
+            .iter()
+            .map(|id| {
+                (
+                    id.clone(),
+                    Loaded {
+                        id: id.clone(),
+                        aggregate: A::default(),
+                        version: 0,
+                        last_position: None,
+                    },
+                )
+            })
+            .collect();
+        if self.snapshot_every > 0 {
+            let snapshots = sqlx::query!(
+                r#"SELECT aggregate_id, last_sequence, last_position,
+                          last_transaction_id::text AS "last_transaction_id!", payload
+                   FROM snapshots WHERE aggregate_type = $1 AND aggregate_id = ANY($2)"#,
+                A::TYPE,
+                ids
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+            for s in snapshots {
+                let Some(l) = loaded.get_mut(&s.aggregate_id) else {
+                    continue;
+                };
+                match serde_json::from_value::<A>(s.payload) {
+                    Ok(aggregate) => {
+                        l.aggregate = aggregate;
+                        l.version = s.last_sequence as u64;
+                        l.last_position = Some(Position {
+                            transaction_id: parse_xid(&s.last_transaction_id)?,
+                            position: s.last_position,
+                        });
+                    }
+                    // A snapshot of an older shape of the state: replay instead; the next
+                    // snapshot written replaces it.
+                    Err(e) => tracing::warn!(
+                        aggregate_type = A::TYPE,
+                        error = %e,
+                        "snapshot unreadable; replaying the whole stream"
+                    ),
+                }
+            }
         }
-        let metadata_json = serde_json::to_value(metadata)?;
+        let after: Vec<i64> = ids
+            .iter()
+            .map(|id| loaded.get(id).map_or(0, |l| l.version as i64))
+            .collect();
         let rows = sqlx::query!(
-            r#"INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-               SELECT $1, $2, u.sequence, u.event_type, u.event_version, u.payload, $7
-               FROM UNNEST($3::bigint[], $4::text[], $5::text[], $6::jsonb[])
-                    AS u(sequence, event_type, event_version, payload)
-               RETURNING sequence, position, transaction_id::text AS "transaction_id!""#,
+            r#"SELECT e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, e.metadata,
+                      e.position, e.transaction_id::text AS "transaction_id!"
+               FROM UNNEST($2::text[], $3::bigint[]) AS u(id, after)
+               JOIN events e ON e.aggregate_type = $1 AND e.aggregate_id = u.id AND e.sequence > u.after
+               ORDER BY e.aggregate_id, e.sequence"#,
             A::TYPE,
-            loaded.id,
-            &sequences,
-            &types,
-            &versions,
-            &payloads,
-            metadata_json
+            ids,
+            &after
         )
         .fetch_all(&mut *conn)
-        .await
-        .map_err(StoreError::from_insert)?;
-        let mut written = Vec::with_capacity(n);
+        .await?;
         for row in rows {
-            written.push((
-                row.sequence as u64,
-                Position {
+            let event: A::Event = self.deserialize::<A>(
+                &row.aggregate_id,
+                row.sequence,
+                row.event_type,
+                row.event_version,
+                row.payload,
+                row.metadata,
+            )?;
+            if let Some(l) = loaded.get_mut(&row.aggregate_id) {
+                l.aggregate.apply(event);
+                l.version = row.sequence as u64;
+                l.last_position = Some(Position {
                     transaction_id: parse_xid(&row.transaction_id)?,
                     position: row.position,
-                },
-            ));
+                });
+            }
         }
-        written.sort_by_key(|(seq, _)| *seq);
-        let old_version = loaded.version;
-        loaded.version = old_version + n as u64;
-        loaded.last_position = written.last().map(|(_, p)| *p);
-        if self.snapshot_every > 0
-            && loaded.version / self.snapshot_every > old_version / self.snapshot_every
-        {
-            self.write_snapshot(conn, loaded).await?;
-        }
-        Ok(Appended {
-            version: loaded.version,
-            events: written,
-        })
+        Ok(loaded)
     }
 
     async fn write_snapshot<A: Aggregate>(

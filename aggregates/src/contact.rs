@@ -357,8 +357,13 @@ impl CustomFields {
                     ),
                 ));
             }
-            if key.chars().chain(value.chars()).any(char::is_control) {
-                return Err(invalid(Self::FIELD, "must not contain control characters"));
+            // Values may span lines (notes, addresses); nothing else invisible is let in.
+            let multiline_ok = |c: char| c.is_control() && !matches!(c, '\n' | '\r' | '\t');
+            if key.chars().any(char::is_control) || value.chars().any(multiline_ok) {
+                return Err(invalid(
+                    Self::FIELD,
+                    "must not contain control characters (values may contain line breaks and tabs)",
+                ));
             }
         }
         Ok(Self(map))
@@ -762,6 +767,19 @@ impl Aggregate for Contact {
 }
 
 #[cfg(test)]
+mod custom_field_tests {
+    use super::*;
+
+    #[test]
+    fn custom_values_may_span_lines_but_keys_and_other_control_characters_may_not() {
+        let map = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+        assert!(CustomFields::parse(map("notes", "line one\r\nline two\tend")).is_ok());
+        assert!(CustomFields::parse(map("notes", "bell\u{0007}")).is_err());
+        assert!(CustomFields::parse(map("two\nlines", "v")).is_err());
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use cqrs_es::test::TestFramework;
@@ -976,7 +994,7 @@ mod tests {
         assert!(CustomFields::parse(map(vec![("x".repeat(101), "v".into())])).is_err());
         assert!(CustomFields::parse(map(vec![(" ".into(), "v".into())])).is_err());
         assert!(CustomFields::parse(map(vec![("k".into(), "v".repeat(1001))])).is_err());
-        assert!(CustomFields::parse(map(vec![("k".into(), "a\nb".into())])).is_err());
+        assert!(CustomFields::parse(map(vec![("k".into(), "a\u{0007}b".into())])).is_err());
         assert!(CustomFields::parse(map(vec![("k".into(), "v".repeat(1000))])).is_ok());
     }
 

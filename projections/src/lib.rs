@@ -6,6 +6,7 @@
 //! same tables as the live run.
 
 pub mod campaigns;
+pub mod contacts;
 pub mod feed;
 pub mod runner;
 pub mod status;
@@ -48,7 +49,10 @@ pub trait Projection: Send + Sync + 'static {
 
 /// Every projection the service runs.
 pub fn all() -> Vec<Arc<dyn Projection>> {
-    vec![Arc::new(campaigns::CampaignsProjection)]
+    vec![
+        Arc::new(campaigns::CampaignsProjection),
+        Arc::new(contacts::ContactsProjection),
+    ]
 }
 
 /// The names of every projection.

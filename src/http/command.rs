@@ -43,7 +43,7 @@ impl Default for RetryPolicy {
 
 impl RetryPolicy {
     /// "Full jitter": a random pause up to an exponentially growing bound.
-    fn pause(&self, attempt: u32) -> Duration {
+    pub fn pause(&self, attempt: u32) -> Duration {
         let bound = self
             .base
             .saturating_mul(1u32 << attempt.min(16))
@@ -237,13 +237,14 @@ pub fn store_error(e: StoreError) -> ApiError {
     }
 }
 
-enum Gate {
+/// What the idempotency check says to do.
+pub enum Gate {
     Proceed,
     Replay(Response),
 }
 
 /// The idempotency key's lock and record, inside the attempt's transaction.
-async fn idempotency_gate(
+pub async fn idempotency_gate(
     conn: &mut PgConnection,
     request: &CommandRequest,
     key: &str,
@@ -297,7 +298,8 @@ async fn idempotency_gate(
     ))
 }
 
-async fn record(
+/// Records `reply` for the request's idempotency key, in the caller's transaction.
+pub async fn record(
     conn: &mut PgConnection,
     request: &CommandRequest,
     key: &str,

@@ -3,6 +3,7 @@
 
 pub mod campaigns;
 pub mod command;
+pub mod contacts;
 pub mod docs;
 pub mod extract;
 pub mod health;
@@ -81,7 +82,9 @@ impl utoipa::Modify for SecurityAddon {
 /// Every route with its OpenAPI description: `/v1` behind API keys, the rest open.
 /// Routes are only ever added through `routes!`, so router and document cannot disagree.
 pub fn api(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
-    let v1 = OpenApiRouter::new().merge(campaigns::router());
+    let v1 = OpenApiRouter::new()
+        .merge(campaigns::router())
+        .merge(contacts::router());
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(health::router())
         .merge(docs::router())

@@ -2,6 +2,7 @@
 
 mod auth;
 mod commands;
+mod contacts;
 mod health;
 mod helpers;
 mod lifecycle;

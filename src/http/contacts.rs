@@ -1,0 +1,428 @@
+//! Contact routes: upsert by email, get, list and search, patch, enrichment, import.
+
+use aggregates::contact::{Contact, ContactCommand, ContactEmail, QualityScore};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::contacts::{
+    self, ContactInput, FieldsInput, ImportMode, ImportOutcome, ImportReport, field_error,
+};
+use crate::error::{ApiError, FieldError};
+use crate::http::AppState;
+use crate::http::command::{self, Reply, Written};
+use crate::http::extract::{ApiQuery, CommandRequest, MinPosition, PageQuery, encode_cursor};
+use crate::store::Loaded;
+
+const TAG: &str = "contacts";
+const READ_MODEL: &str = "contacts";
+/// 10,000 rows of a few hundred bytes each, with room to spare.
+const IMPORT_BODY_LIMIT: usize = 32 << 20;
+
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(upsert_contact, list_contacts))
+        .routes(routes!(get_contact, patch_contact))
+        .routes(routes!(record_enrichment))
+        // Only the import takes large bodies; the other routes keep the default limit.
+        .merge(
+            OpenApiRouter::new()
+                .routes(routes!(import_contacts))
+                .layer(DefaultBodyLimit::max(IMPORT_BODY_LIMIT)),
+        )
+}
+
+/// A contact as its stream says.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ContactBody {
+    id: Uuid,
+    email: String,
+    first_name: Option<String>,
+    last_name: Option<String>,
+    company: Option<String>,
+    company_domain: Option<String>,
+    title: Option<String>,
+    phone: Option<String>,
+    linkedin_url: Option<String>,
+    custom: std::collections::BTreeMap<String, String>,
+    enrichment: Option<EnrichmentBody>,
+    created_at: Option<DateTime<Utc>>,
+    updated_at: Option<DateTime<Utc>>,
+    version: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct EnrichmentBody {
+    data: Value,
+    quality_score: f64,
+    sources: Vec<String>,
+    enriched_at: DateTime<Utc>,
+}
+
+fn text<T: Clone + Into<String>>(v: &Option<T>) -> Option<String> {
+    v.clone().map(Into::into)
+}
+
+fn body(id: Uuid, loaded: &Loaded<Contact>) -> ContactBody {
+    let c = &loaded.aggregate;
+    ContactBody {
+        id,
+        email: c
+            .email
+            .as_ref()
+            .map(|e| e.as_str().to_string())
+            .unwrap_or_default(),
+        first_name: text(&c.first_name),
+        last_name: text(&c.last_name),
+        company: text(&c.company),
+        company_domain: text(&c.company_domain),
+        title: text(&c.title),
+        phone: text(&c.phone),
+        linkedin_url: text(&c.linkedin_url),
+        custom: c.custom.as_map().clone(),
+        enrichment: c.enrichment.as_ref().map(|e| EnrichmentBody {
+            data: e.data.clone(),
+            quality_score: e.quality_score.value(),
+            sources: e.sources.clone(),
+            enriched_at: e.enriched_at,
+        }),
+        created_at: c.created_at,
+        updated_at: c.updated_at,
+        version: loaded.version,
+    }
+}
+
+fn reply(id: Uuid, written: &Written<Contact>) -> Reply {
+    let mut b = serde_json::to_value(body(id, &written.loaded)).unwrap_or_default();
+    b["position"] = json!(written.position().to_string());
+    Reply::ok(b).with_etag(written.version())
+}
+
+fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::NotFound("no contact with this id".into()))
+}
+
+/// Create a contact, or update the one with this email (201 `created: true` / 200 `created: false`).
+#[utoipa::path(post, path = "/v1/contacts", tag = TAG, request_body = ContactInput,
+    params(("Idempotency-Key" = Option<String>, Header)),
+    responses((status = 201, body = ContactBody, description = "Created"), (status = 200, body = ContactBody, description = "Existed; given fields overwritten"), (status = 422)))]
+async fn upsert_contact(
+    State(state): State<AppState>,
+    request: CommandRequest,
+) -> Result<Response, ApiError> {
+    let input: ContactInput = request.json()?;
+    let (email, fields) = input.parse().map_err(ApiError::invalid)?;
+    let id = contacts::id_for(&state.pool, &email).await?;
+    let at = Utc::now();
+    command::execute::<Contact, _, _>(
+        &state,
+        &request,
+        &id.to_string(),
+        &(),
+        |_| {
+            Ok(ContactCommand::Upsert {
+                email: email.clone(),
+                fields: fields.clone(),
+                at,
+            })
+        },
+        |written| {
+            let mut r = reply(id, written);
+            r.body["created"] = json!(!written.existed_before);
+            if written.existed_before {
+                r
+            } else {
+                r.with_status(StatusCode::CREATED)
+                    .with_location(format!("/v1/contacts/{id}"))
+            }
+        },
+    )
+    .await
+}
+
+/// Change a contact's fields (not its email). Honours `If-Match`.
+#[utoipa::path(patch, path = "/v1/contacts/{id}", tag = TAG, request_body = FieldsInput,
+    params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header)),
+    responses((status = 200, body = ContactBody), (status = 404), (status = 412), (status = 422)))]
+async fn patch_contact(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    request: CommandRequest,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let input: FieldsInput = request.json()?;
+    let fields = input.parse().map_err(ApiError::invalid)?;
+    let at = Utc::now();
+    command::execute::<Contact, _, _>(
+        &state,
+        &request,
+        &id.to_string(),
+        &(),
+        |_| {
+            Ok(ContactCommand::Update {
+                fields: fields.clone(),
+                at,
+            })
+        },
+        |written| reply(id, written),
+    )
+    .await
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EnrichmentInput {
+    /// A JSON object.
+    data: Value,
+    /// 0..=1
+    quality_score: f64,
+    /// At most 50 names of up to 200 characters.
+    sources: Vec<String>,
+}
+
+/// Record a contact's enrichment (replaces the previous one).
+#[utoipa::path(post, path = "/v1/contacts/{id}/enrichment", tag = TAG, request_body = EnrichmentInput,
+    params(("id" = Uuid, Path)), responses((status = 200, body = ContactBody), (status = 404), (status = 422)))]
+async fn record_enrichment(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    request: CommandRequest,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let input: EnrichmentInput = request.json()?;
+    let mut errors = Vec::new();
+    if !input.data.is_object() {
+        errors.push(FieldError::new("data", "must be a JSON object"));
+    }
+    let score = QualityScore::new(input.quality_score).map_err(field_error);
+    if let Err(e) = &score {
+        errors.push(e.clone());
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::invalid(errors));
+    }
+    let quality_score = score.map_err(|e| ApiError::invalid(vec![e]))?;
+    let at = Utc::now();
+    command::execute::<Contact, _, _>(
+        &state,
+        &request,
+        &id.to_string(),
+        &(),
+        |_| {
+            Ok(ContactCommand::RecordEnrichment {
+                data: input.data.clone(),
+                quality_score,
+                sources: input.sources.clone(),
+                at,
+            })
+        },
+        |written| reply(id, written),
+    )
+    .await
+}
+
+/// A contact, from its event stream.
+#[utoipa::path(get, path = "/v1/contacts/{id}", tag = TAG, params(("id" = Uuid, Path)),
+    responses((status = 200, body = ContactBody), (status = 404)))]
+async fn get_contact(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let mut conn = state.pool.acquire().await?;
+    let loaded: Loaded<Contact> = state
+        .store
+        .load(&mut conn, &id.to_string())
+        .await
+        .map_err(command::store_error)?;
+    if !loaded.aggregate.created {
+        return Err(ApiError::NotFound("no contact with this id".into()));
+    }
+    let mut response = axum::Json(body(id, &loaded)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", loaded.version)) {
+        response.headers_mut().insert(header::ETAG, v);
+    }
+    Ok(response)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListContacts {
+    /// Exact email (normalised before comparing).
+    email: Option<String>,
+    /// Text that name, company, domain or email contain (case-insensitive).
+    q: Option<String>,
+    /// 1..=500, default 50
+    limit: Option<i64>,
+    cursor: Option<String>,
+    /// Wait until the list includes this write.
+    #[allow(dead_code)]
+    min_position: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ContactListItem {
+    id: Uuid,
+    email: String,
+    first_name: Option<String>,
+    last_name: Option<String>,
+    company: Option<String>,
+    company_domain: Option<String>,
+    title: Option<String>,
+    phone: Option<String>,
+    linkedin_url: Option<String>,
+    custom: Value,
+    enrichment: Option<Value>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    version: i64,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ContactPage {
+    items: Vec<ContactListItem>,
+    next_cursor: Option<String>,
+}
+
+/// Contacts, newest first (read model `contacts`), by email or text query.
+#[utoipa::path(get, path = "/v1/contacts", tag = TAG, params(ListContacts),
+    responses((status = 200, body = ContactPage), (status = 400), (status = 503)))]
+async fn list_contacts(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ListContacts>,
+    min_position: MinPosition,
+) -> Result<Response, ApiError> {
+    let page = PageQuery {
+        limit: query.limit,
+        cursor: query.cursor.clone(),
+    };
+    let limit = page.limit()?;
+    let cursor: Option<(DateTime<Utc>, Uuid)> = page.cursor()?;
+    let email = match &query.email {
+        Some(raw) => Some(
+            ContactEmail::parse(raw)
+                .map_err(|_| ApiError::BadRequest("email is not a valid address".into()))?
+                .as_str()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let pattern = match query.q.as_deref().map(str::trim) {
+        Some("") | None => None,
+        Some(q) if q.chars().count() > 200 => {
+            return Err(ApiError::BadRequest("q is at most 200 characters".into()));
+        }
+        // LIKE's wildcards in the text are matched literally.
+        Some(q) => Some(format!(
+            "%{}%",
+            q.to_lowercase()
+                .replace('\\', "\\\\")
+                .replace('%', "\\%")
+                .replace('_', "\\_")
+        )),
+    };
+    min_position.wait(&state, &[READ_MODEL]).await?;
+    let (after_at, after_id) = cursor.map_or((None, None), |(a, i)| (Some(a), Some(i)));
+    let mut items = sqlx::query_as!(
+        ContactListItem,
+        "SELECT id, email, first_name, last_name, company, company_domain, title, phone,
+                linkedin_url, custom, enrichment, created_at, updated_at, version
+         FROM contacts_view
+         WHERE ($1::text IS NULL OR email = $1)
+           AND ($2::text IS NULL OR search LIKE $2)
+           AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
+         ORDER BY created_at DESC, id DESC
+         LIMIT $5",
+        email,
+        pattern,
+        after_at,
+        after_id,
+        limit + 1
+    )
+    .fetch_all(&state.pool)
+    .await?;
+    let next_cursor = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|c| encode_cursor(&(c.created_at, c.id)))
+    } else {
+        None
+    };
+    Ok(axum::Json(ContactPage { items, next_cursor }).into_response())
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ImportQuery {
+    /// `partial` (default): store the valid rows, report the others. `atomic`: all or nothing.
+    mode: Option<ImportMode>,
+}
+
+/// Import up to 10,000 contacts from a JSON array or a CSV file (`text/csv`, header row of
+/// field names, `custom.<key>` columns).
+#[utoipa::path(post, path = "/v1/contacts/import", tag = TAG, params(ImportQuery),
+    request_body(content = Vec<ContactInput>, description = "JSON array, or text/csv"),
+    responses((status = 200, body = ImportReport), (status = 422, body = ImportReport, description = "atomic import with invalid rows: nothing written"), (status = 413)))]
+async fn import_contacts(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ImportQuery>,
+    request: CommandRequest,
+) -> Result<Response, ApiError> {
+    let mode = query.mode.unwrap_or_default();
+    let essence = request
+        .content_type
+        .as_deref()
+        .and_then(|ct| ct.split(';').next())
+        .map(|ct| ct.trim().to_ascii_lowercase());
+    let rows = match essence.as_deref() {
+        Some("text/csv") => contacts::rows_from_csv(&request.body)?,
+        _ => {
+            request.require_json()?;
+            contacts::rows_from_json(&request.body)?
+        }
+    };
+    let outcome = contacts::import(
+        &state,
+        rows,
+        mode,
+        Some(&request),
+        request.metadata(),
+        &|_| {},
+    )
+    .await?;
+    match outcome {
+        ImportOutcome::Replayed(response) => Ok(response),
+        ImportOutcome::Done {
+            report,
+            written: true,
+        } => Ok(axum::Json(report).into_response()),
+        // A problem+json whose extension members are the report.
+        ImportOutcome::Done {
+            report,
+            written: false,
+        } => {
+            let mut problem = serde_json::to_value(&report).unwrap_or_default();
+            problem["type"] = json!("https://leadledger.dev/problems/import-rejected");
+            problem["title"] = json!("Import rejected");
+            problem["status"] = json!(422);
+            problem["detail"] = json!(format!(
+                "{} of {} rows are invalid; an atomic import writes nothing",
+                report.failed, report.received
+            ));
+            Ok((
+                StatusCode::UNPROCESSABLE_ENTITY,
+                [(header::CONTENT_TYPE, "application/problem+json")],
+                serde_json::to_vec(&problem).unwrap_or_default(),
+            )
+                .into_response())
+        }
+    }
+}

@@ -342,3 +342,67 @@ async fn the_feed_waits_for_a_transaction_that_commits_late_and_then_delivers_it
     let again = read_all(&app.pool, delivered.last().unwrap().at).await;
     assert!(again.is_empty(), "nothing is delivered twice");
 }
+
+#[tokio::test]
+async fn upcasters_turn_an_older_event_version_into_the_current_one_on_load() {
+    use cqrs_es::persist::SemanticVersionEventUpcaster;
+    let app = spawn_app_with(false).await;
+    let id = Uuid::now_v7().to_string();
+    // Version 0.9 of CampaignCreated had no stop_on_reply; it meant "stop on reply".
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload)
+         VALUES ('campaign', $1, 1, 'CampaignCreated', '0.9',
+                 '{\"CampaignCreated\": {\"name\": \"legacy\", \"created_at\": \"2025-01-01T00:00:00Z\"}}')",
+    )
+    .bind(&id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let mut conn = app.pool.acquire().await.unwrap();
+    let plain = Store::new(0).load::<Campaign>(&mut conn, &id).await;
+    assert!(plain.is_err(), "without the upcaster the old shape does not load");
+    let upcaster = SemanticVersionEventUpcaster::new(
+        "CampaignCreated",
+        "1.0",
+        Box::new(|mut payload: serde_json::Value| {
+            payload["CampaignCreated"]["stop_on_reply"] = serde_json::Value::Bool(true);
+            payload
+        }),
+    );
+    let store = Store::new(0).with_upcasters(vec![Box::new(upcaster)]);
+    let loaded: Loaded<Campaign> = store.load(&mut conn, &id).await.unwrap();
+    assert!(loaded.aggregate.created);
+    assert!(loaded.aggregate.stop_on_reply);
+    assert_eq!(loaded.aggregate.name, "legacy");
+}
+
+#[tokio::test]
+async fn idempotency_records_older_than_the_retention_are_purged_and_newer_ones_kept() {
+    let app = crate::helpers::spawn_app().await;
+    for key in ["old", "new"] {
+        app.client
+            .post(app.url("/v1/campaigns"))
+            .bearer_auth(&app.write_key)
+            .header("idempotency-key", key)
+            .json(&serde_json::json!({"name": key}))
+            .send()
+            .await
+            .unwrap();
+    }
+    sqlx::query("UPDATE idempotency_records SET created_at = now() - interval '26 hours' WHERE idempotency_key = 'old'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let purged = leadledger::http::command::purge_idempotency_records(
+        &app.pool,
+        leadledger::workers::IDEMPOTENCY_RETENTION,
+    )
+    .await
+    .unwrap();
+    assert_eq!(purged, 1);
+    let left: Vec<String> = sqlx::query_scalar("SELECT idempotency_key FROM idempotency_records")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, vec!["new".to_string()]);
+}

@@ -185,6 +185,19 @@ impl From<aggregates::contact::ContactError> for ApiError {
     }
 }
 
+impl From<aggregates::enrollment::EnrollmentError> for ApiError {
+    fn from(e: aggregates::enrollment::EnrollmentError) -> Self {
+        use aggregates::enrollment::EnrollmentError as E;
+        match e {
+            E::AlreadyEnrolled => Self::conflict("already-enrolled", e.to_string()),
+            E::NotEnrolled => Self::NotFound("no enrollment with this id".into()),
+            E::InvalidProviderEventId(_) => {
+                Self::invalid(vec![FieldError::new("id", e.to_string())])
+            }
+        }
+    }
+}
+
 impl ApiError {
     /// The problem+json body; server-side details are logged here and never sent.
     pub fn problem(&self) -> serde_json::Value {

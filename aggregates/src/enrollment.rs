@@ -163,13 +163,22 @@ impl Milestones {
 
     /// The effective milestones: `sent < delivered < opened < clicked`, and `replied`
     /// implies `delivered`. An implied milestone takes the earliest time of those that
-    /// imply it, unless it was reported earlier itself. Terminal outcomes imply nothing.
+    /// imply it, unless it was reported earlier itself. Terminal outcomes imply what they
+    /// need: a hard bounce was sent; a complaint or an unsubscribe was delivered. Without
+    /// that, `bounced/sent` and `unsubscribed/delivered` could pass 100%.
     pub fn implied(&self) -> Milestones {
         let clicked_at = self.clicked_at;
         let replied_at = self.replied_at;
         let opened_at = earliest(self.opened_at, clicked_at);
-        let delivered_at = earliest(earliest(self.delivered_at, opened_at), replied_at);
-        let sent_at = earliest(self.sent_at, delivered_at);
+        let delivered_at = [
+            opened_at,
+            replied_at,
+            self.complained_at,
+            self.unsubscribed_at,
+        ]
+        .into_iter()
+        .fold(self.delivered_at, earliest);
+        let sent_at = earliest(earliest(self.sent_at, delivered_at), self.bounced_at);
         Milestones {
             sent_at,
             delivered_at,
@@ -438,6 +447,42 @@ impl Aggregate for Enrollment {
                 self.seen_provider_event_ids.insert(provider_event_id);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod implication_tests {
+    use super::*;
+
+    fn t(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().into()
+    }
+
+    #[test]
+    fn terminal_outcomes_imply_the_milestones_they_need() {
+        let mut m = Milestones::default();
+        m.record(ProviderEventKind::Bounced, t("2026-11-01T10:00:00Z"));
+        assert_eq!(m.implied().sent_at, Some(t("2026-11-01T10:00:00Z")));
+        assert_eq!(
+            m.implied().delivered_at,
+            None,
+            "a bounce was never delivered"
+        );
+        let mut m = Milestones::default();
+        m.record(ProviderEventKind::Unsubscribed, t("2026-11-01T11:00:00Z"));
+        m.record(ProviderEventKind::Sent, t("2026-11-01T09:00:00Z"));
+        let i = m.implied();
+        assert_eq!(i.delivered_at, Some(t("2026-11-01T11:00:00Z")));
+        assert_eq!(
+            i.sent_at,
+            Some(t("2026-11-01T09:00:00Z")),
+            "reported earlier itself"
+        );
+        assert_eq!(m.status(), EnrollmentStatus::Unsubscribed);
+        let mut m = Milestones::default();
+        m.record(ProviderEventKind::Complained, t("2026-11-01T12:00:00Z"));
+        assert_eq!(m.implied().delivered_at, Some(t("2026-11-01T12:00:00Z")));
+        assert_eq!(m.implied().sent_at, Some(t("2026-11-01T12:00:00Z")));
     }
 }
 

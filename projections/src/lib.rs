@@ -7,6 +7,7 @@
 
 pub mod campaigns;
 pub mod contacts;
+pub mod enrollments;
 pub mod feed;
 pub mod runner;
 pub mod status;
@@ -52,6 +53,7 @@ pub fn all() -> Vec<Arc<dyn Projection>> {
     vec![
         Arc::new(campaigns::CampaignsProjection),
         Arc::new(contacts::ContactsProjection),
+        Arc::new(enrollments::EnrollmentsProjection),
     ]
 }
 

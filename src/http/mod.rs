@@ -5,6 +5,7 @@ pub mod campaigns;
 pub mod command;
 pub mod contacts;
 pub mod docs;
+pub mod enrollments;
 pub mod extract;
 pub mod health;
 pub mod metrics;
@@ -84,7 +85,8 @@ impl utoipa::Modify for SecurityAddon {
 pub fn api(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let v1 = OpenApiRouter::new()
         .merge(campaigns::router())
-        .merge(contacts::router());
+        .merge(contacts::router())
+        .merge(enrollments::router());
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(health::router())
         .merge(docs::router())

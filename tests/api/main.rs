@@ -3,6 +3,7 @@
 mod auth;
 mod commands;
 mod contacts;
+mod enrollments;
 mod health;
 mod helpers;
 mod lifecycle;

@@ -41,6 +41,11 @@ pub enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Webhook sources and parked provider events.
+    Webhooks {
+        #[command(subcommand)]
+        command: WebhooksCommand,
+    },
     /// Contacts.
     Contacts {
         #[command(subcommand)]
@@ -66,6 +71,16 @@ pub enum KeysCommand {
     List,
     /// Revoke a key by id.
     Revoke { id: uuid::Uuid },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhooksCommand {
+    /// Create a source; prints its secret alone on the last line (it is not shown again).
+    AddSource { name: String },
+    /// Events waiting for their enrollment.
+    Parked,
+    /// Events given up on.
+    DeadLetters,
 }
 
 #[derive(Debug, Subcommand)]
@@ -141,6 +156,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys { command } => {
             with_migrated_db(&config, async |db| keys(db, command).await).await
         }
+        Command::Webhooks { command } => {
+            with_migrated_db(&config, async |db| {
+                webhooks_command(db, &config, command).await
+            })
+            .await
+        }
         Command::Contacts {
             command: ContactsCommand::Import { file, mode },
         } => {
@@ -211,6 +232,47 @@ async fn keys(db: &Database, command: KeysCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn webhooks_command(
+    db: &Database,
+    config: &Config,
+    command: WebhooksCommand,
+) -> anyhow::Result<()> {
+    match command {
+        WebhooksCommand::AddSource { name } => {
+            let secret = crate::webhooks::add_source(&db.pool, &config.secrets()?, &name)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("created webhook source {name}; deliver to /webhooks/{name}, signed with:");
+            println!("{secret}");
+        }
+        WebhooksCommand::Parked | WebhooksCommand::DeadLetters => {
+            let dead = matches!(command, WebhooksCommand::DeadLetters);
+            let rows = crate::webhooks::list_parked(&db.pool, dead, None, 500).await?;
+            println!(
+                "{:<36}  {:<12}  {:<14}  {:<36}  {:>8}  received",
+                "id", "source", "type", "enrollment", "attempts"
+            );
+            for r in &rows {
+                println!(
+                    "{:<36}  {:<12}  {:<14}  {:<36}  {:>8}  {}",
+                    r.id,
+                    r.source,
+                    r.kind,
+                    r.enrollment_id,
+                    r.attempts,
+                    r.received_at.format("%Y-%m-%d %H:%M:%S")
+                );
+            }
+            println!(
+                "{} {}",
+                rows.len(),
+                if dead { "dead letters" } else { "parked" }
+            );
+        }
+    }
+    Ok(())
+}
+
 async fn import_contacts(
     db: &Database,
     config: &Config,
@@ -238,7 +300,9 @@ async fn import_contacts(
         .progress_chars("=> "),
     );
     bar.set_message("validating");
-    let state = AppState::new(db.pool.clone()).with_store(Store::new(config.snapshot_every));
+    let state = AppState::new(db.pool.clone())
+        .with_store(Store::new(config.snapshot_every))
+        .with_secrets(config.secrets()?);
     let metadata = crate::store::Metadata {
         actor: Some("cli".into()),
         causation_id: Some(format!("import:{}", file.display())),
@@ -345,7 +409,9 @@ async fn run_serve(config: &Config, serve: &ServeConfig) -> anyhow::Result<()> {
             return Err(e).context("creating the first admin key");
         }
     }
-    let state = AppState::new(db.pool.clone()).with_store(Store::new(config.snapshot_every));
+    let state = AppState::new(db.pool.clone())
+        .with_store(Store::new(config.snapshot_every))
+        .with_secrets(config.secrets()?);
     let workers = crate::workers::start(&state);
     tracing::info!(%addr, "leadledger listening");
     println!("leadledger listening on http://{addr}");

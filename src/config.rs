@@ -55,6 +55,21 @@ pub struct Config {
         global = true
     )]
     pub snapshot_every: u64,
+
+    /// Key for secrets at rest (base64 of 32 bytes). Unset: `<data dir>/secret.key`.
+    #[arg(
+        long,
+        env = "LEADLEDGER_SECRET_KEY",
+        hide_env_values = true,
+        global = true
+    )]
+    pub secret_key: Option<String>,
+}
+
+impl Config {
+    pub fn secrets(&self) -> Result<crate::secrets::SecretBox, crate::secrets::SecretError> {
+        crate::secrets::SecretBox::load(self.secret_key.as_deref(), &self.data_dir)
+    }
 }
 
 /// Settings of `serve` alone.

@@ -18,6 +18,8 @@ pub mod db;
 pub mod embedded;
 pub mod error;
 pub mod http;
+pub mod secrets;
 pub mod store;
 pub mod telemetry;
+pub mod webhooks;
 pub mod workers;

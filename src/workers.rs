@@ -25,6 +25,28 @@ pub fn start(state: &AppState) -> Workers {
         projections::runner::RunnerConfig::default(),
     );
     let mut tasks = vec![tokio::spawn(runner.run(cancel.clone()))];
+    // Parked webhook events: applied when their enrollment appears (from the feed, with
+    // its own checkpoint), and retried on a timer for what the feed cannot see.
+    let reactor = projections::runner::Runner::new(
+        state.pool.clone(),
+        vec![std::sync::Arc::new(crate::webhooks::ParkingReactor::new(
+            state.store.clone(),
+        ))],
+        projections::runner::RunnerConfig::default(),
+    );
+    tasks.push(tokio::spawn(reactor.run(cancel.clone())));
+    let (pool, store, stop) = (state.pool.clone(), state.store.clone(), cancel.clone());
+    tasks.push(tokio::spawn(async move {
+        loop {
+            if let Err(e) = crate::webhooks::retry_due(&pool, &store, 200).await {
+                tracing::warn!(error = %e, "retrying parked webhook events failed");
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {},
+            }
+        }
+    }));
     let pool = state.pool.clone();
     let stop = cancel.clone();
     tasks.push(tokio::spawn(async move {

@@ -34,9 +34,15 @@ struct Cli {
 }
 
 mod import;
+mod webhooks;
 
 #[derive(Subcommand)]
 enum Bench {
+    /// Webhook ingestion (batches of 1 and 100) and 100,000 parked events.
+    Webhooks {
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// Contact import: 10,000 rows, new, updated and unchanged.
     Import {
         #[arg(long, default_value_t = 10_000)]
@@ -136,7 +142,7 @@ impl Server {
     }
 }
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
+pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
     }
@@ -382,6 +388,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Bench::Import { rows, runs } => import::run(rows, runs).await,
+            Bench::Webhooks { seconds } => webhooks::run(seconds).await,
             Bench::Store {
                 long_stream,
                 samples,

@@ -9,6 +9,7 @@ pub mod enrollments;
 pub mod extract;
 pub mod health;
 pub mod metrics;
+pub mod webhooks;
 
 use std::future::Future;
 use std::time::Duration;
@@ -30,6 +31,7 @@ use utoipa_axum::router::OpenApiRouter;
 
 use crate::error::ApiError;
 use crate::http::command::RetryPolicy;
+use crate::secrets::SecretBox;
 use crate::store::Store;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -41,6 +43,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     pub store: Store,
     pub retry: RetryPolicy,
+    /// Encrypts webhook-source secrets at rest.
+    pub secrets: SecretBox,
 }
 
 impl AppState {
@@ -50,7 +54,14 @@ impl AppState {
             metrics: metrics::handle(),
             store: Store::default(),
             retry: RetryPolicy::default(),
+            secrets: SecretBox::ephemeral(),
         }
+    }
+
+    /// The configured secret key (the default is a throw-away one, for tests).
+    pub fn with_secrets(mut self, secrets: SecretBox) -> Self {
+        self.secrets = secrets;
+        self
     }
 
     pub fn with_store(mut self, store: Store) -> Self {
@@ -86,10 +97,12 @@ pub fn api(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let v1 = OpenApiRouter::new()
         .merge(campaigns::router())
         .merge(contacts::router())
-        .merge(enrollments::router());
+        .merge(enrollments::router())
+        .merge(webhooks::router());
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(health::router())
         .merge(docs::router())
+        .merge(webhooks::delivery_router())
         .merge(v1.route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::auth::authenticate,

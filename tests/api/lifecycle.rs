@@ -15,11 +15,11 @@ use sqlx::Connection;
 
 use crate::helpers::harness;
 
-const BIN: &str = env!("CARGO_BIN_EXE_leadledger");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_leadledger");
 
 /// A data directory the unprivileged PostgreSQL user can reach (temp dirs are 0700 by
 /// default; the data dir itself is made by leadledger).
-fn data_dir() -> (tempfile::TempDir, PathBuf) {
+pub(crate) fn data_dir() -> (tempfile::TempDir, PathBuf) {
     let parent = tempfile::Builder::new()
         .prefix("leadledger-it-")
         .tempdir()
@@ -29,7 +29,7 @@ fn data_dir() -> (tempfile::TempDir, PathBuf) {
     (parent, dir)
 }
 
-fn leadledger(data: &Path) -> Command {
+pub(crate) fn leadledger(data: &Path) -> Command {
     let mut cmd = Command::new(BIN);
     cmd.env_remove("DATABASE_URL")
         .env("LEADLEDGER_DATA_DIR", data)
@@ -38,15 +38,15 @@ fn leadledger(data: &Path) -> Command {
     cmd
 }
 
-struct Server {
+pub(crate) struct Server {
     child: Child,
-    address: String,
+    pub(crate) address: String,
     /// Everything the process printed, stdout and stderr.
     output: Arc<Mutex<String>>,
 }
 
 /// Starts `serve` on port 0 and waits for the line that says where it listens.
-fn serve(mut cmd: Command) -> Server {
+pub(crate) fn serve(mut cmd: Command) -> Server {
     let mut child = cmd
         .args(["serve", "--addr", "127.0.0.1:0"])
         .stdout(Stdio::piped())
@@ -84,11 +84,11 @@ fn serve(mut cmd: Command) -> Server {
 }
 
 impl Server {
-    fn signal(&self, signal: Signal) {
+    pub(crate) fn signal(&self, signal: Signal) {
         kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
     }
 
-    fn wait(mut self) -> std::process::ExitStatus {
+    pub(crate) fn wait(mut self) -> std::process::ExitStatus {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {

@@ -10,3 +10,4 @@ mod lifecycle;
 mod openapi;
 mod projections;
 mod store;
+mod webhooks;

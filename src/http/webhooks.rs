@@ -1,0 +1,207 @@
+//! Webhook routes: provider deliveries (`POST /webhooks/{source}`, signed, no API key),
+//! source management (admin), and the parked and dead-lettered events.
+
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::auth::AdminKey;
+use crate::error::ApiError;
+use crate::http::AppState;
+use crate::http::extract::{ApiQuery, CommandRequest, PageQuery, encode_cursor, parse_json};
+use crate::webhooks::{self, ParkedEvent, Signed};
+
+const TAG: &str = "webhooks";
+
+/// Routes under `/v1` (API keys).
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(add_source))
+        .routes(routes!(list_parked))
+        .routes(routes!(list_dead_letters))
+        .routes(routes!(retry_dead_letter))
+}
+
+/// The delivery route (signatures instead of API keys).
+pub fn delivery_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(deliver))
+        .layer(DefaultBodyLimit::max(webhooks::MAX_BODY))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewSource {
+    /// 1..=63 characters of a-z, 0-9, `_` and `-`: the `{source}` of `/webhooks/{source}`.
+    name: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SourceCreated {
+    name: String,
+    /// `whsec_<base64>`: shown once.
+    secret: String,
+}
+
+/// Create a webhook source and its signing secret (admin).
+#[utoipa::path(post, path = "/v1/webhook-sources", tag = TAG, request_body = NewSource,
+    responses((status = 201, body = SourceCreated), (status = 403), (status = 409), (status = 422)))]
+async fn add_source(
+    State(state): State<AppState>,
+    _admin: AdminKey,
+    request: CommandRequest,
+) -> Result<Response, ApiError> {
+    let input: NewSource = request.json()?;
+    let secret = webhooks::add_source(&state.pool, &state.secrets, &input.name).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(SourceCreated {
+            name: input.name,
+            secret,
+        }),
+    )
+        .into_response())
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| ApiError::Unauthorized(format!("the {name} header is required")))
+}
+
+/// A provider delivery: one event or an array of up to 1,000, signed per Standard Webhooks
+/// v1. Answers one result per event, in order: `applied`, `duplicate`, `parked` (the
+/// enrollment does not exist yet) or `rejected` (with a reason).
+#[utoipa::path(post, path = "/webhooks/{source}", tag = TAG, security(),
+    params(("source" = String, Path), ("webhook-id" = String, Header), ("webhook-timestamp" = String, Header),
+           ("webhook-signature" = String, Header)),
+    request_body(content = Value, description = "An event or an array of events"),
+    responses((status = 200, description = "Results per event"), (status = 400), (status = 401), (status = 413)))]
+async fn deliver(
+    State(state): State<AppState>,
+    Path(source): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::PayloadTooLarge("a delivery is at most 256 KiB".into())
+        } else {
+            ApiError::BadRequest(format!("the body could not be read: {rejection}"))
+        }
+    })?;
+    let signed = Signed {
+        id: header(&headers, "webhook-id")?,
+        timestamp: header(&headers, "webhook-timestamp")?,
+        signatures: header(&headers, "webhook-signature")?,
+    };
+    webhooks::authenticate(&state, &source, &signed, &body).await?;
+    let value: Value = parse_json(&body).map_err(|e| match e {
+        ApiError::Unprocessable { detail, .. } => ApiError::BadRequest(detail),
+        other => other,
+    })?;
+    let events = match value {
+        Value::Array(events) => events,
+        single @ Value::Object(_) => vec![single],
+        _ => {
+            return Err(ApiError::BadRequest(
+                "the body must be an event object or an array of them".into(),
+            ));
+        }
+    };
+    if events.len() > webhooks::MAX_EVENTS {
+        return Err(ApiError::PayloadTooLarge(format!(
+            "a delivery holds at most {} events",
+            webhooks::MAX_EVENTS
+        )));
+    }
+    let hash = Sha256::digest(&body).to_vec();
+    let response = webhooks::ingest(&state, &source, signed.id, &hash, events).await?;
+    Ok(axum::Json(response).into_response())
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ParkedQuery {
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ParkedPage {
+    items: Vec<ParkedEvent>,
+    next_cursor: Option<String>,
+}
+
+async fn page(state: &AppState, query: ParkedQuery, dead: bool) -> Result<Response, ApiError> {
+    let page = PageQuery {
+        limit: query.limit,
+        cursor: query.cursor,
+    };
+    let limit = page.limit()?;
+    let after: Option<(DateTime<Utc>, Uuid)> = page.cursor()?;
+    let mut items = webhooks::list_parked(&state.pool, dead, after, limit + 1).await?;
+    let next_cursor = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|p| {
+            let at = if dead {
+                p.dead_lettered_at.unwrap_or(p.received_at)
+            } else {
+                p.received_at
+            };
+            encode_cursor(&(at, p.id))
+        })
+    } else {
+        None
+    };
+    Ok(axum::Json(ParkedPage { items, next_cursor }).into_response())
+}
+
+/// Events waiting for their enrollment, oldest first.
+#[utoipa::path(get, path = "/v1/webhooks/parked", tag = TAG, params(ParkedQuery),
+    responses((status = 200, body = ParkedPage), (status = 400)))]
+async fn list_parked(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ParkedQuery>,
+) -> Result<Response, ApiError> {
+    page(&state, query, false).await
+}
+
+/// Events given up on (too many attempts or too old), oldest first.
+#[utoipa::path(get, path = "/v1/webhooks/dead-letters", tag = TAG, params(ParkedQuery),
+    responses((status = 200, body = ParkedPage), (status = 400)))]
+async fn list_dead_letters(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ParkedQuery>,
+) -> Result<Response, ApiError> {
+    page(&state, query, true).await
+}
+
+/// Put a dead letter back among the parked events, due now.
+#[utoipa::path(post, path = "/v1/webhooks/dead-letters/{id}/retry", tag = TAG, params(("id" = Uuid, Path)),
+    responses((status = 200), (status = 404)))]
+async fn retry_dead_letter(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    request: CommandRequest,
+) -> Result<Response, ApiError> {
+    request.require_json()?;
+    let not_found = || ApiError::NotFound("no dead letter with this id".into());
+    let id = Uuid::parse_str(&id).map_err(|_| not_found())?;
+    if webhooks::retry_dead_letter(&state.pool, id).await? {
+        Ok(axum::Json(json!({"id": id, "requeued": true})).into_response())
+    } else {
+        Err(not_found())
+    }
+}

@@ -1,0 +1,767 @@
+//! Provider webhooks: sources and their secrets, Standard Webhooks v1 signatures, ingestion
+//! of a delivery (one event or up to 1,000), and parked events.
+//!
+//! Ingestion is one transaction per delivery: it records each provider event id (a
+//! second delivery of one is a `duplicate`), applies each event to its enrollment, parks
+//! the events whose enrollment does not exist yet, and records the response for the
+//! delivery's `webhook-id` — all or nothing.
+//!
+//! A parked event is applied as soon as its enrollment is created: [`ParkingReactor`]
+//! reads `ContactEnrolled` from the event feed (through the projection runner, so applying
+//! and moving its checkpoint commit together). The feed can miss one race — an event
+//! parked in a transaction that commits after its enrollment's was read — so parked events
+//! are also retried on a timer with exponential backoff and jitter, and dead-lettered after
+//! [`MAX_ATTEMPTS`] attempts or [`MAX_PARKED_AGE`].
+
+use std::collections::{HashMap, HashSet};
+
+use aggregates::contact::{ContactEmail, contact_id_for};
+use aggregates::enrollment::{
+    Enrollment, EnrollmentCommand, EnrollmentEvent, ProviderEventKind, enrollment_id_for,
+};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use chrono::{DateTime, Utc};
+use cqrs_es::Aggregate;
+use cqrs_es::event_sink::EventSink;
+use hmac::{Hmac, Mac};
+use projections::{FeedEvent, Projection, ProjectionError};
+use rand::{Rng, RngCore};
+use serde::Serialize;
+use serde_json::{Value, json};
+use sha2::Sha256;
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::error::{ApiError, FieldError};
+use crate::http::AppState;
+use crate::http::command::store_error;
+use crate::secrets::SecretBox;
+use crate::store::{Loaded, Metadata, Store, StoreError};
+
+pub const MAX_BODY: usize = 256 * 1024;
+pub const MAX_EVENTS: usize = 1000;
+/// Signatures older or newer than this are refused (replay protection).
+pub const TOLERANCE_SECS: i64 = 300;
+pub const MAX_ATTEMPTS: i32 = 12;
+pub const MAX_PARKED_AGE: chrono::TimeDelta = chrono::TimeDelta::days(7);
+const SECRET_PREFIX: &str = "whsec_";
+
+/// Creates a source; returns its secret (`whsec_<base64>`), which is not shown again.
+pub async fn add_source(
+    pool: &PgPool,
+    secrets: &SecretBox,
+    name: &str,
+) -> Result<String, ApiError> {
+    let valid = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        && name.as_bytes()[0].is_ascii_alphanumeric();
+    if !valid {
+        return Err(ApiError::invalid(vec![FieldError::new(
+            "name",
+            "must be 1 to 63 characters of a-z, 0-9, _ and -, starting with a letter or digit",
+        )]));
+    }
+    let mut key = [0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    let secret = format!("{SECRET_PREFIX}{}", STANDARD.encode(key));
+    let (nonce, sealed) = secrets.seal(secret.as_bytes());
+    let inserted = sqlx::query!(
+        "INSERT INTO webhook_sources (name, secret_nonce, secret_ciphertext) VALUES ($1, $2, $3)
+         ON CONFLICT (name) DO NOTHING",
+        name,
+        nonce,
+        sealed
+    )
+    .execute(pool)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(ApiError::conflict(
+            "already-exists",
+            "a webhook source with this name exists",
+        ));
+    }
+    Ok(secret)
+}
+
+/// The HMAC key of a source, or `None` for an unknown source.
+async fn source_key(
+    pool: &PgPool,
+    secrets: &SecretBox,
+    name: &str,
+) -> Result<Option<Vec<u8>>, ApiError> {
+    let row = sqlx::query!(
+        "SELECT secret_nonce, secret_ciphertext FROM webhook_sources WHERE name = $1",
+        name
+    )
+    .fetch_optional(pool)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let secret = secrets
+        .open(&row.secret_nonce, &row.secret_ciphertext)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let secret = String::from_utf8(secret).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let encoded = secret.strip_prefix(SECRET_PREFIX).unwrap_or(&secret);
+    STANDARD
+        .decode(encoded)
+        .map(Some)
+        .map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+/// The three Standard Webhooks headers.
+pub struct Signed<'a> {
+    pub id: &'a str,
+    pub timestamp: &'a str,
+    pub signatures: &'a str,
+}
+
+/// Verifies a delivery: the timestamp within [`TOLERANCE_SECS`] of `now` either way, and
+/// any `v1,<base64>` entry an HMAC-SHA256 of `{id}.{timestamp}.{body}`, compared in
+/// constant time over the raw bytes.
+pub fn verify(key: &[u8], signed: &Signed<'_>, body: &[u8], now: i64) -> Result<(), &'static str> {
+    let ts: i64 = signed
+        .timestamp
+        .trim()
+        .parse()
+        .map_err(|_| "webhook-timestamp is not a Unix time")?;
+    if (now - ts).abs() > TOLERANCE_SECS {
+        return Err("webhook-timestamp is more than 5 minutes off");
+    }
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).map_err(|_| "unusable source key")?;
+    mac.update(signed.id.as_bytes());
+    mac.update(b".");
+    mac.update(signed.timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    for entry in signed.signatures.split(' ') {
+        let Some(encoded) = entry.strip_prefix("v1,") else {
+            continue;
+        };
+        let Ok(signature) = STANDARD.decode(encoded) else {
+            continue;
+        };
+        if mac.clone().verify_slice(&signature).is_ok() {
+            return Ok(());
+        }
+    }
+    Err("no valid signature")
+}
+
+/// Checks the source and the signature; 401 for anything wrong, with nothing recorded.
+pub async fn authenticate(
+    state: &AppState,
+    source: &str,
+    signed: &Signed<'_>,
+    body: &[u8],
+) -> Result<(), ApiError> {
+    let key = source_key(&state.pool, &state.secrets, source)
+        .await?
+        .ok_or_else(|| ApiError::Unauthorized("unknown webhook source".into()))?;
+    verify(&key, signed, body, Utc::now().timestamp())
+        .map_err(|reason| ApiError::Unauthorized(format!("webhook signature refused: {reason}")))
+}
+
+/// One event's result in the response.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventResult {
+    pub id: Value,
+    pub outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A valid event, resolved to its enrollment.
+#[derive(Debug, Clone)]
+struct Resolved {
+    index: usize,
+    event_id: String,
+    kind: ProviderEventKind,
+    occurred_at: DateTime<Utc>,
+    enrollment_id: Uuid,
+    campaign_id: Option<Uuid>,
+}
+
+fn resolve(index: usize, value: &Value, key: &[u8]) -> Result<Resolved, String> {
+    let object = value.as_object().ok_or("an event must be a JSON object")?;
+    let text = |field: &str| object.get(field).and_then(Value::as_str);
+    let event_id = text("id")
+        .filter(|id| !id.trim().is_empty() && id.len() <= 255)
+        .ok_or("id must be a string of 1 to 255 characters")?
+        .to_string();
+    let kind = text("type")
+        .and_then(ProviderEventKind::parse)
+        .ok_or("type must be one of sent, delivered, opened, clicked, replied, bounced, soft_bounced, deferred, unsubscribed, complained")?;
+    let occurred_at = text("occurred_at")
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .ok_or("occurred_at must be an RFC 3339 time")?
+        .with_timezone(&Utc);
+    let (enrollment_id, campaign_id) = match text("enrollment_id") {
+        Some(raw) => (
+            Uuid::parse_str(raw).map_err(|_| "enrollment_id must be a UUID")?,
+            None,
+        ),
+        None => {
+            let campaign = text("campaign_id")
+                .and_then(|c| Uuid::parse_str(c).ok())
+                .ok_or("campaign_id (a UUID) and email, or enrollment_id, are required")?;
+            let email = text("email")
+                .and_then(|e| ContactEmail::parse(e).ok())
+                .ok_or("email must be a valid address")?;
+            (
+                enrollment_id_for(campaign, contact_id_for(key, &email)),
+                Some(campaign),
+            )
+        }
+    };
+    Ok(Resolved {
+        index,
+        event_id,
+        kind,
+        occurred_at,
+        enrollment_id,
+        campaign_id,
+    })
+}
+
+/// The provider event id as the enrollment remembers it: qualified by its source.
+fn qualified(source: &str, event_id: &str) -> String {
+    format!("{source}:{event_id}")
+}
+
+/// Applies or parks the events of one verified delivery; returns the response body.
+pub async fn ingest(
+    state: &AppState,
+    source: &str,
+    webhook_id: &str,
+    request_hash: &[u8],
+    events: Vec<Value>,
+) -> Result<Value, ApiError> {
+    let key = crate::contacts::id_key(&state.pool).await?;
+    let resolved: Vec<Result<Resolved, String>> = events
+        .iter()
+        .enumerate()
+        .map(|(i, v)| resolve(i, v, key))
+        .collect();
+    let metadata = Metadata {
+        correlation_id: Some(format!("webhook:{source}:{webhook_id}")),
+        actor: Some(format!("webhook_source:{source}")),
+        ..Metadata::default()
+    };
+    let policy = state.retry;
+    for attempt in 0..policy.max_attempts {
+        let mut tx = state.pool.begin().await?;
+        // One delivery at a time per webhook-id: a concurrent repeat waits, then replays.
+        sqlx::query!(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2, 1))",
+            source,
+            webhook_id
+        )
+        .execute(&mut *tx)
+        .await?;
+        let earlier = sqlx::query!(
+            "SELECT request_hash, response FROM webhook_deliveries WHERE source = $1 AND webhook_id = $2",
+            source,
+            webhook_id
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(earlier) = earlier {
+            if earlier.request_hash != request_hash {
+                return Err(ApiError::conflict(
+                    "webhook-id-reused",
+                    "this webhook-id was delivered before with a different body",
+                ));
+            }
+            return Ok(earlier.response);
+        }
+        let valid: Vec<&Resolved> = resolved.iter().filter_map(|r| r.as_ref().ok()).collect();
+        let ids: Vec<String> = valid.iter().map(|r| r.event_id.clone()).collect();
+        let fresh: HashSet<String> = sqlx::query_scalar!(
+            "INSERT INTO webhook_event_ids (source, event_id)
+             SELECT $1, unnest($2::text[])
+             ON CONFLICT DO NOTHING
+             RETURNING event_id",
+            source,
+            &ids
+        )
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        // The first event of the delivery with a new id counts; later ones repeat it.
+        let mut first_seen = HashSet::new();
+        let new: Vec<&Resolved> = valid
+            .iter()
+            .copied()
+            .filter(|r| fresh.contains(&r.event_id) && first_seen.insert(r.event_id.clone()))
+            .collect();
+        let new_indices: HashSet<usize> = new.iter().map(|r| r.index).collect();
+        let mut enrollment_ids: Vec<String> =
+            new.iter().map(|r| r.enrollment_id.to_string()).collect();
+        enrollment_ids.sort();
+        enrollment_ids.dedup();
+        // Busy deliveries touch overlapping enrollments. Queue on them (in one order, so no
+        // deadlock) rather than race and retry whole batches; the stream's unique key
+        // still decides, this only keeps contention from turning into retries.
+        sqlx::query!(
+            "SELECT count(pg_advisory_xact_lock(hashtextextended(id, 2)))
+             FROM (SELECT unnest($1::text[]) AS id ORDER BY 1) ids",
+            &enrollment_ids
+        )
+        .fetch_one(&mut *tx)
+        .await?;
+        let mut loaded: HashMap<String, Loaded<Enrollment>> = state
+            .store
+            .load_many(&mut tx, &enrollment_ids)
+            .await
+            .map_err(store_error)?;
+        let mut outcome: HashMap<usize, &'static str> = HashMap::new();
+        let mut new_events: HashMap<String, Vec<EnrollmentEvent>> = HashMap::new();
+        let mut parked: Vec<&Resolved> = Vec::new();
+        for r in &new {
+            let enrollment = loaded
+                .get_mut(&r.enrollment_id.to_string())
+                .expect("loaded every id");
+            if !enrollment.aggregate.enrolled {
+                parked.push(r);
+                outcome.insert(r.index, "parked");
+                continue;
+            }
+            let sink = EventSink::default();
+            enrollment
+                .aggregate
+                .handle(
+                    EnrollmentCommand::RecordProviderEvent {
+                        provider_event_id: qualified(source, &r.event_id),
+                        kind: r.kind,
+                        occurred_at: r.occurred_at,
+                    },
+                    &(),
+                    &sink,
+                )
+                .await
+                .map_err(ApiError::from)?;
+            let written = sink.collect().await;
+            let kind = if written.is_empty() {
+                "duplicate"
+            } else {
+                "applied"
+            };
+            outcome.insert(r.index, kind);
+            new_events
+                .entry(r.enrollment_id.to_string())
+                .or_default()
+                .extend(written);
+        }
+        let mut streams: Vec<(&mut Loaded<Enrollment>, &[EnrollmentEvent])> = loaded
+            .iter_mut()
+            .filter_map(|(id, l)| new_events.get(id).map(|e| (l, e.as_slice())))
+            .collect();
+        match state
+            .store
+            .append_many(&mut tx, &mut streams, &metadata)
+            .await
+        {
+            Ok(_) => {}
+            Err(StoreError::Conflict) => {
+                let _ = tx.rollback().await;
+                tokio::time::sleep(policy.pause(attempt)).await;
+                continue;
+            }
+            Err(e) => return Err(store_error(e)),
+        }
+        park(&mut tx, source, &parked).await?;
+        let results: Vec<EventResult> = resolved
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let id = events[i].get("id").cloned().unwrap_or(Value::Null);
+                match r {
+                    Err(reason) => EventResult {
+                        id,
+                        outcome: "rejected",
+                        reason: Some(reason.clone()),
+                    },
+                    Ok(_) if !new_indices.contains(&i) => EventResult {
+                        id,
+                        outcome: "duplicate",
+                        reason: None,
+                    },
+                    Ok(_) => EventResult {
+                        id,
+                        outcome: outcome.get(&i).copied().unwrap_or("duplicate"),
+                        reason: None,
+                    },
+                }
+            })
+            .collect();
+        let response = json!({ "results": results });
+        sqlx::query!(
+            "INSERT INTO webhook_deliveries (source, webhook_id, request_hash, response)
+             VALUES ($1, $2, $3, $4)",
+            source,
+            webhook_id,
+            request_hash,
+            response
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let applied = results.iter().filter(|r| r.outcome == "applied").count();
+        metrics::counter!("webhook_events_total", "outcome" => "applied").increment(applied as u64);
+        metrics::counter!("webhook_events_total", "outcome" => "parked")
+            .increment(parked.len() as u64);
+        return Ok(response);
+    }
+    Err(ApiError::conflict(
+        "concurrency-conflict",
+        "the enrollments kept changing under this delivery; deliver it again",
+    ))
+}
+
+async fn park(
+    conn: &mut PgConnection,
+    source: &str,
+    events: &[&Resolved],
+) -> Result<(), sqlx::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
+    let event_ids: Vec<String> = events.iter().map(|r| r.event_id.clone()).collect();
+    let enrollments: Vec<Uuid> = events.iter().map(|r| r.enrollment_id).collect();
+    let campaigns: Vec<Option<Uuid>> = events.iter().map(|r| r.campaign_id).collect();
+    let kinds: Vec<String> = events.iter().map(|r| r.kind.as_str().to_string()).collect();
+    let times: Vec<DateTime<Utc>> = events.iter().map(|r| r.occurred_at).collect();
+    sqlx::query!(
+        r#"INSERT INTO webhook_parked (id, source, event_id, enrollment_id, campaign_id, kind, occurred_at, next_attempt_at)
+           SELECT u.id, $1, u.event_id, u.enrollment_id, u.campaign_id, u.kind, u.occurred_at,
+                  now() + interval '1 second'
+           FROM UNNEST($2::uuid[], $3::text[], $4::uuid[], $5::uuid[], $6::text[], $7::timestamptz[])
+                AS u(id, event_id, enrollment_id, campaign_id, kind, occurred_at)"#,
+        source,
+        &ids,
+        &event_ids,
+        &enrollments,
+        &campaigns as &[Option<Uuid>],
+        &kinds,
+        &times
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// A parked event as stored.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ParkedEvent {
+    pub id: Uuid,
+    pub source: String,
+    pub event_id: String,
+    pub enrollment_id: Uuid,
+    pub campaign_id: Option<Uuid>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub occurred_at: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+    pub dead_lettered_at: Option<DateTime<Utc>>,
+}
+
+/// Applies the parked events of `enrollment` that it now accepts, in the caller's
+/// transaction (inside a savepoint: a conflict leaves them parked for the retry worker).
+/// Returns how many were applied.
+async fn apply_parked(
+    conn: &mut PgConnection,
+    store: &Store,
+    rows: Vec<ParkedEvent>,
+) -> Result<usize, sqlx::Error> {
+    let Some(first) = rows.first() else {
+        return Ok(0);
+    };
+    let enrollment_id = first.enrollment_id.to_string();
+    let mut savepoint = conn.begin().await?;
+    let mut loaded: Loaded<Enrollment> = match store.load(&mut savepoint, &enrollment_id).await {
+        Ok(l) => l,
+        Err(StoreError::Database(e)) => return Err(e),
+        Err(e) => return Err(sqlx::Error::Protocol(e.to_string())),
+    };
+    if !loaded.aggregate.enrolled {
+        return Ok(0);
+    }
+    let mut events = Vec::new();
+    for row in &rows {
+        let Some(kind) = ProviderEventKind::parse(&row.kind) else {
+            continue;
+        };
+        let sink = EventSink::default();
+        let command = EnrollmentCommand::RecordProviderEvent {
+            provider_event_id: qualified(&row.source, &row.event_id),
+            kind,
+            occurred_at: row.occurred_at,
+        };
+        if loaded.aggregate.handle(command, &(), &sink).await.is_ok() {
+            events.extend(sink.collect().await);
+        }
+    }
+    let metadata = Metadata {
+        actor: Some("webhook_parking".into()),
+        ..Metadata::default()
+    };
+    match store
+        .append(&mut savepoint, &mut loaded, &events, &metadata)
+        .await
+    {
+        Ok(_) => {}
+        Err(StoreError::Conflict) => {
+            savepoint.rollback().await?;
+            return Ok(0);
+        }
+        Err(StoreError::Database(e)) => return Err(e),
+        Err(e) => return Err(sqlx::Error::Protocol(e.to_string())),
+    }
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    sqlx::query!("DELETE FROM webhook_parked WHERE id = ANY($1)", &ids)
+        .execute(&mut *savepoint)
+        .await?;
+    savepoint.commit().await?;
+    metrics::counter!("webhook_events_total", "outcome" => "unparked").increment(rows.len() as u64);
+    Ok(rows.len())
+}
+
+/// Applies parked events when their enrollment is created, driven by the event feed. It
+/// runs in the projection runner (exactly once per `ContactEnrolled`, with its
+/// checkpoint), but unlike a projection it writes events: it is never rebuilt.
+pub struct ParkingReactor {
+    store: Store,
+}
+
+impl ParkingReactor {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+}
+
+#[async_trait::async_trait]
+impl Projection for ParkingReactor {
+    fn name(&self) -> &'static str {
+        "webhook_parking"
+    }
+
+    async fn apply(
+        &self,
+        conn: &mut PgConnection,
+        event: &FeedEvent,
+    ) -> Result<(), ProjectionError> {
+        if event.aggregate_type != Enrollment::TYPE || event.event_type != "ContactEnrolled" {
+            return Ok(());
+        }
+        let Ok(enrollment) = Uuid::parse_str(&event.aggregate_id) else {
+            return Ok(());
+        };
+        let rows = sqlx::query_as!(
+            ParkedEvent,
+            "SELECT id, source, event_id, enrollment_id, campaign_id, kind, occurred_at, received_at,
+                    attempts, next_attempt_at, last_error, dead_lettered_at
+             FROM webhook_parked
+             WHERE enrollment_id = $1 AND dead_lettered_at IS NULL
+             ORDER BY received_at
+             FOR UPDATE SKIP LOCKED",
+            enrollment
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        apply_parked(conn, &self.store, rows).await?;
+        Ok(())
+    }
+}
+
+/// One round of the retry worker: due parked events are applied if their enrollment
+/// exists now, else retried later (exponential backoff with jitter, capped at an hour) or
+/// dead-lettered. `SKIP LOCKED` lets several processes share the work. Returns
+/// (applied, dead-lettered).
+pub async fn retry_due(
+    pool: &PgPool,
+    store: &Store,
+    limit: i64,
+) -> Result<(usize, usize), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let due = sqlx::query_as!(
+        ParkedEvent,
+        "SELECT id, source, event_id, enrollment_id, campaign_id, kind, occurred_at, received_at,
+                attempts, next_attempt_at, last_error, dead_lettered_at
+         FROM webhook_parked
+         WHERE dead_lettered_at IS NULL AND next_attempt_at <= now()
+         ORDER BY next_attempt_at
+         LIMIT $1
+         FOR UPDATE SKIP LOCKED",
+        limit
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut by_enrollment: HashMap<Uuid, Vec<ParkedEvent>> = HashMap::new();
+    for row in due {
+        by_enrollment
+            .entry(row.enrollment_id)
+            .or_default()
+            .push(row);
+    }
+    let (mut applied, mut dead) = (0, 0);
+    let now = Utc::now();
+    for (_, rows) in by_enrollment {
+        let n = apply_parked(&mut tx, store, rows.clone()).await?;
+        applied += n;
+        if n > 0 {
+            continue;
+        }
+        for row in rows {
+            let attempts = row.attempts + 1;
+            let give_up = attempts >= MAX_ATTEMPTS || now - row.received_at > MAX_PARKED_AGE;
+            let backoff_secs = 2f64.powi(attempts.min(12)).min(3600.0);
+            let jittered = backoff_secs * rand::rng().random_range(0.5..1.0);
+            let next = now + chrono::TimeDelta::milliseconds((jittered * 1000.0) as i64);
+            let error = "the enrollment does not exist yet";
+            sqlx::query!(
+                "UPDATE webhook_parked SET attempts = $2, next_attempt_at = $3, last_error = $4,
+                     dead_lettered_at = CASE WHEN $5 THEN now() ELSE NULL END
+                 WHERE id = $1",
+                row.id,
+                attempts,
+                next,
+                error,
+                give_up
+            )
+            .execute(&mut *tx)
+            .await?;
+            if give_up {
+                dead += 1;
+            }
+        }
+    }
+    tx.commit().await?;
+    if dead > 0 {
+        metrics::counter!("webhook_events_total", "outcome" => "dead_lettered")
+            .increment(dead as u64);
+    }
+    Ok((applied, dead))
+}
+
+/// Parked (`dead = false`) or dead-lettered events, oldest first, after `cursor`.
+pub async fn list_parked(
+    pool: &PgPool,
+    dead: bool,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<ParkedEvent>, sqlx::Error> {
+    let (after_at, after_id) = after.map_or((None, None), |(a, i)| (Some(a), Some(i)));
+    if dead {
+        sqlx::query_as!(
+            ParkedEvent,
+            "SELECT id, source, event_id, enrollment_id, campaign_id, kind, occurred_at, received_at,
+                    attempts, next_attempt_at, last_error, dead_lettered_at
+             FROM webhook_parked
+             WHERE dead_lettered_at IS NOT NULL
+               AND ($1::timestamptz IS NULL OR (dead_lettered_at, id) > ($1, $2))
+             ORDER BY dead_lettered_at, id
+             LIMIT $3",
+            after_at,
+            after_id,
+            limit
+        )
+        .fetch_all(pool)
+        .await
+    } else {
+        sqlx::query_as!(
+            ParkedEvent,
+            "SELECT id, source, event_id, enrollment_id, campaign_id, kind, occurred_at, received_at,
+                    attempts, next_attempt_at, last_error, dead_lettered_at
+             FROM webhook_parked
+             WHERE dead_lettered_at IS NULL
+               AND ($1::timestamptz IS NULL OR (received_at, id) > ($1, $2))
+             ORDER BY received_at, id
+             LIMIT $3",
+            after_at,
+            after_id,
+            limit
+        )
+        .fetch_all(pool)
+        .await
+    }
+}
+
+/// Puts a dead letter back in the queue, due now. False when there is no such dead letter.
+pub async fn retry_dead_letter(pool: &PgPool, id: Uuid) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query!(
+        "UPDATE webhook_parked SET dead_lettered_at = NULL, attempts = 0, next_attempt_at = now(),
+             received_at = now(), last_error = NULL
+         WHERE id = $1 AND dead_lettered_at IS NOT NULL",
+        id
+    )
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sign(key: &[u8], id: &str, ts: &str, body: &[u8]) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
+        mac.update(format!("{id}.{ts}.").as_bytes());
+        mac.update(body);
+        format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+    }
+
+    #[test]
+    fn a_signature_is_valid_only_for_its_key_body_id_and_a_close_timestamp() {
+        let key = b"0123456789abcdef0123456789abcdef";
+        let body = br#"{"id":"e1"}"#;
+        let now = 1_800_000_000;
+        let ts = now.to_string();
+        let good = sign(key, "msg_1", &ts, body);
+        let ok = |sigs: &str, ts: &str, body: &[u8], now: i64| {
+            verify(
+                key,
+                &Signed {
+                    id: "msg_1",
+                    timestamp: ts,
+                    signatures: sigs,
+                },
+                body,
+                now,
+            )
+        };
+        assert!(ok(&good, &ts, body, now).is_ok());
+        assert!(
+            ok(&format!("v1,bm9wZQ== {good}"), &ts, body, now).is_ok(),
+            "any entry may match"
+        );
+        assert!(
+            ok(&good, &ts, br#"{"id":"e2"}"#, now).is_err(),
+            "tampered body"
+        );
+        assert!(
+            ok(
+                &sign(b"another key another key another!", "msg_1", &ts, body),
+                &ts,
+                body,
+                now
+            )
+            .is_err()
+        );
+        assert!(ok(&good, &ts, body, now + 301).is_err(), "too old");
+        assert!(ok(&good, &ts, body, now - 301).is_err(), "too far ahead");
+        assert!(ok(&good, &ts, body, now + 300).is_ok());
+        assert!(ok(&good.replace("v1,", "v2,"), &ts, body, now).is_err());
+        assert!(ok("", &ts, body, now).is_err());
+        assert!(ok(&good, "soon", body, now).is_err());
+    }
+}

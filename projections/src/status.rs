@@ -21,8 +21,20 @@ pub struct ProjectionStatus {
 }
 
 pub async fn all(conn: &mut PgConnection) -> Result<Vec<ProjectionStatus>, sqlx::Error> {
+    // The registered projections, and any other consumer of the feed with a checkpoint
+    // (the service's reactors).
+    let mut names: Vec<String> = crate::names().into_iter().map(str::to_string).collect();
+    for other in sqlx::query_scalar!("SELECT name FROM projection_checkpoints ORDER BY name")
+        .fetch_all(&mut *conn)
+        .await?
+    {
+        if !names.contains(&other) {
+            names.push(other);
+        }
+    }
     let mut out = Vec::new();
-    for name in crate::names() {
+    for name in names {
+        let name = name.as_str();
         let row = sqlx::query!(
             r#"SELECT c.transaction_id::text AS "transaction_id!", c.position, c.failed_position, c.failed_error,
                       (SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid

@@ -431,6 +431,16 @@ async fn keys_are_created_listed_and_revoked_from_the_command_line() {
     );
     let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(status[0]["name"], "campaigns");
+    let names: Vec<&str> = status
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"webhook_parking"),
+        "reactors are listed too: {names:?}"
+    );
     assert!(
         status[0]["held_by"]
             .as_str()

@@ -56,6 +56,11 @@ pub enum Command {
         #[command(subcommand)]
         command: ProjectionsCommand,
     },
+    /// Reports from the read models.
+    Analytics {
+        #[command(subcommand)]
+        command: AnalyticsCommand,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -106,6 +111,29 @@ pub enum ProjectionsCommand {
 pub enum OutputFormat {
     Table,
     Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AnalyticsCommand {
+    /// Costs of every budget (spends and captured reservations), as
+    /// `GET /v1/analytics/costs` reports them.
+    Costs {
+        /// UTC days back, today included: 1..=365.
+        #[arg(long, default_value = "30", value_parser = crate::http::analytics::parse_days)]
+        days: u16,
+        /// day | model | category | budget
+        #[arg(long, default_value = "day", value_parser = crate::http::analytics::parse_group_by)]
+        group_by: projections::costs::GroupBy,
+        #[arg(long, value_enum, default_value = "table")]
+        format: ReportFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    Table,
+    Json,
+    Csv,
 }
 
 #[derive(Debug, Subcommand)]
@@ -172,6 +200,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Projections { command } => {
             with_migrated_db(&config, async |db| projections_command(db, command).await).await
+        }
+        Command::Analytics { command } => {
+            with_migrated_db(&config, async |db| analytics_command(db, command).await).await
         }
     }
 }
@@ -376,6 +407,36 @@ async fn projections_command(db: &Database, command: ProjectionsCommand) -> anyh
                         );
                     }
                 }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn analytics_command(db: &Database, command: AnalyticsCommand) -> anyhow::Result<()> {
+    use crate::http::analytics::{self, CostsParams};
+    match command {
+        AnalyticsCommand::Costs {
+            days,
+            group_by,
+            format,
+        } => {
+            // The read model moves only while a projection runner runs: catch it up first,
+            // so that the report includes every cost committed before the command.
+            let wait = std::time::Duration::from_secs(30);
+            if !analytics::catch_up_costs(&db.pool, wait).await? {
+                eprintln!(
+                    "warning: the costs read model is still catching up; recent costs may be missing"
+                );
+            }
+            let mut conn = db.pool.acquire().await?;
+            let params = CostsParams { days, group_by };
+            let report =
+                analytics::cost_report(&mut conn, params, chrono::Utc::now().date_naive()).await?;
+            match format {
+                ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                ReportFormat::Table => print!("{}", report.to_table()),
+                ReportFormat::Csv => print!("{}", report.to_csv()),
             }
         }
     }

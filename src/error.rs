@@ -54,6 +54,13 @@ pub enum ApiError {
     Unavailable(String),
     #[error("internal error")]
     Internal(String),
+    /// Any of the above with extension members in its problem body (RFC 9457 §3.2), such
+    /// as the amount still available in a budget-exceeded conflict. Standard members win.
+    #[error("{inner}")]
+    Extended {
+        inner: Box<ApiError>,
+        members: serde_json::Map<String, serde_json::Value>,
+    },
 }
 
 #[derive(Serialize)]
@@ -82,6 +89,7 @@ impl ApiError {
             Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::Extended { inner, .. } => inner.status(),
         }
     }
 
@@ -99,6 +107,7 @@ impl ApiError {
             Self::Unprocessable { .. } => "validation-failed",
             Self::Unavailable(_) => "service-unavailable",
             Self::Internal(_) => "internal-error",
+            Self::Extended { inner, .. } => inner.kind(),
         }
     }
 
@@ -116,6 +125,7 @@ impl ApiError {
             Self::Unprocessable { .. } => "Invalid request",
             Self::Unavailable(_) => "Service unavailable",
             Self::Internal(_) => "Internal server error",
+            Self::Extended { inner, .. } => inner.title(),
         }
     }
 
@@ -201,6 +211,15 @@ impl From<aggregates::enrollment::EnrollmentError> for ApiError {
 impl ApiError {
     /// The problem+json body; server-side details are logged here and never sent.
     pub fn problem(&self) -> serde_json::Value {
+        if let Self::Extended { inner, members } = self {
+            let mut body = inner.problem();
+            if let Some(object) = body.as_object_mut() {
+                for (name, value) in members {
+                    object.entry(name.clone()).or_insert_with(|| value.clone());
+                }
+            }
+            return body;
+        }
         let status = self.status();
         let detail = match self {
             Self::Internal(inner) => {
@@ -246,5 +265,55 @@ impl IntoResponse for ApiError {
             );
         }
         response
+    }
+}
+
+impl ApiError {
+    /// This error with extension members added to its problem body.
+    pub fn with_members(self, members: serde_json::Map<String, serde_json::Value>) -> Self {
+        Self::Extended {
+            inner: Box::new(self),
+            members,
+        }
+    }
+}
+
+impl From<aggregates::budget::BudgetError> for ApiError {
+    fn from(e: aggregates::budget::BudgetError) -> Self {
+        use aggregates::budget::BudgetError as E;
+        match e {
+            E::InvalidField { field, reason } => {
+                Self::invalid(vec![FieldError::new(field, reason)])
+            }
+            E::NotFound => Self::NotFound("no budget with this id".into()),
+            E::AlreadyExists => Self::conflict("already-exists", e.to_string()),
+            E::BudgetExceeded {
+                remaining,
+                available,
+            } => {
+                let mut members = serde_json::Map::new();
+                members.insert("remaining".into(), remaining.to_string().into());
+                members.insert("available".into(), available.to_string().into());
+                Self::conflict(
+                    "budget-exceeded",
+                    format!(
+                        "this would take the budget over its limit: {remaining} remaining, {available} available"
+                    ),
+                )
+                .with_members(members)
+            }
+            E::ReservationNotFound => Self::NotFound("no reservation with this id".into()),
+            E::ReservationAlreadyExists => Self::conflict("reservation-exists", e.to_string()),
+            E::ReservationReleased => Self::conflict("reservation-released", e.to_string()),
+            E::ReservationExpired => Self::conflict("reservation-expired", e.to_string()),
+            E::CaptureExceedsHold { held } => Self::invalid(vec![FieldError::new(
+                "amount",
+                format!("must be at most the {held} held by the reservation"),
+            )]),
+            E::AmountOverflow => Self::invalid(vec![FieldError::new(
+                "amount",
+                "takes the budget's total out of range",
+            )]),
+        }
     }
 }

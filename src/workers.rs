@@ -62,6 +62,11 @@ pub fn start(state: &AppState) -> Workers {
             }
         }
     }));
+    // Expired budget holds are released by a command even if no one touches the budget.
+    tasks.push(crate::http::budgets::spawn_expiry_worker(
+        state.clone(),
+        cancel.clone(),
+    ));
     Workers { cancel, tasks }
 }
 

@@ -1640,7 +1640,7 @@ mod tests {
         assert_eq!(serde_json::from_value::<BudgetEvent>(json).unwrap(), event);
         let snapshot = serde_json::to_value(state_after(&[hundred(), event])).unwrap();
         assert_eq!(snapshot["spent_in_period"], "12.34");
-        assert_eq!(snapshot["limit"], "100");
+        assert_eq!(snapshot["limit"], "100.00");
     }
 
     #[derive(Debug, Clone)]

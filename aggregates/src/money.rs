@@ -47,7 +47,8 @@ pub enum MoneyError {
 }
 
 /// An exact amount: at most 6 fractional digits, magnitude below 10^18. Equality is
-/// numeric (`1.50 == 1.5`), and it is always shown without trailing zeros.
+/// numeric (`1.50 == 1.5`), and it is shown with at least two decimals and no trailing
+/// zero past them (`"1.50"`, `"0.125"`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Money(Decimal);
 
@@ -151,9 +152,14 @@ fn upper_bound() -> Decimal {
 
 impl fmt::Display for Money {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        // `Decimal`'s Display never uses an exponent; normalising drops the trailing zeros
-        // sums leave behind (0.5 + 0.5 is shown as "1", not "1.0").
-        fmt::Display::fmt(&self.0.normalize(), f)
+        // Shown as money is written: at least two decimals ("9.90", "10.00"), more only
+        // where they carry value ("0.125"); never an exponent, never a trailing zero past
+        // the second decimal.
+        let mut value = self.0.normalize();
+        if value.scale() < 2 {
+            value.rescale(2);
+        }
+        fmt::Display::fmt(&value, f)
     }
 }
 
@@ -399,14 +405,15 @@ mod tests {
     fn a_tenth_plus_two_tenths_is_exactly_three_tenths() {
         let sum = money("0.1").checked_add(money("0.2")).unwrap();
         assert_eq!(sum, money("0.3"));
-        assert_eq!(sum.to_string(), "0.3");
+        assert_eq!(sum.to_string(), "0.30", "exact, shown with two decimals");
     }
 
     #[test]
     fn plain_decimals_and_json_numbers_are_read_exactly() {
         assert_eq!(money("12.34").as_decimal(), Decimal::new(1234, 2));
-        assert_eq!(money("0").to_string(), "0");
-        assert_eq!(money("-5.5").to_string(), "-5.5");
+        assert_eq!(money("0").to_string(), "0.00");
+        assert_eq!(money("-5.5").to_string(), "-5.50");
+        assert_eq!(money("0.125").to_string(), "0.125");
         assert_eq!(money("0.000001").to_string(), "0.000001");
         assert_eq!(
             money("999999999999999999.999999").to_string(),
@@ -423,7 +430,8 @@ mod tests {
     #[test]
     fn trailing_zeros_are_not_precision() {
         assert_eq!(money("1.5000000000"), money("1.5"));
-        assert_eq!(money("1.50").to_string(), "1.5");
+        assert_eq!(money("1.50").to_string(), "1.50");
+        assert_eq!(money("1.500000").to_string(), "1.50");
     }
 
     #[test]
@@ -495,7 +503,7 @@ mod tests {
         );
         assert_eq!(
             Money::parse_str("1e17").unwrap().to_string(),
-            "100000000000000000"
+            "100000000000000000.00"
         );
     }
 
@@ -509,7 +517,7 @@ mod tests {
             serde_json::from_str::<Money>("9007199254740993")
                 .unwrap()
                 .to_string(),
-            "9007199254740993"
+            "9007199254740993.00"
         );
         assert_eq!(
             serde_json::from_str::<Money>("12.34").unwrap(),
@@ -579,7 +587,7 @@ mod tests {
         );
         assert_eq!(
             serde_json::to_value(money("1e15")).unwrap(),
-            serde_json::json!("1000000000000000")
+            serde_json::json!("1000000000000000.00")
         );
     }
 
@@ -624,7 +632,7 @@ mod tests {
         ));
         assert_eq!(
             serde_json::to_value(Limit::parse_str("100").unwrap()).unwrap(),
-            serde_json::json!("100")
+            serde_json::json!("100.00")
         );
     }
 

@@ -34,6 +34,7 @@ struct Cli {
 }
 
 mod import;
+mod spends;
 mod webhooks;
 
 #[derive(Subcommand)]
@@ -49,6 +50,15 @@ enum Bench {
         rows: usize,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+    },
+    /// Budgets: spend throughput and latency on one hot budget, by concurrent clients.
+    Spends {
+        /// Concurrent clients of each run, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,8,32")]
+        clients: Vec<usize>,
+        /// How long each run lasts.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
     },
     /// Event store: load cost at 10 vs 100,000 events, and write-to-read-model lag.
     Store {
@@ -389,6 +399,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Bench::Import { rows, runs } => import::run(rows, runs).await,
             Bench::Webhooks { seconds } => webhooks::run(seconds).await,
+            Bench::Spends { clients, seconds } => spends::run(clients, seconds).await,
             Bench::Store {
                 long_stream,
                 samples,

@@ -5,8 +5,10 @@
 //! numbers and touch nothing but their own tables, so a rebuild from the feed gives the
 //! same tables as the live run.
 
+pub mod budget_holds;
 pub mod campaigns;
 pub mod contacts;
+pub mod costs;
 pub mod enrollments;
 pub mod feed;
 pub mod runner;
@@ -54,6 +56,8 @@ pub fn all() -> Vec<Arc<dyn Projection>> {
         Arc::new(campaigns::CampaignsProjection),
         Arc::new(contacts::ContactsProjection),
         Arc::new(enrollments::EnrollmentsProjection),
+        Arc::new(costs::CostsProjection),
+        Arc::new(budget_holds::BudgetHoldsProjection),
     ]
 }
 

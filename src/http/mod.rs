@@ -1,6 +1,8 @@
 //! The HTTP API (axum): shared state, the router assembled from each feature's `router()`,
 //! the middleware every route gets, and the server loop with graceful shutdown.
 
+pub mod analytics;
+pub mod budgets;
 pub mod campaigns;
 pub mod command;
 pub mod contacts;
@@ -96,6 +98,8 @@ impl utoipa::Modify for SecurityAddon {
 pub fn api(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
     let v1 = OpenApiRouter::new()
         .merge(campaigns::router())
+        .merge(budgets::router())
+        .merge(analytics::router())
         .merge(contacts::router())
         .merge(enrollments::router())
         .merge(webhooks::router());

@@ -1,6 +1,7 @@
 //! Integration tests: the real server on a real PostgreSQL. One binary, one module a feature.
 
 mod auth;
+mod budgets;
 mod commands;
 mod contacts;
 mod enrollments;

@@ -14,8 +14,8 @@ use aggregates::budget::{
 };
 use aggregates::money::{Limit, Money, PositiveAmount};
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::StatusCode;
+use axum::response::Response;
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use cqrs_es::event_sink::EventSink;
@@ -31,7 +31,7 @@ use uuid::Uuid;
 use crate::error::{ApiError, FieldError};
 use crate::http::AppState;
 use crate::http::command::{self, Reply, Written};
-use crate::http::extract::{CommandRequest, parse_json};
+use crate::http::extract::{CommandRequest, json_with_etag, parse_json};
 use crate::store::{Loaded, Metadata, StoreError};
 
 const TAG: &str = "budgets";
@@ -393,11 +393,10 @@ async fn get_budget(
     if !loaded.aggregate.created {
         return Err(ApiError::NotFound("no budget with this id".into()));
     }
-    let mut response = axum::Json(budget_body(id, &loaded, Utc::now())).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", loaded.version)) {
-        response.headers_mut().insert(header::ETAG, v);
-    }
-    Ok(response)
+    Ok(json_with_etag(
+        &budget_body(id, &loaded, Utc::now()),
+        loaded.version,
+    ))
 }
 
 /// Change a budget's limit (`null`: tracking only). Honours `If-Match`. Lowering it below

@@ -3,7 +3,7 @@
 
 use aggregates::campaign::{Campaign, CampaignCommand, CampaignName};
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -16,7 +16,9 @@ use uuid::Uuid;
 use crate::error::{ApiError, FieldError};
 use crate::http::AppState;
 use crate::http::command::{self, Reply, Written};
-use crate::http::extract::{ApiQuery, CommandRequest, MinPosition, PageQuery, encode_cursor};
+use crate::http::extract::{
+    ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, json_with_etag,
+};
 use crate::store::Loaded;
 
 const TAG: &str = "campaigns";
@@ -224,11 +226,7 @@ async fn get_campaign(
     if !loaded.aggregate.created {
         return Err(ApiError::NotFound("no campaign with this id".into()));
     }
-    let mut response = axum::Json(body(id, &loaded)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", loaded.version)) {
-        response.headers_mut().insert(header::ETAG, v);
-    }
-    Ok(response)
+    Ok(json_with_etag(&body(id, &loaded), loaded.version))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -300,11 +298,6 @@ async fn list_campaigns(
     )
     .fetch_all(&state.pool)
     .await?;
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(|c| encode_cursor(&(c.created_at, c.id)))
-    } else {
-        None
-    };
+    let next_cursor = cut_page(&mut items, limit, |c| (c.created_at, c.id));
     Ok(axum::Json(CampaignPage { items, next_cursor }).into_response())
 }

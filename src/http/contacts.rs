@@ -2,7 +2,7 @@
 
 use aggregates::contact::{Contact, ContactCommand, ContactEmail, QualityScore};
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -18,7 +18,9 @@ use crate::contacts::{
 use crate::error::{ApiError, FieldError};
 use crate::http::AppState;
 use crate::http::command::{self, Reply, Written};
-use crate::http::extract::{ApiQuery, CommandRequest, MinPosition, PageQuery, encode_cursor};
+use crate::http::extract::{
+    ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, json_with_etag,
+};
 use crate::store::Loaded;
 
 const TAG: &str = "contacts";
@@ -245,11 +247,7 @@ async fn get_contact(
     if !loaded.aggregate.created {
         return Err(ApiError::NotFound("no contact with this id".into()));
     }
-    let mut response = axum::Json(body(id, &loaded)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", loaded.version)) {
-        response.headers_mut().insert(header::ETAG, v);
-    }
-    Ok(response)
+    Ok(json_with_etag(&body(id, &loaded), loaded.version))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -349,12 +347,7 @@ async fn list_contacts(
     )
     .fetch_all(&state.pool)
     .await?;
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(|c| encode_cursor(&(c.created_at, c.id)))
-    } else {
-        None
-    };
+    let next_cursor = cut_page(&mut items, limit, |c| (c.created_at, c.id));
     Ok(axum::Json(ContactPage { items, next_cursor }).into_response())
 }
 

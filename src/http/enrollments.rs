@@ -11,7 +11,6 @@ use aggregates::campaign::{Campaign, CampaignStatus};
 use aggregates::contact::Contact;
 use aggregates::enrollment::{Enrollment, EnrollmentCommand, EnrollmentEvent, enrollment_id_for};
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
@@ -26,7 +25,9 @@ use uuid::Uuid;
 use crate::error::{ApiError, FieldError};
 use crate::http::AppState;
 use crate::http::command::{self, Gate, Reply, store_error};
-use crate::http::extract::{ApiQuery, CommandRequest, MinPosition, PageQuery, encode_cursor};
+use crate::http::extract::{
+    ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, json_with_etag,
+};
 use crate::store::{Loaded, Position, StoreError};
 
 const TAG: &str = "enrollments";
@@ -267,7 +268,7 @@ async fn get_enrollment(
         return Err(not_found());
     }
     let m = e.milestones();
-    let mut response = axum::Json(EnrollmentBody {
+    let body = EnrollmentBody {
         id,
         campaign_id: e.campaign_id,
         contact_id: e.contact_id,
@@ -283,12 +284,8 @@ async fn get_enrollment(
         complained_at: m.complained_at,
         sequence_ended_at: e.sequence_ended_at(),
         version: loaded.version,
-    })
-    .into_response();
-    if let Ok(v) = HeaderValue::from_str(&format!("\"{}\"", loaded.version)) {
-        response.headers_mut().insert(header::ETAG, v);
-    }
-    Ok(response)
+    };
+    Ok(json_with_etag(&body, loaded.version))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -386,12 +383,7 @@ async fn list_enrollments(
     )
     .fetch_all(&state.pool)
     .await?;
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(|e| encode_cursor(&(e.enrolled_at, e.id)))
-    } else {
-        None
-    };
+    let next_cursor = cut_page(&mut items, limit, |e| (e.enrolled_at, e.id));
     Ok(axum::Json(EnrollmentPage { items, next_cursor }).into_response())
 }
 

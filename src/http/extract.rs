@@ -152,6 +152,31 @@ pub fn encode_cursor<T: serde::Serialize>(key: &T) -> String {
     URL_SAFE_NO_PAD.encode(serde_json::to_vec(key).unwrap_or_default())
 }
 
+/// Cuts a page read with `limit + 1` rows down to `limit`. When there was more, returns
+/// the cursor of the next page: the sort key of the last item kept.
+pub fn cut_page<T, K: serde::Serialize>(
+    items: &mut Vec<T>,
+    limit: i64,
+    key: impl Fn(&T) -> K,
+) -> Option<String> {
+    if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|item| encode_cursor(&key(item)))
+    } else {
+        None
+    }
+}
+
+/// A JSON response carrying the resource's version as its `ETag`.
+pub fn json_with_etag<T: serde::Serialize>(body: &T, version: u64) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let mut response = axum::Json(body).into_response();
+    if let Ok(v) = axum::http::HeaderValue::from_str(&format!("\"{version}\"")) {
+        response.headers_mut().insert(axum::http::header::ETAG, v);
+    }
+    response
+}
+
 /// Everything a command route needs from its request: the caller's key, the idempotency
 /// key, `If-Match`, a hash of the request (method, target, body) and the raw body.
 #[derive(Debug, Clone)]

@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::auth::AdminKey;
 use crate::error::ApiError;
 use crate::http::AppState;
-use crate::http::extract::{ApiQuery, CommandRequest, PageQuery, encode_cursor, parse_json};
+use crate::http::extract::{ApiQuery, CommandRequest, PageQuery, cut_page, parse_json};
 use crate::webhooks::{self, ParkedEvent, Signed};
 
 const TAG: &str = "webhooks";
@@ -152,19 +152,14 @@ async fn page(state: &AppState, query: ParkedQuery, dead: bool) -> Result<Respon
     let limit = page.limit()?;
     let after: Option<(DateTime<Utc>, Uuid)> = page.cursor()?;
     let mut items = webhooks::list_parked(&state.pool, dead, after, limit + 1).await?;
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(|p| {
-            let at = if dead {
-                p.dead_lettered_at.unwrap_or(p.received_at)
-            } else {
-                p.received_at
-            };
-            encode_cursor(&(at, p.id))
-        })
-    } else {
-        None
-    };
+    let next_cursor = cut_page(&mut items, limit, |p| {
+        let at = if dead {
+            p.dead_lettered_at.unwrap_or(p.received_at)
+        } else {
+            p.received_at
+        };
+        (at, p.id)
+    });
     Ok(axum::Json(ParkedPage { items, next_cursor }).into_response())
 }
 

@@ -44,17 +44,7 @@ impl From<BudgetName> for String {
 }
 
 fn clean_text(field: &'static str, raw: &str, max: usize) -> Result<String, BudgetError> {
-    let trimmed = raw.trim();
-    let reason = if trimmed.is_empty() {
-        "must not be empty".to_string()
-    } else if trimmed.chars().count() > max {
-        format!("must be at most {max} characters")
-    } else if trimmed.chars().any(char::is_control) {
-        "must not contain control characters".to_string()
-    } else {
-        return Ok(trimmed.to_string());
-    };
-    Err(BudgetError::InvalidField { field, reason })
+    crate::text::clean(raw, max).map_err(|reason| BudgetError::InvalidField { field, reason })
 }
 
 /// The span a limit applies to. Periods are UTC calendar days or months.

@@ -14,22 +14,9 @@ impl CampaignName {
     pub const MAX_CHARS: usize = 200;
 
     pub fn parse(raw: &str) -> Result<Self, CampaignError> {
-        let trimmed = raw.trim();
-        if trimmed.is_empty() {
-            return Err(CampaignError::InvalidName("must not be empty".into()));
-        }
-        if trimmed.chars().count() > Self::MAX_CHARS {
-            return Err(CampaignError::InvalidName(format!(
-                "must be at most {} characters",
-                Self::MAX_CHARS
-            )));
-        }
-        if trimmed.chars().any(char::is_control) {
-            return Err(CampaignError::InvalidName(
-                "must not contain control characters".into(),
-            ));
-        }
-        Ok(Self(trimmed.to_string()))
+        crate::text::clean(raw, Self::MAX_CHARS)
+            .map(Self)
+            .map_err(CampaignError::InvalidName)
     }
 
     pub fn as_str(&self) -> &str {

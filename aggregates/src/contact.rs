@@ -32,17 +32,7 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ContactError {
 
 /// Trimmed, non-empty, at most `max` characters, no control characters.
 fn clean_text(field: &'static str, raw: &str, max: usize) -> Result<String, ContactError> {
-    let trimmed = raw.trim();
-    if trimmed.is_empty() {
-        return Err(invalid(field, "must not be empty"));
-    }
-    if trimmed.chars().count() > max {
-        return Err(invalid(field, format!("must be at most {max} characters")));
-    }
-    if trimmed.chars().any(char::is_control) {
-        return Err(invalid(field, "must not contain control characters"));
-    }
-    Ok(trimmed.to_string())
+    crate::text::clean(raw, max).map_err(|reason| invalid(field, reason))
 }
 
 /// A contact's email, trimmed and lower-cased, at most 254 characters, a plain address

@@ -7,6 +7,7 @@ pub mod campaign;
 pub mod contact;
 pub mod enrollment;
 pub mod money;
+pub mod text;
 pub mod upcasters;
 
 pub use budget::{

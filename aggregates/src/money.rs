@@ -279,9 +279,57 @@ fn parse_decimal_text(text: &str) -> Result<Decimal, MoneyError> {
     Decimal::try_from_i128_with_scale(signed, scale).map_err(|_| MoneyError::OutOfRange)
 }
 
+/// What every bounded amount type shares around its own `new` (which states its bounds):
+/// parsing, the inner `Money`, and reading and writing as money does, with refusals named
+/// after `$label`.
+macro_rules! bounded_money {
+    ($name:ident, $label:literal) => {
+        impl $name {
+            pub fn parse_str(text: &str) -> Result<Self, MoneyError> {
+                Self::new(Money::parse_str(text)?)
+            }
+
+            pub fn from_json_value(value: &serde_json::Value) -> Result<Self, MoneyError> {
+                Self::new(Money::from_json_value(value)?)
+            }
+
+            pub fn money(&self) -> Money {
+                self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.fmt(f)
+            }
+        }
+
+        impl From<$name> for Money {
+            fn from(value: $name) -> Self {
+                value.0
+            }
+        }
+
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                self.0.serialize(serializer)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                let money = Money::deserialize(deserializer)?;
+                Self::new(money).map_err(|e| D::Error::custom(format!("{} {e}", $label)))
+            }
+        }
+    };
+}
+
 /// An amount a spend or a hold may take: more than 0 and at most 1,000,000.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PositiveAmount(Money);
+
+bounded_money!(PositiveAmount, "amount");
 
 impl PositiveAmount {
     pub const MAX_UNITS: i64 = 1_000_000;
@@ -296,49 +344,14 @@ impl PositiveAmount {
         }
         Ok(Self(amount))
     }
-
-    pub fn parse_str(text: &str) -> Result<Self, MoneyError> {
-        Self::new(Money::parse_str(text)?)
-    }
-
-    pub fn from_json_value(value: &serde_json::Value) -> Result<Self, MoneyError> {
-        Self::new(Money::from_json_value(value)?)
-    }
-
-    pub fn money(&self) -> Money {
-        self.0
-    }
-}
-
-impl fmt::Display for PositiveAmount {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl From<PositiveAmount> for Money {
-    fn from(value: PositiveAmount) -> Self {
-        value.0
-    }
-}
-
-impl Serialize for PositiveAmount {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for PositiveAmount {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let money = Money::deserialize(deserializer)?;
-        Self::new(money).map_err(|e| D::Error::custom(format!("amount {e}")))
-    }
 }
 
 /// A budget's limit: at least 0 and at most 10^12. Zero is a real limit (nothing may be
 /// spent); "no limit" is `Option::None` where a limit is used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Limit(Money);
+
+bounded_money!(Limit, "limit");
 
 impl Limit {
     pub const MAX_UNITS: i64 = 1_000_000_000_000;
@@ -352,43 +365,6 @@ impl Limit {
             return Err(MoneyError::TooLarge { max });
         }
         Ok(Self(amount))
-    }
-
-    pub fn parse_str(text: &str) -> Result<Self, MoneyError> {
-        Self::new(Money::parse_str(text)?)
-    }
-
-    pub fn from_json_value(value: &serde_json::Value) -> Result<Self, MoneyError> {
-        Self::new(Money::from_json_value(value)?)
-    }
-
-    pub fn money(&self) -> Money {
-        self.0
-    }
-}
-
-impl fmt::Display for Limit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl From<Limit> for Money {
-    fn from(value: Limit) -> Self {
-        value.0
-    }
-}
-
-impl Serialize for Limit {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        self.0.serialize(serializer)
-    }
-}
-
-impl<'de> Deserialize<'de> for Limit {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let money = Money::deserialize(deserializer)?;
-        Self::new(money).map_err(|e| D::Error::custom(format!("limit {e}")))
     }
 }
 

@@ -20,16 +20,14 @@ use chrono::Utc;
 use cqrs_es::Aggregate;
 use cqrs_es::event_sink::EventSink;
 use serde::{Deserialize, Serialize};
-use sqlx::PgPool;
-use tokio::sync::OnceCell;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::error::{ApiError, FieldError};
 use crate::http::AppState;
-use crate::http::command::{self, Gate, Reply, store_error};
+use crate::http::command::{self, Abort, Reply, Retry, Settled};
 use crate::http::extract::CommandRequest;
-use crate::store::{Loaded, Metadata, Position, StoreError};
+use crate::store::{Loaded, Metadata, Position};
 
 /// Rows an import takes at most.
 pub const MAX_IMPORT_ROWS: usize = 10_000;
@@ -122,14 +120,14 @@ pub fn field_error(e: ContactError) -> FieldError {
     }
 }
 
-/// The key of contact ids, read once per process from the database.
-pub async fn id_key(pool: &PgPool) -> Result<&'static [u8], sqlx::Error> {
-    static KEY: OnceCell<Vec<u8>> = OnceCell::const_new();
-    // One value per database; a process serves one database.
-    let key = KEY
+/// The key of contact ids, read from the database on first use and kept in the state
+/// (one database per state: a process serving several databases keeps each one's key).
+pub async fn id_key(state: &AppState) -> Result<&[u8], sqlx::Error> {
+    let key = state
+        .contact_id_key
         .get_or_try_init(|| async {
             sqlx::query_scalar!("SELECT value FROM server_secrets WHERE name = 'contact_id_key'")
-                .fetch_one(pool)
+                .fetch_one(&state.pool)
                 .await
         })
         .await?;
@@ -137,8 +135,8 @@ pub async fn id_key(pool: &PgPool) -> Result<&'static [u8], sqlx::Error> {
 }
 
 /// The id of the contact with this email.
-pub async fn id_for(pool: &PgPool, email: &ContactEmail) -> Result<Uuid, sqlx::Error> {
-    Ok(contact_id_for(id_key(pool).await?, email))
+pub async fn id_for(state: &AppState, email: &ContactEmail) -> Result<Uuid, sqlx::Error> {
+    Ok(contact_id_for(id_key(state).await?, email))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum, ToSchema)]
@@ -311,7 +309,7 @@ pub async fn import(
     metadata: Metadata,
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<ImportOutcome, ApiError> {
-    let key = id_key(&state.pool).await?;
+    let key = id_key(state).await?;
     let mut report = ImportReport {
         received: rows.len(),
         ..ImportReport::default()
@@ -360,129 +358,110 @@ pub async fn import(
     ids.sort();
     ids.dedup();
     let at = Utc::now();
-    let policy = state.retry;
-    for attempt in 0..policy.max_attempts {
+    let mut retry = Retry::new(state, Contact::TYPE);
+    loop {
         let mut tx = state.pool.begin().await?;
-        if let Some(request) = request
-            && let Some(key) = &request.idempotency_key
-            && let Gate::Replay(response) = command::idempotency_gate(&mut tx, request, key).await?
-        {
-            return Ok(ImportOutcome::Replayed(response));
-        }
-        let mut loaded: HashMap<String, Loaded<Contact>> = state
-            .store
-            .load_many(&mut tx, &ids)
-            .await
-            .map_err(store_error)?;
-        // Each row's command on its contact, in file order; the state moves on with each.
-        let mut events: HashMap<String, Vec<ContactEvent>> = HashMap::new();
-        // Per valid row: its contact, and the index of its event in that contact's new
-        // events (none: the row changed nothing).
-        let mut row_event: Vec<(String, Option<usize>)> = Vec::with_capacity(planned.len());
-        let mut row_errors = Vec::new();
-        for p in &planned {
-            let contact = loaded.get_mut(&p.id).expect("loaded every id");
-            let sink = EventSink::default();
-            let command = ContactCommand::Upsert {
-                email: p.email.clone(),
-                fields: p.fields.clone(),
-                at,
-            };
-            match contact.aggregate.handle(command, &(), &sink).await {
-                Ok(()) => {
-                    let new = sink.collect().await;
-                    let stream = events.entry(p.id.clone()).or_default();
-                    let index = (!new.is_empty()).then_some(stream.len());
-                    stream.extend(new);
-                    row_event.push((p.id.clone(), index));
-                }
-                Err(e) => row_errors.push(RowError {
-                    row: p.row,
-                    email: Some(p.email.as_str().to_string()),
-                    message: e.to_string(),
-                }),
+        let outcome = async {
+            if let Some(request) = request
+                && let Some(response) = command::replay(&mut tx, request).await?
+            {
+                return Ok(ImportOutcome::Replayed(response));
             }
-        }
-        if mode == ImportMode::Atomic && !row_errors.is_empty() {
+            let mut loaded: HashMap<String, Loaded<Contact>> =
+                state.store.load_many(&mut tx, &ids).await?;
+            // Each row's command on its contact, in file order; the state moves on with each.
+            let mut events: HashMap<String, Vec<ContactEvent>> = HashMap::new();
+            // Per valid row: its contact, and the index of its event in that contact's new
+            // events (none: the row changed nothing).
+            let mut row_event: Vec<(String, Option<usize>)> = Vec::with_capacity(planned.len());
+            let mut row_errors = Vec::new();
+            for p in &planned {
+                let contact = loaded.get_mut(&p.id).expect("loaded every id");
+                let sink = EventSink::default();
+                let command = ContactCommand::Upsert {
+                    email: p.email.clone(),
+                    fields: p.fields.clone(),
+                    at,
+                };
+                match contact.aggregate.handle(command, &(), &sink).await {
+                    Ok(()) => {
+                        let new = sink.collect().await;
+                        let stream = events.entry(p.id.clone()).or_default();
+                        let index = (!new.is_empty()).then_some(stream.len());
+                        stream.extend(new);
+                        row_event.push((p.id.clone(), index));
+                    }
+                    Err(e) => row_errors.push(RowError {
+                        row: p.row,
+                        email: Some(p.email.as_str().to_string()),
+                        message: e.to_string(),
+                    }),
+                }
+            }
             let mut report = report.clone();
             report.failed += row_errors.len();
             report.errors.extend(row_errors);
-            return Ok(ImportOutcome::Done {
+            report.errors.sort_by_key(|e| e.row);
+            if mode == ImportMode::Atomic && report.failed > 0 {
+                return Ok(ImportOutcome::Done {
+                    report,
+                    written: false,
+                });
+            }
+            let (ids_written, mut streams): (Vec<&String>, Vec<_>) = loaded
+                .iter_mut()
+                .filter_map(|(id, l)| {
+                    let e = events.get(id).filter(|e| !e.is_empty())?;
+                    Some((id, (l, e.as_slice())))
+                })
+                .unzip();
+            let appended = state
+                .store
+                .append_many(&mut tx, &mut streams, &metadata)
+                .await?;
+            // What the statement returned, by stream: the sequence and position of each event.
+            let written: HashMap<&String, &crate::store::Appended> =
+                ids_written.into_iter().zip(appended.iter()).collect();
+            let mut last: Option<Position> = None;
+            for (id, index) in &row_event {
+                let Some(index) = index else {
+                    report.unchanged += 1;
+                    continue;
+                };
+                let Some(appended) = written.get(id) else {
+                    return Err(
+                        ApiError::Internal("an import row's event was not written".into()).into(),
+                    );
+                };
+                let (sequence, position) = appended.events[*index];
+                last = last.max(Some(position));
+                // The first event of a stream is the one that created the contact.
+                if sequence == 1 {
+                    report.created += 1;
+                } else {
+                    report.updated += 1;
+                }
+            }
+            report.position = last.map(|p| p.to_string());
+            if let Some(request) = request {
+                let reply = Reply::ok(serde_json::to_value(&report).unwrap_or_default());
+                command::record(&mut tx, request, &reply).await?;
+            }
+            Ok::<_, Abort>(ImportOutcome::Done {
                 report,
-                written: false,
-            });
+                written: true,
+            })
         }
-        let versions_before: HashMap<String, u64> = loaded
-            .iter()
-            .map(|(id, l)| (id.clone(), l.version))
-            .collect();
-        let mut streams: Vec<(&mut Loaded<Contact>, &[ContactEvent])> = Vec::new();
-        let mut order: Vec<&String> = Vec::new();
-        let mut loaded_refs: Vec<(&String, &mut Loaded<Contact>)> = loaded.iter_mut().collect();
-        loaded_refs.sort_by(|a, b| a.0.cmp(b.0));
-        for (id, l) in loaded_refs {
-            if let Some(e) = events.get(id)
-                && !e.is_empty()
-            {
-                order.push(id);
-                streams.push((l, e.as_slice()));
-            }
-        }
-        let appended = match state
-            .store
-            .append_many(&mut tx, &mut streams, &metadata)
-            .await
-        {
-            Ok(a) => a,
-            Err(StoreError::Conflict) => {
-                let _ = tx.rollback().await;
-                tokio::time::sleep(policy.pause(attempt)).await;
-                continue;
-            }
-            Err(e) => return Err(store_error(e)),
-        };
-        // What the statement returned, by stream: the sequence and position of each event.
-        let written: HashMap<&String, &crate::store::Appended> =
-            order.iter().copied().zip(appended.iter()).collect();
-        let mut report = report.clone();
-        let mut last: Option<Position> = None;
-        for (id, index) in &row_event {
-            let Some(index) = index else {
-                report.unchanged += 1;
-                continue;
-            };
-            let Some(appended) = written.get(id) else {
-                return Err(ApiError::Internal(
-                    "an import row's event was not written".into(),
+        .await;
+        match retry.settle(tx, outcome).await? {
+            Settled::Done(done) => return Ok(done),
+            Settled::Again => {}
+            Settled::GaveUp => {
+                return Err(ApiError::conflict(
+                    "concurrency-conflict",
+                    "the contacts kept changing under this import; retry it",
                 ));
-            };
-            let (sequence, position) = appended.events[*index];
-            last = last.max(Some(position));
-            let first_of_stream = versions_before.get(id).copied().unwrap_or(0) == 0;
-            if first_of_stream && sequence == 1 {
-                report.created += 1;
-            } else {
-                report.updated += 1;
             }
         }
-        report.failed += row_errors.len();
-        report.errors.extend(row_errors);
-        report.errors.sort_by_key(|e| e.row);
-        report.position = last.map(|p| p.to_string());
-        if let Some(request) = request
-            && let Some(key) = &request.idempotency_key
-        {
-            let reply = Reply::ok(serde_json::to_value(&report).unwrap_or_default());
-            command::record(&mut tx, request, key, &reply).await?;
-        }
-        tx.commit().await?;
-        return Ok(ImportOutcome::Done {
-            report,
-            written: true,
-        });
     }
-    Err(ApiError::conflict(
-        "concurrency-conflict",
-        "the contacts kept changing under this import; retry it",
-    ))
 }

@@ -35,7 +35,7 @@ use uuid::Uuid;
 
 use crate::error::{ApiError, FieldError};
 use crate::http::AppState;
-use crate::http::command::store_error;
+use crate::http::command::{Abort, Retry, Settled};
 use crate::secrets::SecretBox;
 use crate::store::{Loaded, Metadata, Store, StoreError};
 
@@ -241,7 +241,7 @@ pub async fn ingest(
     request_hash: &[u8],
     events: Vec<Value>,
 ) -> Result<Value, ApiError> {
-    let key = crate::contacts::id_key(&state.pool).await?;
+    let key = crate::contacts::id_key(state).await?;
     let resolved: Vec<Result<Resolved, String>> = events
         .iter()
         .enumerate()
@@ -252,9 +252,10 @@ pub async fn ingest(
         actor: Some(format!("webhook_source:{source}")),
         ..Metadata::default()
     };
-    let policy = state.retry;
-    for attempt in 0..policy.max_attempts {
+    let mut retry = Retry::new(state, Enrollment::TYPE);
+    loop {
         let mut tx = state.pool.begin().await?;
+        let outcome = async {
         // One delivery at a time per webhook-id: a concurrent repeat waits, then replays.
         sqlx::query!(
             "SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2, 1))",
@@ -275,9 +276,11 @@ pub async fn ingest(
                 return Err(ApiError::conflict(
                     "webhook-id-reused",
                     "this webhook-id was delivered before with a different body",
-                ));
+                )
+                .into());
             }
-            return Ok(earlier.response);
+            // A repeated delivery: the first response again, counted once already.
+            return Ok((earlier.response, 0, 0));
         }
         let valid: Vec<&Resolved> = resolved.iter().filter_map(|r| r.as_ref().ok()).collect();
         let ids: Vec<String> = valid.iter().map(|r| r.event_id.clone()).collect();
@@ -318,8 +321,7 @@ pub async fn ingest(
         let mut loaded: HashMap<String, Loaded<Enrollment>> = state
             .store
             .load_many(&mut tx, &enrollment_ids)
-            .await
-            .map_err(store_error)?;
+            .await?;
         let mut outcome: HashMap<usize, &'static str> = HashMap::new();
         let mut new_events: HashMap<String, Vec<EnrollmentEvent>> = HashMap::new();
         let mut parked: Vec<&Resolved> = Vec::new();
@@ -362,19 +364,10 @@ pub async fn ingest(
             .iter_mut()
             .filter_map(|(id, l)| new_events.get(id).map(|e| (l, e.as_slice())))
             .collect();
-        match state
+        state
             .store
             .append_many(&mut tx, &mut streams, &metadata)
-            .await
-        {
-            Ok(_) => {}
-            Err(StoreError::Conflict) => {
-                let _ = tx.rollback().await;
-                tokio::time::sleep(policy.pause(attempt)).await;
-                continue;
-            }
-            Err(e) => return Err(store_error(e)),
-        }
+            .await?;
         park(&mut tx, source, &parked).await?;
         let results: Vec<EventResult> = resolved
             .iter()
@@ -411,17 +404,27 @@ pub async fn ingest(
         )
         .execute(&mut *tx)
         .await?;
-        tx.commit().await?;
         let applied = results.iter().filter(|r| r.outcome == "applied").count();
-        metrics::counter!("webhook_events_total", "outcome" => "applied").increment(applied as u64);
-        metrics::counter!("webhook_events_total", "outcome" => "parked")
-            .increment(parked.len() as u64);
-        return Ok(response);
+        Ok::<_, Abort>((response, applied, parked.len()))
+        }
+        .await;
+        match retry.settle(tx, outcome).await? {
+            Settled::Done((response, applied, parked)) => {
+                metrics::counter!("webhook_events_total", "outcome" => "applied")
+                    .increment(applied as u64);
+                metrics::counter!("webhook_events_total", "outcome" => "parked")
+                    .increment(parked as u64);
+                return Ok(response);
+            }
+            Settled::Again => {}
+            Settled::GaveUp => {
+                return Err(ApiError::conflict(
+                    "concurrency-conflict",
+                    "the enrollments kept changing under this delivery; deliver it again",
+                ));
+            }
+        }
     }
-    Err(ApiError::conflict(
-        "concurrency-conflict",
-        "the enrollments kept changing under this delivery; deliver it again",
-    ))
 }
 
 async fn park(

@@ -30,9 +30,9 @@ use uuid::Uuid;
 
 use crate::error::{ApiError, FieldError};
 use crate::http::AppState;
-use crate::http::command::{self, Reply, Written};
+use crate::http::command::{self, Abort, Reply, Retry, Settled, Written};
 use crate::http::extract::{CommandRequest, json_with_etag, parse_json};
-use crate::store::{Loaded, Metadata, StoreError};
+use crate::store::{Loaded, Metadata};
 
 const TAG: &str = "budgets";
 
@@ -384,15 +384,9 @@ async fn get_budget(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let mut conn = state.pool.acquire().await?;
-    let loaded: Loaded<Budget> = state
-        .store
-        .load(&mut conn, &id.to_string())
-        .await
-        .map_err(command::store_error)?;
-    if !loaded.aggregate.created {
-        return Err(ApiError::NotFound("no budget with this id".into()));
-    }
+    let loaded: Loaded<Budget> =
+        command::load_existing(&state, id, |b: &Budget| b.created, "no budget with this id")
+            .await?;
     Ok(json_with_etag(
         &budget_body(id, &loaded, Utc::now()),
         loaded.version,
@@ -702,41 +696,32 @@ async fn expire_budget(
         actor: Some("worker:budget-expiry".into()),
         ..Metadata::default()
     };
-    let policy = state.retry;
-    for attempt in 0..policy.max_attempts {
+    let mut retry = Retry::new(state, Budget::TYPE);
+    loop {
         let mut tx = state.pool.begin().await?;
-        let mut loaded: Loaded<Budget> = state
-            .store
-            .load(&mut tx, &id)
-            .await
-            .map_err(command::store_error)?;
-        let sink = EventSink::default();
-        loaded
-            .aggregate
-            .handle(BudgetCommand::ExpireReservations { at }, &(), &sink)
-            .await?;
-        let events = sink.collect().await;
-        if events.is_empty() {
-            return Ok(0);
+        let outcome = async {
+            let mut loaded: Loaded<Budget> = state.store.load(&mut tx, &id).await?;
+            let sink = EventSink::default();
+            loaded
+                .aggregate
+                .handle(BudgetCommand::ExpireReservations { at }, &(), &sink)
+                .await
+                .map_err(ApiError::from)?;
+            let events = sink.collect().await;
+            state
+                .store
+                .append(&mut tx, &mut loaded, &events, &metadata)
+                .await?;
+            Ok::<_, Abort>(events.len())
         }
-        match state
-            .store
-            .append(&mut tx, &mut loaded, &events, &metadata)
-            .await
-        {
-            Ok(_) => {
-                tx.commit().await?;
-                return Ok(events.len());
-            }
-            Err(StoreError::Conflict) => {
-                let _ = tx.rollback().await;
-                tokio::time::sleep(policy.pause(attempt)).await;
-            }
-            Err(e) => return Err(command::store_error(e)),
+        .await;
+        match retry.settle(tx, outcome).await? {
+            Settled::Done(expired) => return Ok(expired),
+            Settled::Again => {}
+            // The budget kept changing: its next command or the next sweep expires the holds.
+            Settled::GaveUp => return Ok(0),
         }
     }
-    // The budget kept changing: its next command or the next sweep expires the holds.
-    Ok(0)
 }
 
 #[cfg(test)]

@@ -217,15 +217,13 @@ async fn get_campaign(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let mut conn = state.pool.acquire().await?;
-    let loaded: Loaded<Campaign> = state
-        .store
-        .load(&mut conn, &id.to_string())
-        .await
-        .map_err(command::store_error)?;
-    if !loaded.aggregate.created {
-        return Err(ApiError::NotFound("no campaign with this id".into()));
-    }
+    let loaded: Loaded<Campaign> = command::load_existing(
+        &state,
+        id,
+        |c: &Campaign| c.created,
+        "no campaign with this id",
+    )
+    .await?;
     Ok(json_with_etag(&body(id, &loaded), loaded.version))
 }
 

@@ -142,6 +142,90 @@ impl IntoResponse for Reply {
     }
 }
 
+/// Why one attempt of a transaction did not finish.
+pub enum Abort {
+    /// Another writer got to a stream first: roll back and try again.
+    Conflict,
+    /// Give up and answer with this error; nothing is committed.
+    Fail(ApiError),
+}
+
+impl From<ApiError> for Abort {
+    fn from(e: ApiError) -> Self {
+        Self::Fail(e)
+    }
+}
+
+impl From<sqlx::Error> for Abort {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Fail(e.into())
+    }
+}
+
+impl From<StoreError> for Abort {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => Self::Conflict,
+            other => Self::Fail(store_error(other)),
+        }
+    }
+}
+
+/// What became of one attempt.
+pub enum Settled<T> {
+    /// Committed.
+    Done(T),
+    /// Rolled back after a conflict; begin the next attempt.
+    Again,
+    /// Rolled back after a conflict, and no attempts are left.
+    GaveUp,
+}
+
+/// The attempts of one write: every write path runs its work in a transaction per attempt
+/// and hands the outcome to [`Retry::settle`], so committing, rolling back, counting
+/// conflicts (`command_conflicts_total{aggregate}`) and pausing before the next attempt
+/// (jittered, growing) happen in one place.
+pub struct Retry {
+    policy: RetryPolicy,
+    aggregate: &'static str,
+    attempt: u32,
+}
+
+impl Retry {
+    pub fn new(state: &AppState, aggregate: &'static str) -> Self {
+        Self {
+            policy: state.retry,
+            aggregate,
+            attempt: 0,
+        }
+    }
+
+    pub async fn settle<T>(
+        &mut self,
+        tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        outcome: Result<T, Abort>,
+    ) -> Result<Settled<T>, ApiError> {
+        match outcome {
+            Ok(done) => {
+                tx.commit().await?;
+                Ok(Settled::Done(done))
+            }
+            Err(Abort::Fail(e)) => Err(e),
+            Err(Abort::Conflict) => {
+                let _ = tx.rollback().await;
+                metrics::counter!("command_conflicts_total", "aggregate" => self.aggregate)
+                    .increment(1);
+                self.attempt += 1;
+                if self.attempt >= self.policy.max_attempts {
+                    return Ok(Settled::GaveUp);
+                }
+                tokio::time::sleep(self.policy.pause(self.attempt - 1)).await;
+                Ok(Settled::Again)
+            }
+        }
+    }
+}
+
 /// Runs a command on aggregate `id` and answers with `render`'s reply.
 ///
 /// `make` builds the command from the loaded aggregate (it runs again on each retry) and
@@ -161,73 +245,85 @@ where
     M: Fn(&Loaded<A>) -> Result<A::Command, ApiError>,
     R: Fn(&Written<A>) -> Reply,
 {
-    let policy = state.retry;
     let metadata = request.metadata();
-    for attempt in 0..policy.max_attempts {
+    let mut retry = Retry::new(state, A::TYPE);
+    loop {
         let mut tx = state.pool.begin().await?;
-        if let Some(key) = &request.idempotency_key {
-            match idempotency_gate(&mut tx, request, key).await? {
-                Gate::Proceed => {}
-                Gate::Replay(response) => return Ok(response),
+        let outcome = async {
+            if let Some(response) = replay(&mut tx, request).await? {
+                return Ok(response);
             }
-        }
-        let mut loaded: Loaded<A> = state.store.load(&mut tx, id).await.map_err(store_error)?;
-        if let Some(expected) = request.if_match
-            && expected != loaded.version
-        {
-            return Err(ApiError::PreconditionFailed(format!(
-                "If-Match is \"{expected}\" but the resource is at version \"{}\"",
-                loaded.version
-            )));
-        }
-        let existed_before = loaded.version > 0;
-        let command = make(&loaded)?;
-        let sink = EventSink::default();
-        if let Err(domain) = loaded.aggregate.handle(command, services, &sink).await {
-            let error: ApiError = domain.into();
-            // The outcome of executing the command: a retry with the key gets it again.
-            if let Some(key) = &request.idempotency_key {
-                let reply = error_reply(&error);
-                record(&mut tx, request, key, &reply).await?;
-                tx.commit().await?;
+            let mut loaded: Loaded<A> = state.store.load(&mut tx, id).await?;
+            if let Some(expected) = request.if_match
+                && expected != loaded.version
+            {
+                return Err(ApiError::PreconditionFailed(format!(
+                    "If-Match is \"{expected}\" but the resource is at version \"{}\"",
+                    loaded.version
+                ))
+                .into());
             }
-            return Err(error);
-        }
-        let events = sink.collect().await;
-        match state
-            .store
-            .append(&mut tx, &mut loaded, &events, &metadata)
-            .await
-        {
-            Ok(appended) => {
-                let written = Written {
-                    loaded,
-                    existed_before,
-                    appended,
-                };
-                let reply = render(&written);
-                if let Some(key) = &request.idempotency_key {
-                    record(&mut tx, request, key, &reply).await?;
+            let existed_before = loaded.version > 0;
+            let command = make(&loaded)?;
+            let sink = EventSink::default();
+            let reply = match loaded.aggregate.handle(command, services, &sink).await {
+                // The outcome of executing the command: a retry with the key gets it again.
+                Err(domain) => error_reply(&domain.into()),
+                Ok(()) => {
+                    let events = sink.collect().await;
+                    let appended = state
+                        .store
+                        .append(&mut tx, &mut loaded, &events, &metadata)
+                        .await?;
+                    render(&Written {
+                        loaded,
+                        existed_before,
+                        appended,
+                    })
                 }
-                tx.commit().await?;
+            };
+            record(&mut tx, request, &reply).await?;
+            Ok::<_, Abort>(reply.into_response())
+        }
+        .await;
+        match retry.settle(tx, outcome).await? {
+            Settled::Done(response) => {
                 metrics::counter!("commands_total", "aggregate" => A::TYPE, "outcome" => "ok")
                     .increment(1);
-                return Ok(reply.into_response());
+                return Ok(response);
             }
-            Err(StoreError::Conflict) => {
-                let _ = tx.rollback().await;
-                metrics::counter!("command_conflicts_total", "aggregate" => A::TYPE).increment(1);
-                tokio::time::sleep(policy.pause(attempt)).await;
+            Settled::Again => {}
+            Settled::GaveUp => {
+                metrics::counter!("commands_total", "aggregate" => A::TYPE, "outcome" => "retries_exhausted")
+                    .increment(1);
+                return Err(ApiError::conflict(
+                    "concurrency-conflict",
+                    "the resource kept changing under this command; retry it",
+                ));
             }
-            Err(e) => return Err(store_error(e)),
         }
     }
-    metrics::counter!("commands_total", "aggregate" => A::TYPE, "outcome" => "retries_exhausted")
-        .increment(1);
-    Err(ApiError::conflict(
-        "concurrency-conflict",
-        "the resource kept changing under this command; retry it",
-    ))
+}
+
+/// The aggregate `id` as its stream says, or 404 with `missing` when `exists` says it was
+/// never created.
+pub async fn load_existing<A: Aggregate>(
+    state: &AppState,
+    id: uuid::Uuid,
+    exists: impl Fn(&A) -> bool,
+    missing: &str,
+) -> Result<Loaded<A>, ApiError> {
+    let mut conn = state.pool.acquire().await?;
+    let loaded: Loaded<A> = state
+        .store
+        .load(&mut conn, &id.to_string())
+        .await
+        .map_err(store_error)?;
+    if exists(&loaded.aggregate) {
+        Ok(loaded)
+    } else {
+        Err(ApiError::NotFound(missing.to_string()))
+    }
 }
 
 pub fn store_error(e: StoreError) -> ApiError {
@@ -237,18 +333,16 @@ pub fn store_error(e: StoreError) -> ApiError {
     }
 }
 
-/// What the idempotency check says to do.
-pub enum Gate {
-    Proceed,
-    Replay(Response),
-}
-
-/// The idempotency key's lock and record, inside the attempt's transaction.
-pub async fn idempotency_gate(
+/// The request's idempotency key, checked inside the attempt's transaction: the
+/// response recorded for it, if any (`None` also when the request has no key). The key is
+/// locked for the transaction, so a second request with it while the first runs gets 409.
+pub async fn replay(
     conn: &mut PgConnection,
     request: &CommandRequest,
-    key: &str,
-) -> Result<Gate, ApiError> {
+) -> Result<Option<Response>, ApiError> {
+    let Some(key) = &request.idempotency_key else {
+        return Ok(None);
+    };
     let scope = request.key.id.to_string();
     let locked = sqlx::query_scalar!(
         r#"SELECT pg_try_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0)) AS "locked!""#,
@@ -272,7 +366,7 @@ pub async fn idempotency_gate(
     .fetch_optional(&mut *conn)
     .await?;
     let Some(record) = record else {
-        return Ok(Gate::Proceed);
+        return Ok(None);
     };
     if record.request_hash != request.request_hash {
         return Err(ApiError::invalid(vec![crate::error::FieldError::new(
@@ -293,18 +387,21 @@ pub async fn idempotency_gate(
         }
     }
     headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
-    Ok(Gate::Replay(
+    Ok(Some(
         (status, headers, record.response_body).into_response(),
     ))
 }
 
-/// Records `reply` for the request's idempotency key, in the caller's transaction.
+/// Records `reply` for the request's idempotency key, in the caller's transaction (no-op
+/// without a key).
 pub async fn record(
     conn: &mut PgConnection,
     request: &CommandRequest,
-    key: &str,
     reply: &Reply,
 ) -> Result<(), ApiError> {
+    let Some(key) = &request.idempotency_key else {
+        return Ok(());
+    };
     let headers: serde_json::Map<String, Value> = reply
         .headers()
         .iter()
@@ -333,7 +430,7 @@ pub async fn record(
 }
 
 /// An error as a recordable reply (problem+json).
-fn error_reply(error: &ApiError) -> Reply {
+pub fn error_reply(error: &ApiError) -> Reply {
     let response = error.problem();
     Reply {
         status: error.status(),

@@ -121,7 +121,7 @@ async fn upsert_contact(
 ) -> Result<Response, ApiError> {
     let input: ContactInput = request.json()?;
     let (email, fields) = input.parse().map_err(ApiError::invalid)?;
-    let id = contacts::id_for(&state.pool, &email).await?;
+    let id = contacts::id_for(&state, &email).await?;
     let at = Utc::now();
     command::execute::<Contact, _, _>(
         &state,
@@ -238,15 +238,13 @@ async fn get_contact(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let mut conn = state.pool.acquire().await?;
-    let loaded: Loaded<Contact> = state
-        .store
-        .load(&mut conn, &id.to_string())
-        .await
-        .map_err(command::store_error)?;
-    if !loaded.aggregate.created {
-        return Err(ApiError::NotFound("no contact with this id".into()));
-    }
+    let loaded: Loaded<Contact> = command::load_existing(
+        &state,
+        id,
+        |c: &Contact| c.created,
+        "no contact with this id",
+    )
+    .await?;
     Ok(json_with_etag(&body(id, &loaded), loaded.version))
 }
 

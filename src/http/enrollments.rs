@@ -24,11 +24,11 @@ use uuid::Uuid;
 
 use crate::error::{ApiError, FieldError};
 use crate::http::AppState;
-use crate::http::command::{self, Gate, Reply, store_error};
+use crate::http::command::{self, Abort, Reply, Retry, Settled};
 use crate::http::extract::{
     ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, json_with_etag,
 };
-use crate::store::{Loaded, Position, StoreError};
+use crate::store::{Loaded, Position};
 
 const TAG: &str = "enrollments";
 const READ_MODEL: &str = "enrollments";
@@ -98,132 +98,107 @@ async fn enroll(
         .collect();
     let metadata = request.metadata();
     let at = Utc::now();
-    let policy = state.retry;
-    for attempt in 0..policy.max_attempts {
+    let mut retry = Retry::new(&state, Enrollment::TYPE);
+    loop {
         let mut tx = state.pool.begin().await?;
-        if let Some(key) = &request.idempotency_key
-            && let Gate::Replay(response) =
-                command::idempotency_gate(&mut tx, &request, key).await?
-        {
-            return Ok(response);
-        }
-        let loaded_campaign: Loaded<Campaign> = state
-            .store
-            .load(&mut tx, &campaign.to_string())
-            .await
-            .map_err(store_error)?;
-        if !loaded_campaign.aggregate.created {
-            return Err(ApiError::NotFound("no campaign with this id".into()));
-        }
-        if loaded_campaign.aggregate.status == CampaignStatus::Completed {
-            let error = ApiError::conflict(
-                "campaign-completed",
-                "a completed campaign takes no enrollments",
-            );
-            if let Some(key) = &request.idempotency_key {
-                let reply = Reply {
-                    status: error.status(),
-                    body: error.problem(),
-                    etag_version: None,
-                    location: None,
-                };
-                command::record(&mut tx, &request, key, &reply).await?;
-                tx.commit().await?;
+        let outcome = async {
+            if let Some(response) = command::replay(&mut tx, &request).await? {
+                return Ok(response);
             }
-            return Err(error);
-        }
-        let stop_on_reply = loaded_campaign.aggregate.stop_on_reply;
-        let contact_keys: Vec<String> = contacts.iter().map(Uuid::to_string).collect();
-        let known: HashMap<String, Loaded<Contact>> = state
-            .store
-            .load_many(&mut tx, &contact_keys)
-            .await
-            .map_err(store_error)?;
-        let enrollment_ids: Vec<String> = contacts
-            .iter()
-            .map(|c| enrollment_id_for(campaign, *c).to_string())
-            .collect();
-        let mut enrollments: HashMap<String, Loaded<Enrollment>> = state
-            .store
-            .load_many(&mut tx, &enrollment_ids)
-            .await
-            .map_err(store_error)?;
-        let mut response = EnrollResponse {
-            enrolled: Vec::new(),
-            already_enrolled: Vec::new(),
-            rejected: Vec::new(),
-            position: None,
-        };
-        let mut new_events: HashMap<String, Vec<EnrollmentEvent>> = HashMap::new();
-        for (contact, enrollment_key) in contacts.iter().zip(&enrollment_ids) {
-            let pair = Enrolled {
-                contact_id: *contact,
-                enrollment_id: enrollment_id_for(campaign, *contact),
+            let loaded_campaign: Loaded<Campaign> =
+                state.store.load(&mut tx, &campaign.to_string()).await?;
+            if !loaded_campaign.aggregate.created {
+                return Err(ApiError::NotFound("no campaign with this id".into()).into());
+            }
+            if loaded_campaign.aggregate.status == CampaignStatus::Completed {
+                // The outcome of executing the request: a retry with the key gets it again.
+                let reply = command::error_reply(&ApiError::conflict(
+                    "campaign-completed",
+                    "a completed campaign takes no enrollments",
+                ));
+                command::record(&mut tx, &request, &reply).await?;
+                return Ok(reply.into_response());
+            }
+            let stop_on_reply = loaded_campaign.aggregate.stop_on_reply;
+            let contact_keys: Vec<String> = contacts.iter().map(Uuid::to_string).collect();
+            let known: HashMap<String, Loaded<Contact>> =
+                state.store.load_many(&mut tx, &contact_keys).await?;
+            let enrollment_ids: Vec<String> = contacts
+                .iter()
+                .map(|c| enrollment_id_for(campaign, *c).to_string())
+                .collect();
+            let mut enrollments: HashMap<String, Loaded<Enrollment>> =
+                state.store.load_many(&mut tx, &enrollment_ids).await?;
+            let mut response = EnrollResponse {
+                enrolled: Vec::new(),
+                already_enrolled: Vec::new(),
+                rejected: Vec::new(),
+                position: None,
             };
-            if !known
-                .get(&contact.to_string())
-                .is_some_and(|c| c.aggregate.created)
-            {
-                response.rejected.push(Rejected {
+            let mut new_events: HashMap<String, Vec<EnrollmentEvent>> = HashMap::new();
+            for (contact, enrollment_key) in contacts.iter().zip(&enrollment_ids) {
+                let pair = Enrolled {
                     contact_id: *contact,
-                    reason: "unknown contact".into(),
-                });
-                continue;
+                    enrollment_id: enrollment_id_for(campaign, *contact),
+                };
+                if !known
+                    .get(&contact.to_string())
+                    .is_some_and(|c| c.aggregate.created)
+                {
+                    response.rejected.push(Rejected {
+                        contact_id: *contact,
+                        reason: "unknown contact".into(),
+                    });
+                    continue;
+                }
+                let enrollment = enrollments
+                    .get_mut(enrollment_key)
+                    .expect("loaded every id");
+                if enrollment.aggregate.enrolled {
+                    response.already_enrolled.push(pair);
+                    continue;
+                }
+                let sink = EventSink::default();
+                let command = EnrollmentCommand::Enroll {
+                    campaign_id: campaign,
+                    contact_id: *contact,
+                    stop_on_reply,
+                    at,
+                };
+                enrollment
+                    .aggregate
+                    .handle(command, &(), &sink)
+                    .await
+                    .map_err(ApiError::from)?;
+                new_events.insert(enrollment_key.clone(), sink.collect().await);
+                response.enrolled.push(pair);
             }
-            let enrollment = enrollments
-                .get_mut(enrollment_key)
-                .expect("loaded every id");
-            if enrollment.aggregate.enrolled {
-                response.already_enrolled.push(pair);
-                continue;
-            }
-            let sink = EventSink::default();
-            let command = EnrollmentCommand::Enroll {
-                campaign_id: campaign,
-                contact_id: *contact,
-                stop_on_reply,
-                at,
-            };
-            enrollment
-                .aggregate
-                .handle(command, &(), &sink)
-                .await
-                .map_err(ApiError::from)?;
-            new_events.insert(enrollment_key.clone(), sink.collect().await);
-            response.enrolled.push(pair);
+            let mut streams: Vec<(&mut Loaded<Enrollment>, &[EnrollmentEvent])> = enrollments
+                .iter_mut()
+                .filter_map(|(id, l)| new_events.get(id).map(|e| (l, e.as_slice())))
+                .collect();
+            let appended = state
+                .store
+                .append_many(&mut tx, &mut streams, &metadata)
+                .await?;
+            let last: Option<Position> = appended.iter().filter_map(|a| a.last_position()).max();
+            response.position = last.map(|p| p.to_string());
+            let reply = Reply::ok(serde_json::to_value(&response).unwrap_or_default());
+            command::record(&mut tx, &request, &reply).await?;
+            Ok::<_, Abort>(reply.into_response())
         }
-        let mut streams: Vec<(&mut Loaded<Enrollment>, &[EnrollmentEvent])> = enrollments
-            .iter_mut()
-            .filter_map(|(id, l)| new_events.get(id).map(|e| (l, e.as_slice())))
-            .collect();
-        match state
-            .store
-            .append_many(&mut tx, &mut streams, &metadata)
-            .await
-        {
-            Ok(appended) => {
-                let last: Option<Position> =
-                    appended.iter().filter_map(|a| a.last_position()).max();
-                response.position = last.map(|p| p.to_string());
+        .await;
+        match retry.settle(tx, outcome).await? {
+            Settled::Done(response) => return Ok(response),
+            Settled::Again => {}
+            Settled::GaveUp => {
+                return Err(ApiError::conflict(
+                    "concurrency-conflict",
+                    "the enrollments kept changing under this request; retry it",
+                ));
             }
-            Err(StoreError::Conflict) => {
-                let _ = tx.rollback().await;
-                tokio::time::sleep(policy.pause(attempt)).await;
-                continue;
-            }
-            Err(e) => return Err(store_error(e)),
         }
-        let reply = Reply::ok(serde_json::to_value(&response).unwrap_or_default());
-        if let Some(key) = &request.idempotency_key {
-            command::record(&mut tx, &request, key, &reply).await?;
-        }
-        tx.commit().await?;
-        return Ok(reply.into_response());
     }
-    Err(ApiError::conflict(
-        "concurrency-conflict",
-        "the enrollments kept changing under this request; retry it",
-    ))
 }
 
 /// An enrollment as its stream says.
@@ -257,16 +232,14 @@ async fn get_enrollment(
 ) -> Result<Response, ApiError> {
     let not_found = || ApiError::NotFound("no enrollment with this id".into());
     let id = Uuid::parse_str(&id).map_err(|_| not_found())?;
-    let mut conn = state.pool.acquire().await?;
-    let loaded: Loaded<Enrollment> = state
-        .store
-        .load(&mut conn, &id.to_string())
-        .await
-        .map_err(store_error)?;
+    let loaded: Loaded<Enrollment> = command::load_existing(
+        &state,
+        id,
+        |e: &Enrollment| e.enrolled,
+        "no enrollment with this id",
+    )
+    .await?;
     let e = &loaded.aggregate;
-    if !e.enrolled {
-        return Err(not_found());
-    }
     let m = e.milestones();
     let body = EnrollmentBody {
         id,
@@ -440,16 +413,14 @@ async fn campaign_metrics(
 ) -> Result<Response, ApiError> {
     let campaign = campaign_id(&id)?;
     min_position.wait(&state, &[READ_MODEL]).await?;
-    let mut conn = state.pool.acquire().await?;
-    let loaded: Loaded<Campaign> = state
-        .store
-        .load(&mut conn, &campaign.to_string())
-        .await
-        .map_err(store_error)?;
-    drop(conn);
-    if !loaded.aggregate.created {
-        return Err(ApiError::NotFound("no campaign with this id".into()));
-    }
+    // 404 for a campaign that does not exist (its stream, not a read model, says so).
+    command::load_existing(
+        &state,
+        campaign,
+        |c: &Campaign| c.created,
+        "no campaign with this id",
+    )
+    .await?;
     let row = sqlx::query!(
         "SELECT enrolled, sent, delivered, opened, clicked, replied, bounced, unsubscribed, complained
          FROM campaign_metrics_view WHERE campaign_id = $1",

@@ -47,6 +47,8 @@ pub struct AppState {
     pub retry: RetryPolicy,
     /// Encrypts webhook-source secrets at rest.
     pub secrets: SecretBox,
+    /// The key of contact ids, read once from this state's database.
+    pub contact_id_key: std::sync::Arc<tokio::sync::OnceCell<Vec<u8>>>,
 }
 
 impl AppState {
@@ -57,6 +59,7 @@ impl AppState {
             store: Store::default(),
             retry: RetryPolicy::default(),
             secrets: SecretBox::ephemeral(),
+            contact_id_key: Default::default(),
         }
     }
 

@@ -105,6 +105,28 @@ pub enum ProjectionsCommand {
         #[arg(long, value_enum, default_value = "table")]
         format: OutputFormat,
     },
+    /// Build projections anew from the start of the event log into new tables, catch up
+    /// with events written meanwhile, then swap the new tables in at once. Safe while the
+    /// service runs; an interrupted rebuild leaves the live tables as they were, and
+    /// running it again resumes.
+    Rebuild {
+        /// Projections to rebuild (see `projections status`).
+        #[arg(required_unless_present_any = ["all", "discard"], conflicts_with = "all")]
+        names: Vec<String>,
+        /// Rebuild every projection.
+        #[arg(long)]
+        all: bool,
+        /// Compare the rebuilt tables with the live ones row by row before swapping; on any
+        /// difference, print every one, keep the live tables and exit with status 1.
+        #[arg(long)]
+        verify: bool,
+        /// Events per batch.
+        #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+        batch_size: i64,
+        /// Drop an unfinished rebuild instead of resuming it, then exit.
+        #[arg(long, conflicts_with_all = ["names", "all", "verify"])]
+        discard: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -115,6 +137,21 @@ pub enum OutputFormat {
 
 #[derive(Debug, Subcommand)]
 pub enum AnalyticsCommand {
+    /// A campaign's milestones per UTC day, as
+    /// `GET /v1/analytics/campaigns/{id}/timeseries` reports them.
+    Campaign {
+        id: uuid::Uuid,
+        /// UTC days back, today included: 1..=365.
+        #[arg(long, default_value = "30", value_parser = crate::http::analytics::parse_days)]
+        days: u16,
+        #[arg(long, value_enum, default_value = "table")]
+        format: ReportFormat,
+    },
+    /// Totals, as `GET /v1/analytics/dashboard` reports them.
+    Dashboard {
+        #[arg(long, value_enum, default_value = "table")]
+        format: ReportFormat,
+    },
     /// Costs of every budget (spends and captured reservations), as
     /// `GET /v1/analytics/costs` reports them.
     Costs {
@@ -378,6 +415,19 @@ async fn import_contacts(
 
 async fn projections_command(db: &Database, command: ProjectionsCommand) -> anyhow::Result<()> {
     match command {
+        ProjectionsCommand::Rebuild { discard: true, .. } => {
+            projections::rebuild::discard(&db.pool).await?;
+            println!("no rebuild in progress now; the live tables are as they were");
+        }
+        ProjectionsCommand::Rebuild {
+            names,
+            all,
+            verify,
+            batch_size,
+            discard: false,
+        } => {
+            rebuild(db, if all { Vec::new() } else { names }, verify, batch_size).await?;
+        }
         ProjectionsCommand::Status { format } => {
             let mut conn = db.pool.acquire().await?;
             let all = projections::status::all(&mut conn).await?;
@@ -421,14 +471,7 @@ async fn analytics_command(db: &Database, command: AnalyticsCommand) -> anyhow::
             group_by,
             format,
         } => {
-            // The read model moves only while a projection runner runs: catch it up first,
-            // so that the report includes every cost committed before the command.
-            let wait = std::time::Duration::from_secs(30);
-            if !analytics::catch_up_costs(&db.pool, wait).await? {
-                eprintln!(
-                    "warning: the costs read model is still catching up; recent costs may be missing"
-                );
-            }
+            catch_up(db, &["costs"]).await?;
             let mut conn = db.pool.acquire().await?;
             let params = CostsParams { days, group_by };
             let report =
@@ -439,8 +482,165 @@ async fn analytics_command(db: &Database, command: AnalyticsCommand) -> anyhow::
                 ReportFormat::Csv => print!("{}", report.to_csv()),
             }
         }
+        AnalyticsCommand::Campaign { id, days, format } => {
+            catch_up(db, &["campaigns", "enrollments"]).await?;
+            let mut conn = db.pool.acquire().await?;
+            let exists = sqlx::query_scalar!(
+                r#"SELECT EXISTS (SELECT 1 FROM campaigns_view WHERE id = $1) AS "exists!""#,
+                id
+            )
+            .fetch_one(&mut *conn)
+            .await?;
+            if !exists {
+                anyhow::bail!("no campaign with id {id}");
+            }
+            let report = analytics::campaign_timeseries(
+                &mut conn,
+                id,
+                days,
+                chrono::Utc::now().date_naive(),
+            )
+            .await?;
+            match format {
+                ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                ReportFormat::Table => print!("{}", report.to_table()),
+                ReportFormat::Csv => print!("{}", report.to_csv()),
+            }
+        }
+        AnalyticsCommand::Dashboard { format } => {
+            catch_up(db, &analytics::DASHBOARD_READ_MODELS).await?;
+            let mut conn = db.pool.acquire().await?;
+            let report =
+                analytics::dashboard_report(&mut conn, chrono::Utc::now().date_naive()).await?;
+            match format {
+                ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+                ReportFormat::Table => print!("{}", report.to_table()),
+                ReportFormat::Csv => print!("{}", report.to_csv()),
+            }
+        }
     }
     Ok(())
+}
+
+/// Read models move only while a projection runner runs: catch them up first, so that a
+/// report includes everything committed before the command.
+async fn catch_up(db: &Database, names: &[&str]) -> anyhow::Result<()> {
+    let wait = std::time::Duration::from_secs(30);
+    if !crate::http::analytics::catch_up(&db.pool, names, wait).await? {
+        eprintln!("warning: the read models are still catching up; recent writes may be missing");
+    }
+    Ok(())
+}
+
+/// `projections rebuild`: a progress bar on stderr, differences and the outcome on stdout.
+async fn rebuild(
+    db: &Database,
+    names: Vec<String>,
+    verify: bool,
+    batch_size: i64,
+) -> anyhow::Result<()> {
+    use projections::rebuild::{self, Options};
+    let selected = rebuild::select(&names)?;
+    let options = Options {
+        batch_size,
+        verify,
+        ..Options::default()
+    };
+    let mut observer = RebuildProgress::new();
+    let outcome = tokio::select! {
+        outcome = rebuild::rebuild(&db.pool, &selected, &options, &mut observer) => outcome,
+        _ = tokio::signal::ctrl_c() => {
+            observer.bar.abandon_with_message("interrupted");
+            eprintln!("interrupted: the live tables are as they were; run the command again to resume");
+            std::process::exit(130);
+        }
+    };
+    let report = match outcome {
+        Ok(report) => report,
+        Err(e) => {
+            observer.bar.abandon_with_message("failed");
+            return Err(e.into());
+        }
+    };
+    observer.bar.finish_and_clear();
+    let rate = report.events as f64 / report.seconds.max(1e-9);
+    let names = report.projections.join(", ");
+    if report.swapped {
+        println!(
+            "rebuilt {names}: {} events{} in {:.1} s ({rate:.0} events/s), swapped in at position {}{}",
+            report.events,
+            if report.resumed { " (resumed)" } else { "" },
+            report.seconds,
+            report.position,
+            if verify {
+                "; verified: no differences"
+            } else {
+                ""
+            },
+        );
+        Ok(())
+    } else {
+        println!(
+            "{} rows differ between the live and the rebuilt tables of {names} at position {}; \
+             the live tables were kept",
+            report.differences, report.position
+        );
+        std::process::exit(1);
+    }
+}
+
+struct RebuildProgress {
+    bar: indicatif::ProgressBar,
+}
+
+impl RebuildProgress {
+    fn new() -> Self {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:12} [{bar:40}] {human_pos}/{human_len} events  {per_sec}  ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        Self { bar }
+    }
+}
+
+impl projections::rebuild::Observer for RebuildProgress {
+    fn started(&mut self, already_applied: u64, remaining: u64) {
+        self.bar.set_length(already_applied + remaining);
+        self.bar.set_position(already_applied);
+        self.bar.reset_eta();
+        if already_applied > 0 {
+            self.bar
+                .println(format!("resuming after {already_applied} events"));
+        }
+    }
+    fn applied(&mut self, events: u64) {
+        if self.bar.position() + events > self.bar.length().unwrap_or(0) {
+            self.bar.set_length(self.bar.position() + events);
+        }
+        self.bar.inc(events);
+    }
+    fn phase(&mut self, phase: &str) {
+        self.bar.set_message(phase.to_string());
+    }
+    fn difference(&mut self, d: &projections::rebuild::Difference) {
+        let show = |v: &Option<serde_json::Value>| {
+            v.as_ref()
+                .map_or("(missing)".to_string(), |v| v.to_string())
+        };
+        self.bar.suspend(|| {
+            println!(
+                "{} {}\n  live:    {}\n  rebuilt: {}",
+                d.table,
+                d.key,
+                show(&d.live),
+                show(&d.rebuilt)
+            )
+        });
+    }
 }
 
 async fn run_serve(config: &Config, serve: &ServeConfig) -> anyhow::Result<()> {

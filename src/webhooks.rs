@@ -542,6 +542,9 @@ async fn apply_parked(
 /// Applies parked events when their enrollment is created, driven by the event feed. It
 /// runs in the projection runner (exactly once per `ContactEnrolled`, with its
 /// checkpoint), but unlike a projection it writes events: it is never rebuilt.
+/// The name (and checkpoint) of [`ParkingReactor`].
+pub const PARKING_REACTOR: &str = "webhook_parking";
+
 pub struct ParkingReactor {
     store: Store,
 }
@@ -555,33 +558,40 @@ impl ParkingReactor {
 #[async_trait::async_trait]
 impl Projection for ParkingReactor {
     fn name(&self) -> &'static str {
-        "webhook_parking"
+        PARKING_REACTOR
     }
 
-    async fn apply(
+    /// None: a reactor's effects are events, which a rebuild must not repeat.
+    fn tables(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    async fn apply_batch(
         &self,
         conn: &mut PgConnection,
-        event: &FeedEvent,
+        events: &[FeedEvent],
     ) -> Result<(), ProjectionError> {
-        if event.aggregate_type != Enrollment::TYPE || event.event_type != "ContactEnrolled" {
-            return Ok(());
+        for event in events {
+            if event.aggregate_type != Enrollment::TYPE || event.event_type != "ContactEnrolled" {
+                continue;
+            }
+            let Ok(enrollment) = Uuid::parse_str(&event.aggregate_id) else {
+                continue;
+            };
+            let rows = sqlx::query_as!(
+                ParkedEvent,
+                "SELECT id, source, event_id, enrollment_id, campaign_id, kind, occurred_at, received_at,
+                        attempts, next_attempt_at, last_error, dead_lettered_at
+                 FROM webhook_parked
+                 WHERE enrollment_id = $1 AND dead_lettered_at IS NULL
+                 ORDER BY received_at
+                 FOR UPDATE SKIP LOCKED",
+                enrollment
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+            apply_parked(conn, &self.store, rows).await?;
         }
-        let Ok(enrollment) = Uuid::parse_str(&event.aggregate_id) else {
-            return Ok(());
-        };
-        let rows = sqlx::query_as!(
-            ParkedEvent,
-            "SELECT id, source, event_id, enrollment_id, campaign_id, kind, occurred_at, received_at,
-                    attempts, next_attempt_at, last_error, dead_lettered_at
-             FROM webhook_parked
-             WHERE enrollment_id = $1 AND dead_lettered_at IS NULL
-             ORDER BY received_at
-             FOR UPDATE SKIP LOCKED",
-            enrollment
-        )
-        .fetch_all(&mut *conn)
-        .await?;
-        apply_parked(conn, &self.store, rows).await?;
         Ok(())
     }
 }

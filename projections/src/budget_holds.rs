@@ -7,7 +7,7 @@ use cqrs_es::Aggregate;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{FeedEvent, Projection, ProjectionError, decode, uuid_of};
+use crate::{FeedEvent, Projection, ProjectionError, events_of};
 
 pub struct BudgetHoldsProjection;
 
@@ -17,23 +17,37 @@ impl Projection for BudgetHoldsProjection {
         "budget_holds"
     }
 
-    async fn apply(
+    fn tables(&self) -> &'static [&'static str] {
+        &["budget_holds_view"]
+    }
+
+    /// Holds are few next to spends, so each event is its own statement.
+    async fn apply_batch(
         &self,
         conn: &mut PgConnection,
-        event: &FeedEvent,
+        events: &[FeedEvent],
     ) -> Result<(), ProjectionError> {
-        if event.aggregate_type != Budget::TYPE {
-            return Ok(());
+        for (event, budget_id, decoded) in events_of::<BudgetEvent>(events, Budget::TYPE)? {
+            apply_one(conn, event, budget_id, decoded).await?;
         }
-        let budget_id = uuid_of(event)?;
-        let settled = match decode::<BudgetEvent>(event)? {
-            BudgetEvent::ReservationMade {
-                reservation_id,
-                amount,
-                expires_at,
-                ..
-            } => {
-                sqlx::query!(
+        Ok(())
+    }
+}
+
+async fn apply_one(
+    conn: &mut PgConnection,
+    event: &FeedEvent,
+    budget_id: Uuid,
+    decoded: BudgetEvent,
+) -> Result<(), ProjectionError> {
+    let settled = match decoded {
+        BudgetEvent::ReservationMade {
+            reservation_id,
+            amount,
+            expires_at,
+            ..
+        } => {
+            sqlx::query!(
                     "INSERT INTO budget_holds_view (reservation_id, budget_id, amount, expires_at, position)
                      VALUES ($1, $2, $3, $4, $5)",
                     reservation_id,
@@ -44,36 +58,35 @@ impl Projection for BudgetHoldsProjection {
                 )
                 .execute(&mut *conn)
                 .await?;
-                return Ok(());
-            }
-            BudgetEvent::ReservationCaptured { reservation_id, .. }
-            | BudgetEvent::ReservationReleased { reservation_id, .. }
-            | BudgetEvent::ReservationExpired { reservation_id, .. } => reservation_id,
-            BudgetEvent::BudgetCreated { .. }
-            | BudgetEvent::SpendRecorded { .. }
-            | BudgetEvent::BudgetLimitSet { .. }
-            | BudgetEvent::BudgetThresholdCrossed { .. } => return Ok(()),
-        };
-        let deleted = sqlx::query!(
-            "DELETE FROM budget_holds_view WHERE reservation_id = $1 AND budget_id = $2",
-            settled,
-            budget_id
-        )
-        .execute(&mut *conn)
-        .await?;
-        // Every hold ends exactly once, after it was made: anything else means the read
-        // model and the streams disagree.
-        if deleted.rows_affected() == 1 {
-            Ok(())
-        } else {
-            Err(ProjectionError::Inconsistent {
-                position: event.at,
-                message: format!(
-                    "{} for a reservation the read model does not hold",
-                    event.event_type
-                ),
-            })
+            return Ok(());
         }
+        BudgetEvent::ReservationCaptured { reservation_id, .. }
+        | BudgetEvent::ReservationReleased { reservation_id, .. }
+        | BudgetEvent::ReservationExpired { reservation_id, .. } => reservation_id,
+        BudgetEvent::BudgetCreated { .. }
+        | BudgetEvent::SpendRecorded { .. }
+        | BudgetEvent::BudgetLimitSet { .. }
+        | BudgetEvent::BudgetThresholdCrossed { .. } => return Ok(()),
+    };
+    let deleted = sqlx::query!(
+        "DELETE FROM budget_holds_view WHERE reservation_id = $1 AND budget_id = $2",
+        settled,
+        budget_id
+    )
+    .execute(&mut *conn)
+    .await?;
+    // Every hold ends exactly once, after it was made: anything else means the read
+    // model and the streams disagree.
+    if deleted.rows_affected() == 1 {
+        Ok(())
+    } else {
+        Err(ProjectionError::Inconsistent {
+            position: event.at,
+            message: format!(
+                "{} for a reservation the read model does not hold",
+                event.event_type
+            ),
+        })
     }
 }
 

@@ -1,17 +1,77 @@
 //! Read model `contacts`: every contact with its fields and enrichment, behind
 //! `GET /v1/contacts` (lookup by email, text search over name, company and email).
 
+use std::collections::BTreeMap;
+
 use aggregates::contact::{Contact, ContactEvent, ContactFields};
+use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use serde_json::json;
 use sqlx::PgConnection;
+use uuid::Uuid;
 
-use crate::{FeedEvent, Projection, ProjectionError, decode, uuid_of};
+use crate::{FeedEvent, Position, Projection, ProjectionError, events_of};
 
 pub struct ContactsProjection;
 
 fn text<T: Clone + Into<String>>(v: &Option<T>) -> Option<String> {
     v.clone().map(Into::into)
+}
+
+/// The writable columns of a contact, as text; `None` leaves a column as it is.
+#[derive(Default, Clone)]
+struct Columns {
+    first_name: Option<String>,
+    last_name: Option<String>,
+    company: Option<String>,
+    company_domain: Option<String>,
+    title: Option<String>,
+    phone: Option<String>,
+    linkedin_url: Option<String>,
+    custom: Option<serde_json::Value>,
+}
+
+impl Columns {
+    fn of(fields: &ContactFields) -> Self {
+        Self {
+            first_name: text(&fields.first_name),
+            last_name: text(&fields.last_name),
+            company: text(&fields.company),
+            company_domain: text(&fields.company_domain),
+            title: text(&fields.title),
+            phone: text(&fields.phone),
+            linkedin_url: text(&fields.linkedin_url),
+            custom: custom_json(fields),
+        }
+    }
+
+    /// The columns `later` sets overwrite these (a change event names only what changed).
+    fn overwrite(&mut self, later: Columns) {
+        fn keep<T>(slot: &mut Option<T>, later: Option<T>) {
+            if later.is_some() {
+                *slot = later;
+            }
+        }
+        keep(&mut self.first_name, later.first_name);
+        keep(&mut self.last_name, later.last_name);
+        keep(&mut self.company, later.company);
+        keep(&mut self.company_domain, later.company_domain);
+        keep(&mut self.title, later.title);
+        keep(&mut self.phone, later.phone);
+        keep(&mut self.linkedin_url, later.linkedin_url);
+        keep(&mut self.custom, later.custom);
+    }
+}
+
+/// What a batch does to one contact: creates it (with every later change of the batch
+/// folded in), or changes one that existed before the batch.
+struct Change {
+    created: Option<(String, DateTime<Utc>)>,
+    columns: Columns,
+    enrichment: Option<serde_json::Value>,
+    updated_at: DateTime<Utc>,
+    events: i64,
+    first: Position,
 }
 
 #[async_trait::async_trait]
@@ -20,109 +80,186 @@ impl Projection for ContactsProjection {
         "contacts"
     }
 
-    async fn apply(
+    fn tables(&self) -> &'static [&'static str] {
+        &["contacts_view", "contact_totals_view"]
+    }
+
+    /// Folds the batch per contact in memory, then writes the new contacts in one insert
+    /// and the changed ones in one update.
+    async fn apply_batch(
         &self,
         conn: &mut PgConnection,
-        event: &FeedEvent,
+        events: &[FeedEvent],
     ) -> Result<(), ProjectionError> {
-        if event.aggregate_type != Contact::TYPE {
-            return Ok(());
-        }
-        let id = uuid_of(event)?;
-        let rows = match decode::<ContactEvent>(event)? {
-            ContactEvent::ContactCreated {
-                email,
-                fields,
-                created_at,
-            } => {
-                let custom = custom_json(&fields);
-                sqlx::query!(
-                    "INSERT INTO contacts_view (id, email, first_name, last_name, company, company_domain,
-                         title, phone, linkedin_url, custom, created_at, updated_at, version)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $11, 1)",
-                    id,
-                    email.as_str(),
-                    text(&fields.first_name),
-                    text(&fields.last_name),
-                    text(&fields.company),
-                    text(&fields.company_domain),
-                    text(&fields.title),
-                    text(&fields.phone),
-                    text(&fields.linkedin_url),
-                    custom.unwrap_or_else(|| json!({})),
-                    created_at
-                )
-                .execute(&mut *conn)
-                .await?
-                .rows_affected()
+        let mut changes: BTreeMap<Uuid, Change> = BTreeMap::new();
+        for (event, id, decoded) in events_of::<ContactEvent>(events, Contact::TYPE)? {
+            let (columns, enrichment, at) = match decoded {
+                ContactEvent::ContactCreated {
+                    email,
+                    fields,
+                    created_at,
+                } => {
+                    if changes.contains_key(&id) {
+                        return Err(ProjectionError::Inconsistent {
+                            position: event.at,
+                            message: "a contact created twice".into(),
+                        });
+                    }
+                    let mut columns = Columns::of(&fields);
+                    columns.custom.get_or_insert_with(|| json!({}));
+                    changes.insert(
+                        id,
+                        Change {
+                            created: Some((email.as_str().to_string(), created_at)),
+                            columns,
+                            enrichment: None,
+                            updated_at: created_at,
+                            events: 1,
+                            first: event.at,
+                        },
+                    );
+                    continue;
+                }
+                ContactEvent::ContactUpdated {
+                    changes,
+                    updated_at,
+                } => (Columns::of(&changes), None, updated_at),
+                ContactEvent::EnrichmentRecorded {
+                    data,
+                    quality_score,
+                    sources,
+                    enriched_at,
+                } => (
+                    Columns::default(),
+                    Some(json!({
+                        "data": data,
+                        "quality_score": quality_score.value(),
+                        "sources": sources,
+                        "enriched_at": enriched_at,
+                    })),
+                    enriched_at,
+                ),
+            };
+            let change = changes.entry(id).or_insert_with(|| Change {
+                created: None,
+                columns: Columns::default(),
+                enrichment: None,
+                updated_at: at,
+                events: 0,
+                first: event.at,
+            });
+            change.columns.overwrite(columns);
+            if enrichment.is_some() {
+                change.enrichment = enrichment;
             }
-            // Only the fields that changed are present; the others keep their value.
-            ContactEvent::ContactUpdated {
-                changes,
-                updated_at,
-            } => sqlx::query!(
-                "UPDATE contacts_view SET
-                     first_name = coalesce($2, first_name),
-                     last_name = coalesce($3, last_name),
-                     company = coalesce($4, company),
-                     company_domain = coalesce($5, company_domain),
-                     title = coalesce($6, title),
-                     phone = coalesce($7, phone),
-                     linkedin_url = coalesce($8, linkedin_url),
-                     custom = coalesce($9, custom),
-                     updated_at = $10,
-                     version = version + 1
-                 WHERE id = $1",
-                id,
-                text(&changes.first_name),
-                text(&changes.last_name),
-                text(&changes.company),
-                text(&changes.company_domain),
-                text(&changes.title),
-                text(&changes.phone),
-                text(&changes.linkedin_url),
-                custom_json(&changes),
-                updated_at
+            change.updated_at = at;
+            change.events += 1;
+        }
+        let (created, changed): (Vec<_>, Vec<_>) =
+            changes.into_iter().partition(|(_, c)| c.created.is_some());
+        if !created.is_empty() {
+            insert(conn, &created).await?;
+            sqlx::query!(
+                "INSERT INTO contact_totals_view (singleton, contacts) VALUES (true, $1)
+                 ON CONFLICT (singleton) DO UPDATE SET contacts = contact_totals_view.contacts + EXCLUDED.contacts",
+                created.len() as i64
             )
             .execute(&mut *conn)
-            .await?
-            .rows_affected(),
-            ContactEvent::EnrichmentRecorded {
-                data,
-                quality_score,
-                sources,
-                enriched_at,
-            } => {
-                let enrichment = json!({
-                    "data": data,
-                    "quality_score": quality_score.value(),
-                    "sources": sources,
-                    "enriched_at": enriched_at,
-                });
-                sqlx::query!(
-                    "UPDATE contacts_view SET enrichment = $2, updated_at = $3, version = version + 1
-                     WHERE id = $1",
-                    id,
-                    enrichment,
-                    enriched_at
-                )
-                .execute(&mut *conn)
-                .await?
-                .rows_affected()
-            }
-        };
-        if rows == 1 {
-            Ok(())
-        } else {
-            Err(ProjectionError::Inconsistent {
-                position: event.at,
-                message: format!(
-                    "{} for a contact the read model does not have",
-                    event.event_type
-                ),
-            })
+            .await?;
         }
+        if !changed.is_empty() {
+            update(conn, &changed).await?;
+        }
+        Ok(())
     }
+}
+
+/// A column of every change, for `UNNEST`.
+fn column<T>(rows: &[(Uuid, Change)], f: impl Fn(&Change) -> T) -> Vec<T> {
+    rows.iter().map(|(_, c)| f(c)).collect()
+}
+
+async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), ProjectionError> {
+    let created = |c: &Change| c.created.clone().unwrap_or_default();
+    sqlx::query!(
+        "INSERT INTO contacts_view (id, email, first_name, last_name, company, company_domain,
+             title, phone, linkedin_url, custom, enrichment, created_at, updated_at, version)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+             $7::text[], $8::text[], $9::text[], $10::jsonb[], $11::jsonb[], $12::timestamptz[],
+             $13::timestamptz[], $14::int8[])",
+        &rows.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        &column(rows, |c| created(c).0),
+        &column(rows, |c| c.columns.first_name.clone()) as _,
+        &column(rows, |c| c.columns.last_name.clone()) as _,
+        &column(rows, |c| c.columns.company.clone()) as _,
+        &column(rows, |c| c.columns.company_domain.clone()) as _,
+        &column(rows, |c| c.columns.title.clone()) as _,
+        &column(rows, |c| c.columns.phone.clone()) as _,
+        &column(rows, |c| c.columns.linkedin_url.clone()) as _,
+        &column(rows, |c| c.columns.custom.clone().unwrap_or_else(|| json!({}))),
+        &column(rows, |c| c.enrichment.clone()) as _,
+        &column(rows, |c| created(c).1),
+        &column(rows, |c| c.updated_at),
+        &column(rows, |c| c.events),
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn update(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), ProjectionError> {
+    let updated = sqlx::query!(
+        "UPDATE contacts_view c SET
+             first_name = coalesce(u.first_name, c.first_name),
+             last_name = coalesce(u.last_name, c.last_name),
+             company = coalesce(u.company, c.company),
+             company_domain = coalesce(u.company_domain, c.company_domain),
+             title = coalesce(u.title, c.title),
+             phone = coalesce(u.phone, c.phone),
+             linkedin_url = coalesce(u.linkedin_url, c.linkedin_url),
+             custom = coalesce(u.custom, c.custom),
+             enrichment = coalesce(u.enrichment, c.enrichment),
+             updated_at = u.updated_at,
+             version = c.version + u.events
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
+                     $7::text[], $8::text[], $9::jsonb[], $10::jsonb[], $11::timestamptz[], $12::int8[])
+             AS u(id, first_name, last_name, company, company_domain, title, phone, linkedin_url,
+                  custom, enrichment, updated_at, events)
+         WHERE c.id = u.id",
+        &rows.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        &column(rows, |c| c.columns.first_name.clone()) as _,
+        &column(rows, |c| c.columns.last_name.clone()) as _,
+        &column(rows, |c| c.columns.company.clone()) as _,
+        &column(rows, |c| c.columns.company_domain.clone()) as _,
+        &column(rows, |c| c.columns.title.clone()) as _,
+        &column(rows, |c| c.columns.phone.clone()) as _,
+        &column(rows, |c| c.columns.linkedin_url.clone()) as _,
+        &column(rows, |c| c.columns.custom.clone()) as _,
+        &column(rows, |c| c.enrichment.clone()) as _,
+        &column(rows, |c| c.updated_at),
+        &column(rows, |c| c.events),
+    )
+    .execute(&mut *conn)
+    .await?;
+    if updated.rows_affected() == rows.len() as u64 {
+        return Ok(());
+    }
+    // Name the first event that changes a contact the read model does not have.
+    let ids: Vec<Uuid> = rows.iter().map(|(id, _)| *id).collect();
+    let present: Vec<Uuid> =
+        sqlx::query_scalar!("SELECT id FROM contacts_view WHERE id = ANY($1)", &ids)
+            .fetch_all(&mut *conn)
+            .await?;
+    let position = rows
+        .iter()
+        .filter(|(id, _)| !present.contains(id))
+        .map(|(_, c)| c.first)
+        .min()
+        .unwrap_or_default();
+    Err(ProjectionError::Inconsistent {
+        position,
+        message: "a change to a contact the read model does not have".into(),
+    })
 }
 
 fn custom_json(fields: &ContactFields) -> Option<serde_json::Value> {

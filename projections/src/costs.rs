@@ -3,15 +3,31 @@
 //! and `leadledger analytics costs`.
 
 use aggregates::budget::{Budget, BudgetEvent};
-use chrono::NaiveDate;
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, NaiveDate, Utc};
 use cqrs_es::Aggregate;
 use sqlx::PgConnection;
 use sqlx::types::Decimal;
 use uuid::Uuid;
 
-use crate::{FeedEvent, Projection, ProjectionError, decode, uuid_of};
+use crate::{FeedEvent, Projection, ProjectionError, events_of, utc_day};
 
 pub struct CostsProjection;
+
+/// One row of `costs_view`.
+struct Cost {
+    id: Uuid,
+    kind: &'static str,
+    budget_id: Uuid,
+    category: String,
+    model: Option<String>,
+    input_tokens: Option<i64>,
+    output_tokens: Option<i64>,
+    amount: Decimal,
+    spent_at: DateTime<Utc>,
+    position: i64,
+}
 
 #[async_trait::async_trait]
 impl Projection for CostsProjection {
@@ -19,78 +35,127 @@ impl Projection for CostsProjection {
         "costs"
     }
 
-    async fn apply(
+    fn tables(&self) -> &'static [&'static str] {
+        &["costs_view", "cost_days_view"]
+    }
+
+    /// Every cost of the batch in one insert, and each day's sums moved once.
+    async fn apply_batch(
         &self,
         conn: &mut PgConnection,
-        event: &FeedEvent,
+        events: &[FeedEvent],
     ) -> Result<(), ProjectionError> {
-        if event.aggregate_type != Budget::TYPE {
+        // The aggregate bounds token counts far below i64::MAX (MAX_TOKENS).
+        let tokens = |n: Option<u64>| n.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+        let mut costs = Vec::new();
+        for (event, budget_id, decoded) in events_of::<BudgetEvent>(events, Budget::TYPE)? {
+            let position = event.at.position;
+            match decoded {
+                BudgetEvent::SpendRecorded {
+                    spend_id,
+                    amount,
+                    category,
+                    model,
+                    input_tokens,
+                    output_tokens,
+                    spent_at,
+                    ..
+                } => costs.push(Cost {
+                    id: spend_id,
+                    kind: "spend",
+                    budget_id,
+                    category: category.as_str().to_string(),
+                    model,
+                    input_tokens: tokens(input_tokens),
+                    output_tokens: tokens(output_tokens),
+                    amount: amount.money().as_decimal(),
+                    spent_at,
+                    position,
+                }),
+                BudgetEvent::ReservationCaptured {
+                    reservation_id,
+                    amount,
+                    category,
+                    captured_at,
+                    ..
+                } => costs.push(Cost {
+                    id: reservation_id,
+                    kind: "capture",
+                    budget_id,
+                    category: category.as_str().to_string(),
+                    model: None,
+                    input_tokens: None,
+                    output_tokens: None,
+                    amount: amount.money().as_decimal(),
+                    spent_at: captured_at,
+                    position,
+                }),
+                BudgetEvent::BudgetCreated { .. }
+                | BudgetEvent::ReservationMade { .. }
+                | BudgetEvent::ReservationReleased { .. }
+                | BudgetEvent::ReservationExpired { .. }
+                | BudgetEvent::BudgetLimitSet { .. }
+                | BudgetEvent::BudgetThresholdCrossed { .. } => {}
+            }
+        }
+        if costs.is_empty() {
             return Ok(());
         }
-        let budget_id = uuid_of(event)?;
-        let position = event.at.position;
-        match decode::<BudgetEvent>(event)? {
-            BudgetEvent::SpendRecorded {
-                spend_id,
-                amount,
-                category,
-                model,
-                input_tokens,
-                output_tokens,
-                spent_at,
-                ..
-            } => {
-                // The aggregate bounds token counts far below i64::MAX (MAX_TOKENS).
-                let tokens = |n: Option<u64>| n.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
-                sqlx::query!(
-                    "INSERT INTO costs_view
-                         (id, kind, budget_id, category, model, input_tokens, output_tokens, amount, spent_at, day, position)
-                     VALUES ($1, 'spend', $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                    spend_id,
-                    budget_id,
-                    category.as_str(),
-                    model,
-                    tokens(input_tokens),
-                    tokens(output_tokens),
-                    amount.money().as_decimal(),
-                    spent_at,
-                    spent_at.date_naive(),
-                    position
-                )
-                .execute(&mut *conn)
-                .await?;
-            }
-            BudgetEvent::ReservationCaptured {
-                reservation_id,
-                amount,
-                category,
-                captured_at,
-                ..
-            } => {
-                sqlx::query!(
-                    "INSERT INTO costs_view
-                         (id, kind, budget_id, category, amount, spent_at, day, position)
-                     VALUES ($1, 'capture', $2, $3, $4, $5, $6, $7)",
-                    reservation_id,
-                    budget_id,
-                    category.as_str(),
-                    amount.money().as_decimal(),
-                    captured_at,
-                    captured_at.date_naive(),
-                    position
-                )
-                .execute(&mut *conn)
-                .await?;
-            }
-            BudgetEvent::BudgetCreated { .. }
-            | BudgetEvent::ReservationMade { .. }
-            | BudgetEvent::ReservationReleased { .. }
-            | BudgetEvent::ReservationExpired { .. }
-            | BudgetEvent::BudgetLimitSet { .. }
-            | BudgetEvent::BudgetThresholdCrossed { .. } => {}
+        sqlx::query!(
+            "INSERT INTO costs_view
+                 (id, kind, budget_id, category, model, input_tokens, output_tokens, amount, spent_at, day, position)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::int8[],
+                                  $7::int8[], $8::numeric[], $9::timestamptz[], $10::date[], $11::int8[])",
+            &costs.iter().map(|c| c.id).collect::<Vec<_>>(),
+            &costs.iter().map(|c| c.kind.to_string()).collect::<Vec<_>>(),
+            &costs.iter().map(|c| c.budget_id).collect::<Vec<_>>(),
+            &costs.iter().map(|c| c.category.clone()).collect::<Vec<_>>(),
+            &costs.iter().map(|c| c.model.clone()).collect::<Vec<_>>() as _,
+            &costs.iter().map(|c| c.input_tokens).collect::<Vec<_>>() as _,
+            &costs.iter().map(|c| c.output_tokens).collect::<Vec<_>>() as _,
+            &costs.iter().map(|c| c.amount).collect::<Vec<_>>(),
+            &costs.iter().map(|c| c.spent_at).collect::<Vec<_>>(),
+            &costs.iter().map(|c| utc_day(c.spent_at)).collect::<Vec<_>>(),
+            &costs.iter().map(|c| c.position).collect::<Vec<_>>(),
+        )
+        .execute(&mut *conn)
+        .await?;
+        let mut days: BTreeMap<NaiveDate, (Decimal, i64)> = BTreeMap::new();
+        for c in &costs {
+            let day = days.entry(utc_day(c.spent_at)).or_default();
+            day.0 += c.amount;
+            day.1 += 1;
         }
+        sqlx::query!(
+            "INSERT INTO cost_days_view (day, cost, requests)
+             SELECT * FROM UNNEST($1::date[], $2::numeric[], $3::int8[])
+             ON CONFLICT (day) DO UPDATE SET cost = cost_days_view.cost + EXCLUDED.cost,
+                 requests = cost_days_view.requests + EXCLUDED.requests",
+            &days.keys().copied().collect::<Vec<_>>(),
+            &days.values().map(|d| d.0).collect::<Vec<_>>(),
+            &days.values().map(|d| d.1).collect::<Vec<_>>(),
+        )
+        .execute(&mut *conn)
+        .await?;
         Ok(())
     }
+}
+
+/// The cost recorded on the UTC days `from..=to`, and how many spends and captures.
+pub async fn total(
+    conn: &mut PgConnection,
+    from: NaiveDate,
+    to: NaiveDate,
+) -> Result<(Decimal, i64), sqlx::Error> {
+    let row = sqlx::query!(
+        r#"SELECT coalesce(sum(cost), 0) AS "cost!", coalesce(sum(requests), 0)::bigint AS "requests!"
+           FROM cost_days_view WHERE day >= $1 AND day <= $2"#,
+        from,
+        to
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    Ok((row.cost, row.requests))
 }
 
 /// What a cost report adds up by.

@@ -1,34 +1,66 @@
 //! Read model `enrollments`: every enrollment's effective milestones and status (behind
-//! `GET /v1/campaigns/{id}/enrollments`) and per-campaign milestone counts (behind
-//! `GET /v1/campaigns/{id}/metrics`).
+//! `GET /v1/campaigns/{id}/enrollments`), per-campaign milestone counts (behind
+//! `GET /v1/campaigns/{id}/metrics` and the dashboard) and per-campaign, per-UTC-day
+//! counts (behind `GET /v1/analytics/campaigns/{id}/timeseries`).
 //!
 //! The row keeps the effective (implied) times. Recording a report on them and implying
 //! again gives the same times as doing so on the reported ones (the implication takes
-//! minimums), so the row needs no history. A count moves up by one when an enrollment
-//! reaches a milestone for the first time; milestones are never lost, so counts never
-//! move down and never count an enrollment twice.
+//! minimums), so the row needs no history. A campaign count moves up by one when an
+//! enrollment reaches a milestone for the first time; milestones are never lost, so those
+//! counts never move down and never count an enrollment twice. A day count follows the
+//! day of the milestone's effective time: when a late report moves a milestone earlier,
+//! its old day loses one and its new day gains one.
+
+use std::collections::{BTreeMap, HashSet};
 
 use aggregates::enrollment::{Enrollment, EnrollmentEvent, Milestones};
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use cqrs_es::Aggregate;
 use sqlx::PgConnection;
+use uuid::Uuid;
 
-use crate::{FeedEvent, Projection, ProjectionError, decode, uuid_of};
+use crate::{FeedEvent, Projection, ProjectionError, events_of, utc_day};
 
 pub struct EnrollmentsProjection;
 
-/// The eight counted milestones (besides `enrolled`), in the order of `campaign_metrics_view`'s columns.
-fn reached(m: &Milestones) -> [bool; 8] {
-    [
-        m.sent_at.is_some(),
-        m.delivered_at.is_some(),
-        m.opened_at.is_some(),
-        m.clicked_at.is_some(),
-        m.replied_at.is_some(),
-        m.bounced_at.is_some(),
-        m.unsubscribed_at.is_some(),
-        m.complained_at.is_some(),
-    ]
+/// One enrollment as the read model keeps it.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    campaign_id: Uuid,
+    contact_id: Uuid,
+    stop_on_reply: bool,
+    enrolled_at: DateTime<Utc>,
+    milestones: Milestones,
+    version: i64,
+}
+
+/// The counted steps: `enrolled`, then the eight milestones, in the order of the count
+/// columns of `campaign_metrics_view` and `campaign_days_view`.
+type Counts = [i64; 9];
+
+impl Row {
+    /// When the enrollment reached each counted step.
+    fn steps(&self) -> [Option<DateTime<Utc>>; 9] {
+        let m = &self.milestones;
+        [
+            Some(self.enrolled_at),
+            m.sent_at,
+            m.delivered_at,
+            m.opened_at,
+            m.clicked_at,
+            m.replied_at,
+            m.bounced_at,
+            m.unsubscribed_at,
+            m.complained_at,
+        ]
+    }
+}
+
+/// An enrollment the batch touches: as it was before the batch (`None`: enrolled in it)
+/// and as it is after.
+struct Change {
+    before: Option<Row>,
+    after: Row,
 }
 
 #[async_trait::async_trait]
@@ -37,122 +69,345 @@ impl Projection for EnrollmentsProjection {
         "enrollments"
     }
 
-    async fn apply(
+    fn tables(&self) -> &'static [&'static str] {
+        &[
+            "enrollments_view",
+            "campaign_metrics_view",
+            "campaign_days_view",
+        ]
+    }
+
+    /// Loads the enrollments the batch changes in one query, folds the batch in memory,
+    /// then writes new rows, changed rows, campaign counts and day counts with one
+    /// statement each.
+    async fn apply_batch(
         &self,
         conn: &mut PgConnection,
-        event: &FeedEvent,
+        events: &[FeedEvent],
     ) -> Result<(), ProjectionError> {
-        if event.aggregate_type != Enrollment::TYPE {
+        let events = events_of::<EnrollmentEvent>(events, Enrollment::TYPE)?;
+        if events.is_empty() {
             return Ok(());
         }
-        let id = uuid_of(event)?;
-        match decode::<EnrollmentEvent>(event)? {
-            EnrollmentEvent::ContactEnrolled {
-                campaign_id,
-                contact_id,
-                stop_on_reply,
-                enrolled_at,
-            } => {
-                sqlx::query!(
-                    "INSERT INTO enrollments_view (id, campaign_id, contact_id, status, stop_on_reply, enrolled_at, version)
-                     VALUES ($1, $2, $3, 'enrolled', $4, $5, 1)",
-                    id,
+        let mut enrolled_here = HashSet::new();
+        let mut wanted = Vec::new();
+        for (_, id, event) in &events {
+            match event {
+                EnrollmentEvent::ContactEnrolled { .. } => {
+                    enrolled_here.insert(*id);
+                }
+                EnrollmentEvent::ProviderEventRecorded { .. } => {
+                    if !enrolled_here.contains(id) {
+                        wanted.push(*id);
+                    }
+                }
+            }
+        }
+        let mut changes = load(conn, &wanted).await?;
+        for (event, id, decoded) in events {
+            match decoded {
+                EnrollmentEvent::ContactEnrolled {
                     campaign_id,
                     contact_id,
                     stop_on_reply,
-                    enrolled_at
-                )
-                .execute(&mut *conn)
-                .await?;
-                sqlx::query!(
-                    "INSERT INTO campaign_metrics_view (campaign_id, enrolled) VALUES ($1, 1)
-                     ON CONFLICT (campaign_id) DO UPDATE SET enrolled = campaign_metrics_view.enrolled + 1",
-                    campaign_id
-                )
-                .execute(&mut *conn)
-                .await?;
-                Ok(())
-            }
-            EnrollmentEvent::ProviderEventRecorded {
-                kind, occurred_at, ..
-            } => {
-                let row = sqlx::query!(
-                    "SELECT campaign_id, stop_on_reply, sent_at, delivered_at, opened_at, clicked_at, replied_at,
-                            bounced_at, unsubscribed_at, complained_at
-                     FROM enrollments_view WHERE id = $1 FOR UPDATE",
-                    id
-                )
-                .fetch_optional(&mut *conn)
-                .await?
-                .ok_or_else(|| ProjectionError::Inconsistent {
-                    position: event.at,
-                    message: "a provider event for an enrollment the read model does not have"
-                        .into(),
-                })?;
-                let before = Milestones {
-                    sent_at: row.sent_at,
-                    delivered_at: row.delivered_at,
-                    opened_at: row.opened_at,
-                    clicked_at: row.clicked_at,
-                    replied_at: row.replied_at,
-                    bounced_at: row.bounced_at,
-                    unsubscribed_at: row.unsubscribed_at,
-                    complained_at: row.complained_at,
-                };
-                let mut after = before;
-                after.record(kind, occurred_at);
-                let after = after.implied();
-                let ended = sequence_end(&after, row.stop_on_reply);
-                sqlx::query!(
-                    "UPDATE enrollments_view SET status = $2, sent_at = $3, delivered_at = $4,
-                         opened_at = $5, clicked_at = $6, replied_at = $7, bounced_at = $8,
-                         unsubscribed_at = $9, complained_at = $10, sequence_ended_at = $11,
-                         version = version + 1
-                     WHERE id = $1",
-                    id,
-                    after.status().as_str(),
-                    after.sent_at,
-                    after.delivered_at,
-                    after.opened_at,
-                    after.clicked_at,
-                    after.replied_at,
-                    after.bounced_at,
-                    after.unsubscribed_at,
-                    after.complained_at,
-                    ended
-                )
-                .execute(&mut *conn)
-                .await?;
-                let (old, new) = (reached(&before), reached(&after));
-                let newly: Vec<i64> = old
-                    .iter()
-                    .zip(new)
-                    .map(|(o, n)| i64::from(n && !o))
-                    .collect();
-                if newly.iter().any(|n| *n > 0) {
-                    sqlx::query!(
-                        "UPDATE campaign_metrics_view SET sent = sent + $2, delivered = delivered + $3,
-                             opened = opened + $4, clicked = clicked + $5, replied = replied + $6,
-                             bounced = bounced + $7, unsubscribed = unsubscribed + $8,
-                             complained = complained + $9
-                         WHERE campaign_id = $1",
-                        row.campaign_id,
-                        newly[0],
-                        newly[1],
-                        newly[2],
-                        newly[3],
-                        newly[4],
-                        newly[5],
-                        newly[6],
-                        newly[7]
-                    )
-                    .execute(&mut *conn)
-                    .await?;
+                    enrolled_at,
+                } => {
+                    if changes.contains_key(&id) {
+                        return Err(ProjectionError::Inconsistent {
+                            position: event.at,
+                            message: "an enrollment enrolled twice".into(),
+                        });
+                    }
+                    let after = Row {
+                        campaign_id,
+                        contact_id,
+                        stop_on_reply,
+                        enrolled_at,
+                        milestones: Milestones::default(),
+                        version: 1,
+                    };
+                    changes.insert(
+                        id,
+                        Change {
+                            before: None,
+                            after,
+                        },
+                    );
                 }
-                Ok(())
+                EnrollmentEvent::ProviderEventRecorded {
+                    kind, occurred_at, ..
+                } => {
+                    let change =
+                        changes
+                            .get_mut(&id)
+                            .ok_or_else(|| ProjectionError::Inconsistent {
+                                position: event.at,
+                                message: "a provider event for an enrollment the read model \
+                                          does not have"
+                                    .into(),
+                            })?;
+                    let mut m = change.after.milestones;
+                    m.record(kind, occurred_at);
+                    change.after.milestones = m.implied();
+                    change.after.version += 1;
+                }
             }
         }
+        write(conn, changes).await
     }
+}
+
+/// The enrollments `ids` as the read model has them.
+async fn load(
+    conn: &mut PgConnection,
+    ids: &[Uuid],
+) -> Result<BTreeMap<Uuid, Change>, ProjectionError> {
+    if ids.is_empty() {
+        return Ok(BTreeMap::new());
+    }
+    let rows = sqlx::query!(
+        "SELECT id, campaign_id, contact_id, stop_on_reply, enrolled_at, sent_at, delivered_at,
+                opened_at, clicked_at, replied_at, bounced_at, unsubscribed_at, complained_at, version
+         FROM enrollments_view WHERE id = ANY($1)",
+        ids
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let row = Row {
+                campaign_id: r.campaign_id,
+                contact_id: r.contact_id,
+                stop_on_reply: r.stop_on_reply,
+                enrolled_at: r.enrolled_at,
+                milestones: Milestones {
+                    sent_at: r.sent_at,
+                    delivered_at: r.delivered_at,
+                    opened_at: r.opened_at,
+                    clicked_at: r.clicked_at,
+                    replied_at: r.replied_at,
+                    bounced_at: r.bounced_at,
+                    unsubscribed_at: r.unsubscribed_at,
+                    complained_at: r.complained_at,
+                },
+                version: r.version,
+            };
+            (
+                r.id,
+                Change {
+                    before: Some(row),
+                    after: row,
+                },
+            )
+        })
+        .collect())
+}
+
+async fn write(
+    conn: &mut PgConnection,
+    changes: BTreeMap<Uuid, Change>,
+) -> Result<(), ProjectionError> {
+    // A campaign count moves when an enrollment first reaches a step; a day count moves
+    // when a step's day changes.
+    let mut campaigns: BTreeMap<Uuid, Counts> = BTreeMap::new();
+    let mut days: BTreeMap<(Uuid, NaiveDate), Counts> = BTreeMap::new();
+    let mut new = Vec::new();
+    let mut changed = Vec::new();
+    for (id, change) in changes {
+        let campaign = change.after.campaign_id;
+        let before = change.before.map_or([None; 9], |b| b.steps());
+        for (k, (old, now)) in before.into_iter().zip(change.after.steps()).enumerate() {
+            if old.is_none() && now.is_some() {
+                campaigns.entry(campaign).or_default()[k] += 1;
+            }
+            let (old, now) = (old.map(utc_day), now.map(utc_day));
+            if old != now {
+                if let Some(day) = old {
+                    days.entry((campaign, day)).or_default()[k] -= 1;
+                }
+                if let Some(day) = now {
+                    days.entry((campaign, day)).or_default()[k] += 1;
+                }
+            }
+        }
+        if change.before.is_none() {
+            new.push((id, change.after));
+        } else {
+            changed.push((id, change.after));
+        }
+    }
+    if !new.is_empty() {
+        insert(conn, &new).await?;
+    }
+    if !changed.is_empty() {
+        update(conn, &changed).await?;
+    }
+    campaigns.retain(|_, c| c.iter().any(|n| *n != 0));
+    if !campaigns.is_empty() {
+        let counts: Vec<&Counts> = campaigns.values().collect();
+        let col = |k: usize| counts.iter().map(|c| c[k]).collect::<Vec<i64>>();
+        sqlx::query!(
+            "INSERT INTO campaign_metrics_view (campaign_id, enrolled, sent, delivered, opened, clicked,
+                 replied, bounced, unsubscribed, complained)
+             SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::int8[], $4::int8[], $5::int8[],
+                 $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::int8[])
+             ON CONFLICT (campaign_id) DO UPDATE SET
+                 enrolled = campaign_metrics_view.enrolled + EXCLUDED.enrolled,
+                 sent = campaign_metrics_view.sent + EXCLUDED.sent,
+                 delivered = campaign_metrics_view.delivered + EXCLUDED.delivered,
+                 opened = campaign_metrics_view.opened + EXCLUDED.opened,
+                 clicked = campaign_metrics_view.clicked + EXCLUDED.clicked,
+                 replied = campaign_metrics_view.replied + EXCLUDED.replied,
+                 bounced = campaign_metrics_view.bounced + EXCLUDED.bounced,
+                 unsubscribed = campaign_metrics_view.unsubscribed + EXCLUDED.unsubscribed,
+                 complained = campaign_metrics_view.complained + EXCLUDED.complained",
+            &campaigns.keys().copied().collect::<Vec<_>>(),
+            &col(0),
+            &col(1),
+            &col(2),
+            &col(3),
+            &col(4),
+            &col(5),
+            &col(6),
+            &col(7),
+            &col(8),
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
+    days.retain(|_, c| c.iter().any(|n| *n != 0));
+    if !days.is_empty() {
+        let counts: Vec<&Counts> = days.values().collect();
+        let col = |k: usize| counts.iter().map(|c| c[k]).collect::<Vec<i64>>();
+        let campaign_ids: Vec<Uuid> = days.keys().map(|(c, _)| *c).collect();
+        let day_list: Vec<NaiveDate> = days.keys().map(|(_, d)| *d).collect();
+        // Update the days that have a row, then insert the others: a delta may be
+        // negative, and PostgreSQL checks an insert's row against the table's CHECKs
+        // before it looks for a conflict.
+        sqlx::query!(
+            "WITH d AS (
+                 SELECT * FROM UNNEST($1::uuid[], $2::date[], $3::int8[], $4::int8[], $5::int8[],
+                     $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::int8[], $11::int8[])
+                     AS d(campaign_id, day, enrolled, sent, delivered, opened, clicked, replied,
+                          bounced, unsubscribed, complained)
+             ), updated AS (
+                 UPDATE campaign_days_view v SET
+                     enrolled = v.enrolled + d.enrolled, sent = v.sent + d.sent,
+                     delivered = v.delivered + d.delivered, opened = v.opened + d.opened,
+                     clicked = v.clicked + d.clicked, replied = v.replied + d.replied,
+                     bounced = v.bounced + d.bounced, unsubscribed = v.unsubscribed + d.unsubscribed,
+                     complained = v.complained + d.complained
+                 FROM d WHERE v.campaign_id = d.campaign_id AND v.day = d.day
+                 RETURNING v.campaign_id, v.day
+             )
+             INSERT INTO campaign_days_view
+             SELECT d.* FROM d
+             WHERE NOT EXISTS (SELECT 1 FROM updated u WHERE u.campaign_id = d.campaign_id AND u.day = d.day)",
+            &campaign_ids,
+            &day_list,
+            &col(0),
+            &col(1),
+            &col(2),
+            &col(3),
+            &col(4),
+            &col(5),
+            &col(6),
+            &col(7),
+            &col(8),
+        )
+        .execute(&mut *conn)
+        .await?;
+        // A day whose every count went back to zero has no row, as if never counted.
+        sqlx::query!(
+            "DELETE FROM campaign_days_view d
+             USING UNNEST($1::uuid[], $2::date[]) AS k(campaign_id, day)
+             WHERE d.campaign_id = k.campaign_id AND d.day = k.day
+               AND d.enrolled = 0 AND d.sent = 0 AND d.delivered = 0 AND d.opened = 0
+               AND d.clicked = 0 AND d.replied = 0 AND d.bounced = 0 AND d.unsubscribed = 0
+               AND d.complained = 0",
+            &campaign_ids,
+            &day_list
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// A column of every row, for `UNNEST`.
+fn column<T>(rows: &[(Uuid, Row)], f: impl Fn(&Row) -> T) -> Vec<T> {
+    rows.iter().map(|(_, r)| f(r)).collect()
+}
+
+/// A milestone column of every row.
+fn milestone(
+    rows: &[(Uuid, Row)],
+    f: fn(&Milestones) -> Option<DateTime<Utc>>,
+) -> Vec<Option<DateTime<Utc>>> {
+    column(rows, |r| f(&r.milestones))
+}
+
+async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Row)]) -> Result<(), ProjectionError> {
+    sqlx::query!(
+        "INSERT INTO enrollments_view (id, campaign_id, contact_id, status, stop_on_reply, enrolled_at,
+             sent_at, delivered_at, opened_at, clicked_at, replied_at, bounced_at, unsubscribed_at,
+             complained_at, sequence_ended_at, version)
+         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::bool[],
+             $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[],
+             $10::timestamptz[], $11::timestamptz[], $12::timestamptz[], $13::timestamptz[],
+             $14::timestamptz[], $15::timestamptz[], $16::int8[])",
+        &rows.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        &column(rows, |r| r.campaign_id),
+        &column(rows, |r| r.contact_id),
+        &column(rows, |r| r.milestones.status().as_str().to_string()),
+        &column(rows, |r| r.stop_on_reply),
+        &column(rows, |r| r.enrolled_at),
+        &milestone(rows, |m| m.sent_at) as _,
+        &milestone(rows, |m| m.delivered_at) as _,
+        &milestone(rows, |m| m.opened_at) as _,
+        &milestone(rows, |m| m.clicked_at) as _,
+        &milestone(rows, |m| m.replied_at) as _,
+        &milestone(rows, |m| m.bounced_at) as _,
+        &milestone(rows, |m| m.unsubscribed_at) as _,
+        &milestone(rows, |m| m.complained_at) as _,
+        &column(rows, |r| sequence_end(&r.milestones, r.stop_on_reply)) as _,
+        &column(rows, |r| r.version),
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn update(conn: &mut PgConnection, rows: &[(Uuid, Row)]) -> Result<(), ProjectionError> {
+    sqlx::query!(
+        "UPDATE enrollments_view e SET status = u.status, sent_at = u.sent_at,
+             delivered_at = u.delivered_at, opened_at = u.opened_at, clicked_at = u.clicked_at,
+             replied_at = u.replied_at, bounced_at = u.bounced_at,
+             unsubscribed_at = u.unsubscribed_at, complained_at = u.complained_at,
+             sequence_ended_at = u.sequence_ended_at, version = u.version
+         FROM UNNEST($1::uuid[], $2::text[], $3::timestamptz[], $4::timestamptz[],
+             $5::timestamptz[], $6::timestamptz[], $7::timestamptz[], $8::timestamptz[],
+             $9::timestamptz[], $10::timestamptz[], $11::timestamptz[], $12::int8[])
+             AS u(id, status, sent_at, delivered_at, opened_at, clicked_at, replied_at, bounced_at,
+                  unsubscribed_at, complained_at, sequence_ended_at, version)
+         WHERE e.id = u.id",
+        &rows.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        &column(rows, |r| r.milestones.status().as_str().to_string()),
+        &milestone(rows, |m| m.sent_at) as _,
+        &milestone(rows, |m| m.delivered_at) as _,
+        &milestone(rows, |m| m.opened_at) as _,
+        &milestone(rows, |m| m.clicked_at) as _,
+        &milestone(rows, |m| m.replied_at) as _,
+        &milestone(rows, |m| m.bounced_at) as _,
+        &milestone(rows, |m| m.unsubscribed_at) as _,
+        &milestone(rows, |m| m.complained_at) as _,
+        &column(rows, |r| sequence_end(&r.milestones, r.stop_on_reply)) as _,
+        &column(rows, |r| r.version),
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// When the sequence stops, as the aggregate decides it (see `Enrollment::sequence_ended_at`).

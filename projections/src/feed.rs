@@ -90,7 +90,8 @@ pub async fn read(
     after: Position,
     limit: i64,
 ) -> Result<Vec<FeedEvent>, sqlx::Error> {
-    let rows = sqlx::query!(
+    let rows = sqlx::query_as!(
+        Row,
         r#"SELECT position, transaction_id::text AS "transaction_id!", aggregate_type, aggregate_id,
                   sequence, event_type, event_version, payload, metadata, recorded_at
            FROM events
@@ -104,39 +105,85 @@ pub async fn read(
     )
     .fetch_all(&mut *conn)
     .await?;
-    let upcasters = upcasters();
-    rows.into_iter()
-        .map(|r| {
-            let mut serialized = SerializedEvent::new(
-                r.aggregate_id,
-                r.sequence as usize,
-                r.aggregate_type,
-                r.event_type,
-                r.event_version,
-                r.payload,
-                r.metadata,
-            );
-            for u in upcasters.iter() {
-                if u.can_upcast(&serialized.event_type, &serialized.event_version) {
-                    serialized = u.upcast(serialized);
-                }
+    rows.into_iter().map(Row::upcast).collect()
+}
+
+/// Up to `limit` events after `after` and up to `until` included, in commit order.
+/// `until` must be a position the feed has delivered (a checkpoint): everything before it
+/// had committed when it was read, so no transaction-horizon condition is needed and this
+/// may run inside a transaction that holds its own id.
+pub async fn read_until(
+    conn: &mut PgConnection,
+    after: Position,
+    until: Position,
+    limit: i64,
+) -> Result<Vec<FeedEvent>, sqlx::Error> {
+    let rows = sqlx::query_as!(
+        Row,
+        r#"SELECT position, transaction_id::text AS "transaction_id!", aggregate_type, aggregate_id,
+                  sequence, event_type, event_version, payload, metadata, recorded_at
+           FROM events
+           WHERE (transaction_id, position) > ($1::text::xid8, $2)
+             AND (transaction_id, position) <= ($3::text::xid8, $4)
+           ORDER BY transaction_id, position
+           LIMIT $5"#,
+        after.transaction_id.to_string(),
+        after.position,
+        until.transaction_id.to_string(),
+        until.position,
+        limit
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.into_iter().map(Row::upcast).collect()
+}
+
+/// A row of `events` as read.
+struct Row {
+    position: i64,
+    transaction_id: String,
+    aggregate_type: String,
+    aggregate_id: String,
+    sequence: i64,
+    event_type: String,
+    event_version: String,
+    payload: serde_json::Value,
+    metadata: serde_json::Value,
+    recorded_at: DateTime<Utc>,
+}
+
+impl Row {
+    fn upcast(self) -> Result<FeedEvent, sqlx::Error> {
+        let r = self;
+        let mut serialized = SerializedEvent::new(
+            r.aggregate_id,
+            r.sequence as usize,
+            r.aggregate_type,
+            r.event_type,
+            r.event_version,
+            r.payload,
+            r.metadata,
+        );
+        for u in upcasters().iter() {
+            if u.can_upcast(&serialized.event_type, &serialized.event_version) {
+                serialized = u.upcast(serialized);
             }
-            Ok(FeedEvent {
-                at: Position {
-                    transaction_id: parse_xid(&r.transaction_id)?,
-                    position: r.position,
-                },
-                aggregate_type: serialized.aggregate_type,
-                aggregate_id: serialized.aggregate_id,
-                sequence: r.sequence,
-                event_type: serialized.event_type,
-                event_version: serialized.event_version,
-                payload: serialized.payload,
-                metadata: serialized.metadata,
-                recorded_at: r.recorded_at,
-            })
+        }
+        Ok(FeedEvent {
+            at: Position {
+                transaction_id: parse_xid(&r.transaction_id)?,
+                position: r.position,
+            },
+            aggregate_type: serialized.aggregate_type,
+            aggregate_id: serialized.aggregate_id,
+            sequence: r.sequence,
+            event_type: serialized.event_type,
+            event_version: serialized.event_version,
+            payload: serialized.payload,
+            metadata: serialized.metadata,
+            recorded_at: r.recorded_at,
         })
-        .collect()
+    }
 }
 
 fn upcasters() -> &'static [Box<dyn cqrs_es::persist::EventUpcaster>] {

@@ -11,6 +11,7 @@ pub mod contacts;
 pub mod costs;
 pub mod enrollments;
 pub mod feed;
+pub mod rebuild;
 pub mod runner;
 pub mod status;
 
@@ -35,19 +36,37 @@ pub enum ProjectionError {
     Database(#[from] sqlx::Error),
 }
 
-/// A read model fed by the runner.
+/// A read model, fed by the runner as events commit and by a rebuild from the start of
+/// the feed: both call the same [`Projection::apply_batch`].
 #[async_trait::async_trait]
 pub trait Projection: Send + Sync + 'static {
     /// Stable name: the checkpoint's key and the advisory lock's.
     fn name(&self) -> &'static str;
 
-    /// Applies one event inside the batch's transaction. Events of other aggregates are
-    /// ignored by returning `Ok(())`.
-    async fn apply(
+    /// The tables this projection owns and writes, and nothing else writes: what a
+    /// rebuild builds anew and swaps in. Its queries name them unqualified, so a rebuild
+    /// points them at its own copies through `search_path`.
+    fn tables(&self) -> &'static [&'static str];
+
+    /// Applies `events`, in feed order, inside the caller's transaction. Events of other
+    /// aggregates are ignored. The result must equal applying the events one at a time,
+    /// whatever the batch boundaries.
+    async fn apply_batch(
         &self,
         conn: &mut PgConnection,
-        event: &FeedEvent,
+        events: &[FeedEvent],
     ) -> Result<(), ProjectionError>;
+}
+
+/// Applies one event: a batch of one.
+pub async fn apply(
+    projection: &dyn Projection,
+    conn: &mut PgConnection,
+    event: &FeedEvent,
+) -> Result<(), ProjectionError> {
+    projection
+        .apply_batch(conn, std::slice::from_ref(event))
+        .await
 }
 
 /// Every projection the service runs.
@@ -64,6 +83,28 @@ pub fn all() -> Vec<Arc<dyn Projection>> {
 /// The names of every projection.
 pub fn names() -> Vec<&'static str> {
     all().iter().map(|p| p.name()).collect()
+}
+
+/// The projection called `name`.
+pub fn by_name(name: &str) -> Option<Arc<dyn Projection>> {
+    all().into_iter().find(|p| p.name() == name)
+}
+
+/// Every event of `batch` of the aggregate type `aggregate_type`, decoded, with its id.
+fn events_of<'a, E: serde::de::DeserializeOwned>(
+    batch: &'a [FeedEvent],
+    aggregate_type: &str,
+) -> Result<Vec<(&'a FeedEvent, uuid::Uuid, E)>, ProjectionError> {
+    batch
+        .iter()
+        .filter(|e| e.aggregate_type == aggregate_type)
+        .map(|e| Ok((e, uuid_of(e)?, decode(e)?)))
+        .collect()
+}
+
+/// The UTC day of a time: the bucket of every per-day read model.
+fn utc_day(at: chrono::DateTime<chrono::Utc>) -> chrono::NaiveDate {
+    at.date_naive()
 }
 
 fn decode<E: serde::de::DeserializeOwned>(event: &FeedEvent) -> Result<E, ProjectionError> {

@@ -60,6 +60,8 @@ pub struct Runner {
 
 enum BatchOutcome {
     Applied(usize),
+    /// The checkpoint moved under the batch (a rebuild was swapped in): read again.
+    Moved,
     Failed,
 }
 
@@ -182,6 +184,7 @@ async fn run_projection(
             wake.borrow_and_update();
             let failed = match run_batch(&mut conn, projection.as_ref(), config.batch_size).await {
                 Ok(BatchOutcome::Applied(n)) if n as i64 == config.batch_size => continue,
+                Ok(BatchOutcome::Moved) => continue,
                 Ok(BatchOutcome::Applied(_)) => false,
                 Ok(BatchOutcome::Failed) => true,
                 Err(e) => {
@@ -252,6 +255,10 @@ pub async fn checkpoint(conn: &mut PgConnection, name: &str) -> Result<Position,
 
 /// One batch: read without a transaction (an idle runner takes no transaction id, which
 /// would hold back everyone's feed), then apply and move the checkpoint in one transaction.
+///
+/// The transaction first locks the checkpoint row and checks it still says `after`: a
+/// rebuild that swaps tables in moves the checkpoint under the same lock, and a batch read
+/// before that must not be applied to the new tables.
 async fn run_batch(
     conn: &mut PgConnection,
     projection: &dyn Projection,
@@ -264,15 +271,12 @@ async fn run_batch(
         return Ok(BatchOutcome::Applied(0));
     }
     let mut tx = conn.begin().await?;
-    let mut failure = None;
-    for event in &events {
-        if let Err(e) = projection.apply(&mut tx, event).await {
-            failure = Some((event.at, e));
-            break;
-        }
+    if lock_checkpoint(&mut tx, name).await? != after {
+        tx.rollback().await?;
+        return Ok(BatchOutcome::Moved);
     }
-    match failure {
-        None => {
+    match projection.apply_batch(&mut tx, &events).await {
+        Ok(()) => {
             let last = events.last().map(|e| e.at).unwrap_or(after);
             advance(&mut tx, name, last).await?;
             tx.commit().await?;
@@ -282,27 +286,30 @@ async fn run_batch(
             metrics::gauge!("projection_position", "projection" => name).set(last.position as f64);
             Ok(BatchOutcome::Applied(events.len()))
         }
-        Some((failed_at, error)) => {
+        Err(error) => {
             tx.rollback().await?;
             if let ProjectionError::Database(e) = &error
                 && is_connection_error(e)
             {
                 return Err(sqlx::Error::Protocol(e.to_string()));
             }
-            // Apply again one event at a time up to the failing one, so every good event
-            // before it is kept, then record where and why the projection stopped.
+            // Apply again one event at a time, so every good event before the failing one
+            // is kept, then record where and why the projection stopped.
             let mut tx = conn.begin().await?;
-            let mut last_good = None;
-            for event in events.iter().take_while(|e| e.at < failed_at) {
-                projection
-                    .apply(&mut tx, event)
-                    .await
-                    .map_err(|e| sqlx::Error::Protocol(e.to_string()))?;
-                last_good = Some(event.at);
+            if lock_checkpoint(&mut tx, name).await? != after {
+                tx.rollback().await?;
+                return Ok(BatchOutcome::Moved);
             }
+            let (last_good, failure) = apply_until_failure(&mut tx, projection, &events).await?;
             if let Some(last) = last_good {
                 advance(&mut tx, name, last).await?;
             }
+            let Some((failed_at, error)) = failure else {
+                // The batch failed as a whole but every event applies on its own: a
+                // transient failure. Keep what applied and go on.
+                tx.commit().await?;
+                return Ok(BatchOutcome::Applied(events.len()));
+            };
             let message = error.to_string();
             sqlx::query!(
                 "UPDATE projection_checkpoints
@@ -325,6 +332,52 @@ async fn run_batch(
             Ok(BatchOutcome::Failed)
         }
     }
+}
+
+/// Locks the checkpoint row of `name` for the transaction and returns it.
+pub(crate) async fn lock_checkpoint(
+    conn: &mut PgConnection,
+    name: &str,
+) -> Result<Position, sqlx::Error> {
+    let row = sqlx::query!(
+        r#"SELECT transaction_id::text AS "transaction_id!", position
+           FROM projection_checkpoints WHERE name = $1 FOR UPDATE"#,
+        name
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        Some(r) => Ok(Position {
+            transaction_id: parse_xid(&r.transaction_id)?,
+            position: r.position,
+        }),
+        None => Ok(Position::default()),
+    }
+}
+
+/// After a batch failed as a whole: applies its events one at a time, each under a
+/// savepoint, and stops at the first that fails. Returns the position of the last event
+/// applied, and the failing event's position with its error.
+pub async fn apply_until_failure(
+    conn: &mut PgConnection,
+    projection: &dyn Projection,
+    events: &[FeedEvent],
+) -> Result<(Option<Position>, Option<(Position, ProjectionError)>), sqlx::Error> {
+    let mut last_good = None;
+    for event in events {
+        let mut savepoint = conn.begin().await?;
+        match crate::apply(projection, &mut savepoint, event).await {
+            Ok(()) => {
+                savepoint.commit().await?;
+                last_good = Some(event.at);
+            }
+            Err(error) => {
+                savepoint.rollback().await?;
+                return Ok((last_good, Some((event.at, error))));
+            }
+        }
+    }
+    Ok((last_good, None))
 }
 
 async fn advance(conn: &mut PgConnection, name: &str, to: Position) -> Result<(), sqlx::Error> {
@@ -350,19 +403,6 @@ fn is_connection_error(e: &sqlx::Error) -> bool {
         e,
         sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::PoolTimedOut
     )
-}
-
-/// For each event in `events`, applies it: the same code path a rebuild or a test uses to
-/// replay a history into a projection's tables.
-pub async fn apply_all(
-    conn: &mut PgConnection,
-    projection: &dyn Projection,
-    events: &[FeedEvent],
-) -> Result<(), ProjectionError> {
-    for event in events {
-        projection.apply(conn, event).await?;
-    }
-    Ok(())
 }
 
 /// Waits until every projection in `names` has applied `position` (or `timeout` passes).

@@ -1,12 +1,14 @@
-//! Analytics routes over the read models: `GET /v1/analytics/costs` (read model `costs`).
-//! The report itself, [`cost_report`], is shared with `leadledger analytics costs`, so the
-//! command line prints exactly the rows the API answers with.
+//! Analytics routes over the read models: `GET /v1/analytics/costs` (read model `costs`),
+//! `GET /v1/analytics/campaigns/{id}/timeseries` (read model `enrollments`, per UTC day)
+//! and `GET /v1/analytics/dashboard` (totals kept by every read model). Each report is
+//! built by one function shared with `leadledger analytics`, so the command line prints
+//! exactly what the API answers with.
 
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
-use chrono::{NaiveDate, Utc};
+use chrono::{Datelike, NaiveDate, Utc};
 use projections::costs::{self, CostRow, GroupBy};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
@@ -25,7 +27,10 @@ const TAG: &str = "analytics";
 const COSTS_READ_MODEL: &str = "costs";
 
 pub fn router() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(cost_analytics))
+    OpenApiRouter::new()
+        .routes(routes!(cost_analytics))
+        .routes(routes!(campaign_timeseries_route))
+        .routes(routes!(dashboard))
 }
 
 /// What a cost report covers: the last `days` UTC days (today included), added up by
@@ -241,12 +246,19 @@ impl CostReport {
     }
 }
 
-/// Quotes a field that holds a comma, a quote or a line break (model names are free text).
-fn csv_field(text: &str) -> String {
+/// Quotes a field that holds a comma, a quote or a line break (model and campaign names
+/// are free text). A field a spreadsheet would run as a formula (starting with `=`, `+`,
+/// `-`, `@`, a tab or a carriage return) is written with a leading `'`, so it stays text.
+pub fn csv_field(text: &str) -> String {
+    let text = if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{text}")
+    } else {
+        text.to_string()
+    };
     if text.contains([',', '"', '\r', '\n']) {
         format!("\"{}\"", text.replace('"', "\"\""))
     } else {
-        text.to_string()
+        text
     }
 }
 
@@ -280,11 +292,15 @@ async fn cost_analytics(
     Ok(axum::Json(report).into_response())
 }
 
-/// Brings the `costs` read model up to the last event committed, for a reader outside the
-/// server (the command line). It runs the projection the way a server process does, under
-/// the same advisory lock: if a server is running, that server applies the events and this
-/// only waits. Returns whether the read model got there within `timeout`.
-pub async fn catch_up_costs(pool: &PgPool, timeout: Duration) -> Result<bool, sqlx::Error> {
+/// Brings the read models `names` up to the last event committed, for a reader outside the
+/// server (the command line). It runs their projections the way a server process does,
+/// under the same advisory locks: if a server is running, that server applies the events
+/// and this only waits. Returns whether they got there within `timeout`.
+pub async fn catch_up(
+    pool: &PgPool,
+    names: &[&str],
+    timeout: Duration,
+) -> Result<bool, sqlx::Error> {
     let head = sqlx::query!(
         r#"SELECT transaction_id::text AS "transaction_id!", position
            FROM events ORDER BY transaction_id DESC, position DESC LIMIT 1"#
@@ -303,15 +319,431 @@ pub async fn catch_up_costs(pool: &PgPool, timeout: Duration) -> Result<bool, sq
         pool.clone(),
         projections::all()
             .into_iter()
-            .filter(|p| p.name() == COSTS_READ_MODEL)
+            .filter(|p| names.contains(&p.name()))
             .collect(),
         projections::runner::RunnerConfig::default(),
     );
     let task = tokio::spawn(runner.run(cancel.clone()));
-    let reached = projections::runner::wait_for(pool, head, &[COSTS_READ_MODEL], timeout).await;
+    let reached = projections::runner::wait_for(pool, head, names, timeout).await;
     cancel.cancel();
     let _ = task.await;
     reached
+}
+
+/// The read models behind the dashboard.
+pub const DASHBOARD_READ_MODELS: [&str; 4] =
+    ["campaigns", "contacts", "costs", ENROLLMENTS_READ_MODEL];
+const ENROLLMENTS_READ_MODEL: &str = "enrollments";
+
+/// Counts of one UTC day of a campaign: enrollments that reached each milestone that day.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct DayCounts {
+    pub day: NaiveDate,
+    pub enrolled: i64,
+    pub sent: i64,
+    pub delivered: i64,
+    pub opened: i64,
+    pub clicked: i64,
+    pub replied: i64,
+    pub bounced: i64,
+    pub unsubscribed: i64,
+    pub complained: i64,
+}
+
+impl DayCounts {
+    pub const COLUMNS: [&str; 10] = [
+        "day",
+        "enrolled",
+        "sent",
+        "delivered",
+        "opened",
+        "clicked",
+        "replied",
+        "bounced",
+        "unsubscribed",
+        "complained",
+    ];
+
+    fn counts(&self) -> [i64; 9] {
+        [
+            self.enrolled,
+            self.sent,
+            self.delivered,
+            self.opened,
+            self.clicked,
+            self.replied,
+            self.bounced,
+            self.unsubscribed,
+            self.complained,
+        ]
+    }
+}
+
+/// A campaign's days, oldest first, every day of the window present (zeros included).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Timeseries {
+    pub campaign_id: Uuid,
+    /// First UTC day covered.
+    pub from: NaiveDate,
+    /// Last UTC day covered (today).
+    pub to: NaiveDate,
+    pub days: Vec<DayCounts>,
+}
+
+/// The last `days` UTC days of `campaign`, `today` the last.
+pub async fn campaign_timeseries(
+    conn: &mut PgConnection,
+    campaign: Uuid,
+    days: u16,
+    today: NaiveDate,
+) -> Result<Timeseries, sqlx::Error> {
+    let from = today - chrono::Days::new(u64::from(days) - 1);
+    let days = sqlx::query_as!(
+        DayCounts,
+        r#"SELECT d.day AS "day!",
+                  coalesce(v.enrolled, 0) AS "enrolled!", coalesce(v.sent, 0) AS "sent!",
+                  coalesce(v.delivered, 0) AS "delivered!", coalesce(v.opened, 0) AS "opened!",
+                  coalesce(v.clicked, 0) AS "clicked!", coalesce(v.replied, 0) AS "replied!",
+                  coalesce(v.bounced, 0) AS "bounced!", coalesce(v.unsubscribed, 0) AS "unsubscribed!",
+                  coalesce(v.complained, 0) AS "complained!"
+           FROM generate_series($2::date, $3::date, interval '1 day') AS g(at)
+           CROSS JOIN LATERAL (SELECT g.at::date AS day) AS d
+           LEFT JOIN campaign_days_view v ON v.campaign_id = $1 AND v.day = d.day
+           ORDER BY d.day"#,
+        campaign,
+        from,
+        today
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Timeseries {
+        campaign_id: campaign,
+        from,
+        to: today,
+        days,
+    })
+}
+
+impl Timeseries {
+    /// Aligned columns for people.
+    pub fn to_table(&self) -> String {
+        let mut out = format!(
+            "campaign {} from {} to {} (UTC)\n{:<10}",
+            self.campaign_id,
+            self.from,
+            self.to,
+            DayCounts::COLUMNS[0]
+        );
+        for c in &DayCounts::COLUMNS[1..] {
+            out.push_str(&format!("  {c:>12}"));
+        }
+        out.push('\n');
+        for day in &self.days {
+            out.push_str(&format!("{:<10}", day.day.to_string()));
+            for n in day.counts() {
+                out.push_str(&format!("  {n:>12}"));
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// RFC 4180 CSV with a header row.
+    pub fn to_csv(&self) -> String {
+        let mut out = DayCounts::COLUMNS.join(",") + "\r\n";
+        for day in &self.days {
+            let counts: Vec<String> = day.counts().iter().map(i64::to_string).collect();
+            out.push_str(&format!("{},{}\r\n", day.day, counts.join(",")));
+        }
+        out
+    }
+}
+
+/// Campaigns by status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, ToSchema)]
+pub struct CampaignCounts {
+    pub total: i64,
+    pub draft: i64,
+    pub running: i64,
+    pub paused: i64,
+    pub completed: i64,
+}
+
+/// Enrollments that reached each milestone, over every campaign.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, ToSchema)]
+pub struct MilestoneCounts {
+    pub sent: i64,
+    pub delivered: i64,
+    pub opened: i64,
+    pub clicked: i64,
+    pub replied: i64,
+    pub bounced: i64,
+    pub unsubscribed: i64,
+    pub complained: i64,
+}
+
+/// Cost recorded this UTC month (spends and captured reservations of every budget).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct MonthSpend {
+    pub from: NaiveDate,
+    pub to: NaiveDate,
+    /// Exact decimal string.
+    pub cost: String,
+    pub requests: i64,
+}
+
+/// A campaign among the best by reply rate (replied / delivered, in percent).
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct TopCampaign {
+    pub campaign_id: Uuid,
+    pub name: String,
+    pub status: String,
+    pub delivered: i64,
+    pub replied: i64,
+    pub reply_rate: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct Dashboard {
+    pub contacts: i64,
+    pub campaigns: CampaignCounts,
+    pub enrollments: i64,
+    pub milestones: MilestoneCounts,
+    pub spend_this_month: MonthSpend,
+    /// Up to five campaigns that delivered mail, highest reply rate first (ties: more
+    /// replies first).
+    pub top_campaigns: Vec<TopCampaign>,
+}
+
+/// How many campaigns the dashboard ranks.
+pub const TOP_CAMPAIGNS: i64 = 5;
+
+/// The dashboard, with `today` as the current UTC day. Every figure is a kept total or a
+/// read of a few rows; nothing here grows with the number of events or contacts.
+pub async fn dashboard_report(
+    conn: &mut PgConnection,
+    today: NaiveDate,
+) -> Result<Dashboard, sqlx::Error> {
+    let contacts = sqlx::query_scalar!(
+        r#"SELECT coalesce((SELECT contacts FROM contact_totals_view), 0) AS "n!""#
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let mut campaigns = CampaignCounts::default();
+    for row in
+        sqlx::query!(r#"SELECT status, count(*) AS "n!" FROM campaigns_view GROUP BY status"#)
+            .fetch_all(&mut *conn)
+            .await?
+    {
+        campaigns.total += row.n;
+        match row.status.as_str() {
+            "draft" => campaigns.draft = row.n,
+            "running" => campaigns.running = row.n,
+            "paused" => campaigns.paused = row.n,
+            "completed" => campaigns.completed = row.n,
+            _ => {}
+        }
+    }
+    let totals = sqlx::query!(
+        r#"SELECT coalesce(sum(enrolled), 0)::bigint AS "enrolled!", coalesce(sum(sent), 0)::bigint AS "sent!",
+                  coalesce(sum(delivered), 0)::bigint AS "delivered!", coalesce(sum(opened), 0)::bigint AS "opened!",
+                  coalesce(sum(clicked), 0)::bigint AS "clicked!", coalesce(sum(replied), 0)::bigint AS "replied!",
+                  coalesce(sum(bounced), 0)::bigint AS "bounced!",
+                  coalesce(sum(unsubscribed), 0)::bigint AS "unsubscribed!",
+                  coalesce(sum(complained), 0)::bigint AS "complained!"
+           FROM campaign_metrics_view"#
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let month_start = today.with_day(1).unwrap_or(today);
+    let (cost, requests) = costs::total(conn, month_start, today).await?;
+    let top_campaigns = sqlx::query!(
+        "SELECT m.campaign_id, c.name, c.status, m.delivered, m.replied
+         FROM campaign_metrics_view m JOIN campaigns_view c ON c.id = m.campaign_id
+         WHERE m.delivered > 0
+         ORDER BY m.replied::numeric / m.delivered DESC, m.replied DESC, m.campaign_id
+         LIMIT $1",
+        TOP_CAMPAIGNS
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|r| TopCampaign {
+        campaign_id: r.campaign_id,
+        name: r.name,
+        status: r.status,
+        delivered: r.delivered,
+        replied: r.replied,
+        reply_rate: crate::http::enrollments::rate(r.replied, r.delivered),
+    })
+    .collect();
+    Ok(Dashboard {
+        contacts,
+        campaigns,
+        enrollments: totals.enrolled,
+        milestones: MilestoneCounts {
+            sent: totals.sent,
+            delivered: totals.delivered,
+            opened: totals.opened,
+            clicked: totals.clicked,
+            replied: totals.replied,
+            bounced: totals.bounced,
+            unsubscribed: totals.unsubscribed,
+            complained: totals.complained,
+        },
+        spend_this_month: MonthSpend {
+            from: month_start,
+            to: today,
+            cost: money_text(cost),
+            requests,
+        },
+        top_campaigns,
+    })
+}
+
+/// Money as every amount is written (at least two decimals).
+fn money_text(amount: sqlx::types::Decimal) -> String {
+    aggregates::money::Money::from_decimal(amount)
+        .map(|m| m.to_string())
+        .unwrap_or_else(|_| amount.normalize().to_string())
+}
+
+impl Dashboard {
+    /// The dashboard as `(metric, value)` lines: what the table and the CSV show.
+    pub fn lines(&self) -> Vec<(String, String)> {
+        let mut lines = vec![
+            ("contacts".to_string(), self.contacts.to_string()),
+            ("campaigns".into(), self.campaigns.total.to_string()),
+            ("campaigns.draft".into(), self.campaigns.draft.to_string()),
+            (
+                "campaigns.running".into(),
+                self.campaigns.running.to_string(),
+            ),
+            ("campaigns.paused".into(), self.campaigns.paused.to_string()),
+            (
+                "campaigns.completed".into(),
+                self.campaigns.completed.to_string(),
+            ),
+            ("enrollments".into(), self.enrollments.to_string()),
+        ];
+        let m = &self.milestones;
+        for (name, n) in [
+            ("sent", m.sent),
+            ("delivered", m.delivered),
+            ("opened", m.opened),
+            ("clicked", m.clicked),
+            ("replied", m.replied),
+            ("bounced", m.bounced),
+            ("unsubscribed", m.unsubscribed),
+            ("complained", m.complained),
+        ] {
+            lines.push((format!("milestones.{name}"), n.to_string()));
+        }
+        let s = &self.spend_this_month;
+        lines.push((
+            format!("spend_this_month ({} to {})", s.from, s.to),
+            s.cost.clone(),
+        ));
+        lines.push(("spend_this_month.requests".into(), s.requests.to_string()));
+        for (i, c) in self.top_campaigns.iter().enumerate() {
+            lines.push((
+                format!("top_campaigns.{}", i + 1),
+                format!(
+                    "{} ({}, {}): reply rate {}% ({} of {})",
+                    c.name, c.campaign_id, c.status, c.reply_rate, c.replied, c.delivered
+                ),
+            ));
+        }
+        lines
+    }
+
+    pub fn to_table(&self) -> String {
+        let lines = self.lines();
+        let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        lines
+            .iter()
+            .map(|(k, v)| format!("{k:<width$}  {v}\n"))
+            .collect()
+    }
+
+    pub fn to_csv(&self) -> String {
+        let mut out = "metric,value\r\n".to_string();
+        for (k, v) in self.lines() {
+            out.push_str(&format!("{},{}\r\n", csv_field(&k), csv_field(&v)));
+        }
+        out
+    }
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct TimeseriesQuery {
+    /// UTC days back, today included: 1..=365, default 30.
+    days: Option<String>,
+    /// Wait until the report includes this write.
+    min_position: Option<String>,
+}
+
+/// Per UTC day, how many of the campaign's enrollments reached each milestone that day
+/// (a milestone's day is the day of its effective time), oldest day first, every day of
+/// the window listed.
+#[utoipa::path(get, path = "/v1/analytics/campaigns/{id}/timeseries", tag = TAG,
+    params(("id" = Uuid, Path), TimeseriesQuery),
+    responses((status = 200, body = Timeseries), (status = 400, description = "days out of range"),
+        (status = 404), (status = 503, description = "min_position not reached in 5 s")))]
+async fn campaign_timeseries_route(
+    State(state): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+    ApiQuery(query): ApiQuery<TimeseriesQuery>,
+    min_position: MinPosition,
+) -> Result<Response, ApiError> {
+    let not_found = || ApiError::NotFound("no campaign with this id".into());
+    let campaign = Uuid::parse_str(&id).map_err(|_| not_found())?;
+    let days = query
+        .days
+        .as_deref()
+        .map(parse_days)
+        .transpose()
+        .map_err(ApiError::BadRequest)?
+        .unwrap_or(CostsParams::DEFAULT_DAYS);
+    let _ = &query.min_position;
+    min_position.wait(&state, &[ENROLLMENTS_READ_MODEL]).await?;
+    crate::http::command::load_existing(
+        &state,
+        campaign,
+        |c: &aggregates::campaign::Campaign| c.created,
+        "no campaign with this id",
+    )
+    .await?;
+    let mut conn = state.pool.acquire().await?;
+    let report = campaign_timeseries(&mut conn, campaign, days, Utc::now().date_naive()).await?;
+    Ok(axum::Json(report).into_response())
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DashboardQuery {
+    /// Wait until the dashboard includes this write.
+    min_position: Option<String>,
+}
+
+/// Totals: contacts, campaigns by status, enrollments and each milestone, the cost of the
+/// current UTC month, and the campaigns with the best reply rate.
+#[utoipa::path(get, path = "/v1/analytics/dashboard", tag = TAG, params(DashboardQuery),
+    responses((status = 200, body = Dashboard), (status = 400),
+        (status = 503, description = "min_position not reached in 5 s")))]
+async fn dashboard(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<DashboardQuery>,
+    min_position: MinPosition,
+) -> Result<Response, ApiError> {
+    let _ = &query.min_position;
+    min_position.wait(&state, &DASHBOARD_READ_MODELS).await?;
+    let mut conn = state.pool.acquire().await?;
+    let report = dashboard_report(&mut conn, Utc::now().date_naive()).await?;
+    Ok(axum::Json(report).into_response())
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use uuid::Uuid;
 use crate::error::{ApiError, FieldError};
 use crate::http::AppState;
 use crate::http::command::{self, Abort, Reply, Retry, Settled, Written};
-use crate::http::extract::{CommandRequest, json_with_etag, parse_json};
+use crate::http::extract::{CommandRequest, MinPosition, json_with_etag, parse_json};
 use crate::store::{Loaded, Metadata};
 
 const TAG: &str = "budgets";
@@ -377,11 +377,14 @@ async fn create_budget(
 }
 
 /// A budget, from its event stream: spent and reserved as of now.
-#[utoipa::path(get, path = "/v1/budgets/{id}", tag = TAG, params(("id" = Uuid, Path)),
+#[utoipa::path(get, path = "/v1/budgets/{id}", tag = TAG, params(("id" = Uuid, Path), ("min_position" = Option<String>, Query, description = "Position token of a write; always reached here")),
     responses((status = 200, body = BudgetBody), (status = 404)))]
 async fn get_budget(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    // Read from the stream, which holds every committed write: a valid token is already
+    // reached. It is still checked, like on every read.
+    _min_position: MinPosition,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let loaded: Loaded<Budget> =

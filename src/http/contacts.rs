@@ -231,11 +231,14 @@ async fn record_enrichment(
 }
 
 /// A contact, from its event stream.
-#[utoipa::path(get, path = "/v1/contacts/{id}", tag = TAG, params(("id" = Uuid, Path)),
+#[utoipa::path(get, path = "/v1/contacts/{id}", tag = TAG, params(("id" = Uuid, Path), ("min_position" = Option<String>, Query, description = "Position token of a write; always reached here")),
     responses((status = 200, body = ContactBody), (status = 404)))]
 async fn get_contact(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    // Read from the stream, which holds every committed write: a valid token is already
+    // reached. It is still checked, like on every read.
+    _min_position: MinPosition,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let loaded: Loaded<Contact> = command::load_existing(

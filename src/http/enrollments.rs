@@ -224,11 +224,14 @@ pub struct EnrollmentBody {
 }
 
 /// An enrollment, from its event stream.
-#[utoipa::path(get, path = "/v1/enrollments/{id}", tag = TAG, params(("id" = Uuid, Path)),
+#[utoipa::path(get, path = "/v1/enrollments/{id}", tag = TAG, params(("id" = Uuid, Path), ("min_position" = Option<String>, Query, description = "Position token of a write; always reached here")),
     responses((status = 200, body = EnrollmentBody), (status = 404)))]
 async fn get_enrollment(
     State(state): State<AppState>,
     Path(id): Path<String>,
+    // Read from the stream, which holds every committed write: a valid token is already
+    // reached. It is still checked, like on every read.
+    _min_position: MinPosition,
 ) -> Result<Response, ApiError> {
     let not_found = || ApiError::NotFound("no enrollment with this id".into());
     let id = Uuid::parse_str(&id).map_err(|_| not_found())?;

@@ -17,8 +17,10 @@ use uuid::Uuid;
 use crate::auth::AdminKey;
 use crate::error::ApiError;
 use crate::http::AppState;
-use crate::http::extract::{ApiQuery, CommandRequest, PageQuery, cut_page, parse_json};
-use crate::webhooks::{self, ParkedEvent, Signed};
+use crate::http::extract::{
+    ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, parse_json,
+};
+use crate::webhooks::{self, PARKING_REACTOR, ParkedEvent, Signed};
 
 const TAG: &str = "webhooks";
 
@@ -136,6 +138,9 @@ async fn deliver(
 pub struct ParkedQuery {
     limit: Option<i64>,
     cursor: Option<String>,
+    /// Wait until the parked events reflect this write (an enrollment made applies the
+    /// events parked for it).
+    min_position: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -145,6 +150,8 @@ pub struct ParkedPage {
 }
 
 async fn page(state: &AppState, query: ParkedQuery, dead: bool) -> Result<Response, ApiError> {
+    // Read by the `MinPosition` extractor; declared here for the documentation.
+    let _ = &query.min_position;
     let page = PageQuery {
         limit: query.limit,
         cursor: query.cursor,
@@ -165,21 +172,25 @@ async fn page(state: &AppState, query: ParkedQuery, dead: bool) -> Result<Respon
 
 /// Events waiting for their enrollment, oldest first.
 #[utoipa::path(get, path = "/v1/webhooks/parked", tag = TAG, params(ParkedQuery),
-    responses((status = 200, body = ParkedPage), (status = 400)))]
+    responses((status = 200, body = ParkedPage), (status = 400), (status = 503)))]
 async fn list_parked(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<ParkedQuery>,
+    min_position: MinPosition,
 ) -> Result<Response, ApiError> {
+    min_position.wait(&state, &[PARKING_REACTOR]).await?;
     page(&state, query, false).await
 }
 
 /// Events given up on (too many attempts or too old), oldest first.
 #[utoipa::path(get, path = "/v1/webhooks/dead-letters", tag = TAG, params(ParkedQuery),
-    responses((status = 200, body = ParkedPage), (status = 400)))]
+    responses((status = 200, body = ParkedPage), (status = 400), (status = 503)))]
 async fn list_dead_letters(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<ParkedQuery>,
+    min_position: MinPosition,
 ) -> Result<Response, ApiError> {
+    min_position.wait(&state, &[PARKING_REACTOR]).await?;
     page(&state, query, true).await
 }
 

@@ -10,5 +10,6 @@ mod helpers;
 mod lifecycle;
 mod openapi;
 mod projections;
+mod rebuild;
 mod store;
 mod webhooks;

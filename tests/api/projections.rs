@@ -176,13 +176,19 @@ impl Projection for Slow {
     fn name(&self) -> &'static str {
         self.0.name()
     }
-    async fn apply(
+    fn tables(&self) -> &'static [&'static str] {
+        self.0.tables()
+    }
+    async fn apply_batch(
         &self,
         conn: &mut PgConnection,
-        event: &FeedEvent,
+        events: &[FeedEvent],
     ) -> Result<(), ProjectionError> {
-        tokio::time::sleep(Duration::from_millis(30)).await;
-        self.0.apply(conn, event).await
+        for event in events {
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            projections::apply(&self.0, conn, event).await?;
+        }
+        Ok(())
     }
 }
 

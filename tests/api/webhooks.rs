@@ -13,7 +13,7 @@ use sha2::Sha256;
 use crate::helpers::{TestApp, assert_problem, harness, spawn_app};
 use crate::lifecycle::{data_dir, leadledger, serve};
 
-struct Source {
+pub(crate) struct Source {
     name: String,
     key: Vec<u8>,
 }
@@ -21,7 +21,7 @@ struct Source {
 /// A delivery to a source: its name, headers and body.
 type Case<'a> = (&'a str, Vec<(&'a str, String)>, Vec<u8>);
 
-async fn source(app: &TestApp, name: &str) -> Source {
+pub(crate) async fn source(app: &TestApp, name: &str) -> Source {
     let response = app
         .client
         .post(app.url("/v1/webhook-sources"))
@@ -41,7 +41,7 @@ async fn source(app: &TestApp, name: &str) -> Source {
     }
 }
 
-fn signature(key: &[u8], id: &str, ts: i64, body: &[u8]) -> String {
+pub(crate) fn signature(key: &[u8], id: &str, ts: i64, body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
     mac.update(format!("{id}.{ts}.").as_bytes());
     mac.update(body);
@@ -68,7 +68,7 @@ async fn deliver_raw(
     request.send().await.unwrap()
 }
 
-async fn deliver(base: &str, source: &Source, webhook_id: &str, body: &Value) -> Value {
+pub(crate) async fn deliver(base: &str, source: &Source, webhook_id: &str, body: &Value) -> Value {
     let bytes = serde_json::to_vec(body).unwrap();
     let ts = now();
     let headers = [
@@ -114,7 +114,7 @@ async fn enrolled(app: &TestApp, email: &str) -> (String, String) {
     )
 }
 
-fn event(id: &str, kind: &str, campaign: &str, email: &str, at: &str) -> Value {
+pub(crate) fn event(id: &str, kind: &str, campaign: &str, email: &str, at: &str) -> Value {
     json!({"id": id, "type": kind, "campaign_id": campaign, "email": email, "occurred_at": at})
 }
 

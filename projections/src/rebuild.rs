@@ -1,0 +1,583 @@
+//! Rebuilding projections from the feed, safely while the service runs
+//! (`leadledger projections rebuild NAME|--all [--verify]`).
+//!
+//! - The rebuild builds into schema `leadledger_rebuild`: empty copies of the projections'
+//!   tables, filled by the projections' own `apply_batch` with `search_path` pointing there
+//!   first. The server and the rebuild run the same code on the same feed.
+//! - It reads the feed in batches on one connection while it applies the previous batch
+//!   on another, so memory holds a few batches whatever the log size. Each batch commits
+//!   with the rebuild's position (`projection_rebuilds`), so an interrupted rebuild leaves
+//!   the live tables untouched and a new run resumes where it stopped.
+//! - Once it has caught up, one transaction locks the projections' checkpoint rows (the
+//!   live runner's batches take the same lock first, so they wait), brings the rebuilt
+//!   tables to the live checkpoint (or further), optionally compares them row by row with
+//!   the live ones, and swaps them in under `ACCESS EXCLUSIVE` locks: readers see the old
+//!   tables or the new ones, never a mix. If readers keep the tables locked past a short
+//!   timeout, it catches up again and retries.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::TryStreamExt;
+use serde::Serialize;
+use sqlx::postgres::PgPool;
+use sqlx::{ConnectOptions, Connection, PgConnection};
+
+use crate::feed::{self, FeedEvent, Position, parse_xid};
+use crate::runner::{CHECKPOINTS_CHANNEL, apply_until_failure};
+use crate::{Projection, ProjectionError};
+
+/// Advisory lock class of the rebuild ("LR"): one rebuild at a time per database.
+const REBUILD_LOCK_CLASS: i32 = 0x4c52;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Events per batch read and applied.
+    pub batch_size: i64,
+    /// Compare the rebuilt tables with the live ones before swapping; on any difference,
+    /// report them all and leave the live tables in place.
+    pub verify: bool,
+    /// How many times the swap is tried when readers keep the tables locked.
+    pub swap_attempts: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            batch_size: 5_000,
+            verify: false,
+            swap_attempts: 10,
+        }
+    }
+}
+
+/// What a rebuild tells as it goes (the command line draws a progress bar from it).
+pub trait Observer: Send {
+    /// Before the first batch: events already applied by an interrupted run that this one
+    /// resumes, and events left to apply (more may arrive meanwhile).
+    fn started(&mut self, _already_applied: u64, _remaining: u64) {}
+    /// A batch of `events` committed to the rebuilt tables.
+    fn applied(&mut self, _events: u64) {}
+    /// The rebuild moves on to `phase` (catching up, verifying, swapping).
+    fn phase(&mut self, _phase: &str) {}
+    /// A row that differs between the live and the rebuilt table (with `verify`).
+    fn difference(&mut self, _difference: &Difference) {}
+}
+
+/// An observer that says nothing.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+/// A row that differs: `None` on the side that lacks it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Difference {
+    pub table: String,
+    pub key: serde_json::Value,
+    pub live: Option<serde_json::Value>,
+    pub rebuilt: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub projections: Vec<String>,
+    /// Events applied by this run.
+    pub events: u64,
+    /// Whether this run resumed an interrupted one.
+    pub resumed: bool,
+    /// Where the rebuilt tables stand (the projections' checkpoint once swapped).
+    pub position: Position,
+    /// Rows that differ (with `verify`).
+    pub differences: u64,
+    /// Whether the rebuilt tables replaced the live ones.
+    pub swapped: bool,
+    pub seconds: f64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    #[error("a rebuild is already running on this database")]
+    Busy,
+    #[error("no projection named {0}")]
+    Unknown(String),
+    #[error("projection {projection} fails at event {position}: {error}")]
+    Failed {
+        projection: String,
+        position: Position,
+        error: String,
+    },
+    #[error("readers kept the live tables locked; gave up after {0} attempts")]
+    Locked(u32),
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// The projections called `names` (every one when `names` is empty).
+pub fn select(names: &[String]) -> Result<Vec<Arc<dyn Projection>>, RebuildError> {
+    if names.is_empty() {
+        return Ok(crate::all()
+            .into_iter()
+            .filter(|p| !p.tables().is_empty())
+            .collect());
+    }
+    names
+        .iter()
+        .map(|n| {
+            crate::by_name(n)
+                .filter(|p| !p.tables().is_empty())
+                .ok_or_else(|| RebuildError::Unknown(n.clone()))
+        })
+        .collect()
+}
+
+/// Rebuilds `projections` into new tables from the start of the feed and swaps them in.
+pub async fn rebuild(
+    pool: &PgPool,
+    projections: &[Arc<dyn Projection>],
+    options: &Options,
+    observer: &mut dyn Observer,
+) -> Result<Report, RebuildError> {
+    let started = Instant::now();
+    let mut projections = projections.to_vec();
+    projections.sort_by_key(|p| p.name());
+    projections.dedup_by_key(|p| p.name());
+    let names: Vec<String> = projections.iter().map(|p| p.name().to_string()).collect();
+    let tables: Vec<String> = projections
+        .iter()
+        .flat_map(|p| p.tables().iter().map(|t| t.to_string()))
+        .collect();
+
+    let mut conn = pool
+        .connect_options()
+        .as_ref()
+        .clone()
+        .application_name("leadledger-rebuild")
+        .connect()
+        .await?;
+    let locked = sqlx::query_scalar!(
+        r#"SELECT pg_try_advisory_lock($1, 0) AS "locked!""#,
+        REBUILD_LOCK_CLASS
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    if !locked {
+        return Err(RebuildError::Busy);
+    }
+    // The rebuild schema is made (or found) before any projection statement is prepared
+    // on this connection, so every one of them resolves to the rebuilt tables.
+    let (mut at, resumed) = prepare(&mut conn, &names, &tables).await?;
+    sqlx::query!("SET search_path TO leadledger_rebuild, public")
+        .execute(&mut conn)
+        .await?;
+    // A batch lost to a crash is read again: the rebuild's own position commits with it.
+    sqlx::query!("SET synchronous_commit TO off")
+        .execute(&mut conn)
+        .await?;
+    let already = sqlx::query_scalar!("SELECT events FROM projection_rebuilds")
+        .fetch_optional(&mut conn)
+        .await?
+        .unwrap_or(0);
+    let remaining = feed::count_after(&mut conn, at).await?;
+    observer.started(already as u64, remaining as u64);
+
+    let mut applied = 0u64;
+    for _ in 0..options.swap_attempts.max(1) {
+        observer.phase("catching up");
+        applied += catch_up(pool, &mut conn, &projections, &mut at, options, observer).await?;
+        observer.phase(if options.verify {
+            "verifying"
+        } else {
+            "swapping"
+        });
+        match swap(
+            &mut conn,
+            &projections,
+            &names,
+            &tables,
+            at,
+            options,
+            observer,
+        )
+        .await?
+        {
+            Swap::Done {
+                position,
+                differences,
+                swapped,
+                caught_up,
+            } => {
+                let _ = conn.close().await;
+                return Ok(Report {
+                    projections: names,
+                    events: applied + caught_up,
+                    resumed,
+                    position,
+                    differences,
+                    swapped,
+                    seconds: started.elapsed().as_secs_f64(),
+                });
+            }
+            Swap::Locked => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    Err(RebuildError::Locked(options.swap_attempts.max(1)))
+}
+
+/// Resumes the rebuild in progress if it is of the same projections and made for the same
+/// migrations, else starts a new one. Returns where it stands.
+async fn prepare(
+    conn: &mut PgConnection,
+    names: &[String],
+    tables: &[String],
+) -> Result<(Position, bool), RebuildError> {
+    let migration = sqlx::query_scalar!("SELECT max(version) FROM _sqlx_migrations")
+        .fetch_one(&mut *conn)
+        .await?
+        .unwrap_or(0);
+    let state = sqlx::query!(
+        r#"SELECT projections, migration, transaction_id::text AS "transaction_id!", position
+           FROM projection_rebuilds"#
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    let ready = sqlx::query_scalar!(r#"SELECT leadledger_rebuild_ready($1) AS "ready!""#, tables)
+        .fetch_one(&mut *conn)
+        .await?;
+    if let Some(state) = state
+        && state.projections == names
+        && state.migration == migration
+        && ready
+    {
+        let at = Position {
+            transaction_id: parse_xid(&state.transaction_id)?,
+            position: state.position,
+        };
+        return Ok((at, true));
+    }
+    let mut tx = conn.begin().await?;
+    sqlx::query!("SELECT leadledger_rebuild_discard()")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query!("SELECT leadledger_rebuild_prepare($1)", tables)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query!(
+        "INSERT INTO projection_rebuilds (projections, migration) VALUES ($1, $2)",
+        names,
+        migration
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok((Position::default(), false))
+}
+
+/// Applies the feed after `at` until a read comes back short (the rebuild is at the head),
+/// reading the next batch on a second connection while this one applies. Returns the
+/// events applied.
+async fn catch_up(
+    pool: &PgPool,
+    conn: &mut PgConnection,
+    projections: &[Arc<dyn Projection>],
+    at: &mut Position,
+    options: &Options,
+    observer: &mut dyn Observer,
+) -> Result<u64, RebuildError> {
+    let batch_size = options.batch_size.max(1);
+    let (sender, mut batches) = tokio::sync::mpsc::channel::<Vec<FeedEvent>>(2);
+    let mut reader_conn = pool.acquire().await?;
+    let mut after = *at;
+    let reader = tokio::spawn(async move {
+        loop {
+            let events = feed::read(&mut reader_conn, after, batch_size).await?;
+            let short = (events.len() as i64) < batch_size;
+            if let Some(last) = events.last() {
+                after = last.at;
+                if sender.send(events).await.is_err() {
+                    break;
+                }
+            }
+            if short {
+                break;
+            }
+        }
+        Ok::<_, sqlx::Error>(())
+    });
+    let mut applied = 0u64;
+    while let Some(events) = batches.recv().await {
+        let mut tx = conn.begin().await?;
+        apply(&mut tx, projections, &events).await?;
+        let last = events.last().map_or(*at, |e| e.at);
+        sqlx::query!(
+            "UPDATE projection_rebuilds
+             SET transaction_id = $1::text::xid8, position = $2, events = events + $3, updated_at = now()",
+            last.transaction_id.to_string(),
+            last.position,
+            events.len() as i64
+        )
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        *at = last;
+        applied += events.len() as u64;
+        observer.applied(events.len() as u64);
+    }
+    reader
+        .await
+        .map_err(|e| sqlx::Error::Protocol(format!("feed reader stopped: {e}")))??;
+    Ok(applied)
+}
+
+/// Applies `events` to every projection in the caller's transaction; a failure names the
+/// projection and the exact event.
+async fn apply(
+    conn: &mut PgConnection,
+    projections: &[Arc<dyn Projection>],
+    events: &[FeedEvent],
+) -> Result<(), RebuildError> {
+    for projection in projections {
+        // A savepoint, so that a failure can be located event by event in the same
+        // transaction.
+        let mut savepoint = conn.begin().await?;
+        match projection.apply_batch(&mut savepoint, events).await {
+            Ok(()) => savepoint.commit().await?,
+            Err(batch_error) => {
+                savepoint.rollback().await?;
+                let mut probe = conn.begin().await?;
+                let (_, failure) =
+                    apply_until_failure(&mut probe, projection.as_ref(), events).await?;
+                probe.rollback().await?;
+                let (position, error) = failure.unwrap_or((
+                    events.first().map(|e| e.at).unwrap_or_default(),
+                    batch_error,
+                ));
+                return Err(RebuildError::Failed {
+                    projection: projection.name().to_string(),
+                    position,
+                    error: error.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies the feed from `after` to `until` (a delivered position) in the caller's
+/// transaction, in batches. Returns the events applied.
+async fn apply_until(
+    conn: &mut PgConnection,
+    projections: &[Arc<dyn Projection>],
+    mut after: Position,
+    until: Position,
+    batch_size: i64,
+) -> Result<u64, RebuildError> {
+    let mut applied = 0;
+    while after < until {
+        let events = feed::read_until(conn, after, until, batch_size).await?;
+        let Some(last) = events.last() else { break };
+        let last = last.at;
+        apply(conn, projections, &events).await?;
+        applied += events.len() as u64;
+        after = last;
+    }
+    Ok(applied)
+}
+
+enum Swap {
+    Done {
+        position: Position,
+        differences: u64,
+        swapped: bool,
+        caught_up: u64,
+    },
+    /// Readers or a runner held a lock past the timeout; try again.
+    Locked,
+}
+
+async fn swap(
+    conn: &mut PgConnection,
+    projections: &[Arc<dyn Projection>],
+    names: &[String],
+    tables: &[String],
+    at: Position,
+    options: &Options,
+    observer: &mut dyn Observer,
+) -> Result<Swap, RebuildError> {
+    let mut tx = conn.begin().await?;
+    let result = swap_in(&mut tx, projections, names, tables, at, options, observer).await;
+    match result {
+        Ok(done @ Swap::Done { swapped: true, .. }) => {
+            tx.commit().await?;
+            Ok(done)
+        }
+        Ok(other) => {
+            tx.rollback().await?;
+            Ok(other)
+        }
+        Err(RebuildError::Database(sqlx::Error::Database(e)))
+            if e.code().as_deref() == Some("55P03") =>
+        {
+            tx.rollback().await?;
+            Ok(Swap::Locked)
+        }
+        Err(e) => {
+            tx.rollback().await?;
+            Err(e)
+        }
+    }
+}
+
+async fn swap_in(
+    tx: &mut PgConnection,
+    projections: &[Arc<dyn Projection>],
+    names: &[String],
+    tables: &[String],
+    at: Position,
+    options: &Options,
+    observer: &mut dyn Observer,
+) -> Result<Swap, RebuildError> {
+    sqlx::query!("SET LOCAL lock_timeout = '2s'")
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query!(
+        "INSERT INTO projection_checkpoints (name) SELECT unnest($1::text[]) ON CONFLICT (name) DO NOTHING",
+        names
+    )
+    .execute(&mut *tx)
+    .await?;
+    // In name order, like every other taker of these locks.
+    let live = sqlx::query!(
+        r#"SELECT name, transaction_id::text AS "transaction_id!", position
+           FROM projection_checkpoints WHERE name = ANY($1) ORDER BY name FOR UPDATE"#,
+        names
+    )
+    .fetch_all(&mut *tx)
+    .await?
+    .into_iter()
+    .map(|r| {
+        Ok((
+            r.name,
+            Position {
+                transaction_id: parse_xid(&r.transaction_id)?,
+                position: r.position,
+            },
+        ))
+    })
+    .collect::<Result<Vec<_>, sqlx::Error>>()?;
+    let target = live.iter().map(|(_, p)| *p).chain([at]).max().unwrap_or(at);
+    let caught_up = apply_until(tx, projections, at, target, options.batch_size).await?;
+
+    let mut differences = 0;
+    if options.verify {
+        // Bring each live model to the same point (what its runner would do next), so
+        // that both sides hold exactly the same events.
+        sqlx::query!("SET LOCAL search_path TO public")
+            .execute(&mut *tx)
+            .await?;
+        for projection in projections {
+            let from = live
+                .iter()
+                .find(|(n, _)| n == projection.name())
+                .map_or(Position::default(), |(_, p)| *p);
+            apply_until(
+                tx,
+                std::slice::from_ref(projection),
+                from,
+                target,
+                options.batch_size,
+            )
+            .await?;
+        }
+        sqlx::query!("SET LOCAL search_path TO leadledger_rebuild, public")
+            .execute(&mut *tx)
+            .await?;
+        for table in tables {
+            // Streamed: memory stays flat however many rows differ.
+            let mut rows = sqlx::query!(
+                "SELECT key, live, rebuilt FROM leadledger_rebuild_diff($1)",
+                table
+            )
+            .fetch(&mut *tx);
+            while let Some(row) = rows.try_next().await? {
+                differences += 1;
+                observer.difference(&Difference {
+                    table: table.clone(),
+                    key: row.key.unwrap_or_default(),
+                    live: row.live,
+                    rebuilt: row.rebuilt,
+                });
+            }
+        }
+        if differences > 0 {
+            return Ok(Swap::Done {
+                position: target,
+                differences,
+                swapped: false,
+                caught_up,
+            });
+        }
+        observer.phase("swapping");
+    }
+    sqlx::query!("SELECT leadledger_rebuild_swap($1)", tables)
+        .execute(&mut *tx)
+        .await?;
+    for name in names {
+        sqlx::query!(
+            "UPDATE projection_checkpoints
+             SET transaction_id = $2::text::xid8, position = $3, updated_at = now(),
+                 failed_position = NULL, failed_error = NULL, failed_at = NULL
+             WHERE name = $1",
+            name,
+            target.transaction_id.to_string(),
+            target.position
+        )
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query!("SELECT pg_notify($1, $2)", CHECKPOINTS_CHANNEL, name)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(Swap::Done {
+        position: target,
+        differences,
+        swapped: true,
+        caught_up,
+    })
+}
+
+/// Drops a rebuild left unfinished (its tables and its position). The live tables are
+/// not touched.
+pub async fn discard(pool: &PgPool) -> Result<(), RebuildError> {
+    let mut conn = pool.acquire().await?;
+    let locked = sqlx::query_scalar!(
+        r#"SELECT pg_try_advisory_lock($1, 0) AS "locked!""#,
+        REBUILD_LOCK_CLASS
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if !locked {
+        return Err(RebuildError::Busy);
+    }
+    let result = sqlx::query!("SELECT leadledger_rebuild_discard()")
+        .execute(&mut *conn)
+        .await;
+    sqlx::query_scalar!("SELECT pg_advisory_unlock($1, 0)", REBUILD_LOCK_CLASS)
+        .fetch_one(&mut *conn)
+        .await?;
+    result?;
+    Ok(())
+}
+
+impl From<ProjectionError> for RebuildError {
+    fn from(e: ProjectionError) -> Self {
+        match e {
+            ProjectionError::Database(e) => Self::Database(e),
+            other => Self::Failed {
+                projection: String::new(),
+                position: Position::default(),
+                error: other.to_string(),
+            },
+        }
+    }
+}

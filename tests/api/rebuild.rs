@@ -1,0 +1,663 @@
+//! Projection rebuilds: while writes continue, equal to the live models and to a replay in
+//! another valid order; interrupted and resumed; `--verify` reporting every difference;
+//! one rebuild at a time; and the command line.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use projections::feed::{self, FeedEvent, Position};
+use projections::rebuild::{self, Difference, Observer, Options, RebuildError};
+use serde_json::{Value, json};
+use sqlx::{Connection, PgConnection, PgPool};
+
+use crate::helpers::{TestApp, spawn_app};
+use crate::webhooks::{Source, deliver, event, source};
+
+/// Every table of every rebuildable projection.
+fn tables() -> Vec<String> {
+    rebuild::select(&[])
+        .unwrap()
+        .iter()
+        .flat_map(|p| p.tables().iter().map(|t| t.to_string()))
+        .collect()
+}
+
+fn day(days_ago: i64) -> String {
+    (chrono::Utc::now() - chrono::Duration::days(days_ago)).to_rfc3339()
+}
+
+async fn ok(response: reqwest::Response) -> Value {
+    let status = response.status().as_u16();
+    let body: Value = response.json().await.unwrap();
+    assert!((200..300).contains(&status), "{status}: {body}");
+    body
+}
+
+/// One round of a realistic history: contacts created, updated and enriched; a campaign
+/// started, one paused and one completed; enrollments; provider events out of order (a
+/// late report that moves a milestone to an earlier day) and one parked until its
+/// enrollment exists; spends and a captured and a released reservation.
+async fn write_round(app: &TestApp, hooks: &Source, round: usize) {
+    let mut contacts = Vec::new();
+    for i in 0..6 {
+        let email = format!("r{round}-c{i}@example.com");
+        let body = ok(app
+            .post(
+                "/v1/contacts",
+                &json!({"email": email, "first_name": format!("Ann {i}"), "company": "Acme",
+                        "custom": {"tier": format!("t{i}")}}),
+            )
+            .await)
+        .await;
+        contacts.push((email, body["id"].as_str().unwrap().to_string()));
+    }
+    ok(app
+        .post(
+            "/v1/contacts",
+            &json!({"email": contacts[0].0, "title": "CTO", "custom": {"tier": "gold"}}),
+        )
+        .await)
+    .await;
+    ok(app
+        .post(
+            &format!("/v1/contacts/{}/enrichment", contacts[1].1),
+            &json!({"data": {"employees": 50 + round}, "quality_score": 0.8, "sources": ["web"]}),
+        )
+        .await)
+    .await;
+
+    let campaign = app.create_campaign(&format!("round {round}")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok(app
+        .post(&format!("/v1/campaigns/{campaign}/start"), &json!({}))
+        .await)
+    .await;
+    // An event for contact 5 before its enrollment: parked, applied once enrolled.
+    let parked = deliver(
+        &app.address,
+        hooks,
+        &format!("msg-r{round}-early"),
+        &event(
+            &format!("r{round}-early"),
+            "delivered",
+            &campaign,
+            &contacts[5].0,
+            &day(2),
+        ),
+    )
+    .await;
+    assert_eq!(parked["results"][0]["outcome"], "parked");
+    let ids: Vec<&str> = contacts.iter().map(|(_, id)| id.as_str()).collect();
+    ok(app
+        .post(
+            &format!("/v1/campaigns/{campaign}/enrollments"),
+            &json!({"contact_ids": ids}),
+        )
+        .await)
+    .await;
+    let batch = json!([
+        event(
+            &format!("r{round}-e1"),
+            "opened",
+            &campaign,
+            &contacts[0].0,
+            &day(1)
+        ),
+        event(
+            &format!("r{round}-e2"),
+            "sent",
+            &campaign,
+            &contacts[0].0,
+            &day(3)
+        ),
+        event(
+            &format!("r{round}-e3"),
+            "replied",
+            &campaign,
+            &contacts[1].0,
+            &day(0)
+        ),
+        event(
+            &format!("r{round}-e4"),
+            "bounced",
+            &campaign,
+            &contacts[2].0,
+            &day(1)
+        ),
+        event(
+            &format!("r{round}-e5"),
+            "clicked",
+            &campaign,
+            &contacts[3].0,
+            &day(2)
+        ),
+        event(
+            &format!("r{round}-e6"),
+            "unsubscribed",
+            &campaign,
+            &contacts[4].0,
+            &day(0)
+        ),
+    ]);
+    deliver(&app.address, hooks, &format!("msg-r{round}-batch"), &batch).await;
+
+    let paused = app.create_campaign(&format!("paused {round}")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok(app
+        .post(&format!("/v1/campaigns/{paused}/start"), &json!({}))
+        .await)
+    .await;
+    ok(app
+        .post(&format!("/v1/campaigns/{paused}/pause"), &json!({}))
+        .await)
+    .await;
+    let done = app.create_campaign(&format!("done {round}")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for step in ["start", "complete"] {
+        ok(app
+            .post(&format!("/v1/campaigns/{done}/{step}"), &json!({}))
+            .await)
+        .await;
+    }
+
+    let budget = ok(app
+        .post("/v1/budgets", &json!({"name": "AI", "limit": "1000.00"}))
+        .await)
+    .await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (amount, model) in [("1.25", "gpt-x"), ("0.10", "gpt-y"), ("3.333333", "gpt-x")] {
+        ok(app
+            .post(
+                &format!("/v1/budgets/{budget}/spend"),
+                &json!({"amount": amount, "category": "ai", "model": model,
+                        "input_tokens": 100, "output_tokens": 20}),
+            )
+            .await)
+        .await;
+    }
+    let hold = ok(app
+        .post(
+            &format!("/v1/budgets/{budget}/reservations"),
+            &json!({"amount": "5.00", "category": "enrichment"}),
+        )
+        .await)
+    .await["reservation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok(app
+        .post(
+            &format!("/v1/budgets/{budget}/reservations/{hold}/capture"),
+            &json!({"amount": "4.50"}),
+        )
+        .await)
+    .await;
+    let released = ok(app
+        .post(
+            &format!("/v1/budgets/{budget}/reservations"),
+            &json!({"amount": "2.00", "category": "outreach"}),
+        )
+        .await)
+    .await["reservation_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok(app
+        .post(
+            &format!("/v1/budgets/{budget}/reservations/{released}/release"),
+            &json!({}),
+        )
+        .await)
+    .await;
+    // A hold left open, so `budget_holds` has rows.
+    ok(app
+        .post(
+            &format!("/v1/budgets/{budget}/reservations"),
+            &json!({"amount": "1.00", "category": "ai"}),
+        )
+        .await)
+    .await;
+}
+
+/// Waits until every projection and reactor has applied the last event committed, and no
+/// new one comes (a reactor writes events of its own). Returns it.
+async fn settle(pool: &PgPool) -> Position {
+    let mut names = projections::names();
+    names.push("webhook_parking");
+    let mut head = Position::default();
+    loop {
+        let before = head;
+        let (xid, position): (String, i64) = sqlx::query_as(
+            "SELECT transaction_id::text, position FROM events
+             ORDER BY transaction_id DESC, position DESC LIMIT 1",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        head = Position {
+            transaction_id: xid.parse().unwrap(),
+            position,
+        };
+        assert!(
+            projections::runner::wait_for(pool, head, &names, Duration::from_secs(30))
+                .await
+                .unwrap(),
+            "the live projections reach the head"
+        );
+        if head == before {
+            return head;
+        }
+    }
+}
+
+/// Every event, in another valid order: stream by stream (streams in descending id order,
+/// each in its own order), applied in batches of 7 into fresh copies of the tables, then
+/// compared with the live tables. Returns the differences.
+async fn replay_in_stream_order(pool: &PgPool) -> Vec<(String, Value)> {
+    let mut conn = PgConnection::connect_with(&pool.connect_options())
+        .await
+        .unwrap();
+    let mut all: Vec<FeedEvent> = Vec::new();
+    loop {
+        let after = all.last().map(|e| e.at).unwrap_or_default();
+        let events = feed::read(&mut conn, after, 10_000).await.unwrap();
+        if events.is_empty() {
+            break;
+        }
+        all.extend(events);
+    }
+    all.sort_by(|a, b| {
+        (&b.aggregate_id, &a.aggregate_type)
+            .cmp(&(&a.aggregate_id, &b.aggregate_type))
+            .then(a.sequence.cmp(&b.sequence))
+    });
+    sqlx::query("SELECT leadledger_rebuild_prepare($1)")
+        .bind(tables())
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("SET search_path TO leadledger_rebuild, public")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    for chunk in all.chunks(7) {
+        for projection in rebuild::select(&[]).unwrap() {
+            projection.apply_batch(&mut tx, chunk).await.unwrap();
+        }
+    }
+    tx.commit().await.unwrap();
+    let mut differences = Vec::new();
+    for table in tables() {
+        let rows: Vec<(Value, Option<Value>, Option<Value>)> =
+            sqlx::query_as("SELECT key, live, rebuilt FROM leadledger_rebuild_diff($1)")
+                .bind(&table)
+                .fetch_all(&mut conn)
+                .await
+                .unwrap();
+        for (key, live, rebuilt) in rows {
+            differences.push((
+                table.clone(),
+                json!({"key": key, "live": live, "rebuilt": rebuilt}),
+            ));
+        }
+    }
+    sqlx::query("SELECT leadledger_rebuild_discard()")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    differences
+}
+
+#[derive(Default)]
+struct Collect {
+    batches: u64,
+    differences: Vec<Difference>,
+}
+
+impl Observer for Collect {
+    fn applied(&mut self, _: u64) {
+        self.batches += 1;
+    }
+    fn difference(&mut self, d: &Difference) {
+        self.differences.push(d.clone());
+    }
+}
+
+fn options(verify: bool) -> Options {
+    Options {
+        batch_size: 10,
+        verify,
+        ..Options::default()
+    }
+}
+
+/// Index names of the projections' tables, to check a swap keeps them.
+async fn index_names(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT indexname::text FROM pg_indexes WHERE schemaname = 'public' AND tablename = ANY($1)
+         ORDER BY 1",
+    )
+    .bind(tables())
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn rebuilding_every_projection_while_writes_continue_equals_the_live_models_and_a_reordered_replay()
+ {
+    let app = Arc::new(spawn_app().await);
+    let hooks = source(&app, "esp").await;
+    for round in 0..3 {
+        write_round(&app, &hooks, round).await;
+    }
+    settle(&app.pool).await;
+    let indexes_before = index_names(&app.pool).await;
+
+    // Writers keep going during the rebuild.
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (app, stop) = (app.clone(), stop.clone());
+        tokio::spawn(async move {
+            let hooks = source(&app, "esp-live").await;
+            let mut round = 100;
+            while !stop.load(Ordering::Relaxed) {
+                write_round(&app, &hooks, round).await;
+                round += 1;
+            }
+            round - 100
+        })
+    };
+    let mut observer = Collect::default();
+    let report = rebuild::rebuild(
+        &app.pool,
+        &rebuild::select(&[]).unwrap(),
+        &options(true),
+        &mut observer,
+    )
+    .await
+    .unwrap();
+    // One more round after the swap: the live runners write it into the new tables.
+    write_round(&app, &hooks, 99).await;
+    stop.store(true, Ordering::Relaxed);
+    let rounds_meanwhile = writer.await.unwrap();
+
+    assert!(report.swapped, "{report:?}");
+    assert_eq!(report.differences, 0, "{:?}", observer.differences);
+    assert!(
+        observer.batches > 10,
+        "read in many batches: {}",
+        observer.batches
+    );
+    assert!(rounds_meanwhile >= 1, "writes went on during the rebuild");
+    assert_eq!(index_names(&app.pool).await, indexes_before);
+
+    let head = settle(&app.pool).await;
+    assert!(head > report.position, "events arrived after the swap");
+    assert_eq!(replay_in_stream_order(&app.pool).await, Vec::new());
+    // And a second rebuild, of models the runners kept after the swap, finds them equal.
+    let mut observer = Collect::default();
+    let again = rebuild::rebuild(
+        &app.pool,
+        &rebuild::select(&[]).unwrap(),
+        &options(true),
+        &mut observer,
+    )
+    .await
+    .unwrap();
+    assert!(
+        again.swapped && again.differences == 0,
+        "{:?}",
+        observer.differences
+    );
+    let contacts: i64 = sqlx::query_scalar("SELECT contacts FROM contact_totals_view")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(contacts, 6 * (4 + rounds_meanwhile as i64));
+    let mut conn = app.pool.acquire().await.unwrap();
+    for status in projections::status::all(&mut conn).await.unwrap() {
+        assert_eq!(status.failed_error, None, "{}", status.name);
+    }
+}
+
+/// A digest of every live table, to show a rebuild left them alone.
+async fn digest(pool: &PgPool) -> Vec<String> {
+    let mut out = Vec::new();
+    for table in tables() {
+        let sql = format!(
+            "SELECT coalesce(md5(string_agg(to_jsonb(t)::text, '|' ORDER BY to_jsonb(t)::text)), '') FROM public.{table} t"
+        );
+        out.push(sqlx::query_scalar(&sql).fetch_one(pool).await.unwrap());
+    }
+    out
+}
+
+/// Stops after `after` batches: the rebuild is interrupted there.
+struct InterruptAfter {
+    after: u64,
+    seen: u64,
+    tx: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Observer for InterruptAfter {
+    fn applied(&mut self, _: u64) {
+        self.seen += 1;
+        if self.seen == self.after
+            && let Some(tx) = self.tx.take()
+        {
+            let _ = tx.send(());
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_interrupted_rebuild_leaves_the_live_models_untouched_and_the_next_run_resumes() {
+    let app = spawn_app().await;
+    let hooks = source(&app, "esp").await;
+    for round in 0..3 {
+        write_round(&app, &hooks, round).await;
+    }
+    let head = settle(&app.pool).await;
+    let before = digest(&app.pool).await;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let mut observer = InterruptAfter {
+        after: 3,
+        seen: 0,
+        tx: Some(tx),
+    };
+    let selected = rebuild::select(&[]).unwrap();
+    let slow = Options {
+        batch_size: 5,
+        ..options(false)
+    };
+    tokio::select! {
+        outcome = rebuild::rebuild(&app.pool, &selected, &slow, &mut observer) => {
+            panic!("the rebuild should have been interrupted: {outcome:?}")
+        }
+        _ = rx => {}
+    }
+    // The rebuild's connection is gone with its future; the live models are as they were.
+    assert_eq!(digest(&app.pool).await, before);
+    let done: i64 = sqlx::query_scalar("SELECT events FROM projection_rebuilds")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(done >= 10, "progress kept: {done}");
+
+    // The next run resumes (once the server has seen the old connection go).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let report = loop {
+        match rebuild::rebuild(
+            &app.pool,
+            &selected,
+            &options(true),
+            &mut Collect::default(),
+        )
+        .await
+        {
+            Err(RebuildError::Busy) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => break other.unwrap(),
+        }
+    };
+    assert!(
+        report.resumed && report.swapped && report.differences == 0,
+        "{report:?}"
+    );
+    assert_eq!(
+        report.events as i64,
+        total - done,
+        "only the rest was applied"
+    );
+    assert_eq!(report.position, head);
+    assert_eq!(digest(&app.pool).await, before, "rebuilt equals live");
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM projection_rebuilds")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+}
+
+#[tokio::test]
+async fn verify_reports_every_difference_keeps_the_live_tables_and_a_plain_rebuild_repairs_them() {
+    let app = spawn_app().await;
+    let hooks = source(&app, "esp").await;
+    write_round(&app, &hooks, 0).await;
+    settle(&app.pool).await;
+    let tampered: uuid::Uuid = sqlx::query_scalar(
+        "UPDATE contacts_view SET first_name = 'Tampered'
+         WHERE id = (SELECT id FROM contacts_view ORDER BY id LIMIT 1) RETURNING id",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "DELETE FROM campaign_days_view WHERE (campaign_id, day) =
+         (SELECT campaign_id, day FROM campaign_days_view ORDER BY 1, 2 LIMIT 1)",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO budget_holds_view (reservation_id, budget_id, amount, expires_at, position)
+         VALUES (gen_random_uuid(), gen_random_uuid(), 1, now(), 0)",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+
+    let mut observer = Collect::default();
+    let report = rebuild::rebuild(
+        &app.pool,
+        &rebuild::select(&[]).unwrap(),
+        &options(true),
+        &mut observer,
+    )
+    .await
+    .unwrap();
+    assert!(!report.swapped);
+    assert_eq!(report.differences, 3);
+    let mut seen: Vec<(&str, bool, bool)> = observer
+        .differences
+        .iter()
+        .map(|d| (d.table.as_str(), d.live.is_some(), d.rebuilt.is_some()))
+        .collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![
+            ("budget_holds_view", true, false),
+            ("campaign_days_view", false, true),
+            ("contacts_view", true, true),
+        ]
+    );
+    let contact = observer
+        .differences
+        .iter()
+        .find(|d| d.table == "contacts_view")
+        .unwrap();
+    assert_eq!(contact.key, json!({"id": tampered}));
+    assert_eq!(contact.live.as_ref().unwrap()["first_name"], "Tampered");
+    let stream: Value = app
+        .read(&format!("/v1/contacts/{tampered}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        contact.rebuilt.as_ref().unwrap()["first_name"],
+        stream["first_name"]
+    );
+    let name: String = sqlx::query_scalar("SELECT first_name FROM contacts_view WHERE id = $1")
+        .bind(tampered)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(name, "Tampered", "the live tables were kept");
+
+    let repaired = rebuild::rebuild(
+        &app.pool,
+        &rebuild::select(&[]).unwrap(),
+        &options(false),
+        &mut Collect::default(),
+    )
+    .await
+    .unwrap();
+    assert!(repaired.swapped && repaired.resumed);
+    assert_eq!(replay_in_stream_order(&app.pool).await, Vec::new());
+}
+
+#[tokio::test]
+async fn one_rebuild_at_a_time_and_only_projections_can_be_rebuilt() {
+    let app = spawn_app().await;
+    let mut holder = app.pool.acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(x'4c52'::int, 0)")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let busy = rebuild::rebuild(
+        &app.pool,
+        &rebuild::select(&["contacts".into()]).unwrap(),
+        &options(false),
+        &mut Collect::default(),
+    )
+    .await;
+    assert!(matches!(busy, Err(RebuildError::Busy)), "{busy:?}");
+    sqlx::query("SELECT pg_advisory_unlock(x'4c52'::int, 0)")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    for name in ["nope", "webhook_parking", ""] {
+        assert!(
+            matches!(rebuild::select(&[name.to_string()]), Err(RebuildError::Unknown(n)) if n == name),
+            "{name:?}"
+        );
+    }
+    let report = rebuild::rebuild(
+        &app.pool,
+        &rebuild::select(&["contacts".into()]).unwrap(),
+        &options(true),
+        &mut Collect::default(),
+    )
+    .await
+    .unwrap();
+    assert!(report.swapped);
+    assert_eq!(report.projections, vec!["contacts".to_string()]);
+}

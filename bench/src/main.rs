@@ -34,6 +34,7 @@ struct Cli {
 }
 
 mod import;
+mod rebuild;
 mod spends;
 mod webhooks;
 
@@ -59,6 +60,22 @@ enum Bench {
         /// How long each run lasts.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+    },
+    /// Projection rebuild events/s and peak memory at each log size, then campaign
+    /// metrics and dashboard latency over the largest log.
+    Rebuild {
+        /// Log sizes (events) to rebuild at, comma-separated, ascending.
+        #[arg(long, value_delimiter = ',', default_value = "100000,1000000")]
+        events: Vec<u64>,
+        /// Requests timed on each read route.
+        #[arg(long, default_value_t = 2_000)]
+        samples: usize,
+    },
+    /// The rebuild of `rebuild`, run in a process of its own so its peak memory is its own.
+    #[command(hide = true)]
+    RebuildChild {
+        #[arg(long)]
+        url: String,
     },
     /// Event store: load cost at 10 vs 100,000 events, and write-to-read-model lag.
     Store {
@@ -400,6 +417,8 @@ fn main() -> anyhow::Result<()> {
             Bench::Import { rows, runs } => import::run(rows, runs).await,
             Bench::Webhooks { seconds } => webhooks::run(seconds).await,
             Bench::Spends { clients, seconds } => spends::run(clients, seconds).await,
+            Bench::Rebuild { events, samples } => rebuild::run(events, samples).await,
+            Bench::RebuildChild { url } => rebuild::child(&url).await,
             Bench::Store {
                 long_stream,
                 samples,

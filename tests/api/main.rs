@@ -1,5 +1,6 @@
 //! Integration tests: the real server on a real PostgreSQL. One binary, one module a feature.
 
+mod analytics;
 mod auth;
 mod budgets;
 mod commands;

@@ -230,7 +230,7 @@ async fn write_round(app: &TestApp, hooks: &Source, round: usize) {
 
 /// Waits until every projection and reactor has applied the last event committed, and no
 /// new one comes (a reactor writes events of its own). Returns it.
-async fn settle(pool: &PgPool) -> Position {
+pub(crate) async fn settle(pool: &PgPool) -> Position {
     let mut names = projections::names();
     names.push("webhook_parking");
     let mut head = Position::default();
@@ -660,4 +660,68 @@ async fn one_rebuild_at_a_time_and_only_projections_can_be_rebuilt() {
     .unwrap();
     assert!(report.swapped);
     assert_eq!(report.projections, vec!["contacts".to_string()]);
+}
+
+#[tokio::test]
+async fn the_rebuild_command_verifies_reports_differences_with_status_1_and_discards() {
+    let app = spawn_app().await;
+    let hooks = source(&app, "esp").await;
+    write_round(&app, &hooks, 0).await;
+    settle(&app.pool).await;
+    let url = crate::helpers::harness().url(&app.database);
+    let (_keep, data) = crate::lifecycle::data_dir();
+    let run = |args: &[&str]| {
+        let out = crate::lifecycle::leadledger(&data)
+            .env("DATABASE_URL", &url)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, out, err) = run(&["projections", "rebuild", "--all", "--verify"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("verified: no differences"), "{out}");
+    assert!(out.contains("events/s"), "{out}");
+
+    let (code, _, err) = run(&["projections", "rebuild", "nope"]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("no projection named nope"), "{err}");
+
+    sqlx::query("UPDATE campaigns_view SET name = 'Tampered' WHERE name = 'paused 0'")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let (code, out, err) = run(&["projections", "rebuild", "campaigns", "--verify"]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("campaigns_view"), "{out}");
+    assert!(
+        out.contains("Tampered") && out.contains("paused 0"),
+        "{out}"
+    );
+    assert!(out.contains("1 rows differ"), "{out}");
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM projection_rebuilds")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(pending, 1, "kept for a later run");
+    let (code, out, err) = run(&["projections", "rebuild", "--discard"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM projection_rebuilds")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(pending, 0);
+    let still: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM campaigns_view WHERE name = 'Tampered'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        still, 1,
+        "the live table is untouched by verify and discard"
+    );
 }

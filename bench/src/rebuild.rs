@@ -332,31 +332,8 @@ pub(crate) async fn run(sizes: Vec<u64>, samples: usize) -> anyhow::Result<()> {
     for _ in 0..samples {
         let campaign =
             generator.campaigns[(rng.next() % generator.campaigns.len() as u64) as usize];
-        let start = Instant::now();
-        server
-            .client
-            .get(format!(
-                "{}/v1/campaigns/{campaign}/metrics",
-                server.address
-            ))
-            .bearer_auth(&server.key)
-            .send()
-            .await?
-            .error_for_status()?
-            .bytes()
-            .await?;
-        metrics.push(start.elapsed());
-        let start = Instant::now();
-        server
-            .client
-            .get(format!("{}/v1/analytics/dashboard", server.address))
-            .bearer_auth(&server.key)
-            .send()
-            .await?
-            .error_for_status()?
-            .bytes()
-            .await?;
-        dashboard.push(start.elapsed());
+        metrics.push(timed_get(&server, &format!("/v1/campaigns/{campaign}/metrics")).await?);
+        dashboard.push(timed_get(&server, "/v1/analytics/dashboard").await?);
     }
     metrics.sort();
     dashboard.sort();
@@ -379,6 +356,21 @@ pub(crate) async fn run(sizes: Vec<u64>, samples: usize) -> anyhow::Result<()> {
     server.workers.stop().await;
     server.pool.close().await;
     Ok(())
+}
+
+/// The time one GET takes, body read.
+async fn timed_get(server: &crate::Server, path: &str) -> anyhow::Result<Duration> {
+    let start = Instant::now();
+    server
+        .client
+        .get(format!("{}{path}", server.address))
+        .bearer_auth(&server.key)
+        .send()
+        .await?
+        .error_for_status()?
+        .bytes()
+        .await?;
+    Ok(start.elapsed())
 }
 
 /// The last event committed.

@@ -24,7 +24,7 @@ use sqlx::postgres::PgPool;
 use sqlx::{ConnectOptions, Connection, PgConnection};
 
 use crate::feed::{self, FeedEvent, Position, parse_xid};
-use crate::runner::{CHECKPOINTS_CHANNEL, apply_until_failure};
+use crate::runner::{advance, apply_until_failure};
 use crate::{Projection, ProjectionError};
 
 /// Advisory lock class of the rebuild ("LR"): one rebuild at a time per database.
@@ -164,7 +164,12 @@ pub async fn rebuild(
     }
     // The rebuild schema is made (or found) before any projection statement is prepared
     // on this connection, so every one of them resolves to the rebuilt tables.
-    let (mut at, resumed) = prepare(&mut conn, &names, &tables).await?;
+    let job = Job {
+        projections,
+        names,
+        tables,
+    };
+    let (mut at, resumed) = prepare(&mut conn, &job.names, &job.tables).await?;
     sqlx::query!("SET search_path TO leadledger_rebuild, public")
         .execute(&mut conn)
         .await?;
@@ -182,23 +187,21 @@ pub async fn rebuild(
     let mut applied = 0u64;
     for _ in 0..options.swap_attempts.max(1) {
         observer.phase("catching up");
-        applied += catch_up(pool, &mut conn, &projections, &mut at, options, observer).await?;
+        applied += catch_up(
+            pool,
+            &mut conn,
+            &job.projections,
+            &mut at,
+            options,
+            observer,
+        )
+        .await?;
         observer.phase(if options.verify {
             "verifying"
         } else {
             "swapping"
         });
-        match swap(
-            &mut conn,
-            &projections,
-            &names,
-            &tables,
-            at,
-            options,
-            observer,
-        )
-        .await?
-        {
+        match swap(&mut conn, &job, at, options, observer).await? {
             Swap::Done {
                 position,
                 differences,
@@ -207,7 +210,7 @@ pub async fn rebuild(
             } => {
                 let _ = conn.close().await;
                 return Ok(Report {
-                    projections: names,
+                    projections: job.names,
                     events: applied + caught_up,
                     resumed,
                     position,
@@ -395,17 +398,22 @@ enum Swap {
     Locked,
 }
 
+/// What a rebuild rebuilds: its projections (by name), their names and their tables.
+struct Job {
+    projections: Vec<Arc<dyn Projection>>,
+    names: Vec<String>,
+    tables: Vec<String>,
+}
+
 async fn swap(
     conn: &mut PgConnection,
-    projections: &[Arc<dyn Projection>],
-    names: &[String],
-    tables: &[String],
+    job: &Job,
     at: Position,
     options: &Options,
     observer: &mut dyn Observer,
 ) -> Result<Swap, RebuildError> {
     let mut tx = conn.begin().await?;
-    let result = swap_in(&mut tx, projections, names, tables, at, options, observer).await;
+    let result = swap_in(&mut tx, job, at, options, observer).await;
     match result {
         Ok(done @ Swap::Done { swapped: true, .. }) => {
             tx.commit().await?;
@@ -416,7 +424,8 @@ async fn swap(
             Ok(other)
         }
         Err(RebuildError::Database(sqlx::Error::Database(e)))
-            if e.code().as_deref() == Some("55P03") =>
+            // lock_not_available (the timeout), or a deadlock with a reader's own locks.
+            if matches!(e.code().as_deref(), Some("55P03" | "40P01")) =>
         {
             tx.rollback().await?;
             Ok(Swap::Locked)
@@ -430,13 +439,12 @@ async fn swap(
 
 async fn swap_in(
     tx: &mut PgConnection,
-    projections: &[Arc<dyn Projection>],
-    names: &[String],
-    tables: &[String],
+    job: &Job,
     at: Position,
     options: &Options,
     observer: &mut dyn Observer,
 ) -> Result<Swap, RebuildError> {
+    let (projections, names, tables) = (&job.projections, &job.names, &job.tables);
     sqlx::query!("SET LOCAL lock_timeout = '2s'")
         .execute(&mut *tx)
         .await?;
@@ -522,21 +530,8 @@ async fn swap_in(
     sqlx::query!("SELECT leadledger_rebuild_swap($1)", tables)
         .execute(&mut *tx)
         .await?;
-    for name in names {
-        sqlx::query!(
-            "UPDATE projection_checkpoints
-             SET transaction_id = $2::text::xid8, position = $3, updated_at = now(),
-                 failed_position = NULL, failed_error = NULL, failed_at = NULL
-             WHERE name = $1",
-            name,
-            target.transaction_id.to_string(),
-            target.position
-        )
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query!("SELECT pg_notify($1, $2)", CHECKPOINTS_CHANNEL, name)
-            .execute(&mut *tx)
-            .await?;
+    for name in &job.names {
+        advance(tx, name, target).await?;
     }
     Ok(Swap::Done {
         position: target,

@@ -380,7 +380,13 @@ pub async fn apply_until_failure(
     Ok((last_good, None))
 }
 
-async fn advance(conn: &mut PgConnection, name: &str, to: Position) -> Result<(), sqlx::Error> {
+/// Moves the checkpoint of `name` to `to`, clears a recorded failure and wakes the
+/// runners waiting on checkpoints.
+pub(crate) async fn advance(
+    conn: &mut PgConnection,
+    name: &str,
+    to: Position,
+) -> Result<(), sqlx::Error> {
     sqlx::query!(
         "UPDATE projection_checkpoints
          SET transaction_id = $2::text::xid8, position = $3, updated_at = now(),

@@ -237,7 +237,8 @@ pub(crate) async fn settle(pool: &PgPool) -> Position {
     loop {
         let before = head;
         let (xid, position): (String, i64) = sqlx::query_as(
-            "SELECT transaction_id::text, position FROM events
+            // Aliased: ORDER BY must sort the xid8 column, not its text.
+            "SELECT transaction_id::text AS xid, position FROM events
              ORDER BY transaction_id DESC, position DESC LIMIT 1",
         )
         .fetch_one(pool)

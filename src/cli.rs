@@ -456,6 +456,18 @@ async fn projections_command(db: &Database, command: ProjectionsCommand) -> anyh
                             detail
                         );
                     }
+                    if let Some(r) = projections::status::rebuild(&mut conn).await? {
+                        println!(
+                            "rebuild of {} in progress or unfinished: {} events applied, at {}, \
+                             started {}, last batch {} (run `projections rebuild` to resume, \
+                             `--discard` to drop it)",
+                            r.projections.join(", "),
+                            r.events,
+                            r.position,
+                            r.started_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                            r.updated_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                        );
+                    }
                 }
             }
         }

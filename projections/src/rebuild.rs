@@ -196,6 +196,10 @@ pub async fn rebuild(
             observer,
         )
         .await?;
+        observer.phase("indexing");
+        sqlx::query!("SELECT leadledger_rebuild_index($1)", &job.tables)
+            .execute(&mut conn)
+            .await?;
         observer.phase(if options.verify {
             "verifying"
         } else {

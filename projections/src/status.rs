@@ -79,3 +79,36 @@ pub async fn all(conn: &mut PgConnection) -> Result<Vec<ProjectionStatus>, sqlx:
     }
     Ok(out)
 }
+
+/// A rebuild in progress (or left unfinished): what it rebuilds and how far it has read.
+#[derive(Debug, Clone, Serialize)]
+pub struct RebuildInProgress {
+    pub projections: Vec<String>,
+    pub position: Position,
+    pub events: i64,
+    pub started_at: chrono::DateTime<chrono::Utc>,
+    pub updated_at: chrono::DateTime<chrono::Utc>,
+}
+
+pub async fn rebuild(conn: &mut PgConnection) -> Result<Option<RebuildInProgress>, sqlx::Error> {
+    let row = sqlx::query!(
+        r#"SELECT projections, transaction_id::text AS "transaction_id!", position, events,
+                  started_at, updated_at
+           FROM projection_rebuilds"#
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|r| {
+        Ok(RebuildInProgress {
+            projections: r.projections,
+            position: Position {
+                transaction_id: parse_xid(&r.transaction_id)?,
+                position: r.position,
+            },
+            events: r.events,
+            started_at: r.started_at,
+            updated_at: r.updated_at,
+        })
+    })
+    .transpose()
+}

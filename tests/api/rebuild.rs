@@ -709,6 +709,12 @@ async fn the_rebuild_command_verifies_reports_differences_with_status_1_and_disc
         .await
         .unwrap();
     assert_eq!(pending, 1, "kept for a later run");
+    let (code, out, _) = run(&["projections", "status"]);
+    assert_eq!(code, Some(0));
+    assert!(
+        out.contains("rebuild of campaigns in progress or unfinished"),
+        "{out}"
+    );
     let (code, out, err) = run(&["projections", "rebuild", "--discard"]);
     assert_eq!(code, Some(0), "{out}{err}");
     let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM projection_rebuilds")

@@ -41,8 +41,10 @@ impl Database {
                 (options, url.clone(), None)
             }
             None => {
-                let pg =
+                let mut pg =
                     EmbeddedPostgres::start(&config.data_dir, &EmbeddedOptions::default()).await?;
+                // Nobody else will restart it if it dies while this process uses it.
+                pg.supervise();
                 (pg.connect_options(), pg.url(), Some(pg))
             }
         };

@@ -10,6 +10,10 @@
 //!
 //! A cluster left running by a process that was killed (SIGKILL) has no users: the next
 //! process adopts it, and stops it when it leaves.
+//!
+//! A process using the cluster also keeps it running ([`EmbeddedPostgres::supervise`]): if
+//! PostgreSQL dies under it (killed, crashed, stopped behind its back), the process starts
+//! it again, so the service recovers by itself once PostgreSQL's crash recovery is done.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
@@ -24,6 +28,8 @@ use sha2::{Digest, Sha256};
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{ConnectOptions, Connection};
 use tokio::process::Command;
+use tokio::task::JoinHandle;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// The database the service uses inside the embedded cluster.
 pub const DATABASE_NAME: &str = "leadledger";
@@ -32,6 +38,8 @@ pub const SUPERUSER: &str = "leadledger";
 const PORT: u16 = 5432;
 /// Unix socket paths are limited to about 107 bytes (`sun_path`); keep a margin.
 const MAX_SOCKET_PATH: usize = 100;
+/// How often a supervising process checks that PostgreSQL is still running.
+const SUPERVISE_EVERY: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbeddedError {
@@ -98,6 +106,9 @@ pub struct EmbeddedPostgres {
     bindir: PathBuf,
     run_as: Option<User>,
     users_lock: Option<File>,
+    options: EmbeddedOptions,
+    /// The task that restarts PostgreSQL if it dies; cancelled when this handle goes.
+    supervisor: Option<(DropGuard, JoinHandle<()>)>,
 }
 
 impl EmbeddedPostgres {
@@ -124,6 +135,8 @@ impl EmbeddedPostgres {
             bindir,
             run_as,
             users_lock: None,
+            options: options.clone(),
+            supervisor: None,
         };
 
         let startup = this.startup_lock().await?;
@@ -173,8 +186,80 @@ impl EmbeddedPostgres {
         &self.root
     }
 
+    /// Keeps the cluster running while this handle lives: a background task checks it
+    /// twice a second and, when PostgreSQL has died, starts it again (under the start-up
+    /// lock, so several processes on one data directory start it once). Meanwhile the
+    /// service answers 503; once PostgreSQL is back, the pool reconnects by itself.
+    pub fn supervise(&mut self) {
+        if self.supervisor.is_some() {
+            return;
+        }
+        let cancel = CancellationToken::new();
+        let watcher = Self {
+            root: self.root.clone(),
+            pg_dir: self.pg_dir.clone(),
+            socket_dir: self.socket_dir.clone(),
+            bindir: self.bindir.clone(),
+            run_as: self.run_as.clone(),
+            users_lock: None,
+            options: self.options.clone(),
+            supervisor: None,
+        };
+        let task = tokio::spawn(watcher.keep_running(cancel.clone()));
+        self.supervisor = Some((cancel.drop_guard(), task));
+    }
+
+    async fn keep_running(self, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(SUPERVISE_EVERY) => {},
+            }
+            if self.is_running() {
+                continue;
+            }
+            // `pg_ctl restart` leaves a moment with no postmaster: look again before acting.
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(SUPERVISE_EVERY) => {},
+            }
+            if self.is_running() {
+                continue;
+            }
+            let startup = tokio::select! {
+                () = cancel.cancelled() => return,
+                lock = self.startup_lock() => lock,
+            };
+            let startup = match startup {
+                Ok(lock) => lock,
+                Err(e) => {
+                    tracing::error!(error = %e, "embedded PostgreSQL is down and cannot be restarted");
+                    continue;
+                }
+            };
+            if self.is_running() {
+                // Another process on this data directory restarted it first.
+                continue;
+            }
+            tracing::error!("embedded PostgreSQL is not running; starting it again");
+            // Its old backends may take a moment to exit after the postmaster died;
+            // PostgreSQL refuses to start until they have, and the next round tries again.
+            match self.ensure_running(&self.options).await {
+                Ok(()) => tracing::info!("embedded PostgreSQL is running again"),
+                Err(e) => {
+                    tracing::error!(error = %e, "restarting embedded PostgreSQL failed; retrying")
+                }
+            }
+            drop(startup);
+        }
+    }
+
     /// Leaves the cluster; stops it if no other process is using it.
     pub async fn stop(mut self) -> Result<(), EmbeddedError> {
+        if let Some((guard, task)) = self.supervisor.take() {
+            drop(guard);
+            let _ = task.await;
+        }
         let startup = self.startup_lock().await?;
         let Some(users) = self.users_lock.take() else {
             return Ok(());

@@ -47,19 +47,23 @@ pub const MAX_ATTEMPTS: i32 = 12;
 pub const MAX_PARKED_AGE: chrono::TimeDelta = chrono::TimeDelta::days(7);
 const SECRET_PREFIX: &str = "whsec_";
 
+/// 1 to 63 characters of a-z, 0-9, `_` and `-`, starting with a letter or digit.
+fn is_source_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+}
+
 /// Creates a source; returns its secret (`whsec_<base64>`), which is not shown again.
 pub async fn add_source(
     pool: &PgPool,
     secrets: &SecretBox,
     name: &str,
 ) -> Result<String, ApiError> {
-    let valid = !name.is_empty()
-        && name.len() <= 63
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-        && name.as_bytes()[0].is_ascii_alphanumeric();
-    if !valid {
+    if !is_source_name(name) {
         return Err(ApiError::invalid(vec![FieldError::new(
             "name",
             "must be 1 to 63 characters of a-z, 0-9, _ and -, starting with a letter or digit",
@@ -93,6 +97,11 @@ async fn source_key(
     secrets: &SecretBox,
     name: &str,
 ) -> Result<Option<Vec<u8>>, ApiError> {
+    // No source has another name; and a name from the URL may hold what PostgreSQL
+    // cannot take as text (NUL).
+    if !is_source_name(name) {
+        return Ok(None);
+    }
     let row = sqlx::query!(
         "SELECT secret_nonce, secret_ciphertext FROM webhook_sources WHERE name = $1",
         name
@@ -190,8 +199,8 @@ fn resolve(index: usize, value: &Value, key: &[u8]) -> Result<Resolved, String> 
     let object = value.as_object().ok_or("an event must be a JSON object")?;
     let text = |field: &str| object.get(field).and_then(Value::as_str);
     let event_id = text("id")
-        .filter(|id| !id.trim().is_empty() && id.len() <= 255)
-        .ok_or("id must be a string of 1 to 255 characters")?
+        .filter(|id| !id.trim().is_empty() && id.len() <= 255 && !id.chars().any(char::is_control))
+        .ok_or("id must be a string of 1 to 255 characters, without control characters")?
         .to_string();
     let kind = text("type")
         .and_then(ProviderEventKind::parse)
@@ -226,6 +235,15 @@ fn resolve(index: usize, value: &Value, key: &[u8]) -> Result<Resolved, String> 
         enrollment_id,
         campaign_id,
     })
+}
+
+/// The `id` of an event as its result repeats it: as sent, unless it holds a NUL
+/// character, which the recorded response (`jsonb`) cannot keep; then `null`.
+fn echoed_id(event: &Value) -> Value {
+    match event.get("id") {
+        Some(id) if !aggregates::text::json_has_nul(id) => id.clone(),
+        _ => Value::Null,
+    }
 }
 
 /// The provider event id as the enrollment remembers it: qualified by its source.
@@ -373,7 +391,7 @@ pub async fn ingest(
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let id = events[i].get("id").cloned().unwrap_or(Value::Null);
+                let id = echoed_id(&events[i]);
                 match r {
                     Err(reason) => EventResult {
                         id,

@@ -522,6 +522,8 @@ pub struct Enrichment {
 }
 
 pub const MAX_ENRICHMENT_SOURCES: usize = 50;
+/// Why enrichment data holding a NUL character is refused.
+pub const NUL_IN_DATA: &str = "must not contain NUL characters (\\u0000) in any key or string";
 pub const MAX_ENRICHMENT_SOURCE_CHARS: usize = 200;
 
 /// What a contact can be asked to do. Times come from the caller: the aggregate has no clock.
@@ -702,6 +704,9 @@ impl Aggregate for Contact {
                 self.require_created()?;
                 if !data.is_object() {
                     return Err(invalid("data", "must be a JSON object"));
+                }
+                if crate::text::json_has_nul(&data) {
+                    return Err(invalid("data", NUL_IN_DATA));
                 }
                 let sources = validate_sources(&sources)?;
                 Some(ContactEvent::EnrichmentRecorded {
@@ -1208,6 +1213,10 @@ mod tests {
             .given(vec![created()])
             .when(command(json!(["not", "an", "object"])))
             .then_expect_error(invalid("data", "must be a JSON object"));
+        Given::with(())
+            .given(vec![created()])
+            .when(command(json!({"nested": {"key": "a\u{0}b"}})))
+            .then_expect_error(invalid("data", NUL_IN_DATA));
         Given::with(())
             .given_no_previous_events()
             .when(command(json!({})))

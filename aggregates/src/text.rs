@@ -16,9 +16,21 @@ pub fn clean(raw: &str, max_chars: usize) -> Result<String, String> {
     Ok(trimmed.to_string())
 }
 
+/// Whether a JSON value holds a NUL character in any string or key: PostgreSQL cannot
+/// store one in `jsonb` (or `text`), so a value carrying it can never become an event.
+pub fn json_has_nul(value: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::String(s) => s.contains('\0'),
+        Value::Array(items) => items.iter().any(json_has_nul),
+        Value::Object(map) => map.iter().any(|(k, v)| k.contains('\0') || json_has_nul(v)),
+        Value::Null | Value::Bool(_) | Value::Number(_) => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::clean;
+    use super::{clean, json_has_nul};
 
     #[test]
     fn text_is_trimmed_bounded_and_free_of_control_characters() {
@@ -37,5 +49,14 @@ mod tests {
             clean("a\u{0007}b", 9),
             Err("must not contain control characters".to_string())
         );
+    }
+
+    #[test]
+    fn a_nul_anywhere_in_a_json_value_is_found() {
+        use serde_json::json;
+        assert!(!json_has_nul(&json!({"a": ["b", 1, null, {"c": "d\n"}]})));
+        assert!(json_has_nul(&json!("a\u{0}")));
+        assert!(json_has_nul(&json!({"a": [{"b": "\u{0}"}]})));
+        assert!(json_has_nul(&json!({"a\u{0}": 1})));
     }
 }

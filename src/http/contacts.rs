@@ -202,6 +202,8 @@ async fn record_enrichment(
     let mut errors = Vec::new();
     if !input.data.is_object() {
         errors.push(FieldError::new("data", "must be a JSON object"));
+    } else if aggregates::text::json_has_nul(&input.data) {
+        errors.push(FieldError::new("data", aggregates::contact::NUL_IN_DATA));
     }
     let score = QualityScore::new(input.quality_score).map_err(field_error);
     if let Err(e) = &score {
@@ -319,6 +321,12 @@ async fn list_contacts(
         Some(q) if q.chars().count() > 200 => {
             return Err(ApiError::BadRequest("q is at most 200 characters".into()));
         }
+        // Stored text has none, and PostgreSQL cannot take a NUL as text.
+        Some(q) if q.chars().any(char::is_control) => {
+            return Err(ApiError::BadRequest(
+                "q must not contain control characters".into(),
+            ));
+        }
         // LIKE's wildcards in the text are matched literally.
         Some(q) => Some(format!(
             "%{}%",
@@ -357,6 +365,7 @@ async fn list_contacts(
 #[into_params(parameter_in = Query)]
 pub struct ImportQuery {
     /// `partial` (default): store the valid rows, report the others. `atomic`: all or nothing.
+    #[param(inline)]
     mode: Option<ImportMode>,
 }
 
@@ -364,7 +373,7 @@ pub struct ImportQuery {
 /// field names, `custom.<key>` columns).
 #[utoipa::path(post, path = "/v1/contacts/import", tag = TAG, params(ImportQuery),
     request_body(content = Vec<ContactInput>, description = "JSON array, or text/csv"),
-    responses((status = 200, body = ImportReport), (status = 422, body = ImportReport, description = "atomic import with invalid rows: nothing written"), (status = 413)))]
+    responses((status = 200, body = ImportReport), (status = 422, body = ImportReport, content_type = "application/problem+json", description = "atomic import with invalid rows: nothing written"), (status = 413)))]
 async fn import_contacts(
     State(state): State<AppState>,
     ApiQuery(query): ApiQuery<ImportQuery>,

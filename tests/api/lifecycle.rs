@@ -84,6 +84,10 @@ pub(crate) fn serve(mut cmd: Command) -> Server {
 }
 
 impl Server {
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub(crate) fn signal(&self, signal: Signal) {
         kill(Pid::from_raw(self.child.id() as i32), signal).unwrap();
     }
@@ -100,6 +104,16 @@ impl Server {
     }
 }
 
+impl Drop for Server {
+    /// A test that fails midway must not leave its server running.
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 async fn ready(address: &str) -> u16 {
     reqwest::get(format!("{address}/health/ready"))
         .await
@@ -107,7 +121,7 @@ async fn ready(address: &str) -> u16 {
         .unwrap_or(0)
 }
 
-fn postgres_is_running(data: &Path) -> bool {
+pub(crate) fn postgres_is_running(data: &Path) -> bool {
     let Ok(text) = std::fs::read_to_string(data.join("pg/postmaster.pid")) else {
         return false;
     };
@@ -115,7 +129,7 @@ fn postgres_is_running(data: &Path) -> bool {
     kill(Pid::from_raw(pid), None).is_ok()
 }
 
-fn db_url(data: &Path) -> String {
+pub(crate) fn db_url(data: &Path) -> String {
     let out = leadledger(data).args(["db", "url"]).output().unwrap();
     assert!(
         out.status.success(),

@@ -6,6 +6,8 @@ mod budgets;
 mod commands;
 mod contacts;
 mod enrollments;
+mod faults;
+mod fuzz;
 mod health;
 mod helpers;
 mod lifecycle;

@@ -150,10 +150,20 @@ impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         if is_unavailable(&e) {
             Self::Unavailable(e.to_string())
+        } else if is_unstorable_text(&e) {
+            // Every route refuses NUL characters before it writes; this is the net under
+            // a check that was missed, so that such input is a client error, never a 500.
+            Self::BadRequest("the request holds a character that cannot be stored (NUL)".into())
         } else {
             Self::Internal(e.to_string())
         }
     }
+}
+
+/// 22021 (character not in repertoire) and 22P05 (untranslatable character): text the
+/// database cannot store, which only a NUL character can cause in UTF-8.
+fn is_unstorable_text(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("22021" | "22P05")))
 }
 
 /// Errors that mean "the database cannot be reached now", as opposed to a defect.

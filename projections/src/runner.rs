@@ -405,10 +405,14 @@ pub(crate) async fn advance(
 }
 
 fn is_connection_error(e: &sqlx::Error) -> bool {
-    matches!(
-        e,
-        sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::PoolTimedOut
-    )
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolClosed | sqlx::Error::PoolTimedOut => true,
+        // 57P01..57P03: shutdown or restart; 08xxx: connection exceptions.
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|code| code.starts_with("57P") || code.starts_with("08")),
+        _ => false,
+    }
 }
 
 /// Waits until every projection in `names` has applied `position` (or `timeout` passes).

@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::{Server, ms, start};
+use crate::measure::ms;
+use crate::{Server, start};
 
 fn csv(rows: usize, generation: usize) -> String {
     let mut out = String::from("email,first_name,last_name,company,title,custom.source\n");

@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use crate::{ms, percentile};
+use crate::measure::{ms, percentile};
 
 /// What the child process reports.
 #[derive(Debug, serde::Deserialize, serde::Serialize)]
@@ -280,18 +280,31 @@ async fn append<A: Aggregate>(
     Ok(total as u64)
 }
 
-/// Runs the benchmark: rebuilds at each of `sizes` (events in the log), then times reads.
-pub(crate) async fn run(sizes: Vec<u64>, samples: usize) -> anyhow::Result<()> {
-    let server = crate::start().await?;
-    let url = server._pg.url();
+/// A rebuild at one log size.
+pub(crate) struct RebuildFigure {
+    pub events: u64,
+    pub seconds: f64,
+    pub events_per_second: f64,
+    pub peak_rss_mib: f64,
+    pub generate_seconds: f64,
+    pub live_catch_up_seconds: f64,
+}
+
+/// What the benchmark measured: a rebuild at each size, then reads over the largest log.
+pub(crate) struct Figures {
+    pub rebuilds: Vec<RebuildFigure>,
+    pub log_events: u64,
+    pub metrics: Vec<Duration>,
+    pub dashboard: Vec<Duration>,
+}
+
+/// Rebuilds at each of `sizes` (events in the log), then times `samples` reads of each
+/// route, on a private server of its own.
+pub(crate) async fn measure(sizes: Vec<u64>, samples: usize) -> anyhow::Result<Figures> {
+    let server = std::sync::Arc::new(crate::start().await?);
+    let url = server.pg.url();
     let mut generator = Generator::new(&server.pool).await?;
-    println!(
-        "rebuild: every projection, in a child process, from a log written straight through the store"
-    );
-    println!(
-        "{:>12}  {:>10}  {:>12}  {:>14}  {:>10}",
-        "events", "seconds", "events/s", "peak RSS MiB", "generated"
-    );
+    let mut rebuilds = Vec::new();
     for size in sizes {
         let started = Instant::now();
         while generator.written < size {
@@ -314,18 +327,15 @@ pub(crate) async fn run(sizes: Vec<u64>, samples: usize) -> anyhow::Result<()> {
         );
         let live_wait = live_started.elapsed();
         let report = rebuild_in_child(&url).await?;
-        println!(
-            "{:>12}  {:>10.2}  {:>12.0}  {:>14.1}  {:>9.0}s  (live runners caught up {:.1} s after the last write)",
-            report.events,
-            report.seconds,
-            report.events as f64 / report.seconds,
-            report.peak_rss_kib as f64 / 1024.0,
-            generated.as_secs_f64(),
-            live_wait.as_secs_f64()
-        );
+        rebuilds.push(RebuildFigure {
+            events: report.events,
+            seconds: report.seconds,
+            events_per_second: report.events as f64 / report.seconds,
+            peak_rss_mib: report.peak_rss_kib as f64 / 1024.0,
+            generate_seconds: generated.as_secs_f64(),
+            live_catch_up_seconds: live_wait.as_secs_f64(),
+        });
     }
-
-    // Reads over the rebuilt models.
     let mut rng = Rng(7);
     let mut metrics = Vec::with_capacity(samples);
     let mut dashboard = Vec::with_capacity(samples);
@@ -337,13 +347,43 @@ pub(crate) async fn run(sizes: Vec<u64>, samples: usize) -> anyhow::Result<()> {
     }
     metrics.sort();
     dashboard.sort();
+    crate::stop(server).await?;
+    Ok(Figures {
+        rebuilds,
+        log_events: generator.written,
+        metrics,
+        dashboard,
+    })
+}
+
+/// `leadledger-bench rebuild`: measures and prints.
+pub(crate) async fn run(sizes: Vec<u64>, samples: usize) -> anyhow::Result<()> {
+    let figures = measure(sizes, samples).await?;
+    println!(
+        "rebuild: every projection, in a child process, from a log written straight through the store"
+    );
+    println!(
+        "{:>12}  {:>10}  {:>12}  {:>14}  {:>10}",
+        "events", "seconds", "events/s", "peak RSS MiB", "generated"
+    );
+    for r in &figures.rebuilds {
+        println!(
+            "{:>12}  {:>10.2}  {:>12.0}  {:>14.1}  {:>9.0}s  (live runners caught up {:.1} s after the last write)",
+            r.events,
+            r.seconds,
+            r.events_per_second,
+            r.peak_rss_mib,
+            r.generate_seconds,
+            r.live_catch_up_seconds
+        );
+    }
     println!(
         "reads over {} events, {samples} each, one client:",
-        generator.written
+        figures.log_events
     );
     for (name, times) in [
-        ("GET /v1/campaigns/{id}/metrics", &metrics),
-        ("GET /v1/analytics/dashboard", &dashboard),
+        ("GET /v1/campaigns/{id}/metrics", &figures.metrics),
+        ("GET /v1/analytics/dashboard", &figures.dashboard),
     ] {
         println!(
             "  {name:<34} p50 {}  p99 {}  max {}",
@@ -352,9 +392,6 @@ pub(crate) async fn run(sizes: Vec<u64>, samples: usize) -> anyhow::Result<()> {
             ms(*times.last().unwrap_or(&Duration::ZERO))
         );
     }
-    server.stop.cancel();
-    server.workers.stop().await;
-    server.pool.close().await;
     Ok(())
 }
 

@@ -4,21 +4,26 @@
 //! commits under optimistic concurrency, so clients of one budget contend for its stream.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
+use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
-use crate::{Server, ms, percentile, start};
+use crate::measure::{Measured, Outcome, closed_loop, cores, ms};
+use crate::{Server, start};
 
 /// What one client run measured.
-struct Run {
-    clients: usize,
-    elapsed: Duration,
-    latencies: Vec<Duration>,
-    /// Answers other than 201, by status.
-    failures: Vec<u16>,
-    conflicts: f64,
+pub struct SpendRun {
+    pub measured: Measured,
+    /// Attempts that lost the race for the budget's stream and were retried by the server.
+    pub conflicts: f64,
+}
+
+impl SpendRun {
+    pub fn retries_per_spend(&self) -> f64 {
+        self.conflicts / self.measured.ops().max(1) as f64
+    }
 }
 
 async fn create_budget(server: &Server, name: &str) -> anyhow::Result<String> {
@@ -51,99 +56,91 @@ async fn conflicts(server: &Server) -> anyhow::Result<f64> {
         .sum())
 }
 
-async fn run_clients(
+async fn spend_from(
     server: &Arc<Server>,
     budget: &str,
     clients: usize,
-    seconds: u64,
-) -> anyhow::Result<Run> {
-    let conflicts_before = conflicts(server).await?;
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let started = Instant::now();
-    let tasks: Vec<_> = (0..clients)
-        .map(|_| {
-            let server = server.clone();
-            let url = format!("{}/v1/budgets/{budget}/spend", server.address);
-            tokio::spawn(async move {
-                let mut latencies = Vec::new();
-                let mut failures = Vec::new();
-                while Instant::now() < deadline {
-                    let sent = Instant::now();
-                    let status = server
-                        .client
-                        .post(&url)
-                        .bearer_auth(&server.key)
-                        .json(&json!({"amount": "0.01", "category": "ai", "model": "bench", "input_tokens": 100, "output_tokens": 10}))
-                        .send()
-                        .await?
-                        .status()
-                        .as_u16();
-                    if status == 201 {
-                        latencies.push(sent.elapsed());
-                    } else {
-                        failures.push(status);
-                    }
-                }
-                anyhow::Ok((latencies, failures))
+    duration: Duration,
+) -> anyhow::Result<Measured> {
+    let server = server.clone();
+    let url = Arc::new(format!("{}/v1/budgets/{budget}/spend", server.address));
+    closed_loop(clients, duration, move |_| {
+        let server = server.clone();
+        let url = url.clone();
+        async move {
+            let response = server
+                .client
+                .post(url.as_str())
+                .bearer_auth(&server.key)
+                .json(&json!({"amount": "0.01", "category": "ai", "model": "bench", "input_tokens": 100, "output_tokens": 10}))
+                .send()
+                .await?;
+            let status = response.status().as_u16();
+            response.bytes().await?;
+            Ok(if status == 201 {
+                Outcome::Done(1)
+            } else {
+                Outcome::Failed(status.to_string())
             })
-        })
-        .collect();
-    let mut latencies = Vec::new();
-    let mut failures = Vec::new();
-    for task in tasks {
-        let (l, f) = task.await??;
-        latencies.extend(l);
-        failures.extend(f);
-    }
-    let elapsed = started.elapsed();
-    latencies.sort();
-    Ok(Run {
-        clients,
-        elapsed,
-        latencies,
-        failures,
-        conflicts: conflicts(server).await? - conflicts_before,
+        }
+    })
+    .await
+}
+
+/// One measurement: a fresh budget (so every run starts from the same stream length),
+/// `warm_up` of spending, then `duration` timed; then the budget must show exactly the
+/// accepted spends: nothing lost, nothing doubled.
+pub async fn measure(
+    server: &Arc<Server>,
+    clients: usize,
+    duration: Duration,
+    warm_up: Duration,
+) -> anyhow::Result<SpendRun> {
+    let budget = create_budget(server, &format!("hot {clients}")).await?;
+    let warmed = spend_from(server, &budget, clients, warm_up).await?.ops();
+    let before = conflicts(server).await?;
+    let measured = spend_from(server, &budget, clients, duration).await?;
+    let conflicts = conflicts(server).await? - before;
+    let shown: Value = server
+        .client
+        .get(format!("{}/v1/budgets/{budget}", server.address))
+        .bearer_auth(&server.key)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    let version = shown["version"].as_u64().context("version")?;
+    let accepted = (warmed + measured.ops()) as u64;
+    let spent: Decimal = shown["spent"].as_str().context("spent")?.parse()?;
+    // Compared as numbers: "5.40" and "5.4" are the same amount.
+    let expected = Decimal::new(accepted as i64, 2);
+    anyhow::ensure!(
+        version == 1 + accepted && spent == expected,
+        "{clients} clients: {accepted} spends accepted but the budget shows version {version}, spent {spent}"
+    );
+    Ok(SpendRun {
+        measured,
+        conflicts,
     })
 }
 
 pub async fn run(clients: Vec<usize>, seconds: u64) -> anyhow::Result<()> {
     let server = Arc::new(start().await?);
-    println!(
-        "## Spends on one hot budget ({} cores)\n",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    );
+    println!("## Spends on one hot budget ({} cores)\n", cores());
     let mut runs = Vec::new();
     for &n in &clients {
-        // A fresh budget per run, so each starts from the same stream length.
-        let budget = create_budget(&server, &format!("hot {n}")).await?;
-        let warm_up = run_clients(&server, &budget, n, 1).await?.latencies.len();
-        let run = run_clients(&server, &budget, n, seconds).await?;
-        // The budget must show exactly what was accepted: nothing lost, nothing doubled.
-        let shown: Value = server
-            .client
-            .get(format!("{}/v1/budgets/{budget}", server.address))
-            .bearer_auth(&server.key)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
-        let version = shown["version"].as_u64().context("version")?;
-        let accepted = (warm_up + run.latencies.len()) as u64;
-        let spent = shown["spent"].as_str().context("spent")?;
-        let expected = format!("{}.{:02}", accepted / 100, accepted % 100);
-        let expected = expected.trim_end_matches('0').trim_end_matches('.');
-        anyhow::ensure!(
-            version == 1 + accepted && spent == expected,
-            "{n} clients: {accepted} spends accepted but the budget shows version {version}, spent {spent}"
-        );
+        let run = measure(
+            &server,
+            n,
+            Duration::from_secs(seconds),
+            Duration::from_secs(1),
+        )
+        .await?;
         eprintln!(
-            "{n} clients: {} spends in {:.1} s; budget at version {version}, spent {}",
-            run.latencies.len(),
-            run.elapsed.as_secs_f64(),
-            shown["spent"]
+            "{n} clients: {} spends in {:.1} s, the budget matching them",
+            run.measured.ops(),
+            run.measured.elapsed.as_secs_f64(),
         );
         runs.push(run);
     }
@@ -153,33 +150,20 @@ pub async fn run(clients: Vec<usize>, seconds: u64) -> anyhow::Result<()> {
     println!("| clients | spends/s | p50 | p99 | max | retried attempts per spend | not 201 |");
     println!("|---|---|---|---|---|---|---|");
     for run in &runs {
-        let ok = run.latencies.len();
+        let m = &run.measured;
         println!(
             "| {} | {:.0} | {} | {} | {} | {:.2} | {} |",
-            run.clients,
-            ok as f64 / run.elapsed.as_secs_f64(),
-            ms(percentile(&run.latencies, 0.5)),
-            ms(percentile(&run.latencies, 0.99)),
-            ms(run.latencies.last().copied().unwrap_or_default()),
-            run.conflicts / ok.max(1) as f64,
-            if run.failures.is_empty() {
-                "0".to_string()
-            } else {
-                format!("{} ({:?})", run.failures.len(), {
-                    let mut s = run.failures.clone();
-                    s.sort_unstable();
-                    s.dedup();
-                    s
-                })
-            }
+            m.clients,
+            m.per_second(),
+            ms(m.p50()),
+            ms(m.p99()),
+            ms(m.max()),
+            run.retries_per_spend(),
+            m.failures_summary()
         );
     }
     println!(
         "\n(latency of accepted spends, from sending the request to the full response; \"retried attempts\" counts optimistic-concurrency conflicts that the server retried)"
     );
-    let server = Arc::try_unwrap(server).map_err(|_| anyhow::anyhow!("server still shared"))?;
-    server.stop.cancel();
-    server.workers.stop().await;
-    server.pool.close().await;
-    Ok(())
+    crate::stop(server).await
 }

@@ -11,9 +11,11 @@ use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::{Server, ms, percentile, start};
+use crate::measure::{Measured, Outcome, closed_loop, ms, percentile};
+use crate::{Server, start};
 
-struct Sender {
+/// A webhook source with its secret and a campaign whose enrollments the events reach.
+pub struct Sender {
     server: Arc<Server>,
     key: Vec<u8>,
     campaign: String,
@@ -21,7 +23,8 @@ struct Sender {
 }
 
 impl Sender {
-    async fn deliver(&self, events: Vec<Value>) -> anyhow::Result<Value> {
+    /// Signs and posts one delivery (Standard Webhooks v1).
+    async fn post(&self, events: Vec<Value>) -> anyhow::Result<reqwest::Response> {
         let body = serde_json::to_vec(&events)?;
         let id = format!("msg_{}", self.next.fetch_add(1, Ordering::Relaxed));
         let ts = chrono::Utc::now().timestamp();
@@ -39,10 +42,11 @@ impl Sender {
             .header("webhook-signature", signature)
             .body(body)
             .send()
-            .await?
-            .error_for_status()?
-            .json()
             .await?)
+    }
+
+    async fn deliver(&self, events: Vec<Value>) -> anyhow::Result<Value> {
+        Ok(self.post(events).await?.error_for_status()?.json().await?)
     }
 
     fn events(&self, n: usize, contacts: usize, campaign: &str) -> Vec<Value> {
@@ -60,12 +64,39 @@ impl Sender {
             })
             .collect()
     }
+
+    /// `senders` concurrent senders, each delivering batches of `batch` new events (spread
+    /// over the enrollments) for `duration`. Units are events.
+    pub async fn measure(
+        self: &Arc<Self>,
+        batch: usize,
+        senders: usize,
+        duration: Duration,
+    ) -> anyhow::Result<Measured> {
+        let this = self.clone();
+        closed_loop(senders, duration, move |_| {
+            let this = this.clone();
+            async move {
+                let events = this.events(batch, CONTACTS, &this.campaign);
+                let response = this.post(events).await?;
+                let status = response.status().as_u16();
+                response.bytes().await?;
+                Ok(if status == 200 {
+                    Outcome::Done(batch as u64)
+                } else {
+                    Outcome::Failed(status.to_string())
+                })
+            }
+        })
+        .await
+    }
 }
 
 const CONTACTS: usize = 2_000;
 
-pub async fn run(seconds: u64) -> anyhow::Result<()> {
-    let server = start().await?;
+/// Makes the webhook source `bench`, a campaign, and 2,000 contacts enrolled in it. Run it
+/// before anything else creates contacts: it enrolls every contact there is.
+pub async fn setup(server: &Arc<Server>) -> anyhow::Result<Arc<Sender>> {
     let (_, admin) =
         leadledger::auth::create_key(&server.pool, "bench admin", leadledger::auth::Scope::Admin)
             .await?;
@@ -120,12 +151,17 @@ pub async fn run(seconds: u64) -> anyhow::Result<()> {
             .await?
             .error_for_status()?;
     }
-    let sender = Arc::new(Sender {
-        server: Arc::new(server),
+    Ok(Arc::new(Sender {
+        server: server.clone(),
         key,
         campaign,
         next: AtomicUsize::new(0),
-    });
+    }))
+}
+
+pub async fn run(seconds: u64) -> anyhow::Result<()> {
+    let server = Arc::new(start().await?);
+    let sender = setup(&server).await?;
 
     println!(
         "## Webhook ingestion (`POST /webhooks/{{source}}`, signed, {CONTACTS} enrollments)\n"
@@ -137,34 +173,20 @@ pub async fn run(seconds: u64) -> anyhow::Result<()> {
     println!("|---|---|---|---|---|---|");
     for batch in [1usize, 100] {
         for senders in [1usize, 8, 32] {
-            let deadline = Instant::now() + Duration::from_secs(seconds);
-            let mut tasks = Vec::new();
-            for _ in 0..senders {
-                let sender = sender.clone();
-                tasks.push(tokio::spawn(async move {
-                    let mut times = Vec::new();
-                    while Instant::now() < deadline {
-                        let events = sender.events(batch, CONTACTS, &sender.campaign);
-                        let started = Instant::now();
-                        sender.deliver(events).await?;
-                        times.push(started.elapsed());
-                    }
-                    anyhow::Ok(times)
-                }));
-            }
-            let started = Instant::now();
-            let mut times = Vec::new();
-            for t in tasks {
-                times.extend(t.await??);
-            }
-            let elapsed = started.elapsed().as_secs_f64();
-            times.sort();
+            let m = sender
+                .measure(batch, senders, Duration::from_secs(seconds))
+                .await?;
             println!(
                 "| {batch} | {senders} | {:.0} | {:.0} | {} | {} |",
-                times.len() as f64 / elapsed,
-                (times.len() * batch) as f64 / elapsed,
-                ms(percentile(&times, 0.5)),
-                ms(percentile(&times, 0.99)),
+                m.per_second(),
+                m.units_per_second(),
+                ms(m.p50()),
+                ms(m.p99()),
+            );
+            anyhow::ensure!(
+                m.failures.is_empty(),
+                "deliveries refused: {}",
+                m.failures_summary()
             );
         }
     }

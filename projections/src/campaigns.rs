@@ -1,14 +1,30 @@
 //! Read model `campaigns`: the campaign list with status, behind `GET /v1/campaigns`.
 
+use std::collections::BTreeMap;
+
 use aggregates::campaign::{Campaign, CampaignEvent};
+use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use sqlx::PgConnection;
-
 use uuid::Uuid;
 
-use crate::{FeedEvent, Projection, ProjectionError, events_of};
+use crate::{FeedEvent, Position, Projection, ProjectionError, events_of};
 
 pub struct CampaignsProjection;
+
+/// What a batch does to one campaign: creates it (with the batch's later events folded
+/// in), or changes one that existed before the batch.
+struct Change {
+    /// `stop_on_reply` and `created_at`, for a campaign created in the batch.
+    created: Option<(bool, DateTime<Utc>)>,
+    name: Option<String>,
+    status: Option<&'static str>,
+    updated_at: DateTime<Utc>,
+    /// Events applied: `version` counts them, so an event applied twice would show.
+    events: i64,
+    last_position: i64,
+    first: Position,
+}
 
 #[async_trait::async_trait]
 impl Projection for CampaignsProjection {
@@ -20,86 +36,140 @@ impl Projection for CampaignsProjection {
         &["campaigns_view"]
     }
 
-    /// Campaign events are few (a handful per campaign), so each is its own statement.
+    /// Folds the batch per campaign, then one insert for the new campaigns and one update
+    /// for the others.
     async fn apply_batch(
         &self,
         conn: &mut PgConnection,
         events: &[FeedEvent],
     ) -> Result<(), ProjectionError> {
+        let mut changes: BTreeMap<Uuid, Change> = BTreeMap::new();
         for (event, id, decoded) in events_of::<CampaignEvent>(events, Campaign::TYPE)? {
-            apply_one(conn, event, id, decoded).await?;
-        }
-        Ok(())
-    }
-}
-
-async fn apply_one(
-    conn: &mut PgConnection,
-    event: &FeedEvent,
-    id: Uuid,
-    decoded: CampaignEvent,
-) -> Result<(), ProjectionError> {
-    let position = event.at.position;
-    // `version` counts the events applied, so an event applied twice would show.
-    let (status, updated_at) = match decoded {
-        CampaignEvent::CampaignCreated {
-            name,
-            stop_on_reply,
-            created_at,
-        } => {
-            sqlx::query!(
-                    "INSERT INTO campaigns_view (id, name, status, stop_on_reply, created_at, updated_at, version, last_position)
-                     VALUES ($1, $2, 'draft', $3, $4, $4, 1, $5)",
-                    id,
-                    name.as_str(),
+            let (name, status, at) = match decoded {
+                CampaignEvent::CampaignCreated {
+                    name,
                     stop_on_reply,
                     created_at,
-                    position
-                )
-                .execute(&mut *conn)
-                .await?;
-            return Ok(());
+                } => {
+                    if changes.contains_key(&id) {
+                        return Err(ProjectionError::Inconsistent {
+                            position: event.at,
+                            message: "a campaign created twice".into(),
+                        });
+                    }
+                    changes.insert(
+                        id,
+                        Change {
+                            created: Some((stop_on_reply, created_at)),
+                            name: Some(name.as_str().to_string()),
+                            status: Some("draft"),
+                            updated_at: created_at,
+                            events: 1,
+                            last_position: event.at.position,
+                            first: event.at,
+                        },
+                    );
+                    continue;
+                }
+                CampaignEvent::CampaignRenamed { name, renamed_at } => {
+                    (Some(name.as_str().to_string()), None, renamed_at)
+                }
+                CampaignEvent::CampaignStarted { started_at } => {
+                    (None, Some("running"), started_at)
+                }
+                CampaignEvent::CampaignPaused { paused_at } => (None, Some("paused"), paused_at),
+                CampaignEvent::CampaignCompleted { completed_at } => {
+                    (None, Some("completed"), completed_at)
+                }
+            };
+            let change = changes.entry(id).or_insert_with(|| Change {
+                created: None,
+                name: None,
+                status: None,
+                updated_at: at,
+                events: 0,
+                last_position: event.at.position,
+                first: event.at,
+            });
+            if name.is_some() {
+                change.name = name;
+            }
+            if status.is_some() {
+                change.status = status;
+            }
+            change.updated_at = at;
+            change.events += 1;
+            change.last_position = event.at.position;
         }
-        CampaignEvent::CampaignRenamed { name, renamed_at } => {
-            let updated = sqlx::query!(
-                    "UPDATE campaigns_view SET name = $2, updated_at = $3, version = version + 1, last_position = $4
-                     WHERE id = $1",
-                    id,
-                    name.as_str(),
-                    renamed_at,
-                    position
-                )
-                .execute(&mut *conn)
-                .await?;
-            return expect_one(updated.rows_affected(), event);
+        let (created, changed): (Vec<_>, Vec<_>) =
+            changes.into_iter().partition(|(_, c)| c.created.is_some());
+        if !created.is_empty() {
+            insert(conn, &created).await?;
         }
-        CampaignEvent::CampaignStarted { started_at } => ("running", started_at),
-        CampaignEvent::CampaignPaused { paused_at } => ("paused", paused_at),
-        CampaignEvent::CampaignCompleted { completed_at } => ("completed", completed_at),
-    };
-    let updated = sqlx::query!(
-            "UPDATE campaigns_view SET status = $2, updated_at = $3, version = version + 1, last_position = $4
-             WHERE id = $1",
-            id,
-            status,
-            updated_at,
-            position
-        )
-        .execute(&mut *conn)
-        .await?;
-    expect_one(updated.rows_affected(), event)
+        if !changed.is_empty() {
+            update(conn, &changed).await?;
+        }
+        Ok(())
+    }
 }
 
-fn expect_one(rows: u64, event: &FeedEvent) -> Result<(), ProjectionError> {
-    if rows == 1 {
-        Ok(())
-    } else {
-        Err(ProjectionError::Inconsistent {
-            position: event.at,
-            message: format!(
-                "{} for a campaign the read model does not have",
-                event.event_type
-            ),
-        })
+/// A column of every change, for `UNNEST`.
+fn column<T>(rows: &[(Uuid, Change)], f: impl Fn(&Change) -> T) -> Vec<T> {
+    rows.iter().map(|(_, c)| f(c)).collect()
+}
+
+async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), ProjectionError> {
+    let created = |c: &Change| c.created.unwrap_or((false, c.updated_at));
+    sqlx::query!(
+        "INSERT INTO campaigns_view (id, name, status, stop_on_reply, created_at, updated_at, version, last_position)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bool[], $5::timestamptz[],
+             $6::timestamptz[], $7::int8[], $8::int8[])",
+        &rows.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        &column(rows, |c| c.name.clone().unwrap_or_default()),
+        &column(rows, |c| c.status.unwrap_or("draft").to_string()),
+        &column(rows, |c| created(c).0),
+        &column(rows, |c| created(c).1),
+        &column(rows, |c| c.updated_at),
+        &column(rows, |c| c.events),
+        &column(rows, |c| c.last_position),
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+async fn update(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), ProjectionError> {
+    let updated = sqlx::query!(
+        "UPDATE campaigns_view c SET name = coalesce(u.name, c.name), status = coalesce(u.status, c.status),
+             updated_at = u.updated_at, version = c.version + u.events, last_position = u.last_position
+         FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::int8[], $6::int8[])
+             AS u(id, name, status, updated_at, events, last_position)
+         WHERE c.id = u.id",
+        &rows.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        &column(rows, |c| c.name.clone()) as _,
+        &column(rows, |c| c.status.map(str::to_string)) as _,
+        &column(rows, |c| c.updated_at),
+        &column(rows, |c| c.events),
+        &column(rows, |c| c.last_position),
+    )
+    .execute(&mut *conn)
+    .await?;
+    if updated.rows_affected() == rows.len() as u64 {
+        return Ok(());
     }
+    let ids: Vec<Uuid> = rows.iter().map(|(id, _)| *id).collect();
+    let present: Vec<Uuid> =
+        sqlx::query_scalar!("SELECT id FROM campaigns_view WHERE id = ANY($1)", &ids)
+            .fetch_all(&mut *conn)
+            .await?;
+    let position = rows
+        .iter()
+        .filter(|(id, _)| !present.contains(id))
+        .map(|(_, c)| c.first)
+        .min()
+        .unwrap_or_default();
+    Err(ProjectionError::Inconsistent {
+        position,
+        message: "an event for a campaign the read model does not have".into(),
+    })
 }

@@ -208,12 +208,16 @@ async fn run_projection(
     }
 }
 
+/// A projection's own connection. Its commits do not wait for the disk: a batch and its
+/// checkpoint commit together, so a commit lost in a crash loses both, and the batch is
+/// simply applied again. This keeps the runners' flushes off the writers' commit path.
 async fn connect(pool: &PgPool, name: &str) -> Result<PgConnection, sqlx::Error> {
     let host = std::process::id();
     pool.connect_options()
         .as_ref()
         .clone()
         .application_name(&format!("leadledger-projection:{name}:pid{host}"))
+        .options([("synchronous_commit", "off")])
         .connect()
         .await
 }

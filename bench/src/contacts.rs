@@ -1,0 +1,85 @@
+//! Contact upserts over HTTP: `POST /v1/contacts` with a new email and a new
+//! `Idempotency-Key` each time, so every request is the full command path (load an empty
+//! stream, handle, append `ContactCreated`, record the idempotent response, commit).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use aggregates::contact::{ContactCommand, ContactEmail};
+use chrono::{DateTime, Utc};
+use leadledger::contacts::ContactInput;
+use serde_json::{Value, json};
+
+use crate::Server;
+use crate::measure::{Measured, Outcome, closed_loop};
+
+/// The body of upsert `n` of the series `tag`; the peer builds its command from the same.
+pub fn body(tag: &str, n: u64) -> Value {
+    json!({
+        "email": email(tag, n),
+        "first_name": "Ada",
+        "last_name": format!("Lovelace {n}"),
+        "company": "Analytical Engines",
+    })
+}
+
+pub fn email(tag: &str, n: u64) -> String {
+    format!("{tag}-{n}@bench.example.com")
+}
+
+/// Upserts new contacts from `clients` concurrent clients for `duration`. `tag` keeps the
+/// emails of different series apart.
+pub async fn upserts(
+    server: &Arc<Server>,
+    clients: usize,
+    duration: Duration,
+    tag: &str,
+) -> anyhow::Result<Measured> {
+    let next = Arc::new(AtomicU64::new(0));
+    let server = server.clone();
+    let tag = tag.to_string();
+    closed_loop(clients, duration, move |_| {
+        let server = server.clone();
+        let n = next.fetch_add(1, Ordering::Relaxed);
+        let tag = tag.clone();
+        async move {
+            let response = server
+                .client
+                .post(format!("{}/v1/contacts", server.address))
+                .bearer_auth(&server.key)
+                .header("idempotency-key", format!("{tag}-{n}"))
+                .json(&body(&tag, n))
+                .send()
+                .await?;
+            let status = response.status().as_u16();
+            // The whole answer counts, as for a real client.
+            response.bytes().await?;
+            Ok(if status == 201 {
+                Outcome::Done(1)
+            } else {
+                Outcome::Failed(status.to_string())
+            })
+        }
+    })
+    .await
+}
+
+/// Upsert `n` of the series `tag` as the aggregate's command, parsed as the server parses
+/// the HTTP body; with the email, which the contact's id derives from.
+pub fn command(
+    tag: &str,
+    n: u64,
+    at: DateTime<Utc>,
+) -> anyhow::Result<(ContactEmail, ContactCommand)> {
+    let input: ContactInput = serde_json::from_value(body(tag, n))?;
+    let (email, fields) = input
+        .parse()
+        .map_err(|e| anyhow::anyhow!("invalid contact: {e:?}"))?;
+    let command = ContactCommand::Upsert {
+        email: email.clone(),
+        fields,
+        at,
+    };
+    Ok((email, command))
+}

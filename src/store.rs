@@ -300,10 +300,7 @@ impl Store {
             for row in rows {
                 positions.insert(
                     (row.aggregate_id, row.sequence),
-                    Position {
-                        transaction_id: parse_xid(&row.transaction_id)?,
-                        position: row.position,
-                    },
+                    Position::stored(&row.transaction_id, row.position)?,
                 );
             }
         }
@@ -378,10 +375,8 @@ impl Store {
                     Ok(aggregate) => {
                         l.aggregate = aggregate;
                         l.version = s.last_sequence as u64;
-                        l.last_position = Some(Position {
-                            transaction_id: parse_xid(&s.last_transaction_id)?,
-                            position: s.last_position,
-                        });
+                        l.last_position =
+                            Some(Position::stored(&s.last_transaction_id, s.last_position)?);
                     }
                     // A snapshot of an older shape of the state: replay instead; the next
                     // snapshot written replaces it.
@@ -421,10 +416,7 @@ impl Store {
             if let Some(l) = loaded.get_mut(&row.aggregate_id) {
                 l.aggregate.apply(event);
                 l.version = row.sequence as u64;
-                l.last_position = Some(Position {
-                    transaction_id: parse_xid(&row.transaction_id)?,
-                    position: row.position,
-                });
+                l.last_position = Some(Position::stored(&row.transaction_id, row.position)?);
             }
         }
         Ok(loaded)
@@ -458,11 +450,6 @@ impl Store {
         .await?;
         Ok(())
     }
-}
-
-fn parse_xid(text: &str) -> Result<i64, StoreError> {
-    text.parse::<i64>()
-        .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))
 }
 
 /// cqrs-es's `EventStore` on [`Store`]: each commit is one transaction of its own.

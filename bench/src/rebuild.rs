@@ -314,7 +314,11 @@ pub(crate) async fn measure(sizes: Vec<u64>, samples: usize) -> anyhow::Result<F
         // The server's own runners apply the log as it is written; the rebuild starts once
         // they are done, so that it has the machine to itself.
         let live_started = Instant::now();
-        let head = head(&server.pool).await?;
+        let mut conn = server.pool.acquire().await?;
+        let head = projections::feed::head(&mut conn)
+            .await?
+            .unwrap_or_default();
+        drop(conn);
         anyhow::ensure!(
             projections::runner::wait_for(
                 &server.pool,
@@ -408,19 +412,6 @@ async fn timed_get(server: &crate::Server, path: &str) -> anyhow::Result<Duratio
         .bytes()
         .await?;
     Ok(start.elapsed())
-}
-
-/// The last event committed.
-async fn head(pool: &PgPool) -> anyhow::Result<projections::Position> {
-    let mut conn = pool.acquire().await?;
-    let mut at = projections::Position::default();
-    loop {
-        let events = projections::feed::read(&mut conn, at, 50_000).await?;
-        match events.last() {
-            Some(last) => at = last.at,
-            None => return Ok(at),
-        }
-    }
 }
 
 async fn rebuild_in_child(url: &str) -> anyhow::Result<ChildReport> {

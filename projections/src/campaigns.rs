@@ -8,7 +8,9 @@ use cqrs_es::Aggregate;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{FeedEvent, Position, Projection, ProjectionError, events_of};
+use crate::{
+    FeedEvent, Position, Projection, ProjectionError, column, events_of, ids, missing_row,
+};
 
 pub struct CampaignsProjection;
 
@@ -113,18 +115,13 @@ impl Projection for CampaignsProjection {
     }
 }
 
-/// A column of every change, for `UNNEST`.
-fn column<T>(rows: &[(Uuid, Change)], f: impl Fn(&Change) -> T) -> Vec<T> {
-    rows.iter().map(|(_, c)| f(c)).collect()
-}
-
 async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), ProjectionError> {
     let created = |c: &Change| c.created.unwrap_or((false, c.updated_at));
     sqlx::query!(
         "INSERT INTO campaigns_view (id, name, status, stop_on_reply, created_at, updated_at, version, last_position)
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bool[], $5::timestamptz[],
              $6::timestamptz[], $7::int8[], $8::int8[])",
-        &rows.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        &ids(rows),
         &column(rows, |c| c.name.clone().unwrap_or_default()),
         &column(rows, |c| c.status.unwrap_or("draft").to_string()),
         &column(rows, |c| created(c).0),
@@ -145,7 +142,7 @@ async fn update(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), 
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::int8[], $6::int8[])
              AS u(id, name, status, updated_at, events, last_position)
          WHERE c.id = u.id",
-        &rows.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        &ids(rows),
         &column(rows, |c| c.name.clone()) as _,
         &column(rows, |c| c.status.map(str::to_string)) as _,
         &column(rows, |c| c.updated_at),
@@ -157,19 +154,16 @@ async fn update(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), 
     if updated.rows_affected() == rows.len() as u64 {
         return Ok(());
     }
-    let ids: Vec<Uuid> = rows.iter().map(|(id, _)| *id).collect();
-    let present: Vec<Uuid> =
-        sqlx::query_scalar!("SELECT id FROM campaigns_view WHERE id = ANY($1)", &ids)
-            .fetch_all(&mut *conn)
-            .await?;
-    let position = rows
-        .iter()
-        .filter(|(id, _)| !present.contains(id))
-        .map(|(_, c)| c.first)
-        .min()
-        .unwrap_or_default();
-    Err(ProjectionError::Inconsistent {
-        position,
-        message: "an event for a campaign the read model does not have".into(),
-    })
+    let present: Vec<Uuid> = sqlx::query_scalar!(
+        "SELECT id FROM campaigns_view WHERE id = ANY($1)",
+        &ids(rows)
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Err(missing_row(
+        rows,
+        &present,
+        |c| c.first,
+        "an event for a campaign the read model does not have",
+    ))
 }

@@ -10,7 +10,9 @@ use serde_json::json;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{FeedEvent, Position, Projection, ProjectionError, events_of};
+use crate::{
+    FeedEvent, Position, Projection, ProjectionError, column, events_of, ids, missing_row,
+};
 
 pub struct ContactsProjection;
 
@@ -174,11 +176,6 @@ impl Projection for ContactsProjection {
     }
 }
 
-/// A column of every change, for `UNNEST`.
-fn column<T>(rows: &[(Uuid, Change)], f: impl Fn(&Change) -> T) -> Vec<T> {
-    rows.iter().map(|(_, c)| f(c)).collect()
-}
-
 async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), ProjectionError> {
     let created = |c: &Change| c.created.clone().unwrap_or_default();
     sqlx::query!(
@@ -187,7 +184,7 @@ async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), 
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
              $7::text[], $8::text[], $9::text[], $10::jsonb[], $11::jsonb[], $12::timestamptz[],
              $13::timestamptz[], $14::int8[])",
-        &rows.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        &ids(rows),
         &column(rows, |c| created(c).0),
         &column(rows, |c| c.columns.first_name.clone()) as _,
         &column(rows, |c| c.columns.last_name.clone()) as _,
@@ -226,7 +223,7 @@ async fn update(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), 
              AS u(id, first_name, last_name, company, company_domain, title, phone, linkedin_url,
                   custom, enrichment, updated_at, events)
          WHERE c.id = u.id",
-        &rows.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        &ids(rows),
         &column(rows, |c| c.columns.first_name.clone()) as _,
         &column(rows, |c| c.columns.last_name.clone()) as _,
         &column(rows, |c| c.columns.company.clone()) as _,
@@ -244,22 +241,18 @@ async fn update(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), 
     if updated.rows_affected() == rows.len() as u64 {
         return Ok(());
     }
-    // Name the first event that changes a contact the read model does not have.
-    let ids: Vec<Uuid> = rows.iter().map(|(id, _)| *id).collect();
-    let present: Vec<Uuid> =
-        sqlx::query_scalar!("SELECT id FROM contacts_view WHERE id = ANY($1)", &ids)
-            .fetch_all(&mut *conn)
-            .await?;
-    let position = rows
-        .iter()
-        .filter(|(id, _)| !present.contains(id))
-        .map(|(_, c)| c.first)
-        .min()
-        .unwrap_or_default();
-    Err(ProjectionError::Inconsistent {
-        position,
-        message: "a change to a contact the read model does not have".into(),
-    })
+    let present: Vec<Uuid> = sqlx::query_scalar!(
+        "SELECT id FROM contacts_view WHERE id = ANY($1)",
+        &ids(rows)
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Err(missing_row(
+        rows,
+        &present,
+        |c| c.first,
+        "a change to a contact the read model does not have",
+    ))
 }
 
 fn custom_json(fields: &ContactFields) -> Option<serde_json::Value> {

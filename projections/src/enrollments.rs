@@ -19,7 +19,7 @@ use cqrs_es::Aggregate;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{FeedEvent, Projection, ProjectionError, events_of, utc_day};
+use crate::{FeedEvent, Projection, ProjectionError, column, events_of, ids, utc_day};
 
 pub struct EnrollmentsProjection;
 
@@ -335,11 +335,6 @@ async fn write(
     Ok(())
 }
 
-/// A column of every row, for `UNNEST`.
-fn column<T>(rows: &[(Uuid, Row)], f: impl Fn(&Row) -> T) -> Vec<T> {
-    rows.iter().map(|(_, r)| f(r)).collect()
-}
-
 /// A milestone column of every row.
 fn milestone(
     rows: &[(Uuid, Row)],
@@ -357,7 +352,7 @@ async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Row)]) -> Result<(), Pro
              $6::timestamptz[], $7::timestamptz[], $8::timestamptz[], $9::timestamptz[],
              $10::timestamptz[], $11::timestamptz[], $12::timestamptz[], $13::timestamptz[],
              $14::timestamptz[], $15::timestamptz[], $16::int8[])",
-        &rows.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        &ids(rows),
         &column(rows, |r| r.campaign_id),
         &column(rows, |r| r.contact_id),
         &column(rows, |r| r.milestones.status().as_str().to_string()),
@@ -392,7 +387,7 @@ async fn update(conn: &mut PgConnection, rows: &[(Uuid, Row)]) -> Result<(), Pro
              AS u(id, status, sent_at, delivered_at, opened_at, clicked_at, replied_at, bounced_at,
                   unsubscribed_at, complained_at, sequence_ended_at, version)
          WHERE e.id = u.id",
-        &rows.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        &ids(rows),
         &column(rows, |r| r.milestones.status().as_str().to_string()),
         &milestone(rows, |m| m.sent_at) as _,
         &milestone(rows, |m| m.delivered_at) as _,

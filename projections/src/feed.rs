@@ -24,6 +24,16 @@ pub struct Position {
     pub position: i64,
 }
 
+impl Position {
+    /// A position as stored: the `xid8` as text (PostgreSQL's form) and the position.
+    pub fn stored(transaction_id: &str, position: i64) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            transaction_id: parse_xid(transaction_id)?,
+            position,
+        })
+    }
+}
+
 impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}-{}", self.transaction_id, self.position)
@@ -170,10 +180,7 @@ impl Row {
             }
         }
         Ok(FeedEvent {
-            at: Position {
-                transaction_id: parse_xid(&r.transaction_id)?,
-                position: r.position,
-            },
+            at: Position::stored(&r.transaction_id, r.position)?,
             aggregate_type: serialized.aggregate_type,
             aggregate_id: serialized.aggregate_id,
             sequence: r.sequence,
@@ -190,6 +197,21 @@ fn upcasters() -> &'static [Box<dyn cqrs_es::persist::EventUpcaster>] {
     static UPCASTERS: std::sync::OnceLock<Vec<Box<dyn cqrs_es::persist::EventUpcaster>>> =
         std::sync::OnceLock::new();
     UPCASTERS.get_or_init(aggregates::upcasters::all)
+}
+
+/// The last event committed (`None` for an empty log). It may lie beyond what the feed
+/// delivers yet (a transaction still running may take an earlier place); a reader that
+/// waits for the projections to reach it waits for that too.
+pub async fn head(conn: &mut PgConnection) -> Result<Option<Position>, sqlx::Error> {
+    // Aliased: ORDER BY must sort the xid8 column, not its text.
+    let row = sqlx::query!(
+        r#"SELECT transaction_id::text AS "transaction_id!", position
+           FROM events ORDER BY transaction_id DESC, position DESC LIMIT 1"#
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    row.map(|r| Position::stored(&r.transaction_id, r.position))
+        .transpose()
 }
 
 /// How many events lie after `after` (committed or not yet readable).

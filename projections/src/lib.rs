@@ -102,6 +102,37 @@ fn events_of<'a, E: serde::de::DeserializeOwned>(
         .collect()
 }
 
+/// One column of a batch's rows, for a statement that takes the batch as `UNNEST` arrays.
+fn column<K, R, T>(rows: &[(K, R)], f: impl Fn(&R) -> T) -> Vec<T> {
+    rows.iter().map(|(_, r)| f(r)).collect()
+}
+
+/// The ids of a batch's rows, for `UNNEST`.
+fn ids<R>(rows: &[(uuid::Uuid, R)]) -> Vec<uuid::Uuid> {
+    rows.iter().map(|(id, _)| *id).collect()
+}
+
+/// After an update of `rows` matched fewer rows than it was given: the error that names
+/// the earliest event (`first`) of a row missing from the read model (`present` holds the
+/// ids the table has).
+fn missing_row<R>(
+    rows: &[(uuid::Uuid, R)],
+    present: &[uuid::Uuid],
+    first: impl Fn(&R) -> Position,
+    message: &str,
+) -> ProjectionError {
+    let position = rows
+        .iter()
+        .filter(|(id, _)| !present.contains(id))
+        .map(|(_, r)| first(r))
+        .min()
+        .unwrap_or_default();
+    ProjectionError::Inconsistent {
+        position,
+        message: message.to_string(),
+    }
+}
+
 /// The UTC day of a time: the bucket of every per-day read model.
 fn utc_day(at: chrono::DateTime<chrono::Utc>) -> chrono::NaiveDate {
     at.date_naive()

@@ -23,7 +23,7 @@ use serde::Serialize;
 use sqlx::postgres::PgPool;
 use sqlx::{ConnectOptions, Connection, PgConnection};
 
-use crate::feed::{self, FeedEvent, Position, parse_xid};
+use crate::feed::{self, FeedEvent, Position};
 use crate::runner::{advance, apply_until_failure};
 use crate::{Projection, ProjectionError};
 
@@ -256,10 +256,7 @@ async fn prepare(
         && state.migration == migration
         && ready
     {
-        let at = Position {
-            transaction_id: parse_xid(&state.transaction_id)?,
-            position: state.position,
-        };
+        let at = Position::stored(&state.transaction_id, state.position)?;
         return Ok((at, true));
     }
     let mut tx = conn.begin().await?;
@@ -467,15 +464,7 @@ async fn swap_in(
     .fetch_all(&mut *tx)
     .await?
     .into_iter()
-    .map(|r| {
-        Ok((
-            r.name,
-            Position {
-                transaction_id: parse_xid(&r.transaction_id)?,
-                position: r.position,
-            },
-        ))
-    })
+    .map(|r| Ok((r.name, Position::stored(&r.transaction_id, r.position)?)))
     .collect::<Result<Vec<_>, sqlx::Error>>()?;
     let target = live.iter().map(|(_, p)| *p).chain([at]).max().unwrap_or(at);
     let caught_up = apply_until(tx, projections, at, target, options.batch_size).await?;

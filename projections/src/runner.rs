@@ -20,7 +20,7 @@ use sqlx::{ConnectOptions, Connection, PgConnection};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::feed::{self, FeedEvent, Position, parse_xid};
+use crate::feed::{self, FeedEvent, Position};
 use crate::{Projection, ProjectionError};
 
 /// First key of the two-key advisory locks the runner takes ("LL").
@@ -248,13 +248,10 @@ pub async fn checkpoint(conn: &mut PgConnection, name: &str) -> Result<Position,
     )
     .fetch_optional(&mut *conn)
     .await?;
-    match row {
-        Some(r) => Ok(Position {
-            transaction_id: parse_xid(&r.transaction_id)?,
-            position: r.position,
-        }),
-        None => Ok(Position::default()),
-    }
+    Ok(row
+        .map(|r| Position::stored(&r.transaction_id, r.position))
+        .transpose()?
+        .unwrap_or_default())
 }
 
 /// One batch: read without a transaction (an idle runner takes no transaction id, which
@@ -350,13 +347,10 @@ pub(crate) async fn lock_checkpoint(
     )
     .fetch_optional(&mut *conn)
     .await?;
-    match row {
-        Some(r) => Ok(Position {
-            transaction_id: parse_xid(&r.transaction_id)?,
-            position: r.position,
-        }),
-        None => Ok(Position::default()),
-    }
+    Ok(row
+        .map(|r| Position::stored(&r.transaction_id, r.position))
+        .transpose()?
+        .unwrap_or_default())
 }
 
 /// After a batch failed as a whole: applies its events one at a time, each under a

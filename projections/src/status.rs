@@ -4,7 +4,7 @@
 use serde::Serialize;
 use sqlx::PgConnection;
 
-use crate::feed::{self, Position, parse_xid};
+use crate::feed::{self, Position};
 use crate::runner::LOCK_CLASS;
 
 #[derive(Debug, Clone, Serialize)]
@@ -49,10 +49,7 @@ pub async fn all(conn: &mut PgConnection) -> Result<Vec<ProjectionStatus>, sqlx:
         .await?;
         let (checkpoint, failed_position, failed_error, held_by) = match row {
             Some(r) => (
-                Position {
-                    transaction_id: parse_xid(&r.transaction_id)?,
-                    position: r.position,
-                },
+                Position::stored(&r.transaction_id, r.position)?,
                 r.failed_position,
                 r.failed_error,
                 r.held_by,
@@ -101,10 +98,7 @@ pub async fn rebuild(conn: &mut PgConnection) -> Result<Option<RebuildInProgress
     row.map(|r| {
         Ok(RebuildInProgress {
             projections: r.projections,
-            position: Position {
-                transaction_id: parse_xid(&r.transaction_id)?,
-                position: r.position,
-            },
+            position: Position::stored(&r.transaction_id, r.position)?,
             events: r.events,
             started_at: r.started_at,
             updated_at: r.updated_at,

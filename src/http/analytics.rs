@@ -21,7 +21,6 @@ use uuid::Uuid;
 use crate::error::ApiError;
 use crate::http::AppState;
 use crate::http::extract::{ApiQuery, MinPosition};
-use crate::store::Position;
 
 const TAG: &str = "analytics";
 const COSTS_READ_MODEL: &str = "costs";
@@ -301,18 +300,9 @@ pub async fn catch_up(
     names: &[&str],
     timeout: Duration,
 ) -> Result<bool, sqlx::Error> {
-    let head = sqlx::query!(
-        r#"SELECT transaction_id::text AS "transaction_id!", position
-           FROM events ORDER BY transaction_id DESC, position DESC LIMIT 1"#
-    )
-    .fetch_optional(pool)
-    .await?;
+    let head = projections::feed::head(&mut *pool.acquire().await?).await?;
     let Some(head) = head else {
         return Ok(true);
-    };
-    let head = Position {
-        transaction_id: projections::feed::parse_xid(&head.transaction_id)?,
-        position: head.position,
     };
     let cancel = CancellationToken::new();
     let runner = projections::runner::Runner::new(

@@ -236,18 +236,9 @@ pub(crate) async fn settle(pool: &PgPool) -> Position {
     let mut head = Position::default();
     loop {
         let before = head;
-        let (xid, position): (String, i64) = sqlx::query_as(
-            // Aliased: ORDER BY must sort the xid8 column, not its text.
-            "SELECT transaction_id::text AS xid, position FROM events
-             ORDER BY transaction_id DESC, position DESC LIMIT 1",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap();
-        head = Position {
-            transaction_id: xid.parse().unwrap(),
-            position,
-        };
+        let mut conn = pool.acquire().await.unwrap();
+        head = feed::head(&mut conn).await.unwrap().unwrap_or_default();
+        drop(conn);
         assert!(
             projections::runner::wait_for(pool, head, &names, Duration::from_secs(30))
                 .await

@@ -111,6 +111,21 @@ pub enum RebuildError {
     Database(#[from] sqlx::Error),
 }
 
+/// Takes the session lock that lets one rebuild (or discard) run at a time.
+async fn take_rebuild_lock(conn: &mut PgConnection) -> Result<(), RebuildError> {
+    let locked = sqlx::query_scalar!(
+        r#"SELECT pg_try_advisory_lock($1, 0) AS "locked!""#,
+        REBUILD_LOCK_CLASS
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if locked {
+        Ok(())
+    } else {
+        Err(RebuildError::Busy)
+    }
+}
+
 /// The projections called `names` (every one when `names` is empty).
 pub fn select(names: &[String]) -> Result<Vec<Arc<dyn Projection>>, RebuildError> {
     if names.is_empty() {
@@ -153,15 +168,7 @@ pub async fn rebuild(
         .application_name("leadledger-rebuild")
         .connect()
         .await?;
-    let locked = sqlx::query_scalar!(
-        r#"SELECT pg_try_advisory_lock($1, 0) AS "locked!""#,
-        REBUILD_LOCK_CLASS
-    )
-    .fetch_one(&mut conn)
-    .await?;
-    if !locked {
-        return Err(RebuildError::Busy);
-    }
+    take_rebuild_lock(&mut conn).await?;
     // The rebuild schema is made (or found) before any projection statement is prepared
     // on this connection, so every one of them resolves to the rebuilt tables.
     let job = Job {
@@ -538,15 +545,7 @@ async fn swap_in(
 /// not touched.
 pub async fn discard(pool: &PgPool) -> Result<(), RebuildError> {
     let mut conn = pool.acquire().await?;
-    let locked = sqlx::query_scalar!(
-        r#"SELECT pg_try_advisory_lock($1, 0) AS "locked!""#,
-        REBUILD_LOCK_CLASS
-    )
-    .fetch_one(&mut *conn)
-    .await?;
-    if !locked {
-        return Err(RebuildError::Busy);
-    }
+    take_rebuild_lock(&mut conn).await?;
     let result = sqlx::query!("SELECT leadledger_rebuild_discard()")
         .execute(&mut *conn)
         .await;

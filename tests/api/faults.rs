@@ -706,6 +706,15 @@ async fn rides_out(outage: Outage) {
                 },
             )
             .await;
+            // SIGKILL takes a moment to end the postmaster (and its parent to reap it):
+            // wait for the killed process itself to be gone before asking whether any
+            // postmaster runs.
+            eventually(
+                "the killed postmaster gone",
+                Duration::from_secs(30),
+                || async move { kill(postmaster, None).is_err().then_some(()) },
+            )
+            .await;
             assert!(
                 !postgres_is_running(&data.path),
                 "nothing restarted PostgreSQL while the start-up lock was held"

@@ -35,8 +35,53 @@ fn clean_text(field: &'static str, raw: &str, max: usize) -> Result<String, Cont
     crate::text::clean(raw, max).map_err(|reason| invalid(field, reason))
 }
 
-/// A contact's email, trimmed and lower-cased, at most 254 characters, a plain address
-/// (no display name, no IP literal, a domain with at least two labels).
+/// A contact's email in its one normalised spelling, so that one mailbox is one contact:
+/// the contact's id is a keyed hash of this text, so two spellings of one address must
+/// normalise to the same text, or the second would make a duplicate contact (and slip past
+/// anything keyed on the first). [`ContactEmail::parse`] applies these rules, in this order:
+///
+/// 1. Surrounding whitespace is trimmed; nothing may be left empty.
+/// 2. No whitespace, control, format or other invisible characters (Unicode
+///    `Default_Ignorable_Code_Point`, such as zero-width spaces and soft hyphens), and no
+///    unassigned or private-use code points: they are refused, never silently dropped.
+///    Unassigned code points are refused because a later Unicode version could normalise
+///    them differently and so move the contact to another id.
+/// 3. The whole address is put in Unicode normalisation form NFKC: fullwidth and other
+///    compatibility forms become their plain letters (`ｂｏｂ＠example.com` is
+///    `bob@example.com`) and decomposed accents are composed (`cafe\u{301}` is `café`).
+/// 4. The local part (before the last `@`): a quoted local part whose content needs no
+///    quoting is unquoted (`"bob"@…` is `bob@…`); one that does need its quotes (spaces,
+///    `@`, `,`, consecutive dots, …) is refused, since such addresses are practically never
+///    real contacts. The local part is then full Unicode case folded, and put in NFKC again
+///    (repeated until stable), so `Bob`, `ＢＯＢ` and `ſ` (long s) all fold to plain
+///    lower case. Full folding maps `ß` (and `ẞ`) to `ss`: `straße@…` and `strasse@…` are
+///    one contact. A mailbox provider could in principle hold both as different mailboxes,
+///    but people and address books write one for the other, and one contact for both
+///    errs on the side of dedup and suppression.
+/// 5. The domain is processed with IDNA / UTS #46 (non-transitional, STD3 ASCII rules,
+///    no leading or trailing hyphen in a label, DNS lengths verified, no trailing dot) and
+///    stored in its ASCII (punycode) form: `bücher.de`, `BÜCHER.DE` and `xn--bcher-kva.de`
+///    are all `xn--bcher-kva.de`. ASCII is the form DNS and mail servers use, and the one
+///    UTS #46 defines for comparing names. A domain that fails UTS #46 is refused. In the
+///    domain `ß` stays `ß` (`straße.de` is `xn--strae-oqa.de`): registries treat `straße.de`
+///    and `strasse.de` as different domains, with possibly different owners.
+/// 6. The domain has at least two labels, is not an IP literal, and its top-level label
+///    (in ASCII) has at least two characters and is not all digits.
+/// 7. The result is at most 254 characters (counted after normalisation, so a Unicode
+///    domain counts as its punycode), has no display name, and passes the `email_address`
+///    crate's checks.
+///
+/// Normalisation is idempotent: parsing a normalised email gives it back unchanged.
+///
+/// Unicode data comes from ICU4X (`icu_normalizer`, `icu_casemap`, `icu_properties`), the
+/// Unicode Consortium's own Rust libraries, which the `idna` crate also uses for UTS #46:
+/// one Unicode version for every step.
+///
+/// Serde: deserialising a bare `ContactEmail` applies [`ContactEmail::parse`] (it is
+/// `try_from = "String"`), so a request type holding one gets the strict rules. Events and
+/// snapshots do not: their email fields load the stored text as it is (see
+/// [`stored_email`]), because an earlier release may have stored an email these rules now
+/// refuse or spell differently, and stored history must always load.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct ContactEmail(String);
@@ -44,41 +89,191 @@ pub struct ContactEmail(String);
 impl ContactEmail {
     pub const MAX_CHARS: usize = 254;
     const FIELD: &'static str = "email";
+    /// Input longer than this is refused before normalising, which bounds the work.
+    /// Normalisation can shorten an address (composing accents, unquoting), but no real
+    /// address shrinks to a quarter of its length.
+    const MAX_INPUT_CHARS: usize = 4 * Self::MAX_CHARS;
+    /// Case folding followed by NFKC settles in one or two rounds for real text.
+    const MAX_FOLD_ROUNDS: usize = 4;
 
+    /// The strict rules for every email that comes in (see the type's documentation).
     pub fn parse(raw: &str) -> Result<Self, ContactError> {
-        let normalised = raw.trim().to_lowercase();
-        if normalised.is_empty() {
+        let trimmed = raw.trim();
+        if trimmed.is_empty() {
             return Err(invalid(Self::FIELD, "must not be empty"));
         }
-        if normalised.chars().count() > Self::MAX_CHARS {
-            return Err(invalid(
+        let too_long = || {
+            invalid(
                 Self::FIELD,
                 format!("must be at most {} characters", Self::MAX_CHARS),
-            ));
+            )
+        };
+        if trimmed.chars().count() > Self::MAX_INPUT_CHARS {
+            return Err(too_long());
         }
-        // The crate accepts quoted local parts with spaces and comments; an address with
-        // whitespace or control characters is far likelier a paste error than intended.
-        if normalised
-            .chars()
-            .any(|c| c.is_control() || c.is_whitespace())
-        {
-            return Err(invalid(
-                Self::FIELD,
-                "must not contain spaces or control characters",
-            ));
+        Self::refuse_invisible(trimmed)?;
+        let nfkc = nfkc(trimmed);
+        // NFKC can turn a compatibility space (such as U+3000) into a plain one.
+        Self::refuse_invisible(&nfkc)?;
+        let not_an_address =
+            |why: &str| invalid(Self::FIELD, format!("is not a valid address: {why}"));
+        let (local, domain) = nfkc
+            .rsplit_once('@')
+            .ok_or_else(|| not_an_address("Missing separator character '@'."))?;
+        let local = Self::fold_local_part(&Self::unquote(local)?)?;
+        let domain = Self::ascii_domain(domain)?;
+        let normalised = format!("{local}@{domain}");
+        if normalised.chars().count() > Self::MAX_CHARS {
+            return Err(too_long());
         }
         let options = email_address::Options::default()
             .with_minimum_sub_domains(2)
             .without_domain_literal()
             .without_display_text();
         email_address::EmailAddress::parse_with_options(&normalised, options)
-            .map_err(|e| invalid(Self::FIELD, format!("is not a valid address: {e}")))?;
+            .map_err(|e| not_an_address(&e.to_string()))?;
         Ok(Self(normalised))
     }
 
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// An email as an earlier release stored it, unchecked and unchanged: stored history
+    /// must load even where today's rules would refuse or respell it. Only for reading
+    /// events and snapshots; every input goes through [`Self::parse`].
+    fn from_stored(stored: String) -> Self {
+        Self(stored)
+    }
+
+    fn refuse_invisible(text: &str) -> Result<(), ContactError> {
+        use icu_properties::props::{DefaultIgnorableCodePoint, GeneralCategory as Gc};
+        let category = icu_properties::CodePointMapData::<Gc>::new();
+        let ignorable = icu_properties::CodePointSetData::new::<DefaultIgnorableCodePoint>();
+        // The crate accepts quoted local parts with spaces and comments; an address with
+        // whitespace or invisible characters is far likelier a paste error than intended.
+        if text.chars().any(|c| {
+            c.is_whitespace()
+                || ignorable.contains(c)
+                || matches!(
+                    category.get(c),
+                    Gc::Control
+                        | Gc::Format
+                        | Gc::Unassigned
+                        | Gc::PrivateUse
+                        | Gc::Surrogate
+                        | Gc::SpaceSeparator
+                        | Gc::LineSeparator
+                        | Gc::ParagraphSeparator
+                )
+        }) {
+            return Err(invalid(
+                Self::FIELD,
+                "must not contain spaces, control or invisible characters",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The local part without needless quotes; a local part that needs them is refused.
+    fn unquote(local: &str) -> Result<String, ContactError> {
+        let Some(quoted) = local.strip_prefix('"') else {
+            return Ok(local.to_string());
+        };
+        let refused = || {
+            invalid(
+                Self::FIELD,
+                "must not have a quoted local part that needs its quotes",
+            )
+        };
+        let content = quoted.strip_suffix('"').ok_or_else(refused)?;
+        let mut unquoted = String::with_capacity(content.len());
+        let mut chars = content.chars();
+        while let Some(c) = chars.next() {
+            match c {
+                '\\' => unquoted.push(chars.next().ok_or_else(refused)?),
+                '"' => return Err(refused()),
+                c => unquoted.push(c),
+            }
+        }
+        if is_dot_atom(&unquoted) {
+            Ok(unquoted)
+        } else {
+            Err(refused())
+        }
+    }
+
+    /// Full case folding then NFKC, repeated until the text no longer changes.
+    fn fold_local_part(local: &str) -> Result<String, ContactError> {
+        let fold = icu_casemap::CaseMapper::new();
+        let mut text = local.to_string();
+        for _ in 0..Self::MAX_FOLD_ROUNDS {
+            let next = nfkc(&fold.fold_string(&text));
+            if next == text {
+                if !is_dot_atom(&text) {
+                    return Err(invalid(
+                        Self::FIELD,
+                        "is not a valid address: Invalid character found in local part.",
+                    ));
+                }
+                return Ok(text);
+            }
+            text = next;
+        }
+        Err(invalid(
+            Self::FIELD,
+            "has a local part that cannot be normalised",
+        ))
+    }
+
+    /// The domain in ASCII by UTS #46, with at least two labels and a plausible top level.
+    fn ascii_domain(domain: &str) -> Result<String, ContactError> {
+        use idna::uts46::{AsciiDenyList, DnsLength, Hyphens, Uts46};
+        if domain.starts_with('[') {
+            return Err(invalid(
+                Self::FIELD,
+                "is not a valid address: Domain literals are not supported.",
+            ));
+        }
+        let ascii = Uts46::new()
+            .to_ascii(
+                domain.as_bytes(),
+                AsciiDenyList::STD3,
+                Hyphens::CheckFirstLast,
+                DnsLength::Verify,
+            )
+            .map_err(|_| invalid(Self::FIELD, "has a domain that is not a valid domain name"))?;
+        let mut labels = ascii.rsplit('.');
+        let top = labels.next().unwrap_or_default();
+        if labels.next().is_none() {
+            return Err(invalid(
+                Self::FIELD,
+                "must have a domain of at least two labels",
+            ));
+        }
+        if top.chars().count() < 2 || top.chars().all(|c| c.is_ascii_digit()) {
+            return Err(invalid(
+                Self::FIELD,
+                "must have a top-level domain of at least two characters, not all digits",
+            ));
+        }
+        Ok(ascii.into_owned())
+    }
+}
+
+fn nfkc(text: &str) -> String {
+    icu_normalizer::ComposingNormalizer::new_nfkc()
+        .normalize(text)
+        .into_owned()
+}
+
+/// RFC 5322 / RFC 6532 dot-atom: atoms of `atext` or non-ASCII characters, joined by
+/// single dots.
+fn is_dot_atom(text: &str) -> bool {
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
+    text.split('.')
+        .all(|atom| !atom.is_empty() && atom.chars().all(atext))
 }
 
 impl TryFrom<String> for ContactEmail {
@@ -91,6 +286,21 @@ impl TryFrom<String> for ContactEmail {
 impl From<ContactEmail> for String {
     fn from(value: ContactEmail) -> Self {
         value.0
+    }
+}
+
+/// Serde helpers for an email in stored events and snapshots: the stored text as it is,
+/// whether or not [`ContactEmail::parse`] would accept it today.
+pub mod stored_email {
+    use super::ContactEmail;
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<ContactEmail, D::Error> {
+        String::deserialize(d).map(ContactEmail::from_stored)
+    }
+
+    pub fn option<'de, D: Deserializer<'de>>(d: D) -> Result<Option<ContactEmail>, D::Error> {
+        Ok(Option::<String>::deserialize(d)?.map(ContactEmail::from_stored))
     }
 }
 
@@ -552,6 +762,7 @@ pub enum ContactCommand {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ContactEvent {
     ContactCreated {
+        #[serde(deserialize_with = "stored_email::deserialize")]
         email: ContactEmail,
         fields: ContactFields,
         created_at: DateTime<Utc>,
@@ -590,6 +801,7 @@ pub struct Contact {
     /// Whether the contact exists. The HTTP layer answers 201 or 200 to an upsert from
     /// this value as loaded before the command.
     pub created: bool,
+    #[serde(default, deserialize_with = "stored_email::option")]
     pub email: Option<ContactEmail>,
     pub first_name: Option<FirstName>,
     pub last_name: Option<LastName>,
@@ -881,6 +1093,230 @@ mod tests {
         assert_eq!(a, b);
         let other = contact_id_for(key, &ContactEmail::parse("john@example.com").unwrap());
         assert_ne!(a, other);
+    }
+
+    /// Given two spellings, when both are parsed, then they are one email and one contact.
+    fn assert_same_contact(spelling: &str, plain: &str) {
+        let key = b"a test key of some length";
+        let a = ContactEmail::parse(spelling).unwrap_or_else(|e| panic!("{spelling:?}: {e}"));
+        let b = ContactEmail::parse(plain).unwrap_or_else(|e| panic!("{plain:?}: {e}"));
+        assert_eq!(a, b, "{spelling:?} and {plain:?}");
+        assert_eq!(contact_id_for(key, &a), contact_id_for(key, &b));
+    }
+
+    fn assert_refused(raw: &str) {
+        match ContactEmail::parse(raw) {
+            Err(ContactError::InvalidField { field, .. }) => assert_eq!(field, "email"),
+            other => panic!("{raw:?} gave {other:?}"),
+        }
+    }
+
+    #[test]
+    fn fullwidth_letters_are_the_same_contact_as_their_plain_spelling() {
+        assert_same_contact("ｂｏｂ@example.com", "bob@example.com");
+        assert_same_contact("ＢＯＢ@ＥＸＡＭＰＬＥ.ＣＯＭ", "bob@example.com");
+        assert_same_contact("bob＠example．com", "bob@example.com");
+    }
+
+    #[test]
+    fn an_idn_domain_and_its_punycode_are_the_same_contact_stored_as_punycode() {
+        assert_same_contact("bob@bücher.de", "bob@xn--bcher-kva.de");
+        assert_same_contact("Bob@BÜCHER.DE", "bob@xn--bcher-kva.de");
+        assert_same_contact("bob@bücher。de", "bob@xn--bcher-kva.de");
+        let email = ContactEmail::parse("bob@bücher.de").unwrap();
+        assert_eq!(email.as_str(), "bob@xn--bcher-kva.de");
+    }
+
+    #[test]
+    fn a_needlessly_quoted_local_part_is_the_same_contact_unquoted() {
+        assert_same_contact("\"bob\"@example.com", "bob@example.com");
+        assert_same_contact("\"Bob.Smith\"@example.com", "bob.smith@example.com");
+        assert_same_contact("\"b\\ob\"@example.com", "bob@example.com");
+    }
+
+    #[test]
+    fn a_quoted_local_part_that_needs_its_quotes_is_refused() {
+        for bad in [
+            "\"bob smith\"@example.com",
+            "\"bob..smith\"@example.com",
+            "\".bob\"@example.com",
+            "\"bob@home\"@example.com",
+            "\"a,b\"@example.com",
+            "\"\"@example.com",
+            "\"bob@example.com",
+        ] {
+            assert_refused(bad);
+        }
+    }
+
+    #[test]
+    fn a_long_s_is_the_same_contact_as_a_plain_s() {
+        assert_same_contact("ſam@example.com", "sam@example.com");
+        assert_same_contact("bob@exampleſ.com", "bob@examples.com");
+    }
+
+    #[test]
+    fn a_decomposed_accent_is_the_same_contact_as_the_composed_one() {
+        assert_same_contact("cafe\u{0301}@example.com", "café@example.com");
+        assert_same_contact("CAFÉ@example.com", "café@example.com");
+    }
+
+    #[test]
+    fn a_sharp_s_is_folded_to_ss_in_the_local_part_but_kept_in_the_domain() {
+        assert_same_contact("straße@example.com", "strasse@example.com");
+        assert_same_contact("STRAẞE@example.com", "strasse@example.com");
+        let sharp = ContactEmail::parse("bob@straße.de").unwrap();
+        let double = ContactEmail::parse("bob@strasse.de").unwrap();
+        assert_ne!(sharp, double);
+        assert_eq!(sharp.as_str(), "bob@xn--strae-oqa.de");
+    }
+
+    #[test]
+    fn a_one_letter_or_all_numeric_top_level_domain_is_refused() {
+        for bad in [
+            "bob@example.c",
+            "bob@123.123",
+            "bob@example.１２３",
+            "bob@example.com.",
+            "bob@-example.com",
+            "bob@exa_mple.com",
+        ] {
+            assert_refused(bad);
+        }
+        assert!(ContactEmail::parse("bob@example.io").is_ok());
+        assert!(ContactEmail::parse("bob@123.com").is_ok());
+        assert!(ContactEmail::parse("bob@xn--bcher-kva.xn--p1ai").is_ok());
+    }
+
+    #[test]
+    fn a_domain_that_fails_uts_46_is_refused() {
+        for bad in [
+            "bob@xn--a.com",
+            "bob@ex\u{FFFD}ample.com",
+            "bob@\u{0301}ab.com",
+        ] {
+            assert_refused(bad);
+        }
+    }
+
+    #[test]
+    fn invisible_and_spacing_characters_are_refused_not_ignored() {
+        for bad in [
+            "bob\u{200B}@example.com",
+            "b\u{00AD}ob@example.com",
+            "bob@exa\u{00AD}mple.com",
+            "\u{202E}bob@example.com",
+            "bob\u{FEFF}@example.com",
+            "bob\u{00A0}smith@example.com",
+            "bob\u{3000}smith@example.com",
+        ] {
+            assert_refused(bad);
+        }
+    }
+
+    #[test]
+    fn the_254_character_limit_counts_the_normalised_email() {
+        // Fullwidth letters are single characters both before and after normalisation...
+        let local = "ａ".repeat(64);
+        let domain = format!(
+            "{}.{}.{}.com",
+            "b".repeat(63),
+            "c".repeat(63),
+            "d".repeat(57)
+        );
+        assert!(ContactEmail::parse(&format!("{local}@{domain}")).is_ok());
+        // ...and a Unicode domain counts as its longer punycode.
+        let unicode = format!(
+            "{}@{}.{}.{}.de",
+            "a".repeat(64),
+            "b".repeat(63),
+            "c".repeat(63),
+            "ü".repeat(55)
+        );
+        assert_eq!(unicode.chars().count(), 251);
+        assert_eq!(
+            ContactEmail::parse(&unicode),
+            Err(invalid("email", "must be at most 254 characters"))
+        );
+    }
+
+    #[test]
+    fn a_normalised_email_parses_to_itself() {
+        for raw in [
+            "ｂｏｂ@example.com",
+            "bob@bücher.de",
+            "\"bob\"@example.com",
+            "ſam@example.com",
+            "cafe\u{0301}@example.com",
+            "STRAẞE@straße.de",
+            "ΣΊΣΥΦΟΣ@example.com",
+            "ǅemal@example.com",
+            "ﬁnance@example.com",
+        ] {
+            let once = ContactEmail::parse(raw).unwrap_or_else(|e| panic!("{raw:?}: {e}"));
+            let twice = ContactEmail::parse(once.as_str()).unwrap();
+            assert_eq!(once, twice, "{raw:?}");
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parsing_is_idempotent(
+            local in "[a-zA-Z0-9._+ſßẞÀ-ɏͅΣςσ\u{0300}-\u{036F}\u{FF21}-\u{FF5A}İ]{1,20}",
+            domain in "[a-zA-Z0-9\u{00C0}-\u{017F}ſß-]{1,20}\\.[a-zA-Z\u{00E0}-\u{00FF}]{2,6}",
+        ) {
+            if let Ok(once) = ContactEmail::parse(&format!("{local}@{domain}")) {
+                let twice = ContactEmail::parse(once.as_str());
+                proptest::prop_assert_eq!(Ok(once), twice);
+            }
+        }
+    }
+
+    #[test]
+    fn an_email_given_as_json_input_is_held_to_the_strict_rules() {
+        let strict = serde_json::from_value::<ContactEmail>(json!("bob@123.123"));
+        assert!(strict.is_err());
+        let normalised = serde_json::from_value::<ContactEmail>(json!("\"Bob\"@Bücher.de"));
+        assert_eq!(normalised.unwrap().as_str(), "bob@xn--bcher-kva.de");
+    }
+
+    #[test]
+    fn a_stored_email_that_the_rules_now_refuse_or_rewrite_still_loads_as_written() {
+        for stored in [
+            "bob@123.123",
+            "bob@example.c",
+            "ｂｏｂ@example.com",
+            "\"bob\"@example.com",
+            "bob@bücher.de",
+        ] {
+            // Given an event and a snapshot written by an earlier release,
+            let mut event = serde_json::to_value(created()).unwrap();
+            event["ContactCreated"]["email"] = json!(stored);
+            let mut snapshot = serde_json::to_value(state_after(vec![created()])).unwrap();
+            snapshot["email"] = json!(stored);
+            // when they are loaded,
+            let event: ContactEvent = serde_json::from_value(event)
+                .unwrap_or_else(|e| panic!("event with {stored:?}: {e}"));
+            let snapshot: Contact = serde_json::from_value(snapshot)
+                .unwrap_or_else(|e| panic!("snapshot with {stored:?}: {e}"));
+            // then the email is the stored text, unchanged, and writes back the same.
+            let ContactEvent::ContactCreated { email, .. } = &event else {
+                panic!("{event:?}")
+            };
+            assert_eq!(email.as_str(), stored);
+            assert_eq!(
+                snapshot.email.as_ref().map(ContactEmail::as_str),
+                Some(stored)
+            );
+            assert_eq!(
+                serde_json::to_value(&event).unwrap()["ContactCreated"]["email"],
+                stored
+            );
+            assert_eq!(state_after(vec![event]).email, snapshot.email);
+        }
+        let empty: Contact =
+            serde_json::from_value(serde_json::to_value(Contact::default()).unwrap()).unwrap();
+        assert_eq!(empty.email, None);
     }
 
     #[test]

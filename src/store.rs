@@ -142,6 +142,13 @@ impl Default for Store {
     }
 }
 
+/// How [`Store::hold_stream`] holds a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hold {
+    Exclusive,
+    Shared,
+}
+
 /// A snapshot every this many events keeps loads bounded: at most this many events are
 /// replayed on top of a snapshot.
 pub const DEFAULT_SNAPSHOT_EVERY: u64 = 100;
@@ -158,6 +165,36 @@ impl Store {
     pub fn with_upcasters(mut self, upcasters: Vec<Box<dyn EventUpcaster>>) -> Self {
         self.upcasters = Arc::new(upcasters);
         self
+    }
+
+    /// Holds stream `id` of `A` for the rest of the transaction: exclusively for a writer
+    /// whose events change what other commands may do (a campaign's lifecycle), shared for
+    /// the commands that depend on it (enrollments). Optimistic concurrency orders writes
+    /// to one stream; this orders a write to one stream against a decision that read
+    /// another, so a decision never commits after a change that would have refused it.
+    pub async fn hold_stream<A: Aggregate>(
+        &self,
+        conn: &mut PgConnection,
+        id: &str,
+        hold: Hold,
+    ) -> Result<(), StoreError> {
+        let key = format!("{}:{id}", A::TYPE);
+        match hold {
+            Hold::Exclusive => {
+                sqlx::query!("SELECT pg_advisory_xact_lock(hashtextextended($1, 3))", key)
+                    .execute(&mut *conn)
+                    .await?;
+            }
+            Hold::Shared => {
+                sqlx::query!(
+                    "SELECT pg_advisory_xact_lock_shared(hashtextextended($1, 3))",
+                    key
+                )
+                .execute(&mut *conn)
+                .await?;
+            }
+        }
+        Ok(())
     }
 
     /// The latest snapshot, then the events after it.

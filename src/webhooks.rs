@@ -16,8 +16,10 @@
 use std::collections::{HashMap, HashSet};
 
 use aggregates::contact::{ContactEmail, contact_id_for};
+use aggregates::campaign::Campaign;
 use aggregates::enrollment::{
-    Enrollment, EnrollmentCommand, EnrollmentEvent, ProviderEventKind, enrollment_id_for,
+    Enrollment, EnrollmentCommand, EnrollmentEvent, MAX_EXTERNAL_EVENT_ID_CHARS,
+    MAX_SOURCE_NAME_CHARS, ProviderEventKind, check_event_id, enrollment_id_for,
 };
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -45,12 +47,17 @@ pub const MAX_EVENTS: usize = 1000;
 pub const TOLERANCE_SECS: i64 = 300;
 pub const MAX_ATTEMPTS: i32 = 12;
 pub const MAX_PARKED_AGE: chrono::TimeDelta = chrono::TimeDelta::days(7);
+/// An event that says it happened further ahead than this is refused: it would put
+/// milestones on days that have not come.
+pub const MAX_FUTURE_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+/// The longest `webhook-id` taken (it is stored and indexed).
+pub const MAX_WEBHOOK_ID_CHARS: usize = 255;
 const SECRET_PREFIX: &str = "whsec_";
 
 /// 1 to 63 characters of a-z, 0-9, `_` and `-`, starting with a letter or digit.
 fn is_source_name(name: &str) -> bool {
     !name.is_empty()
-        && name.len() <= 63
+        && name.len() <= MAX_SOURCE_NAME_CHARS
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
@@ -138,7 +145,8 @@ pub fn verify(key: &[u8], signed: &Signed<'_>, body: &[u8], now: i64) -> Result<
         .trim()
         .parse()
         .map_err(|_| "webhook-timestamp is not a Unix time")?;
-    if (now - ts).abs() > TOLERANCE_SECS {
+    // `abs_diff`: a timestamp near `i64::MIN` must not wrap into "close to now".
+    if now.abs_diff(ts) > TOLERANCE_SECS.unsigned_abs() {
         return Err("webhook-timestamp is more than 5 minutes off");
     }
     let mut mac = Hmac::<Sha256>::new_from_slice(key).map_err(|_| "unusable source key")?;
@@ -195,12 +203,14 @@ struct Resolved {
     campaign_id: Option<Uuid>,
 }
 
-fn resolve(index: usize, value: &Value, key: &[u8]) -> Result<Resolved, String> {
+fn resolve(index: usize, value: &Value, key: &[u8], now: DateTime<Utc>) -> Result<Resolved, String> {
     let object = value.as_object().ok_or("an event must be a JSON object")?;
     let text = |field: &str| object.get(field).and_then(Value::as_str);
     let event_id = text("id")
-        .filter(|id| !id.trim().is_empty() && id.len() <= 255 && !id.chars().any(char::is_control))
-        .ok_or("id must be a string of 1 to 255 characters, without control characters")?
+        .filter(|id| check_event_id(id, MAX_EXTERNAL_EVENT_ID_CHARS).is_ok())
+        .ok_or(
+            "id must be a string of 1 to 255 characters (not bytes), without control characters",
+        )?
         .to_string();
     let kind = text("type")
         .and_then(ProviderEventKind::parse)
@@ -209,6 +219,9 @@ fn resolve(index: usize, value: &Value, key: &[u8]) -> Result<Resolved, String> 
         .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
         .ok_or("occurred_at must be an RFC 3339 time")?
         .with_timezone(&Utc);
+    if occurred_at > now + MAX_FUTURE_SKEW {
+        return Err("occurred_at is more than 5 minutes in the future".into());
+    }
     let (enrollment_id, campaign_id) = match text("enrollment_id") {
         Some(raw) => (
             Uuid::parse_str(raw).map_err(|_| "enrollment_id must be a UUID")?,
@@ -251,7 +264,62 @@ fn qualified(source: &str, event_id: &str) -> String {
     format!("{source}:{event_id}")
 }
 
+/// The outcome of one event of a delivery, as its result says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Applied,
+    Duplicate,
+    Parked,
+    Rejected,
+    Ignored,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 5] = [
+        Self::Applied,
+        Self::Duplicate,
+        Self::Parked,
+        Self::Rejected,
+        Self::Ignored,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Duplicate => "duplicate",
+            Self::Parked => "parked",
+            Self::Rejected => "rejected",
+            Self::Ignored => "ignored",
+        }
+    }
+}
+
+/// How many events of a delivery had each outcome.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally([i32; 5]);
+
+impl Tally {
+    fn of(results: &[EventResult]) -> Self {
+        let mut tally = Self::default();
+        for result in results {
+            if let Some(i) = Outcome::ALL.iter().position(|o| o.as_str() == result.outcome) {
+                tally.0[i] += 1;
+            }
+        }
+        tally
+    }
+
+    fn count(&self, outcome: Outcome) -> i32 {
+        self.0[outcome as usize]
+    }
+}
+
 /// Applies or parks the events of one verified delivery; returns the response body.
+///
+/// Each event gets its own outcome: one that cannot be applied (its enrollment refuses
+/// it, its campaign does not exist) is `rejected` with a reason and the rest of the batch
+/// still counts. A rejected event's id is not remembered, so a corrected redelivery of it
+/// is not taken for a duplicate.
 pub async fn ingest(
     state: &AppState,
     source: &str,
@@ -260,10 +328,11 @@ pub async fn ingest(
     events: Vec<Value>,
 ) -> Result<Value, ApiError> {
     let key = crate::contacts::id_key(state).await?;
+    let now = Utc::now();
     let resolved: Vec<Result<Resolved, String>> = events
         .iter()
         .enumerate()
-        .map(|(i, v)| resolve(i, v, key))
+        .map(|(i, v)| resolve(i, v, key, now))
         .collect();
     let metadata = Metadata {
         correlation_id: Some(format!("webhook:{source}:{webhook_id}")),
@@ -298,7 +367,7 @@ pub async fn ingest(
                 .into());
             }
             // A repeated delivery: the first response again, counted once already.
-            return Ok((earlier.response, 0, 0));
+            return Ok((earlier.response, None));
         }
         let valid: Vec<&Resolved> = resolved.iter().filter_map(|r| r.as_ref().ok()).collect();
         let ids: Vec<String> = valid.iter().map(|r| r.event_id.clone()).collect();
@@ -321,7 +390,6 @@ pub async fn ingest(
             .copied()
             .filter(|r| fresh.contains(&r.event_id) && first_seen.insert(r.event_id.clone()))
             .collect();
-        let new_indices: HashSet<usize> = new.iter().map(|r| r.index).collect();
         let mut enrollment_ids: Vec<String> =
             new.iter().map(|r| r.enrollment_id.to_string()).collect();
         enrollment_ids.sort();
@@ -340,20 +408,54 @@ pub async fn ingest(
             .store
             .load_many(&mut tx, &enrollment_ids)
             .await?;
-        let mut outcome: HashMap<usize, &'static str> = HashMap::new();
+        // An event for an enrollment that does not exist yet is parked only when its
+        // campaign exists: one naming an unknown campaign would wait for nothing.
+        let mut campaign_ids: Vec<String> = new
+            .iter()
+            .filter(|r| !loaded[&r.enrollment_id.to_string()].aggregate.enrolled)
+            .filter_map(|r| r.campaign_id.map(|c| c.to_string()))
+            .collect();
+        campaign_ids.sort();
+        campaign_ids.dedup();
+        let campaigns: HashMap<String, Loaded<Campaign>> = if campaign_ids.is_empty() {
+            HashMap::new()
+        } else {
+            state.store.load_many(&mut tx, &campaign_ids).await?
+        };
+        let mut decided: HashMap<usize, (Outcome, Option<String>)> = HashMap::new();
         let mut new_events: HashMap<String, Vec<EnrollmentEvent>> = HashMap::new();
         let mut parked: Vec<&Resolved> = Vec::new();
+        let mut refused_ids: Vec<String> = Vec::new();
         for r in &new {
             let enrollment = loaded
                 .get_mut(&r.enrollment_id.to_string())
                 .expect("loaded every id");
             if !enrollment.aggregate.enrolled {
-                parked.push(r);
-                outcome.insert(r.index, "parked");
+                let refusal = match r.campaign_id {
+                    None => Some("no enrollment with this enrollment_id"),
+                    Some(campaign)
+                        if !campaigns
+                            .get(&campaign.to_string())
+                            .is_some_and(|c| c.aggregate.created) =>
+                    {
+                        Some("no campaign with this campaign_id")
+                    }
+                    Some(_) => None,
+                };
+                match refusal {
+                    Some(reason) => {
+                        refused_ids.push(r.event_id.clone());
+                        decided.insert(r.index, (Outcome::Rejected, Some(reason.into())));
+                    }
+                    None => {
+                        parked.push(r);
+                        decided.insert(r.index, (Outcome::Parked, None));
+                    }
+                }
                 continue;
             }
             let sink = EventSink::default();
-            enrollment
+            let handled = enrollment
                 .aggregate
                 .handle(
                     EnrollmentCommand::RecordProviderEvent {
@@ -364,19 +466,32 @@ pub async fn ingest(
                     &(),
                     &sink,
                 )
-                .await
-                .map_err(ApiError::from)?;
+                .await;
+            if let Err(refused) = handled {
+                refused_ids.push(r.event_id.clone());
+                decided.insert(r.index, (Outcome::Rejected, Some(refused.to_string())));
+                continue;
+            }
             let written = sink.collect().await;
             let kind = if written.is_empty() {
-                "duplicate"
+                Outcome::Duplicate
             } else {
-                "applied"
+                Outcome::Applied
             };
-            outcome.insert(r.index, kind);
+            decided.insert(r.index, (kind, None));
             new_events
                 .entry(r.enrollment_id.to_string())
                 .or_default()
                 .extend(written);
+        }
+        if !refused_ids.is_empty() {
+            sqlx::query!(
+                "DELETE FROM webhook_event_ids WHERE source = $1 AND event_id = ANY($2)",
+                source,
+                &refused_ids
+            )
+            .execute(&mut *tx)
+            .await?;
         }
         let mut streams: Vec<(&mut Loaded<Enrollment>, &[EnrollmentEvent])> = loaded
             .iter_mut()
@@ -392,46 +507,44 @@ pub async fn ingest(
             .enumerate()
             .map(|(i, r)| {
                 let id = echoed_id(&events[i]);
-                match r {
-                    Err(reason) => EventResult {
-                        id,
-                        outcome: "rejected",
-                        reason: Some(reason.clone()),
-                    },
-                    Ok(_) if !new_indices.contains(&i) => EventResult {
-                        id,
-                        outcome: "duplicate",
-                        reason: None,
-                    },
-                    Ok(_) => EventResult {
-                        id,
-                        outcome: outcome.get(&i).copied().unwrap_or("duplicate"),
-                        reason: None,
-                    },
+                let (outcome, reason) = match r {
+                    Err(reason) => (Outcome::Rejected, Some(reason.clone())),
+                    Ok(_) => decided.remove(&i).unwrap_or((Outcome::Duplicate, None)),
+                };
+                EventResult {
+                    id,
+                    outcome: outcome.as_str(),
+                    reason,
                 }
             })
             .collect();
+        let tally = Tally::of(&results);
         let response = json!({ "results": results });
         sqlx::query!(
-            "INSERT INTO webhook_deliveries (source, webhook_id, request_hash, response)
-             VALUES ($1, $2, $3, $4)",
+            "INSERT INTO webhook_deliveries
+                 (source, webhook_id, request_hash, response,
+                  applied, duplicate, parked, rejected, ignored)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             source,
             webhook_id,
             request_hash,
-            response
+            response,
+            tally.count(Outcome::Applied),
+            tally.count(Outcome::Duplicate),
+            tally.count(Outcome::Parked),
+            tally.count(Outcome::Rejected),
+            tally.count(Outcome::Ignored),
         )
         .execute(&mut *tx)
         .await?;
-        let applied = results.iter().filter(|r| r.outcome == "applied").count();
-        Ok::<_, Abort>((response, applied, parked.len()))
+        Ok::<_, Abort>((response, Some((tally, results))))
         }
         .await;
         match retry.settle(tx, outcome).await? {
-            Settled::Done((response, applied, parked)) => {
-                metrics::counter!("webhook_events_total", "outcome" => "applied")
-                    .increment(applied as u64);
-                metrics::counter!("webhook_events_total", "outcome" => "parked")
-                    .increment(parked as u64);
+            Settled::Done((response, counted)) => {
+                if let Some((tally, results)) = counted {
+                    report(source, webhook_id, &tally, &results);
+                }
                 return Ok(response);
             }
             Settled::Again => {}
@@ -441,6 +554,35 @@ pub async fn ingest(
                     "the enrollments kept changing under this delivery; deliver it again",
                 ));
             }
+        }
+    }
+}
+
+/// Counts a committed delivery's outcomes in `/metrics`, by source, and logs the events it
+/// refused or ignored: their position in the delivery and the reason, never their content
+/// (which holds addresses).
+fn report(source: &str, webhook_id: &str, tally: &Tally, results: &[EventResult]) {
+    for outcome in Outcome::ALL {
+        let n = tally.count(outcome);
+        if n > 0 {
+            metrics::counter!(
+                "webhook_events_total",
+                "source" => source.to_string(),
+                "outcome" => outcome.as_str()
+            )
+            .increment(n as u64);
+        }
+    }
+    for (index, result) in results.iter().enumerate() {
+        if result.outcome == Outcome::Rejected.as_str() || result.outcome == Outcome::Ignored.as_str() {
+            tracing::info!(
+                source,
+                webhook_id,
+                index,
+                outcome = result.outcome,
+                reason = result.reason.as_deref().unwrap_or(""),
+                "webhook event not applied"
+            );
         }
     }
 }
@@ -496,16 +638,31 @@ pub struct ParkedEvent {
     pub dead_lettered_at: Option<DateTime<Utc>>,
 }
 
+/// What applying an enrollment's parked events came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unparked {
+    /// The enrollment does not exist yet: they stay parked.
+    NotEnrolled,
+    /// Another writer changed the enrollment meanwhile: they stay parked, and trying
+    /// again soon is all it takes (it says nothing about the enrollment's existence).
+    Conflict,
+    /// Each was applied (or was a duplicate) and left the queue, or was refused by the
+    /// enrollment and became a dead letter with the reason: none is ever dropped.
+    Settled { applied: usize, refused: usize },
+}
+
 /// Applies the parked events of `enrollment` that it now accepts, in the caller's
 /// transaction (inside a savepoint: a conflict leaves them parked for the retry worker).
-/// Returns how many were applied.
 async fn apply_parked(
     conn: &mut PgConnection,
     store: &Store,
     rows: Vec<ParkedEvent>,
-) -> Result<usize, sqlx::Error> {
+) -> Result<Unparked, sqlx::Error> {
     let Some(first) = rows.first() else {
-        return Ok(0);
+        return Ok(Unparked::Settled {
+            applied: 0,
+            refused: 0,
+        });
     };
     let enrollment_id = first.enrollment_id.to_string();
     let mut savepoint = conn.begin().await?;
@@ -515,11 +672,14 @@ async fn apply_parked(
         Err(e) => return Err(sqlx::Error::Protocol(e.to_string())),
     };
     if !loaded.aggregate.enrolled {
-        return Ok(0);
+        return Ok(Unparked::NotEnrolled);
     }
     let mut events = Vec::new();
+    let mut done: Vec<Uuid> = Vec::new();
+    let mut refused: Vec<(Uuid, String)> = Vec::new();
     for row in &rows {
         let Some(kind) = ProviderEventKind::parse(&row.kind) else {
+            refused.push((row.id, format!("unknown event type {:?}", row.kind)));
             continue;
         };
         let sink = EventSink::default();
@@ -528,8 +688,12 @@ async fn apply_parked(
             kind,
             occurred_at: row.occurred_at,
         };
-        if loaded.aggregate.handle(command, &(), &sink).await.is_ok() {
-            events.extend(sink.collect().await);
+        match loaded.aggregate.handle(command, &(), &sink).await {
+            Ok(()) => {
+                events.extend(sink.collect().await);
+                done.push(row.id);
+            }
+            Err(e) => refused.push((row.id, format!("the enrollment refused it: {e}"))),
         }
     }
     let metadata = Metadata {
@@ -543,18 +707,50 @@ async fn apply_parked(
         Ok(_) => {}
         Err(StoreError::Conflict) => {
             savepoint.rollback().await?;
-            return Ok(0);
+            return Ok(Unparked::Conflict);
         }
         Err(StoreError::Database(e)) => return Err(e),
         Err(e) => return Err(sqlx::Error::Protocol(e.to_string())),
     }
-    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
-    sqlx::query!("DELETE FROM webhook_parked WHERE id = ANY($1)", &ids)
+    sqlx::query!("DELETE FROM webhook_parked WHERE id = ANY($1)", &done)
         .execute(&mut *savepoint)
         .await?;
+    if !refused.is_empty() {
+        let (ids, errors): (Vec<Uuid>, Vec<String>) = refused.iter().cloned().unzip();
+        sqlx::query!(
+            "UPDATE webhook_parked SET last_error = u.error, dead_lettered_at = now()
+             FROM UNNEST($1::uuid[], $2::text[]) AS u(id, error)
+             WHERE webhook_parked.id = u.id",
+            &ids,
+            &errors
+        )
+        .execute(&mut *savepoint)
+        .await?;
+        tracing::warn!(
+            enrollment_id = %first.enrollment_id,
+            count = refused.len(),
+            "parked webhook events refused by their enrollment were dead-lettered"
+        );
+        count_by_source(&rows, |r| refused.iter().any(|(id, _)| *id == r.id), "dead_lettered");
+    }
     savepoint.commit().await?;
-    metrics::counter!("webhook_events_total", "outcome" => "unparked").increment(rows.len() as u64);
-    Ok(rows.len())
+    count_by_source(&rows, |r| done.contains(&r.id), "unparked");
+    Ok(Unparked::Settled {
+        applied: done.len(),
+        refused: refused.len(),
+    })
+}
+
+/// Counts the parked `rows` that `which` picks in `webhook_events_total{source, outcome}`.
+fn count_by_source(rows: &[ParkedEvent], which: impl Fn(&ParkedEvent) -> bool, outcome: &'static str) {
+    let mut by_source: HashMap<&str, u64> = HashMap::new();
+    for row in rows.iter().filter(|r| which(r)) {
+        *by_source.entry(&row.source).or_default() += 1;
+    }
+    for (source, n) in by_source {
+        metrics::counter!("webhook_events_total", "source" => source.to_string(), "outcome" => outcome)
+            .increment(n);
+    }
 }
 
 /// Applies parked events when their enrollment is created, driven by the event feed. It
@@ -645,20 +841,33 @@ pub async fn retry_due(
             .push(row);
     }
     let (mut applied, mut dead) = (0, 0);
+    let mut gave_up: Vec<ParkedEvent> = Vec::new();
     let now = Utc::now();
     for (_, rows) in by_enrollment {
-        let n = apply_parked(&mut tx, store, rows.clone()).await?;
-        applied += n;
-        if n > 0 {
-            continue;
-        }
+        let (error, counts) = match apply_parked(&mut tx, store, rows.clone()).await? {
+            Unparked::Settled {
+                applied: a,
+                refused,
+            } => {
+                applied += a;
+                dead += refused;
+                continue;
+            }
+            Unparked::NotEnrolled => ("the enrollment does not exist yet", true),
+            // Not an attempt: the enrollment exists and was busy; come back soon.
+            Unparked::Conflict => ("the enrollment was being written; retrying", false),
+        };
         for row in rows {
-            let attempts = row.attempts + 1;
-            let give_up = attempts >= MAX_ATTEMPTS || now - row.received_at > MAX_PARKED_AGE;
-            let backoff_secs = 2f64.powi(attempts.min(12)).min(3600.0);
+            let attempts = if counts { row.attempts + 1 } else { row.attempts };
+            let give_up =
+                counts && (attempts >= MAX_ATTEMPTS || now - row.received_at > MAX_PARKED_AGE);
+            let backoff_secs = if counts {
+                2f64.powi(attempts.min(12)).min(3600.0)
+            } else {
+                1.0
+            };
             let jittered = backoff_secs * rand::rng().random_range(0.5..1.0);
             let next = now + chrono::TimeDelta::milliseconds((jittered * 1000.0) as i64);
-            let error = "the enrollment does not exist yet";
             sqlx::query!(
                 "UPDATE webhook_parked SET attempts = $2, next_attempt_at = $3, last_error = $4,
                      dead_lettered_at = CASE WHEN $5 THEN now() ELSE NULL END
@@ -673,14 +882,12 @@ pub async fn retry_due(
             .await?;
             if give_up {
                 dead += 1;
+                gave_up.push(row);
             }
         }
     }
     tx.commit().await?;
-    if dead > 0 {
-        metrics::counter!("webhook_events_total", "outcome" => "dead_lettered")
-            .increment(dead as u64);
-    }
+    count_by_source(&gave_up, |_| true, "dead_lettered");
     Ok((applied, dead))
 }
 
@@ -794,5 +1001,11 @@ mod tests {
         assert!(ok(&good.replace("v1,", "v2,"), &ts, body, now).is_err());
         assert!(ok("", &ts, body, now).is_err());
         assert!(ok(&good, "soon", body, now).is_err());
+        // Far from now in either direction, without wrapping around.
+        for far in [i64::MIN, i64::MIN + 1, i64::MAX] {
+            let ts = far.to_string();
+            let signed = sign(key, "msg_1", &ts, body);
+            assert!(ok(&signed, &ts, body, now).is_err(), "{far}");
+        }
     }
 }

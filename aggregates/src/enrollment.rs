@@ -278,7 +278,28 @@ pub enum EnrollmentError {
     InvalidProviderEventId(String),
 }
 
-pub const MAX_PROVIDER_EVENT_ID_CHARS: usize = 255;
+/// A provider's own event id: at most this many characters.
+pub const MAX_EXTERNAL_EVENT_ID_CHARS: usize = 255;
+/// A webhook source's name: at most this many characters.
+pub const MAX_SOURCE_NAME_CHARS: usize = 63;
+/// The id an enrollment remembers, `{source}:{provider event id}`: room for the longest
+/// source name and the longest provider id, so that every event the webhook layer accepts
+/// is one the enrollment accepts.
+pub const MAX_PROVIDER_EVENT_ID_CHARS: usize =
+    MAX_SOURCE_NAME_CHARS + 1 + MAX_EXTERNAL_EVENT_ID_CHARS;
+
+/// Checks a provider event id as the enrollment will: 1 to `max` characters (not bytes),
+/// no control characters. The webhook layer checks the provider's part with the same rule.
+pub fn check_event_id(id: &str, max: usize) -> Result<(), String> {
+    let length = id.chars().count();
+    if !(1..=max).contains(&length) || id.trim().is_empty() {
+        return Err(format!("must be 1 to {max} characters"));
+    }
+    if id.chars().any(char::is_control) {
+        return Err("must not contain control characters".into());
+    }
+    Ok(())
+}
 
 /// The enrollment's state, rebuilt from its events (and kept in snapshots).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -398,17 +419,8 @@ impl Aggregate for Enrollment {
                 if !self.enrolled {
                     return Err(EnrollmentError::NotEnrolled);
                 }
-                let length = provider_event_id.chars().count();
-                if !(1..=MAX_PROVIDER_EVENT_ID_CHARS).contains(&length) {
-                    return Err(EnrollmentError::InvalidProviderEventId(format!(
-                        "must be 1 to {MAX_PROVIDER_EVENT_ID_CHARS} characters"
-                    )));
-                }
-                if provider_event_id.chars().any(char::is_control) {
-                    return Err(EnrollmentError::InvalidProviderEventId(
-                        "must not contain control characters".into(),
-                    ));
-                }
+                check_event_id(&provider_event_id, MAX_PROVIDER_EVENT_ID_CHARS)
+                    .map_err(EnrollmentError::InvalidProviderEventId)?;
                 (!self.has_seen(&provider_event_id)).then_some(
                     EnrollmentEvent::ProviderEventRecorded {
                         provider_event_id,
@@ -643,7 +655,12 @@ mod tests {
 
     #[test]
     fn an_empty_or_oversized_provider_event_id_is_refused() {
-        for bad in [String::new(), "x".repeat(256), "a\u{0000}b".to_string()] {
+        for bad in [
+            String::new(),
+            " ".into(),
+            "x".repeat(MAX_PROVIDER_EVENT_ID_CHARS + 1),
+            "a\u{0000}b".to_string(),
+        ] {
             let result = Given::with(())
                 .given(vec![enrolled(true)])
                 .when(EnrollmentCommand::RecordProviderEvent {
@@ -657,6 +674,23 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn the_longest_source_and_provider_id_together_are_accepted_counting_characters() {
+        let source = "s".repeat(MAX_SOURCE_NAME_CHARS);
+        // Four bytes a character: 1,020 bytes, yet 255 characters.
+        let id = "\u{1F600}".repeat(MAX_EXTERNAL_EVENT_ID_CHARS);
+        assert!(check_event_id(&id, MAX_EXTERNAL_EVENT_ID_CHARS).is_ok());
+        let state = Given::with(())
+            .given(vec![enrolled(true)])
+            .when(EnrollmentCommand::RecordProviderEvent {
+                provider_event_id: format!("{source}:{id}"),
+                kind: Sent,
+                occurred_at: t(1),
+            })
+            .inspect_result();
+        assert!(state.is_ok(), "{state:?}");
     }
 
     #[test]

@@ -21,7 +21,9 @@ use sqlx::PgConnection;
 use crate::error::ApiError;
 use crate::http::AppState;
 use crate::http::extract::CommandRequest;
-use crate::store::{Appended, Loaded, Position, StoreError};
+use aggregates::campaign::Campaign;
+
+use crate::store::{Appended, Hold, Loaded, Position, StoreError};
 
 /// Bounds of the retry loop on optimistic-concurrency conflicts.
 #[derive(Debug, Clone, Copy)]
@@ -252,6 +254,15 @@ where
         let outcome = async {
             if let Some(response) = replay(&mut tx, request).await? {
                 return Ok(response);
+            }
+            if A::TYPE == Campaign::TYPE {
+                // A campaign's lifecycle decides whether it takes enrollments: hold it
+                // against bulk enrollment, which holds it shared while it decides, so no
+                // enrollment commits after the campaign's completion.
+                state
+                    .store
+                    .hold_stream::<A>(&mut tx, id, Hold::Exclusive)
+                    .await?;
             }
             let mut loaded: Loaded<A> = state.store.load(&mut tx, id).await?;
             if let Some(expected) = request.if_match

@@ -28,7 +28,7 @@ use crate::http::command::{self, Abort, Reply, Retry, Settled};
 use crate::http::extract::{
     ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, json_with_etag,
 };
-use crate::store::{Loaded, Position};
+use crate::store::{Hold, Loaded, Position};
 
 const TAG: &str = "enrollments";
 const READ_MODEL: &str = "enrollments";
@@ -105,6 +105,13 @@ async fn enroll(
             if let Some(response) = command::replay(&mut tx, &request).await? {
                 return Ok(response);
             }
+            // Shared with other enrollments, exclusive against the campaign's lifecycle
+            // commands: a completion waits for this decision to commit, or this one reads
+            // the completion.
+            state
+                .store
+                .hold_stream::<Campaign>(&mut tx, &campaign.to_string(), Hold::Shared)
+                .await?;
             let loaded_campaign: Loaded<Campaign> =
                 state.store.load(&mut tx, &campaign.to_string()).await?;
             if !loaded_campaign.aggregate.created {

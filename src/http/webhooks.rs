@@ -107,6 +107,12 @@ async fn deliver(
         timestamp: header(&headers, "webhook-timestamp")?,
         signatures: header(&headers, "webhook-signature")?,
     };
+    if signed.id.chars().count() > webhooks::MAX_WEBHOOK_ID_CHARS {
+        return Err(ApiError::BadRequest(format!(
+            "webhook-id must be at most {} characters",
+            webhooks::MAX_WEBHOOK_ID_CHARS
+        )));
+    }
     webhooks::authenticate(&state, &source, &signed, &body).await?;
     let value: Value = parse_json(&body).map_err(|e| match e {
         ApiError::Unprocessable { detail, .. } => ApiError::BadRequest(detail),

@@ -415,3 +415,67 @@ async fn an_unsubscribe_is_final_and_counts_and_rates_are_numbers() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn no_enrollment_ever_commits_after_its_campaign_is_completed() {
+    let app = spawn_app().await;
+    let import: Vec<Value> = (0..120)
+        .map(|i| json!({"email": format!("race{i}@example.com")}))
+        .collect();
+    let imported = app.post("/v1/contacts/import", &json!(import)).await;
+    assert_eq!(imported.status().as_u16(), 200);
+    let mut contacts = Vec::new();
+    for i in 0..120 {
+        contacts.push(contact(&app, &format!("race{i}@example.com")).await);
+    }
+    for round in 0..15 {
+        let campaign = app.create_campaign(&format!("race {round}")).await["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        let started = app
+            .post(&format!("/v1/campaigns/{campaign}/start"), &json!({}))
+            .await;
+        assert_eq!(started.status().as_u16(), 200);
+        let mut tasks = Vec::new();
+        for chunk in contacts.chunks(10) {
+            let client = app.client.clone();
+            let url = app.url(&format!("/v1/campaigns/{campaign}/enrollments"));
+            let key = app.write_key.clone();
+            let ids: Vec<String> = chunk.to_vec();
+            tasks.push(tokio::spawn(async move {
+                client
+                    .post(url)
+                    .bearer_auth(key)
+                    .json(&json!({"contact_ids": ids}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }));
+        }
+        // Completion lands in the middle of the enrollments, at a different point each round.
+        tokio::time::sleep(std::time::Duration::from_millis(round * 3)).await;
+        let completed = app
+            .post(&format!("/v1/campaigns/{campaign}/complete"), &json!({}))
+            .await;
+        assert_eq!(completed.status().as_u16(), 200);
+        for task in tasks {
+            let status = task.await.unwrap();
+            assert!(status == 200 || status == 409, "{status}");
+        }
+        // Commit order is the feed's order: (transaction id, position).
+        let late: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events e, events c
+             WHERE e.event_type = 'ContactEnrolled' AND strpos(e.payload::text, $1) > 0
+               AND c.aggregate_id = $1 AND c.event_type = 'CampaignCompleted'
+               AND (e.transaction_id, e.position) > (c.transaction_id, c.position)",
+        )
+        .bind(&campaign)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        assert_eq!(late, 0, "round {round}: enrollments after completion");
+    }
+}

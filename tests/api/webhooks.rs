@@ -10,7 +10,7 @@ use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-use crate::helpers::{TestApp, assert_problem, harness, spawn_app};
+use crate::helpers::{TestApp, assert_problem, harness, spawn_app, spawn_app_with};
 use crate::lifecycle::{data_dir, leadledger, serve};
 
 pub(crate) struct Source {
@@ -793,4 +793,262 @@ async fn a_parked_event_survives_a_restart_and_is_applied_once_the_contact_is_en
     assert!(server.wait().success());
     pool.close().await;
     harness.drop_database(database);
+}
+
+/// A delivery with hand-made headers (to send what no honest provider would).
+async fn deliver_signed_as(
+    app: &TestApp,
+    source: &Source,
+    webhook_id: &str,
+    ts: &str,
+    body: &Value,
+) -> reqwest::Response {
+    let bytes = serde_json::to_vec(body).unwrap();
+    let mut mac = Hmac::<Sha256>::new_from_slice(&source.key).unwrap();
+    mac.update(format!("{webhook_id}.{ts}.").as_bytes());
+    mac.update(&bytes);
+    let signature = format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()));
+    let headers = [
+        ("webhook-id", webhook_id.to_string()),
+        ("webhook-timestamp", ts.to_string()),
+        ("webhook-signature", signature),
+    ];
+    deliver_raw(&app.address, &source.name, &headers, bytes).await
+}
+
+#[tokio::test]
+async fn a_provider_id_of_255_characters_is_applied_and_a_longer_one_is_rejected_alone() {
+    let app = spawn_app().await;
+    let src = source(&app, "esp").await;
+    let (campaign, enrollment) = enrolled(&app, "long@example.com").await;
+    let at = "2026-11-01T09:00:00Z";
+    let email = "long@example.com";
+    let response = deliver(
+        &app.address,
+        &src,
+        "msg_long",
+        &json!([
+            event(&"x".repeat(252), "sent", &campaign, email, at),
+            // 255 characters of four bytes each: the limit counts characters.
+            event(&"\u{1F600}".repeat(255), "delivered", &campaign, email, at),
+            event(&"y".repeat(256), "opened", &campaign, email, at),
+            event("short", "clicked", &campaign, email, at),
+        ]),
+    )
+    .await;
+    assert_eq!(
+        outcomes(&response).await,
+        vec!["applied", "applied", "rejected", "applied"]
+    );
+    assert!(
+        response["results"][2]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("255 characters")
+    );
+    let one: Value = app
+        .read(&format!("/v1/enrollments/{enrollment}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(one["status"], "clicked");
+}
+
+#[tokio::test]
+async fn a_parked_event_its_enrollment_refuses_is_dead_lettered_with_the_reason_not_deleted() {
+    let app = spawn_app().await;
+    let campaign = app.create_campaign("refused").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let contact: Value = app
+        .post("/v1/contacts", &json!({"email": "ref@example.com"}))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let contact_id = uuid::Uuid::parse_str(contact["id"].as_str().unwrap()).unwrap();
+    let campaign_id = uuid::Uuid::parse_str(&campaign).unwrap();
+    let enrollment = aggregates::enrollment::enrollment_id_for(campaign_id, contact_id);
+    // Parked by an earlier version that took ids the enrollment does not: one too long.
+    sqlx::query(
+        "INSERT INTO webhook_parked (id, source, event_id, enrollment_id, campaign_id, kind, occurred_at, next_attempt_at)
+         VALUES ($1, 'old', $2, $3, $4, 'opened', now() - interval '1 hour', now() + interval '1 hour')",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind("z".repeat(400))
+    .bind(enrollment)
+    .bind(campaign_id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let enrolled: Value = app
+        .post(
+            &format!("/v1/campaigns/{campaign}/enrollments"),
+            &json!({"contact_ids": [contact_id]}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let position = enrolled["position"].as_str().unwrap();
+    let letters: Value = app
+        .read(&format!("/v1/webhooks/dead-letters?min_position={position}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let items = letters["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "kept as a dead letter: {letters}");
+    assert!(
+        items[0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("refused"),
+        "{letters}"
+    );
+}
+
+#[tokio::test]
+async fn a_conflict_while_retrying_a_parked_event_costs_no_attempt_and_never_dead_letters_it() {
+    use aggregates::enrollment::{Enrollment, EnrollmentEvent, ProviderEventKind};
+    use leadledger::store::{Loaded, Metadata, Store};
+    let app = spawn_app_with(false).await;
+    let (campaign, enrollment) = enrolled(&app, "busy@example.com").await;
+    let last = leadledger::webhooks::MAX_ATTEMPTS - 1;
+    sqlx::query(
+        "INSERT INTO webhook_parked (id, source, event_id, enrollment_id, campaign_id, kind, occurred_at, next_attempt_at, attempts)
+         VALUES ($1, 'esp', 'p1', $2, $3, 'opened', now() - interval '1 hour', now(), $4)",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind(uuid::Uuid::parse_str(&enrollment).unwrap())
+    .bind(uuid::Uuid::parse_str(&campaign).unwrap())
+    .bind(last)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    // Another writer holds the enrollment's next event, uncommitted, while the retry runs.
+    let store = Store::default();
+    let mut other = app.pool.begin().await.unwrap();
+    let mut loaded: Loaded<Enrollment> = store.load(&mut other, &enrollment).await.unwrap();
+    let event = EnrollmentEvent::ProviderEventRecorded {
+        provider_event_id: "esp:other".into(),
+        kind: ProviderEventKind::Sent,
+        occurred_at: chrono::Utc::now(),
+    };
+    store
+        .append(&mut other, &mut loaded, &[event], &Metadata::default())
+        .await
+        .unwrap();
+    let pool = app.pool.clone();
+    let retry = tokio::spawn(async move {
+        leadledger::webhooks::retry_due(&pool, &Store::default(), 100)
+            .await
+            .unwrap()
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    other.commit().await.unwrap();
+    let (applied, dead) = retry.await.unwrap();
+    assert_eq!((applied, dead), (0, 0));
+    let (attempts, dead_at, error): (i32, Option<chrono::DateTime<chrono::Utc>>, Option<String>) =
+        sqlx::query_as("SELECT attempts, dead_lettered_at, last_error FROM webhook_parked")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(attempts, last, "a conflict is not an attempt");
+    assert!(dead_at.is_none(), "its enrollment exists: never dead-lettered for that");
+    assert!(!error.unwrap_or_default().contains("does not exist"));
+    // The next round applies it.
+    sqlx::query("UPDATE webhook_parked SET next_attempt_at = now()")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let (applied, _) = leadledger::webhooks::retry_due(&app.pool, &Store::default(), 100)
+        .await
+        .unwrap();
+    assert_eq!(applied, 1);
+    assert_eq!(app.count("webhook_parked").await, 0);
+}
+
+#[tokio::test]
+async fn events_for_unknown_campaigns_or_enrollments_or_from_the_future_are_rejected_and_counted() {
+    let app = spawn_app().await;
+    let src = source(&app, "placing").await;
+    let campaign = app.create_campaign("placing").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let unknown = uuid::Uuid::now_v7().to_string();
+    let future = (chrono::Utc::now() + chrono::TimeDelta::minutes(10)).to_rfc3339();
+    let soon = (chrono::Utc::now() + chrono::TimeDelta::minutes(2)).to_rfc3339();
+    let at = "2026-11-01T09:00:00Z";
+    let response = deliver(
+        &app.address,
+        &src,
+        "msg_placing",
+        &json!([
+            event("u1", "sent", &unknown, "who@example.com", at),
+            {"id": "u2", "type": "sent", "enrollment_id": unknown, "occurred_at": at},
+            event("f1", "sent", &campaign, "who@example.com", &future),
+            event("p1", "sent", &campaign, "who@example.com", &soon),
+        ]),
+    )
+    .await;
+    assert_eq!(
+        outcomes(&response).await,
+        vec!["rejected", "rejected", "rejected", "parked"]
+    );
+    let reasons: Vec<&str> = response["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["reason"].as_str())
+        .collect();
+    assert!(reasons[0].contains("campaign"), "{reasons:?}");
+    assert!(reasons[1].contains("enrollment"), "{reasons:?}");
+    assert!(reasons[2].contains("future"), "{reasons:?}");
+    assert_eq!(app.count("webhook_parked").await, 1, "only the placeable one waits");
+    let rejected: i64 =
+        sqlx::query_scalar("SELECT sum(rejected) FROM webhook_deliveries WHERE source = 'placing'")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(rejected, 3);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("webhook_events_total")
+                && l.contains("source=\"placing\"")
+                && l.contains("outcome=\"rejected\"")),
+        "{metrics}"
+    );
+    // A rejected id is not remembered: once its campaign can be found, it applies.
+    let again = deliver(
+        &app.address,
+        &src,
+        "msg_placing_2",
+        &json!(event("f1", "sent", &campaign, "who@example.com", at)),
+    )
+    .await;
+    assert_eq!(outcomes(&again).await, vec!["parked"]);
+}
+
+#[tokio::test]
+async fn an_oversized_webhook_id_is_400_and_a_timestamp_near_the_minimum_is_401() {
+    let app = spawn_app().await;
+    let src = source(&app, "hostile").await;
+    let before = recorded(&app).await;
+    let body = json!({"id": "e", "type": "sent", "enrollment_id": uuid::Uuid::now_v7(), "occurred_at": "2026-11-01T09:00:00Z"});
+    let ts = now().to_string();
+    assert_problem(
+        deliver_signed_as(&app, &src, &"w".repeat(3000), &ts, &body).await,
+        400,
+    )
+    .await;
+    for ts in ["-9223372036854775808", "-9223372036854775807", "9223372036854775807"] {
+        assert_problem(deliver_signed_as(&app, &src, "msg_min", ts, &body).await, 401).await;
+    }
+    assert_eq!(recorded(&app).await, before, "nothing recorded");
 }

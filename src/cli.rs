@@ -684,16 +684,17 @@ async fn run_serve(config: &Config, serve: &ServeConfig) -> anyhow::Result<()> {
     }
     let state = AppState::new(db.pool.clone())
         .with_store(Store::new(config.snapshot_every))
-        .with_secrets(config.secrets()?);
+        .with_secrets(config.secrets()?)
+        .with_limits(serve.limits());
     let workers = crate::workers::start(&state);
     tracing::info!(%addr, "leadledger listening");
     println!("leadledger listening on http://{addr}");
 
-    let result = http::serve(
+    let result = http::serve_with(
         listener,
         http::router(state),
         http::shutdown_signal(),
-        serve.shutdown_grace(),
+        serve.serve_options(),
     )
     .await;
     tracing::info!("HTTP server stopped; stopping background workers");

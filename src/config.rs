@@ -82,10 +82,42 @@ pub struct ServeConfig {
     /// How long in-flight requests may run on after a shutdown signal.
     #[arg(long, env = "LEADLEDGER_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
     pub shutdown_grace_secs: u64,
+
+    /// The longest one request may run before it is answered 503.
+    #[arg(long, env = "LEADLEDGER_REQUEST_TIMEOUT_SECS", default_value_t = 15)]
+    pub request_timeout_secs: u64,
+
+    /// How long a client may take to send a request's headers, and an idle keep-alive
+    /// connection may stay open.
+    #[arg(long, env = "LEADLEDGER_HEADER_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_timeout_secs: u64,
+
+    /// Client connections open at once (0: derived from the descriptor limit).
+    #[arg(long, env = "LEADLEDGER_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: usize,
+
+    /// Requests with bodies over 1 MiB (imports) handled at once; more wait.
+    #[arg(long, env = "LEADLEDGER_LARGE_BODY_CONCURRENCY", default_value_t = 2)]
+    pub large_body_concurrency: usize,
 }
 
 impl ServeConfig {
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_secs(self.shutdown_grace_secs)
+    }
+
+    pub fn limits(&self) -> crate::http::Limits {
+        crate::http::Limits::new(
+            Duration::from_secs(self.request_timeout_secs.max(1)),
+            self.large_body_concurrency,
+        )
+    }
+
+    pub fn serve_options(&self) -> crate::http::ServeOptions {
+        crate::http::ServeOptions {
+            grace: self.shutdown_grace(),
+            header_timeout: Duration::from_secs(self.header_timeout_secs.max(1)),
+            max_connections: (self.max_connections > 0).then_some(self.max_connections),
+        }
     }
 }

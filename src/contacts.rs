@@ -134,6 +134,18 @@ pub async fn id_key(state: &AppState) -> Result<&[u8], sqlx::Error> {
     Ok(key.as_slice())
 }
 
+/// The most characters of a client's value an import report repeats: enough to find the
+/// row, never a whole oversized cell.
+pub const MAX_ECHOED_CHARS: usize = 256;
+
+/// `text` cut to `max` characters, with `…` when it was cut.
+pub fn clip(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_string(),
+    }
+}
+
 /// The id of the contact with this email.
 pub async fn id_for(state: &AppState, email: &ContactEmail) -> Result<Uuid, sqlx::Error> {
     Ok(contact_id_for(id_key(state).await?, email))
@@ -323,7 +335,7 @@ pub async fn import(
                 report.errors.push(RowError {
                     row: row.row,
                     email: None,
-                    message,
+                    message: clip(&message, MAX_ECHOED_CHARS * 2),
                 });
                 continue;
             }
@@ -338,12 +350,15 @@ pub async fn import(
             }),
             Err(errors) => report.errors.push(RowError {
                 row: row.row,
-                email: (!raw_email.is_empty()).then_some(raw_email),
-                message: errors
-                    .iter()
-                    .map(|e| format!("{}: {}", e.field, e.message))
-                    .collect::<Vec<_>>()
-                    .join("; "),
+                email: (!raw_email.is_empty()).then(|| clip(&raw_email, MAX_ECHOED_CHARS)),
+                message: clip(
+                    &errors
+                        .iter()
+                        .map(|e| format!("{}: {}", e.field, e.message))
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                    MAX_ECHOED_CHARS * 2,
+                ),
             }),
         }
     }

@@ -326,8 +326,16 @@ impl EmbeddedPostgres {
     }
 
     fn is_running(&self) -> bool {
-        let Ok(pid_file) = fs::read_to_string(self.pg_dir.join("postmaster.pid")) else {
-            return false;
+        let pid_file = match fs::read_to_string(self.pg_dir.join("postmaster.pid")) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+            // Not knowing is not "down": out of descriptors (EMFILE), this process cannot
+            // open the file, but PostgreSQL is no less alive. Restarting it on that
+            // ground would misreport, and fail for the same reason.
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read postmaster.pid; taking PostgreSQL to be running");
+                return true;
+            }
         };
         let Some(pid) = pid_file
             .lines()

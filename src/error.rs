@@ -52,6 +52,19 @@ pub enum ApiError {
     },
     #[error("database unavailable")]
     Unavailable(String),
+    /// Every pooled connection is busy: the database is up, this process is saturated.
+    #[error("the server is busy")]
+    Busy,
+    /// `?min_position=` was not reached by the read models in time.
+    #[error("the read models have not caught up with min_position yet")]
+    NotCaughtUp,
+    /// The request ran past the server's time limit for one request.
+    #[error("the request took too long")]
+    TimedOut,
+    #[error("{0}")]
+    UriTooLong(String),
+    #[error("{0}")]
+    HeadersTooLarge(String),
     #[error("internal error")]
     Internal(String),
     /// Any of the above with extension members in its problem body (RFC 9457 §3.2), such
@@ -87,7 +100,11 @@ impl ApiError {
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Unavailable(_) | Self::Busy | Self::NotCaughtUp | Self::TimedOut => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Self::UriTooLong(_) => StatusCode::URI_TOO_LONG,
+            Self::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::Extended { inner, .. } => inner.status(),
         }
@@ -106,6 +123,11 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => "unsupported-media-type",
             Self::Unprocessable { .. } => "validation-failed",
             Self::Unavailable(_) => "service-unavailable",
+            Self::Busy => "server-busy",
+            Self::NotCaughtUp => "not-caught-up",
+            Self::TimedOut => "request-timeout",
+            Self::UriTooLong(_) => "uri-too-long",
+            Self::HeadersTooLarge(_) => "headers-too-large",
             Self::Internal(_) => "internal-error",
             Self::Extended { inner, .. } => inner.kind(),
         }
@@ -123,7 +145,11 @@ impl ApiError {
             Self::PayloadTooLarge(_) => "Payload too large",
             Self::UnsupportedMediaType(_) => "Unsupported media type",
             Self::Unprocessable { .. } => "Invalid request",
-            Self::Unavailable(_) => "Service unavailable",
+            Self::Unavailable(_) | Self::Busy | Self::NotCaughtUp | Self::TimedOut => {
+                "Service unavailable"
+            }
+            Self::UriTooLong(_) => "URI too long",
+            Self::HeadersTooLarge(_) => "Request header fields too large",
             Self::Internal(_) => "Internal server error",
             Self::Extended { inner, .. } => inner.title(),
         }
@@ -148,7 +174,10 @@ impl ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        if is_unavailable(&e) {
+        if matches!(e, sqlx::Error::PoolTimedOut) {
+            // The pool is exhausted, not the database down: say so.
+            Self::Busy
+        } else if is_unavailable(&e) {
             Self::Unavailable(e.to_string())
         } else if is_unstorable_text(&e) {
             // Every route refuses NUL characters before it writes; this is the net under
@@ -240,6 +269,12 @@ impl ApiError {
                 tracing::warn!(error = %inner, "database unavailable");
                 "the database is unavailable; retry shortly".to_string()
             }
+            Self::Busy => {
+                tracing::warn!("no database connection free within the acquire timeout");
+                "every database connection of this server is busy; retry shortly".to_string()
+            }
+            Self::NotCaughtUp => "the read models have not caught up with min_position within 5 seconds; retry shortly".to_string(),
+            Self::TimedOut => "the request took longer than this server allows; it was stopped and nothing it had not committed was kept".to_string(),
             Self::Unauthorized(detail) => detail.clone(),
             other => other.to_string(),
         };
@@ -325,5 +360,25 @@ impl From<aggregates::budget::BudgetError> for ApiError {
                 "takes the budget's total out of range",
             )]),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_exhausted_pool_is_told_apart_from_a_database_outage() {
+        let busy = ApiError::from(sqlx::Error::PoolTimedOut).problem();
+        assert_eq!(busy["status"], 503);
+        assert!(busy["type"].as_str().unwrap().ends_with("server-busy"));
+        assert!(!busy["detail"].as_str().unwrap().contains("unavailable"));
+        let down = ApiError::from(sqlx::Error::PoolClosed).problem();
+        assert!(
+            down["type"]
+                .as_str()
+                .unwrap()
+                .ends_with("service-unavailable")
+        );
     }
 }

@@ -72,7 +72,20 @@ pub enum StoreError {
     Deserialize(#[from] serde_json::Error),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// An event larger than [`MAX_EVENT_BYTES`]: refused before anything is written.
+    #[error(
+        "an event of {bytes} bytes is larger than the {MAX_EVENT_BYTES} bytes one event may carry"
+    )]
+    EventTooLarge { bytes: usize },
 }
+
+/// The most one event's payload may carry, as JSON text. Every command on an aggregate
+/// replays the events since its last snapshot, so a bound per event (with snapshots by
+/// size, [`SNAPSHOT_BYTES`]) bounds the work and memory of one command.
+pub const MAX_EVENT_BYTES: usize = 256 * 1024;
+/// A snapshot is also written once the events after the last one add up to this many
+/// bytes, whatever their number: a few large events cost as much to replay as many.
+pub const SNAPSHOT_BYTES: u64 = 512 * 1024;
 
 impl StoreError {
     fn from_insert(e: sqlx::Error) -> Self {
@@ -97,6 +110,8 @@ pub struct Loaded<A> {
     pub aggregate: A,
     pub version: u64,
     pub last_position: Option<Position>,
+    /// Bytes of the events since the last snapshot (replayed by every load).
+    pub unsnapshotted_bytes: u64,
 }
 
 impl<A: Aggregate> AggregateContext<A> for Loaded<A> {
@@ -311,7 +326,13 @@ impl Store {
                 sequences.push((loaded.version + 1 + k as u64) as i64);
                 types.push(e.event_type());
                 versions.push(e.event_version());
-                payloads.push(serde_json::to_value(e)?);
+                let payload = serde_json::to_string(e)?;
+                if payload.len() > MAX_EVENT_BYTES {
+                    return Err(StoreError::EventTooLarge {
+                        bytes: payload.len(),
+                    });
+                }
+                payloads.push(payload);
             }
         }
         let mut positions: HashMap<(String, i64), Position> = HashMap::with_capacity(total);
@@ -320,7 +341,7 @@ impl Store {
             let rows = sqlx::query!(
                 r#"INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
                    SELECT $1, u.aggregate_id, u.sequence, u.event_type, u.event_version, u.payload, $7
-                   FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::text[], $6::jsonb[])
+                   FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[]::jsonb[])
                         AS u(aggregate_id, sequence, event_type, event_version, payload)
                    RETURNING aggregate_id, sequence, position, transaction_id::text AS "transaction_id!""#,
                 A::TYPE,
@@ -342,6 +363,13 @@ impl Store {
             }
         }
         let mut results = Vec::with_capacity(streams.len());
+        let mut sizes = payloads.iter().map(|p| p.len() as u64);
+        let mut bytes_of: HashMap<String, u64> = HashMap::new();
+        for &i in &order {
+            let (loaded, events) = &streams[i];
+            let bytes: u64 = sizes.by_ref().take(events.len()).sum();
+            *bytes_of.entry(loaded.id.clone()).or_default() += bytes;
+        }
         for (loaded, events) in streams.iter_mut() {
             let old_version = loaded.version;
             let mut written = Vec::with_capacity(events.len());
@@ -361,10 +389,13 @@ impl Store {
             if let Some((_, last)) = written.last() {
                 loaded.last_position = Some(*last);
             }
+            loaded.unsnapshotted_bytes += bytes_of.get(&loaded.id).copied().unwrap_or(0);
             if self.snapshot_every > 0
-                && loaded.version / self.snapshot_every > old_version / self.snapshot_every
+                && (loaded.version / self.snapshot_every > old_version / self.snapshot_every
+                    || (!events.is_empty() && loaded.unsnapshotted_bytes >= SNAPSHOT_BYTES))
             {
                 self.write_snapshot(conn, loaded).await?;
+                loaded.unsnapshotted_bytes = 0;
             }
             results.push(Appended {
                 version: loaded.version,
@@ -390,6 +421,7 @@ impl Store {
                         aggregate: A::default(),
                         version: 0,
                         last_position: None,
+                        unsnapshotted_bytes: 0,
                     },
                 )
             })
@@ -431,7 +463,8 @@ impl Store {
             .collect();
         let rows = sqlx::query!(
             r#"SELECT e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, e.metadata,
-                      e.position, e.transaction_id::text AS "transaction_id!"
+                      e.position, e.transaction_id::text AS "transaction_id!",
+                      octet_length(e.payload::text)::bigint AS "bytes!"
                FROM UNNEST($2::text[], $3::bigint[]) AS u(id, after)
                JOIN events e ON e.aggregate_type = $1 AND e.aggregate_id = u.id AND e.sequence > u.after
                ORDER BY e.aggregate_id, e.sequence"#,
@@ -451,6 +484,7 @@ impl Store {
                 row.metadata,
             )?;
             if let Some(l) = loaded.get_mut(&row.aggregate_id) {
+                l.unsnapshotted_bytes += row.bytes as u64;
                 l.aggregate.apply(event);
                 l.version = row.sequence as u64;
                 l.last_position = Some(Position::stored(&row.transaction_id, row.position)?);
@@ -511,6 +545,9 @@ fn aggregate_error<E: std::error::Error>(e: StoreError) -> AggregateError<E> {
         StoreError::Conflict => AggregateError::AggregateConflict,
         StoreError::Deserialize(e) => AggregateError::DeserializationError(Box::new(e)),
         StoreError::Database(e) => AggregateError::DatabaseConnectionError(Box::new(e)),
+        too_large @ StoreError::EventTooLarge { .. } => {
+            AggregateError::UnexpectedError(Box::new(too_large))
+        }
     }
 }
 

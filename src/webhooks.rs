@@ -15,8 +15,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use aggregates::contact::{ContactEmail, contact_id_for};
 use aggregates::campaign::Campaign;
+use aggregates::contact::{ContactEmail, contact_id_for};
 use aggregates::enrollment::{
     Enrollment, EnrollmentCommand, EnrollmentEvent, MAX_EXTERNAL_EVENT_ID_CHARS,
     MAX_SOURCE_NAME_CHARS, ProviderEventKind, check_event_id, enrollment_id_for,
@@ -203,7 +203,12 @@ struct Resolved {
     campaign_id: Option<Uuid>,
 }
 
-fn resolve(index: usize, value: &Value, key: &[u8], now: DateTime<Utc>) -> Result<Resolved, String> {
+fn resolve(
+    index: usize,
+    value: &Value,
+    key: &[u8],
+    now: DateTime<Utc>,
+) -> Result<Resolved, String> {
     let object = value.as_object().ok_or("an event must be a JSON object")?;
     let text = |field: &str| object.get(field).and_then(Value::as_str);
     let event_id = text("id")
@@ -302,7 +307,10 @@ impl Tally {
     fn of(results: &[EventResult]) -> Self {
         let mut tally = Self::default();
         for result in results {
-            if let Some(i) = Outcome::ALL.iter().position(|o| o.as_str() == result.outcome) {
+            if let Some(i) = Outcome::ALL
+                .iter()
+                .position(|o| o.as_str() == result.outcome)
+            {
                 tally.0[i] += 1;
             }
         }
@@ -574,7 +582,9 @@ fn report(source: &str, webhook_id: &str, tally: &Tally, results: &[EventResult]
         }
     }
     for (index, result) in results.iter().enumerate() {
-        if result.outcome == Outcome::Rejected.as_str() || result.outcome == Outcome::Ignored.as_str() {
+        if result.outcome == Outcome::Rejected.as_str()
+            || result.outcome == Outcome::Ignored.as_str()
+        {
             tracing::info!(
                 source,
                 webhook_id,
@@ -731,7 +741,11 @@ async fn apply_parked(
             count = refused.len(),
             "parked webhook events refused by their enrollment were dead-lettered"
         );
-        count_by_source(&rows, |r| refused.iter().any(|(id, _)| *id == r.id), "dead_lettered");
+        count_by_source(
+            &rows,
+            |r| refused.iter().any(|(id, _)| *id == r.id),
+            "dead_lettered",
+        );
     }
     savepoint.commit().await?;
     count_by_source(&rows, |r| done.contains(&r.id), "unparked");
@@ -742,7 +756,11 @@ async fn apply_parked(
 }
 
 /// Counts the parked `rows` that `which` picks in `webhook_events_total{source, outcome}`.
-fn count_by_source(rows: &[ParkedEvent], which: impl Fn(&ParkedEvent) -> bool, outcome: &'static str) {
+fn count_by_source(
+    rows: &[ParkedEvent],
+    which: impl Fn(&ParkedEvent) -> bool,
+    outcome: &'static str,
+) {
     let mut by_source: HashMap<&str, u64> = HashMap::new();
     for row in rows.iter().filter(|r| which(r)) {
         *by_source.entry(&row.source).or_default() += 1;
@@ -858,7 +876,11 @@ pub async fn retry_due(
             Unparked::Conflict => ("the enrollment was being written; retrying", false),
         };
         for row in rows {
-            let attempts = if counts { row.attempts + 1 } else { row.attempts };
+            let attempts = if counts {
+                row.attempts + 1
+            } else {
+                row.attempts
+            };
             let give_up =
                 counts && (attempts >= MAX_ATTEMPTS || now - row.received_at > MAX_PARKED_AGE);
             let backoff_secs = if counts {

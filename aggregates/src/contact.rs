@@ -732,6 +732,10 @@ pub struct Enrichment {
 }
 
 pub const MAX_ENRICHMENT_SOURCES: usize = 50;
+/// The most enrichment data one event carries, as JSON text: every later command on the
+/// contact loads it again until the next snapshot, so it must stay small.
+pub const MAX_ENRICHMENT_BYTES: usize = 64 * 1024;
+
 /// Why enrichment data holding a NUL character is refused.
 pub const NUL_IN_DATA: &str = "must not contain NUL characters (\\u0000) in any key or string";
 pub const MAX_ENRICHMENT_SOURCE_CHARS: usize = 200;

@@ -98,6 +98,7 @@ fn fresh<A: Aggregate>(id: String, version: u64) -> Loaded<A> {
         aggregate: A::default(),
         version,
         last_position: None,
+        unsnapshotted_bytes: 0,
     }
 }
 

@@ -163,7 +163,7 @@ async fn transition(
     make: fn(DateTime<Utc>) -> CampaignCommand,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    request.require_json()?;
+    request.no_fields()?;
     let at = Utc::now();
     command::execute::<Campaign, _, _>(
         &state,

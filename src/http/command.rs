@@ -340,6 +340,9 @@ pub async fn load_existing<A: Aggregate>(
 pub fn store_error(e: StoreError) -> ApiError {
     match e {
         StoreError::Database(e) => e.into(),
+        too_large @ StoreError::EventTooLarge { .. } => {
+            ApiError::PayloadTooLarge(too_large.to_string())
+        }
         other => ApiError::Internal(other.to_string()),
     }
 }

@@ -181,8 +181,10 @@ async fn patch_contact(
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EnrichmentInput {
-    /// A JSON object.
-    data: Value,
+    /// A JSON object of at most 64 KiB; numbers must be ones JSON can hold exactly
+    /// (send longer ones as strings).
+    #[schema(value_type = Object)]
+    data: Box<serde_json::value::RawValue>,
     /// 0..=1
     quality_score: f64,
     /// At most 50 names of up to 200 characters.
@@ -199,10 +201,30 @@ async fn record_enrichment(
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
     let input: EnrichmentInput = request.json()?;
+    let raw = input.data.get();
+    if raw.len() > aggregates::contact::MAX_ENRICHMENT_BYTES {
+        return Err(ApiError::invalid(vec![FieldError::new(
+            "data",
+            format!(
+                "must be at most {} bytes of JSON; it is {}",
+                aggregates::contact::MAX_ENRICHMENT_BYTES,
+                raw.len()
+            ),
+        )]));
+    }
+    if let Some(number) = aggregates::text::inexact_number(raw) {
+        let shown: String = number.chars().take(40).collect();
+        return Err(ApiError::invalid(vec![FieldError::new(
+            "data",
+            format!("the number {shown} cannot be kept exactly; send it as a string"),
+        )]));
+    }
+    let data: Value = serde_json::from_str(raw)
+        .map_err(|e| ApiError::BadRequest(format!("malformed JSON in data: {e}")))?;
     let mut errors = Vec::new();
-    if !input.data.is_object() {
+    if !data.is_object() {
         errors.push(FieldError::new("data", "must be a JSON object"));
-    } else if aggregates::text::json_has_nul(&input.data) {
+    } else if aggregates::text::json_has_nul(&data) {
         errors.push(FieldError::new("data", aggregates::contact::NUL_IN_DATA));
     }
     let score = QualityScore::new(input.quality_score).map_err(field_error);
@@ -221,7 +243,7 @@ async fn record_enrichment(
         &(),
         |_| {
             Ok(ContactCommand::RecordEnrichment {
-                data: input.data.clone(),
+                data: data.clone(),
                 quality_score,
                 sources: input.sources.clone(),
                 at,
@@ -406,7 +428,12 @@ async fn import_contacts(
         ImportOutcome::Done {
             report,
             written: true,
-        } => Ok(axum::Json(report).into_response()),
+        } => {
+            // Rendered from the same value the idempotency record keeps, so a replay is
+            // byte for byte the first answer.
+            let body = serde_json::to_value(&report).unwrap_or_default();
+            Ok(command::Reply::ok(body).into_response())
+        }
         // A problem+json whose extension members are the report.
         ImportOutcome::Done {
             report,

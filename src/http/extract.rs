@@ -112,9 +112,7 @@ impl MinPosition {
         if reached {
             Ok(())
         } else {
-            Err(ApiError::Unavailable(
-                "read models have not reached min_position yet".into(),
-            ))
+            Err(ApiError::NotCaughtUp)
         }
     }
 }
@@ -144,7 +142,27 @@ impl PageQuery {
         };
         let bad = || ApiError::BadRequest("cursor is not one this server returned".into());
         let bytes = URL_SAFE_NO_PAD.decode(raw).map_err(|_| bad())?;
-        serde_json::from_slice(&bytes).map(Some).map_err(|_| bad())
+        let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| bad())?;
+        // Every time this server puts in a cursor is one PostgreSQL can hold; a crafted
+        // one (year -5000) would fail in the database instead of here.
+        if !times_in_range(&value) {
+            return Err(bad());
+        }
+        serde_json::from_value(value).map(Some).map_err(|_| bad())
+    }
+}
+
+/// True unless a string in `value` is an RFC 3339 time outside the years 1 to 9999.
+fn times_in_range(value: &serde_json::Value) -> bool {
+    use chrono::Datelike;
+    match value {
+        serde_json::Value::String(_) => {
+            serde_json::from_value::<chrono::DateTime<chrono::Utc>>(value.clone())
+                .map_or(true, |t| (1..=9999).contains(&t.year()))
+        }
+        serde_json::Value::Array(items) => items.iter().all(times_in_range),
+        serde_json::Value::Object(members) => members.values().all(times_in_range),
+        _ => true,
     }
 }
 
@@ -188,12 +206,27 @@ pub struct CommandRequest {
     pub request_id: Option<String>,
     pub content_type: Option<String>,
     pub body: Bytes,
+    /// Held while a large body is read and handled (see `Limits::large_bodies`).
+    pub large_body: Option<std::sync::Arc<tokio::sync::OwnedSemaphorePermit>>,
 }
 
 impl CommandRequest {
     pub fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
         self.require_json()?;
         parse_json(&self.body)
+    }
+
+    /// For commands that take no fields: no body, or a JSON object with no members
+    /// (`{}`). Malformed JSON is 400 and any member 422, as for every other command.
+    pub fn no_fields(&self) -> Result<(), ApiError> {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct NoFields {}
+        self.require_json()?;
+        if self.body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(());
+        }
+        parse_json::<NoFields>(&self.body).map(|_| ())
     }
 
     /// 415 unless the body is declared JSON (an empty body needs no declaration).
@@ -226,11 +259,28 @@ fn is_json(content_type: &str) -> bool {
             && essence.to_ascii_lowercase().ends_with("+json"))
 }
 
-impl<S: Send + Sync> FromRequest<S> for CommandRequest {
+impl<S> FromRequest<S> for CommandRequest
+where
+    S: Send + Sync,
+    AppState: axum::extract::FromRef<S>,
+{
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
         let (mut parts, body) = request.into_parts();
+        let app = <AppState as axum::extract::FromRef<S>>::from_ref(state);
+        // A body of unknown length may be large too.
+        let declared = parts
+            .headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let large = match declared {
+            Some(n) => n > crate::http::LARGE_BODY_BYTES,
+            None => parts
+                .headers
+                .contains_key(axum::http::header::TRANSFER_ENCODING),
+        };
         let key = ApiKey::from_request_parts(&mut parts, state).await?;
         let idempotency_key = idempotency_key(&parts.headers)?;
         let if_match = if_match(&parts.headers)?;
@@ -250,6 +300,18 @@ impl<S: Send + Sync> FromRequest<S> for CommandRequest {
             .path_and_query()
             .map(|p| p.as_str().to_string())
             .unwrap_or_default();
+        let large_body = if large {
+            let permit = app
+                .limits
+                .large_bodies
+                .clone()
+                .acquire_owned()
+                .await
+                .map_err(|_| ApiError::Busy)?;
+            Some(std::sync::Arc::new(permit))
+        } else {
+            None
+        };
         let request = Request::from_parts(parts, body);
         let body = Bytes::from_request(request, state)
             .await
@@ -268,6 +330,7 @@ impl<S: Send + Sync> FromRequest<S> for CommandRequest {
             request_id,
             content_type,
             body,
+            large_body,
         })
     }
 }

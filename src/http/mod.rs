@@ -9,6 +9,7 @@ pub mod contacts;
 pub mod docs;
 pub mod enrollments;
 pub mod extract;
+pub mod guard;
 pub mod health;
 pub mod metrics;
 pub mod webhooks;
@@ -23,7 +24,6 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -49,6 +49,36 @@ pub struct AppState {
     pub secrets: SecretBox,
     /// The key of contact ids, read once from this state's database.
     pub contact_id_key: std::sync::Arc<tokio::sync::OnceCell<Vec<u8>>>,
+    pub limits: Limits,
+}
+
+/// What one request may take of the process.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// The longest one request may run (503 past it).
+    pub request_timeout: Duration,
+    /// Requests whose body is over [`LARGE_BODY_BYTES`] (imports) take one of these
+    /// permits before reading it, and hold it until answered: a few of them at once
+    /// bound the memory they take; the rest wait (within their time limit).
+    pub large_bodies: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+/// Bodies larger than this count as large (see [`Limits::large_bodies`]).
+pub const LARGE_BODY_BYTES: u64 = 1 << 20;
+
+impl Limits {
+    pub fn new(request_timeout: Duration, large_bodies: usize) -> Self {
+        Self {
+            request_timeout,
+            large_bodies: std::sync::Arc::new(tokio::sync::Semaphore::new(large_bodies.max(1))),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(15), 2)
+    }
 }
 
 impl AppState {
@@ -60,7 +90,13 @@ impl AppState {
             retry: RetryPolicy::default(),
             secrets: SecretBox::ephemeral(),
             contact_id_key: Default::default(),
+            limits: Limits::default(),
         }
+    }
+
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// The configured secret key (the default is a throw-away one, for tests).
@@ -128,8 +164,13 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .route_layer(axum::middleware::from_fn(metrics::label_route))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::deadline,
+        ))
         .layer(
             ServiceBuilder::new()
+                .layer(axum::middleware::from_fn(guard::request_id))
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
                 .layer(
                     TraceLayer::new_for_http().make_span_with(|request: &Request| {
@@ -148,7 +189,8 @@ pub fn router(state: AppState) -> Router {
                     }),
                 )
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID))
-                .layer(axum::middleware::from_fn(metrics::track)),
+                .layer(axum::middleware::from_fn(metrics::track))
+                .layer(axum::middleware::from_fn(guard::limits)),
         )
         .with_state(state)
 }
@@ -161,6 +203,48 @@ async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }
 
+/// How the server treats connections.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// How long requests in flight may run on after the shutdown signal.
+    pub grace: Duration,
+    /// A connection must send a request's headers within this long, and an idle
+    /// keep-alive connection is closed after it: slow or silent clients cannot hold
+    /// connections (or shutdown) for long.
+    pub header_timeout: Duration,
+    /// Connections open at once; more wait in the listen queue. `None`: derived from the
+    /// process's descriptor limit, keeping room for the database pool and files, so that
+    /// clients can never take the descriptors the rest of the process needs.
+    pub max_connections: Option<usize>,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        Self {
+            grace: Duration::from_secs(20),
+            header_timeout: Duration::from_secs(10),
+            max_connections: None,
+        }
+    }
+}
+
+/// Descriptors kept for everything but client connections (pool, files, PostgreSQL's
+/// supervisor, the runner's LISTEN connection).
+const RESERVED_DESCRIPTORS: u64 = 128;
+
+/// Raises the soft descriptor limit to the hard one, and returns the connection cap it
+/// leaves room for.
+pub fn connection_cap() -> usize {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
+    let soft = if hard > soft && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    (soft.saturating_sub(RESERVED_DESCRIPTORS) / 2).clamp(16, 10_000) as usize
+}
+
 /// Serves until `shutdown` resolves, then stops accepting connections and lets requests in
 /// flight finish, for at most `grace`. Background work tied to `workers` is cancelled
 /// only after that, by the caller.
@@ -170,24 +254,86 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
     grace: Duration,
 ) -> std::io::Result<()> {
-    let stopping = CancellationToken::new();
-    let signal = stopping.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!("shutting down: no new connections, finishing requests in flight");
-        signal.cancel();
-    });
-    let deadline = async {
-        stopping.cancelled().await;
-        tokio::time::sleep(grace).await;
+    let options = ServeOptions {
+        grace,
+        ..ServeOptions::default()
     };
+    serve_with(listener, app, shutdown, options).await
+}
+
+/// [`serve`] with every connection setting.
+pub async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    options: ServeOptions,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    use tower::ServiceExt;
+
+    let cap = options.max_connections.unwrap_or_else(connection_cap);
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(cap));
+    // HTTP/1.1 only: protocol detection (HTTP/2 prior knowledge) waits for a client's
+    // first bytes with no time limit, which is exactly what a silent client exploits.
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(options.header_timeout)
+        // Headers past the router's own limit (answered as problem+json) up to this are
+        // still parsed; beyond it the parser answers 431 by itself.
+        .max_buf_size(1 << 20);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut descriptors_warned = false;
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = &mut shutdown => break,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of descriptors (EMFILE/ENFILE) or a connection reset while queued:
+                // say so once, wait a moment, go on. Never a reason to stop serving.
+                let out_of_descriptors = matches!(e.raw_os_error(), Some(23 | 24));
+                if out_of_descriptors && !descriptors_warned {
+                    tracing::warn!(error = %e, "out of file descriptors; new connections wait");
+                    descriptors_warned = true;
+                }
+                tokio::time::sleep(Duration::from_millis(if out_of_descriptors {
+                    50
+                } else {
+                    1
+                }))
+                .await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone().map_request(
+            |r: axum::http::Request<hyper::body::Incoming>| r.map(axum::body::Body::new),
+        ));
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let watched = graceful.watch(connection);
+        tokio::spawn(async move {
+            let _ = watched.await;
+            drop(permit);
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: no new connections, finishing requests in flight");
     tokio::select! {
-        result = server => result,
-        () = deadline => {
-            tracing::warn!(grace_secs = grace.as_secs(), "requests still in flight after the grace period; closing them");
-            Ok(())
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(options.grace) => {
+            tracing::warn!(grace_secs = options.grace.as_secs(), "requests still in flight after the grace period; closing them");
         }
     }
+    Ok(())
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -208,7 +208,7 @@ async fn retry_dead_letter(
     Path(id): Path<String>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
-    request.require_json()?;
+    request.no_fields()?;
     let not_found = || ApiError::NotFound("no dead letter with this id".into());
     let id = Uuid::parse_str(&id).map_err(|_| not_found())?;
     if webhooks::retry_dead_letter(&state.pool, id).await? {

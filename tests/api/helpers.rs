@@ -238,6 +238,22 @@ pub async fn spawn_app() -> TestApp {
 
 /// `with_workers = false` starts no projection runner (tests that run their own).
 pub async fn spawn_app_with(with_workers: bool) -> TestApp {
+    spawn(
+        with_workers,
+        http::ServeOptions {
+            grace: Duration::from_secs(5),
+            ..http::ServeOptions::default()
+        },
+    )
+    .await
+}
+
+/// The app served with these connection settings.
+pub async fn spawn_app_serving(options: http::ServeOptions) -> TestApp {
+    spawn(true, options).await
+}
+
+async fn spawn(with_workers: bool, options: http::ServeOptions) -> TestApp {
     let harness = harness();
     let database = harness.fresh_database().await;
     let pool = db::pool_options(20)
@@ -262,11 +278,11 @@ pub async fn spawn_app_with(with_workers: bool) -> TestApp {
         .await
         .unwrap();
     let stop = shutdown.clone();
-    tokio::spawn(http::serve(
+    tokio::spawn(http::serve_with(
         listener,
         app,
         async move { stop.cancelled().await },
-        Duration::from_secs(5),
+        options,
     ));
     TestApp {
         address,

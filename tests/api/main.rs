@@ -10,6 +10,7 @@ mod faults;
 mod fuzz;
 mod health;
 mod helpers;
+mod hostile;
 mod lifecycle;
 mod openapi;
 mod projections;

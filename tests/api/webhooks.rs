@@ -894,7 +894,9 @@ async fn a_parked_event_its_enrollment_refuses_is_dead_lettered_with_the_reason_
         .unwrap();
     let position = enrolled["position"].as_str().unwrap();
     let letters: Value = app
-        .read(&format!("/v1/webhooks/dead-letters?min_position={position}"))
+        .read(&format!(
+            "/v1/webhooks/dead-letters?min_position={position}"
+        ))
         .await
         .json()
         .await
@@ -902,10 +904,7 @@ async fn a_parked_event_its_enrollment_refuses_is_dead_lettered_with_the_reason_
     let items = letters["items"].as_array().unwrap();
     assert_eq!(items.len(), 1, "kept as a dead letter: {letters}");
     assert!(
-        items[0]["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("refused"),
+        items[0]["last_error"].as_str().unwrap().contains("refused"),
         "{letters}"
     );
 }
@@ -957,7 +956,10 @@ async fn a_conflict_while_retrying_a_parked_event_costs_no_attempt_and_never_dea
             .await
             .unwrap();
     assert_eq!(attempts, last, "a conflict is not an attempt");
-    assert!(dead_at.is_none(), "its enrollment exists: never dead-lettered for that");
+    assert!(
+        dead_at.is_none(),
+        "its enrollment exists: never dead-lettered for that"
+    );
     assert!(!error.unwrap_or_default().contains("does not exist"));
     // The next round applies it.
     sqlx::query("UPDATE webhook_parked SET next_attempt_at = now()")
@@ -1008,7 +1010,11 @@ async fn events_for_unknown_campaigns_or_enrollments_or_from_the_future_are_reje
     assert!(reasons[0].contains("campaign"), "{reasons:?}");
     assert!(reasons[1].contains("enrollment"), "{reasons:?}");
     assert!(reasons[2].contains("future"), "{reasons:?}");
-    assert_eq!(app.count("webhook_parked").await, 1, "only the placeable one waits");
+    assert_eq!(
+        app.count("webhook_parked").await,
+        1,
+        "only the placeable one waits"
+    );
     let rejected: i64 =
         sqlx::query_scalar("SELECT sum(rejected) FROM webhook_deliveries WHERE source = 'placing'")
             .fetch_one(&app.pool)
@@ -1047,8 +1053,16 @@ async fn an_oversized_webhook_id_is_400_and_a_timestamp_near_the_minimum_is_401(
         400,
     )
     .await;
-    for ts in ["-9223372036854775808", "-9223372036854775807", "9223372036854775807"] {
-        assert_problem(deliver_signed_as(&app, &src, "msg_min", ts, &body).await, 401).await;
+    for ts in [
+        "-9223372036854775808",
+        "-9223372036854775807",
+        "9223372036854775807",
+    ] {
+        assert_problem(
+            deliver_signed_as(&app, &src, "msg_min", ts, &body).await,
+            401,
+        )
+        .await;
     }
     assert_eq!(recorded(&app).await, before, "nothing recorded");
 }

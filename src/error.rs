@@ -174,8 +174,9 @@ impl ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        if matches!(e, sqlx::Error::PoolTimedOut) {
-            // The pool is exhausted, not the database down: say so.
+        if matches!(e, sqlx::Error::PoolTimedOut) || is_out_of_descriptors(&e) {
+            // The pool is exhausted, or this process out of descriptors for a new
+            // connection: the database is not down, and the answer must not say it is.
             Self::Busy
         } else if is_unavailable(&e) {
             Self::Unavailable(e.to_string())
@@ -193,6 +194,11 @@ impl From<sqlx::Error> for ApiError {
 /// database cannot store, which only a NUL character can cause in UTF-8.
 fn is_unstorable_text(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("22021" | "22P05")))
+}
+
+/// EMFILE / ENFILE: this process (or the system) has no descriptor for a new connection.
+pub fn is_out_of_descriptors(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Io(io) if matches!(io.raw_os_error(), Some(23 | 24)))
 }
 
 /// Errors that mean "the database cannot be reached now", as opposed to a defect.
@@ -373,6 +379,9 @@ mod tests {
         assert_eq!(busy["status"], 503);
         assert!(busy["type"].as_str().unwrap().ends_with("server-busy"));
         assert!(!busy["detail"].as_str().unwrap().contains("unavailable"));
+        let emfile = std::io::Error::from_raw_os_error(24);
+        let no_fd = ApiError::from(sqlx::Error::Io(emfile)).problem();
+        assert!(no_fd["type"].as_str().unwrap().ends_with("server-busy"));
         let down = ApiError::from(sqlx::Error::PoolClosed).problem();
         assert!(
             down["type"]

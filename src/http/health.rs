@@ -38,6 +38,14 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
         Ok(Err(e)) if is_missing_table(&e) => {
             (StatusCode::SERVICE_UNAVAILABLE, "migrations pending")
         }
+        Ok(Err(e)) if crate::error::is_out_of_descriptors(&e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this process is out of file descriptors",
+        ),
+        Ok(Err(sqlx::Error::PoolTimedOut)) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "every database connection is busy",
+        ),
         Ok(Err(_)) => (StatusCode::SERVICE_UNAVAILABLE, "database unavailable"),
         Err(_) => (
             StatusCode::SERVICE_UNAVAILABLE,

@@ -1,5 +1,6 @@
 //! Command execution for HTTP routes: load, handle, commit — with optimistic-concurrency
-//! retries, `If-Match`, and `Idempotency-Key` handled as API.md says.
+//! retries, `If-Match` (RFC 9110) and `Idempotency-Key` (scoped to the API key, recorded with
+//! the events it guards; see the README's "Using the API").
 //!
 //! One attempt is one transaction: take the idempotency key's lock (a transaction-scoped
 //! advisory lock: a second request with the key while the first runs gets 409), replay a
@@ -254,13 +255,21 @@ where
                 return Ok(response);
             }
             let mut loaded: Loaded<A> = state.store.load(&mut tx, id).await?;
-            if let Some(expected) = request.if_match
-                && expected != loaded.version
+            if let Some(expected) = &request.if_match
+                && !expected.matches(loaded.version)
             {
-                return Err(ApiError::PreconditionFailed(format!(
-                    "If-Match is \"{expected}\" but the resource is at version \"{}\"",
-                    loaded.version
-                ))
+                return Err(ApiError::PreconditionFailed(if loaded.version == 0 {
+                    format!(
+                        "If-Match is {} but the resource does not exist",
+                        expected.describe()
+                    )
+                } else {
+                    format!(
+                        "If-Match is {} but the resource is at version \"{}\"",
+                        expected.describe(),
+                        loaded.version
+                    )
+                })
                 .into());
             }
             let existed_before = loaded.version > 0;

@@ -307,7 +307,8 @@ async fn webhooks_command(
 ) -> anyhow::Result<()> {
     match command {
         WebhooksCommand::AddSource { name } => {
-            let secret = crate::webhooks::add_source(&db.pool, &config.secrets()?, &name)
+            let mut conn = db.pool.acquire().await?;
+            let secret = crate::webhooks::add_source(&mut conn, &config.secrets()?, &name)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("created webhook source {name}; deliver to /webhooks/{name}, signed with:");
@@ -483,7 +484,7 @@ async fn analytics_command(db: &Database, command: AnalyticsCommand) -> anyhow::
             group_by,
             format,
         } => {
-            catch_up(db, &["costs"]).await?;
+            catch_up(db, &analytics::COSTS_READ_MODELS).await?;
             let mut conn = db.pool.acquire().await?;
             let params = CostsParams { days, group_by };
             let report =

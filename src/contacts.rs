@@ -172,8 +172,18 @@ pub struct ImportReport {
     pub unchanged: usize,
     pub failed: usize,
     pub errors: Vec<RowError>,
+    /// The contact each created or updated row wrote, by row (unchanged and failed rows
+    /// are not listed).
+    pub contacts: Vec<ImportedContact>,
     /// Read-your-writes token of the import's last event (null when it wrote none).
     pub position: Option<String>,
+}
+
+/// A row that created or updated a contact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct ImportedContact {
+    pub row: usize,
+    pub contact_id: Uuid,
 }
 
 /// The rows of a JSON array of contact objects. A body that is not an array is 400; an
@@ -373,7 +383,8 @@ pub async fn import(
             let mut events: HashMap<String, Vec<ContactEvent>> = HashMap::new();
             // Per valid row: its contact, and the index of its event in that contact's new
             // events (none: the row changed nothing).
-            let mut row_event: Vec<(String, Option<usize>)> = Vec::with_capacity(planned.len());
+            let mut row_event: Vec<(usize, String, Option<usize>)> =
+                Vec::with_capacity(planned.len());
             let mut row_errors = Vec::new();
             for p in &planned {
                 let contact = loaded.get_mut(&p.id).expect("loaded every id");
@@ -389,7 +400,7 @@ pub async fn import(
                         let stream = events.entry(p.id.clone()).or_default();
                         let index = (!new.is_empty()).then_some(stream.len());
                         stream.extend(new);
-                        row_event.push((p.id.clone(), index));
+                        row_event.push((p.row, p.id.clone(), index));
                     }
                     Err(e) => row_errors.push(RowError {
                         row: p.row,
@@ -423,7 +434,7 @@ pub async fn import(
             let written: HashMap<&String, &crate::store::Appended> =
                 ids_written.into_iter().zip(appended.iter()).collect();
             let mut last: Option<Position> = None;
-            for (id, index) in &row_event {
+            for (row, id, index) in &row_event {
                 let Some(index) = index else {
                     report.unchanged += 1;
                     continue;
@@ -440,6 +451,12 @@ pub async fn import(
                     report.created += 1;
                 } else {
                     report.updated += 1;
+                }
+                if let Ok(contact_id) = Uuid::parse_str(id) {
+                    report.contacts.push(ImportedContact {
+                        row: *row,
+                        contact_id,
+                    });
                 }
             }
             report.position = last.map(|p| p.to_string());

@@ -349,6 +349,33 @@ pub async fn replay(
     conn: &mut PgConnection,
     request: &CommandRequest,
 ) -> Result<Option<Response>, ApiError> {
+    Ok(replay_record(conn, request)
+        .await?
+        .map(|recorded| recorded.into_response()))
+}
+
+/// A response recorded for an idempotency key, as stored.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl IntoResponse for Recorded {
+    fn into_response(mut self) -> Response {
+        self.headers
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+        (self.status, self.headers, self.body).into_response()
+    }
+}
+
+/// [`replay`], leaving the recorded response as stored (for a route that recorded a
+/// sealed form of it and must open it before answering).
+pub async fn replay_record(
+    conn: &mut PgConnection,
+    request: &CommandRequest,
+) -> Result<Option<Recorded>, ApiError> {
     let Some(key) = &request.idempotency_key else {
         return Ok(None);
     };
@@ -395,10 +422,11 @@ pub async fn replay(
             }
         }
     }
-    headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
-    Ok(Some(
-        (status, headers, record.response_body).into_response(),
-    ))
+    Ok(Some(Recorded {
+        status,
+        headers,
+        body: record.response_body,
+    }))
 }
 
 /// Records `reply` for the request's idempotency key, in the caller's transaction (no-op

@@ -11,6 +11,7 @@ mod fuzz;
 mod health;
 mod helpers;
 mod lifecycle;
+mod lists;
 mod openapi;
 mod projections;
 mod rebuild;

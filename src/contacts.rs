@@ -189,6 +189,12 @@ pub struct ImportedContact {
 /// The rows of a JSON array of contact objects. A body that is not an array is 400; an
 /// element that is not a valid contact object is a row error.
 pub fn rows_from_json(body: &[u8]) -> Result<Vec<ImportRow>, ApiError> {
+    rows_from_json_up_to(body, MAX_IMPORT_ROWS)
+}
+
+/// [`rows_from_json`] with another row limit (the command line imports any number, in
+/// batches).
+pub fn rows_from_json_up_to(body: &[u8], max_rows: usize) -> Result<Vec<ImportRow>, ApiError> {
     let values: Vec<serde_json::Value> =
         crate::http::extract::parse_json(body).map_err(|e| match e {
             ApiError::Unprocessable { .. } => {
@@ -196,7 +202,7 @@ pub fn rows_from_json(body: &[u8]) -> Result<Vec<ImportRow>, ApiError> {
             }
             other => other,
         })?;
-    check_row_count(values.len())?;
+    check_row_count(values.len(), max_rows)?;
     Ok(values
         .into_iter()
         .enumerate()
@@ -211,6 +217,11 @@ pub fn rows_from_json(body: &[u8]) -> Result<Vec<ImportRow>, ApiError> {
 /// columns fill `custom`). Quoted fields, embedded commas and newlines, a UTF-8 BOM and
 /// CRLF line ends are all read; an empty cell leaves its field out.
 pub fn rows_from_csv(body: &[u8]) -> Result<Vec<ImportRow>, ApiError> {
+    rows_from_csv_up_to(body, MAX_IMPORT_ROWS)
+}
+
+/// [`rows_from_csv`] with another row limit.
+pub fn rows_from_csv_up_to(body: &[u8], max_rows: usize) -> Result<Vec<ImportRow>, ApiError> {
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
@@ -248,7 +259,7 @@ pub fn rows_from_csv(body: &[u8]) -> Result<Vec<ImportRow>, ApiError> {
     }
     let mut rows = Vec::new();
     for (i, record) in reader.records().enumerate() {
-        check_row_count(i + 1)?;
+        check_row_count(i + 1, max_rows)?;
         let input = record
             .map_err(|e| format!("unreadable CSV row: {e}"))
             .map(|record| {
@@ -283,10 +294,10 @@ pub fn rows_from_csv(body: &[u8]) -> Result<Vec<ImportRow>, ApiError> {
     Ok(rows)
 }
 
-fn check_row_count(n: usize) -> Result<(), ApiError> {
-    if n > MAX_IMPORT_ROWS {
+fn check_row_count(n: usize, max_rows: usize) -> Result<(), ApiError> {
+    if n > max_rows {
         Err(ApiError::PayloadTooLarge(format!(
-            "an import takes at most {MAX_IMPORT_ROWS} rows"
+            "an import takes at most {max_rows} rows"
         )))
     } else {
         Ok(())

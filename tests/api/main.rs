@@ -3,6 +3,7 @@
 mod analytics;
 mod auth;
 mod budgets;
+mod cli;
 mod commands;
 mod contacts;
 mod enrollments;

@@ -38,7 +38,7 @@ use crate::store::{Loaded, Metadata};
 
 const TAG: &str = "budgets";
 
-/// Hold length when a reservation names none (API.md: `ttl_seconds` default 3600).
+/// Hold length when a reservation names none (`ttl_seconds` defaults to 3600).
 pub const DEFAULT_TTL_SECONDS: i64 = 3600;
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -258,7 +258,7 @@ fn required<T>(value: Option<T>, field: &str, what: &str) -> Result<T, ApiError>
 /// The body as `T`, as `CommandRequest::json` reads it, with one difference: the bare
 /// `NaN`, `Infinity` and `-Infinity` that JavaScript and Python encoders write for
 /// non-finite floats are not JSON, but in these bodies they are an amount that is not a
-/// number, which API.md answers with 422. Each is quoted and the body read again, so
+/// number, which the API answers with 422. Each is quoted and the body read again, so
 /// that the field's own check names it; any other malformed body stays a 400.
 fn parse_body<T: DeserializeOwned>(request: &CommandRequest) -> Result<T, ApiError> {
     match request.json::<T>() {

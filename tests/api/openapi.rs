@@ -237,3 +237,65 @@ async fn the_docs_page_teaches_every_body_with_an_example_and_the_webhook_format
         }
     }
 }
+
+#[tokio::test]
+async fn the_repository_refers_to_no_file_it_does_not_contain() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut texts = vec![root.join("README.md")];
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for entry in entries {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                walk(&path, out);
+            } else if matches!(
+                path.extension().and_then(|e| e.to_str()),
+                Some("rs" | "md" | "toml" | "sql")
+            ) {
+                out.push(path);
+            }
+        }
+    }
+    for dir in [
+        "src",
+        "aggregates",
+        "projections",
+        "bench",
+        "docs",
+        "migrations",
+        "tests",
+        "scripts",
+    ] {
+        walk(&root.join(dir), &mut texts);
+    }
+    let mut missing = Vec::new();
+    for file in &texts {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        for word in text.split(|c: char| !(c.is_ascii_alphanumeric() || "_-./".contains(c))) {
+            let word = word.trim_end_matches('.');
+            if !word.ends_with(".md") || word.len() <= ".md".len() || word.starts_with("http") {
+                continue;
+            }
+            let found = root.join(word).exists()
+                || file.parent().is_some_and(|p| p.join(word).exists())
+                || root.join("docs").join(word).exists();
+            if !found {
+                missing.push(format!(
+                    "{}: {word}",
+                    file.strip_prefix(root).unwrap().display()
+                ));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "references to files not here: {missing:#?}"
+    );
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(
+        readme.contains("cargo install --path ."),
+        "the README says how to put leadledger on the PATH"
+    );
+}

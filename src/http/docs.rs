@@ -83,6 +83,14 @@ fn markdown(text: &str) -> String {
     html
 }
 
+/// [`markdown`] inside a table cell or a line: no paragraph margins.
+fn inline(text: &str) -> String {
+    markdown(text)
+        .replace("</p><p>", " ")
+        .replace("<p>", "")
+        .replace("</p>", "")
+}
+
 /// The anchor of an operation: `post-v1-contacts` for `POST /v1/contacts`.
 fn anchor(method: &str, path: &str) -> String {
     let mut out = method.to_string();
@@ -192,7 +200,7 @@ fn operation(html: &mut String, path: &str, method: &str, op: &Value, components
                     ""
                 },
                 escape(&type_name(&p["schema"])),
-                markdown(p["description"].as_str().unwrap_or("")),
+                inline(p["description"].as_str().unwrap_or("")),
             );
         }
         html.push_str("</table>");
@@ -211,9 +219,7 @@ fn operation(html: &mut String, path: &str, method: &str, op: &Value, components
                 html,
                 "<div><span class=\"st\">{}</span> {}</div>",
                 escape(status),
-                markdown(response["description"].as_str().unwrap_or(""))
-                    .trim_start_matches("<p>")
-                    .trim_end_matches("</p>")
+                inline(response["description"].as_str().unwrap_or(""))
             );
             // Error bodies share one shape: shown once per route, briefly.
             if status.starts_with('2') {
@@ -271,6 +277,12 @@ fn fields(html: &mut String, schema: &Value, components: &Value, depth: usize) {
         return;
     }
     let schema = resolve(schema, components);
+    if let Some(parts) = schema["allOf"].as_array() {
+        for part in parts {
+            fields(html, part, components, depth);
+        }
+        return;
+    }
     if let Some(alternatives) = schema["oneOf"].as_array() {
         for alternative in alternatives {
             let _ = write!(
@@ -297,7 +309,7 @@ fn fields(html: &mut String, schema: &Value, components: &Value, depth: usize) {
         .as_array()
         .map(|r| r.iter().filter_map(Value::as_str).collect())
         .unwrap_or_default();
-    html.push_str("<table><tr><th>field</th><th>type</th><th></th><th></th></tr>");
+    html.push_str("<table><tr><th>field</th><th>type</th><th></th><th>meaning</th></tr>");
     for (name, property) in properties {
         let _ = write!(
             html,
@@ -309,7 +321,7 @@ fn fields(html: &mut String, schema: &Value, components: &Value, depth: usize) {
             } else {
                 "optional"
             },
-            markdown(
+            inline(
                 property["description"]
                     .as_str()
                     .or_else(|| resolve(property, components)["description"].as_str())
@@ -317,8 +329,8 @@ fn fields(html: &mut String, schema: &Value, components: &Value, depth: usize) {
             ),
         );
         let inner = resolve(property, components);
-        if depth < 2 && (inner.get("properties").is_some() || inner["items"].get("$ref").is_some())
-        {
+        let items = resolve(&inner["items"], components);
+        if depth < 2 && (inner.get("properties").is_some() || items.get("properties").is_some()) {
             fields(html, property, components, depth + 1);
         }
         html.push_str("</td></tr>");
@@ -330,6 +342,14 @@ fn fields(html: &mut String, schema: &Value, components: &Value, depth: usize) {
 fn type_name(schema: &Value) -> String {
     if let Some(r) = schema.get("$ref").and_then(Value::as_str) {
         return r.rsplit('/').next().unwrap_or_default().to_string();
+    }
+    if let Some(parts) = schema["allOf"].as_array() {
+        return parts
+            .iter()
+            .map(type_name)
+            .filter(|t| !t.is_empty() && t != "object")
+            .collect::<Vec<_>>()
+            .join(" + ");
     }
     for key in ["oneOf", "anyOf"] {
         if let Some(alternatives) = schema[key].as_array() {

@@ -138,6 +138,26 @@ fn complete_operation(path: &str, method: &str, op: &mut Value, components: &Val
             }}
         });
     }
+    if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {
+        for p in params {
+            let missing = p
+                .get("description")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty);
+            let text = match p["name"].as_str().unwrap_or_default() {
+                "Idempotency-Key" => {
+                    "1 to 255 visible ASCII characters: a retry with the same key and request gets the first answer again (`Idempotent-Replayed: true`) and has no second effect; the same key with another request is 422"
+                }
+                "If-Match" => {
+                    "`\"<version>\"` (the ETag), a list of them, or `*` (the resource exists): otherwise 412 and nothing written"
+                }
+                _ => "",
+            };
+            if missing && !text.is_empty() {
+                p["description"] = json!(text);
+            }
+        }
+    }
     if let Some(body) = op
         .get_mut("requestBody")
         .and_then(|b| b.get_mut("content"))
@@ -305,7 +325,16 @@ pub fn example_of(schema: &Value, components: &Value, field: &str, depth: usize)
         let name = reference.rsplit('/').next().unwrap_or_default();
         return example_of(&components[name], components, field, depth + 1);
     }
-    for combinator in ["oneOf", "anyOf", "allOf"] {
+    if let Some(parts) = schema.get("allOf").and_then(Value::as_array) {
+        let mut merged = Map::new();
+        for part in parts {
+            if let Value::Object(fields) = example_of(part, components, field, depth + 1) {
+                merged.extend(fields);
+            }
+        }
+        return Value::Object(merged);
+    }
+    for combinator in ["oneOf", "anyOf"] {
         if let Some(first) =
             schema
                 .get(combinator)

@@ -21,6 +21,10 @@ use crate::telemetry;
 pub struct Cli {
     #[command(flatten)]
     pub config: Config,
+    /// More log lines on stderr: `-v` info, `-vv` debug (`serve` logs info anyway;
+    /// `RUST_LOG`, when set, decides instead).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -179,16 +183,30 @@ pub enum DbCommand {
     Url,
 }
 
-/// Entry point of the binary.
-pub fn main() -> anyhow::Result<()> {
+/// Entry point of the binary. An error is printed as its chain of causes on one line
+/// (`error: opening the database: …`), never with a backtrace: the errors a user meets
+/// (a name taken, a file missing) are messages, not crashes.
+pub fn main() -> std::process::ExitCode {
     let _ = dotenvy::dotenv();
     let cli = Cli::parse();
-    telemetry::init(cli.config.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    let verbosity = match (&cli.command, cli.verbose) {
+        (_, 2..) => telemetry::Verbosity::Debug,
+        (Command::Serve(_), _) | (_, 1) => telemetry::Verbosity::Info,
+        _ => telemetry::Verbosity::Quiet,
+    };
+    telemetry::init_with(cli.config.log_format, verbosity);
+    let result = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
-    runtime.block_on(run(cli))
+        .context("starting the async runtime")
+        .and_then(|runtime| runtime.block_on(run(cli)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -253,7 +271,13 @@ where
         .await
         .context("opening the database")?;
     let result = match db.migrate().await.context("applying migrations") {
-        Ok(()) => f(&db).await,
+        Ok(()) => {
+            tracing::info!(
+                latest = crate::db::latest_migration(),
+                "database open, migrations applied"
+            );
+            f(&db).await
+        }
         Err(e) => Err(e),
     };
     db.close().await?;
@@ -307,7 +331,8 @@ async fn webhooks_command(
 ) -> anyhow::Result<()> {
     match command {
         WebhooksCommand::AddSource { name } => {
-            let secret = crate::webhooks::add_source(&db.pool, &config.secrets()?, &name)
+            let mut conn = db.pool.acquire().await?;
+            let secret = crate::webhooks::add_source(&mut conn, &config.secrets()?, &name)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("created webhook source {name}; deliver to /webhooks/{name}, signed with:");
@@ -341,13 +366,18 @@ async fn webhooks_command(
     Ok(())
 }
 
+/// `contacts import`: a file of any size, written in batches of
+/// [`MAX_IMPORT_ROWS`](crate::contacts::MAX_IMPORT_ROWS) rows, each batch its own
+/// transaction (as one `POST /v1/contacts/import` is), under one progress bar, with one
+/// report summing them. `--mode atomic` is one transaction, so it takes one batch at most
+/// and refuses a larger file before writing anything.
 async fn import_contacts(
     db: &Database,
     config: &Config,
     file: &std::path::Path,
     mode: crate::contacts::ImportMode,
 ) -> anyhow::Result<()> {
-    use crate::contacts::{self, ImportOutcome};
+    use crate::contacts::{self, ImportMode, ImportOutcome, ImportReport, MAX_IMPORT_ROWS};
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let is_json = match file.extension().and_then(|e| e.to_str()) {
         Some(e) if e.eq_ignore_ascii_case("json") => true,
@@ -355,11 +385,20 @@ async fn import_contacts(
         _ => bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'['),
     };
     let parsed = if is_json {
-        contacts::rows_from_json(&bytes)
+        contacts::rows_from_json_up_to(&bytes, usize::MAX)
     } else {
-        contacts::rows_from_csv(&bytes)
+        contacts::rows_from_csv_up_to(&bytes, usize::MAX)
     };
     let rows = parsed.map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    if mode == ImportMode::Atomic && rows.len() > MAX_IMPORT_ROWS {
+        anyhow::bail!(
+            "{}: {} rows, but an atomic import is one transaction of at most {MAX_IMPORT_ROWS} \
+             rows; nothing was written (split the file, or use --mode partial, which writes \
+             batches of {MAX_IMPORT_ROWS})",
+            file.display(),
+            rows.len()
+        );
+    }
     let bar = indicatif::ProgressBar::new(rows.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
@@ -367,28 +406,60 @@ async fn import_contacts(
         )?
         .progress_chars("=> "),
     );
-    bar.set_message("validating");
+    bar.set_message("importing");
     let state = AppState::new(db.pool.clone())
         .with_store(Store::new(config.snapshot_every))
         .with_secrets(config.secrets()?);
-    let metadata = crate::store::Metadata {
-        actor: Some("cli".into()),
-        causation_id: Some(format!("import:{}", file.display())),
-        ..Default::default()
-    };
-    let progress = |done: usize| {
-        bar.set_position(done as u64);
-        if done as u64 == bar.length().unwrap_or(0) {
-            bar.set_message("writing");
+    let mut total = ImportReport::default();
+    let mut rows = rows.into_iter().peekable();
+    let mut done_before = 0usize;
+    while rows.peek().is_some() {
+        let batch: Vec<_> = rows.by_ref().take(MAX_IMPORT_ROWS).collect();
+        let size = batch.len();
+        let metadata = crate::store::Metadata {
+            actor: Some("cli".into()),
+            causation_id: Some(format!("import:{}", file.display())),
+            ..Default::default()
+        };
+        let progress = |done: usize| bar.set_position((done_before + done) as u64);
+        let outcome = contacts::import(&state, batch, mode, None, metadata, &progress)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "import failed after {} rows were written: {e}",
+                    total.created + total.updated + total.unchanged
+                )
+            })?;
+        let ImportOutcome::Done { report, written } = outcome else {
+            anyhow::bail!("unexpected replay without an idempotency key");
+        };
+        total.received += report.received;
+        total.created += report.created;
+        total.updated += report.updated;
+        total.unchanged += report.unchanged;
+        total.failed += report.failed;
+        total.errors.extend(report.errors);
+        total.contacts.extend(report.contacts);
+        total.position = report.position.or(total.position);
+        done_before += size;
+        if !written {
+            bar.finish_and_clear();
+            print_import_report(&total);
+            anyhow::bail!(
+                "atomic import: {} invalid rows, nothing was written",
+                total.failed
+            );
         }
-    };
-    let outcome = contacts::import(&state, rows, mode, None, metadata, &progress)
-        .await
-        .map_err(|e| anyhow::anyhow!("import failed: {e}"))?;
+    }
     bar.finish_and_clear();
-    let ImportOutcome::Done { report, written } = outcome else {
-        anyhow::bail!("unexpected replay without an idempotency key");
-    };
+    print_import_report(&total);
+    if let Some(p) = &total.position {
+        println!("position {p}");
+    }
+    Ok(())
+}
+
+fn print_import_report(report: &crate::contacts::ImportReport) {
     println!(
         "received {}  created {}  updated {}  unchanged {}  failed {}",
         report.received, report.created, report.updated, report.unchanged, report.failed
@@ -401,16 +472,6 @@ async fn import_contacts(
             e.message
         );
     }
-    if !written {
-        anyhow::bail!(
-            "atomic import: {} invalid rows, nothing was written",
-            report.failed
-        );
-    }
-    if let Some(p) = &report.position {
-        println!("position {p}");
-    }
-    Ok(())
 }
 
 async fn projections_command(db: &Database, command: ProjectionsCommand) -> anyhow::Result<()> {
@@ -483,7 +544,7 @@ async fn analytics_command(db: &Database, command: AnalyticsCommand) -> anyhow::
             group_by,
             format,
         } => {
-            catch_up(db, &["costs"]).await?;
+            catch_up(db, &analytics::COSTS_READ_MODELS).await?;
             let mut conn = db.pool.acquire().await?;
             let params = CostsParams { days, group_by };
             let report =

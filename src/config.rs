@@ -13,6 +13,8 @@ pub enum LogFormat {
 }
 
 /// Settings every command shares. Each has an environment variable; the flag wins.
+/// `--help` names the variables without their values (`[env: NAME]`): clap would show an
+/// unset one as `NAME=`, as if it were set to nothing, and a set one may hold a secret.
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// PostgreSQL to use. Unset: leadledger runs its own in the data directory.
@@ -23,6 +25,7 @@ pub struct Config {
     #[arg(
         long,
         env = "LEADLEDGER_DATA_DIR",
+        hide_env_values = true,
         default_value = ".leadledger",
         global = true
     )]
@@ -32,6 +35,7 @@ pub struct Config {
     #[arg(
         long,
         env = "LEADLEDGER_LOG_FORMAT",
+        hide_env_values = true,
         value_enum,
         default_value = "pretty",
         global = true
@@ -42,6 +46,7 @@ pub struct Config {
     #[arg(
         long,
         env = "LEADLEDGER_DB_POOL_SIZE",
+        hide_env_values = true,
         default_value_t = 20,
         global = true
     )]
@@ -51,6 +56,7 @@ pub struct Config {
     #[arg(
         long,
         env = "LEADLEDGER_SNAPSHOT_EVERY",
+        hide_env_values = true,
         default_value_t = crate::store::DEFAULT_SNAPSHOT_EVERY,
         global = true
     )]
@@ -76,11 +82,21 @@ impl Config {
 #[derive(Debug, Clone, Args)]
 pub struct ServeConfig {
     /// Address to listen on; port 0 picks a free one.
-    #[arg(long, env = "LEADLEDGER_ADDR", default_value = "127.0.0.1:8080")]
+    #[arg(
+        long,
+        env = "LEADLEDGER_ADDR",
+        hide_env_values = true,
+        default_value = "127.0.0.1:8080"
+    )]
     pub addr: SocketAddr,
 
     /// How long in-flight requests may run on after a shutdown signal.
-    #[arg(long, env = "LEADLEDGER_SHUTDOWN_GRACE_SECS", default_value_t = 20)]
+    #[arg(
+        long,
+        env = "LEADLEDGER_SHUTDOWN_GRACE_SECS",
+        hide_env_values = true,
+        default_value_t = 20
+    )]
     pub shutdown_grace_secs: u64,
 
     /// The longest one request may run before it is answered 503.

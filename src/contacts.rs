@@ -184,13 +184,29 @@ pub struct ImportReport {
     pub unchanged: usize,
     pub failed: usize,
     pub errors: Vec<RowError>,
+    /// The contact each created or updated row wrote, by row (unchanged and failed rows
+    /// are not listed).
+    pub contacts: Vec<ImportedContact>,
     /// Read-your-writes token of the import's last event (null when it wrote none).
     pub position: Option<String>,
+}
+
+/// A row that created or updated a contact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct ImportedContact {
+    pub row: usize,
+    pub contact_id: Uuid,
 }
 
 /// The rows of a JSON array of contact objects. A body that is not an array is 400; an
 /// element that is not a valid contact object is a row error.
 pub fn rows_from_json(body: &[u8]) -> Result<Vec<ImportRow>, ApiError> {
+    rows_from_json_up_to(body, MAX_IMPORT_ROWS)
+}
+
+/// [`rows_from_json`] with another row limit (the command line imports any number, in
+/// batches).
+pub fn rows_from_json_up_to(body: &[u8], max_rows: usize) -> Result<Vec<ImportRow>, ApiError> {
     let values: Vec<serde_json::Value> =
         crate::http::extract::parse_json(body).map_err(|e| match e {
             ApiError::Unprocessable { .. } => {
@@ -198,7 +214,7 @@ pub fn rows_from_json(body: &[u8]) -> Result<Vec<ImportRow>, ApiError> {
             }
             other => other,
         })?;
-    check_row_count(values.len())?;
+    check_row_count(values.len(), max_rows)?;
     Ok(values
         .into_iter()
         .enumerate()
@@ -213,6 +229,11 @@ pub fn rows_from_json(body: &[u8]) -> Result<Vec<ImportRow>, ApiError> {
 /// columns fill `custom`). Quoted fields, embedded commas and newlines, a UTF-8 BOM and
 /// CRLF line ends are all read; an empty cell leaves its field out.
 pub fn rows_from_csv(body: &[u8]) -> Result<Vec<ImportRow>, ApiError> {
+    rows_from_csv_up_to(body, MAX_IMPORT_ROWS)
+}
+
+/// [`rows_from_csv`] with another row limit.
+pub fn rows_from_csv_up_to(body: &[u8], max_rows: usize) -> Result<Vec<ImportRow>, ApiError> {
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
@@ -250,7 +271,7 @@ pub fn rows_from_csv(body: &[u8]) -> Result<Vec<ImportRow>, ApiError> {
     }
     let mut rows = Vec::new();
     for (i, record) in reader.records().enumerate() {
-        check_row_count(i + 1)?;
+        check_row_count(i + 1, max_rows)?;
         let input = record
             .map_err(|e| format!("unreadable CSV row: {e}"))
             .map(|record| {
@@ -285,10 +306,10 @@ pub fn rows_from_csv(body: &[u8]) -> Result<Vec<ImportRow>, ApiError> {
     Ok(rows)
 }
 
-fn check_row_count(n: usize) -> Result<(), ApiError> {
-    if n > MAX_IMPORT_ROWS {
+fn check_row_count(n: usize, max_rows: usize) -> Result<(), ApiError> {
+    if n > max_rows {
         Err(ApiError::PayloadTooLarge(format!(
-            "an import takes at most {MAX_IMPORT_ROWS} rows"
+            "an import takes at most {max_rows} rows"
         )))
     } else {
         Ok(())
@@ -388,7 +409,8 @@ pub async fn import(
             let mut events: HashMap<String, Vec<ContactEvent>> = HashMap::new();
             // Per valid row: its contact, and the index of its event in that contact's new
             // events (none: the row changed nothing).
-            let mut row_event: Vec<(String, Option<usize>)> = Vec::with_capacity(planned.len());
+            let mut row_event: Vec<(usize, String, Option<usize>)> =
+                Vec::with_capacity(planned.len());
             let mut row_errors = Vec::new();
             for p in &planned {
                 let contact = loaded.get_mut(&p.id).expect("loaded every id");
@@ -404,7 +426,7 @@ pub async fn import(
                         let stream = events.entry(p.id.clone()).or_default();
                         let index = (!new.is_empty()).then_some(stream.len());
                         stream.extend(new);
-                        row_event.push((p.id.clone(), index));
+                        row_event.push((p.row, p.id.clone(), index));
                     }
                     Err(e) => row_errors.push(RowError {
                         row: p.row,
@@ -438,7 +460,7 @@ pub async fn import(
             let written: HashMap<&String, &crate::store::Appended> =
                 ids_written.into_iter().zip(appended.iter()).collect();
             let mut last: Option<Position> = None;
-            for (id, index) in &row_event {
+            for (row, id, index) in &row_event {
                 let Some(index) = index else {
                     report.unchanged += 1;
                     continue;
@@ -455,6 +477,12 @@ pub async fn import(
                     report.created += 1;
                 } else {
                     report.updated += 1;
+                }
+                if let Ok(contact_id) = Uuid::parse_str(id) {
+                    report.contacts.push(ImportedContact {
+                        row: *row,
+                        contact_id,
+                    });
                 }
             }
             report.position = last.map(|p| p.to_string());

@@ -1,5 +1,5 @@
 //! The one place where errors become HTTP answers: `application/problem+json` (RFC 9457)
-//! with the status table of API.md. Server-side details are logged, never sent.
+//! with the status table of the README ("Errors"). Server-side details are logged, never sent.
 
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};

@@ -1,5 +1,5 @@
 //! The `leadledger` binary: everything lives in the library; see `leadledger::cli`.
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     leadledger::cli::main()
 }

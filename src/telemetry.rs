@@ -1,4 +1,7 @@
-//! Logging: `tracing` to stderr, pretty or JSON, filtered by `RUST_LOG`.
+//! Logging: `tracing` to stderr, pretty or JSON, filtered by `RUST_LOG`, else by the
+//! command: `serve` logs `info` (its lines are the service's record), every other command
+//! only warnings and errors unless `-v` (info) or `-vv` (debug) asks for more. Colour codes
+//! only when stderr is a terminal, so scripts and log files get plain text.
 //!
 //! Log lines carry routes, ids and counts; never emails, names, phone numbers, API keys or
 //! webhook secrets.
@@ -9,13 +12,45 @@ use tracing_subscriber::prelude::*;
 
 use crate::config::LogFormat;
 
+/// How much a command logs when `RUST_LOG` does not say.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verbosity {
+    /// `serve`, and `-v` on other commands.
+    Info,
+    /// Other commands by default: warnings and errors only.
+    Quiet,
+    /// `-vv`.
+    Debug,
+}
+
+impl Verbosity {
+    fn filter(self) -> &'static str {
+        match self {
+            Self::Quiet => "warn",
+            Self::Info => "info,sqlx=warn,tower_http=warn",
+            Self::Debug => "debug,sqlx=info,tower_http=debug,hyper=info,h2=info",
+        }
+    }
+}
+
 pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,tower_http=warn"));
+    init_with(format, Verbosity::Info);
+}
+
+pub fn init_with(format: LogFormat, verbosity: Verbosity) {
+    use std::io::IsTerminal;
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(verbosity.filter()));
+    let ansi = std::io::stderr().is_terminal();
     let registry = tracing_subscriber::registry().with(filter);
     let result = match format {
         LogFormat::Pretty => registry
-            .with(fmt::layer().with_writer(std::io::stderr).with_target(false))
+            .with(
+                fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_target(false)
+                    .with_ansi(ansi),
+            )
             .try_init(),
         LogFormat::Json => registry
             .with(

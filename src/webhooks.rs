@@ -64,18 +64,27 @@ fn is_source_name(name: &str) -> bool {
         && name.as_bytes()[0].is_ascii_alphanumeric()
 }
 
-/// Creates a source; returns its secret (`whsec_<base64>`), which is not shown again.
+/// Refuses a name no source may have (422).
+pub fn check_source_name(name: &str) -> Result<(), ApiError> {
+    if is_source_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(vec![FieldError::new(
+            "name",
+            "must be 1 to 63 characters of a-z, 0-9, _ and -, starting with a letter or digit",
+        )]))
+    }
+}
+
+/// Creates a source on `conn` (the caller's transaction, when the creation is recorded
+/// for an idempotency key); returns its secret (`whsec_<base64>`), which is not shown
+/// again.
 pub async fn add_source(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     secrets: &SecretBox,
     name: &str,
 ) -> Result<String, ApiError> {
-    if !is_source_name(name) {
-        return Err(ApiError::invalid(vec![FieldError::new(
-            "name",
-            "must be 1 to 63 characters of a-z, 0-9, _ and -, starting with a letter or digit",
-        )]));
-    }
+    check_source_name(name)?;
     let mut key = [0u8; 32];
     rand::rng().fill_bytes(&mut key);
     let secret = format!("{SECRET_PREFIX}{}", STANDARD.encode(key));
@@ -87,7 +96,7 @@ pub async fn add_source(
         nonce,
         sealed
     )
-    .execute(pool)
+    .execute(&mut *conn)
     .await?;
     if inserted.rows_affected() == 0 {
         return Err(ApiError::conflict(
@@ -96,6 +105,76 @@ pub async fn add_source(
         ));
     }
     Ok(secret)
+}
+
+/// A source as listed: never its secret.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SourceSummary {
+    pub name: String,
+    /// How deliveries are authenticated: `standard` (Standard Webhooks v1).
+    pub kind: String,
+    pub created_at: DateTime<Utc>,
+    /// When the last delivery was accepted; null before the first.
+    pub last_delivery_at: Option<DateTime<Utc>>,
+    /// Events by outcome over every delivery accepted (a repeated delivery counts once).
+    pub counts: OutcomeCounts,
+}
+
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct OutcomeCounts {
+    pub applied: i64,
+    pub duplicate: i64,
+    pub parked: i64,
+    pub rejected: i64,
+    /// Events of a type that carries no milestone.
+    pub ignored: i64,
+}
+
+/// Sources by name, after `after`. The counts are sums of the per-outcome counts each
+/// delivery records with itself (one row per accepted `webhook-id`), read by an index on
+/// the source.
+pub async fn list_sources(
+    pool: &PgPool,
+    after: Option<String>,
+    limit: i64,
+) -> Result<Vec<SourceSummary>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"SELECT s.name, s.created_at, d.last_delivery_at,
+                  coalesce(d.applied, 0) AS "applied!", coalesce(d.duplicate, 0) AS "duplicate!",
+                  coalesce(d.parked, 0) AS "parked!", coalesce(d.rejected, 0) AS "rejected!",
+                  coalesce(d.ignored, 0) AS "ignored!"
+           FROM webhook_sources s
+           LEFT JOIN LATERAL (
+               SELECT max(w.created_at) AS last_delivery_at,
+                      sum(w.applied)::bigint AS applied, sum(w.duplicate)::bigint AS duplicate,
+                      sum(w.parked)::bigint AS parked, sum(w.rejected)::bigint AS rejected,
+                      sum(w.ignored)::bigint AS ignored
+               FROM webhook_deliveries w WHERE w.source = s.name
+           ) d ON true
+           WHERE $1::text IS NULL OR s.name > $1
+           ORDER BY s.name
+           LIMIT $2"#,
+        after,
+        limit
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| SourceSummary {
+            name: r.name,
+            kind: "standard".into(),
+            created_at: r.created_at,
+            last_delivery_at: r.last_delivery_at,
+            counts: OutcomeCounts {
+                applied: r.applied,
+                duplicate: r.duplicate,
+                parked: r.parked,
+                rejected: r.rejected,
+                ignored: r.ignored,
+            },
+        })
+        .collect())
 }
 
 /// The HMAC key of a source, or `None` for an unknown source.
@@ -957,14 +1036,14 @@ pub async fn list_parked(
 }
 
 /// Puts a dead letter back in the queue, due now. False when there is no such dead letter.
-pub async fn retry_dead_letter(pool: &PgPool, id: Uuid) -> Result<bool, sqlx::Error> {
+pub async fn retry_dead_letter(conn: &mut PgConnection, id: Uuid) -> Result<bool, sqlx::Error> {
     let done = sqlx::query!(
         "UPDATE webhook_parked SET dead_lettered_at = NULL, attempts = 0, next_attempt_at = now(),
              received_at = now(), last_error = NULL
          WHERE id = $1 AND dead_lettered_at IS NOT NULL",
         id
     )
-    .execute(pool)
+    .execute(conn)
     .await?;
     Ok(done.rows_affected() == 1)
 }

@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use crate::http::AppState;
 use crate::http::command::purge_idempotency_records;
 
-/// Idempotency records are kept at least this long (API.md: at least 24 hours).
+/// Idempotency records are kept at least this long (the contract: at least 24 hours).
 pub const IDEMPOTENCY_RETENTION: Duration = Duration::from_secs(25 * 3600);
 
 pub struct Workers {

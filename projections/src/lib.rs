@@ -6,6 +6,7 @@
 //! same tables as the live run.
 
 pub mod budget_holds;
+pub mod budgets;
 pub mod campaigns;
 pub mod contacts;
 pub mod costs;
@@ -77,6 +78,7 @@ pub fn all() -> Vec<Arc<dyn Projection>> {
         Arc::new(enrollments::EnrollmentsProjection),
         Arc::new(costs::CostsProjection),
         Arc::new(budget_holds::BudgetHoldsProjection),
+        Arc::new(budgets::BudgetsProjection),
     ]
 }
 

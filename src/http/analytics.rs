@@ -24,6 +24,9 @@ use crate::http::extract::{ApiQuery, MinPosition};
 
 const TAG: &str = "analytics";
 const COSTS_READ_MODEL: &str = "costs";
+/// The read models behind the cost report (budget names come from `budgets`).
+pub const COSTS_READ_MODELS: [&str; 2] =
+    [COSTS_READ_MODEL, crate::http::budgets::BUDGETS_READ_MODEL];
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -98,6 +101,9 @@ pub struct CostItem {
     pub category: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub budget_id: Option<Uuid>,
+    /// The budget's name, beside `budget_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
     /// Exact decimal string.
     pub cost: String,
     pub input_tokens: i64,
@@ -113,6 +119,7 @@ impl CostItem {
             model: (group_by == GroupBy::Model).then_some(row.model),
             category: row.category,
             budget_id: row.budget_id,
+            name: None,
             // Written like every other amount (at least two decimals); a sum of amounts
             // that each fit Money fits it too, and the fallback only guards that.
             cost: aggregates::money::Money::from_decimal(row.cost)
@@ -158,14 +165,50 @@ pub async fn cost_report(
 ) -> Result<CostReport, sqlx::Error> {
     let from = today - chrono::Days::new(u64::from(params.days) - 1);
     let rows = costs::report(conn, from, today, params.group_by).await?;
+    let mut items: Vec<CostItem> = rows
+        .into_iter()
+        .map(|row| CostItem::new(row, params.group_by))
+        .collect();
+    match params.group_by {
+        // Every day of the window, as the campaign timeseries lists them: a day without
+        // costs is a line of zeros, not a gap.
+        GroupBy::Day => {
+            let mut by_day: std::collections::HashMap<NaiveDate, CostItem> = items
+                .into_iter()
+                .filter_map(|i| Some((i.day?, i)))
+                .collect();
+            items = from
+                .iter_days()
+                .take_while(|d| *d <= today)
+                .map(|day| {
+                    by_day.remove(&day).unwrap_or(CostItem {
+                        day: Some(day),
+                        model: None,
+                        category: None,
+                        budget_id: None,
+                        name: None,
+                        cost: money_text(sqlx::types::Decimal::ZERO),
+                        input_tokens: 0,
+                        output_tokens: 0,
+                        requests: 0,
+                    })
+                })
+                .collect();
+        }
+        GroupBy::Budget => {
+            let ids: Vec<Uuid> = items.iter().filter_map(|i| i.budget_id).collect();
+            let names = projections::budgets::names(conn, &ids).await?;
+            for item in &mut items {
+                item.name = item.budget_id.and_then(|id| names.get(&id).cloned());
+            }
+        }
+        _ => {}
+    }
     Ok(CostReport {
         from,
         to: today,
         group_by: params.group_by.as_str().to_string(),
-        items: rows
-            .into_iter()
-            .map(|row| CostItem::new(row, params.group_by))
-            .collect(),
+        items,
     })
 }
 
@@ -184,8 +227,9 @@ impl CostReport {
         let keys: Vec<String> = self
             .items
             .iter()
-            .map(|i| match &i.model {
-                Some(None) => "(none)".to_string(),
+            .map(|i| match (&i.model, &i.name) {
+                (Some(None), _) => "(none)".to_string(),
+                (_, Some(name)) => format!("{}  {name}", i.key()),
                 _ => i.key(),
             })
             .collect();
@@ -225,15 +269,23 @@ impl CostReport {
         out
     }
 
-    /// RFC 4180 CSV with a header row; a model-less line has an empty model.
+    /// RFC 4180 CSV with a header row; a model-less line has an empty model. By budget,
+    /// the budget's name is a column of its own after its id.
     pub fn to_csv(&self) -> String {
+        let by_budget = self.group_by == "budget";
         let mut out = format!(
-            "{},cost,input_tokens,output_tokens,requests\r\n",
-            self.key_header()
+            "{}{},cost,input_tokens,output_tokens,requests\r\n",
+            self.key_header(),
+            if by_budget { ",name" } else { "" }
         );
         for item in &self.items {
+            let name = if by_budget {
+                format!(",{}", csv_field(item.name.as_deref().unwrap_or("")))
+            } else {
+                String::new()
+            };
             out.push_str(&format!(
-                "{},{},{},{},{}\r\n",
+                "{}{name},{},{},{},{}\r\n",
                 csv_field(&item.key()),
                 item.cost,
                 item.input_tokens,
@@ -285,7 +337,7 @@ async fn cost_analytics(
 ) -> Result<Response, ApiError> {
     let params = CostsParams::parse(query.days.as_deref(), query.group_by.as_deref())?;
     let _ = &query.min_position;
-    min_position.wait(&state, &[COSTS_READ_MODEL]).await?;
+    min_position.wait(&state, &COSTS_READ_MODELS).await?;
     let mut conn = state.pool.acquire().await?;
     let report = cost_report(&mut conn, params, Utc::now().date_naive()).await?;
     Ok(axum::Json(report).into_response())
@@ -656,10 +708,80 @@ impl Dashboard {
             .collect()
     }
 
+    /// RFC 4180 CSV, one figure a row, everything in columns of its own: `metric,value`
+    /// for the totals; `from,to` for this month's spend; `rank` and the campaign's
+    /// `campaign_id,name,status,delivered,replied,reply_rate` for each top campaign.
     pub fn to_csv(&self) -> String {
-        let mut out = "metric,value\r\n".to_string();
-        for (k, v) in self.lines() {
-            out.push_str(&format!("{},{}\r\n", csv_field(&k), csv_field(&v)));
+        const COLUMNS: [&str; 11] = [
+            "metric",
+            "value",
+            "from",
+            "to",
+            "rank",
+            "campaign_id",
+            "name",
+            "status",
+            "delivered",
+            "replied",
+            "reply_rate",
+        ];
+        let mut out = COLUMNS.join(",") + "\r\n";
+        let mut row = |cells: [String; 11]| {
+            let cells: Vec<String> = cells.iter().map(|c| csv_field(c)).collect();
+            out.push_str(&cells.join(","));
+            out.push_str("\r\n");
+        };
+        let s = &self.spend_this_month;
+        for (metric, value) in self.lines() {
+            if metric.starts_with("spend_this_month") || metric.starts_with("top_campaigns") {
+                continue;
+            }
+            row([
+                metric,
+                value,
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        for (metric, value) in [
+            ("spend_this_month", s.cost.clone()),
+            ("spend_this_month.requests", s.requests.to_string()),
+        ] {
+            row([
+                metric.into(),
+                value,
+                s.from.to_string(),
+                s.to.to_string(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        for (i, c) in self.top_campaigns.iter().enumerate() {
+            row([
+                "top_campaign".into(),
+                c.reply_rate.to_string(),
+                String::new(),
+                String::new(),
+                (i + 1).to_string(),
+                c.campaign_id.to_string(),
+                c.name.clone(),
+                c.status.clone(),
+                c.delivered.to_string(),
+                c.replied.to_string(),
+                c.reply_rate.to_string(),
+            ]);
         }
         out
     }

@@ -15,7 +15,7 @@ use aggregates::budget::{
 use aggregates::money::{Limit, Money, PositiveAmount};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use cqrs_es::event_sink::EventSink;
@@ -31,17 +31,19 @@ use uuid::Uuid;
 use crate::error::{ApiError, FieldError};
 use crate::http::AppState;
 use crate::http::command::{self, Abort, Reply, Retry, Settled, Written};
-use crate::http::extract::{CommandRequest, MinPosition, json_with_etag, parse_json};
+use crate::http::extract::{
+    ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, json_with_etag, parse_json,
+};
 use crate::store::{Loaded, Metadata};
 
 const TAG: &str = "budgets";
 
-/// Hold length when a reservation names none (API.md: `ttl_seconds` default 3600).
+/// Hold length when a reservation names none (`ttl_seconds` defaults to 3600).
 pub const DEFAULT_TTL_SECONDS: i64 = 3600;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(create_budget))
+        .routes(routes!(create_budget, list_budgets))
         .routes(routes!(get_budget, set_limit))
         .routes(routes!(spend))
         .routes(routes!(reserve))
@@ -256,7 +258,7 @@ fn required<T>(value: Option<T>, field: &str, what: &str) -> Result<T, ApiError>
 /// The body as `T`, as `CommandRequest::json` reads it, with one difference: the bare
 /// `NaN`, `Infinity` and `-Infinity` that JavaScript and Python encoders write for
 /// non-finite floats are not JSON, but in these bodies they are an amount that is not a
-/// number, which API.md answers with 422. Each is quoted and the body read again, so
+/// number, which the API answers with 422. Each is quoted and the body read again, so
 /// that the field's own check names it; any other malformed body stays a 400.
 fn parse_body<T: DeserializeOwned>(request: &CommandRequest) -> Result<T, ApiError> {
     match request.json::<T>() {
@@ -374,6 +376,66 @@ async fn create_budget(
         },
     )
     .await
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListBudgets {
+    /// 1..=500, default 50.
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Wait until the list includes this write.
+    min_position: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BudgetPage {
+    items: Vec<BudgetBody>,
+    /// The next page's cursor; null on the last page.
+    next_cursor: Option<String>,
+}
+
+/// The read model that lists budgets.
+pub const BUDGETS_READ_MODEL: &str = "budgets";
+
+/// Every budget, oldest first, each as `GET /v1/budgets/{id}` shows it (read from its
+/// stream; the list itself from the read model `budgets`, so it takes `min_position`).
+#[utoipa::path(get, path = "/v1/budgets", tag = TAG, params(ListBudgets),
+    responses((status = 200, body = BudgetPage), (status = 400, description = "limit or cursor invalid"),
+        (status = 503, description = "min_position not reached in 5 s")))]
+async fn list_budgets(
+    State(state): State<AppState>,
+    ApiQuery(query): ApiQuery<ListBudgets>,
+    min_position: MinPosition,
+) -> Result<Response, ApiError> {
+    let _ = &query.min_position;
+    let page = PageQuery {
+        limit: query.limit,
+        cursor: query.cursor,
+    };
+    let limit = page.limit()?;
+    let after: Option<i64> = page.cursor()?;
+    min_position.wait(&state, &[BUDGETS_READ_MODEL]).await?;
+    let mut conn = state.pool.acquire().await?;
+    let mut rows = projections::budgets::page(&mut conn, after, limit + 1).await?;
+    let next_cursor = cut_page(&mut rows, limit, |r| r.position);
+    let ids: Vec<String> = rows.iter().map(|r| r.id.to_string()).collect();
+    let loaded: std::collections::HashMap<String, Loaded<Budget>> = state
+        .store
+        .load_many(&mut conn, &ids)
+        .await
+        .map_err(command::store_error)?;
+    let now = Utc::now();
+    let items = rows
+        .iter()
+        .filter_map(|r| {
+            let l = loaded.get(&r.id.to_string())?;
+            Some(budget_body(r.id, l, now))
+        })
+        .collect();
+    Ok(axum::Json(BudgetPage { items, next_cursor }).into_response())
 }
 
 /// A budget, from its event stream: spent and reserved as of now.

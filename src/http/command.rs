@@ -1,5 +1,6 @@
 //! Command execution for HTTP routes: load, handle, commit — with optimistic-concurrency
-//! retries, `If-Match`, and `Idempotency-Key` handled as API.md says.
+//! retries, `If-Match` (RFC 9110) and `Idempotency-Key` (scoped to the API key, recorded with
+//! the events it guards; see the README's "Using the API").
 //!
 //! One attempt is one transaction: take the idempotency key's lock (a transaction-scoped
 //! advisory lock: a second request with the key while the first runs gets 409), replay a
@@ -265,13 +266,21 @@ where
                     .await?;
             }
             let mut loaded: Loaded<A> = state.store.load(&mut tx, id).await?;
-            if let Some(expected) = request.if_match
-                && expected != loaded.version
+            if let Some(expected) = &request.if_match
+                && !expected.matches(loaded.version)
             {
-                return Err(ApiError::PreconditionFailed(format!(
-                    "If-Match is \"{expected}\" but the resource is at version \"{}\"",
-                    loaded.version
-                ))
+                return Err(ApiError::PreconditionFailed(if loaded.version == 0 {
+                    format!(
+                        "If-Match is {} but the resource does not exist",
+                        expected.describe()
+                    )
+                } else {
+                    format!(
+                        "If-Match is {} but the resource is at version \"{}\"",
+                        expected.describe(),
+                        loaded.version
+                    )
+                })
                 .into());
             }
             let existed_before = loaded.version > 0;
@@ -354,6 +363,33 @@ pub async fn replay(
     conn: &mut PgConnection,
     request: &CommandRequest,
 ) -> Result<Option<Response>, ApiError> {
+    Ok(replay_record(conn, request)
+        .await?
+        .map(|recorded| recorded.into_response()))
+}
+
+/// A response recorded for an idempotency key, as stored.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+impl IntoResponse for Recorded {
+    fn into_response(mut self) -> Response {
+        self.headers
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+        (self.status, self.headers, self.body).into_response()
+    }
+}
+
+/// [`replay`], leaving the recorded response as stored (for a route that recorded a
+/// sealed form of it and must open it before answering).
+pub async fn replay_record(
+    conn: &mut PgConnection,
+    request: &CommandRequest,
+) -> Result<Option<Recorded>, ApiError> {
     let Some(key) = &request.idempotency_key else {
         return Ok(None);
     };
@@ -400,10 +436,11 @@ pub async fn replay(
             }
         }
     }
-    headers.insert("idempotent-replayed", HeaderValue::from_static("true"));
-    Ok(Some(
-        (status, headers, record.response_body).into_response(),
-    ))
+    Ok(Some(Recorded {
+        status,
+        headers,
+        body: record.response_body,
+    }))
 }
 
 /// Records `reply` for the request's idempotency key, in the caller's transaction (no-op

@@ -60,6 +60,28 @@ pub struct ContactBody {
     version: u64,
 }
 
+/// What a write on a contact answers: the contact, and the write's position.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // describes the JSON `reply` builds
+pub struct ContactWritten {
+    #[serde(flatten)]
+    contact: ContactBody,
+    /// Read-your-writes token of the write: pass it as `?min_position=`.
+    position: String,
+}
+
+/// What `POST /v1/contacts` answers: the contact, whether it was new, and the position.
+#[derive(Debug, ToSchema)]
+#[allow(dead_code)] // describes the JSON `upsert_contact` builds
+pub struct ContactUpserted {
+    #[serde(flatten)]
+    contact: ContactBody,
+    /// true: a new contact (201); false: the email was known, given fields overwritten (200).
+    created: bool,
+    /// Read-your-writes token of the write: pass it as `?min_position=`.
+    position: String,
+}
+
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct EnrichmentBody {
     data: Value,
@@ -114,7 +136,7 @@ fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
 /// Create a contact, or update the one with this email (201 `created: true` / 200 `created: false`).
 #[utoipa::path(post, path = "/v1/contacts", tag = TAG, request_body = ContactInput,
     params(("Idempotency-Key" = Option<String>, Header)),
-    responses((status = 201, body = ContactBody, description = "Created"), (status = 200, body = ContactBody, description = "Existed; given fields overwritten"), (status = 422)))]
+    responses((status = 201, body = ContactUpserted, description = "Created"), (status = 200, body = ContactUpserted, description = "Existed; given fields overwritten"), (status = 422)))]
 async fn upsert_contact(
     State(state): State<AppState>,
     request: CommandRequest,
@@ -152,7 +174,7 @@ async fn upsert_contact(
 /// Change a contact's fields (not its email). Honours `If-Match`.
 #[utoipa::path(patch, path = "/v1/contacts/{id}", tag = TAG, request_body = FieldsInput,
     params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header)),
-    responses((status = 200, body = ContactBody), (status = 404), (status = 412), (status = 422)))]
+    responses((status = 200, body = ContactWritten), (status = 404), (status = 412), (status = 422)))]
 async fn patch_contact(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -193,7 +215,7 @@ pub struct EnrichmentInput {
 
 /// Record a contact's enrichment (replaces the previous one).
 #[utoipa::path(post, path = "/v1/contacts/{id}/enrichment", tag = TAG, request_body = EnrichmentInput,
-    params(("id" = Uuid, Path)), responses((status = 200, body = ContactBody), (status = 404), (status = 422)))]
+    params(("id" = Uuid, Path)), responses((status = 200, body = ContactWritten), (status = 404), (status = 422)))]
 async fn record_enrichment(
     State(state): State<AppState>,
     Path(id): Path<String>,

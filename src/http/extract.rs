@@ -1,4 +1,4 @@
-//! Request parsing shared by every route, with API.md's status codes: malformed JSON,
+//! Request parsing shared by every route, with the API's status codes (README, "Errors"): malformed JSON,
 //! query parameters and headers are 400; well-formed JSON with invalid values is 422 with
 //! the failing field's path in `errors[]`; a wrong content type is 415.
 
@@ -201,7 +201,7 @@ pub fn json_with_etag<T: serde::Serialize>(body: &T, version: u64) -> axum::resp
 pub struct CommandRequest {
     pub key: ApiKey,
     pub idempotency_key: Option<String>,
-    pub if_match: Option<u64>,
+    pub if_match: Option<IfMatch>,
     pub request_hash: Vec<u8>,
     pub request_id: Option<String>,
     pub content_type: Option<String>,
@@ -359,8 +359,42 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
 }
 
-/// `If-Match: "<version>"` (a weak `W/` prefix and a bare number are accepted too).
-fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
+/// `If-Match` (RFC 9110 §13.1.1): `*`, or a list of entity tags compared strongly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IfMatch {
+    /// `*`: true when the resource exists.
+    Any,
+    /// The versions of the strong tags listed (weak tags never match, so are left out).
+    Versions(Vec<u64>),
+}
+
+impl IfMatch {
+    /// Whether a resource at `version` (0: it does not exist) passes the precondition.
+    pub fn matches(&self, version: u64) -> bool {
+        match self {
+            Self::Any => version > 0,
+            Self::Versions(versions) => version > 0 && versions.contains(&version),
+        }
+    }
+
+    /// The header as given, for the 412's detail.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Any => "*".into(),
+            Self::Versions(v) if v.is_empty() => "a weak ETag (never matches)".into(),
+            Self::Versions(v) => v
+                .iter()
+                .map(|v| format!("\"{v}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+}
+
+/// `If-Match: "<version>"`, a list of such tags, or `*`. Weak tags (`W/"3"`) are
+/// well-formed but never match: a write needs strong comparison. A bare number is read as
+/// its quoted form.
+fn if_match(headers: &HeaderMap) -> Result<Option<IfMatch>, ApiError> {
     let Some(value) = headers.get("if-match") else {
         return Ok(None);
     };
@@ -368,14 +402,24 @@ fn if_match(headers: &HeaderMap) -> Result<Option<u64>, ApiError> {
         || ApiError::BadRequest("If-Match must be an ETag this server returned, like \"3\"".into());
     let text = value.to_str().map_err(|_| bad())?.trim();
     if text == "*" {
-        return Ok(None);
+        return Ok(Some(IfMatch::Any));
     }
-    let text = text.strip_prefix("W/").unwrap_or(text);
-    let text = text
-        .strip_prefix('"')
-        .and_then(|t| t.strip_suffix('"'))
-        .unwrap_or(text);
-    text.parse::<u64>().map(Some).map_err(|_| bad())
+    let mut versions = Vec::new();
+    for tag in text.split(',').map(str::trim) {
+        let (weak, tag) = match tag.strip_prefix("W/") {
+            Some(rest) => (true, rest),
+            None => (false, tag),
+        };
+        let tag = tag
+            .strip_prefix('"')
+            .and_then(|t| t.strip_suffix('"'))
+            .unwrap_or(tag);
+        let version = tag.parse::<u64>().map_err(|_| bad())?;
+        if !weak {
+            versions.push(version);
+        }
+    }
+    Ok(Some(IfMatch::Versions(versions)))
 }
 
 #[cfg(test)]
@@ -433,18 +477,23 @@ mod tests {
     }
 
     #[test]
-    fn if_match_accepts_quoted_weak_and_bare_versions() {
+    fn if_match_reads_strong_tags_lists_and_star_and_never_matches_weak_tags() {
         let mut h = HeaderMap::new();
+        let versions = |v: &[u64]| Some(IfMatch::Versions(v.to_vec()));
         for (raw, want) in [
-            ("\"3\"", Some(3)),
-            ("W/\"4\"", Some(4)),
-            ("5", Some(5)),
-            ("*", None),
+            ("\"3\"", versions(&[3])),
+            ("W/\"4\"", versions(&[])),
+            ("5", versions(&[5])),
+            ("\"1\", W/\"2\", \"3\"", versions(&[1, 3])),
+            ("*", Some(IfMatch::Any)),
         ] {
             h.insert("if-match", raw.parse().unwrap());
             assert_eq!(if_match(&h).unwrap(), want, "{raw}");
         }
         h.insert("if-match", "\"abc\"".parse().unwrap());
         assert!(if_match(&h).is_err());
+        assert!(IfMatch::Any.matches(1));
+        assert!(!IfMatch::Any.matches(0), "`*` needs the resource to exist");
+        assert!(!IfMatch::Versions(vec![]).matches(4));
     }
 }

@@ -88,6 +88,14 @@ pub async fn track(request: Request, next: Next) -> Response {
     response
 }
 
+pub fn router() -> utoipa_axum::router::OpenApiRouter<AppState> {
+    utoipa_axum::router::OpenApiRouter::new().routes(utoipa_axum::routes!(render))
+}
+
+/// Prometheus text: request counts and latencies by route, commands and conflicts by
+/// aggregate, projection positions and failures, pool gauges. No key needed.
+#[utoipa::path(get, path = "/metrics", tag = "operations", security(),
+    responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain")))]
 pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
     let pool = &state.pool;
     metrics::gauge!("db_pool_connections").set(f64::from(pool.size()));

@@ -7,6 +7,7 @@ pub mod campaigns;
 pub mod command;
 pub mod contacts;
 pub mod docs;
+pub mod document;
 pub mod enrollments;
 pub mod extract;
 pub mod guard;
@@ -20,7 +21,6 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::Request;
 use axum::http::HeaderName;
-use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 use tokio::net::TcpListener;
@@ -134,7 +134,7 @@ impl utoipa::Modify for SecurityAddon {
 
 /// Every route with its OpenAPI description: `/v1` behind API keys, the rest open.
 /// Routes are only ever added through `routes!`, so router and document cannot disagree.
-pub fn api(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
+pub fn api(state: &AppState) -> (Router<AppState>, serde_json::Value) {
     let v1 = OpenApiRouter::new()
         .merge(campaigns::router())
         .merge(budgets::router())
@@ -142,22 +142,23 @@ pub fn api(state: &AppState) -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .merge(contacts::router())
         .merge(enrollments::router())
         .merge(webhooks::router());
-    OpenApiRouter::with_openapi(ApiDoc::openapi())
+    let (routes, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(health::router())
         .merge(docs::router())
+        .merge(metrics::router())
         .merge(webhooks::delivery_router())
         .merge(v1.route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::auth::authenticate,
         )))
-        .split_for_parts()
+        .split_for_parts();
+    (routes, document::complete(openapi))
 }
 
 /// The whole API.
 pub fn router(state: AppState) -> Router {
     let (routes, openapi) = api(&state);
     routes
-        .route("/metrics", get(metrics::render))
         .layer(axum::Extension(std::sync::Arc::new(openapi)))
         // Command bodies are small JSON documents; routes that take more raise their own.
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))

@@ -4,6 +4,8 @@
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -17,6 +19,7 @@ use uuid::Uuid;
 use crate::auth::AdminKey;
 use crate::error::ApiError;
 use crate::http::AppState;
+use crate::http::command::{self, Reply};
 use crate::http::extract::{
     ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, parse_json,
 };
@@ -27,7 +30,7 @@ const TAG: &str = "webhooks";
 /// Routes under `/v1` (API keys).
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(add_source))
+        .routes(routes!(add_source, list_sources))
         .routes(routes!(list_parked))
         .routes(routes!(list_dead_letters))
         .routes(routes!(retry_dead_letter))
@@ -50,28 +53,119 @@ pub struct NewSource {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SourceCreated {
     name: String,
-    /// `whsec_<base64>`: shown once.
+    /// Where the provider delivers: `/webhooks/{name}` on this server.
+    url: String,
+    /// `whsec_<base64>`: shown once (and to a retry with the same `Idempotency-Key`).
     secret: String,
 }
 
-/// Create a webhook source and its signing secret (admin).
+/// The member of a recorded creation that holds the secret, sealed with the server's
+/// secret key: the idempotency record never holds the secret in plaintext.
+const SEALED_SECRET: &str = "secret_sealed";
+
+fn seal_secret(state: &AppState, secret: &str) -> String {
+    let (nonce, sealed) = state.secrets.seal(secret.as_bytes());
+    format!("{}.{}", STANDARD.encode(nonce), STANDARD.encode(sealed))
+}
+
+fn open_secret(state: &AppState, sealed: &str) -> Result<String, ApiError> {
+    let broken = || ApiError::Internal("a recorded webhook-source secret cannot be opened".into());
+    let (nonce, sealed) = sealed.split_once('.').ok_or_else(broken)?;
+    let nonce = STANDARD.decode(nonce).map_err(|_| broken())?;
+    let sealed = STANDARD.decode(sealed).map_err(|_| broken())?;
+    let secret = state
+        .secrets
+        .open(&nonce, &sealed)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    String::from_utf8(secret).map_err(|_| broken())
+}
+
+/// Create a webhook source and its signing secret (admin). Honours `Idempotency-Key`: a
+/// retry gets the same answer, secret included, and makes nothing new (the recorded answer
+/// keeps the secret sealed under the server's secret key, never in plaintext).
 #[utoipa::path(post, path = "/v1/webhook-sources", tag = TAG, request_body = NewSource,
-    responses((status = 201, body = SourceCreated), (status = 403), (status = 409), (status = 422)))]
+    params(("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key")),
+    responses((status = 201, body = SourceCreated, description = "Created; the secret is shown once"),
+        (status = 403), (status = 409, description = "A source with this name exists"), (status = 422)))]
 async fn add_source(
     State(state): State<AppState>,
     _admin: AdminKey,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
     let input: NewSource = request.json()?;
-    let secret = webhooks::add_source(&state.pool, &state.secrets, &input.name).await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(SourceCreated {
-            name: input.name,
-            secret,
-        }),
-    )
-        .into_response())
+    webhooks::check_source_name(&input.name)?;
+    let mut tx = state.pool.begin().await?;
+    if let Some(mut recorded) = command::replay_record(&mut tx, &request).await? {
+        if let Ok(mut body) = serde_json::from_slice::<Value>(&recorded.body)
+            && let Some(sealed) = body.as_object_mut().and_then(|b| b.remove(SEALED_SECRET))
+        {
+            let secret = open_secret(&state, sealed.as_str().unwrap_or_default())?;
+            body["secret"] = Value::String(secret);
+            recorded.body = serde_json::to_vec(&body).unwrap_or_default();
+        }
+        tx.commit().await?;
+        return Ok(recorded.into_response());
+    }
+    let url = format!("/webhooks/{}", input.name);
+    let (reply, response) = match webhooks::add_source(&mut tx, &state.secrets, &input.name).await {
+        Ok(secret) => {
+            let sealed = json!({"name": input.name, "url": url, SEALED_SECRET: seal_secret(&state, &secret)});
+            let shown = SourceCreated {
+                name: input.name,
+                url,
+                secret,
+            };
+            (
+                Reply::ok(sealed).with_status(StatusCode::CREATED),
+                (StatusCode::CREATED, axum::Json(shown)).into_response(),
+            )
+        }
+        // A name taken is the outcome of the command: a retry with the key gets it again.
+        Err(e @ ApiError::Conflict { .. }) => {
+            let reply = command::error_reply(&e);
+            (reply, e.into_response())
+        }
+        Err(e) => return Err(e),
+    };
+    command::record(&mut tx, &request, &reply).await?;
+    tx.commit().await?;
+    Ok(response)
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListSources {
+    /// 1..=500, default 50.
+    limit: Option<i64>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct SourcePage {
+    items: Vec<webhooks::SourceSummary>,
+    next_cursor: Option<String>,
+}
+
+/// Webhook sources by name (admin): kind, when made, the last delivery, and events by
+/// outcome. Never a secret.
+#[utoipa::path(get, path = "/v1/webhook-sources", tag = TAG, params(ListSources),
+    responses((status = 200, body = SourcePage), (status = 400), (status = 403)))]
+async fn list_sources(
+    State(state): State<AppState>,
+    _admin: AdminKey,
+    ApiQuery(query): ApiQuery<ListSources>,
+) -> Result<Response, ApiError> {
+    let page = PageQuery {
+        limit: query.limit,
+        cursor: query.cursor,
+    };
+    let limit = page.limit()?;
+    let after: Option<String> = page.cursor()?;
+    let mut items = webhooks::list_sources(&state.pool, after, limit + 1).await?;
+    let next_cursor = cut_page(&mut items, limit, |s| s.name.clone());
+    Ok(axum::Json(SourcePage { items, next_cursor }).into_response())
 }
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
@@ -200,9 +294,11 @@ async fn list_dead_letters(
     page(&state, query, true).await
 }
 
-/// Put a dead letter back among the parked events, due now.
-#[utoipa::path(post, path = "/v1/webhooks/dead-letters/{id}/retry", tag = TAG, params(("id" = Uuid, Path)),
-    responses((status = 200), (status = 404)))]
+/// Put a dead letter back among the parked events, due now. Honours `Idempotency-Key`:
+/// a retry with the key answers as the first did and requeues nothing again.
+#[utoipa::path(post, path = "/v1/webhooks/dead-letters/{id}/retry", tag = TAG,
+    params(("id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key")),
+    responses((status = 200, body = Requeued, description = "Parked again, due now"), (status = 404)))]
 async fn retry_dead_letter(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -211,9 +307,22 @@ async fn retry_dead_letter(
     request.no_fields()?;
     let not_found = || ApiError::NotFound("no dead letter with this id".into());
     let id = Uuid::parse_str(&id).map_err(|_| not_found())?;
-    if webhooks::retry_dead_letter(&state.pool, id).await? {
-        Ok(axum::Json(json!({"id": id, "requeued": true})).into_response())
-    } else {
-        Err(not_found())
+    let mut tx = state.pool.begin().await?;
+    if let Some(response) = command::replay(&mut tx, &request).await? {
+        tx.commit().await?;
+        return Ok(response);
     }
+    if !webhooks::retry_dead_letter(&mut tx, id).await? {
+        return Err(not_found());
+    }
+    let reply = Reply::ok(json!(Requeued { id, requeued: true }));
+    command::record(&mut tx, &request, &reply).await?;
+    tx.commit().await?;
+    Ok(reply.into_response())
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Requeued {
+    id: Uuid,
+    requeued: bool,
 }

@@ -258,9 +258,15 @@ async fn the_dashboard_totals_every_read_model_and_ranks_campaigns_by_reply_rate
         .output()
         .unwrap();
     let csv = String::from_utf8(csv.stdout).unwrap();
-    assert!(csv.starts_with("metric,value\r\n"), "{csv}");
-    assert!(csv.contains("contacts,4\r\n"), "{csv}");
-    assert!(csv.contains("top_campaigns.2,\"'=fair ("), "{csv}");
+    assert!(
+        csv.starts_with(
+            "metric,value,from,to,rank,campaign_id,name,status,delivered,replied,reply_rate\r\n"
+        ),
+        "{csv}"
+    );
+    assert!(csv.contains("contacts,4,,,,,,,,,\r\n"), "{csv}");
+    assert!(csv.contains("top_campaign,50,,,2,"), "{csv}");
+    assert!(csv.contains(",'=fair,"), "{csv}");
     let series = leadledger(&data_dir().1)
         .env("DATABASE_URL", &url)
         .args([

@@ -906,7 +906,12 @@ async fn the_cost_analytics_refuse_days_outside_1_to_365_and_anything_injected()
     let ok = app.read("/v1/analytics/costs?days=30").await;
     assert_eq!(ok.status().as_u16(), 200);
     let body: Value = ok.json().await.unwrap();
-    assert_eq!(body["items"], json!([]));
+    let days = body["items"].as_array().unwrap();
+    assert_eq!(days.len(), 30, "every day of the window, with zeros");
+    assert!(
+        days.iter()
+            .all(|d| d["cost"] == "0.00" && d["requests"] == 0)
+    );
     assert_eq!(body["group_by"], "day");
 }
 
@@ -973,9 +978,18 @@ async fn the_cost_analytics_add_up_every_spend_and_capture_by_day_model_category
         }
     };
     let today = chrono::Utc::now().date_naive().to_string();
+    // Every day of the window is listed, oldest first; only today has costs.
+    let days = report("day").await;
+    let days = days.as_array().unwrap();
+    assert_eq!(days.len(), 30);
     assert_eq!(
-        report("day").await,
-        json!([{"day": today, "cost": "6.80", "input_tokens": 1500, "output_tokens": 250, "requests": 4}])
+        days[29],
+        json!({"day": today, "cost": "6.80", "input_tokens": 1500, "output_tokens": 250, "requests": 4})
+    );
+    assert!(
+        days[..29]
+            .iter()
+            .all(|d| d["cost"] == "0.00" && d["requests"] == 0)
     );
     assert_eq!(
         report("model").await,
@@ -995,8 +1009,8 @@ async fn the_cost_analytics_add_up_every_spend_and_capture_by_day_model_category
     assert_eq!(
         report("budget").await,
         json!([
-            {"budget_id": limited, "cost": "4.10", "input_tokens": 1000, "output_tokens": 200, "requests": 2},
-            {"budget_id": tracking, "cost": "2.70", "input_tokens": 500, "output_tokens": 50, "requests": 2},
+            {"budget_id": limited, "name": "AI spend", "cost": "4.10", "input_tokens": 1000, "output_tokens": 200, "requests": 2},
+            {"budget_id": tracking, "name": "AI spend", "cost": "2.70", "input_tokens": 500, "output_tokens": 50, "requests": 2},
         ])
     );
     // The default is 30 days by day.

@@ -119,7 +119,7 @@ impl Answer {
         (200..300).contains(&self.status)
     }
 
-    /// 503 as API.md says: problem+json with a `Retry-After` of whole seconds.
+    /// 503 as the API promises: problem+json with a `Retry-After` of whole seconds.
     fn assert_unavailable_problem(&self, what: &str) {
         assert_eq!(self.status, 503, "{what}: {self:?}");
         assert_eq!(

@@ -3,6 +3,7 @@
 mod analytics;
 mod auth;
 mod budgets;
+mod cli;
 mod commands;
 mod contacts;
 mod enrollments;
@@ -12,6 +13,7 @@ mod health;
 mod helpers;
 mod hostile;
 mod lifecycle;
+mod lists;
 mod openapi;
 mod projections;
 mod rebuild;

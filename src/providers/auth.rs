@@ -94,6 +94,17 @@ fn same(presented: &[u8], secret: &[u8]) -> bool {
     bool::from(presented.ct_eq(secret))
 }
 
+/// A Standard Webhooks secret (`whsec_<base64>`, the prefix optional as Svix allows) to
+/// the HMAC key stored in [`Credentials::Standard`].
+pub fn standard_key(secret: &str) -> Result<Vec<u8>, String> {
+    let encoded = secret.trim();
+    let encoded = encoded.strip_prefix("whsec_").unwrap_or(encoded);
+    match STANDARD.decode(encoded) {
+        Ok(key) if !key.is_empty() => Ok(key),
+        _ => Err("must be whsec_ followed by base64".into()),
+    }
+}
+
 /// Standard Webhooks v1, also under Svix's header names (Svix, Resend).
 fn standard(key: &[u8], d: &Delivery<'_>) -> Result<Authenticated, AuthError> {
     let header = |name: &'static str, svix: &'static str| {
@@ -381,6 +392,18 @@ mod tests {
         ]);
         assert_eq!(check(&far, body, NOW), Err(AuthError::StaleTimestamp));
         assert_eq!(check(&far, body, i64::MAX), Err(AuthError::StaleTimestamp));
+    }
+
+    #[test]
+    fn a_standard_secret_reads_with_or_without_its_prefix() {
+        let key = standard_key("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap();
+        assert_eq!(key.len(), 24);
+        assert_eq!(
+            standard_key("MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw").unwrap(),
+            key
+        );
+        assert!(standard_key("whsec_").is_err());
+        assert!(standard_key("whsec_!!").is_err());
     }
 
     #[test]

@@ -32,8 +32,6 @@ pub enum BodyError {
 }
 
 /// Reads a body for a source of `kind`; `credentials` give a custom source's mapping.
-/// Standard Webhooks bodies are read by the existing webhook path, so for `standard`
-/// this reads only the shape (one event or an array) and returns nothing per event.
 pub fn parse(
     kind: SourceKind,
     credentials: &Credentials,
@@ -48,7 +46,7 @@ pub fn parse(
         }
     })?;
     match kind {
-        SourceKind::Standard => event_list(&value).map(|_| Vec::new()),
+        SourceKind::Standard => Ok(event_list(&value)?.iter().map(standard).collect()),
         SourceKind::Sendgrid => match &value {
             Value::Array(events) => {
                 within_limit(events)?;
@@ -213,6 +211,43 @@ fn settle(
         (Err(_), None) => Ok(Target::Unknown),
         (target, _) => target,
     }
+}
+
+/// Our own format (API.md, "Webhooks"): `{id, type, occurred_at, enrollment_id}` or
+/// `campaign_id` + `email` in place of `enrollment_id`. A type we do not know is
+/// rejected here, not ignored: the sender chose our names.
+fn standard(event: &Value) -> Parsed {
+    let o = object(event)?;
+    let id = checked_id(required(o, "id")?, "id")?;
+    let provider_type = required(o, "type")?;
+    let kind = ProviderEventKind::parse(provider_type).ok_or(
+        "type must be one of sent, delivered, opened, clicked, replied, bounced, soft_bounced, deferred, unsubscribed, complained",
+    )?;
+    let occurred_at = text(o, "occurred_at")
+        .and_then(rfc3339)
+        .ok_or("occurred_at must be an RFC 3339 time")?;
+    let target = match text(o, "enrollment_id") {
+        Some(raw) => {
+            Target::Enrollment(Uuid::parse_str(raw).map_err(|_| "enrollment_id must be a UUID")?)
+        }
+        None => {
+            let campaign = text(o, "campaign_id")
+                .and_then(|c| Uuid::parse_str(c).ok())
+                .ok_or("campaign_id (a UUID) and email, or enrollment_id, are required")?;
+            let email = required(o, "email")?;
+            Target::CampaignEmail {
+                campaign,
+                email: email.to_string(),
+            }
+        }
+    };
+    Ok(ProviderEvent {
+        id,
+        kind: Some(kind),
+        provider_type: provider_type.to_string(),
+        occurred_at,
+        target,
+    })
 }
 
 /// SendGrid Event Webhook: one element of the body's array. `custom_args` are members
@@ -438,6 +473,45 @@ mod tests {
 
     fn ok(p: &Parsed) -> &ProviderEvent {
         p.as_ref().unwrap_or_else(|e| panic!("rejected: {e}"))
+    }
+
+    // --- Standard -----------------------------------------------------------------
+
+    #[test]
+    fn standard_events_read_as_the_webhooks_section_says() {
+        let body = json!([
+            {"id": "e1", "type": "opened", "occurred_at": "2026-11-01T09:00:00Z",
+             "campaign_id": CAMPAIGN, "email": "ada@example.com"},
+            {"id": "e2", "type": "soft_bounced", "occurred_at": "2026-11-01T09:00:00+02:00",
+             "enrollment_id": ENROLLMENT},
+            {"id": "e3", "type": "read", "occurred_at": "2026-11-01T09:00:00Z", "enrollment_id": ENROLLMENT},
+            {"id": "e4", "type": "sent", "occurred_at": "2026-11-01T09:00:00Z", "campaign_id": CAMPAIGN},
+            {"id": "e5", "type": "sent", "occurred_at": 1, "enrollment_id": ENROLLMENT},
+            {"id": "e6", "type": "sent", "occurred_at": "2026-11-01T09:00:00Z", "enrollment_id": "x"},
+        ]);
+        let parsed = read(SourceKind::Standard, &body);
+        let first = ok(&parsed[0]);
+        assert_eq!(first.kind, Some(Opened));
+        assert_eq!(
+            first.target,
+            Target::CampaignEmail {
+                campaign: CAMPAIGN.parse().unwrap(),
+                email: "ada@example.com".into()
+            }
+        );
+        let second = ok(&parsed[1]);
+        assert_eq!(second.kind, Some(SoftBounced));
+        assert_eq!(second.occurred_at, t("2026-11-01T07:00:00Z"));
+        assert_eq!(
+            second.target,
+            Target::Enrollment(ENROLLMENT.parse().unwrap())
+        );
+        assert!(parsed[2].as_ref().unwrap_err().starts_with("type must be"));
+        for p in &parsed[3..] {
+            assert!(p.is_err(), "{p:?}");
+        }
+        let one = json!({"id": "e1", "type": "sent", "occurred_at": "2026-11-01T09:00:00Z", "enrollment_id": ENROLLMENT});
+        assert_eq!(read(SourceKind::Standard, &one).len(), 1);
     }
 
     // --- SendGrid -----------------------------------------------------------------

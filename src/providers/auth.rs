@@ -9,7 +9,7 @@ use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
 use p256::ecdsa::signature::Verifier;
 use p256::ecdsa::{Signature, VerifyingKey};
-use p256::pkcs8::DecodePublicKey;
+use p256::pkcs8::{DecodePublicKey, EncodePublicKey};
 use serde_json::Value;
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
@@ -151,7 +151,6 @@ pub fn sendgrid_public_key_der(text: &str) -> Result<Vec<u8>, String> {
             .map_err(|_| "not base64 (nor PEM)".to_string())?;
         VerifyingKey::from_public_key_der(&der).map_err(|_| "not a DER P-256 public key")?
     };
-    use p256::pkcs8::EncodePublicKey;
     key.to_public_key_der()
         .map(|der| der.as_bytes().to_vec())
         .map_err(|_| "not a P-256 public key".to_string())
@@ -511,7 +510,7 @@ mod tests {
 
     #[test]
     fn a_key_pair_made_here_signs_as_sendgrid_does_and_pem_keys_are_read() {
-        use p256::pkcs8::{EncodePublicKey, LineEnding};
+        use p256::pkcs8::LineEnding;
         let signing = SigningKey::random(&mut rand_core::OsRng);
         let public = signing.verifying_key();
         let der_b64 = STANDARD.encode(public.to_public_key_der().unwrap().as_bytes());
@@ -705,7 +704,12 @@ mod tests {
 
     #[test]
     fn instantly_and_custom_deliveries_need_the_token_in_the_query_or_as_a_bearer() {
-        let mapping = CustomMappingFixture::mapping();
+        let mapping = crate::providers::CustomMapping::parse(&serde_json::json!({
+            "id": "/id", "type": "/type", "email": "/email",
+            "occurred_at": "/at", "campaign": "/campaign",
+            "types": {"sent": "sent"}
+        }))
+        .unwrap();
         for creds in [
             Credentials::Instantly {
                 token: "tok_123".into(),
@@ -772,18 +776,5 @@ mod tests {
             Err(AuthError::Missing("token"))
         );
         assert_eq!(check("", b"[]"), Err(AuthError::Missing("token")));
-    }
-
-    struct CustomMappingFixture;
-
-    impl CustomMappingFixture {
-        fn mapping() -> super::super::CustomMapping {
-            super::super::CustomMapping::parse(&serde_json::json!({
-                "id": "/id", "type": "/type", "email": "/email",
-                "occurred_at": "/at", "campaign": "/campaign",
-                "types": {"sent": "sent"}
-            }))
-            .unwrap()
-        }
     }
 }

@@ -624,6 +624,30 @@ mod tests {
     }
 
     #[test]
+    fn a_mailgun_signature_computed_elsewhere_verifies() {
+        // Mailgun's documented sample signature block, re-signed with a known key by an
+        // independent HMAC implementation (Python's hmac), so that this code and its
+        // tests cannot share one mistake.
+        let creds = Credentials::Mailgun {
+            signing_key: MG_KEY.into(),
+        };
+        let body = br#"{"signature": {"timestamp": "1529006854",
+            "token": "a8ce0edb2dd8301dee6c2405235584e45aa91d1e9f979f3de0",
+            "signature": "b63c0701c4f4b614f272106a1b367c5c3369bcdca664ae73ebd52787e45eef07"},
+            "event-data": {"event": "opened", "timestamp": 1529006854.329574, "id": "DACSsAdVSeGpLid7TN03WA"}}"#;
+        let ok = authenticate(
+            SourceKind::Mailgun,
+            &creds,
+            &delivery(&[], "", body, 1_529_006_854),
+        )
+        .unwrap();
+        assert_eq!(
+            ok.once_token.as_deref(),
+            Some("a8ce0edb2dd8301dee6c2405235584e45aa91d1e9f979f3de0")
+        );
+    }
+
+    #[test]
     fn a_mailgun_delivery_with_a_bad_signature_a_stale_time_or_no_signature_is_refused() {
         let creds = Credentials::Mailgun {
             signing_key: MG_KEY.into(),
@@ -776,5 +800,40 @@ mod tests {
             Err(AuthError::Missing("token"))
         );
         assert_eq!(check("", b"[]"), Err(AuthError::Missing("token")));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn hostile_headers_queries_and_bodies_never_panic_authentication(
+            names in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just("webhook-id".to_string()),
+                    proptest::strategy::Just("webhook-timestamp".to_string()),
+                    proptest::strategy::Just("webhook-signature".to_string()),
+                    proptest::strategy::Just("x-twilio-email-event-webhook-signature".to_string()),
+                    proptest::strategy::Just("x-twilio-email-event-webhook-timestamp".to_string()),
+                    proptest::strategy::Just("authorization".to_string()),
+                    "[a-z-]{1,12}",
+                ],
+                0..6,
+            ),
+            values in proptest::collection::vec(".{0,40}", 6),
+            query in ".{0,40}",
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..128),
+            now in proptest::prelude::any::<i64>(),
+        ) {
+            let h: Vec<(String, String)> = names.into_iter().zip(values).collect();
+            let all = [
+                Credentials::Standard { key: b"k".to_vec() },
+                Credentials::Sendgrid { public_key_der: sendgrid_public_key_der(SG_PUBLIC_KEY).unwrap() },
+                Credentials::Mailgun { signing_key: MG_KEY.into() },
+                Credentials::Postmark { username: "u".into(), password: "p".into() },
+                Credentials::Instantly { token: "t".into() },
+                Credentials::Smartlead { token: "t".into() },
+            ];
+            for creds in &all {
+                let _ = authenticate(creds.kind(), creds, &delivery(&h, &query, &body, now));
+            }
+        }
     }
 }

@@ -18,6 +18,7 @@ pub mod db;
 pub mod embedded;
 pub mod error;
 pub mod http;
+pub mod providers;
 pub mod secrets;
 pub mod store;
 pub mod telemetry;

@@ -5,11 +5,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 
-use crate::auth::{self, Scope};
+use crate::app::keys::{self, Scope};
+use crate::app::{App, Limits};
 use crate::config::{Config, ServeConfig};
 use crate::db::Database;
-use crate::http::{self, AppState};
-use crate::store::Store;
 use crate::telemetry;
 
 #[derive(Debug, Parser)]
@@ -98,7 +97,7 @@ pub enum ContactsCommand {
     Import {
         file: std::path::PathBuf,
         #[arg(long, value_enum, default_value = "partial")]
-        mode: crate::contacts::ImportMode,
+        mode: crate::app::contacts::ImportMode,
     },
 }
 
@@ -146,7 +145,7 @@ pub enum AnalyticsCommand {
     Campaign {
         id: uuid::Uuid,
         /// UTC days back, today included: 1..=365.
-        #[arg(long, default_value = "30", value_parser = crate::http::analytics::parse_days)]
+        #[arg(long, default_value = "30", value_parser = crate::app::analytics::parse_days)]
         days: u16,
         #[arg(long, value_enum, default_value = "table")]
         format: ReportFormat,
@@ -160,10 +159,10 @@ pub enum AnalyticsCommand {
     /// `GET /v1/analytics/costs` reports them.
     Costs {
         /// UTC days back, today included: 1..=365.
-        #[arg(long, default_value = "30", value_parser = crate::http::analytics::parse_days)]
+        #[arg(long, default_value = "30", value_parser = crate::app::analytics::parse_days)]
         days: u16,
         /// day | model | category | budget
-        #[arg(long, default_value = "day", value_parser = crate::http::analytics::parse_group_by)]
+        #[arg(long, default_value = "day", value_parser = crate::app::analytics::parse_group_by)]
         group_by: projections::costs::GroupBy,
         #[arg(long, value_enum, default_value = "table")]
         format: ReportFormat,
@@ -287,7 +286,7 @@ where
 async fn keys(db: &Database, command: KeysCommand) -> anyhow::Result<()> {
     match command {
         KeysCommand::Create { name, scope } => {
-            let (id, key) = auth::create_key(&db.pool, &name, scope).await?;
+            let (id, key) = keys::create_key(&db.pool, &name, scope).await?;
             println!("created {scope} key {id} ({name}); it is shown once:");
             println!("{key}");
         }
@@ -296,7 +295,7 @@ async fn keys(db: &Database, command: KeysCommand) -> anyhow::Result<()> {
                 "{:<36}  {:<6}  {:<10}  {:<20}  {:<8}  name",
                 "id", "scope", "prefix", "created", "status"
             );
-            for k in auth::list_keys(&db.pool).await? {
+            for k in keys::list_keys(&db.pool).await? {
                 let status = if k.revoked_at.is_some() {
                     "revoked"
                 } else {
@@ -314,7 +313,7 @@ async fn keys(db: &Database, command: KeysCommand) -> anyhow::Result<()> {
             }
         }
         KeysCommand::Revoke { id } => {
-            if auth::revoke_key(&db.pool, id).await? {
+            if keys::revoke_key(&db.pool, id).await? {
                 println!("revoked {id}");
             } else {
                 anyhow::bail!("no active key with id {id}");
@@ -332,7 +331,7 @@ async fn webhooks_command(
     match command {
         WebhooksCommand::AddSource { name } => {
             let mut conn = db.pool.acquire().await?;
-            let secret = crate::webhooks::add_source(&mut conn, &config.secrets()?, &name)
+            let secret = crate::app::webhooks::add_source(&mut conn, &config.secrets()?, &name)
                 .await
                 .map_err(|e| anyhow::anyhow!("{e}"))?;
             println!("created webhook source {name}; deliver to /webhooks/{name}, signed with:");
@@ -340,7 +339,7 @@ async fn webhooks_command(
         }
         WebhooksCommand::Parked | WebhooksCommand::DeadLetters => {
             let dead = matches!(command, WebhooksCommand::DeadLetters);
-            let rows = crate::webhooks::list_parked(&db.pool, dead, None, 500).await?;
+            let rows = crate::app::webhooks::list_parked(&db.pool, dead, None, 500).await?;
             println!(
                 "{:<36}  {:<12}  {:<14}  {:<36}  {:>8}  received",
                 "id", "source", "type", "enrollment", "attempts"
@@ -367,7 +366,7 @@ async fn webhooks_command(
 }
 
 /// `contacts import`: a file of any size, written in batches of
-/// [`MAX_IMPORT_ROWS`](crate::contacts::MAX_IMPORT_ROWS) rows, each batch its own
+/// [`MAX_IMPORT_ROWS`](crate::app::contacts::MAX_IMPORT_ROWS) rows, each batch its own
 /// transaction (as one `POST /v1/contacts/import` is), under one progress bar, with one
 /// report summing them. `--mode atomic` is one transaction, so it takes one batch at most
 /// and refuses a larger file before writing anything.
@@ -375,9 +374,9 @@ async fn import_contacts(
     db: &Database,
     config: &Config,
     file: &std::path::Path,
-    mode: crate::contacts::ImportMode,
+    mode: crate::app::contacts::ImportMode,
 ) -> anyhow::Result<()> {
-    use crate::contacts::{self, ImportMode, ImportOutcome, ImportReport, MAX_IMPORT_ROWS};
+    use crate::app::contacts::{self, ImportMode, ImportOutcome, ImportReport, MAX_IMPORT_ROWS};
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let is_json = match file.extension().and_then(|e| e.to_str()) {
         Some(e) if e.eq_ignore_ascii_case("json") => true,
@@ -407,9 +406,7 @@ async fn import_contacts(
         .progress_chars("=> "),
     );
     bar.set_message("importing");
-    let state = AppState::new(db.pool.clone())
-        .with_store(Store::new(config.snapshot_every))
-        .with_secrets(config.secrets()?);
+    let state = App::build(db.pool.clone(), config, Limits::default())?;
     let mut total = ImportReport::default();
     let mut rows = rows.into_iter().peekable();
     let mut done_before = 0usize;
@@ -459,7 +456,7 @@ async fn import_contacts(
     Ok(())
 }
 
-fn print_import_report(report: &crate::contacts::ImportReport) {
+fn print_import_report(report: &crate::app::contacts::ImportReport) {
     println!(
         "received {}  created {}  updated {}  unchanged {}  failed {}",
         report.received, report.created, report.updated, report.unchanged, report.failed
@@ -537,7 +534,7 @@ async fn projections_command(db: &Database, command: ProjectionsCommand) -> anyh
 }
 
 async fn analytics_command(db: &Database, command: AnalyticsCommand) -> anyhow::Result<()> {
-    use crate::http::analytics::{self, CostsParams};
+    use crate::app::analytics::{self, CostsParams};
     match command {
         AnalyticsCommand::Costs {
             days,
@@ -599,7 +596,7 @@ async fn analytics_command(db: &Database, command: AnalyticsCommand) -> anyhow::
 /// report includes everything committed before the command.
 async fn catch_up(db: &Database, names: &[&str]) -> anyhow::Result<()> {
     let wait = std::time::Duration::from_secs(30);
-    if !crate::http::analytics::catch_up(&db.pool, names, wait).await? {
+    if !crate::app::analytics::catch_up(&db.pool, names, wait).await? {
         eprintln!("warning: the read models are still catching up; recent writes may be missing");
     }
     Ok(())
@@ -732,7 +729,7 @@ async fn run_serve(config: &Config, serve: &ServeConfig) -> anyhow::Result<()> {
         }
     };
     let addr = listener.local_addr()?;
-    match auth::ensure_first_admin_key(&db.pool, &config.data_dir).await {
+    match keys::ensure_first_admin_key(&db.pool, &config.data_dir).await {
         Ok(Some(path)) => println!(
             "no API key existed: an admin key was written to {}",
             path.display()
@@ -743,18 +740,15 @@ async fn run_serve(config: &Config, serve: &ServeConfig) -> anyhow::Result<()> {
             return Err(e).context("creating the first admin key");
         }
     }
-    let state = AppState::new(db.pool.clone())
-        .with_store(Store::new(config.snapshot_every))
-        .with_secrets(config.secrets()?)
-        .with_limits(serve.limits());
-    let workers = crate::workers::start(&state);
+    let state = App::build(db.pool.clone(), config, serve.limits())?;
+    let workers = crate::app::workers::start(&state);
     tracing::info!(%addr, "leadledger listening");
     println!("leadledger listening on http://{addr}");
 
-    let result = http::serve_with(
+    let result = crate::http::serve_with(
         listener,
-        http::router(state),
-        http::shutdown_signal(),
+        crate::http::router(state),
+        crate::http::shutdown_signal(),
         serve.serve_options(),
     )
     .await;

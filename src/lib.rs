@@ -10,10 +10,9 @@
 //!
 //! The domain lives in the `aggregates` crate, read models in `projections`.
 
-pub mod auth;
+pub mod app;
 pub mod cli;
 pub mod config;
-pub mod contacts;
 pub mod db;
 pub mod embedded;
 pub mod error;
@@ -21,5 +20,3 @@ pub mod http;
 pub mod secrets;
 pub mod store;
 pub mod telemetry;
-pub mod webhooks;
-pub mod workers;

@@ -13,8 +13,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
+use crate::app::App;
 use crate::error::{ApiError, FieldError};
-use crate::http::AppState;
 use crate::http::command::{self, Reply, Written};
 use crate::http::extract::{
     ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, json_with_etag,
@@ -24,7 +24,7 @@ use crate::store::Loaded;
 const TAG: &str = "campaigns";
 const READ_MODEL: &str = "campaigns";
 
-pub fn router() -> OpenApiRouter<AppState> {
+pub fn router() -> OpenApiRouter<App> {
     OpenApiRouter::new()
         .routes(routes!(create_campaign, list_campaigns))
         .routes(routes!(get_campaign, rename_campaign))
@@ -98,7 +98,7 @@ fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
     params(("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key")),
     responses((status = 201, body = CampaignBody), (status = 422, description = "Invalid values")))]
 async fn create_campaign(
-    State(state): State<AppState>,
+    State(state): State<App>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
     let input: CreateCampaign = request.json()?;
@@ -132,7 +132,7 @@ async fn create_campaign(
     params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header, description = "Expected version, e.g. \"3\"")),
     responses((status = 200, body = CampaignBody), (status = 404), (status = 412)))]
 async fn rename_campaign(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -157,7 +157,7 @@ async fn rename_campaign(
 }
 
 async fn transition(
-    state: AppState,
+    state: App,
     id: String,
     request: CommandRequest,
     make: fn(DateTime<Utc>) -> CampaignCommand,
@@ -180,7 +180,7 @@ async fn transition(
 #[utoipa::path(post, path = "/v1/campaigns/{id}/start", tag = TAG, params(("id" = Uuid, Path)),
     responses((status = 200, body = CampaignBody), (status = 404), (status = 409, description = "Not allowed from its status")))]
 async fn start_campaign(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -191,7 +191,7 @@ async fn start_campaign(
 #[utoipa::path(post, path = "/v1/campaigns/{id}/pause", tag = TAG, params(("id" = Uuid, Path)),
     responses((status = 200, body = CampaignBody), (status = 404), (status = 409)))]
 async fn pause_campaign(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -202,7 +202,7 @@ async fn pause_campaign(
 #[utoipa::path(post, path = "/v1/campaigns/{id}/complete", tag = TAG, params(("id" = Uuid, Path)),
     responses((status = 200, body = CampaignBody), (status = 404), (status = 409)))]
 async fn complete_campaign(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -213,7 +213,7 @@ async fn complete_campaign(
 #[utoipa::path(get, path = "/v1/campaigns/{id}", tag = TAG, params(("id" = Uuid, Path), ("min_position" = Option<String>, Query, description = "Position token of a write; always reached here")),
     responses((status = 200, body = CampaignBody), (status = 404)))]
 async fn get_campaign(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     // Read from the stream, which holds every committed write: a valid token is already
     // reached. It is still checked, like on every read.
@@ -264,7 +264,7 @@ pub struct CampaignPage {
 #[utoipa::path(get, path = "/v1/campaigns", tag = TAG, params(ListCampaigns),
     responses((status = 200, body = CampaignPage), (status = 400), (status = 503, description = "min_position not reached in 5 s")))]
 async fn list_campaigns(
-    State(state): State<AppState>,
+    State(state): State<App>,
     ApiQuery(query): ApiQuery<ListCampaigns>,
     min_position: MinPosition,
 ) -> Result<Response, ApiError> {

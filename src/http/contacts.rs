@@ -12,11 +12,11 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::contacts::{
+use crate::app::App;
+use crate::app::contacts::{
     self, ContactInput, FieldsInput, ImportMode, ImportOutcome, ImportReport, field_error,
 };
 use crate::error::{ApiError, FieldError};
-use crate::http::AppState;
 use crate::http::command::{self, Reply, Written};
 use crate::http::extract::{
     ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, json_with_etag,
@@ -28,7 +28,7 @@ const READ_MODEL: &str = "contacts";
 /// 10,000 rows of a few hundred bytes each, with room to spare.
 const IMPORT_BODY_LIMIT: usize = 32 << 20;
 
-pub fn router() -> OpenApiRouter<AppState> {
+pub fn router() -> OpenApiRouter<App> {
     OpenApiRouter::new()
         .routes(routes!(upsert_contact, list_contacts))
         .routes(routes!(get_contact, patch_contact))
@@ -138,7 +138,7 @@ fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
     params(("Idempotency-Key" = Option<String>, Header)),
     responses((status = 201, body = ContactUpserted, description = "Created"), (status = 200, body = ContactUpserted, description = "Existed; given fields overwritten"), (status = 422)))]
 async fn upsert_contact(
-    State(state): State<AppState>,
+    State(state): State<App>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
     let input: ContactInput = request.json()?;
@@ -176,7 +176,7 @@ async fn upsert_contact(
     params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header)),
     responses((status = 200, body = ContactWritten), (status = 404), (status = 412), (status = 422)))]
 async fn patch_contact(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -217,7 +217,7 @@ pub struct EnrichmentInput {
 #[utoipa::path(post, path = "/v1/contacts/{id}/enrichment", tag = TAG, request_body = EnrichmentInput,
     params(("id" = Uuid, Path)), responses((status = 200, body = ContactWritten), (status = 404), (status = 422)))]
 async fn record_enrichment(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -280,7 +280,7 @@ async fn record_enrichment(
 #[utoipa::path(get, path = "/v1/contacts/{id}", tag = TAG, params(("id" = Uuid, Path), ("min_position" = Option<String>, Query, description = "Position token of a write; always reached here")),
     responses((status = 200, body = ContactBody), (status = 404)))]
 async fn get_contact(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     // Read from the stream, which holds every committed write: a valid token is already
     // reached. It is still checked, like on every read.
@@ -341,7 +341,7 @@ pub struct ContactPage {
 #[utoipa::path(get, path = "/v1/contacts", tag = TAG, params(ListContacts),
     responses((status = 200, body = ContactPage), (status = 400), (status = 503)))]
 async fn list_contacts(
-    State(state): State<AppState>,
+    State(state): State<App>,
     ApiQuery(query): ApiQuery<ListContacts>,
     min_position: MinPosition,
 ) -> Result<Response, ApiError> {
@@ -419,7 +419,7 @@ pub struct ImportQuery {
     request_body(content = Vec<ContactInput>, description = "JSON array, or text/csv"),
     responses((status = 200, body = ImportReport), (status = 422, body = ImportReport, content_type = "application/problem+json", description = "atomic import with invalid rows: nothing written"), (status = 413)))]
 async fn import_contacts(
-    State(state): State<AppState>,
+    State(state): State<App>,
     ApiQuery(query): ApiQuery<ImportQuery>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -440,13 +440,13 @@ async fn import_contacts(
         &state,
         rows,
         mode,
-        Some(&request),
+        Some(&request.context()),
         request.metadata(),
         &|_| {},
     )
     .await?;
     match outcome {
-        ImportOutcome::Replayed(response) => Ok(response),
+        ImportOutcome::Replayed(recorded) => Ok(recorded.into_response()),
         ImportOutcome::Done {
             report,
             written: true,

@@ -16,19 +16,19 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::auth::AdminKey;
+use crate::app::App;
+use crate::app::webhooks::{self, PARKING_REACTOR, ParkedEvent, Signed};
 use crate::error::ApiError;
-use crate::http::AppState;
+use crate::http::auth::AdminKey;
 use crate::http::command::{self, Reply};
 use crate::http::extract::{
     ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, parse_json,
 };
-use crate::webhooks::{self, PARKING_REACTOR, ParkedEvent, Signed};
 
 const TAG: &str = "webhooks";
 
 /// Routes under `/v1` (API keys).
-pub fn router() -> OpenApiRouter<AppState> {
+pub fn router() -> OpenApiRouter<App> {
     OpenApiRouter::new()
         .routes(routes!(add_source, list_sources))
         .routes(routes!(list_parked))
@@ -37,7 +37,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 /// The delivery route (signatures instead of API keys).
-pub fn delivery_router() -> OpenApiRouter<AppState> {
+pub fn delivery_router() -> OpenApiRouter<App> {
     OpenApiRouter::new()
         .routes(routes!(deliver))
         .layer(DefaultBodyLimit::max(webhooks::MAX_BODY))
@@ -63,12 +63,12 @@ pub struct SourceCreated {
 /// secret key: the idempotency record never holds the secret in plaintext.
 const SEALED_SECRET: &str = "secret_sealed";
 
-fn seal_secret(state: &AppState, secret: &str) -> String {
+fn seal_secret(state: &App, secret: &str) -> String {
     let (nonce, sealed) = state.secrets.seal(secret.as_bytes());
     format!("{}.{}", STANDARD.encode(nonce), STANDARD.encode(sealed))
 }
 
-fn open_secret(state: &AppState, sealed: &str) -> Result<String, ApiError> {
+fn open_secret(state: &App, sealed: &str) -> Result<String, ApiError> {
     let broken = || ApiError::Internal("a recorded webhook-source secret cannot be opened".into());
     let (nonce, sealed) = sealed.split_once('.').ok_or_else(broken)?;
     let nonce = STANDARD.decode(nonce).map_err(|_| broken())?;
@@ -88,7 +88,7 @@ fn open_secret(state: &AppState, sealed: &str) -> Result<String, ApiError> {
     responses((status = 201, body = SourceCreated, description = "Created; the secret is shown once"),
         (status = 403), (status = 409, description = "A source with this name exists"), (status = 422)))]
 async fn add_source(
-    State(state): State<AppState>,
+    State(state): State<App>,
     _admin: AdminKey,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -153,7 +153,7 @@ pub struct SourcePage {
 #[utoipa::path(get, path = "/v1/webhook-sources", tag = TAG, params(ListSources),
     responses((status = 200, body = SourcePage), (status = 400), (status = 403)))]
 async fn list_sources(
-    State(state): State<AppState>,
+    State(state): State<App>,
     _admin: AdminKey,
     ApiQuery(query): ApiQuery<ListSources>,
 ) -> Result<Response, ApiError> {
@@ -184,7 +184,7 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
     request_body(content = Value, description = "An event or an array of events"),
     responses((status = 200, description = "Results per event"), (status = 400), (status = 401), (status = 413)))]
 async fn deliver(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(source): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
@@ -249,7 +249,7 @@ pub struct ParkedPage {
     next_cursor: Option<String>,
 }
 
-async fn page(state: &AppState, query: ParkedQuery, dead: bool) -> Result<Response, ApiError> {
+async fn page(state: &App, query: ParkedQuery, dead: bool) -> Result<Response, ApiError> {
     // Read by the `MinPosition` extractor; declared here for the documentation.
     let _ = &query.min_position;
     let page = PageQuery {
@@ -274,7 +274,7 @@ async fn page(state: &AppState, query: ParkedQuery, dead: bool) -> Result<Respon
 #[utoipa::path(get, path = "/v1/webhooks/parked", tag = TAG, params(ParkedQuery),
     responses((status = 200, body = ParkedPage), (status = 400), (status = 503)))]
 async fn list_parked(
-    State(state): State<AppState>,
+    State(state): State<App>,
     ApiQuery(query): ApiQuery<ParkedQuery>,
     min_position: MinPosition,
 ) -> Result<Response, ApiError> {
@@ -286,7 +286,7 @@ async fn list_parked(
 #[utoipa::path(get, path = "/v1/webhooks/dead-letters", tag = TAG, params(ParkedQuery),
     responses((status = 200, body = ParkedPage), (status = 400), (status = 503)))]
 async fn list_dead_letters(
-    State(state): State<AppState>,
+    State(state): State<App>,
     ApiQuery(query): ApiQuery<ParkedQuery>,
     min_position: MinPosition,
 ) -> Result<Response, ApiError> {
@@ -300,7 +300,7 @@ async fn list_dead_letters(
     params(("id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key")),
     responses((status = 200, body = Requeued, description = "Parked again, due now"), (status = 404)))]
 async fn retry_dead_letter(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {

@@ -1,15 +1,10 @@
 //! API keys: random 256-bit keys shown once and stored only as a SHA-256 hash, with one
-//! scope each (`read` ⊂ `write` ⊂ `admin`), and the `/v1` middleware that checks them.
+//! scope each (`read` ⊂ `write` ⊂ `admin`). The `/v1` middleware that asks for them is
+//! `http::auth`.
 
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use axum::extract::{FromRequestParts, Request, State};
-use axum::http::Method;
-use axum::http::header::AUTHORIZATION;
-use axum::http::request::Parts;
-use axum::middleware::Next;
-use axum::response::Response;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
@@ -20,7 +15,6 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::error::ApiError;
-use crate::http::AppState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -174,73 +168,18 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     f.write_all(text.as_bytes())
 }
 
-/// `/v1` middleware: 401 without a valid key; 403 when a read key sends a command.
-pub async fn authenticate(
-    State(state): State<AppState>,
-    mut request: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    let header = request.headers().get(AUTHORIZATION).ok_or_else(|| {
-        ApiError::Unauthorized("an `Authorization: Bearer <api key>` header is required".into())
-    })?;
-    let key = header
-        .to_str()
-        .ok()
-        // The scheme is case-insensitive (RFC 9110 §11.1): `bearer` and `BEARER` too.
-        .and_then(|v| v.split_once(' '))
-        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, key)| key.trim())
-        .filter(|k| !k.is_empty())
-        .ok_or_else(|| {
-            ApiError::Unauthorized("the Authorization header must be `Bearer <api key>`".into())
-        })?;
+/// The live key `key` is, if any.
+pub async fn lookup(pool: &PgPool, key: &str) -> Result<Option<ApiKey>, ApiError> {
     let row = sqlx::query!(
         "SELECT id, scope FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
         hash(key)
     )
-    .fetch_optional(&state.pool)
+    .fetch_optional(pool)
     .await?;
     let Some(row) = row else {
-        return Err(ApiError::Unauthorized("unknown or revoked API key".into()));
+        return Ok(None);
     };
     let scope = Scope::parse(&row.scope)
         .ok_or_else(|| ApiError::Internal(format!("api key with scope {:?}", row.scope)))?;
-    let reads = matches!(
-        *request.method(),
-        Method::GET | Method::HEAD | Method::OPTIONS
-    );
-    if !reads && scope < Scope::Write {
-        return Err(ApiError::Forbidden("this API key may only read".into()));
-    }
-    request
-        .extensions_mut()
-        .insert(ApiKey { id: row.id, scope });
-    Ok(next.run(request).await)
-}
-
-impl<S: Send + Sync> FromRequestParts<S> for ApiKey {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
-        parts
-            .extensions
-            .get::<ApiKey>()
-            .copied()
-            .ok_or_else(|| ApiError::Unauthorized("an API key is required".into()))
-    }
-}
-
-/// Extractor for admin-only routes.
-#[derive(Debug, Clone, Copy)]
-pub struct AdminKey(pub ApiKey);
-
-impl<S: Send + Sync> FromRequestParts<S> for AdminKey {
-    type Rejection = ApiError;
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let key = ApiKey::from_request_parts(parts, state).await?;
-        if key.scope == Scope::Admin {
-            Ok(Self(key))
-        } else {
-            Err(ApiError::Forbidden("this route needs an admin key".into()))
-        }
-    }
+    Ok(Some(ApiKey { id: row.id, scope }))
 }

@@ -35,9 +35,9 @@ use sha2::Sha256;
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
+use crate::app::App;
+use crate::app::command::{Abort, Retried};
 use crate::error::{ApiError, FieldError};
-use crate::http::AppState;
-use crate::http::command::{Abort, Retry, Settled};
 use crate::secrets::SecretBox;
 use crate::store::{Loaded, Metadata, Store, StoreError};
 
@@ -250,7 +250,7 @@ pub fn verify(key: &[u8], signed: &Signed<'_>, body: &[u8], now: i64) -> Result<
 
 /// Checks the source and the signature; 401 for anything wrong, with nothing recorded.
 pub async fn authenticate(
-    state: &AppState,
+    state: &App,
     source: &str,
     signed: &Signed<'_>,
     body: &[u8],
@@ -408,13 +408,13 @@ impl Tally {
 /// still counts. A rejected event's id is not remembered, so a corrected redelivery of it
 /// is not taken for a duplicate.
 pub async fn ingest(
-    state: &AppState,
+    state: &App,
     source: &str,
     webhook_id: &str,
     request_hash: &[u8],
     events: Vec<Value>,
 ) -> Result<Value, ApiError> {
-    let key = crate::contacts::id_key(state).await?;
+    let key = crate::app::contacts::id_key(state).await?;
     let now = Utc::now();
     let resolved: Vec<Result<Resolved, String>> = events
         .iter()
@@ -426,9 +426,9 @@ pub async fn ingest(
         actor: Some(format!("webhook_source:{source}")),
         ..Metadata::default()
     };
-    let mut retry = Retry::new(state, Enrollment::TYPE);
-    loop {
-        let mut tx = state.pool.begin().await?;
+    let (resolved, metadata, events) = (&resolved, &metadata, &events);
+    let outcome = state
+        .retrying(Enrollment::TYPE, |mut tx| async move {
         let outcome = async {
         // One delivery at a time per webhook-id: a concurrent repeat waits, then replays.
         sqlx::query!(
@@ -586,7 +586,7 @@ pub async fn ingest(
             .collect();
         state
             .store
-            .append_many(&mut tx, &mut streams, &metadata)
+            .append_many(&mut tx, &mut streams, metadata)
             .await?;
         park(&mut tx, source, &parked).await?;
         let results: Vec<EventResult> = resolved
@@ -627,21 +627,20 @@ pub async fn ingest(
         Ok::<_, Abort>((response, Some((tally, results))))
         }
         .await;
-        match retry.settle(tx, outcome).await? {
-            Settled::Done((response, counted)) => {
-                if let Some((tally, results)) = counted {
-                    report(source, webhook_id, &tally, &results);
-                }
-                return Ok(response);
+        (tx, outcome)
+        })
+        .await?;
+    match outcome {
+        Retried::Done((response, counted)) => {
+            if let Some((tally, results)) = counted {
+                report(source, webhook_id, &tally, &results);
             }
-            Settled::Again => {}
-            Settled::GaveUp => {
-                return Err(ApiError::conflict(
-                    "concurrency-conflict",
-                    "the enrollments kept changing under this delivery; deliver it again",
-                ));
-            }
+            Ok(response)
         }
+        Retried::Exhausted => Err(ApiError::conflict(
+            "concurrency-conflict",
+            "the enrollments kept changing under this delivery; deliver it again",
+        )),
     }
 }
 

@@ -15,7 +15,6 @@ use aggregates::contact::{
     Contact, ContactCommand, ContactEmail, ContactError, ContactEvent, ContactFields,
     ContactFieldsInput, contact_id_for,
 };
-use axum::response::Response;
 use chrono::Utc;
 use cqrs_es::Aggregate;
 use cqrs_es::event_sink::EventSink;
@@ -23,10 +22,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
+use crate::app::App;
+use crate::app::command::{self, Abort, CommandContext, Recorded, Reply, Retried};
 use crate::error::{ApiError, FieldError};
-use crate::http::AppState;
-use crate::http::command::{self, Abort, Reply, Retry, Settled};
-use crate::http::extract::CommandRequest;
 use crate::store::{Loaded, Metadata, Position};
 
 /// Rows an import takes at most.
@@ -122,7 +120,7 @@ pub fn field_error(e: ContactError) -> FieldError {
 
 /// The key of contact ids, read from the database on first use and kept in the state
 /// (one database per state: a process serving several databases keeps each one's key).
-pub async fn id_key(state: &AppState) -> Result<&[u8], sqlx::Error> {
+pub async fn id_key(state: &App) -> Result<&[u8], sqlx::Error> {
     let key = state
         .contact_id_key
         .get_or_try_init(|| async {
@@ -147,7 +145,7 @@ pub fn clip(text: &str, max: usize) -> String {
 }
 
 /// The id of the contact with this email.
-pub async fn id_for(state: &AppState, email: &ContactEmail) -> Result<Uuid, sqlx::Error> {
+pub async fn id_for(state: &App, email: &ContactEmail) -> Result<Uuid, sqlx::Error> {
     Ok(contact_id_for(id_key(state).await?, email))
 }
 
@@ -207,13 +205,12 @@ pub fn rows_from_json(body: &[u8]) -> Result<Vec<ImportRow>, ApiError> {
 /// [`rows_from_json`] with another row limit (the command line imports any number, in
 /// batches).
 pub fn rows_from_json_up_to(body: &[u8], max_rows: usize) -> Result<Vec<ImportRow>, ApiError> {
-    let values: Vec<serde_json::Value> =
-        crate::http::extract::parse_json(body).map_err(|e| match e {
-            ApiError::Unprocessable { .. } => {
-                ApiError::BadRequest("the body must be a JSON array of contact objects".into())
-            }
-            other => other,
-        })?;
+    let values: Vec<serde_json::Value> = crate::app::parse_json(body).map_err(|e| match e {
+        ApiError::Unprocessable { .. } => {
+            ApiError::BadRequest("the body must be a JSON array of contact objects".into())
+        }
+        other => other,
+    })?;
     check_row_count(values.len(), max_rows)?;
     Ok(values
         .into_iter()
@@ -329,16 +326,16 @@ pub enum ImportOutcome {
     /// The report; `written` is false when an atomic import refused invalid rows.
     Done { report: ImportReport, written: bool },
     /// A retry of an idempotent import: the first response again.
-    Replayed(Response),
+    Replayed(Recorded),
 }
 
-/// Validates and writes `rows`. `request` carries the idempotency key, if any (the command
+/// Validates and writes `rows`. `context` carries the idempotency key, if any (the command
 /// line has none).
 pub async fn import(
-    state: &AppState,
+    state: &App,
     rows: Vec<ImportRow>,
     mode: ImportMode,
-    request: Option<&CommandRequest>,
+    context: Option<&CommandContext>,
     metadata: Metadata,
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<ImportOutcome, ApiError> {
@@ -394,117 +391,117 @@ pub async fn import(
     ids.sort();
     ids.dedup();
     let at = Utc::now();
-    let mut retry = Retry::new(state, Contact::TYPE);
-    loop {
-        let mut tx = state.pool.begin().await?;
-        let outcome = async {
-            if let Some(request) = request
-                && let Some(response) = command::replay(&mut tx, request).await?
-            {
-                return Ok(ImportOutcome::Replayed(response));
-            }
-            let mut loaded: HashMap<String, Loaded<Contact>> =
-                state.store.load_many(&mut tx, &ids).await?;
-            // Each row's command on its contact, in file order; the state moves on with each.
-            let mut events: HashMap<String, Vec<ContactEvent>> = HashMap::new();
-            // Per valid row: its contact, and the index of its event in that contact's new
-            // events (none: the row changed nothing).
-            let mut row_event: Vec<(usize, String, Option<usize>)> =
-                Vec::with_capacity(planned.len());
-            let mut row_errors = Vec::new();
-            for p in &planned {
-                let contact = loaded.get_mut(&p.id).expect("loaded every id");
-                let sink = EventSink::default();
-                let command = ContactCommand::Upsert {
-                    email: p.email.clone(),
-                    fields: p.fields.clone(),
-                    at,
-                };
-                match contact.aggregate.handle(command, &(), &sink).await {
-                    Ok(()) => {
-                        let new = sink.collect().await;
-                        let stream = events.entry(p.id.clone()).or_default();
-                        let index = (!new.is_empty()).then_some(stream.len());
-                        stream.extend(new);
-                        row_event.push((p.row, p.id.clone(), index));
+    let (planned, ids, report, metadata) = (&planned, &ids, &report, &metadata);
+    let outcome = state
+        .retrying(Contact::TYPE, |mut tx| async move {
+            let outcome = async {
+                if let Some(context) = context
+                    && let Some(recorded) = command::replay(&mut tx, context).await?
+                {
+                    return Ok(ImportOutcome::Replayed(recorded));
+                }
+                let mut loaded: HashMap<String, Loaded<Contact>> =
+                    state.store.load_many(&mut tx, ids).await?;
+                // Each row's command on its contact, in file order; the state moves on with each.
+                let mut events: HashMap<String, Vec<ContactEvent>> = HashMap::new();
+                // Per valid row: its contact, and the index of its event in that contact's new
+                // events (none: the row changed nothing).
+                let mut row_event: Vec<(usize, String, Option<usize>)> =
+                    Vec::with_capacity(planned.len());
+                let mut row_errors = Vec::new();
+                for p in planned {
+                    let contact = loaded.get_mut(&p.id).expect("loaded every id");
+                    let sink = EventSink::default();
+                    let command = ContactCommand::Upsert {
+                        email: p.email.clone(),
+                        fields: p.fields.clone(),
+                        at,
+                    };
+                    match contact.aggregate.handle(command, &(), &sink).await {
+                        Ok(()) => {
+                            let new = sink.collect().await;
+                            let stream = events.entry(p.id.clone()).or_default();
+                            let index = (!new.is_empty()).then_some(stream.len());
+                            stream.extend(new);
+                            row_event.push((p.row, p.id.clone(), index));
+                        }
+                        Err(e) => row_errors.push(RowError {
+                            row: p.row,
+                            email: Some(p.email.as_str().to_string()),
+                            message: e.to_string(),
+                        }),
                     }
-                    Err(e) => row_errors.push(RowError {
-                        row: p.row,
-                        email: Some(p.email.as_str().to_string()),
-                        message: e.to_string(),
-                    }),
                 }
-            }
-            let mut report = report.clone();
-            report.failed += row_errors.len();
-            report.errors.extend(row_errors);
-            report.errors.sort_by_key(|e| e.row);
-            if mode == ImportMode::Atomic && report.failed > 0 {
-                return Ok(ImportOutcome::Done {
-                    report,
-                    written: false,
-                });
-            }
-            let (ids_written, mut streams): (Vec<&String>, Vec<_>) = loaded
-                .iter_mut()
-                .filter_map(|(id, l)| {
-                    let e = events.get(id).filter(|e| !e.is_empty())?;
-                    Some((id, (l, e.as_slice())))
-                })
-                .unzip();
-            let appended = state
-                .store
-                .append_many(&mut tx, &mut streams, &metadata)
-                .await?;
-            // What the statement returned, by stream: the sequence and position of each event.
-            let written: HashMap<&String, &crate::store::Appended> =
-                ids_written.into_iter().zip(appended.iter()).collect();
-            let mut last: Option<Position> = None;
-            for (row, id, index) in &row_event {
-                let Some(index) = index else {
-                    report.unchanged += 1;
-                    continue;
-                };
-                let Some(appended) = written.get(id) else {
-                    return Err(
-                        ApiError::Internal("an import row's event was not written".into()).into(),
-                    );
-                };
-                let (sequence, position) = appended.events[*index];
-                last = last.max(Some(position));
-                // The first event of a stream is the one that created the contact.
-                if sequence == 1 {
-                    report.created += 1;
-                } else {
-                    report.updated += 1;
-                }
-                if let Ok(contact_id) = Uuid::parse_str(id) {
-                    report.contacts.push(ImportedContact {
-                        row: *row,
-                        contact_id,
+                let mut report = report.clone();
+                report.failed += row_errors.len();
+                report.errors.extend(row_errors);
+                report.errors.sort_by_key(|e| e.row);
+                if mode == ImportMode::Atomic && report.failed > 0 {
+                    return Ok(ImportOutcome::Done {
+                        report,
+                        written: false,
                     });
                 }
+                let (ids_written, mut streams): (Vec<&String>, Vec<_>) = loaded
+                    .iter_mut()
+                    .filter_map(|(id, l)| {
+                        let e = events.get(id).filter(|e| !e.is_empty())?;
+                        Some((id, (l, e.as_slice())))
+                    })
+                    .unzip();
+                let appended = state
+                    .store
+                    .append_many(&mut tx, &mut streams, metadata)
+                    .await?;
+                // What the statement returned, by stream: the sequence and position of each event.
+                let written: HashMap<&String, &crate::store::Appended> =
+                    ids_written.into_iter().zip(appended.iter()).collect();
+                let mut last: Option<Position> = None;
+                for (row, id, index) in &row_event {
+                    let Some(index) = index else {
+                        report.unchanged += 1;
+                        continue;
+                    };
+                    let Some(appended) = written.get(id) else {
+                        return Err(ApiError::Internal(
+                            "an import row's event was not written".into(),
+                        )
+                        .into());
+                    };
+                    let (sequence, position) = appended.events[*index];
+                    last = last.max(Some(position));
+                    // The first event of a stream is the one that created the contact.
+                    if sequence == 1 {
+                        report.created += 1;
+                    } else {
+                        report.updated += 1;
+                    }
+                    if let Ok(contact_id) = Uuid::parse_str(id) {
+                        report.contacts.push(ImportedContact {
+                            row: *row,
+                            contact_id,
+                        });
+                    }
+                }
+                report.position = last.map(|p| p.to_string());
+                if let Some(context) = context {
+                    let reply = Reply::ok(serde_json::to_value(&report).unwrap_or_default());
+                    command::record(&mut tx, context, &reply).await?;
+                }
+                Ok::<_, Abort>(ImportOutcome::Done {
+                    report,
+                    written: true,
+                })
             }
-            report.position = last.map(|p| p.to_string());
-            if let Some(request) = request {
-                let reply = Reply::ok(serde_json::to_value(&report).unwrap_or_default());
-                command::record(&mut tx, request, &reply).await?;
-            }
-            Ok::<_, Abort>(ImportOutcome::Done {
-                report,
-                written: true,
-            })
-        }
-        .await;
-        match retry.settle(tx, outcome).await? {
-            Settled::Done(done) => return Ok(done),
-            Settled::Again => {}
-            Settled::GaveUp => {
-                return Err(ApiError::conflict(
-                    "concurrency-conflict",
-                    "the contacts kept changing under this import; retry it",
-                ));
-            }
-        }
+            .await;
+            (tx, outcome)
+        })
+        .await?;
+    match outcome {
+        Retried::Done(done) => Ok(done),
+        Retried::Exhausted => Err(ApiError::conflict(
+            "concurrency-conflict",
+            "the contacts kept changing under this import; retry it",
+        )),
     }
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::http::AppState;
-use crate::http::command::purge_idempotency_records;
+use crate::app::App;
+use crate::app::command::purge_idempotency_records;
 
 /// Idempotency records are kept at least this long (the contract: at least 24 hours).
 pub const IDEMPOTENCY_RETENTION: Duration = Duration::from_secs(25 * 3600);
@@ -17,7 +17,7 @@ pub struct Workers {
     tasks: Vec<JoinHandle<()>>,
 }
 
-pub fn start(state: &AppState) -> Workers {
+pub fn start(state: &App) -> Workers {
     let cancel = CancellationToken::new();
     let runner = projections::runner::Runner::new(
         state.pool.clone(),
@@ -29,16 +29,16 @@ pub fn start(state: &AppState) -> Workers {
     // its own checkpoint), and retried on a timer for what the feed cannot see.
     let reactor = projections::runner::Runner::new(
         state.pool.clone(),
-        vec![std::sync::Arc::new(crate::webhooks::ParkingReactor::new(
-            state.store.clone(),
-        ))],
+        vec![std::sync::Arc::new(
+            crate::app::webhooks::ParkingReactor::new(state.store.clone()),
+        )],
         projections::runner::RunnerConfig::default(),
     );
     tasks.push(tokio::spawn(reactor.run(cancel.clone())));
     let (pool, store, stop) = (state.pool.clone(), state.store.clone(), cancel.clone());
     tasks.push(tokio::spawn(async move {
         loop {
-            if let Err(e) = crate::webhooks::retry_due(&pool, &store, 200).await {
+            if let Err(e) = crate::app::webhooks::retry_due(&pool, &store, 200).await {
                 tracing::warn!(error = %e, "retrying parked webhook events failed");
             }
             tokio::select! {
@@ -63,7 +63,7 @@ pub fn start(state: &AppState) -> Workers {
         }
     }));
     // Expired budget holds are released by a command even if no one touches the budget.
-    tasks.push(crate::http::budgets::spawn_expiry_worker(
+    tasks.push(crate::app::budgets::spawn_expiry_worker(
         state.clone(),
         cancel.clone(),
     ));

@@ -1,0 +1,802 @@
+//! Analytics reports over the read models: costs (read model `costs`), a campaign's
+//! timeseries (read model `enrollments`, per UTC day) and the dashboard (totals kept by
+//! every read model), and the catch-up of read models for readers outside a server. Each
+//! report is built by one function shared by the API and `leadledger analytics`, so the
+//! command line prints exactly what the API answers with.
+
+use std::time::Duration;
+
+use chrono::{Datelike, NaiveDate};
+use projections::costs::{self, CostRow, GroupBy};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool};
+use tokio_util::sync::CancellationToken;
+use utoipa::ToSchema;
+use uuid::Uuid;
+
+use crate::error::ApiError;
+
+pub const COSTS_READ_MODEL: &str = "costs";
+/// The read models behind the cost report (budget names come from `budgets`).
+pub const COSTS_READ_MODELS: [&str; 2] =
+    [COSTS_READ_MODEL, crate::app::budgets::BUDGETS_READ_MODEL];
+
+/// What a cost report covers: the last `days` UTC days (today included), added up by
+/// `group_by`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CostsParams {
+    pub days: u16,
+    pub group_by: GroupBy,
+}
+
+impl CostsParams {
+    pub const DEFAULT_DAYS: u16 = 30;
+    pub const MAX_DAYS: u16 = 365;
+
+    /// The query parameters as given (absent: the defaults).
+    pub fn parse(days: Option<&str>, group_by: Option<&str>) -> Result<Self, ApiError> {
+        Ok(Self {
+            days: days
+                .map(parse_days)
+                .transpose()
+                .map_err(ApiError::BadRequest)?
+                .unwrap_or(Self::DEFAULT_DAYS),
+            group_by: group_by
+                .map(parse_group_by)
+                .transpose()
+                .map_err(ApiError::BadRequest)?
+                .unwrap_or_default(),
+        })
+    }
+}
+
+/// `days`: digits only, 1..=365. Anything else (signs, spaces, `30;…`) is refused rather
+/// than read leniently.
+pub fn parse_days(text: &str) -> Result<u16, String> {
+    let refuse = || {
+        format!(
+            "days must be a whole number from 1 to {}",
+            CostsParams::MAX_DAYS
+        )
+    };
+    if text.is_empty() || text.len() > 3 || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(refuse());
+    }
+    match text.parse::<u16>() {
+        Ok(n) if (1..=CostsParams::MAX_DAYS).contains(&n) => Ok(n),
+        _ => Err(refuse()),
+    }
+}
+
+/// `group_by`: day | model | category | budget.
+pub fn parse_group_by(text: &str) -> Result<GroupBy, String> {
+    GroupBy::parse(text)
+        .ok_or_else(|| "group_by must be one of day, model, category, budget".to_string())
+}
+
+/// One line of a cost report. Only the grouping field is present (`model` may be null:
+/// the costs recorded without a model).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct CostItem {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub day: Option<NaiveDate>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub model: Option<Option<String>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub category: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub budget_id: Option<Uuid>,
+    /// The budget's name, beside `budget_id`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Exact decimal string.
+    pub cost: String,
+    pub input_tokens: i64,
+    pub output_tokens: i64,
+    /// Spends and captured reservations counted.
+    pub requests: i64,
+}
+
+impl CostItem {
+    fn new(row: CostRow, group_by: GroupBy) -> Self {
+        Self {
+            day: row.day,
+            model: (group_by == GroupBy::Model).then_some(row.model),
+            category: row.category,
+            budget_id: row.budget_id,
+            name: None,
+            // Written like every other amount (at least two decimals); a sum of amounts
+            // that each fit Money fits it too, and the fallback only guards that.
+            cost: aggregates::money::Money::from_decimal(row.cost)
+                .map(|m| m.to_string())
+                .unwrap_or_else(|_| row.cost.normalize().to_string()),
+            input_tokens: row.input_tokens,
+            output_tokens: row.output_tokens,
+            requests: row.requests,
+        }
+    }
+
+    /// The value of the grouping column, as text (for tables and CSV).
+    pub fn key(&self) -> String {
+        if let Some(day) = self.day {
+            return day.to_string();
+        }
+        if let Some(model) = &self.model {
+            return model.clone().unwrap_or_default();
+        }
+        if let Some(category) = &self.category {
+            return category.clone();
+        }
+        self.budget_id.map(|b| b.to_string()).unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct CostReport {
+    /// First UTC day covered.
+    pub from: NaiveDate,
+    /// Last UTC day covered (today).
+    pub to: NaiveDate,
+    /// day | model | category | budget
+    pub group_by: String,
+    pub items: Vec<CostItem>,
+}
+
+/// The cost report for `params`, with `today` as the last day.
+pub async fn cost_report(
+    conn: &mut PgConnection,
+    params: CostsParams,
+    today: NaiveDate,
+) -> Result<CostReport, sqlx::Error> {
+    let from = today - chrono::Days::new(u64::from(params.days) - 1);
+    let rows = costs::report(conn, from, today, params.group_by).await?;
+    let mut items: Vec<CostItem> = rows
+        .into_iter()
+        .map(|row| CostItem::new(row, params.group_by))
+        .collect();
+    match params.group_by {
+        // Every day of the window, as the campaign timeseries lists them: a day without
+        // costs is a line of zeros, not a gap.
+        GroupBy::Day => {
+            let mut by_day: std::collections::HashMap<NaiveDate, CostItem> = items
+                .into_iter()
+                .filter_map(|i| Some((i.day?, i)))
+                .collect();
+            items = from
+                .iter_days()
+                .take_while(|d| *d <= today)
+                .map(|day| {
+                    by_day.remove(&day).unwrap_or(CostItem {
+                        day: Some(day),
+                        model: None,
+                        category: None,
+                        budget_id: None,
+                        name: None,
+                        cost: money_text(sqlx::types::Decimal::ZERO),
+                        input_tokens: 0,
+                        output_tokens: 0,
+                        requests: 0,
+                    })
+                })
+                .collect();
+        }
+        GroupBy::Budget => {
+            let ids: Vec<Uuid> = items.iter().filter_map(|i| i.budget_id).collect();
+            let names = projections::budgets::names(conn, &ids).await?;
+            for item in &mut items {
+                item.name = item.budget_id.and_then(|id| names.get(&id).cloned());
+            }
+        }
+        _ => {}
+    }
+    Ok(CostReport {
+        from,
+        to: today,
+        group_by: params.group_by.as_str().to_string(),
+        items,
+    })
+}
+
+impl CostReport {
+    /// The name of the grouping column in tables and CSV.
+    fn key_header(&self) -> &str {
+        if self.group_by == "budget" {
+            "budget_id"
+        } else {
+            &self.group_by
+        }
+    }
+
+    /// Aligned columns for people; a model-less line shows as `(none)`.
+    pub fn to_table(&self) -> String {
+        let keys: Vec<String> = self
+            .items
+            .iter()
+            .map(|i| match (&i.model, &i.name) {
+                (Some(None), _) => "(none)".to_string(),
+                (_, Some(name)) => format!("{}  {name}", i.key()),
+                _ => i.key(),
+            })
+            .collect();
+        let width = keys
+            .iter()
+            .map(|k| k.chars().count())
+            .chain([self.key_header().len()])
+            .max()
+            .unwrap_or(0);
+        let cost_width = self
+            .items
+            .iter()
+            .map(|i| i.cost.len())
+            .chain([4])
+            .max()
+            .unwrap_or(4);
+        let mut out = format!(
+            "costs from {} to {} (UTC) by {}\n{:<width$}  {:>cost_width$}  {:>13}  {:>13}  {:>8}\n",
+            self.from,
+            self.to,
+            self.group_by,
+            self.key_header(),
+            "cost",
+            "input_tokens",
+            "output_tokens",
+            "requests",
+        );
+        for (item, key) in self.items.iter().zip(&keys) {
+            out.push_str(&format!(
+                "{key:<width$}  {:>cost_width$}  {:>13}  {:>13}  {:>8}\n",
+                item.cost, item.input_tokens, item.output_tokens, item.requests
+            ));
+        }
+        if self.items.is_empty() {
+            out.push_str("(no costs recorded in these days)\n");
+        }
+        out
+    }
+
+    /// RFC 4180 CSV with a header row; a model-less line has an empty model. By budget,
+    /// the budget's name is a column of its own after its id.
+    pub fn to_csv(&self) -> String {
+        let by_budget = self.group_by == "budget";
+        let mut out = format!(
+            "{}{},cost,input_tokens,output_tokens,requests\r\n",
+            self.key_header(),
+            if by_budget { ",name" } else { "" }
+        );
+        for item in &self.items {
+            let name = if by_budget {
+                format!(",{}", csv_field(item.name.as_deref().unwrap_or("")))
+            } else {
+                String::new()
+            };
+            out.push_str(&format!(
+                "{}{name},{},{},{},{}\r\n",
+                csv_field(&item.key()),
+                item.cost,
+                item.input_tokens,
+                item.output_tokens,
+                item.requests
+            ));
+        }
+        out
+    }
+}
+
+/// Quotes a field that holds a comma, a quote or a line break (model and campaign names
+/// are free text). A field a spreadsheet would run as a formula (starting with `=`, `+`,
+/// `-`, `@`, a tab or a carriage return) is written with a leading `'`, so it stays text.
+pub fn csv_field(text: &str) -> String {
+    let text = if text.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{text}")
+    } else {
+        text.to_string()
+    };
+    if text.contains([',', '"', '\r', '\n']) {
+        format!("\"{}\"", text.replace('"', "\"\""))
+    } else {
+        text
+    }
+}
+
+/// Brings the read models `names` up to the last event committed, for a reader outside the
+/// server (the command line). It runs their projections the way a server process does,
+/// under the same advisory locks: if a server is running, that server applies the events
+/// and this only waits. Returns whether they got there within `timeout`.
+pub async fn catch_up(
+    pool: &PgPool,
+    names: &[&str],
+    timeout: Duration,
+) -> Result<bool, sqlx::Error> {
+    let head = projections::feed::head(&mut *pool.acquire().await?).await?;
+    let Some(head) = head else {
+        return Ok(true);
+    };
+    let cancel = CancellationToken::new();
+    let runner = projections::runner::Runner::new(
+        pool.clone(),
+        projections::all()
+            .into_iter()
+            .filter(|p| names.contains(&p.name()))
+            .collect(),
+        projections::runner::RunnerConfig::default(),
+    );
+    let task = tokio::spawn(runner.run(cancel.clone()));
+    let reached = projections::runner::wait_for(pool, head, names, timeout).await;
+    cancel.cancel();
+    let _ = task.await;
+    reached
+}
+
+/// The read models behind the dashboard.
+pub const DASHBOARD_READ_MODELS: [&str; 4] =
+    ["campaigns", "contacts", "costs", ENROLLMENTS_READ_MODEL];
+pub const ENROLLMENTS_READ_MODEL: &str = "enrollments";
+
+/// Counts of one UTC day of a campaign: enrollments that reached each milestone that day.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct DayCounts {
+    pub day: NaiveDate,
+    pub enrolled: i64,
+    pub sent: i64,
+    pub delivered: i64,
+    pub opened: i64,
+    pub clicked: i64,
+    pub replied: i64,
+    pub bounced: i64,
+    pub unsubscribed: i64,
+    pub complained: i64,
+}
+
+impl DayCounts {
+    pub const COLUMNS: [&str; 10] = [
+        "day",
+        "enrolled",
+        "sent",
+        "delivered",
+        "opened",
+        "clicked",
+        "replied",
+        "bounced",
+        "unsubscribed",
+        "complained",
+    ];
+
+    fn counts(&self) -> [i64; 9] {
+        [
+            self.enrolled,
+            self.sent,
+            self.delivered,
+            self.opened,
+            self.clicked,
+            self.replied,
+            self.bounced,
+            self.unsubscribed,
+            self.complained,
+        ]
+    }
+}
+
+/// A campaign's days, oldest first, every day of the window present (zeros included).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Timeseries {
+    pub campaign_id: Uuid,
+    /// First UTC day covered.
+    pub from: NaiveDate,
+    /// Last UTC day covered (today).
+    pub to: NaiveDate,
+    pub days: Vec<DayCounts>,
+}
+
+/// The last `days` UTC days of `campaign`, `today` the last.
+pub async fn campaign_timeseries(
+    conn: &mut PgConnection,
+    campaign: Uuid,
+    days: u16,
+    today: NaiveDate,
+) -> Result<Timeseries, sqlx::Error> {
+    let from = today - chrono::Days::new(u64::from(days) - 1);
+    let days = sqlx::query_as!(
+        DayCounts,
+        r#"SELECT d.day AS "day!",
+                  coalesce(v.enrolled, 0) AS "enrolled!", coalesce(v.sent, 0) AS "sent!",
+                  coalesce(v.delivered, 0) AS "delivered!", coalesce(v.opened, 0) AS "opened!",
+                  coalesce(v.clicked, 0) AS "clicked!", coalesce(v.replied, 0) AS "replied!",
+                  coalesce(v.bounced, 0) AS "bounced!", coalesce(v.unsubscribed, 0) AS "unsubscribed!",
+                  coalesce(v.complained, 0) AS "complained!"
+           FROM generate_series($2::date, $3::date, interval '1 day') AS g(at)
+           CROSS JOIN LATERAL (SELECT g.at::date AS day) AS d
+           LEFT JOIN campaign_days_view v ON v.campaign_id = $1 AND v.day = d.day
+           ORDER BY d.day"#,
+        campaign,
+        from,
+        today
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(Timeseries {
+        campaign_id: campaign,
+        from,
+        to: today,
+        days,
+    })
+}
+
+impl Timeseries {
+    /// Aligned columns for people.
+    pub fn to_table(&self) -> String {
+        let mut out = format!(
+            "campaign {} from {} to {} (UTC)\n{:<10}",
+            self.campaign_id,
+            self.from,
+            self.to,
+            DayCounts::COLUMNS[0]
+        );
+        for c in &DayCounts::COLUMNS[1..] {
+            out.push_str(&format!("  {c:>12}"));
+        }
+        out.push('\n');
+        for day in &self.days {
+            out.push_str(&format!("{:<10}", day.day.to_string()));
+            for n in day.counts() {
+                out.push_str(&format!("  {n:>12}"));
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// RFC 4180 CSV with a header row.
+    pub fn to_csv(&self) -> String {
+        let mut out = DayCounts::COLUMNS.join(",") + "\r\n";
+        for day in &self.days {
+            let counts: Vec<String> = day.counts().iter().map(i64::to_string).collect();
+            out.push_str(&format!("{},{}\r\n", day.day, counts.join(",")));
+        }
+        out
+    }
+}
+
+/// Campaigns by status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, ToSchema)]
+pub struct CampaignCounts {
+    pub total: i64,
+    pub draft: i64,
+    pub running: i64,
+    pub paused: i64,
+    pub completed: i64,
+}
+
+/// Enrollments that reached each milestone, over every campaign.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, ToSchema)]
+pub struct MilestoneCounts {
+    pub sent: i64,
+    pub delivered: i64,
+    pub opened: i64,
+    pub clicked: i64,
+    pub replied: i64,
+    pub bounced: i64,
+    pub unsubscribed: i64,
+    pub complained: i64,
+}
+
+/// Cost recorded this UTC month (spends and captured reservations of every budget).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
+pub struct MonthSpend {
+    pub from: NaiveDate,
+    pub to: NaiveDate,
+    /// Exact decimal string.
+    pub cost: String,
+    pub requests: i64,
+}
+
+/// A campaign among the best by reply rate (replied / delivered, in percent).
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct TopCampaign {
+    pub campaign_id: Uuid,
+    pub name: String,
+    pub status: String,
+    pub delivered: i64,
+    pub replied: i64,
+    pub reply_rate: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+pub struct Dashboard {
+    pub contacts: i64,
+    pub campaigns: CampaignCounts,
+    pub enrollments: i64,
+    pub milestones: MilestoneCounts,
+    pub spend_this_month: MonthSpend,
+    /// Up to five campaigns that delivered mail, highest reply rate first (ties: more
+    /// replies first).
+    pub top_campaigns: Vec<TopCampaign>,
+}
+
+/// How many campaigns the dashboard ranks.
+pub const TOP_CAMPAIGNS: i64 = 5;
+
+/// The dashboard, with `today` as the current UTC day. Every figure is a kept total or a
+/// read of a few rows; nothing here grows with the number of events or contacts.
+pub async fn dashboard_report(
+    conn: &mut PgConnection,
+    today: NaiveDate,
+) -> Result<Dashboard, sqlx::Error> {
+    let contacts = sqlx::query_scalar!(
+        r#"SELECT coalesce((SELECT contacts FROM contact_totals_view), 0) AS "n!""#
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let mut campaigns = CampaignCounts::default();
+    for row in
+        sqlx::query!(r#"SELECT status, count(*) AS "n!" FROM campaigns_view GROUP BY status"#)
+            .fetch_all(&mut *conn)
+            .await?
+    {
+        campaigns.total += row.n;
+        match row.status.as_str() {
+            "draft" => campaigns.draft = row.n,
+            "running" => campaigns.running = row.n,
+            "paused" => campaigns.paused = row.n,
+            "completed" => campaigns.completed = row.n,
+            _ => {}
+        }
+    }
+    let totals = sqlx::query!(
+        r#"SELECT coalesce(sum(enrolled), 0)::bigint AS "enrolled!", coalesce(sum(sent), 0)::bigint AS "sent!",
+                  coalesce(sum(delivered), 0)::bigint AS "delivered!", coalesce(sum(opened), 0)::bigint AS "opened!",
+                  coalesce(sum(clicked), 0)::bigint AS "clicked!", coalesce(sum(replied), 0)::bigint AS "replied!",
+                  coalesce(sum(bounced), 0)::bigint AS "bounced!",
+                  coalesce(sum(unsubscribed), 0)::bigint AS "unsubscribed!",
+                  coalesce(sum(complained), 0)::bigint AS "complained!"
+           FROM campaign_metrics_view"#
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let month_start = today.with_day(1).unwrap_or(today);
+    let (cost, requests) = costs::total(conn, month_start, today).await?;
+    let top_campaigns = sqlx::query!(
+        "SELECT m.campaign_id, c.name, c.status, m.delivered, m.replied
+         FROM campaign_metrics_view m JOIN campaigns_view c ON c.id = m.campaign_id
+         WHERE m.delivered > 0
+         ORDER BY m.replied::numeric / m.delivered DESC, m.replied DESC, m.campaign_id
+         LIMIT $1",
+        TOP_CAMPAIGNS
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|r| TopCampaign {
+        campaign_id: r.campaign_id,
+        name: r.name,
+        status: r.status,
+        delivered: r.delivered,
+        replied: r.replied,
+        reply_rate: crate::http::enrollments::rate(r.replied, r.delivered),
+    })
+    .collect();
+    Ok(Dashboard {
+        contacts,
+        campaigns,
+        enrollments: totals.enrolled,
+        milestones: MilestoneCounts {
+            sent: totals.sent,
+            delivered: totals.delivered,
+            opened: totals.opened,
+            clicked: totals.clicked,
+            replied: totals.replied,
+            bounced: totals.bounced,
+            unsubscribed: totals.unsubscribed,
+            complained: totals.complained,
+        },
+        spend_this_month: MonthSpend {
+            from: month_start,
+            to: today,
+            cost: money_text(cost),
+            requests,
+        },
+        top_campaigns,
+    })
+}
+
+/// Money as every amount is written (at least two decimals).
+fn money_text(amount: sqlx::types::Decimal) -> String {
+    aggregates::money::Money::from_decimal(amount)
+        .map(|m| m.to_string())
+        .unwrap_or_else(|_| amount.normalize().to_string())
+}
+
+impl Dashboard {
+    /// The dashboard as `(metric, value)` lines: what the table and the CSV show.
+    pub fn lines(&self) -> Vec<(String, String)> {
+        let mut lines = vec![
+            ("contacts".to_string(), self.contacts.to_string()),
+            ("campaigns".into(), self.campaigns.total.to_string()),
+            ("campaigns.draft".into(), self.campaigns.draft.to_string()),
+            (
+                "campaigns.running".into(),
+                self.campaigns.running.to_string(),
+            ),
+            ("campaigns.paused".into(), self.campaigns.paused.to_string()),
+            (
+                "campaigns.completed".into(),
+                self.campaigns.completed.to_string(),
+            ),
+            ("enrollments".into(), self.enrollments.to_string()),
+        ];
+        let m = &self.milestones;
+        for (name, n) in [
+            ("sent", m.sent),
+            ("delivered", m.delivered),
+            ("opened", m.opened),
+            ("clicked", m.clicked),
+            ("replied", m.replied),
+            ("bounced", m.bounced),
+            ("unsubscribed", m.unsubscribed),
+            ("complained", m.complained),
+        ] {
+            lines.push((format!("milestones.{name}"), n.to_string()));
+        }
+        let s = &self.spend_this_month;
+        lines.push((
+            format!("spend_this_month ({} to {})", s.from, s.to),
+            s.cost.clone(),
+        ));
+        lines.push(("spend_this_month.requests".into(), s.requests.to_string()));
+        for (i, c) in self.top_campaigns.iter().enumerate() {
+            lines.push((
+                format!("top_campaigns.{}", i + 1),
+                format!(
+                    "{} ({}, {}): reply rate {}% ({} of {})",
+                    c.name, c.campaign_id, c.status, c.reply_rate, c.replied, c.delivered
+                ),
+            ));
+        }
+        lines
+    }
+
+    pub fn to_table(&self) -> String {
+        let lines = self.lines();
+        let width = lines.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+        lines
+            .iter()
+            .map(|(k, v)| format!("{k:<width$}  {v}\n"))
+            .collect()
+    }
+
+    /// RFC 4180 CSV, one figure a row, everything in columns of its own: `metric,value`
+    /// for the totals; `from,to` for this month's spend; `rank` and the campaign's
+    /// `campaign_id,name,status,delivered,replied,reply_rate` for each top campaign.
+    pub fn to_csv(&self) -> String {
+        const COLUMNS: [&str; 11] = [
+            "metric",
+            "value",
+            "from",
+            "to",
+            "rank",
+            "campaign_id",
+            "name",
+            "status",
+            "delivered",
+            "replied",
+            "reply_rate",
+        ];
+        let mut out = COLUMNS.join(",") + "\r\n";
+        let mut row = |cells: [String; 11]| {
+            let cells: Vec<String> = cells.iter().map(|c| csv_field(c)).collect();
+            out.push_str(&cells.join(","));
+            out.push_str("\r\n");
+        };
+        let s = &self.spend_this_month;
+        for (metric, value) in self.lines() {
+            if metric.starts_with("spend_this_month") || metric.starts_with("top_campaigns") {
+                continue;
+            }
+            row([
+                metric,
+                value,
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        for (metric, value) in [
+            ("spend_this_month", s.cost.clone()),
+            ("spend_this_month.requests", s.requests.to_string()),
+        ] {
+            row([
+                metric.into(),
+                value,
+                s.from.to_string(),
+                s.to.to_string(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        for (i, c) in self.top_campaigns.iter().enumerate() {
+            row([
+                "top_campaign".into(),
+                c.reply_rate.to_string(),
+                String::new(),
+                String::new(),
+                (i + 1).to_string(),
+                c.campaign_id.to_string(),
+                c.name.clone(),
+                c.status.clone(),
+                c.delivered.to_string(),
+                c.replied.to_string(),
+                c.reply_rate.to_string(),
+            ]);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn days_are_digits_from_1_to_365_and_nothing_else() {
+        for ok in ["1", "30", "365", "007"] {
+            assert!(parse_days(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "0",
+            "366",
+            "abc",
+            "+30",
+            "-1",
+            " 30",
+            "30 ",
+            "30;DROP TABLE events",
+            "1e2",
+            "3.0",
+            "99999999999999999999",
+        ] {
+            assert!(parse_days(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn absent_parameters_mean_30_days_by_day() {
+        let params = CostsParams::parse(None, None).unwrap();
+        assert_eq!(params.days, 30);
+        assert_eq!(params.group_by, GroupBy::Day);
+        assert!(matches!(
+            CostsParams::parse(None, Some("week")),
+            Err(ApiError::BadRequest(_))
+        ));
+    }
+
+    #[test]
+    fn an_item_shows_its_grouping_field_only_and_money_as_a_string() {
+        let row = CostRow {
+            day: None,
+            model: None,
+            category: None,
+            budget_id: None,
+            cost: sqlx::types::Decimal::new(9_900_000, 6),
+            input_tokens: 10,
+            output_tokens: 20,
+            requests: 3,
+        };
+        let item = serde_json::to_value(CostItem::new(row, GroupBy::Model)).unwrap();
+        assert_eq!(
+            item,
+            serde_json::json!({"model": null, "cost": "9.90", "input_tokens": 10, "output_tokens": 20, "requests": 3})
+        );
+    }
+}

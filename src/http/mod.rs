@@ -207,7 +207,6 @@ pub async fn serve_with(
     options: ServeOptions,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioIo, TokioTimer};
-    use hyper_util::service::TowerToHyperService;
     use tower::ServiceExt;
 
     let cap = options.max_connections.unwrap_or_else(connection_cap);
@@ -221,7 +220,8 @@ pub async fn serve_with(
         // Headers past the router's own limit (answered as problem+json) up to this are
         // still parsed; beyond it the parser answers 431 by itself.
         .max_buf_size(1 << 20);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let stopping = tokio_util::sync::CancellationToken::new();
+    let connections = tokio_util::task::TaskTracker::new();
     let mut shutdown = std::pin::pin!(shutdown);
     let mut descriptors_warned = false;
     loop {
@@ -243,35 +243,71 @@ pub async fn serve_with(
                     tracing::warn!(error = %e, "out of file descriptors; new connections wait");
                     descriptors_warned = true;
                 }
-                tokio::time::sleep(Duration::from_millis(if out_of_descriptors {
-                    50
-                } else {
-                    1
-                }))
-                .await;
+                let pause = if out_of_descriptors { 50 } else { 1 };
+                tokio::time::sleep(Duration::from_millis(pause)).await;
                 continue;
             }
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone().map_request(
-            |r: axum::http::Request<hyper::body::Incoming>| r.map(axum::body::Body::new),
-        ));
+        // Requests of this connection being handled now: at shutdown, a connection with
+        // none (idle, or still sending its headers) is closed at once, not waited for.
+        let in_flight = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = in_flight.clone();
+        let app = app.clone();
+        let service = hyper::service::service_fn(
+            move |request: axum::http::Request<hyper::body::Incoming>| {
+                let guard = InFlight::enter(&counted);
+                let response = app.clone().oneshot(request.map(axum::body::Body::new));
+                async move {
+                    let response = response.await;
+                    drop(guard);
+                    response
+                }
+            },
+        );
         let connection = builder.serve_connection(TokioIo::new(stream), service);
-        let watched = graceful.watch(connection);
-        tokio::spawn(async move {
-            let _ = watched.await;
+        let stopping = stopping.clone();
+        connections.spawn(async move {
+            let mut connection = std::pin::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = stopping.cancelled() => {
+                    if in_flight.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+                        connection.as_mut().graceful_shutdown();
+                        let _ = connection.await;
+                    }
+                }
+            }
             drop(permit);
         });
     }
     drop(listener);
     tracing::info!("shutting down: no new connections, finishing requests in flight");
+    stopping.cancel();
+    connections.close();
     tokio::select! {
-        () = graceful.shutdown() => {}
+        () = connections.wait() => {}
         () = tokio::time::sleep(options.grace) => {
             tracing::warn!(grace_secs = options.grace.as_secs(), "requests still in flight after the grace period; closing them");
         }
     }
     Ok(())
+}
+
+/// Counts a request as in flight on its connection until dropped.
+struct InFlight(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn enter(count: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

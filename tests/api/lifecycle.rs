@@ -465,3 +465,37 @@ async fn keys_are_created_listed_and_revoked_from_the_command_line() {
     server.signal(Signal::SIGTERM);
     assert!(server.wait().success());
 }
+
+#[tokio::test]
+async fn a_client_still_sending_its_headers_does_not_hold_shutdown() {
+    use tokio::io::AsyncWriteExt;
+    let harness = harness();
+    let database = harness.fresh_database().await;
+    let (_keep, data) = data_dir();
+    let mut cmd = leadledger(&data);
+    cmd.env("DATABASE_URL", harness.url(&database));
+    let server = serve(cmd);
+    assert_eq!(ready(&server.address).await, 200);
+    let addr = server.address.trim_start_matches("http://").to_string();
+    let mut partial = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    partial
+        .write_all(b"GET /health/live HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let idle = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let signalled = std::time::Instant::now();
+    server.signal(Signal::SIGTERM);
+    let status = tokio::task::spawn_blocking(move || server.wait())
+        .await
+        .unwrap();
+    assert!(status.success());
+    // Neither the 20 s grace nor the 10 s header timeout: no request was in flight.
+    assert!(
+        signalled.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?}",
+        signalled.elapsed()
+    );
+    drop((partial, idle));
+    harness.drop_database(database);
+}

@@ -171,13 +171,13 @@ async fn webhook_sources_are_listed_with_counts_per_outcome_and_never_a_credenti
     assert!(esp["last_delivery_at"].is_string());
     assert_eq!(
         esp["counts"],
-        json!({"applied": 1, "duplicate": 1, "parked": 1, "rejected": 1})
+        json!({"applied": 1, "duplicate": 1, "parked": 1, "rejected": 1, "ignored": 0})
     );
     let quiet = items.iter().find(|s| s["name"] == "quiet").unwrap();
     assert_eq!(quiet["last_delivery_at"], Value::Null);
     assert_eq!(
         quiet["counts"],
-        json!({"applied": 0, "duplicate": 0, "parked": 0, "rejected": 0})
+        json!({"applied": 0, "duplicate": 0, "parked": 0, "rejected": 0, "ignored": 0})
     );
     // A repeated delivery is answered again but counted once.
     deliver(&app.address, &source, "msg_1", &batch).await;

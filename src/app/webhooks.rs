@@ -27,7 +27,7 @@ use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use cqrs_es::event_sink::EventSink;
 use hmac::{Hmac, Mac};
-use projections::{FeedEvent, Projection, ProjectionError};
+use projections::{FeedEvent, ProjectionError, Reactor};
 use rand::{Rng, RngCore};
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -866,17 +866,12 @@ impl ParkingReactor {
 }
 
 #[async_trait::async_trait]
-impl Projection for ParkingReactor {
+impl Reactor for ParkingReactor {
     fn name(&self) -> &'static str {
         PARKING_REACTOR
     }
 
-    /// None: a reactor's effects are events, which a rebuild must not repeat.
-    fn tables(&self) -> &'static [&'static str] {
-        &[]
-    }
-
-    async fn apply_batch(
+    async fn react(
         &self,
         conn: &mut PgConnection,
         events: &[FeedEvent],

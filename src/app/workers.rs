@@ -27,7 +27,7 @@ pub fn start(state: &App) -> Workers {
     let mut tasks = vec![tokio::spawn(runner.run(cancel.clone()))];
     // Parked webhook events: applied when their enrollment appears (from the feed, with
     // its own checkpoint), and retried on a timer for what the feed cannot see.
-    let reactor = projections::runner::Runner::new(
+    let reactor = projections::runner::Runner::reactors(
         state.pool.clone(),
         vec![std::sync::Arc::new(
             crate::app::webhooks::ParkingReactor::new(state.store.clone()),

@@ -572,7 +572,7 @@ pub async fn dashboard_report(
         status: r.status,
         delivered: r.delivered,
         replied: r.replied,
-        reply_rate: crate::http::enrollments::rate(r.replied, r.delivered),
+        reply_rate: rate(r.replied, r.delivered),
     })
     .collect();
     Ok(Dashboard {
@@ -597,6 +597,16 @@ pub async fn dashboard_report(
         },
         top_campaigns,
     })
+}
+
+/// `part / whole × 100`, rounded to 2 decimals; 0 when `whole` is 0.
+pub fn rate(part: i64, whole: i64) -> f64 {
+    if whole == 0 {
+        return 0.0;
+    }
+    // Integer arithmetic first, so 2/3 rounds to 66.67 exactly as a person would.
+    let hundredths = (part as i128 * 100_000 / whole as i128 + 5) / 10;
+    hundredths as f64 / 100.0
 }
 
 /// Money as every amount is written (at least two decimals).
@@ -798,5 +808,15 @@ mod tests {
             item,
             serde_json::json!({"model": null, "cost": "9.90", "input_tokens": 10, "output_tokens": 20, "requests": 3})
         );
+    }
+
+    #[test]
+    fn rates_are_percentages_rounded_to_two_decimals_and_zero_over_zero() {
+        assert_eq!(rate(2, 3), 66.67);
+        assert_eq!(rate(1, 3), 33.33);
+        assert_eq!(rate(1, 8), 12.5);
+        assert_eq!(rate(5, 5), 100.0);
+        assert_eq!(rate(0, 7), 0.0);
+        assert_eq!(rate(3, 0), 0.0);
     }
 }

@@ -18,6 +18,7 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::app::App;
+use crate::app::analytics::rate;
 use crate::app::enrollments::EnrollResponse;
 use crate::error::{ApiError, FieldError};
 use crate::http::command;
@@ -263,16 +264,6 @@ pub struct CampaignMetrics {
     unsubscribe_rate: f64,
 }
 
-/// `part / whole × 100`, rounded to 2 decimals; 0 when `whole` is 0.
-pub fn rate(part: i64, whole: i64) -> f64 {
-    if whole == 0 {
-        return 0.0;
-    }
-    // Integer arithmetic first, so 2/3 rounds to 66.67 exactly as a person would.
-    let hundredths = (part as i128 * 100_000 / whole as i128 + 5) / 10;
-    hundredths as f64 / 100.0
-}
-
 /// A campaign's milestone counts and rates (read model `enrollments`).
 #[utoipa::path(get, path = "/v1/campaigns/{id}/metrics", tag = TAG,
     params(("id" = Uuid, Path), MetricsQuery),
@@ -332,19 +323,4 @@ async fn campaign_metrics(
         unsubscribe_rate: rate(unsubscribed, delivered),
     };
     Ok(axum::Json(json!(metrics)).into_response())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::rate;
-
-    #[test]
-    fn rates_are_percentages_rounded_to_two_decimals_and_zero_over_zero() {
-        assert_eq!(rate(2, 3), 66.67);
-        assert_eq!(rate(1, 3), 33.33);
-        assert_eq!(rate(1, 8), 12.5);
-        assert_eq!(rate(5, 5), 100.0);
-        assert_eq!(rate(0, 7), 0.0);
-        assert_eq!(rate(3, 0), 0.0);
-    }
 }

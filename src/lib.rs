@@ -1,14 +1,22 @@
 //! leadledger: the event-sourced system of record for a sales-automation platform.
 //!
-//! A tour, from the outside in:
+//! A tour, from the outside in. Dependencies point one way — `http` and `cli` → `app` →
+//! `store` / `projections` → `aggregates` — and `tests/api/layers.rs` keeps them so.
 //! - [`cli`]: the `leadledger` command line; `serve` runs the HTTP API.
-//! - [`http`]: the axum router, its middleware, and the server loop with graceful shutdown.
+//! - [`http`]: the axum router (routes and DTOs, extractors, problem+json, OpenAPI), its
+//!   middleware, and the server loop with graceful shutdown.
+//! - [`app`]: the application layer every entry point shares: [`app::App`] (built once by
+//!   `App::build`), command execution with idempotency and retries, and the services —
+//!   contacts, enrollments, webhooks, budgets, analytics, API keys, background workers.
+//! - [`store`]: the event store (optimistic concurrency, snapshots, the global feed).
 //! - [`error`]: the one mapping from errors to HTTP status codes and problem+json bodies.
 //! - [`db`]: the pool and migrations, on `DATABASE_URL` or on [`embedded`] PostgreSQL, a
 //!   private cluster in the data directory run from the machine's binaries.
-//! - [`config`] and [`telemetry`]: settings from the environment, and logs.
+//! - [`secrets`]: the key that seals webhook-source secrets at rest.
+//! - [`config`] and [`telemetry`]: settings from the environment, and logs and metrics.
 //!
-//! The domain lives in the `aggregates` crate, read models in `projections`.
+//! The domain lives in the `aggregates` crate, read models (and the runner that feeds them
+//! and the reactors) in `projections`.
 
 pub mod app;
 pub mod cli;

@@ -3,13 +3,14 @@
 //! A tour, from the outside in. Dependencies point one way — `http` and `cli` → `app` →
 //! `store` / `projections` → `aggregates` — and `tests/api/layers.rs` keeps them so.
 //! - [`cli`]: the `leadledger` command line; `serve` runs the HTTP API.
-//! - [`http`]: the axum router (routes and DTOs, extractors, problem+json, OpenAPI), its
-//!   middleware, and the server loop with graceful shutdown.
+//! - [`http`]: the axum router (routes and DTOs, extractors, OpenAPI), its middleware, the
+//!   server loop with graceful shutdown, and `http::error`, the one mapping from errors to
+//!   HTTP status codes and problem+json bodies.
 //! - [`app`]: the application layer every entry point shares: [`app::App`] (built once by
 //!   `App::build`), command execution with idempotency and retries, and the services —
-//!   contacts, enrollments, webhooks, budgets, analytics, API keys, background workers.
+//!   contacts, enrollments, webhooks, budgets, analytics, API keys, background workers —
+//!   whose failures are an `app::error::AppError`.
 //! - [`store`]: the event store (optimistic concurrency, snapshots, the global feed).
-//! - [`error`]: the one mapping from errors to HTTP status codes and problem+json bodies.
 //! - [`db`]: the pool and migrations, on `DATABASE_URL` or on [`embedded`] PostgreSQL, a
 //!   private cluster in the data directory run from the machine's binaries.
 //! - [`secrets`]: the key that seals webhook-source secrets at rest.
@@ -23,7 +24,6 @@ pub mod cli;
 pub mod config;
 pub mod db;
 pub mod embedded;
-pub mod error;
 pub mod http;
 pub mod secrets;
 pub mod store;

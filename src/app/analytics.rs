@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::error::ApiError;
+use crate::app::error::AppError;
 
 pub const COSTS_READ_MODEL: &str = "costs";
 /// The read models behind the cost report (budget names come from `budgets`).
@@ -34,17 +34,17 @@ impl CostsParams {
     pub const MAX_DAYS: u16 = 365;
 
     /// The query parameters as given (absent: the defaults).
-    pub fn parse(days: Option<&str>, group_by: Option<&str>) -> Result<Self, ApiError> {
+    pub fn parse(days: Option<&str>, group_by: Option<&str>) -> Result<Self, AppError> {
         Ok(Self {
             days: days
                 .map(parse_days)
                 .transpose()
-                .map_err(ApiError::BadRequest)?
+                .map_err(AppError::BadRequest)?
                 .unwrap_or(Self::DEFAULT_DAYS),
             group_by: group_by
                 .map(parse_group_by)
                 .transpose()
-                .map_err(ApiError::BadRequest)?
+                .map_err(AppError::BadRequest)?
                 .unwrap_or_default(),
         })
     }
@@ -787,7 +787,7 @@ mod tests {
         assert_eq!(params.group_by, GroupBy::Day);
         assert!(matches!(
             CostsParams::parse(None, Some("week")),
-            Err(ApiError::BadRequest(_))
+            Err(AppError::BadRequest(_))
         ));
     }
 

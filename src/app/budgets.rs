@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::app::App;
 use crate::app::command::{Abort, Retried};
-use crate::error::ApiError;
+use crate::app::error::AppError;
 use crate::store::{Loaded, Metadata};
 
 /// The read model that lists budgets.
@@ -51,7 +51,7 @@ pub fn spawn_expiry_worker(state: App, cancel: CancellationToken) -> JoinHandle<
 /// advisory lock (released however the sweep ends, even if its task is dropped), so one
 /// process sweeps at a time; and each expiry is an ordinary command under optimistic
 /// concurrency, so a hold can only expire once even if two sweeps met.
-pub async fn expire_due_holds(state: &App, now: DateTime<Utc>) -> Result<usize, ApiError> {
+pub async fn expire_due_holds(state: &App, now: DateTime<Utc>) -> Result<usize, AppError> {
     // This transaction only holds the lock: it writes nothing, so it takes no
     // transaction id and does not hold back the event feed.
     let mut guard = state.pool.begin().await?;
@@ -81,7 +81,7 @@ pub async fn expire_due_holds(state: &App, now: DateTime<Utc>) -> Result<usize, 
 }
 
 /// `ExpireReservations` on one budget, retried on conflicts like any command.
-async fn expire_budget(state: &App, budget_id: Uuid, at: DateTime<Utc>) -> Result<usize, ApiError> {
+async fn expire_budget(state: &App, budget_id: Uuid, at: DateTime<Utc>) -> Result<usize, AppError> {
     let id = budget_id.to_string();
     let metadata = Metadata {
         actor: Some("worker:budget-expiry".into()),
@@ -97,7 +97,7 @@ async fn expire_budget(state: &App, budget_id: Uuid, at: DateTime<Utc>) -> Resul
                     .aggregate
                     .handle(BudgetCommand::ExpireReservations { at }, &(), &sink)
                     .await
-                    .map_err(ApiError::from)?;
+                    .map_err(AppError::from)?;
                 let events = sink.collect().await;
                 state
                     .store

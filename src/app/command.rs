@@ -23,7 +23,7 @@ use serde_json::Value;
 use sqlx::PgConnection;
 
 use crate::app::App;
-use crate::error::ApiError;
+use crate::app::error::AppError;
 use aggregates::campaign::Campaign;
 
 use crate::store::{Appended, Hold, Loaded, Metadata, Position, StoreError};
@@ -204,31 +204,33 @@ impl Reply {
     }
 }
 
-/// Why one attempt of a transaction did not finish.
-pub enum Abort {
+/// Why one attempt of a transaction did not finish. `E` is the error the caller answers
+/// with: [`AppError`] in the services, the transport's own where a route hands in closures
+/// that refuse in its terms (see [`execute`]).
+pub enum Abort<E = AppError> {
     /// Another writer got to a stream first: roll back and try again.
     Conflict,
     /// Give up and answer with this error; nothing is committed.
-    Fail(ApiError),
+    Fail(E),
 }
 
-impl From<ApiError> for Abort {
-    fn from(e: ApiError) -> Self {
-        Self::Fail(e)
-    }
-}
-
-impl From<sqlx::Error> for Abort {
-    fn from(e: sqlx::Error) -> Self {
+impl<E: From<AppError>> From<AppError> for Abort<E> {
+    fn from(e: AppError) -> Self {
         Self::Fail(e.into())
     }
 }
 
-impl From<StoreError> for Abort {
+impl<E: From<AppError>> From<sqlx::Error> for Abort<E> {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Fail(AppError::from(e).into())
+    }
+}
+
+impl<E: From<AppError>> From<StoreError> for Abort<E> {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict => Self::Conflict,
-            other => Self::Fail(store_error(other)),
+            other => Self::Fail(AppError::from(other).into()),
         }
     }
 }
@@ -250,22 +252,24 @@ impl App {
     /// outcome; committing, rolling back, counting conflicts
     /// (`command_conflicts_total{aggregate}`) and pausing before the next attempt
     /// (jittered, growing) happen here.
-    pub async fn retrying<T, F, Fut>(
+    pub async fn retrying<T, E, F, Fut>(
         &self,
         aggregate: &'static str,
         mut attempt: F,
-    ) -> Result<Retried<T>, ApiError>
+    ) -> Result<Retried<T>, E>
     where
+        E: From<AppError>,
         F: FnMut(Tx) -> Fut,
-        Fut: Future<Output = (Tx, Result<T, Abort>)>,
+        Fut: Future<Output = (Tx, Result<T, Abort<E>>)>,
     {
+        let database = |e: sqlx::Error| E::from(AppError::from(e));
         let mut attempts = 0;
         loop {
-            let tx = self.pool.begin().await?;
+            let tx = self.pool.begin().await.map_err(database)?;
             let (tx, outcome) = attempt(tx).await;
             match outcome {
                 Ok(done) => {
-                    tx.commit().await?;
+                    tx.commit().await.map_err(database)?;
                     return Ok(Retried::Done(done));
                 }
                 Err(Abort::Fail(e)) => return Err(e),
@@ -295,24 +299,27 @@ pub enum Answer {
 /// Runs a command on aggregate `id` and answers with `render`'s reply.
 ///
 /// `make` builds the command from the loaded aggregate (it runs again on each retry) and
-/// may refuse with a validation error. Domain errors become replies through
-/// `Into<ApiError>`, decided in `src/error.rs`.
-pub async fn execute<A, M, R>(
+/// may refuse. `E` is the caller's error type; a refusal of the domain is an answer like a
+/// success (a retry with the idempotency key gets it again), which `refusal` renders.
+pub async fn execute<A, E, M, R, F>(
     app: &App,
     context: &CommandContext,
     id: &str,
     services: &A::Services,
     make: M,
     render: R,
-) -> Result<Answer, ApiError>
+    refusal: F,
+) -> Result<Answer, E>
 where
     A: Aggregate,
-    A::Error: Into<ApiError>,
-    M: Fn(&Loaded<A>) -> Result<A::Command, ApiError>,
+    A::Error: Into<E>,
+    E: From<AppError>,
+    M: Fn(&Loaded<A>) -> Result<A::Command, E>,
     R: Fn(&Written<A>) -> Reply,
+    F: Fn(&E) -> Reply,
 {
     let metadata = context.metadata();
-    let (make, render, metadata) = (&make, &render, &metadata);
+    let (make, render, refusal, metadata) = (&make, &render, &refusal, &metadata);
     let outcome = app
         .retrying(A::TYPE, |mut tx| async move {
             let outcome = async {
@@ -331,26 +338,27 @@ where
                 if let Some(expected) = &context.if_match
                     && !expected.matches(loaded.version)
                 {
-                    return Err(ApiError::PreconditionFailed(if loaded.version == 0 {
-                        format!(
-                            "If-Match is {} but the resource does not exist",
-                            expected.describe()
-                        )
-                    } else {
-                        format!(
-                            "If-Match is {} but the resource is at version \"{}\"",
-                            expected.describe(),
-                            loaded.version
-                        )
-                    })
-                    .into());
+                    return Err(Abort::from(AppError::PreconditionFailed(
+                        if loaded.version == 0 {
+                            format!(
+                                "If-Match is {} but the resource does not exist",
+                                expected.describe()
+                            )
+                        } else {
+                            format!(
+                                "If-Match is {} but the resource is at version \"{}\"",
+                                expected.describe(),
+                                loaded.version
+                            )
+                        },
+                    )));
                 }
                 let existed_before = loaded.version > 0;
-                let command = make(&loaded)?;
+                let command = make(&loaded).map_err(Abort::Fail)?;
                 let sink = EventSink::default();
                 let reply = match loaded.aggregate.handle(command, services, &sink).await {
                     // The outcome of executing the command: a retry with the key gets it again.
-                    Err(domain) => error_reply(&domain.into()),
+                    Err(domain) => refusal(&domain.into()),
                     Ok(()) => {
                         let events = sink.collect().await;
                         let appended = app
@@ -365,7 +373,7 @@ where
                     }
                 };
                 record(&mut tx, context, &reply).await?;
-                Ok::<_, Abort>(Answer::Fresh(reply))
+                Ok::<_, Abort<E>>(Answer::Fresh(reply))
             }
             .await;
             (tx, outcome)
@@ -380,10 +388,11 @@ where
         Retried::Exhausted => {
             metrics::counter!("commands_total", "aggregate" => A::TYPE, "outcome" => "retries_exhausted")
                 .increment(1);
-            Err(ApiError::conflict(
+            Err(AppError::conflict(
                 "concurrency-conflict",
                 "the resource kept changing under this command; retry it",
-            ))
+            )
+            .into())
         }
     }
 }
@@ -395,27 +404,13 @@ pub async fn load_existing<A: Aggregate>(
     id: uuid::Uuid,
     exists: impl Fn(&A) -> bool,
     missing: &str,
-) -> Result<Loaded<A>, ApiError> {
+) -> Result<Loaded<A>, AppError> {
     let mut conn = app.pool.acquire().await?;
-    let loaded: Loaded<A> = app
-        .store
-        .load(&mut conn, &id.to_string())
-        .await
-        .map_err(store_error)?;
+    let loaded: Loaded<A> = app.store.load(&mut conn, &id.to_string()).await?;
     if exists(&loaded.aggregate) {
         Ok(loaded)
     } else {
-        Err(ApiError::NotFound(missing.to_string()))
-    }
-}
-
-pub fn store_error(e: StoreError) -> ApiError {
-    match e {
-        StoreError::Database(e) => e.into(),
-        too_large @ StoreError::EventTooLarge { .. } => {
-            ApiError::PayloadTooLarge(too_large.to_string())
-        }
-        other => ApiError::Internal(other.to_string()),
+        Err(AppError::NotFound(missing.to_string()))
     }
 }
 
@@ -433,7 +428,7 @@ pub struct Recorded {
 pub async fn replay(
     conn: &mut PgConnection,
     context: &CommandContext,
-) -> Result<Option<Recorded>, ApiError> {
+) -> Result<Option<Recorded>, AppError> {
     let Some(idempotency) = &context.idempotency else {
         return Ok(None);
     };
@@ -447,7 +442,7 @@ pub async fn replay(
     .fetch_one(&mut *conn)
     .await?;
     if !locked {
-        return Err(ApiError::conflict(
+        return Err(AppError::conflict(
             "idempotency-key-in-flight",
             "a request with this Idempotency-Key is still being processed; retry shortly",
         ));
@@ -464,7 +459,7 @@ pub async fn replay(
         return Ok(None);
     };
     if record.request_hash != idempotency.request_hash {
-        return Err(ApiError::invalid(vec![crate::error::FieldError::new(
+        return Err(AppError::invalid(vec![crate::app::error::FieldError::new(
             "Idempotency-Key",
             "this key was already used with a different request",
         )]));
@@ -494,7 +489,7 @@ pub async fn record(
     conn: &mut PgConnection,
     context: &CommandContext,
     reply: &Reply,
-) -> Result<(), ApiError> {
+) -> Result<(), AppError> {
     let Some(Idempotency {
         scope,
         key,
@@ -528,17 +523,6 @@ pub async fn record(
     .execute(&mut *conn)
     .await?;
     Ok(())
-}
-
-/// An error as a recordable reply (problem+json).
-pub fn error_reply(error: &ApiError) -> Reply {
-    let response = error.problem();
-    Reply {
-        status: error.status(),
-        body: response,
-        etag_version: None,
-        location: None,
-    }
 }
 
 /// Deletes idempotency records older than `keep`; returns how many.

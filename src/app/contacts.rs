@@ -24,7 +24,7 @@ use uuid::Uuid;
 
 use crate::app::App;
 use crate::app::command::{self, Abort, CommandContext, Recorded, Reply, Retried};
-use crate::error::{ApiError, FieldError};
+use crate::app::error::{AppError, FieldError};
 use crate::store::{Loaded, Metadata, Position};
 
 /// Rows an import takes at most.
@@ -198,16 +198,16 @@ pub struct ImportedContact {
 
 /// The rows of a JSON array of contact objects. A body that is not an array is 400; an
 /// element that is not a valid contact object is a row error.
-pub fn rows_from_json(body: &[u8]) -> Result<Vec<ImportRow>, ApiError> {
+pub fn rows_from_json(body: &[u8]) -> Result<Vec<ImportRow>, AppError> {
     rows_from_json_up_to(body, MAX_IMPORT_ROWS)
 }
 
 /// [`rows_from_json`] with another row limit (the command line imports any number, in
 /// batches).
-pub fn rows_from_json_up_to(body: &[u8], max_rows: usize) -> Result<Vec<ImportRow>, ApiError> {
+pub fn rows_from_json_up_to(body: &[u8], max_rows: usize) -> Result<Vec<ImportRow>, AppError> {
     let values: Vec<serde_json::Value> = crate::app::parse_json(body).map_err(|e| match e {
-        ApiError::Unprocessable { .. } => {
-            ApiError::BadRequest("the body must be a JSON array of contact objects".into())
+        AppError::Unprocessable { .. } => {
+            AppError::BadRequest("the body must be a JSON array of contact objects".into())
         }
         other => other,
     })?;
@@ -225,12 +225,12 @@ pub fn rows_from_json_up_to(body: &[u8], max_rows: usize) -> Result<Vec<ImportRo
 /// The rows of a CSV file with a header row of field names (`email` required; `custom.KEY`
 /// columns fill `custom`). Quoted fields, embedded commas and newlines, a UTF-8 BOM and
 /// CRLF line ends are all read; an empty cell leaves its field out.
-pub fn rows_from_csv(body: &[u8]) -> Result<Vec<ImportRow>, ApiError> {
+pub fn rows_from_csv(body: &[u8]) -> Result<Vec<ImportRow>, AppError> {
     rows_from_csv_up_to(body, MAX_IMPORT_ROWS)
 }
 
 /// [`rows_from_csv`] with another row limit.
-pub fn rows_from_csv_up_to(body: &[u8], max_rows: usize) -> Result<Vec<ImportRow>, ApiError> {
+pub fn rows_from_csv_up_to(body: &[u8], max_rows: usize) -> Result<Vec<ImportRow>, AppError> {
     let body = body.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(body);
     let mut reader = csv::ReaderBuilder::new()
         .has_headers(true)
@@ -238,7 +238,7 @@ pub fn rows_from_csv_up_to(body: &[u8], max_rows: usize) -> Result<Vec<ImportRow
         .from_reader(body);
     let headers: Vec<String> = reader
         .headers()
-        .map_err(|e| ApiError::BadRequest(format!("the CSV header row cannot be read: {e}")))?
+        .map_err(|e| AppError::BadRequest(format!("the CSV header row cannot be read: {e}")))?
         .iter()
         .map(|h| h.trim().to_string())
         .collect();
@@ -255,14 +255,14 @@ pub fn rows_from_csv_up_to(body: &[u8], max_rows: usize) -> Result<Vec<ImportRow
     for h in &headers {
         let custom_column = h.starts_with("custom.") && h.len() > "custom.".len();
         if !(KNOWN.contains(&h.as_str()) || custom_column) {
-            return Err(ApiError::BadRequest(format!(
+            return Err(AppError::BadRequest(format!(
                 "unknown CSV column {h:?}: columns are {} and custom.<key>",
                 KNOWN.join(", ")
             )));
         }
     }
     if !headers.iter().any(|h| h == "email") {
-        return Err(ApiError::BadRequest(
+        return Err(AppError::BadRequest(
             "the CSV needs an `email` column".into(),
         ));
     }
@@ -303,9 +303,9 @@ pub fn rows_from_csv_up_to(body: &[u8], max_rows: usize) -> Result<Vec<ImportRow
     Ok(rows)
 }
 
-fn check_row_count(n: usize, max_rows: usize) -> Result<(), ApiError> {
+fn check_row_count(n: usize, max_rows: usize) -> Result<(), AppError> {
     if n > max_rows {
-        Err(ApiError::PayloadTooLarge(format!(
+        Err(AppError::PayloadTooLarge(format!(
             "an import takes at most {max_rows} rows"
         )))
     } else {
@@ -338,7 +338,7 @@ pub async fn import(
     context: Option<&CommandContext>,
     metadata: Metadata,
     progress: &(dyn Fn(usize) + Sync),
-) -> Result<ImportOutcome, ApiError> {
+) -> Result<ImportOutcome, AppError> {
     let key = id_key(state).await?;
     let mut report = ImportReport {
         received: rows.len(),
@@ -463,7 +463,7 @@ pub async fn import(
                         continue;
                     };
                     let Some(appended) = written.get(id) else {
-                        return Err(ApiError::Internal(
+                        return Err(AppError::Internal(
                             "an import row's event was not written".into(),
                         )
                         .into());
@@ -499,7 +499,7 @@ pub async fn import(
         .await?;
     match outcome {
         Retried::Done(done) => Ok(done),
-        Retried::Exhausted => Err(ApiError::conflict(
+        Retried::Exhausted => Err(AppError::conflict(
             "concurrency-conflict",
             "the contacts kept changing under this import; retry it",
         )),

@@ -18,7 +18,7 @@ use uuid::Uuid;
 
 use crate::app::App;
 use crate::app::command::{self, Abort, Answer, CommandContext, Reply, Retried};
-use crate::error::ApiError;
+use crate::app::error::AppError;
 use crate::store::{Hold, Loaded, Position};
 
 #[derive(Debug, Clone, Serialize, ToSchema)]
@@ -43,13 +43,15 @@ pub struct EnrollResponse {
 }
 
 /// Enrolls `contact_ids` (repeats count once) in `campaign`, a campaign that exists and is
-/// not completed; the answer lists what became of each contact.
+/// not completed; the answer lists what became of each contact. A completed campaign is a
+/// refusal answered (and recorded for the idempotency key) as `refusal` renders it.
 pub async fn enroll(
     state: &App,
     context: &CommandContext,
     campaign: Uuid,
     contact_ids: Vec<Uuid>,
-) -> Result<Answer, ApiError> {
+    refusal: impl Fn(AppError) -> Reply,
+) -> Result<Answer, AppError> {
     let mut seen = HashSet::new();
     let contacts: Vec<Uuid> = contact_ids
         .into_iter()
@@ -57,7 +59,7 @@ pub async fn enroll(
         .collect();
     let metadata = context.metadata();
     let at = Utc::now();
-    let (contacts, metadata) = (&contacts, &metadata);
+    let (contacts, metadata, refusal) = (&contacts, &metadata, &refusal);
     let outcome = state
         .retrying(Enrollment::TYPE, |mut tx| async move {
             let outcome = async {
@@ -74,11 +76,11 @@ pub async fn enroll(
                 let loaded_campaign: Loaded<Campaign> =
                     state.store.load(&mut tx, &campaign.to_string()).await?;
                 if !loaded_campaign.aggregate.created {
-                    return Err(ApiError::NotFound("no campaign with this id".into()).into());
+                    return Err(AppError::NotFound("no campaign with this id".into()).into());
                 }
                 if loaded_campaign.aggregate.status == CampaignStatus::Completed {
                     // The outcome of executing the request: a retry with the key gets it again.
-                    let reply = command::error_reply(&ApiError::conflict(
+                    let reply = refusal(AppError::conflict(
                         "campaign-completed",
                         "a completed campaign takes no enrollments",
                     ));
@@ -135,7 +137,7 @@ pub async fn enroll(
                         .aggregate
                         .handle(command, &(), &sink)
                         .await
-                        .map_err(ApiError::from)?;
+                        .map_err(AppError::from)?;
                     new_events.insert(enrollment_key.clone(), sink.collect().await);
                     response.enrolled.push(pair);
                 }
@@ -160,7 +162,7 @@ pub async fn enroll(
         .await?;
     match outcome {
         Retried::Done(answer) => Ok(answer),
-        Retried::Exhausted => Err(ApiError::conflict(
+        Retried::Exhausted => Err(AppError::conflict(
             "concurrency-conflict",
             "the enrollments kept changing under this request; retry it",
         )),

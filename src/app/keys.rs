@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::error::ApiError;
+use crate::app::error::AppError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -169,7 +169,7 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 }
 
 /// The live key `key` is, if any.
-pub async fn lookup(pool: &PgPool, key: &str) -> Result<Option<ApiKey>, ApiError> {
+pub async fn lookup(pool: &PgPool, key: &str) -> Result<Option<ApiKey>, AppError> {
     let row = sqlx::query!(
         "SELECT id, scope FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
         hash(key)
@@ -180,6 +180,6 @@ pub async fn lookup(pool: &PgPool, key: &str) -> Result<Option<ApiKey>, ApiError
         return Ok(None);
     };
     let scope = Scope::parse(&row.scope)
-        .ok_or_else(|| ApiError::Internal(format!("api key with scope {:?}", row.scope)))?;
+        .ok_or_else(|| AppError::Internal(format!("api key with scope {:?}", row.scope)))?;
     Ok(Some(ApiKey { id: row.id, scope }))
 }

@@ -8,6 +8,7 @@ pub mod budgets;
 pub mod command;
 pub mod contacts;
 pub mod enrollments;
+pub mod error;
 pub mod keys;
 pub mod webhooks;
 pub mod workers;
@@ -19,6 +20,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use sqlx::PgPool;
 
 use crate::app::command::RetryPolicy;
+use crate::app::error::AppError;
 use crate::config::Config;
 use crate::secrets::{SecretBox, SecretError};
 use crate::store::Store;
@@ -83,13 +85,9 @@ impl App {
 }
 
 /// Parses a JSON body into `T`, telling syntax errors (400) from invalid values (422).
-pub fn parse_json<T: serde::de::DeserializeOwned>(
-    body: &[u8],
-) -> Result<T, crate::error::ApiError> {
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, AppError> {
     if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(crate::error::ApiError::BadRequest(
-            "a JSON body is required".into(),
-        ));
+        return Err(AppError::BadRequest("a JSON body is required".into()));
     }
     let mut de = serde_json::Deserializer::from_slice(body);
     let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
@@ -103,13 +101,13 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(
                 } else {
                     path
                 };
-                crate::error::ApiError::invalid(vec![crate::error::FieldError::new(field, message)])
+                AppError::invalid(vec![error::FieldError::new(field, message)])
             }
-            _ => crate::error::ApiError::BadRequest(format!("malformed JSON: {message}")),
+            _ => AppError::BadRequest(format!("malformed JSON: {message}")),
         }
     })?;
     de.end().map_err(|e| {
-        crate::error::ApiError::BadRequest(format!(
+        AppError::BadRequest(format!(
             "malformed JSON: {}",
             strip_location(&e.to_string())
         ))

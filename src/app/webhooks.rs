@@ -37,7 +37,7 @@ use uuid::Uuid;
 
 use crate::app::App;
 use crate::app::command::{Abort, Retried};
-use crate::error::{ApiError, FieldError};
+use crate::app::error::{AppError, FieldError};
 use crate::secrets::SecretBox;
 use crate::store::{Loaded, Metadata, Store, StoreError};
 
@@ -65,11 +65,11 @@ fn is_source_name(name: &str) -> bool {
 }
 
 /// Refuses a name no source may have (422).
-pub fn check_source_name(name: &str) -> Result<(), ApiError> {
+pub fn check_source_name(name: &str) -> Result<(), AppError> {
     if is_source_name(name) {
         Ok(())
     } else {
-        Err(ApiError::invalid(vec![FieldError::new(
+        Err(AppError::invalid(vec![FieldError::new(
             "name",
             "must be 1 to 63 characters of a-z, 0-9, _ and -, starting with a letter or digit",
         )]))
@@ -83,7 +83,7 @@ pub async fn add_source(
     conn: &mut PgConnection,
     secrets: &SecretBox,
     name: &str,
-) -> Result<String, ApiError> {
+) -> Result<String, AppError> {
     check_source_name(name)?;
     let mut key = [0u8; 32];
     rand::rng().fill_bytes(&mut key);
@@ -99,7 +99,7 @@ pub async fn add_source(
     .execute(&mut *conn)
     .await?;
     if inserted.rows_affected() == 0 {
-        return Err(ApiError::conflict(
+        return Err(AppError::conflict(
             "already-exists",
             "a webhook source with this name exists",
         ));
@@ -182,7 +182,7 @@ async fn source_key(
     pool: &PgPool,
     secrets: &SecretBox,
     name: &str,
-) -> Result<Option<Vec<u8>>, ApiError> {
+) -> Result<Option<Vec<u8>>, AppError> {
     // No source has another name; and a name from the URL may hold what PostgreSQL
     // cannot take as text (NUL).
     if !is_source_name(name) {
@@ -199,13 +199,13 @@ async fn source_key(
     };
     let secret = secrets
         .open(&row.secret_nonce, &row.secret_ciphertext)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let secret = String::from_utf8(secret).map_err(|e| ApiError::Internal(e.to_string()))?;
+        .map_err(|e| AppError::Internal(e.to_string()))?;
+    let secret = String::from_utf8(secret).map_err(|e| AppError::Internal(e.to_string()))?;
     let encoded = secret.strip_prefix(SECRET_PREFIX).unwrap_or(&secret);
     STANDARD
         .decode(encoded)
         .map(Some)
-        .map_err(|e| ApiError::Internal(e.to_string()))
+        .map_err(|e| AppError::Internal(e.to_string()))
 }
 
 /// The three Standard Webhooks headers.
@@ -254,12 +254,12 @@ pub async fn authenticate(
     source: &str,
     signed: &Signed<'_>,
     body: &[u8],
-) -> Result<(), ApiError> {
+) -> Result<(), AppError> {
     let key = source_key(&state.pool, &state.secrets, source)
         .await?
-        .ok_or_else(|| ApiError::Unauthorized("unknown webhook source".into()))?;
+        .ok_or_else(|| AppError::Unauthorized("unknown webhook source".into()))?;
     verify(&key, signed, body, Utc::now().timestamp())
-        .map_err(|reason| ApiError::Unauthorized(format!("webhook signature refused: {reason}")))
+        .map_err(|reason| AppError::Unauthorized(format!("webhook signature refused: {reason}")))
 }
 
 /// One event's result in the response.
@@ -413,7 +413,7 @@ pub async fn ingest(
     webhook_id: &str,
     request_hash: &[u8],
     events: Vec<Value>,
-) -> Result<Value, ApiError> {
+) -> Result<Value, AppError> {
     let key = crate::app::contacts::id_key(state).await?;
     let now = Utc::now();
     let resolved: Vec<Result<Resolved, String>> = events
@@ -447,7 +447,7 @@ pub async fn ingest(
         .await?;
         if let Some(earlier) = earlier {
             if earlier.request_hash != request_hash {
-                return Err(ApiError::conflict(
+                return Err(AppError::conflict(
                     "webhook-id-reused",
                     "this webhook-id was delivered before with a different body",
                 )
@@ -637,7 +637,7 @@ pub async fn ingest(
             }
             Ok(response)
         }
-        Retried::Exhausted => Err(ApiError::conflict(
+        Retried::Exhausted => Err(AppError::conflict(
             "concurrency-conflict",
             "the enrollments kept changing under this delivery; deliver it again",
         )),

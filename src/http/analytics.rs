@@ -17,7 +17,7 @@ use crate::app::analytics::{
     ENROLLMENTS_READ_MODEL, Timeseries, campaign_timeseries, cost_report, dashboard_report,
     parse_days,
 };
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use crate::http::extract::{ApiQuery, MinPosition};
 
 const TAG: &str = "analytics";

@@ -10,7 +10,7 @@ use axum::response::Response;
 
 use crate::app::App;
 use crate::app::keys::{self, ApiKey, Scope};
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 /// `/v1` middleware: 401 without a valid key; 403 when a read key sends a command.
 pub async fn authenticate(

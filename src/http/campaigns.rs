@@ -14,8 +14,8 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::app::App;
-use crate::error::{ApiError, FieldError};
 use crate::http::command::{self, Reply, Written};
+use crate::http::error::{ApiError, FieldError};
 use crate::http::extract::{
     ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, json_with_etag,
 };

@@ -8,12 +8,13 @@ use sqlx::PgConnection;
 
 use crate::app::App;
 pub use crate::app::command::{
-    Abort, Answer, CommandContext, Recorded, Reply, Retried, Written, error_reply, load_existing,
-    store_error,
+    Abort, Answer, CommandContext, Recorded, Reply, Retried, Written, load_existing,
 };
-use crate::error::ApiError;
+use crate::app::error::AppError;
+use crate::http::error::ApiError;
 use crate::http::extract::CommandRequest;
 use crate::store::Loaded;
+use crate::store::StoreError;
 
 impl IntoResponse for Reply {
     fn into_response(self) -> Response {
@@ -55,9 +56,17 @@ where
     M: Fn(&Loaded<A>) -> Result<A::Command, ApiError>,
     R: Fn(&Written<A>) -> Reply,
 {
-    crate::app::command::execute(state, &request.context(), id, services, make, render)
-        .await
-        .map(IntoResponse::into_response)
+    crate::app::command::execute::<A, ApiError, _, _, _>(
+        state,
+        &request.context(),
+        id,
+        services,
+        make,
+        render,
+        error_reply,
+    )
+    .await
+    .map(IntoResponse::into_response)
 }
 
 /// The response recorded for the request's idempotency key, if any (see
@@ -76,7 +85,7 @@ pub async fn replay_record(
     conn: &mut PgConnection,
     request: &CommandRequest,
 ) -> Result<Option<Recorded>, ApiError> {
-    crate::app::command::replay(conn, &request.context()).await
+    Ok(crate::app::command::replay(conn, &request.context()).await?)
 }
 
 /// Records `reply` for the request's idempotency key (see [`crate::app::command::record`]).
@@ -85,5 +94,21 @@ pub async fn record(
     request: &CommandRequest,
     reply: &Reply,
 ) -> Result<(), ApiError> {
-    crate::app::command::record(conn, &request.context(), reply).await
+    Ok(crate::app::command::record(conn, &request.context(), reply).await?)
+}
+
+/// An error as a recordable reply (problem+json).
+pub fn error_reply(error: &ApiError) -> Reply {
+    let response = error.problem();
+    Reply {
+        status: error.status(),
+        body: response,
+        etag_version: None,
+        location: None,
+    }
+}
+
+/// A store failure as an answer.
+pub fn store_error(e: StoreError) -> ApiError {
+    AppError::from(e).into()
 }

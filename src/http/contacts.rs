@@ -16,8 +16,8 @@ use crate::app::App;
 use crate::app::contacts::{
     self, ContactInput, FieldsInput, ImportMode, ImportOutcome, ImportReport, field_error,
 };
-use crate::error::{ApiError, FieldError};
 use crate::http::command::{self, Reply, Written};
+use crate::http::error::{ApiError, FieldError};
 use crate::http::extract::{
     ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, json_with_etag,
 };

@@ -20,8 +20,9 @@ use uuid::Uuid;
 use crate::app::App;
 use crate::app::analytics::rate;
 use crate::app::enrollments::EnrollResponse;
-use crate::error::{ApiError, FieldError};
+use crate::app::error::AppError;
 use crate::http::command;
+use crate::http::error::{ApiError, FieldError};
 use crate::http::extract::{
     ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, json_with_etag,
 };
@@ -66,9 +67,16 @@ async fn enroll(
             format!("must hold 1 to {MAX_BULK} contact ids"),
         )]));
     }
-    crate::app::enrollments::enroll(&state, &request.context(), campaign, input.contact_ids)
-        .await
-        .map(IntoResponse::into_response)
+    let refusal = |e: AppError| command::error_reply(&e.into());
+    let answer = crate::app::enrollments::enroll(
+        &state,
+        &request.context(),
+        campaign,
+        input.contact_ids,
+        refusal,
+    )
+    .await?;
+    Ok(answer.into_response())
 }
 
 /// An enrollment as its stream says.

@@ -17,13 +17,16 @@ use sha2::{Digest, Sha256};
 use crate::app::App;
 use crate::app::command::{CommandContext, Idempotency, IfMatch};
 use crate::app::keys::ApiKey;
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use crate::store::{Metadata, Position};
 
 /// How long a read waits for `?min_position=` before answering 503.
 pub const MIN_POSITION_WAIT: Duration = Duration::from_secs(5);
 
-pub use crate::app::parse_json;
+/// Parses a JSON body into `T`, telling syntax errors (400) from invalid values (422).
+pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    Ok(crate::app::parse_json(body)?)
+}
 
 /// The query string as `T`; anything malformed or unknown is 400.
 pub struct ApiQuery<T>(pub T);

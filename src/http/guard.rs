@@ -10,7 +10,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::{App, REQUEST_ID};
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 /// The longest `X-Request-Id` taken from a client; it is copied into every event's
 /// metadata and every log line of the request, so it must stay small.

@@ -38,7 +38,7 @@ async fn ready(State(state): State<App>) -> impl IntoResponse {
         Ok(Err(e)) if is_missing_table(&e) => {
             (StatusCode::SERVICE_UNAVAILABLE, "migrations pending")
         }
-        Ok(Err(e)) if crate::error::is_out_of_descriptors(&e) => (
+        Ok(Err(e)) if crate::http::error::is_out_of_descriptors(&e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "this process is out of file descriptors",
         ),

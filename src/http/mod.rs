@@ -10,6 +10,7 @@ pub mod contacts;
 pub mod docs;
 pub mod document;
 pub mod enrollments;
+pub mod error;
 pub mod extract;
 pub mod guard;
 pub mod health;
@@ -31,7 +32,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
 pub use crate::app::{App, Limits};
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 

@@ -18,9 +18,9 @@ use uuid::Uuid;
 
 use crate::app::App;
 use crate::app::webhooks::{self, PARKING_REACTOR, ParkedEvent, Signed};
-use crate::error::ApiError;
 use crate::http::auth::AdminKey;
 use crate::http::command::{self, Reply};
+use crate::http::error::ApiError;
 use crate::http::extract::{
     ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, parse_json,
 };
@@ -107,7 +107,8 @@ async fn add_source(
         return Ok(recorded.into_response());
     }
     let url = format!("/webhooks/{}", input.name);
-    let (reply, response) = match webhooks::add_source(&mut tx, &state.secrets, &input.name).await {
+    let added = webhooks::add_source(&mut tx, &state.secrets, &input.name).await;
+    let (reply, response) = match added.map_err(ApiError::from) {
         Ok(secret) => {
             let sealed = json!({"name": input.name, "url": url, SEALED_SECRET: seal_secret(&state, &secret)});
             let shown = SourceCreated {

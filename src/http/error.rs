@@ -8,21 +8,8 @@ use serde::Serialize;
 const PROBLEM_JSON: &str = "application/problem+json";
 const TYPE_BASE: &str = "https://leadledger.dev/problems/";
 
-/// One field at fault in a 422 (or 400) answer.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FieldError {
-    pub field: String,
-    pub message: String,
-}
-
-impl FieldError {
-    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            field: field.into(),
-            message: message.into(),
-        }
-    }
-}
+use crate::app::error::AppError;
+pub use crate::app::error::FieldError;
 
 /// Every error an HTTP route can answer with.
 #[derive(Debug, thiserror::Error)]
@@ -172,6 +159,26 @@ impl ApiError {
     }
 }
 
+impl From<AppError> for ApiError {
+    fn from(e: AppError) -> Self {
+        match e {
+            AppError::BadRequest(detail) => Self::BadRequest(detail),
+            AppError::Unauthorized(detail) => Self::Unauthorized(detail),
+            AppError::NotFound(detail) => Self::NotFound(detail),
+            AppError::Conflict { kind, detail } => Self::Conflict { kind, detail },
+            AppError::PreconditionFailed(detail) => Self::PreconditionFailed(detail),
+            AppError::PayloadTooLarge(detail) => Self::PayloadTooLarge(detail),
+            AppError::Unprocessable { detail, errors } => Self::Unprocessable { detail, errors },
+            AppError::Campaign(e) => e.into(),
+            AppError::Contact(e) => e.into(),
+            AppError::Enrollment(e) => e.into(),
+            AppError::Budget(e) => e.into(),
+            AppError::Database(e) => e.into(),
+            AppError::Internal(detail) => Self::Internal(detail),
+        }
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         if matches!(e, sqlx::Error::PoolTimedOut) || is_out_of_descriptors(&e) {
@@ -190,30 +197,7 @@ impl From<sqlx::Error> for ApiError {
     }
 }
 
-/// 22021 (character not in repertoire) and 22P05 (untranslatable character): text the
-/// database cannot store, which only a NUL character can cause in UTF-8.
-fn is_unstorable_text(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("22021" | "22P05")))
-}
-
-/// EMFILE / ENFILE: this process (or the system) has no descriptor for a new connection.
-pub fn is_out_of_descriptors(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Io(io) if matches!(io.raw_os_error(), Some(23 | 24)))
-}
-
-/// Errors that mean "the database cannot be reached now", as opposed to a defect.
-pub fn is_unavailable(e: &sqlx::Error) -> bool {
-    match e {
-        sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) => true,
-        sqlx::Error::Tls(_) => true,
-        sqlx::Error::Database(db) => db.code().is_some_and(|code| {
-            // 57P01..57P03: admin shutdown, crash shutdown, cannot connect now;
-            // 08xxx: connection exceptions; 53300: too many connections.
-            code.starts_with("57P") || code.starts_with("08") || code == "53300"
-        }),
-        _ => false,
-    }
-}
+pub use crate::app::error::{is_out_of_descriptors, is_unavailable, is_unstorable_text};
 
 impl From<aggregates::CampaignError> for ApiError {
     fn from(e: aggregates::CampaignError) -> Self {

@@ -401,6 +401,125 @@ impl Tally {
     }
 }
 
+/// What becomes of the new events of a delivery.
+#[derive(Debug, Default)]
+struct Decision<'a> {
+    /// By the event's index in the delivery: its outcome and, when refused, why.
+    decided: HashMap<usize, (Outcome, Option<String>)>,
+    /// By enrollment id: the events to append.
+    new_events: HashMap<String, Vec<EnrollmentEvent>>,
+    /// Events whose enrollment does not exist yet but whose campaign does.
+    parked: Vec<&'a Resolved>,
+    /// Ids of refused events, to forget (a corrected redelivery is not a duplicate).
+    refused_ids: Vec<String>,
+}
+
+/// Decides each new event of a delivery from the enrollments (which take the events
+/// decided, in order) and campaigns as loaded:
+/// applied (or a duplicate the enrollment already knows), parked until its enrollment
+/// exists, or rejected with a reason. Pure: no database, no clock (it is `async` only
+/// because the aggregate's `handle` is).
+async fn decide<'a>(
+    source: &str,
+    new: &[&'a Resolved],
+    loaded: &mut HashMap<String, Loaded<Enrollment>>,
+    campaigns: &HashMap<String, Loaded<Campaign>>,
+) -> Decision<'a> {
+    let mut decided: HashMap<usize, (Outcome, Option<String>)> = HashMap::new();
+    let mut new_events: HashMap<String, Vec<EnrollmentEvent>> = HashMap::new();
+    let mut parked: Vec<&Resolved> = Vec::new();
+    let mut refused_ids: Vec<String> = Vec::new();
+    for &r in new {
+        let enrollment = loaded
+            .get_mut(&r.enrollment_id.to_string())
+            .expect("loaded every id");
+        if !enrollment.aggregate.enrolled {
+            let refusal = match r.campaign_id {
+                None => Some("no enrollment with this enrollment_id"),
+                Some(campaign)
+                    if !campaigns
+                        .get(&campaign.to_string())
+                        .is_some_and(|c| c.aggregate.created) =>
+                {
+                    Some("no campaign with this campaign_id")
+                }
+                Some(_) => None,
+            };
+            match refusal {
+                Some(reason) => {
+                    refused_ids.push(r.event_id.clone());
+                    decided.insert(r.index, (Outcome::Rejected, Some(reason.into())));
+                }
+                None => {
+                    parked.push(r);
+                    decided.insert(r.index, (Outcome::Parked, None));
+                }
+            }
+            continue;
+        }
+        let sink = EventSink::default();
+        let handled = enrollment
+            .aggregate
+            .handle(
+                EnrollmentCommand::RecordProviderEvent {
+                    provider_event_id: qualified(source, &r.event_id),
+                    kind: r.kind,
+                    occurred_at: r.occurred_at,
+                },
+                &(),
+                &sink,
+            )
+            .await;
+        if let Err(refused) = handled {
+            refused_ids.push(r.event_id.clone());
+            decided.insert(r.index, (Outcome::Rejected, Some(refused.to_string())));
+            continue;
+        }
+        let written = sink.collect().await;
+        let kind = if written.is_empty() {
+            Outcome::Duplicate
+        } else {
+            Outcome::Applied
+        };
+        decided.insert(r.index, (kind, None));
+        new_events
+            .entry(r.enrollment_id.to_string())
+            .or_default()
+            .extend(written);
+    }
+    Decision {
+        decided,
+        new_events,
+        parked,
+        refused_ids,
+    }
+}
+
+/// The result of every event of a delivery, in its order: refused when it could not be
+/// read, else as decided (an event not decided repeated an earlier one of the delivery).
+fn results(
+    events: &[Value],
+    resolved: &[Result<Resolved, String>],
+    decided: &mut HashMap<usize, (Outcome, Option<String>)>,
+) -> Vec<EventResult> {
+    resolved
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let id = echoed_id(&events[i]);
+            let (outcome, reason) = match r {
+                Err(reason) => (Outcome::Rejected, Some(reason.clone())),
+                Ok(_) => decided.remove(&i).unwrap_or((Outcome::Duplicate, None)),
+            };
+            EventResult {
+                id,
+                outcome: outcome.as_str(),
+                reason,
+            }
+        })
+        .collect()
+}
+
 /// Applies or parks the events of one verified delivery; returns the response body.
 ///
 /// Each event gets its own outcome: one that cannot be applied (its enrollment refuses
@@ -509,68 +628,12 @@ pub async fn ingest(
         } else {
             state.store.load_many(&mut tx, &campaign_ids).await?
         };
-        let mut decided: HashMap<usize, (Outcome, Option<String>)> = HashMap::new();
-        let mut new_events: HashMap<String, Vec<EnrollmentEvent>> = HashMap::new();
-        let mut parked: Vec<&Resolved> = Vec::new();
-        let mut refused_ids: Vec<String> = Vec::new();
-        for r in &new {
-            let enrollment = loaded
-                .get_mut(&r.enrollment_id.to_string())
-                .expect("loaded every id");
-            if !enrollment.aggregate.enrolled {
-                let refusal = match r.campaign_id {
-                    None => Some("no enrollment with this enrollment_id"),
-                    Some(campaign)
-                        if !campaigns
-                            .get(&campaign.to_string())
-                            .is_some_and(|c| c.aggregate.created) =>
-                    {
-                        Some("no campaign with this campaign_id")
-                    }
-                    Some(_) => None,
-                };
-                match refusal {
-                    Some(reason) => {
-                        refused_ids.push(r.event_id.clone());
-                        decided.insert(r.index, (Outcome::Rejected, Some(reason.into())));
-                    }
-                    None => {
-                        parked.push(r);
-                        decided.insert(r.index, (Outcome::Parked, None));
-                    }
-                }
-                continue;
-            }
-            let sink = EventSink::default();
-            let handled = enrollment
-                .aggregate
-                .handle(
-                    EnrollmentCommand::RecordProviderEvent {
-                        provider_event_id: qualified(source, &r.event_id),
-                        kind: r.kind,
-                        occurred_at: r.occurred_at,
-                    },
-                    &(),
-                    &sink,
-                )
-                .await;
-            if let Err(refused) = handled {
-                refused_ids.push(r.event_id.clone());
-                decided.insert(r.index, (Outcome::Rejected, Some(refused.to_string())));
-                continue;
-            }
-            let written = sink.collect().await;
-            let kind = if written.is_empty() {
-                Outcome::Duplicate
-            } else {
-                Outcome::Applied
-            };
-            decided.insert(r.index, (kind, None));
-            new_events
-                .entry(r.enrollment_id.to_string())
-                .or_default()
-                .extend(written);
-        }
+        let Decision {
+            mut decided,
+            new_events,
+            parked,
+            refused_ids,
+        } = decide(source, &new, &mut loaded, &campaigns).await;
         if !refused_ids.is_empty() {
             sqlx::query!(
                 "DELETE FROM webhook_event_ids WHERE source = $1 AND event_id = ANY($2)",
@@ -589,22 +652,7 @@ pub async fn ingest(
             .append_many(&mut tx, &mut streams, metadata)
             .await?;
         park(&mut tx, source, &parked).await?;
-        let results: Vec<EventResult> = resolved
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                let id = echoed_id(&events[i]);
-                let (outcome, reason) = match r {
-                    Err(reason) => (Outcome::Rejected, Some(reason.clone())),
-                    Ok(_) => decided.remove(&i).unwrap_or((Outcome::Duplicate, None)),
-                };
-                EventResult {
-                    id,
-                    outcome: outcome.as_str(),
-                    reason,
-                }
-            })
-            .collect();
+        let results = results(events, resolved, &mut decided);
         let tally = Tally::of(&results);
         let response = json!({ "results": results });
         sqlx::query!(
@@ -1102,5 +1150,115 @@ mod tests {
             let signed = sign(key, "msg_1", &ts, body);
             assert!(ok(&signed, &ts, body, now).is_err(), "{far}");
         }
+    }
+
+    fn loaded<A>(id: String, aggregate: A) -> Loaded<A> {
+        Loaded {
+            id,
+            aggregate,
+            version: 1,
+            last_position: None,
+            unsnapshotted_bytes: 0,
+        }
+    }
+
+    fn event(index: usize, id: &str, enrollment: Uuid, campaign: Option<Uuid>) -> Resolved {
+        Resolved {
+            index,
+            event_id: id.into(),
+            kind: ProviderEventKind::Opened,
+            occurred_at: Utc::now(),
+            enrollment_id: enrollment,
+            campaign_id: campaign,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delivery_is_decided_event_by_event_without_a_database() {
+        let now = Utc::now();
+        let campaign = Uuid::now_v7();
+        let (enrolled, waiting, orphan, unknown_campaign) = (
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+        );
+        let mut enrollment = Enrollment::default();
+        enrollment.apply(EnrollmentEvent::ContactEnrolled {
+            campaign_id: campaign,
+            contact_id: Uuid::now_v7(),
+            stop_on_reply: true,
+            enrolled_at: now,
+        });
+        enrollment.apply(EnrollmentEvent::ProviderEventRecorded {
+            provider_event_id: qualified("esp", "seen"),
+            kind: ProviderEventKind::Delivered,
+            occurred_at: now,
+        });
+        let mut created = Campaign::default();
+        created.apply(aggregates::campaign::CampaignEvent::CampaignCreated {
+            name: aggregates::campaign::CampaignName::parse("launch").unwrap(),
+            stop_on_reply: true,
+            created_at: now,
+        });
+        let mut loaded_enrollments: HashMap<String, Loaded<Enrollment>> = [
+            (enrolled, enrollment),
+            (waiting, Enrollment::default()),
+            (orphan, Enrollment::default()),
+            (unknown_campaign, Enrollment::default()),
+        ]
+        .into_iter()
+        .map(|(id, e)| (id.to_string(), loaded(id.to_string(), e)))
+        .collect();
+        let campaigns: HashMap<String, Loaded<Campaign>> =
+            [(campaign.to_string(), loaded(campaign.to_string(), created))].into();
+        let events = [
+            event(0, "new", enrolled, None),
+            event(1, "seen", enrolled, None),
+            event(2, "early", waiting, Some(campaign)),
+            event(3, "lost", orphan, None),
+            event(4, "stray", unknown_campaign, Some(Uuid::now_v7())),
+        ];
+        let new: Vec<&Resolved> = events.iter().collect();
+        let decision = decide("esp", &new, &mut loaded_enrollments, &campaigns).await;
+
+        let outcome = |i: usize| decision.decided[&i].0;
+        assert_eq!(outcome(0), Outcome::Applied);
+        assert_eq!(
+            outcome(1),
+            Outcome::Duplicate,
+            "the enrollment knows esp:seen"
+        );
+        assert_eq!(outcome(2), Outcome::Parked);
+        assert_eq!(outcome(3), Outcome::Rejected);
+        assert_eq!(
+            decision.decided[&3].1.as_deref(),
+            Some("no enrollment with this enrollment_id")
+        );
+        assert_eq!(
+            decision.decided[&4].1.as_deref(),
+            Some("no campaign with this campaign_id")
+        );
+        assert_eq!(decision.new_events[&enrolled.to_string()].len(), 1);
+        assert_eq!(
+            decision.new_events.len(),
+            1,
+            "only the applied event writes"
+        );
+        assert_eq!(decision.parked.len(), 1);
+        assert_eq!(decision.parked[0].event_id, "early");
+        assert_eq!(decision.refused_ids, ["lost", "stray"]);
+
+        // The results list every event of the delivery in order, unreadable ones too.
+        let bodies = vec![json!({"id": "new"}), json!({"id": "bad"})];
+        let resolved = vec![
+            Ok(event(0, "new", enrolled, None)),
+            Err("type must be…".into()),
+        ];
+        let mut decided = decision.decided;
+        let results = results(&bodies, &resolved, &mut decided);
+        assert_eq!(results[0].outcome, "applied");
+        assert_eq!(results[1].outcome, "rejected");
+        assert_eq!(results[1].reason.as_deref(), Some("type must be…"));
     }
 }

@@ -48,16 +48,17 @@ async fn apply_one(
             ..
         } => {
             sqlx::query!(
-                    "INSERT INTO budget_holds_view (reservation_id, budget_id, amount, expires_at, position)
+                "INSERT INTO budget_holds_view
+                         (reservation_id, budget_id, amount, expires_at, position)
                      VALUES ($1, $2, $3, $4, $5)",
-                    reservation_id,
-                    budget_id,
-                    amount.money().as_decimal(),
-                    expires_at,
-                    event.at.position
-                )
-                .execute(&mut *conn)
-                .await?;
+                reservation_id,
+                budget_id,
+                amount.money().as_decimal(),
+                expires_at,
+                event.at.position
+            )
+            .execute(&mut *conn)
+            .await?;
             return Ok(());
         }
         BudgetEvent::ReservationCaptured { reservation_id, .. }

@@ -118,7 +118,8 @@ impl Projection for CampaignsProjection {
 async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), ProjectionError> {
     let created = |c: &Change| c.created.unwrap_or((false, c.updated_at));
     sqlx::query!(
-        "INSERT INTO campaigns_view (id, name, status, stop_on_reply, created_at, updated_at, version, last_position)
+        "INSERT INTO campaigns_view
+             (id, name, status, stop_on_reply, created_at, updated_at, version, last_position)
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bool[], $5::timestamptz[],
              $6::timestamptz[], $7::int8[], $8::int8[])",
         &ids(rows),
@@ -137,8 +138,10 @@ async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), 
 
 async fn update(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), ProjectionError> {
     let updated = sqlx::query!(
-        "UPDATE campaigns_view c SET name = coalesce(u.name, c.name), status = coalesce(u.status, c.status),
-             updated_at = u.updated_at, version = c.version + u.events, last_position = u.last_position
+        "UPDATE campaigns_view c
+         SET name = coalesce(u.name, c.name), status = coalesce(u.status, c.status),
+             updated_at = u.updated_at, version = c.version + u.events,
+             last_position = u.last_position
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::int8[], $6::int8[])
              AS u(id, name, status, updated_at, events, last_position)
          WHERE c.id = u.id",

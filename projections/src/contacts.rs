@@ -163,7 +163,8 @@ impl Projection for ContactsProjection {
             insert(conn, &created).await?;
             sqlx::query!(
                 "INSERT INTO contact_totals_view (singleton, contacts) VALUES (true, $1)
-                 ON CONFLICT (singleton) DO UPDATE SET contacts = contact_totals_view.contacts + EXCLUDED.contacts",
+                 ON CONFLICT (singleton)
+                 DO UPDATE SET contacts = contact_totals_view.contacts + EXCLUDED.contacts",
                 created.len() as i64
             )
             .execute(&mut *conn)
@@ -181,8 +182,9 @@ async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), 
     sqlx::query!(
         "INSERT INTO contacts_view (id, email, first_name, last_name, company, company_domain,
              title, phone, linkedin_url, custom, enrichment, created_at, updated_at, version)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-             $7::text[], $8::text[], $9::text[], $10::jsonb[], $11::jsonb[], $12::timestamptz[],
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+             $6::text[], $7::text[], $8::text[], $9::text[], $10::jsonb[], $11::jsonb[],
+             $12::timestamptz[],
              $13::timestamptz[], $14::int8[])",
         &ids(rows),
         &column(rows, |c| created(c).0),
@@ -193,7 +195,11 @@ async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), 
         &column(rows, |c| c.columns.title.clone()) as _,
         &column(rows, |c| c.columns.phone.clone()) as _,
         &column(rows, |c| c.columns.linkedin_url.clone()) as _,
-        &column(rows, |c| c.columns.custom.clone().unwrap_or_else(|| json!({}))),
+        &column(rows, |c| c
+            .columns
+            .custom
+            .clone()
+            .unwrap_or_else(|| json!({}))),
         &column(rows, |c| c.enrichment.clone()) as _,
         &column(rows, |c| created(c).1),
         &column(rows, |c| c.updated_at),
@@ -219,7 +225,8 @@ async fn update(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), 
              updated_at = u.updated_at,
              version = c.version + u.events
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::text[], $8::text[], $9::jsonb[], $10::jsonb[], $11::timestamptz[], $12::int8[])
+                     $7::text[], $8::text[], $9::jsonb[], $10::jsonb[], $11::timestamptz[],
+                     $12::int8[])
              AS u(id, first_name, last_name, company, company_domain, title, phone, linkedin_url,
                   custom, enrichment, updated_at, events)
          WHERE c.id = u.id",

@@ -167,7 +167,8 @@ async fn load(
     }
     let rows = sqlx::query!(
         "SELECT id, campaign_id, contact_id, stop_on_reply, enrolled_at, sent_at, delivered_at,
-                opened_at, clicked_at, replied_at, bounced_at, unsubscribed_at, complained_at, version
+                opened_at, clicked_at, replied_at, bounced_at, unsubscribed_at, complained_at,
+                version
          FROM enrollments_view WHERE id = ANY($1)",
         ids
     )
@@ -248,8 +249,9 @@ async fn write(
         let counts: Vec<&Counts> = campaigns.values().collect();
         let col = |k: usize| counts.iter().map(|c| c[k]).collect::<Vec<i64>>();
         sqlx::query!(
-            "INSERT INTO campaign_metrics_view (campaign_id, enrolled, sent, delivered, opened, clicked,
-                 replied, bounced, unsubscribed, complained)
+            "INSERT INTO campaign_metrics_view
+                 (campaign_id, enrolled, sent, delivered, opened, clicked, replied, bounced,
+                  unsubscribed, complained)
              SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::int8[], $4::int8[], $5::int8[],
                  $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::int8[])
              ON CONFLICT (campaign_id) DO UPDATE SET
@@ -296,14 +298,17 @@ async fn write(
                      enrolled = v.enrolled + d.enrolled, sent = v.sent + d.sent,
                      delivered = v.delivered + d.delivered, opened = v.opened + d.opened,
                      clicked = v.clicked + d.clicked, replied = v.replied + d.replied,
-                     bounced = v.bounced + d.bounced, unsubscribed = v.unsubscribed + d.unsubscribed,
+                     bounced = v.bounced + d.bounced,
+                     unsubscribed = v.unsubscribed + d.unsubscribed,
                      complained = v.complained + d.complained
                  FROM d WHERE v.campaign_id = d.campaign_id AND v.day = d.day
                  RETURNING v.campaign_id, v.day
              )
              INSERT INTO campaign_days_view
              SELECT d.* FROM d
-             WHERE NOT EXISTS (SELECT 1 FROM updated u WHERE u.campaign_id = d.campaign_id AND u.day = d.day)",
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM updated u WHERE u.campaign_id = d.campaign_id AND u.day = d.day
+             )",
             &campaign_ids,
             &day_list,
             &col(0),
@@ -345,7 +350,8 @@ fn milestone(
 
 async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Row)]) -> Result<(), ProjectionError> {
     sqlx::query!(
-        "INSERT INTO enrollments_view (id, campaign_id, contact_id, status, stop_on_reply, enrolled_at,
+        "INSERT INTO enrollments_view
+            (id, campaign_id, contact_id, status, stop_on_reply, enrolled_at,
              sent_at, delivered_at, opened_at, clicked_at, replied_at, bounced_at, unsubscribed_at,
              complained_at, sequence_ended_at, version)
          SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::bool[],

@@ -220,7 +220,11 @@ async fn run_projection(
                 Ok(BatchOutcome::Applied(_)) => false,
                 Ok(BatchOutcome::Failed) => true,
                 Err(e) => {
-                    tracing::warn!(projection = name, error = %e, "projection connection failed; reconnecting");
+                    tracing::warn!(
+                        projection = name,
+                        error = %e,
+                        "projection connection failed; reconnecting"
+                    );
                     break;
                 }
             };

@@ -402,7 +402,8 @@ pub async fn campaign_timeseries(
                   coalesce(v.enrolled, 0) AS "enrolled!", coalesce(v.sent, 0) AS "sent!",
                   coalesce(v.delivered, 0) AS "delivered!", coalesce(v.opened, 0) AS "opened!",
                   coalesce(v.clicked, 0) AS "clicked!", coalesce(v.replied, 0) AS "replied!",
-                  coalesce(v.bounced, 0) AS "bounced!", coalesce(v.unsubscribed, 0) AS "unsubscribed!",
+                  coalesce(v.bounced, 0) AS "bounced!",
+                  coalesce(v.unsubscribed, 0) AS "unsubscribed!",
                   coalesce(v.complained, 0) AS "complained!"
            FROM generate_series($2::date, $3::date, interval '1 day') AS g(at)
            CROSS JOIN LATERAL (SELECT g.at::date AS day) AS d
@@ -543,9 +544,12 @@ pub async fn dashboard_report(
         }
     }
     let totals = sqlx::query!(
-        r#"SELECT coalesce(sum(enrolled), 0)::bigint AS "enrolled!", coalesce(sum(sent), 0)::bigint AS "sent!",
-                  coalesce(sum(delivered), 0)::bigint AS "delivered!", coalesce(sum(opened), 0)::bigint AS "opened!",
-                  coalesce(sum(clicked), 0)::bigint AS "clicked!", coalesce(sum(replied), 0)::bigint AS "replied!",
+        r#"SELECT coalesce(sum(enrolled), 0)::bigint AS "enrolled!",
+                  coalesce(sum(sent), 0)::bigint AS "sent!",
+                  coalesce(sum(delivered), 0)::bigint AS "delivered!",
+                  coalesce(sum(opened), 0)::bigint AS "opened!",
+                  coalesce(sum(clicked), 0)::bigint AS "clicked!",
+                  coalesce(sum(replied), 0)::bigint AS "replied!",
                   coalesce(sum(bounced), 0)::bigint AS "bounced!",
                   coalesce(sum(unsubscribed), 0)::bigint AS "unsubscribed!",
                   coalesce(sum(complained), 0)::bigint AS "complained!"
@@ -806,7 +810,13 @@ mod tests {
         let item = serde_json::to_value(CostItem::new(row, GroupBy::Model)).unwrap();
         assert_eq!(
             item,
-            serde_json::json!({"model": null, "cost": "9.90", "input_tokens": 10, "output_tokens": 20, "requests": 3})
+            serde_json::json!({
+                "model": null,
+                "cost": "9.90",
+                "input_tokens": 10,
+                "output_tokens": 20,
+                "requests": 3
+            })
         );
     }
 

@@ -386,8 +386,12 @@ where
             Ok(answer)
         }
         Retried::Exhausted => {
-            metrics::counter!("commands_total", "aggregate" => A::TYPE, "outcome" => "retries_exhausted")
-                .increment(1);
+            metrics::counter!(
+                "commands_total",
+                "aggregate" => A::TYPE,
+                "outcome" => "retries_exhausted"
+            )
+            .increment(1);
             Err(AppError::conflict(
                 "concurrency-conflict",
                 "the resource kept changing under this command; retry it",
@@ -511,7 +515,8 @@ pub async fn record(
     let body = serde_json::to_vec(&reply.body).unwrap_or_default();
     sqlx::query!(
         "INSERT INTO idempotency_records
-             (api_key_id, idempotency_key, request_hash, response_status, response_body, response_headers)
+             (api_key_id, idempotency_key, request_hash,
+              response_status, response_body, response_headers)
          VALUES ($1, $2, $3, $4, $5, $6)",
         scope,
         key,

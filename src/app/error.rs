@@ -98,7 +98,10 @@ fn database_summary(e: &sqlx::Error) -> &'static str {
 /// 22021 (character not in repertoire) and 22P05 (untranslatable character): text the
 /// database cannot store, which only a NUL character can cause in UTF-8.
 pub fn is_unstorable_text(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("22021" | "22P05")))
+    matches!(
+        e,
+        sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("22021" | "22P05"))
+    )
 }
 
 /// EMFILE / ENFILE: this process (or the system) has no descriptor for a new connection.

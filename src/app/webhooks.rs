@@ -296,9 +296,10 @@ fn resolve(
             "id must be a string of 1 to 255 characters (not bytes), without control characters",
         )?
         .to_string();
-    let kind = text("type")
-        .and_then(ProviderEventKind::parse)
-        .ok_or("type must be one of sent, delivered, opened, clicked, replied, bounced, soft_bounced, deferred, unsubscribed, complained")?;
+    let kind = text("type").and_then(ProviderEventKind::parse).ok_or(
+        "type must be one of sent, delivered, opened, clicked, replied, bounced, \
+             soft_bounced, deferred, unsubscribed, complained",
+    )?;
     let occurred_at = text("occurred_at")
         .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
         .ok_or("occurred_at must be an RFC 3339 time")?
@@ -548,134 +549,136 @@ pub async fn ingest(
     let (resolved, metadata, events) = (&resolved, &metadata, &events);
     let outcome = state
         .retrying(Enrollment::TYPE, |mut tx| async move {
-        let outcome = async {
-        // One delivery at a time per webhook-id: a concurrent repeat waits, then replays.
-        sqlx::query!(
-            "SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2, 1))",
-            source,
-            webhook_id
-        )
-        .execute(&mut *tx)
-        .await?;
-        let earlier = sqlx::query!(
-            "SELECT request_hash, response FROM webhook_deliveries WHERE source = $1 AND webhook_id = $2",
-            source,
-            webhook_id
-        )
-        .fetch_optional(&mut *tx)
-        .await?;
-        if let Some(earlier) = earlier {
-            if earlier.request_hash != request_hash {
-                return Err(AppError::conflict(
-                    "webhook-id-reused",
-                    "this webhook-id was delivered before with a different body",
+            let outcome = async {
+                // One delivery at a time per webhook-id: a concurrent repeat waits, then replays.
+                sqlx::query!(
+                    "SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2, 1))",
+                    source,
+                    webhook_id
                 )
-                .into());
-            }
-            // A repeated delivery: the first response again, counted once already.
-            return Ok((earlier.response, None));
-        }
-        let valid: Vec<&Resolved> = resolved.iter().filter_map(|r| r.as_ref().ok()).collect();
-        let ids: Vec<String> = valid.iter().map(|r| r.event_id.clone()).collect();
-        let fresh: HashSet<String> = sqlx::query_scalar!(
-            "INSERT INTO webhook_event_ids (source, event_id)
+                .execute(&mut *tx)
+                .await?;
+                let earlier = sqlx::query!(
+                    "SELECT request_hash, response FROM webhook_deliveries
+             WHERE source = $1 AND webhook_id = $2",
+                    source,
+                    webhook_id
+                )
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(earlier) = earlier {
+                    if earlier.request_hash != request_hash {
+                        return Err(AppError::conflict(
+                            "webhook-id-reused",
+                            "this webhook-id was delivered before with a different body",
+                        )
+                        .into());
+                    }
+                    // A repeated delivery: the first response again, counted once already.
+                    return Ok((earlier.response, None));
+                }
+                let valid: Vec<&Resolved> =
+                    resolved.iter().filter_map(|r| r.as_ref().ok()).collect();
+                let ids: Vec<String> = valid.iter().map(|r| r.event_id.clone()).collect();
+                let fresh: HashSet<String> = sqlx::query_scalar!(
+                    "INSERT INTO webhook_event_ids (source, event_id)
              SELECT $1, unnest($2::text[])
              ON CONFLICT DO NOTHING
              RETURNING event_id",
-            source,
-            &ids
-        )
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .collect();
-        // The first event of the delivery with a new id counts; later ones repeat it.
-        let mut first_seen = HashSet::new();
-        let new: Vec<&Resolved> = valid
-            .iter()
-            .copied()
-            .filter(|r| fresh.contains(&r.event_id) && first_seen.insert(r.event_id.clone()))
-            .collect();
-        let mut enrollment_ids: Vec<String> =
-            new.iter().map(|r| r.enrollment_id.to_string()).collect();
-        enrollment_ids.sort();
-        enrollment_ids.dedup();
-        // Busy deliveries touch overlapping enrollments. Queue on them (in one order, so no
-        // deadlock) rather than race and retry whole batches; the stream's unique key
-        // still decides, this only keeps contention from turning into retries.
-        sqlx::query!(
-            "SELECT count(pg_advisory_xact_lock(hashtextextended(id, 2)))
+                    source,
+                    &ids
+                )
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+                // The first event of the delivery with a new id counts; later ones repeat it.
+                let mut first_seen = HashSet::new();
+                let new: Vec<&Resolved> = valid
+                    .iter()
+                    .copied()
+                    .filter(|r| {
+                        fresh.contains(&r.event_id) && first_seen.insert(r.event_id.clone())
+                    })
+                    .collect();
+                let mut enrollment_ids: Vec<String> =
+                    new.iter().map(|r| r.enrollment_id.to_string()).collect();
+                enrollment_ids.sort();
+                enrollment_ids.dedup();
+                // Busy deliveries touch overlapping enrollments. Queue on them (in one order, so no
+                // deadlock) rather than race and retry whole batches; the stream's unique key
+                // still decides, this only keeps contention from turning into retries.
+                sqlx::query!(
+                    "SELECT count(pg_advisory_xact_lock(hashtextextended(id, 2)))
              FROM (SELECT unnest($1::text[]) AS id ORDER BY 1) ids",
-            &enrollment_ids
-        )
-        .fetch_one(&mut *tx)
-        .await?;
-        let mut loaded: HashMap<String, Loaded<Enrollment>> = state
-            .store
-            .load_many(&mut tx, &enrollment_ids)
-            .await?;
-        // An event for an enrollment that does not exist yet is parked only when its
-        // campaign exists: one naming an unknown campaign would wait for nothing.
-        let mut campaign_ids: Vec<String> = new
-            .iter()
-            .filter(|r| !loaded[&r.enrollment_id.to_string()].aggregate.enrolled)
-            .filter_map(|r| r.campaign_id.map(|c| c.to_string()))
-            .collect();
-        campaign_ids.sort();
-        campaign_ids.dedup();
-        let campaigns: HashMap<String, Loaded<Campaign>> = if campaign_ids.is_empty() {
-            HashMap::new()
-        } else {
-            state.store.load_many(&mut tx, &campaign_ids).await?
-        };
-        let Decision {
-            mut decided,
-            new_events,
-            parked,
-            refused_ids,
-        } = decide(source, &new, &mut loaded, &campaigns).await;
-        if !refused_ids.is_empty() {
-            sqlx::query!(
-                "DELETE FROM webhook_event_ids WHERE source = $1 AND event_id = ANY($2)",
-                source,
-                &refused_ids
-            )
-            .execute(&mut *tx)
-            .await?;
-        }
-        let mut streams: Vec<(&mut Loaded<Enrollment>, &[EnrollmentEvent])> = loaded
-            .iter_mut()
-            .filter_map(|(id, l)| new_events.get(id).map(|e| (l, e.as_slice())))
-            .collect();
-        state
-            .store
-            .append_many(&mut tx, &mut streams, metadata)
-            .await?;
-        park(&mut tx, source, &parked).await?;
-        let results = results(events, resolved, &mut decided);
-        let tally = Tally::of(&results);
-        let response = json!({ "results": results });
-        sqlx::query!(
-            "INSERT INTO webhook_deliveries
+                    &enrollment_ids
+                )
+                .fetch_one(&mut *tx)
+                .await?;
+                let mut loaded: HashMap<String, Loaded<Enrollment>> =
+                    state.store.load_many(&mut tx, &enrollment_ids).await?;
+                // An event for an enrollment that does not exist yet is parked only when its
+                // campaign exists: one naming an unknown campaign would wait for nothing.
+                let mut campaign_ids: Vec<String> = new
+                    .iter()
+                    .filter(|r| !loaded[&r.enrollment_id.to_string()].aggregate.enrolled)
+                    .filter_map(|r| r.campaign_id.map(|c| c.to_string()))
+                    .collect();
+                campaign_ids.sort();
+                campaign_ids.dedup();
+                let campaigns: HashMap<String, Loaded<Campaign>> = if campaign_ids.is_empty() {
+                    HashMap::new()
+                } else {
+                    state.store.load_many(&mut tx, &campaign_ids).await?
+                };
+                let Decision {
+                    mut decided,
+                    new_events,
+                    parked,
+                    refused_ids,
+                } = decide(source, &new, &mut loaded, &campaigns).await;
+                if !refused_ids.is_empty() {
+                    sqlx::query!(
+                        "DELETE FROM webhook_event_ids WHERE source = $1 AND event_id = ANY($2)",
+                        source,
+                        &refused_ids
+                    )
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                let mut streams: Vec<(&mut Loaded<Enrollment>, &[EnrollmentEvent])> = loaded
+                    .iter_mut()
+                    .filter_map(|(id, l)| new_events.get(id).map(|e| (l, e.as_slice())))
+                    .collect();
+                state
+                    .store
+                    .append_many(&mut tx, &mut streams, metadata)
+                    .await?;
+                park(&mut tx, source, &parked).await?;
+                let results = results(events, resolved, &mut decided);
+                let tally = Tally::of(&results);
+                let response = json!({ "results": results });
+                sqlx::query!(
+                    "INSERT INTO webhook_deliveries
                  (source, webhook_id, request_hash, response,
                   applied, duplicate, parked, rejected, ignored)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
-            source,
-            webhook_id,
-            request_hash,
-            response,
-            tally.count(Outcome::Applied),
-            tally.count(Outcome::Duplicate),
-            tally.count(Outcome::Parked),
-            tally.count(Outcome::Rejected),
-            tally.count(Outcome::Ignored),
-        )
-        .execute(&mut *tx)
-        .await?;
-        Ok::<_, Abort>((response, Some((tally, results))))
-        }
-        .await;
-        (tx, outcome)
+                    source,
+                    webhook_id,
+                    request_hash,
+                    response,
+                    tally.count(Outcome::Applied),
+                    tally.count(Outcome::Duplicate),
+                    tally.count(Outcome::Parked),
+                    tally.count(Outcome::Rejected),
+                    tally.count(Outcome::Ignored),
+                )
+                .execute(&mut *tx)
+                .await?;
+                Ok::<_, Abort>((response, Some((tally, results))))
+            }
+            .await;
+            (tx, outcome)
         })
         .await?;
     match outcome {
@@ -738,10 +741,13 @@ async fn park(
     let kinds: Vec<String> = events.iter().map(|r| r.kind.as_str().to_string()).collect();
     let times: Vec<DateTime<Utc>> = events.iter().map(|r| r.occurred_at).collect();
     sqlx::query!(
-        r#"INSERT INTO webhook_parked (id, source, event_id, enrollment_id, campaign_id, kind, occurred_at, next_attempt_at)
+        r#"INSERT INTO webhook_parked
+               (id, source, event_id, enrollment_id, campaign_id, kind, occurred_at,
+                next_attempt_at)
            SELECT u.id, $1, u.event_id, u.enrollment_id, u.campaign_id, u.kind, u.occurred_at,
                   now() + interval '1 second'
-           FROM UNNEST($2::uuid[], $3::text[], $4::uuid[], $5::uuid[], $6::text[], $7::timestamptz[])
+           FROM UNNEST($2::uuid[], $3::text[], $4::uuid[], $5::uuid[], $6::text[],
+                       $7::timestamptz[])
                 AS u(id, event_id, enrollment_id, campaign_id, kind, occurred_at)"#,
         source,
         &ids,
@@ -892,8 +898,12 @@ fn count_by_source(
         *by_source.entry(&row.source).or_default() += 1;
     }
     for (source, n) in by_source {
-        metrics::counter!("webhook_events_total", "source" => source.to_string(), "outcome" => outcome)
-            .increment(n);
+        metrics::counter!(
+            "webhook_events_total",
+            "source" => source.to_string(),
+            "outcome" => outcome
+        )
+        .increment(n);
     }
 }
 
@@ -933,8 +943,8 @@ impl Reactor for ParkingReactor {
             };
             let rows = sqlx::query_as!(
                 ParkedEvent,
-                "SELECT id, source, event_id, enrollment_id, campaign_id, kind, occurred_at, received_at,
-                        attempts, next_attempt_at, last_error, dead_lettered_at
+                "SELECT id, source, event_id, enrollment_id, campaign_id, kind, occurred_at,
+                        received_at, attempts, next_attempt_at, last_error, dead_lettered_at
                  FROM webhook_parked
                  WHERE enrollment_id = $1 AND dead_lettered_at IS NULL
                  ORDER BY received_at
@@ -1045,8 +1055,8 @@ pub async fn list_parked(
     if dead {
         sqlx::query_as!(
             ParkedEvent,
-            "SELECT id, source, event_id, enrollment_id, campaign_id, kind, occurred_at, received_at,
-                    attempts, next_attempt_at, last_error, dead_lettered_at
+            "SELECT id, source, event_id, enrollment_id, campaign_id, kind, occurred_at,
+                    received_at, attempts, next_attempt_at, last_error, dead_lettered_at
              FROM webhook_parked
              WHERE dead_lettered_at IS NOT NULL
                AND ($1::timestamptz IS NULL OR (dead_lettered_at, id) > ($1, $2))
@@ -1061,8 +1071,8 @@ pub async fn list_parked(
     } else {
         sqlx::query_as!(
             ParkedEvent,
-            "SELECT id, source, event_id, enrollment_id, campaign_id, kind, occurred_at, received_at,
-                    attempts, next_attempt_at, last_error, dead_lettered_at
+            "SELECT id, source, event_id, enrollment_id, campaign_id, kind, occurred_at,
+                    received_at, attempts, next_attempt_at, last_error, dead_lettered_at
              FROM webhook_parked
              WHERE dead_lettered_at IS NULL
                AND ($1::timestamptz IS NULL OR (received_at, id) > ($1, $2))

@@ -293,7 +293,8 @@ async fn campaign_metrics(
     )
     .await?;
     let row = sqlx::query!(
-        "SELECT enrolled, sent, delivered, opened, clicked, replied, bounced, unsubscribed, complained
+        "SELECT enrolled, sent, delivered, opened, clicked, replied, bounced, unsubscribed,
+                complained
          FROM campaign_metrics_view WHERE campaign_id = $1",
         campaign
     )

@@ -263,8 +263,14 @@ impl ApiError {
                 tracing::warn!("no database connection free within the acquire timeout");
                 "every database connection of this server is busy; retry shortly".to_string()
             }
-            Self::NotCaughtUp => "the read models have not caught up with min_position within 5 seconds; retry shortly".to_string(),
-            Self::TimedOut => "the request took longer than this server allows; it was stopped and nothing it had not committed was kept".to_string(),
+            Self::NotCaughtUp => "the read models have not caught up with min_position within 5 \
+                                  seconds; retry shortly"
+                .to_string(),
+            Self::TimedOut => {
+                "the request took longer than this server allows; it was stopped and \
+                 nothing it had not committed was kept"
+                    .to_string()
+            }
             Self::Unauthorized(detail) => detail.clone(),
             other => other.to_string(),
         };
@@ -332,7 +338,8 @@ impl From<aggregates::budget::BudgetError> for ApiError {
                 Self::conflict(
                     "budget-exceeded",
                     format!(
-                        "this would take the budget over its limit: {remaining} remaining, {available} available"
+                        "this would take the budget over its limit: {remaining} remaining, \
+                         {available} available"
                     ),
                 )
                 .with_members(members)

@@ -62,7 +62,8 @@ pub async fn limits(request: Request, next: Next) -> Response {
         .into_response()
     } else if header_bytes > MAX_HEADER_BYTES {
         ApiError::HeadersTooLarge(format!(
-            "the request's headers are {header_bytes} bytes; at most {MAX_HEADER_BYTES} are accepted"
+            "the request's headers are {header_bytes} bytes; \
+             at most {MAX_HEADER_BYTES} are accepted"
         ))
         .into_response()
     } else {

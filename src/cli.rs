@@ -553,7 +553,11 @@ async fn analytics_command(db: &Database, command: AnalyticsCommand) -> anyhow::
             }
         }
         AnalyticsCommand::Campaign { id, days, format } => {
-            catch_up(db, &["campaigns", "enrollments"]).await?;
+            catch_up(
+                db,
+                &[projections::campaigns::NAME, projections::enrollments::NAME],
+            )
+            .await?;
             let mut conn = db.pool.acquire().await?;
             let exists = sqlx::query_scalar!(
                 r#"SELECT EXISTS (SELECT 1 FROM campaigns_view WHERE id = $1) AS "exists!""#,

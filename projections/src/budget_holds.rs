@@ -9,12 +9,15 @@ use uuid::Uuid;
 
 use crate::{FeedEvent, Projection, ProjectionError, events_of};
 
+/// The read model's name: its checkpoint, its advisory lock, what `min_position` waits for.
+pub const NAME: &str = "budget_holds";
+
 pub struct BudgetHoldsProjection;
 
 #[async_trait::async_trait]
 impl Projection for BudgetHoldsProjection {
     fn name(&self) -> &'static str {
-        "budget_holds"
+        NAME
     }
 
     fn tables(&self) -> &'static [&'static str] {

@@ -12,6 +12,9 @@ use crate::{
     FeedEvent, Position, Projection, ProjectionError, column, events_of, ids, missing_row,
 };
 
+/// The read model's name: its checkpoint, its advisory lock, what `min_position` waits for.
+pub const NAME: &str = "campaigns";
+
 pub struct CampaignsProjection;
 
 /// What a batch does to one campaign: creates it (with the batch's later events folded
@@ -31,7 +34,7 @@ struct Change {
 #[async_trait::async_trait]
 impl Projection for CampaignsProjection {
     fn name(&self) -> &'static str {
-        "campaigns"
+        NAME
     }
 
     fn tables(&self) -> &'static [&'static str] {

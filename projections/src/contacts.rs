@@ -14,6 +14,9 @@ use crate::{
     FeedEvent, Position, Projection, ProjectionError, column, events_of, ids, missing_row,
 };
 
+/// The read model's name: its checkpoint, its advisory lock, what `min_position` waits for.
+pub const NAME: &str = "contacts";
+
 pub struct ContactsProjection;
 
 fn text<T: Clone + Into<String>>(v: &Option<T>) -> Option<String> {
@@ -79,7 +82,7 @@ struct Change {
 #[async_trait::async_trait]
 impl Projection for ContactsProjection {
     fn name(&self) -> &'static str {
-        "contacts"
+        NAME
     }
 
     fn tables(&self) -> &'static [&'static str] {

@@ -13,6 +13,9 @@ use uuid::Uuid;
 
 use crate::{FeedEvent, Projection, ProjectionError, events_of, utc_day};
 
+/// The read model's name: its checkpoint, its advisory lock, what `min_position` waits for.
+pub const NAME: &str = "costs";
+
 pub struct CostsProjection;
 
 /// One row of `costs_view`.
@@ -32,7 +35,7 @@ struct Cost {
 #[async_trait::async_trait]
 impl Projection for CostsProjection {
     fn name(&self) -> &'static str {
-        "costs"
+        NAME
     }
 
     fn tables(&self) -> &'static [&'static str] {

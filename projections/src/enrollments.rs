@@ -21,6 +21,9 @@ use uuid::Uuid;
 
 use crate::{FeedEvent, Projection, ProjectionError, column, events_of, ids, utc_day};
 
+/// The read model's name: its checkpoint, its advisory lock, what `min_position` waits for.
+pub const NAME: &str = "enrollments";
+
 pub struct EnrollmentsProjection;
 
 /// One enrollment as the read model keeps it.
@@ -66,7 +69,7 @@ struct Change {
 #[async_trait::async_trait]
 impl Projection for EnrollmentsProjection {
     fn name(&self) -> &'static str {
-        "enrollments"
+        NAME
     }
 
     fn tables(&self) -> &'static [&'static str] {

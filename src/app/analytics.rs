@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::app::error::AppError;
 
-pub const COSTS_READ_MODEL: &str = "costs";
+pub const COSTS_READ_MODEL: &str = projections::costs::NAME;
 /// The read models behind the cost report (budget names come from `budgets`).
 pub const COSTS_READ_MODELS: [&str; 2] =
     [COSTS_READ_MODEL, crate::app::budgets::BUDGETS_READ_MODEL];
@@ -329,9 +329,13 @@ pub async fn catch_up(
 }
 
 /// The read models behind the dashboard.
-pub const DASHBOARD_READ_MODELS: [&str; 4] =
-    ["campaigns", "contacts", "costs", ENROLLMENTS_READ_MODEL];
-pub const ENROLLMENTS_READ_MODEL: &str = "enrollments";
+pub const DASHBOARD_READ_MODELS: [&str; 4] = [
+    projections::campaigns::NAME,
+    projections::contacts::NAME,
+    projections::costs::NAME,
+    ENROLLMENTS_READ_MODEL,
+];
+pub const ENROLLMENTS_READ_MODEL: &str = projections::enrollments::NAME;
 
 /// Counts of one UTC day of a campaign: enrollments that reached each milestone that day.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]

@@ -17,7 +17,7 @@ use crate::app::error::AppError;
 use crate::store::{Loaded, Metadata};
 
 /// The read model that lists budgets.
-pub const BUDGETS_READ_MODEL: &str = "budgets";
+pub const BUDGETS_READ_MODEL: &str = projections::budgets::NAME;
 
 /// How often the expiry worker looks for holds past their time.
 pub const EXPIRY_SWEEP_EVERY: Duration = Duration::from_secs(1);

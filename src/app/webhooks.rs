@@ -839,7 +839,7 @@ async fn apply_parked(
         }
     }
     let metadata = Metadata {
-        actor: Some("webhook_parking".into()),
+        actor: Some(PARKING_REACTOR.into()),
         ..Metadata::default()
     };
     match store

@@ -22,7 +22,7 @@ use crate::http::extract::{
 use crate::store::Loaded;
 
 const TAG: &str = "campaigns";
-const READ_MODEL: &str = "campaigns";
+const READ_MODEL: &str = projections::campaigns::NAME;
 
 pub fn router() -> OpenApiRouter<App> {
     OpenApiRouter::new()

@@ -24,7 +24,7 @@ use crate::http::extract::{
 use crate::store::Loaded;
 
 const TAG: &str = "contacts";
-const READ_MODEL: &str = "contacts";
+const READ_MODEL: &str = projections::contacts::NAME;
 /// 10,000 rows of a few hundred bytes each, with room to spare.
 const IMPORT_BODY_LIMIT: usize = 32 << 20;
 

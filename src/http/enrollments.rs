@@ -29,7 +29,7 @@ use crate::http::extract::{
 use crate::store::Loaded;
 
 const TAG: &str = "enrollments";
-const READ_MODEL: &str = "enrollments";
+const READ_MODEL: &str = projections::enrollments::NAME;
 pub const MAX_BULK: usize = 1000;
 
 pub fn router() -> OpenApiRouter<App> {

@@ -173,3 +173,41 @@ async fn update(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), 
         "an event for a campaign the read model does not have",
     ))
 }
+
+/// One campaign of the list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CampaignRow {
+    pub id: Uuid,
+    pub name: String,
+    pub status: String,
+    pub stop_on_reply: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub version: i64,
+}
+
+/// Campaigns newest first, with `status` if given, after the one at `after`
+/// (its creation time and id).
+pub async fn page(
+    conn: &mut PgConnection,
+    status: Option<&str>,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<CampaignRow>, sqlx::Error> {
+    let (after_at, after_id) = after.unzip();
+    sqlx::query_as!(
+        CampaignRow,
+        "SELECT id, name, status, stop_on_reply, created_at, updated_at, version
+         FROM campaigns_view
+         WHERE ($1::text IS NULL OR status = $1)
+           AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
+         ORDER BY created_at DESC, id DESC
+         LIMIT $4",
+        status,
+        after_at,
+        after_id,
+        limit
+    )
+    .fetch_all(conn)
+    .await
+}

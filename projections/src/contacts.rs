@@ -271,3 +271,52 @@ fn custom_json(fields: &ContactFields) -> Option<serde_json::Value> {
         .as_ref()
         .map(|c| serde_json::to_value(c.as_map()).unwrap_or_else(|_| json!({})))
 }
+
+/// One contact of the list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContactRow {
+    pub id: Uuid,
+    pub email: String,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub company: Option<String>,
+    pub company_domain: Option<String>,
+    pub title: Option<String>,
+    pub phone: Option<String>,
+    pub linkedin_url: Option<String>,
+    pub custom: serde_json::Value,
+    pub enrichment: Option<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub version: i64,
+}
+
+/// Contacts newest first: the one with `email` if given, those whose search text matches
+/// the LIKE `pattern` if given, after the one at `after` (its creation time and id).
+pub async fn page(
+    conn: &mut PgConnection,
+    email: Option<&str>,
+    pattern: Option<&str>,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<ContactRow>, sqlx::Error> {
+    let (after_at, after_id) = after.unzip();
+    sqlx::query_as!(
+        ContactRow,
+        "SELECT id, email, first_name, last_name, company, company_domain, title, phone,
+                linkedin_url, custom, enrichment, created_at, updated_at, version
+         FROM contacts_view
+         WHERE ($1::text IS NULL OR email = $1)
+           AND ($2::text IS NULL OR search LIKE $2)
+           AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
+         ORDER BY created_at DESC, id DESC
+         LIMIT $5",
+        email,
+        pattern,
+        after_at,
+        after_id,
+        limit
+    )
+    .fetch_all(conn)
+    .await
+}

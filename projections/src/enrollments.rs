@@ -422,3 +422,84 @@ fn sequence_end(m: &Milestones, stop_on_reply: bool) -> Option<DateTime<Utc>> {
     }
     ends.into_iter().flatten().min()
 }
+
+/// One enrollment of a campaign's list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrollmentRow {
+    pub id: Uuid,
+    pub campaign_id: Uuid,
+    pub contact_id: Uuid,
+    pub status: String,
+    pub enrolled_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub opened_at: Option<DateTime<Utc>>,
+    pub clicked_at: Option<DateTime<Utc>>,
+    pub replied_at: Option<DateTime<Utc>>,
+    pub bounced_at: Option<DateTime<Utc>>,
+    pub unsubscribed_at: Option<DateTime<Utc>>,
+    pub complained_at: Option<DateTime<Utc>>,
+    pub sequence_ended_at: Option<DateTime<Utc>>,
+    pub version: i64,
+}
+
+/// A campaign's enrollments newest first, with `status` if given, after the one at
+/// `after` (its enrollment time and id).
+pub async fn page(
+    conn: &mut PgConnection,
+    campaign: Uuid,
+    status: Option<&str>,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<EnrollmentRow>, sqlx::Error> {
+    let (after_at, after_id) = after.unzip();
+    sqlx::query_as!(
+        EnrollmentRow,
+        "SELECT id, campaign_id, contact_id, status, enrolled_at, sent_at, delivered_at, opened_at,
+                clicked_at, replied_at, bounced_at, unsubscribed_at, complained_at,
+                sequence_ended_at, version
+         FROM enrollments_view
+         WHERE campaign_id = $1
+           AND ($2::text IS NULL OR status = $2)
+           AND ($3::timestamptz IS NULL OR (enrolled_at, id) < ($3, $4))
+         ORDER BY enrolled_at DESC, id DESC
+         LIMIT $5",
+        campaign,
+        status,
+        after_at,
+        after_id,
+        limit
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// A campaign's milestone counts: enrollments that reached each milestone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsRow {
+    pub enrolled: i64,
+    pub sent: i64,
+    pub delivered: i64,
+    pub opened: i64,
+    pub clicked: i64,
+    pub replied: i64,
+    pub bounced: i64,
+    pub unsubscribed: i64,
+    pub complained: i64,
+}
+
+/// The counts of `campaign`, if the read model has any.
+pub async fn campaign_metrics(
+    conn: &mut PgConnection,
+    campaign: Uuid,
+) -> Result<Option<MetricsRow>, sqlx::Error> {
+    sqlx::query_as!(
+        MetricsRow,
+        "SELECT enrolled, sent, delivered, opened, clicked, replied, bounced, unsubscribed,
+                complained
+         FROM campaign_metrics_view WHERE campaign_id = $1",
+        campaign
+    )
+    .fetch_optional(conn)
+    .await
+}

@@ -254,6 +254,20 @@ pub struct CampaignListItem {
     version: i64,
 }
 
+impl From<projections::campaigns::CampaignRow> for CampaignListItem {
+    fn from(r: projections::campaigns::CampaignRow) -> Self {
+        Self {
+            id: r.id,
+            name: r.name,
+            status: r.status,
+            stop_on_reply: r.stop_on_reply,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            version: r.version,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CampaignPage {
     items: Vec<CampaignListItem>,
@@ -283,22 +297,10 @@ async fn list_campaigns(
     }
     let _ = &query.min_position;
     min_position.wait(&state, &[READ_MODEL]).await?;
-    let (after_at, after_id) = cursor.map_or((None, None), |(a, i)| (Some(a), Some(i)));
-    let mut items = sqlx::query_as!(
-        CampaignListItem,
-        "SELECT id, name, status, stop_on_reply, created_at, updated_at, version
-         FROM campaigns_view
-         WHERE ($1::text IS NULL OR status = $1)
-           AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
-         ORDER BY created_at DESC, id DESC
-         LIMIT $4",
-        query.status,
-        after_at,
-        after_id,
-        limit + 1
-    )
-    .fetch_all(&state.pool)
-    .await?;
+    let mut conn = state.pool.acquire().await?;
+    let rows =
+        projections::campaigns::page(&mut conn, query.status.as_deref(), cursor, limit + 1).await?;
+    let mut items: Vec<CampaignListItem> = rows.into_iter().map(CampaignListItem::from).collect();
     let next_cursor = cut_page(&mut items, limit, |c| (c.created_at, c.id));
     Ok(axum::Json(CampaignPage { items, next_cursor }).into_response())
 }

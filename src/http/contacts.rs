@@ -331,6 +331,27 @@ pub struct ContactListItem {
     version: i64,
 }
 
+impl From<projections::contacts::ContactRow> for ContactListItem {
+    fn from(r: projections::contacts::ContactRow) -> Self {
+        Self {
+            id: r.id,
+            email: r.email,
+            first_name: r.first_name,
+            last_name: r.last_name,
+            company: r.company,
+            company_domain: r.company_domain,
+            title: r.title,
+            phone: r.phone,
+            linkedin_url: r.linkedin_url,
+            custom: r.custom,
+            enrichment: r.enrichment,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            version: r.version,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ContactPage {
     items: Vec<ContactListItem>,
@@ -381,25 +402,16 @@ async fn list_contacts(
         )),
     };
     min_position.wait(&state, &[READ_MODEL]).await?;
-    let (after_at, after_id) = cursor.map_or((None, None), |(a, i)| (Some(a), Some(i)));
-    let mut items = sqlx::query_as!(
-        ContactListItem,
-        "SELECT id, email, first_name, last_name, company, company_domain, title, phone,
-                linkedin_url, custom, enrichment, created_at, updated_at, version
-         FROM contacts_view
-         WHERE ($1::text IS NULL OR email = $1)
-           AND ($2::text IS NULL OR search LIKE $2)
-           AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
-         ORDER BY created_at DESC, id DESC
-         LIMIT $5",
-        email,
-        pattern,
-        after_at,
-        after_id,
-        limit + 1
+    let mut conn = state.pool.acquire().await?;
+    let rows = projections::contacts::page(
+        &mut conn,
+        email.as_deref(),
+        pattern.as_deref(),
+        cursor,
+        limit + 1,
     )
-    .fetch_all(&state.pool)
     .await?;
+    let mut items: Vec<ContactListItem> = rows.into_iter().map(ContactListItem::from).collect();
     let next_cursor = cut_page(&mut items, limit, |c| (c.created_at, c.id));
     Ok(axum::Json(ContactPage { items, next_cursor }).into_response())
 }

@@ -173,6 +173,28 @@ pub struct EnrollmentItem {
     version: i64,
 }
 
+impl From<projections::enrollments::EnrollmentRow> for EnrollmentItem {
+    fn from(r: projections::enrollments::EnrollmentRow) -> Self {
+        Self {
+            id: r.id,
+            campaign_id: r.campaign_id,
+            contact_id: r.contact_id,
+            status: r.status,
+            enrolled_at: r.enrolled_at,
+            sent_at: r.sent_at,
+            delivered_at: r.delivered_at,
+            opened_at: r.opened_at,
+            clicked_at: r.clicked_at,
+            replied_at: r.replied_at,
+            bounced_at: r.bounced_at,
+            unsubscribed_at: r.unsubscribed_at,
+            complained_at: r.complained_at,
+            sequence_ended_at: r.sequence_ended_at,
+            version: r.version,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EnrollmentPage {
     items: Vec<EnrollmentItem>,
@@ -217,26 +239,16 @@ async fn list_enrollments(
         )));
     }
     min_position.wait(&state, &[READ_MODEL]).await?;
-    let (after_at, after_id) = cursor.map_or((None, None), |(a, i)| (Some(a), Some(i)));
-    let mut items = sqlx::query_as!(
-        EnrollmentItem,
-        "SELECT id, campaign_id, contact_id, status, enrolled_at, sent_at, delivered_at, opened_at,
-                clicked_at, replied_at, bounced_at, unsubscribed_at, complained_at,
-                sequence_ended_at, version
-         FROM enrollments_view
-         WHERE campaign_id = $1
-           AND ($2::text IS NULL OR status = $2)
-           AND ($3::timestamptz IS NULL OR (enrolled_at, id) < ($3, $4))
-         ORDER BY enrolled_at DESC, id DESC
-         LIMIT $5",
+    let mut conn = state.pool.acquire().await?;
+    let rows = projections::enrollments::page(
+        &mut conn,
         campaign,
-        query.status,
-        after_at,
-        after_id,
-        limit + 1
+        query.status.as_deref(),
+        cursor,
+        limit + 1,
     )
-    .fetch_all(&state.pool)
     .await?;
+    let mut items: Vec<EnrollmentItem> = rows.into_iter().map(EnrollmentItem::from).collect();
     let next_cursor = cut_page(&mut items, limit, |e| (e.enrolled_at, e.id));
     Ok(axum::Json(EnrollmentPage { items, next_cursor }).into_response())
 }
@@ -292,14 +304,8 @@ async fn campaign_metrics(
         "no campaign with this id",
     )
     .await?;
-    let row = sqlx::query!(
-        "SELECT enrolled, sent, delivered, opened, clicked, replied, bounced, unsubscribed,
-                complained
-         FROM campaign_metrics_view WHERE campaign_id = $1",
-        campaign
-    )
-    .fetch_optional(&state.pool)
-    .await?;
+    let mut conn = state.pool.acquire().await?;
+    let row = projections::enrollments::campaign_metrics(&mut conn, campaign).await?;
     let c = |f: fn(&_) -> i64| row.as_ref().map_or(0, f);
     let (enrolled, sent, delivered, opened, clicked, replied, bounced, unsubscribed, complained) = (
         c(|r| r.enrolled),

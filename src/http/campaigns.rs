@@ -7,7 +7,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -19,7 +18,7 @@ use crate::http::error::{ApiError, FieldError};
 use crate::http::extract::{
     ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, json_with_etag,
 };
-use crate::store::Loaded;
+use crate::store::{Loaded, Position};
 
 const TAG: &str = "campaigns";
 const READ_MODEL: &str = projections::campaigns::NAME;
@@ -64,7 +63,8 @@ pub struct CampaignBody {
     position: String,
 }
 
-fn body(id: Uuid, loaded: &Loaded<Campaign>) -> CampaignBody {
+/// The campaign as loaded; `position` is its last event's, or the write's that answers.
+fn body(id: Uuid, loaded: &Loaded<Campaign>, position: Position) -> CampaignBody {
     let c = &loaded.aggregate;
     CampaignBody {
         id,
@@ -74,14 +74,13 @@ fn body(id: Uuid, loaded: &Loaded<Campaign>) -> CampaignBody {
         created_at: c.created_at,
         updated_at: c.updated_at,
         version: loaded.version,
-        position: loaded.last_position.unwrap_or_default().to_string(),
+        position: position.to_string(),
     }
 }
 
 fn reply(id: Uuid, written: &Written<Campaign>) -> Reply {
-    let mut b = serde_json::to_value(body(id, &written.loaded)).unwrap_or_default();
-    b["position"] = json!(written.position().to_string());
-    Reply::ok(b).with_etag(written.version())
+    let b = body(id, &written.loaded, written.position());
+    Reply::ok(serde_json::to_value(b).unwrap_or_default()).with_etag(written.version())
 }
 
 fn parse_name(raw: &str) -> Result<CampaignName, ApiError> {
@@ -227,7 +226,8 @@ async fn get_campaign(
         "no campaign with this id",
     )
     .await?;
-    Ok(json_with_etag(&body(id, &loaded), loaded.version))
+    let position = loaded.last_position.unwrap_or_default();
+    Ok(json_with_etag(&body(id, &loaded, position), loaded.version))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

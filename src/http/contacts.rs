@@ -61,8 +61,7 @@ pub struct ContactBody {
 }
 
 /// What a write on a contact answers: the contact, and the write's position.
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)] // describes the JSON `reply` builds
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ContactWritten {
     #[serde(flatten)]
     contact: ContactBody,
@@ -71,8 +70,7 @@ pub struct ContactWritten {
 }
 
 /// What `POST /v1/contacts` answers: the contact, whether it was new, and the position.
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)] // describes the JSON `upsert_contact` builds
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ContactUpserted {
     #[serde(flatten)]
     contact: ContactBody,
@@ -124,9 +122,11 @@ fn body(id: Uuid, loaded: &Loaded<Contact>) -> ContactBody {
 }
 
 fn reply(id: Uuid, written: &Written<Contact>) -> Reply {
-    let mut b = serde_json::to_value(body(id, &written.loaded)).unwrap_or_default();
-    b["position"] = json!(written.position().to_string());
-    Reply::ok(b).with_etag(written.version())
+    let b = ContactWritten {
+        contact: body(id, &written.loaded),
+        position: written.position().to_string(),
+    };
+    Reply::ok(serde_json::to_value(b).unwrap_or_default()).with_etag(written.version())
 }
 
 fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
@@ -158,8 +158,13 @@ async fn upsert_contact(
             })
         },
         |written| {
-            let mut r = reply(id, written);
-            r.body["created"] = json!(!written.existed_before);
+            let b = ContactUpserted {
+                contact: body(id, &written.loaded),
+                created: !written.existed_before,
+                position: written.position().to_string(),
+            };
+            let r =
+                Reply::ok(serde_json::to_value(b).unwrap_or_default()).with_etag(written.version());
             if written.existed_before {
                 r
             } else {

@@ -1,5 +1,8 @@
-//! The command line (`leadledger <command>`): parsing and dispatch. Every command works
-//! whether or not `serve` runs on the same data: they share the embedded PostgreSQL.
+//! The command line (`leadledger <command>`): parsing and dispatch; reports are shown by
+//! [`render`]. Every command works whether or not `serve` runs on the same data: they
+//! share the embedded PostgreSQL.
+
+pub mod render;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -546,11 +549,7 @@ async fn analytics_command(db: &Database, command: AnalyticsCommand) -> anyhow::
             let params = CostsParams { days, group_by };
             let report =
                 analytics::cost_report(&mut conn, params, chrono::Utc::now().date_naive()).await?;
-            match format {
-                ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-                ReportFormat::Table => print!("{}", report.to_table()),
-                ReportFormat::Csv => print!("{}", report.to_csv()),
-            }
+            render::print(format, &report)?;
         }
         AnalyticsCommand::Campaign { id, days, format } => {
             catch_up(
@@ -575,22 +574,14 @@ async fn analytics_command(db: &Database, command: AnalyticsCommand) -> anyhow::
                 chrono::Utc::now().date_naive(),
             )
             .await?;
-            match format {
-                ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-                ReportFormat::Table => print!("{}", report.to_table()),
-                ReportFormat::Csv => print!("{}", report.to_csv()),
-            }
+            render::print(format, &report)?;
         }
         AnalyticsCommand::Dashboard { format } => {
             catch_up(db, &analytics::DASHBOARD_READ_MODELS).await?;
             let mut conn = db.pool.acquire().await?;
             let report =
                 analytics::dashboard_report(&mut conn, chrono::Utc::now().date_naive()).await?;
-            match format {
-                ReportFormat::Json => println!("{}", serde_json::to_string_pretty(&report)?),
-                ReportFormat::Table => print!("{}", report.to_table()),
-                ReportFormat::Csv => print!("{}", report.to_csv()),
-            }
+            render::print(format, &report)?;
         }
     }
     Ok(())

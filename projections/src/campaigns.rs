@@ -211,3 +211,20 @@ pub async fn page(
     .fetch_all(conn)
     .await
 }
+
+/// Campaigns by status: each status that has any, with how many.
+pub async fn count_by_status(conn: &mut PgConnection) -> Result<Vec<StatusCount>, sqlx::Error> {
+    sqlx::query_as!(
+        StatusCount,
+        r#"SELECT status, count(*) AS "n!" FROM campaigns_view GROUP BY status"#
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// A status and how many campaigns have it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusCount {
+    pub status: String,
+    pub n: i64,
+}

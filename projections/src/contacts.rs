@@ -320,3 +320,10 @@ pub async fn page(
     .fetch_all(conn)
     .await
 }
+
+/// How many contacts there are.
+pub async fn total(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar!(r#"SELECT coalesce((SELECT contacts FROM contact_totals_view), 0) AS "n!""#)
+        .fetch_one(conn)
+        .await
+}

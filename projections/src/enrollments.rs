@@ -503,3 +503,95 @@ pub async fn campaign_metrics(
     .fetch_optional(conn)
     .await
 }
+
+/// One UTC day of a campaign: enrollments that reached each milestone that day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DayRow {
+    pub day: NaiveDate,
+    pub enrolled: i64,
+    pub sent: i64,
+    pub delivered: i64,
+    pub opened: i64,
+    pub clicked: i64,
+    pub replied: i64,
+    pub bounced: i64,
+    pub unsubscribed: i64,
+    pub complained: i64,
+}
+
+/// Every UTC day from `from` to `to` of `campaign`, oldest first, days without a
+/// milestone included (all zero).
+pub async fn campaign_days(
+    conn: &mut PgConnection,
+    campaign: Uuid,
+    from: NaiveDate,
+    to: NaiveDate,
+) -> Result<Vec<DayRow>, sqlx::Error> {
+    sqlx::query_as!(
+        DayRow,
+        r#"SELECT d.day AS "day!",
+                  coalesce(v.enrolled, 0) AS "enrolled!", coalesce(v.sent, 0) AS "sent!",
+                  coalesce(v.delivered, 0) AS "delivered!", coalesce(v.opened, 0) AS "opened!",
+                  coalesce(v.clicked, 0) AS "clicked!", coalesce(v.replied, 0) AS "replied!",
+                  coalesce(v.bounced, 0) AS "bounced!",
+                  coalesce(v.unsubscribed, 0) AS "unsubscribed!",
+                  coalesce(v.complained, 0) AS "complained!"
+           FROM generate_series($2::date, $3::date, interval '1 day') AS g(at)
+           CROSS JOIN LATERAL (SELECT g.at::date AS day) AS d
+           LEFT JOIN campaign_days_view v ON v.campaign_id = $1 AND v.day = d.day
+           ORDER BY d.day"#,
+        campaign,
+        from,
+        to
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// The counts of every campaign added up.
+pub async fn totals(conn: &mut PgConnection) -> Result<MetricsRow, sqlx::Error> {
+    sqlx::query_as!(
+        MetricsRow,
+        r#"SELECT coalesce(sum(enrolled), 0)::bigint AS "enrolled!",
+                  coalesce(sum(sent), 0)::bigint AS "sent!",
+                  coalesce(sum(delivered), 0)::bigint AS "delivered!",
+                  coalesce(sum(opened), 0)::bigint AS "opened!",
+                  coalesce(sum(clicked), 0)::bigint AS "clicked!",
+                  coalesce(sum(replied), 0)::bigint AS "replied!",
+                  coalesce(sum(bounced), 0)::bigint AS "bounced!",
+                  coalesce(sum(unsubscribed), 0)::bigint AS "unsubscribed!",
+                  coalesce(sum(complained), 0)::bigint AS "complained!"
+           FROM campaign_metrics_view"#
+    )
+    .fetch_one(conn)
+    .await
+}
+
+/// A campaign with its delivered and replied counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyRow {
+    pub campaign_id: Uuid,
+    pub name: String,
+    pub status: String,
+    pub delivered: i64,
+    pub replied: i64,
+}
+
+/// The `limit` campaigns with the best reply rate (replied / delivered), ties by replies,
+/// then by id; their names and statuses from the campaigns read model.
+pub async fn top_by_reply_rate(
+    conn: &mut PgConnection,
+    limit: i64,
+) -> Result<Vec<ReplyRow>, sqlx::Error> {
+    sqlx::query_as!(
+        ReplyRow,
+        "SELECT m.campaign_id, c.name, c.status, m.delivered, m.replied
+         FROM campaign_metrics_view m JOIN campaigns_view c ON c.id = m.campaign_id
+         WHERE m.delivered > 0
+         ORDER BY m.replied::numeric / m.delivered DESC, m.replied DESC, m.campaign_id
+         LIMIT $1",
+        limit
+    )
+    .fetch_all(conn)
+    .await
+}

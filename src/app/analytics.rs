@@ -299,25 +299,22 @@ pub async fn campaign_timeseries(
     today: NaiveDate,
 ) -> Result<Timeseries, sqlx::Error> {
     let from = today - chrono::Days::new(u64::from(days) - 1);
-    let days = sqlx::query_as!(
-        DayCounts,
-        r#"SELECT d.day AS "day!",
-                  coalesce(v.enrolled, 0) AS "enrolled!", coalesce(v.sent, 0) AS "sent!",
-                  coalesce(v.delivered, 0) AS "delivered!", coalesce(v.opened, 0) AS "opened!",
-                  coalesce(v.clicked, 0) AS "clicked!", coalesce(v.replied, 0) AS "replied!",
-                  coalesce(v.bounced, 0) AS "bounced!",
-                  coalesce(v.unsubscribed, 0) AS "unsubscribed!",
-                  coalesce(v.complained, 0) AS "complained!"
-           FROM generate_series($2::date, $3::date, interval '1 day') AS g(at)
-           CROSS JOIN LATERAL (SELECT g.at::date AS day) AS d
-           LEFT JOIN campaign_days_view v ON v.campaign_id = $1 AND v.day = d.day
-           ORDER BY d.day"#,
-        campaign,
-        from,
-        today
-    )
-    .fetch_all(&mut *conn)
-    .await?;
+    let days = projections::enrollments::campaign_days(conn, campaign, from, today)
+        .await?
+        .into_iter()
+        .map(|d| DayCounts {
+            day: d.day,
+            enrolled: d.enrolled,
+            sent: d.sent,
+            delivered: d.delivered,
+            opened: d.opened,
+            clicked: d.clicked,
+            replied: d.replied,
+            bounced: d.bounced,
+            unsubscribed: d.unsubscribed,
+            complained: d.complained,
+        })
+        .collect();
     Ok(Timeseries {
         campaign_id: campaign,
         from,
@@ -391,17 +388,9 @@ pub async fn dashboard_report(
     conn: &mut PgConnection,
     today: NaiveDate,
 ) -> Result<Dashboard, sqlx::Error> {
-    let contacts = sqlx::query_scalar!(
-        r#"SELECT coalesce((SELECT contacts FROM contact_totals_view), 0) AS "n!""#
-    )
-    .fetch_one(&mut *conn)
-    .await?;
+    let contacts = projections::contacts::total(conn).await?;
     let mut campaigns = CampaignCounts::default();
-    for row in
-        sqlx::query!(r#"SELECT status, count(*) AS "n!" FROM campaigns_view GROUP BY status"#)
-            .fetch_all(&mut *conn)
-            .await?
-    {
+    for row in projections::campaigns::count_by_status(conn).await? {
         campaigns.total += row.n;
         match row.status.as_str() {
             "draft" => campaigns.draft = row.n,
@@ -411,42 +400,21 @@ pub async fn dashboard_report(
             _ => {}
         }
     }
-    let totals = sqlx::query!(
-        r#"SELECT coalesce(sum(enrolled), 0)::bigint AS "enrolled!",
-                  coalesce(sum(sent), 0)::bigint AS "sent!",
-                  coalesce(sum(delivered), 0)::bigint AS "delivered!",
-                  coalesce(sum(opened), 0)::bigint AS "opened!",
-                  coalesce(sum(clicked), 0)::bigint AS "clicked!",
-                  coalesce(sum(replied), 0)::bigint AS "replied!",
-                  coalesce(sum(bounced), 0)::bigint AS "bounced!",
-                  coalesce(sum(unsubscribed), 0)::bigint AS "unsubscribed!",
-                  coalesce(sum(complained), 0)::bigint AS "complained!"
-           FROM campaign_metrics_view"#
-    )
-    .fetch_one(&mut *conn)
-    .await?;
+    let totals = projections::enrollments::totals(conn).await?;
     let month_start = today.with_day(1).unwrap_or(today);
     let (cost, requests) = costs::total(conn, month_start, today).await?;
-    let top_campaigns = sqlx::query!(
-        "SELECT m.campaign_id, c.name, c.status, m.delivered, m.replied
-         FROM campaign_metrics_view m JOIN campaigns_view c ON c.id = m.campaign_id
-         WHERE m.delivered > 0
-         ORDER BY m.replied::numeric / m.delivered DESC, m.replied DESC, m.campaign_id
-         LIMIT $1",
-        TOP_CAMPAIGNS
-    )
-    .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .map(|r| TopCampaign {
-        campaign_id: r.campaign_id,
-        name: r.name,
-        status: r.status,
-        delivered: r.delivered,
-        replied: r.replied,
-        reply_rate: rate(r.replied, r.delivered),
-    })
-    .collect();
+    let top_campaigns = projections::enrollments::top_by_reply_rate(conn, TOP_CAMPAIGNS)
+        .await?
+        .into_iter()
+        .map(|r| TopCampaign {
+            campaign_id: r.campaign_id,
+            name: r.name,
+            status: r.status,
+            delivered: r.delivered,
+            replied: r.replied,
+            reply_rate: rate(r.replied, r.delivered),
+        })
+        .collect();
     Ok(Dashboard {
         contacts,
         campaigns,

@@ -228,3 +228,13 @@ pub struct StatusCount {
     pub status: String,
     pub n: i64,
 }
+
+/// Whether the read model has the campaign `id`.
+pub async fn exists(conn: &mut PgConnection, id: Uuid) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM campaigns_view WHERE id = $1) AS "exists!""#,
+        id
+    )
+    .fetch_one(conn)
+    .await
+}

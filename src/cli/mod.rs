@@ -558,12 +558,7 @@ async fn analytics_command(db: &Database, command: AnalyticsCommand) -> anyhow::
             )
             .await?;
             let mut conn = db.pool.acquire().await?;
-            let exists = sqlx::query_scalar!(
-                r#"SELECT EXISTS (SELECT 1 FROM campaigns_view WHERE id = $1) AS "exists!""#,
-                id
-            )
-            .fetch_one(&mut *conn)
-            .await?;
+            let exists = projections::campaigns::exists(&mut conn, id).await?;
             if !exists {
                 anyhow::bail!("no campaign with id {id}");
             }

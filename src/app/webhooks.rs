@@ -36,10 +36,11 @@ use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::app::App;
-use crate::app::command::{Abort, Retried};
+use crate::app::command::{self, Abort, Answer, CommandContext, Recorded, Reply, Retried};
 use crate::app::error::{AppError, FieldError};
 use crate::secrets::SecretBox;
 use crate::store::{Loaded, Metadata, Store, StoreError};
+use http::StatusCode;
 
 pub const MAX_BODY: usize = 256 * 1024;
 pub const MAX_EVENTS: usize = 1000;
@@ -105,6 +106,120 @@ pub async fn add_source(
         ));
     }
     Ok(secret)
+}
+
+/// The member of a recorded creation that holds the secret, sealed with the server's
+/// secret key: the idempotency record never holds the secret in plaintext.
+const SEALED_SECRET: &str = "secret_sealed";
+
+fn seal_secret(app: &App, secret: &str) -> String {
+    let (nonce, sealed) = app.secrets.seal(secret.as_bytes());
+    format!("{}.{}", STANDARD.encode(nonce), STANDARD.encode(sealed))
+}
+
+fn open_secret(app: &App, sealed: &str) -> Result<String, AppError> {
+    let broken = || AppError::Internal("a recorded webhook-source secret cannot be opened".into());
+    let (nonce, sealed) = sealed.split_once('.').ok_or_else(broken)?;
+    let nonce = STANDARD.decode(nonce).map_err(|_| broken())?;
+    let sealed = STANDARD.decode(sealed).map_err(|_| broken())?;
+    let secret = app
+        .secrets
+        .open(&nonce, &sealed)
+        .map_err(|e| AppError::Internal(e.to_string()))?;
+    String::from_utf8(secret).map_err(|_| broken())
+}
+
+/// What creating a webhook source answered.
+#[derive(Debug)]
+pub enum SourceCreation {
+    /// Created now; the secret is shown this once.
+    Created {
+        name: String,
+        url: String,
+        secret: String,
+    },
+    /// The name is taken: an outcome like a success, recorded for the idempotency key.
+    Refused(Reply),
+    /// A retry with the idempotency key: the first answer, its secret opened again.
+    Replayed(Recorded),
+}
+
+/// Creates the webhook source `name` and its signing secret, honouring the idempotency
+/// key: a retry gets the same answer, secret included, and makes nothing new (the
+/// recorded answer keeps the secret sealed under the server's secret key). A name taken
+/// is answered as `refusal` renders it, and recorded so.
+pub async fn create_source(
+    app: &App,
+    context: &CommandContext,
+    name: &str,
+    refusal: impl Fn(AppError) -> Reply,
+) -> Result<SourceCreation, AppError> {
+    check_source_name(name)?;
+    let mut tx = app.pool.begin().await?;
+    if let Some(mut recorded) = command::replay(&mut tx, context).await? {
+        if let Ok(mut body) = serde_json::from_slice::<Value>(&recorded.body)
+            && let Some(sealed) = body.as_object_mut().and_then(|b| b.remove(SEALED_SECRET))
+        {
+            let secret = open_secret(app, sealed.as_str().unwrap_or_default())?;
+            body["secret"] = Value::String(secret);
+            recorded.body = serde_json::to_vec(&body).unwrap_or_default();
+        }
+        tx.commit().await?;
+        return Ok(SourceCreation::Replayed(recorded));
+    }
+    let url = format!("/webhooks/{name}");
+    let (reply, created) = match add_source(&mut tx, &app.secrets, name).await {
+        Ok(secret) => {
+            let sealed = json!({
+                "name": name,
+                "url": url,
+                SEALED_SECRET: seal_secret(app, &secret),
+            });
+            let created = SourceCreation::Created {
+                name: name.to_string(),
+                url,
+                secret,
+            };
+            (Reply::ok(sealed).with_status(StatusCode::CREATED), created)
+        }
+        Err(e @ AppError::Conflict { .. }) => {
+            let reply = refusal(e);
+            (reply.clone(), SourceCreation::Refused(reply))
+        }
+        Err(e) => return Err(e),
+    };
+    command::record(&mut tx, context, &reply).await?;
+    tx.commit().await?;
+    Ok(created)
+}
+
+/// What putting a dead letter back answers.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Requeued {
+    pub id: Uuid,
+    pub requeued: bool,
+}
+
+/// Puts the dead letter `id` back among the parked events, due now, honouring the
+/// idempotency key: a retry answers as the first did and requeues nothing again.
+pub async fn requeue_dead_letter(
+    app: &App,
+    context: &CommandContext,
+    id: Uuid,
+) -> Result<Answer, AppError> {
+    let mut tx = app.pool.begin().await?;
+    if let Some(recorded) = command::replay(&mut tx, context).await? {
+        tx.commit().await?;
+        return Ok(Answer::Replayed(recorded));
+    }
+    if !retry_dead_letter(&mut tx, id).await? {
+        return Err(AppError::NotFound("no dead letter with this id".into()));
+    }
+    let body = serde_json::to_value(Requeued { id, requeued: true }).unwrap_or_default();
+    let reply = Reply::ok(body);
+    command::record(&mut tx, context, &reply).await?;
+    tx.commit().await?;
+    Ok(Answer::Fresh(reply))
 }
 
 /// A source as listed: never its secret.

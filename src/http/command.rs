@@ -4,12 +4,9 @@
 use axum::http::HeaderValue;
 use axum::response::{IntoResponse, Response};
 use cqrs_es::Aggregate;
-use sqlx::PgConnection;
 
 use crate::app::App;
-pub use crate::app::command::{
-    Abort, Answer, CommandContext, Recorded, Reply, Retried, Written, load_existing,
-};
+pub use crate::app::command::{Answer, CommandContext, Recorded, Reply, Written, load_existing};
 use crate::app::error::AppError;
 use crate::http::error::ApiError;
 use crate::http::extract::CommandRequest;
@@ -67,34 +64,6 @@ where
     )
     .await
     .map(IntoResponse::into_response)
-}
-
-/// The response recorded for the request's idempotency key, if any (see
-/// [`crate::app::command::replay`]).
-pub async fn replay(
-    conn: &mut PgConnection,
-    request: &CommandRequest,
-) -> Result<Option<Response>, ApiError> {
-    Ok(crate::app::command::replay(conn, &request.context())
-        .await?
-        .map(IntoResponse::into_response))
-}
-
-/// The recorded response as stored (for a route that recorded a sealed form of it).
-pub async fn replay_record(
-    conn: &mut PgConnection,
-    request: &CommandRequest,
-) -> Result<Option<Recorded>, ApiError> {
-    Ok(crate::app::command::replay(conn, &request.context()).await?)
-}
-
-/// Records `reply` for the request's idempotency key (see [`crate::app::command::record`]).
-pub async fn record(
-    conn: &mut PgConnection,
-    request: &CommandRequest,
-    reply: &Reply,
-) -> Result<(), ApiError> {
-    Ok(crate::app::command::record(conn, &request.context(), reply).await?)
 }
 
 /// An error as a recordable reply (problem+json).

@@ -4,12 +4,10 @@
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
@@ -17,9 +15,10 @@ use utoipa_axum::routes;
 use uuid::Uuid;
 
 use crate::app::App;
-use crate::app::webhooks::{self, PARKING_REACTOR, ParkedEvent, Signed};
+use crate::app::error::AppError;
+use crate::app::webhooks::{self, PARKING_REACTOR, ParkedEvent, Requeued, Signed, SourceCreation};
 use crate::http::auth::AdminKey;
-use crate::http::command::{self, Reply};
+use crate::http::command::{self};
 use crate::http::error::ApiError;
 use crate::http::extract::{
     ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, parse_json,
@@ -59,27 +58,6 @@ pub struct SourceCreated {
     secret: String,
 }
 
-/// The member of a recorded creation that holds the secret, sealed with the server's
-/// secret key: the idempotency record never holds the secret in plaintext.
-const SEALED_SECRET: &str = "secret_sealed";
-
-fn seal_secret(state: &App, secret: &str) -> String {
-    let (nonce, sealed) = state.secrets.seal(secret.as_bytes());
-    format!("{}.{}", STANDARD.encode(nonce), STANDARD.encode(sealed))
-}
-
-fn open_secret(state: &App, sealed: &str) -> Result<String, ApiError> {
-    let broken = || ApiError::Internal("a recorded webhook-source secret cannot be opened".into());
-    let (nonce, sealed) = sealed.split_once('.').ok_or_else(broken)?;
-    let nonce = STANDARD.decode(nonce).map_err(|_| broken())?;
-    let sealed = STANDARD.decode(sealed).map_err(|_| broken())?;
-    let secret = state
-        .secrets
-        .open(&nonce, &sealed)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    String::from_utf8(secret).map_err(|_| broken())
-}
-
 /// Create a webhook source and its signing secret (admin). Honours `Idempotency-Key`: a
 /// retry gets the same answer, secret included, and makes nothing new (the recorded answer
 /// keeps the secret sealed under the server's secret key, never in plaintext).
@@ -93,44 +71,17 @@ async fn add_source(
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
     let input: NewSource = request.json()?;
-    webhooks::check_source_name(&input.name)?;
-    let mut tx = state.pool.begin().await?;
-    if let Some(mut recorded) = command::replay_record(&mut tx, &request).await? {
-        if let Ok(mut body) = serde_json::from_slice::<Value>(&recorded.body)
-            && let Some(sealed) = body.as_object_mut().and_then(|b| b.remove(SEALED_SECRET))
-        {
-            let secret = open_secret(&state, sealed.as_str().unwrap_or_default())?;
-            body["secret"] = Value::String(secret);
-            recorded.body = serde_json::to_vec(&body).unwrap_or_default();
-        }
-        tx.commit().await?;
-        return Ok(recorded.into_response());
-    }
-    let url = format!("/webhooks/{}", input.name);
-    let added = webhooks::add_source(&mut tx, &state.secrets, &input.name).await;
-    let (reply, response) = match added.map_err(ApiError::from) {
-        Ok(secret) => {
-            let sealed = json!({"name": input.name, "url": url, SEALED_SECRET: seal_secret(&state, &secret)});
-            let shown = SourceCreated {
-                name: input.name,
-                url,
-                secret,
-            };
-            (
-                Reply::ok(sealed).with_status(StatusCode::CREATED),
-                (StatusCode::CREATED, axum::Json(shown)).into_response(),
-            )
-        }
-        // A name taken is the outcome of the command: a retry with the key gets it again.
-        Err(e @ ApiError::Conflict { .. }) => {
-            let reply = command::error_reply(&e);
-            (reply, e.into_response())
-        }
-        Err(e) => return Err(e),
-    };
-    command::record(&mut tx, &request, &reply).await?;
-    tx.commit().await?;
-    Ok(response)
+    let refusal = |e: AppError| command::error_reply(&e.into());
+    let created = webhooks::create_source(&state, &request.context(), &input.name, refusal).await?;
+    Ok(match created {
+        SourceCreation::Created { name, url, secret } => (
+            StatusCode::CREATED,
+            axum::Json(SourceCreated { name, url, secret }),
+        )
+            .into_response(),
+        SourceCreation::Refused(reply) => reply.into_response(),
+        SourceCreation::Replayed(recorded) => recorded.into_response(),
+    })
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -308,22 +259,6 @@ async fn retry_dead_letter(
     request.no_fields()?;
     let not_found = || ApiError::NotFound("no dead letter with this id".into());
     let id = Uuid::parse_str(&id).map_err(|_| not_found())?;
-    let mut tx = state.pool.begin().await?;
-    if let Some(response) = command::replay(&mut tx, &request).await? {
-        tx.commit().await?;
-        return Ok(response);
-    }
-    if !webhooks::retry_dead_letter(&mut tx, id).await? {
-        return Err(not_found());
-    }
-    let reply = Reply::ok(json!(Requeued { id, requeued: true }));
-    command::record(&mut tx, &request, &reply).await?;
-    tx.commit().await?;
-    Ok(reply.into_response())
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Requeued {
-    id: Uuid,
-    requeued: bool,
+    let answer = webhooks::requeue_dead_letter(&state, &request.context(), id).await?;
+    Ok(answer.into_response())
 }

@@ -122,18 +122,10 @@ impl ServeConfig {
         Duration::from_secs(self.shutdown_grace_secs)
     }
 
-    pub fn limits(&self) -> crate::http::Limits {
-        crate::http::Limits::new(
+    pub fn limits(&self) -> crate::app::Limits {
+        crate::app::Limits::new(
             Duration::from_secs(self.request_timeout_secs.max(1)),
             self.large_body_concurrency,
         )
-    }
-
-    pub fn serve_options(&self) -> crate::http::ServeOptions {
-        crate::http::ServeOptions {
-            grace: self.shutdown_grace(),
-            header_timeout: Duration::from_secs(self.header_timeout_secs.max(1)),
-            max_connections: (self.max_connections > 0).then_some(self.max_connections),
-        }
     }
 }

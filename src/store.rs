@@ -339,11 +339,16 @@ impl Store {
         if total > 0 {
             let metadata_json = serde_json::to_value(metadata)?;
             let rows = sqlx::query!(
-                r#"INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)
-                   SELECT $1, u.aggregate_id, u.sequence, u.event_type, u.event_version, u.payload, $7
-                   FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[]::jsonb[])
+                r#"INSERT INTO events
+                       (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                        payload, metadata)
+                   SELECT $1, u.aggregate_id, u.sequence, u.event_type, u.event_version,
+                          u.payload, $7
+                   FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::text[],
+                               $6::text[]::jsonb[])
                         AS u(aggregate_id, sequence, event_type, event_version, payload)
-                   RETURNING aggregate_id, sequence, position, transaction_id::text AS "transaction_id!""#,
+                   RETURNING aggregate_id, sequence, position,
+                             transaction_id::text AS "transaction_id!""#,
                 A::TYPE,
                 &ids,
                 &sequences,
@@ -462,11 +467,12 @@ impl Store {
             .map(|id| loaded.get(id).map_or(0, |l| l.version as i64))
             .collect();
         let rows = sqlx::query!(
-            r#"SELECT e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload, e.metadata,
-                      e.position, e.transaction_id::text AS "transaction_id!",
+            r#"SELECT e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload,
+                      e.metadata, e.position, e.transaction_id::text AS "transaction_id!",
                       octet_length(e.payload::text)::bigint AS "bytes!"
                FROM UNNEST($2::text[], $3::bigint[]) AS u(id, after)
-               JOIN events e ON e.aggregate_type = $1 AND e.aggregate_id = u.id AND e.sequence > u.after
+               JOIN events e
+                 ON e.aggregate_type = $1 AND e.aggregate_id = u.id AND e.sequence > u.after
                ORDER BY e.aggregate_id, e.sequence"#,
             A::TYPE,
             ids,
@@ -503,7 +509,9 @@ impl Store {
         };
         let payload = serde_json::to_value(&loaded.aggregate)?;
         sqlx::query!(
-            r#"INSERT INTO snapshots (aggregate_type, aggregate_id, last_sequence, last_position, last_transaction_id, payload)
+            r#"INSERT INTO snapshots
+                   (aggregate_type, aggregate_id, last_sequence, last_position,
+                    last_transaction_id, payload)
                VALUES ($1, $2, $3, $4, $5::text::xid8, $6)
                ON CONFLICT (aggregate_type, aggregate_id) DO UPDATE
                SET last_sequence = EXCLUDED.last_sequence, last_position = EXCLUDED.last_position,

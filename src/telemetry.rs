@@ -1,4 +1,4 @@
-//! Logging: `tracing` to stderr, pretty or JSON, filtered by `RUST_LOG`, else by the
+//! Logging and metrics: `tracing` to stderr, pretty or JSON, filtered by `RUST_LOG`, else by the
 //! command: `serve` logs `info` (its lines are the service's record), every other command
 //! only warnings and errors unless `-v` (info) or `-vv` (debug) asks for more. Colour codes
 //! only when stderr is a terminal, so scripts and log files get plain text.
@@ -64,4 +64,36 @@ pub fn init_with(format: LogFormat, verbosity: Verbosity) {
     };
     // A second init (tests, embedded use) keeps the first subscriber.
     let _ = result;
+}
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// The process-wide recorder; installed once, whatever number of servers the process runs.
+pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
+    static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
+        std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("duration_seconds".into()),
+                    LATENCY_BUCKETS,
+                )
+                .expect("bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be installed (an embedding program); then the
+            // metrics go there and /metrics shows what this handle saw.
+            let _ = metrics::set_global_recorder(recorder);
+            metrics::describe_counter!("http_requests_total", "HTTP requests answered");
+            metrics::describe_histogram!(
+                "http_request_duration_seconds",
+                metrics::Unit::Seconds,
+                "HTTP request latency"
+            );
+            handle
+        })
+        .clone()
 }

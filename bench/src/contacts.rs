@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use aggregates::contact::{ContactCommand, ContactEmail};
 use chrono::{DateTime, Utc};
-use leadledger::contacts::ContactInput;
+use leadledger::app::contacts::ContactInput;
 use serde_json::{Value, json};
 
 use crate::Server;

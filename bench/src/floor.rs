@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use leadledger::auth::{self, Scope};
+use leadledger::app::keys::{self, Scope};
 use serde_json::Value;
 use tokio::process::Command;
 use uuid::Uuid;
@@ -89,7 +89,7 @@ impl Target {
             .connect_with(options)
             .await?;
         leadledger::db::MIGRATOR.run(&pool).await?;
-        let (api_key, _) = auth::create_key(&pool, "floor", Scope::Write).await?;
+        let (api_key, _) = keys::create_key(&pool, "floor", Scope::Write).await?;
         pool.close().await;
         Ok(Self {
             database: QUIET_DATABASE.to_string(),

@@ -14,10 +14,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use leadledger::auth::{self, Scope};
+use leadledger::app::keys::{self, Scope};
+use leadledger::app::{App, Limits, workers};
 use leadledger::embedded::{EmbeddedOptions, EmbeddedPostgres};
-use leadledger::http::{self, AppState};
-use leadledger::workers;
+use leadledger::http;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -142,8 +142,12 @@ pub(crate) async fn start() -> anyhow::Result<Server> {
         .connect_with(pg.connect_options())
         .await?;
     leadledger::db::MIGRATOR.run(&pool).await?;
-    let (key_id, key) = auth::create_key(&pool, "bench", Scope::Write).await?;
-    let state = AppState::new(pool.clone());
+    let (key_id, key) = keys::create_key(&pool, "bench", Scope::Write).await?;
+    let state = App::build(
+        pool.clone(),
+        &bench_config(&dir.join("app")),
+        Limits::default(),
+    )?;
     let workers = workers::start(&state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = format!("http://{}", listener.local_addr()?);
@@ -246,4 +250,17 @@ fn main() -> anyhow::Result<()> {
             }
         }
     })
+}
+
+/// The configuration a benchmark server runs with: every default, and a secret key kept in
+/// the server's throw-away data directory.
+fn bench_config(dir: &std::path::Path) -> leadledger::config::Config {
+    leadledger::config::Config {
+        database_url: None,
+        data_dir: dir.to_path_buf(),
+        log_format: leadledger::config::LogFormat::Pretty,
+        db_pool_size: 40,
+        snapshot_every: leadledger::store::DEFAULT_SNAPSHOT_EVERY,
+        secret_key: None,
+    }
 }

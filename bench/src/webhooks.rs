@@ -97,9 +97,12 @@ const CONTACTS: usize = 2_000;
 /// Makes the webhook source `bench`, a campaign, and 2,000 contacts enrolled in it. Run it
 /// before anything else creates contacts: it enrolls every contact there is.
 pub async fn setup(server: &Arc<Server>) -> anyhow::Result<Arc<Sender>> {
-    let (_, admin) =
-        leadledger::auth::create_key(&server.pool, "bench admin", leadledger::auth::Scope::Admin)
-            .await?;
+    let (_, admin) = leadledger::app::keys::create_key(
+        &server.pool,
+        "bench admin",
+        leadledger::app::keys::Scope::Admin,
+    )
+    .await?;
     let created: Value = server
         .client
         .post(format!("{}/v1/webhook-sources", server.address))

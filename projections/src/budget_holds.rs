@@ -9,12 +9,15 @@ use uuid::Uuid;
 
 use crate::{FeedEvent, Projection, ProjectionError, events_of};
 
+/// The read model's name: its checkpoint, its advisory lock, what `min_position` waits for.
+pub const NAME: &str = "budget_holds";
+
 pub struct BudgetHoldsProjection;
 
 #[async_trait::async_trait]
 impl Projection for BudgetHoldsProjection {
     fn name(&self) -> &'static str {
-        "budget_holds"
+        NAME
     }
 
     fn tables(&self) -> &'static [&'static str] {
@@ -48,16 +51,17 @@ async fn apply_one(
             ..
         } => {
             sqlx::query!(
-                    "INSERT INTO budget_holds_view (reservation_id, budget_id, amount, expires_at, position)
+                "INSERT INTO budget_holds_view
+                         (reservation_id, budget_id, amount, expires_at, position)
                      VALUES ($1, $2, $3, $4, $5)",
-                    reservation_id,
-                    budget_id,
-                    amount.money().as_decimal(),
-                    expires_at,
-                    event.at.position
-                )
-                .execute(&mut *conn)
-                .await?;
+                reservation_id,
+                budget_id,
+                amount.money().as_decimal(),
+                expires_at,
+                event.at.position
+            )
+            .execute(&mut *conn)
+            .await?;
             return Ok(());
         }
         BudgetEvent::ReservationCaptured { reservation_id, .. }

@@ -10,12 +10,15 @@ use uuid::Uuid;
 
 use crate::{FeedEvent, Projection, ProjectionError, events_of};
 
+/// The read model's name: its checkpoint, its advisory lock, what `min_position` waits for.
+pub const NAME: &str = "budgets";
+
 pub struct BudgetsProjection;
 
 #[async_trait::async_trait]
 impl Projection for BudgetsProjection {
     fn name(&self) -> &'static str {
-        "budgets"
+        NAME
     }
 
     fn tables(&self) -> &'static [&'static str] {

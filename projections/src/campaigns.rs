@@ -12,6 +12,9 @@ use crate::{
     FeedEvent, Position, Projection, ProjectionError, column, events_of, ids, missing_row,
 };
 
+/// The read model's name: its checkpoint, its advisory lock, what `min_position` waits for.
+pub const NAME: &str = "campaigns";
+
 pub struct CampaignsProjection;
 
 /// What a batch does to one campaign: creates it (with the batch's later events folded
@@ -31,7 +34,7 @@ struct Change {
 #[async_trait::async_trait]
 impl Projection for CampaignsProjection {
     fn name(&self) -> &'static str {
-        "campaigns"
+        NAME
     }
 
     fn tables(&self) -> &'static [&'static str] {
@@ -118,7 +121,8 @@ impl Projection for CampaignsProjection {
 async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), ProjectionError> {
     let created = |c: &Change| c.created.unwrap_or((false, c.updated_at));
     sqlx::query!(
-        "INSERT INTO campaigns_view (id, name, status, stop_on_reply, created_at, updated_at, version, last_position)
+        "INSERT INTO campaigns_view
+             (id, name, status, stop_on_reply, created_at, updated_at, version, last_position)
          SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::bool[], $5::timestamptz[],
              $6::timestamptz[], $7::int8[], $8::int8[])",
         &ids(rows),
@@ -137,8 +141,10 @@ async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), 
 
 async fn update(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), ProjectionError> {
     let updated = sqlx::query!(
-        "UPDATE campaigns_view c SET name = coalesce(u.name, c.name), status = coalesce(u.status, c.status),
-             updated_at = u.updated_at, version = c.version + u.events, last_position = u.last_position
+        "UPDATE campaigns_view c
+         SET name = coalesce(u.name, c.name), status = coalesce(u.status, c.status),
+             updated_at = u.updated_at, version = c.version + u.events,
+             last_position = u.last_position
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::timestamptz[], $5::int8[], $6::int8[])
              AS u(id, name, status, updated_at, events, last_position)
          WHERE c.id = u.id",
@@ -166,4 +172,69 @@ async fn update(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), 
         |c| c.first,
         "an event for a campaign the read model does not have",
     ))
+}
+
+/// One campaign of the list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CampaignRow {
+    pub id: Uuid,
+    pub name: String,
+    pub status: String,
+    pub stop_on_reply: bool,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub version: i64,
+}
+
+/// Campaigns newest first, with `status` if given, after the one at `after`
+/// (its creation time and id).
+pub async fn page(
+    conn: &mut PgConnection,
+    status: Option<&str>,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<CampaignRow>, sqlx::Error> {
+    let (after_at, after_id) = after.unzip();
+    sqlx::query_as!(
+        CampaignRow,
+        "SELECT id, name, status, stop_on_reply, created_at, updated_at, version
+         FROM campaigns_view
+         WHERE ($1::text IS NULL OR status = $1)
+           AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
+         ORDER BY created_at DESC, id DESC
+         LIMIT $4",
+        status,
+        after_at,
+        after_id,
+        limit
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// Campaigns by status: each status that has any, with how many.
+pub async fn count_by_status(conn: &mut PgConnection) -> Result<Vec<StatusCount>, sqlx::Error> {
+    sqlx::query_as!(
+        StatusCount,
+        r#"SELECT status, count(*) AS "n!" FROM campaigns_view GROUP BY status"#
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// A status and how many campaigns have it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusCount {
+    pub status: String,
+    pub n: i64,
+}
+
+/// Whether the read model has the campaign `id`.
+pub async fn exists(conn: &mut PgConnection, id: Uuid) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar!(
+        r#"SELECT EXISTS (SELECT 1 FROM campaigns_view WHERE id = $1) AS "exists!""#,
+        id
+    )
+    .fetch_one(conn)
+    .await
 }

@@ -14,6 +14,9 @@ use crate::{
     FeedEvent, Position, Projection, ProjectionError, column, events_of, ids, missing_row,
 };
 
+/// The read model's name: its checkpoint, its advisory lock, what `min_position` waits for.
+pub const NAME: &str = "contacts";
+
 pub struct ContactsProjection;
 
 fn text<T: Clone + Into<String>>(v: &Option<T>) -> Option<String> {
@@ -79,7 +82,7 @@ struct Change {
 #[async_trait::async_trait]
 impl Projection for ContactsProjection {
     fn name(&self) -> &'static str {
-        "contacts"
+        NAME
     }
 
     fn tables(&self) -> &'static [&'static str] {
@@ -163,7 +166,8 @@ impl Projection for ContactsProjection {
             insert(conn, &created).await?;
             sqlx::query!(
                 "INSERT INTO contact_totals_view (singleton, contacts) VALUES (true, $1)
-                 ON CONFLICT (singleton) DO UPDATE SET contacts = contact_totals_view.contacts + EXCLUDED.contacts",
+                 ON CONFLICT (singleton)
+                 DO UPDATE SET contacts = contact_totals_view.contacts + EXCLUDED.contacts",
                 created.len() as i64
             )
             .execute(&mut *conn)
@@ -181,8 +185,9 @@ async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), 
     sqlx::query!(
         "INSERT INTO contacts_view (id, email, first_name, last_name, company, company_domain,
              title, phone, linkedin_url, custom, enrichment, created_at, updated_at, version)
-         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-             $7::text[], $8::text[], $9::text[], $10::jsonb[], $11::jsonb[], $12::timestamptz[],
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[],
+             $6::text[], $7::text[], $8::text[], $9::text[], $10::jsonb[], $11::jsonb[],
+             $12::timestamptz[],
              $13::timestamptz[], $14::int8[])",
         &ids(rows),
         &column(rows, |c| created(c).0),
@@ -193,7 +198,11 @@ async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), 
         &column(rows, |c| c.columns.title.clone()) as _,
         &column(rows, |c| c.columns.phone.clone()) as _,
         &column(rows, |c| c.columns.linkedin_url.clone()) as _,
-        &column(rows, |c| c.columns.custom.clone().unwrap_or_else(|| json!({}))),
+        &column(rows, |c| c
+            .columns
+            .custom
+            .clone()
+            .unwrap_or_else(|| json!({}))),
         &column(rows, |c| c.enrichment.clone()) as _,
         &column(rows, |c| created(c).1),
         &column(rows, |c| c.updated_at),
@@ -219,7 +228,8 @@ async fn update(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), 
              updated_at = u.updated_at,
              version = c.version + u.events
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-                     $7::text[], $8::text[], $9::jsonb[], $10::jsonb[], $11::timestamptz[], $12::int8[])
+                     $7::text[], $8::text[], $9::jsonb[], $10::jsonb[], $11::timestamptz[],
+                     $12::int8[])
              AS u(id, first_name, last_name, company, company_domain, title, phone, linkedin_url,
                   custom, enrichment, updated_at, events)
          WHERE c.id = u.id",
@@ -260,4 +270,60 @@ fn custom_json(fields: &ContactFields) -> Option<serde_json::Value> {
         .custom
         .as_ref()
         .map(|c| serde_json::to_value(c.as_map()).unwrap_or_else(|_| json!({})))
+}
+
+/// One contact of the list.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ContactRow {
+    pub id: Uuid,
+    pub email: String,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub company: Option<String>,
+    pub company_domain: Option<String>,
+    pub title: Option<String>,
+    pub phone: Option<String>,
+    pub linkedin_url: Option<String>,
+    pub custom: serde_json::Value,
+    pub enrichment: Option<serde_json::Value>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    pub version: i64,
+}
+
+/// Contacts newest first: the one with `email` if given, those whose search text matches
+/// the LIKE `pattern` if given, after the one at `after` (its creation time and id).
+pub async fn page(
+    conn: &mut PgConnection,
+    email: Option<&str>,
+    pattern: Option<&str>,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<ContactRow>, sqlx::Error> {
+    let (after_at, after_id) = after.unzip();
+    sqlx::query_as!(
+        ContactRow,
+        "SELECT id, email, first_name, last_name, company, company_domain, title, phone,
+                linkedin_url, custom, enrichment, created_at, updated_at, version
+         FROM contacts_view
+         WHERE ($1::text IS NULL OR email = $1)
+           AND ($2::text IS NULL OR search LIKE $2)
+           AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
+         ORDER BY created_at DESC, id DESC
+         LIMIT $5",
+        email,
+        pattern,
+        after_at,
+        after_id,
+        limit
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// How many contacts there are.
+pub async fn total(conn: &mut PgConnection) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar!(r#"SELECT coalesce((SELECT contacts FROM contact_totals_view), 0) AS "n!""#)
+        .fetch_one(conn)
+        .await
 }

@@ -13,6 +13,9 @@ use uuid::Uuid;
 
 use crate::{FeedEvent, Projection, ProjectionError, events_of, utc_day};
 
+/// The read model's name: its checkpoint, its advisory lock, what `min_position` waits for.
+pub const NAME: &str = "costs";
+
 pub struct CostsProjection;
 
 /// One row of `costs_view`.
@@ -32,7 +35,7 @@ struct Cost {
 #[async_trait::async_trait]
 impl Projection for CostsProjection {
     fn name(&self) -> &'static str {
-        "costs"
+        NAME
     }
 
     fn tables(&self) -> &'static [&'static str] {
@@ -103,9 +106,11 @@ impl Projection for CostsProjection {
         }
         sqlx::query!(
             "INSERT INTO costs_view
-                 (id, kind, budget_id, category, model, input_tokens, output_tokens, amount, spent_at, day, position)
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[], $6::int8[],
-                                  $7::int8[], $8::numeric[], $9::timestamptz[], $10::date[], $11::int8[])",
+                 (id, kind, budget_id, category, model, input_tokens, output_tokens, amount,
+                  spent_at, day, position)
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[],
+                                  $6::int8[], $7::int8[], $8::numeric[], $9::timestamptz[],
+                                  $10::date[], $11::int8[])",
             &costs.iter().map(|c| c.id).collect::<Vec<_>>(),
             &costs.iter().map(|c| c.kind.to_string()).collect::<Vec<_>>(),
             &costs.iter().map(|c| c.budget_id).collect::<Vec<_>>(),
@@ -115,7 +120,10 @@ impl Projection for CostsProjection {
             &costs.iter().map(|c| c.output_tokens).collect::<Vec<_>>() as _,
             &costs.iter().map(|c| c.amount).collect::<Vec<_>>(),
             &costs.iter().map(|c| c.spent_at).collect::<Vec<_>>(),
-            &costs.iter().map(|c| utc_day(c.spent_at)).collect::<Vec<_>>(),
+            &costs
+                .iter()
+                .map(|c| utc_day(c.spent_at))
+                .collect::<Vec<_>>(),
             &costs.iter().map(|c| c.position).collect::<Vec<_>>(),
         )
         .execute(&mut *conn)
@@ -148,7 +156,8 @@ pub async fn total(
     to: NaiveDate,
 ) -> Result<(Decimal, i64), sqlx::Error> {
     let row = sqlx::query!(
-        r#"SELECT coalesce(sum(cost), 0) AS "cost!", coalesce(sum(requests), 0)::bigint AS "requests!"
+        r#"SELECT coalesce(sum(cost), 0) AS "cost!",
+                  coalesce(sum(requests), 0)::bigint AS "requests!"
            FROM cost_days_view WHERE day >= $1 AND day <= $2"#,
         from,
         to
@@ -221,8 +230,10 @@ pub async fn report(
                CASE WHEN $3 = 'category' THEN category END AS "category?",
                CASE WHEN $3 = 'budget' THEN budget_id END AS "budget_id?: Uuid",
                sum(amount) AS "cost!",
-               LEAST(coalesce(sum(input_tokens), 0), 9223372036854775807)::bigint AS "input_tokens!",
-               LEAST(coalesce(sum(output_tokens), 0), 9223372036854775807)::bigint AS "output_tokens!",
+               LEAST(coalesce(sum(input_tokens), 0), 9223372036854775807)::bigint
+                   AS "input_tokens!",
+               LEAST(coalesce(sum(output_tokens), 0), 9223372036854775807)::bigint
+                   AS "output_tokens!",
                count(*) AS "requests!"
            FROM costs_view
            WHERE day >= $1 AND day <= $2

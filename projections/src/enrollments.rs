@@ -21,6 +21,9 @@ use uuid::Uuid;
 
 use crate::{FeedEvent, Projection, ProjectionError, column, events_of, ids, utc_day};
 
+/// The read model's name: its checkpoint, its advisory lock, what `min_position` waits for.
+pub const NAME: &str = "enrollments";
+
 pub struct EnrollmentsProjection;
 
 /// One enrollment as the read model keeps it.
@@ -66,7 +69,7 @@ struct Change {
 #[async_trait::async_trait]
 impl Projection for EnrollmentsProjection {
     fn name(&self) -> &'static str {
-        "enrollments"
+        NAME
     }
 
     fn tables(&self) -> &'static [&'static str] {
@@ -167,7 +170,8 @@ async fn load(
     }
     let rows = sqlx::query!(
         "SELECT id, campaign_id, contact_id, stop_on_reply, enrolled_at, sent_at, delivered_at,
-                opened_at, clicked_at, replied_at, bounced_at, unsubscribed_at, complained_at, version
+                opened_at, clicked_at, replied_at, bounced_at, unsubscribed_at, complained_at,
+                version
          FROM enrollments_view WHERE id = ANY($1)",
         ids
     )
@@ -248,8 +252,9 @@ async fn write(
         let counts: Vec<&Counts> = campaigns.values().collect();
         let col = |k: usize| counts.iter().map(|c| c[k]).collect::<Vec<i64>>();
         sqlx::query!(
-            "INSERT INTO campaign_metrics_view (campaign_id, enrolled, sent, delivered, opened, clicked,
-                 replied, bounced, unsubscribed, complained)
+            "INSERT INTO campaign_metrics_view
+                 (campaign_id, enrolled, sent, delivered, opened, clicked, replied, bounced,
+                  unsubscribed, complained)
              SELECT * FROM UNNEST($1::uuid[], $2::int8[], $3::int8[], $4::int8[], $5::int8[],
                  $6::int8[], $7::int8[], $8::int8[], $9::int8[], $10::int8[])
              ON CONFLICT (campaign_id) DO UPDATE SET
@@ -296,14 +301,17 @@ async fn write(
                      enrolled = v.enrolled + d.enrolled, sent = v.sent + d.sent,
                      delivered = v.delivered + d.delivered, opened = v.opened + d.opened,
                      clicked = v.clicked + d.clicked, replied = v.replied + d.replied,
-                     bounced = v.bounced + d.bounced, unsubscribed = v.unsubscribed + d.unsubscribed,
+                     bounced = v.bounced + d.bounced,
+                     unsubscribed = v.unsubscribed + d.unsubscribed,
                      complained = v.complained + d.complained
                  FROM d WHERE v.campaign_id = d.campaign_id AND v.day = d.day
                  RETURNING v.campaign_id, v.day
              )
              INSERT INTO campaign_days_view
              SELECT d.* FROM d
-             WHERE NOT EXISTS (SELECT 1 FROM updated u WHERE u.campaign_id = d.campaign_id AND u.day = d.day)",
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM updated u WHERE u.campaign_id = d.campaign_id AND u.day = d.day
+             )",
             &campaign_ids,
             &day_list,
             &col(0),
@@ -345,7 +353,8 @@ fn milestone(
 
 async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Row)]) -> Result<(), ProjectionError> {
     sqlx::query!(
-        "INSERT INTO enrollments_view (id, campaign_id, contact_id, status, stop_on_reply, enrolled_at,
+        "INSERT INTO enrollments_view
+            (id, campaign_id, contact_id, status, stop_on_reply, enrolled_at,
              sent_at, delivered_at, opened_at, clicked_at, replied_at, bounced_at, unsubscribed_at,
              complained_at, sequence_ended_at, version)
          SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::bool[],
@@ -412,4 +421,177 @@ fn sequence_end(m: &Milestones, stop_on_reply: bool) -> Option<DateTime<Utc>> {
         ends.push(m.replied_at);
     }
     ends.into_iter().flatten().min()
+}
+
+/// One enrollment of a campaign's list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrollmentRow {
+    pub id: Uuid,
+    pub campaign_id: Uuid,
+    pub contact_id: Uuid,
+    pub status: String,
+    pub enrolled_at: DateTime<Utc>,
+    pub sent_at: Option<DateTime<Utc>>,
+    pub delivered_at: Option<DateTime<Utc>>,
+    pub opened_at: Option<DateTime<Utc>>,
+    pub clicked_at: Option<DateTime<Utc>>,
+    pub replied_at: Option<DateTime<Utc>>,
+    pub bounced_at: Option<DateTime<Utc>>,
+    pub unsubscribed_at: Option<DateTime<Utc>>,
+    pub complained_at: Option<DateTime<Utc>>,
+    pub sequence_ended_at: Option<DateTime<Utc>>,
+    pub version: i64,
+}
+
+/// A campaign's enrollments newest first, with `status` if given, after the one at
+/// `after` (its enrollment time and id).
+pub async fn page(
+    conn: &mut PgConnection,
+    campaign: Uuid,
+    status: Option<&str>,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<EnrollmentRow>, sqlx::Error> {
+    let (after_at, after_id) = after.unzip();
+    sqlx::query_as!(
+        EnrollmentRow,
+        "SELECT id, campaign_id, contact_id, status, enrolled_at, sent_at, delivered_at, opened_at,
+                clicked_at, replied_at, bounced_at, unsubscribed_at, complained_at,
+                sequence_ended_at, version
+         FROM enrollments_view
+         WHERE campaign_id = $1
+           AND ($2::text IS NULL OR status = $2)
+           AND ($3::timestamptz IS NULL OR (enrolled_at, id) < ($3, $4))
+         ORDER BY enrolled_at DESC, id DESC
+         LIMIT $5",
+        campaign,
+        status,
+        after_at,
+        after_id,
+        limit
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// A campaign's milestone counts: enrollments that reached each milestone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsRow {
+    pub enrolled: i64,
+    pub sent: i64,
+    pub delivered: i64,
+    pub opened: i64,
+    pub clicked: i64,
+    pub replied: i64,
+    pub bounced: i64,
+    pub unsubscribed: i64,
+    pub complained: i64,
+}
+
+/// The counts of `campaign`, if the read model has any.
+pub async fn campaign_metrics(
+    conn: &mut PgConnection,
+    campaign: Uuid,
+) -> Result<Option<MetricsRow>, sqlx::Error> {
+    sqlx::query_as!(
+        MetricsRow,
+        "SELECT enrolled, sent, delivered, opened, clicked, replied, bounced, unsubscribed,
+                complained
+         FROM campaign_metrics_view WHERE campaign_id = $1",
+        campaign
+    )
+    .fetch_optional(conn)
+    .await
+}
+
+/// One UTC day of a campaign: enrollments that reached each milestone that day.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DayRow {
+    pub day: NaiveDate,
+    pub enrolled: i64,
+    pub sent: i64,
+    pub delivered: i64,
+    pub opened: i64,
+    pub clicked: i64,
+    pub replied: i64,
+    pub bounced: i64,
+    pub unsubscribed: i64,
+    pub complained: i64,
+}
+
+/// Every UTC day from `from` to `to` of `campaign`, oldest first, days without a
+/// milestone included (all zero).
+pub async fn campaign_days(
+    conn: &mut PgConnection,
+    campaign: Uuid,
+    from: NaiveDate,
+    to: NaiveDate,
+) -> Result<Vec<DayRow>, sqlx::Error> {
+    sqlx::query_as!(
+        DayRow,
+        r#"SELECT d.day AS "day!",
+                  coalesce(v.enrolled, 0) AS "enrolled!", coalesce(v.sent, 0) AS "sent!",
+                  coalesce(v.delivered, 0) AS "delivered!", coalesce(v.opened, 0) AS "opened!",
+                  coalesce(v.clicked, 0) AS "clicked!", coalesce(v.replied, 0) AS "replied!",
+                  coalesce(v.bounced, 0) AS "bounced!",
+                  coalesce(v.unsubscribed, 0) AS "unsubscribed!",
+                  coalesce(v.complained, 0) AS "complained!"
+           FROM generate_series($2::date, $3::date, interval '1 day') AS g(at)
+           CROSS JOIN LATERAL (SELECT g.at::date AS day) AS d
+           LEFT JOIN campaign_days_view v ON v.campaign_id = $1 AND v.day = d.day
+           ORDER BY d.day"#,
+        campaign,
+        from,
+        to
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// The counts of every campaign added up.
+pub async fn totals(conn: &mut PgConnection) -> Result<MetricsRow, sqlx::Error> {
+    sqlx::query_as!(
+        MetricsRow,
+        r#"SELECT coalesce(sum(enrolled), 0)::bigint AS "enrolled!",
+                  coalesce(sum(sent), 0)::bigint AS "sent!",
+                  coalesce(sum(delivered), 0)::bigint AS "delivered!",
+                  coalesce(sum(opened), 0)::bigint AS "opened!",
+                  coalesce(sum(clicked), 0)::bigint AS "clicked!",
+                  coalesce(sum(replied), 0)::bigint AS "replied!",
+                  coalesce(sum(bounced), 0)::bigint AS "bounced!",
+                  coalesce(sum(unsubscribed), 0)::bigint AS "unsubscribed!",
+                  coalesce(sum(complained), 0)::bigint AS "complained!"
+           FROM campaign_metrics_view"#
+    )
+    .fetch_one(conn)
+    .await
+}
+
+/// A campaign with its delivered and replied counts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyRow {
+    pub campaign_id: Uuid,
+    pub name: String,
+    pub status: String,
+    pub delivered: i64,
+    pub replied: i64,
+}
+
+/// The `limit` campaigns with the best reply rate (replied / delivered), ties by replies,
+/// then by id; their names and statuses from the campaigns read model.
+pub async fn top_by_reply_rate(
+    conn: &mut PgConnection,
+    limit: i64,
+) -> Result<Vec<ReplyRow>, sqlx::Error> {
+    sqlx::query_as!(
+        ReplyRow,
+        "SELECT m.campaign_id, c.name, c.status, m.delivered, m.replied
+         FROM campaign_metrics_view m JOIN campaigns_view c ON c.id = m.campaign_id
+         WHERE m.delivered > 0
+         ORDER BY m.replied::numeric / m.delivered DESC, m.replied DESC, m.campaign_id
+         LIMIT $1",
+        limit
+    )
+    .fetch_all(conn)
+    .await
 }

@@ -217,7 +217,8 @@ pub async fn head(conn: &mut PgConnection) -> Result<Option<Position>, sqlx::Err
 /// How many events lie after `after` (committed or not yet readable).
 pub async fn count_after(conn: &mut PgConnection, after: Position) -> Result<i64, sqlx::Error> {
     let n = sqlx::query_scalar!(
-        r#"SELECT count(*) AS "n!" FROM events WHERE (transaction_id, position) > ($1::text::xid8, $2)"#,
+        r#"SELECT count(*) AS "n!" FROM events
+           WHERE (transaction_id, position) > ($1::text::xid8, $2)"#,
         after.transaction_id.to_string(),
         after.position
     )

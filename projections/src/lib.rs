@@ -59,6 +59,24 @@ pub trait Projection: Send + Sync + 'static {
     ) -> Result<(), ProjectionError>;
 }
 
+/// A side-effecting event handler: it answers events by running commands (writing events
+/// of its own), owns no tables and is never rebuilt — replaying it would repeat its
+/// effects. The runner feeds it like a projection, each batch in one transaction with its
+/// checkpoint, so its effects happen exactly once.
+#[async_trait::async_trait]
+pub trait Reactor: Send + Sync + 'static {
+    /// Stable name: the checkpoint's key and the advisory lock's.
+    fn name(&self) -> &'static str;
+
+    /// Reacts to `events`, in feed order, inside the caller's transaction (committed with
+    /// the checkpoint). Events it has no interest in are ignored.
+    async fn react(
+        &self,
+        conn: &mut PgConnection,
+        events: &[FeedEvent],
+    ) -> Result<(), ProjectionError>;
+}
+
 /// Applies one event: a batch of one.
 pub async fn apply(
     projection: &dyn Projection,

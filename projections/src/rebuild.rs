@@ -322,7 +322,8 @@ async fn catch_up(
         let last = events.last().map_or(*at, |e| e.at);
         sqlx::query!(
             "UPDATE projection_rebuilds
-             SET transaction_id = $1::text::xid8, position = $2, events = events + $3, updated_at = now()",
+             SET transaction_id = $1::text::xid8, position = $2, events = events + $3,
+                 updated_at = now()",
             last.transaction_id.to_string(),
             last.position,
             events.len() as i64
@@ -457,7 +458,8 @@ async fn swap_in(
         .execute(&mut *tx)
         .await?;
     sqlx::query!(
-        "INSERT INTO projection_checkpoints (name) SELECT unnest($1::text[]) ON CONFLICT (name) DO NOTHING",
+        "INSERT INTO projection_checkpoints (name) SELECT unnest($1::text[])
+         ON CONFLICT (name) DO NOTHING",
         names
     )
     .execute(&mut *tx)

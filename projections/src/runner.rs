@@ -21,7 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::feed::{self, FeedEvent, Position};
-use crate::{Projection, ProjectionError};
+use crate::{Projection, ProjectionError, Reactor};
 
 /// First key of the two-key advisory locks the runner takes ("LL").
 pub const LOCK_CLASS: i32 = 0x4c4c;
@@ -52,6 +52,29 @@ impl Default for RunnerConfig {
     }
 }
 
+/// A reactor in the runner's hands: fed batches like a projection, with no tables (so never
+/// rebuilt).
+struct Reacting(Arc<dyn Reactor>);
+
+#[async_trait::async_trait]
+impl Projection for Reacting {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+
+    fn tables(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    async fn apply_batch(
+        &self,
+        conn: &mut PgConnection,
+        events: &[FeedEvent],
+    ) -> Result<(), ProjectionError> {
+        self.0.react(conn, events).await
+    }
+}
+
 pub struct Runner {
     pool: PgPool,
     projections: Vec<Arc<dyn Projection>>,
@@ -72,6 +95,15 @@ impl Runner {
             projections,
             config,
         }
+    }
+
+    /// A runner of reactors: the same batches, checkpoints and locks as projections get.
+    pub fn reactors(pool: PgPool, reactors: Vec<Arc<dyn Reactor>>, config: RunnerConfig) -> Self {
+        let handlers = reactors
+            .into_iter()
+            .map(|reactor| Arc::new(Reacting(reactor)) as Arc<dyn Projection>)
+            .collect();
+        Self::new(pool, handlers, config)
     }
 
     /// Runs every projection until `cancel`; a batch in progress is finished (committed or
@@ -188,7 +220,11 @@ async fn run_projection(
                 Ok(BatchOutcome::Applied(_)) => false,
                 Ok(BatchOutcome::Failed) => true,
                 Err(e) => {
-                    tracing::warn!(projection = name, error = %e, "projection connection failed; reconnecting");
+                    tracing::warn!(
+                        projection = name,
+                        error = %e,
+                        "projection connection failed; reconnecting"
+                    );
                     break;
                 }
             };

@@ -36,8 +36,10 @@ pub async fn all(conn: &mut PgConnection) -> Result<Vec<ProjectionStatus>, sqlx:
     for name in names {
         let name = name.as_str();
         let row = sqlx::query!(
-            r#"SELECT c.transaction_id::text AS "transaction_id!", c.position, c.failed_position, c.failed_error,
-                      (SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+            r#"SELECT c.transaction_id::text AS "transaction_id!", c.position, c.failed_position,
+                      c.failed_error,
+                      (SELECT a.application_name
+                       FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
                        WHERE l.locktype = 'advisory' AND l.granted
                          AND l.classid = $2::int::oid AND l.objid = hashtext($1)::oid
                        LIMIT 1) AS held_by

@@ -6,8 +6,6 @@
 //! optimistic concurrency by `command::execute`: two spends that both fit alone but not
 //! together cannot both commit, whatever the number of server processes.
 
-use std::time::Duration;
-
 use aggregates::budget::{
     Budget, BudgetCommand, BudgetName, BudgetPeriod, GracePercent, MAX_HOLD, ReservationOutcome,
     SpendCategory,
@@ -17,31 +15,27 @@ use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use cqrs_es::Aggregate;
-use cqrs_es::event_sink::EventSink;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer, Serialize};
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::error::{ApiError, FieldError};
-use crate::http::AppState;
-use crate::http::command::{self, Abort, Reply, Retry, Settled, Written};
+use crate::app::App;
+use crate::http::command::{self, Reply, Written};
+use crate::http::error::{ApiError, FieldError};
 use crate::http::extract::{
     ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, json_with_etag, parse_json,
 };
-use crate::store::{Loaded, Metadata};
+use crate::store::Loaded;
 
 const TAG: &str = "budgets";
 
 /// Hold length when a reservation names none (`ttl_seconds` defaults to 3600).
 pub const DEFAULT_TTL_SECONDS: i64 = 3600;
 
-pub fn router() -> OpenApiRouter<AppState> {
+pub fn router() -> OpenApiRouter<App> {
     OpenApiRouter::new()
         .routes(routes!(create_budget, list_budgets))
         .routes(routes!(get_budget, set_limit))
@@ -339,7 +333,7 @@ fn quote_non_finite(body: &[u8]) -> Option<Vec<u8>> {
     params(("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key")),
     responses((status = 201, body = BudgetBody), (status = 422, description = "Invalid values")))]
 async fn create_budget(
-    State(state): State<AppState>,
+    State(state): State<App>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
     let input: CreateBudget = parse_body(&request)?;
@@ -397,8 +391,7 @@ pub struct BudgetPage {
     next_cursor: Option<String>,
 }
 
-/// The read model that lists budgets.
-pub const BUDGETS_READ_MODEL: &str = "budgets";
+pub use crate::app::budgets::BUDGETS_READ_MODEL;
 
 /// Every budget, oldest first, each as `GET /v1/budgets/{id}` shows it (read from its
 /// stream; the list itself from the read model `budgets`, so it takes `min_position`).
@@ -406,7 +399,7 @@ pub const BUDGETS_READ_MODEL: &str = "budgets";
     responses((status = 200, body = BudgetPage), (status = 400, description = "limit or cursor invalid"),
         (status = 503, description = "min_position not reached in 5 s")))]
 async fn list_budgets(
-    State(state): State<AppState>,
+    State(state): State<App>,
     ApiQuery(query): ApiQuery<ListBudgets>,
     min_position: MinPosition,
 ) -> Result<Response, ApiError> {
@@ -442,7 +435,7 @@ async fn list_budgets(
 #[utoipa::path(get, path = "/v1/budgets/{id}", tag = TAG, params(("id" = Uuid, Path), ("min_position" = Option<String>, Query, description = "Position token of a write; always reached here")),
     responses((status = 200, body = BudgetBody), (status = 404)))]
 async fn get_budget(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     // Read from the stream, which holds every committed write: a valid token is already
     // reached. It is still checked, like on every read.
@@ -464,7 +457,7 @@ async fn get_budget(
     params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header, description = "Expected version, e.g. \"3\"")),
     responses((status = 200, body = BudgetBody), (status = 404), (status = 412), (status = 422)))]
 async fn set_limit(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -495,7 +488,7 @@ async fn set_limit(
         (status = 409, description = "budget-exceeded: the problem body carries `remaining` and `available`"),
         (status = 422, description = "Invalid amount or fields")))]
 async fn spend(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -545,7 +538,7 @@ async fn spend(
     responses((status = 201, body = ReservationCreatedBody), (status = 404),
         (status = 409, description = "budget-exceeded"), (status = 422)))]
 async fn reserve(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -635,7 +628,7 @@ fn reservation_state(
         (status = 409, description = "reservation-released or reservation-expired"),
         (status = 422, description = "Invalid amount, or more than is held")))]
 async fn capture(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path((id, reservation_id)): Path<(String, String)>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -666,7 +659,7 @@ async fn capture(
     params(("id" = Uuid, Path), ("reservation_id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key")),
     responses((status = 200, body = ReservationStateBody), (status = 404)))]
 async fn release(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path((id, reservation_id)): Path<(String, String)>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -687,106 +680,6 @@ async fn release(
         |written| reservation_state(id, reservation_id, written, at),
     )
     .await
-}
-
-/// How often the expiry worker looks for holds past their time.
-pub const EXPIRY_SWEEP_EVERY: Duration = Duration::from_secs(1);
-/// Budgets handled by one sweep at most; the next sweep takes the rest.
-const EXPIRY_BATCH: i64 = 500;
-/// The advisory lock (with `projections::runner::LOCK_CLASS`) that lets one process sweep
-/// at a time.
-const EXPIRY_LOCK: &str = "worker:budget-expiry";
-
-/// Runs [`expire_due_holds`] every [`EXPIRY_SWEEP_EVERY`] until `cancel`.
-pub fn spawn_expiry_worker(state: AppState, cancel: CancellationToken) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            match expire_due_holds(&state, Utc::now()).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(expired = n, "budget reservations expired"),
-                Err(e) => tracing::warn!(error = ?e, "expiring budget reservations failed"),
-            }
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(EXPIRY_SWEEP_EVERY) => {},
-            }
-        }
-    })
-}
-
-/// One sweep: sends `ExpireReservations` to every budget the `budget_holds` read model
-/// shows with a hold due at `now`. Returns how many holds it expired.
-///
-/// Safe with several processes: a sweep runs only while it holds a transaction-scoped
-/// advisory lock (released however the sweep ends, even if its task is dropped), so one
-/// process sweeps at a time; and each expiry is an ordinary command under optimistic
-/// concurrency, so a hold can only expire once even if two sweeps met.
-pub async fn expire_due_holds(state: &AppState, now: DateTime<Utc>) -> Result<usize, ApiError> {
-    // This transaction only holds the lock: it writes nothing, so it takes no
-    // transaction id and does not hold back the event feed.
-    let mut guard = state.pool.begin().await?;
-    let locked = sqlx::query_scalar!(
-        r#"SELECT pg_try_advisory_xact_lock($1, hashtext($2)) AS "locked!""#,
-        projections::runner::LOCK_CLASS,
-        EXPIRY_LOCK
-    )
-    .fetch_one(&mut *guard)
-    .await?;
-    if !locked {
-        return Ok(0);
-    }
-    let due =
-        projections::budget_holds::budgets_with_due_holds(&mut guard, now, EXPIRY_BATCH).await?;
-    let mut expired = 0;
-    for budget_id in due {
-        match expire_budget(state, budget_id, now).await {
-            Ok(n) => expired += n,
-            // One budget's failure must not keep the others' holds: the next sweep tries
-            // it again.
-            Err(e) => tracing::warn!(%budget_id, error = ?e, "expiring a budget's holds failed"),
-        }
-    }
-    guard.rollback().await?;
-    Ok(expired)
-}
-
-/// `ExpireReservations` on one budget, retried on conflicts like any command.
-async fn expire_budget(
-    state: &AppState,
-    budget_id: Uuid,
-    at: DateTime<Utc>,
-) -> Result<usize, ApiError> {
-    let id = budget_id.to_string();
-    let metadata = Metadata {
-        actor: Some("worker:budget-expiry".into()),
-        ..Metadata::default()
-    };
-    let mut retry = Retry::new(state, Budget::TYPE);
-    loop {
-        let mut tx = state.pool.begin().await?;
-        let outcome = async {
-            let mut loaded: Loaded<Budget> = state.store.load(&mut tx, &id).await?;
-            let sink = EventSink::default();
-            loaded
-                .aggregate
-                .handle(BudgetCommand::ExpireReservations { at }, &(), &sink)
-                .await
-                .map_err(ApiError::from)?;
-            let events = sink.collect().await;
-            state
-                .store
-                .append(&mut tx, &mut loaded, &events, &metadata)
-                .await?;
-            Ok::<_, Abort>(events.len())
-        }
-        .await;
-        match retry.settle(tx, outcome).await? {
-            Settled::Done(expired) => return Ok(expired),
-            Settled::Again => {}
-            // The budget kept changing: its next command or the next sweep expires the holds.
-            Settled::GaveUp => return Ok(0),
-        }
-    }
 }
 
 #[cfg(test)]

@@ -7,24 +7,23 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::error::{ApiError, FieldError};
-use crate::http::AppState;
+use crate::app::App;
 use crate::http::command::{self, Reply, Written};
+use crate::http::error::{ApiError, FieldError};
 use crate::http::extract::{
     ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, json_with_etag,
 };
-use crate::store::Loaded;
+use crate::store::{Loaded, Position};
 
 const TAG: &str = "campaigns";
-const READ_MODEL: &str = "campaigns";
+const READ_MODEL: &str = projections::campaigns::NAME;
 
-pub fn router() -> OpenApiRouter<AppState> {
+pub fn router() -> OpenApiRouter<App> {
     OpenApiRouter::new()
         .routes(routes!(create_campaign, list_campaigns))
         .routes(routes!(get_campaign, rename_campaign))
@@ -64,7 +63,8 @@ pub struct CampaignBody {
     position: String,
 }
 
-fn body(id: Uuid, loaded: &Loaded<Campaign>) -> CampaignBody {
+/// The campaign as loaded; `position` is its last event's, or the write's that answers.
+fn body(id: Uuid, loaded: &Loaded<Campaign>, position: Position) -> CampaignBody {
     let c = &loaded.aggregate;
     CampaignBody {
         id,
@@ -74,14 +74,13 @@ fn body(id: Uuid, loaded: &Loaded<Campaign>) -> CampaignBody {
         created_at: c.created_at,
         updated_at: c.updated_at,
         version: loaded.version,
-        position: loaded.last_position.unwrap_or_default().to_string(),
+        position: position.to_string(),
     }
 }
 
 fn reply(id: Uuid, written: &Written<Campaign>) -> Reply {
-    let mut b = serde_json::to_value(body(id, &written.loaded)).unwrap_or_default();
-    b["position"] = json!(written.position().to_string());
-    Reply::ok(b).with_etag(written.version())
+    let b = body(id, &written.loaded, written.position());
+    Reply::ok(serde_json::to_value(b).unwrap_or_default()).with_etag(written.version())
 }
 
 fn parse_name(raw: &str) -> Result<CampaignName, ApiError> {
@@ -98,7 +97,7 @@ fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
     params(("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key")),
     responses((status = 201, body = CampaignBody), (status = 422, description = "Invalid values")))]
 async fn create_campaign(
-    State(state): State<AppState>,
+    State(state): State<App>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
     let input: CreateCampaign = request.json()?;
@@ -132,7 +131,7 @@ async fn create_campaign(
     params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header, description = "Expected version, e.g. \"3\"")),
     responses((status = 200, body = CampaignBody), (status = 404), (status = 412)))]
 async fn rename_campaign(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -157,7 +156,7 @@ async fn rename_campaign(
 }
 
 async fn transition(
-    state: AppState,
+    state: App,
     id: String,
     request: CommandRequest,
     make: fn(DateTime<Utc>) -> CampaignCommand,
@@ -180,7 +179,7 @@ async fn transition(
 #[utoipa::path(post, path = "/v1/campaigns/{id}/start", tag = TAG, params(("id" = Uuid, Path)),
     responses((status = 200, body = CampaignBody), (status = 404), (status = 409, description = "Not allowed from its status")))]
 async fn start_campaign(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -191,7 +190,7 @@ async fn start_campaign(
 #[utoipa::path(post, path = "/v1/campaigns/{id}/pause", tag = TAG, params(("id" = Uuid, Path)),
     responses((status = 200, body = CampaignBody), (status = 404), (status = 409)))]
 async fn pause_campaign(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -202,7 +201,7 @@ async fn pause_campaign(
 #[utoipa::path(post, path = "/v1/campaigns/{id}/complete", tag = TAG, params(("id" = Uuid, Path)),
     responses((status = 200, body = CampaignBody), (status = 404), (status = 409)))]
 async fn complete_campaign(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -213,7 +212,7 @@ async fn complete_campaign(
 #[utoipa::path(get, path = "/v1/campaigns/{id}", tag = TAG, params(("id" = Uuid, Path), ("min_position" = Option<String>, Query, description = "Position token of a write; always reached here")),
     responses((status = 200, body = CampaignBody), (status = 404)))]
 async fn get_campaign(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     // Read from the stream, which holds every committed write: a valid token is already
     // reached. It is still checked, like on every read.
@@ -227,7 +226,8 @@ async fn get_campaign(
         "no campaign with this id",
     )
     .await?;
-    Ok(json_with_etag(&body(id, &loaded), loaded.version))
+    let position = loaded.last_position.unwrap_or_default();
+    Ok(json_with_etag(&body(id, &loaded, position), loaded.version))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -254,6 +254,20 @@ pub struct CampaignListItem {
     version: i64,
 }
 
+impl From<projections::campaigns::CampaignRow> for CampaignListItem {
+    fn from(r: projections::campaigns::CampaignRow) -> Self {
+        Self {
+            id: r.id,
+            name: r.name,
+            status: r.status,
+            stop_on_reply: r.stop_on_reply,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            version: r.version,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct CampaignPage {
     items: Vec<CampaignListItem>,
@@ -264,7 +278,7 @@ pub struct CampaignPage {
 #[utoipa::path(get, path = "/v1/campaigns", tag = TAG, params(ListCampaigns),
     responses((status = 200, body = CampaignPage), (status = 400), (status = 503, description = "min_position not reached in 5 s")))]
 async fn list_campaigns(
-    State(state): State<AppState>,
+    State(state): State<App>,
     ApiQuery(query): ApiQuery<ListCampaigns>,
     min_position: MinPosition,
 ) -> Result<Response, ApiError> {
@@ -283,22 +297,10 @@ async fn list_campaigns(
     }
     let _ = &query.min_position;
     min_position.wait(&state, &[READ_MODEL]).await?;
-    let (after_at, after_id) = cursor.map_or((None, None), |(a, i)| (Some(a), Some(i)));
-    let mut items = sqlx::query_as!(
-        CampaignListItem,
-        "SELECT id, name, status, stop_on_reply, created_at, updated_at, version
-         FROM campaigns_view
-         WHERE ($1::text IS NULL OR status = $1)
-           AND ($2::timestamptz IS NULL OR (created_at, id) < ($2, $3))
-         ORDER BY created_at DESC, id DESC
-         LIMIT $4",
-        query.status,
-        after_at,
-        after_id,
-        limit + 1
-    )
-    .fetch_all(&state.pool)
-    .await?;
+    let mut conn = state.pool.acquire().await?;
+    let rows =
+        projections::campaigns::page(&mut conn, query.status.as_deref(), cursor, limit + 1).await?;
+    let mut items: Vec<CampaignListItem> = rows.into_iter().map(CampaignListItem::from).collect();
     let next_cursor = cut_page(&mut items, limit, |c| (c.created_at, c.id));
     Ok(axum::Json(CampaignPage { items, next_cursor }).into_response())
 }

@@ -12,23 +12,23 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::contacts::{
+use crate::app::App;
+use crate::app::contacts::{
     self, ContactInput, FieldsInput, ImportMode, ImportOutcome, ImportReport, field_error,
 };
-use crate::error::{ApiError, FieldError};
-use crate::http::AppState;
 use crate::http::command::{self, Reply, Written};
+use crate::http::error::{ApiError, FieldError};
 use crate::http::extract::{
     ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, json_with_etag,
 };
 use crate::store::Loaded;
 
 const TAG: &str = "contacts";
-const READ_MODEL: &str = "contacts";
+const READ_MODEL: &str = projections::contacts::NAME;
 /// 10,000 rows of a few hundred bytes each, with room to spare.
 const IMPORT_BODY_LIMIT: usize = 32 << 20;
 
-pub fn router() -> OpenApiRouter<AppState> {
+pub fn router() -> OpenApiRouter<App> {
     OpenApiRouter::new()
         .routes(routes!(upsert_contact, list_contacts))
         .routes(routes!(get_contact, patch_contact))
@@ -61,8 +61,7 @@ pub struct ContactBody {
 }
 
 /// What a write on a contact answers: the contact, and the write's position.
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)] // describes the JSON `reply` builds
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ContactWritten {
     #[serde(flatten)]
     contact: ContactBody,
@@ -71,8 +70,7 @@ pub struct ContactWritten {
 }
 
 /// What `POST /v1/contacts` answers: the contact, whether it was new, and the position.
-#[derive(Debug, ToSchema)]
-#[allow(dead_code)] // describes the JSON `upsert_contact` builds
+#[derive(Debug, Serialize, ToSchema)]
 pub struct ContactUpserted {
     #[serde(flatten)]
     contact: ContactBody,
@@ -124,9 +122,11 @@ fn body(id: Uuid, loaded: &Loaded<Contact>) -> ContactBody {
 }
 
 fn reply(id: Uuid, written: &Written<Contact>) -> Reply {
-    let mut b = serde_json::to_value(body(id, &written.loaded)).unwrap_or_default();
-    b["position"] = json!(written.position().to_string());
-    Reply::ok(b).with_etag(written.version())
+    let b = ContactWritten {
+        contact: body(id, &written.loaded),
+        position: written.position().to_string(),
+    };
+    Reply::ok(serde_json::to_value(b).unwrap_or_default()).with_etag(written.version())
 }
 
 fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
@@ -138,7 +138,7 @@ fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
     params(("Idempotency-Key" = Option<String>, Header)),
     responses((status = 201, body = ContactUpserted, description = "Created"), (status = 200, body = ContactUpserted, description = "Existed; given fields overwritten"), (status = 422)))]
 async fn upsert_contact(
-    State(state): State<AppState>,
+    State(state): State<App>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
     let input: ContactInput = request.json()?;
@@ -158,8 +158,13 @@ async fn upsert_contact(
             })
         },
         |written| {
-            let mut r = reply(id, written);
-            r.body["created"] = json!(!written.existed_before);
+            let b = ContactUpserted {
+                contact: body(id, &written.loaded),
+                created: !written.existed_before,
+                position: written.position().to_string(),
+            };
+            let r =
+                Reply::ok(serde_json::to_value(b).unwrap_or_default()).with_etag(written.version());
             if written.existed_before {
                 r
             } else {
@@ -176,7 +181,7 @@ async fn upsert_contact(
     params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header)),
     responses((status = 200, body = ContactWritten), (status = 404), (status = 412), (status = 422)))]
 async fn patch_contact(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -217,7 +222,7 @@ pub struct EnrichmentInput {
 #[utoipa::path(post, path = "/v1/contacts/{id}/enrichment", tag = TAG, request_body = EnrichmentInput,
     params(("id" = Uuid, Path)), responses((status = 200, body = ContactWritten), (status = 404), (status = 422)))]
 async fn record_enrichment(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -280,7 +285,7 @@ async fn record_enrichment(
 #[utoipa::path(get, path = "/v1/contacts/{id}", tag = TAG, params(("id" = Uuid, Path), ("min_position" = Option<String>, Query, description = "Position token of a write; always reached here")),
     responses((status = 200, body = ContactBody), (status = 404)))]
 async fn get_contact(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     // Read from the stream, which holds every committed write: a valid token is already
     // reached. It is still checked, like on every read.
@@ -331,6 +336,27 @@ pub struct ContactListItem {
     version: i64,
 }
 
+impl From<projections::contacts::ContactRow> for ContactListItem {
+    fn from(r: projections::contacts::ContactRow) -> Self {
+        Self {
+            id: r.id,
+            email: r.email,
+            first_name: r.first_name,
+            last_name: r.last_name,
+            company: r.company,
+            company_domain: r.company_domain,
+            title: r.title,
+            phone: r.phone,
+            linkedin_url: r.linkedin_url,
+            custom: r.custom,
+            enrichment: r.enrichment,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            version: r.version,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ContactPage {
     items: Vec<ContactListItem>,
@@ -341,7 +367,7 @@ pub struct ContactPage {
 #[utoipa::path(get, path = "/v1/contacts", tag = TAG, params(ListContacts),
     responses((status = 200, body = ContactPage), (status = 400), (status = 503)))]
 async fn list_contacts(
-    State(state): State<AppState>,
+    State(state): State<App>,
     ApiQuery(query): ApiQuery<ListContacts>,
     min_position: MinPosition,
 ) -> Result<Response, ApiError> {
@@ -381,25 +407,16 @@ async fn list_contacts(
         )),
     };
     min_position.wait(&state, &[READ_MODEL]).await?;
-    let (after_at, after_id) = cursor.map_or((None, None), |(a, i)| (Some(a), Some(i)));
-    let mut items = sqlx::query_as!(
-        ContactListItem,
-        "SELECT id, email, first_name, last_name, company, company_domain, title, phone,
-                linkedin_url, custom, enrichment, created_at, updated_at, version
-         FROM contacts_view
-         WHERE ($1::text IS NULL OR email = $1)
-           AND ($2::text IS NULL OR search LIKE $2)
-           AND ($3::timestamptz IS NULL OR (created_at, id) < ($3, $4))
-         ORDER BY created_at DESC, id DESC
-         LIMIT $5",
-        email,
-        pattern,
-        after_at,
-        after_id,
-        limit + 1
+    let mut conn = state.pool.acquire().await?;
+    let rows = projections::contacts::page(
+        &mut conn,
+        email.as_deref(),
+        pattern.as_deref(),
+        cursor,
+        limit + 1,
     )
-    .fetch_all(&state.pool)
     .await?;
+    let mut items: Vec<ContactListItem> = rows.into_iter().map(ContactListItem::from).collect();
     let next_cursor = cut_page(&mut items, limit, |c| (c.created_at, c.id));
     Ok(axum::Json(ContactPage { items, next_cursor }).into_response())
 }
@@ -419,7 +436,7 @@ pub struct ImportQuery {
     request_body(content = Vec<ContactInput>, description = "JSON array, or text/csv"),
     responses((status = 200, body = ImportReport), (status = 422, body = ImportReport, content_type = "application/problem+json", description = "atomic import with invalid rows: nothing written"), (status = 413)))]
 async fn import_contacts(
-    State(state): State<AppState>,
+    State(state): State<App>,
     ApiQuery(query): ApiQuery<ImportQuery>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -440,13 +457,13 @@ async fn import_contacts(
         &state,
         rows,
         mode,
-        Some(&request),
+        Some(&request.context()),
         request.metadata(),
         &|_| {},
     )
     .await?;
     match outcome {
-        ImportOutcome::Replayed(response) => Ok(response),
+        ImportOutcome::Replayed(recorded) => Ok(recorded.into_response()),
         ImportOutcome::Done {
             report,
             written: true,

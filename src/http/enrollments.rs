@@ -5,16 +5,11 @@
 //! enrollment's id is derived from (campaign, contact), so two writers meet on one stream
 //! and only one can create it.
 
-use std::collections::{HashMap, HashSet};
-
-use aggregates::campaign::{Campaign, CampaignStatus};
-use aggregates::contact::Contact;
-use aggregates::enrollment::{Enrollment, EnrollmentCommand, EnrollmentEvent, enrollment_id_for};
+use aggregates::campaign::Campaign;
+use aggregates::enrollment::Enrollment;
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
-use cqrs_es::Aggregate;
-use cqrs_es::event_sink::EventSink;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
@@ -22,19 +17,22 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::error::{ApiError, FieldError};
-use crate::http::AppState;
-use crate::http::command::{self, Abort, Reply, Retry, Settled};
+use crate::app::App;
+use crate::app::analytics::rate;
+use crate::app::enrollments::EnrollResponse;
+use crate::app::error::AppError;
+use crate::http::command;
+use crate::http::error::{ApiError, FieldError};
 use crate::http::extract::{
     ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, json_with_etag,
 };
-use crate::store::{Hold, Loaded, Position};
+use crate::store::Loaded;
 
 const TAG: &str = "enrollments";
-const READ_MODEL: &str = "enrollments";
+const READ_MODEL: &str = projections::enrollments::NAME;
 pub const MAX_BULK: usize = 1000;
 
-pub fn router() -> OpenApiRouter<AppState> {
+pub fn router() -> OpenApiRouter<App> {
     OpenApiRouter::new()
         .routes(routes!(enroll, list_enrollments))
         .routes(routes!(get_enrollment))
@@ -48,27 +46,6 @@ pub struct EnrollRequest {
     contact_ids: Vec<Uuid>,
 }
 
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct Enrolled {
-    contact_id: Uuid,
-    enrollment_id: Uuid,
-}
-
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct Rejected {
-    contact_id: Uuid,
-    reason: String,
-}
-
-#[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct EnrollResponse {
-    enrolled: Vec<Enrolled>,
-    already_enrolled: Vec<Enrolled>,
-    rejected: Vec<Rejected>,
-    /// Read-your-writes token of the last enrollment written (null when none was).
-    position: Option<String>,
-}
-
 fn campaign_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::NotFound("no campaign with this id".into()))
 }
@@ -78,7 +55,7 @@ fn campaign_id(raw: &str) -> Result<Uuid, ApiError> {
     params(("id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header)),
     responses((status = 200, body = EnrollResponse), (status = 404), (status = 409, description = "Completed campaign"), (status = 422)))]
 async fn enroll(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
@@ -90,122 +67,16 @@ async fn enroll(
             format!("must hold 1 to {MAX_BULK} contact ids"),
         )]));
     }
-    let mut seen = HashSet::new();
-    let contacts: Vec<Uuid> = input
-        .contact_ids
-        .into_iter()
-        .filter(|c| seen.insert(*c))
-        .collect();
-    let metadata = request.metadata();
-    let at = Utc::now();
-    let mut retry = Retry::new(&state, Enrollment::TYPE);
-    loop {
-        let mut tx = state.pool.begin().await?;
-        let outcome = async {
-            if let Some(response) = command::replay(&mut tx, &request).await? {
-                return Ok(response);
-            }
-            // Shared with other enrollments, exclusive against the campaign's lifecycle
-            // commands: a completion waits for this decision to commit, or this one reads
-            // the completion.
-            state
-                .store
-                .hold_stream::<Campaign>(&mut tx, &campaign.to_string(), Hold::Shared)
-                .await?;
-            let loaded_campaign: Loaded<Campaign> =
-                state.store.load(&mut tx, &campaign.to_string()).await?;
-            if !loaded_campaign.aggregate.created {
-                return Err(ApiError::NotFound("no campaign with this id".into()).into());
-            }
-            if loaded_campaign.aggregate.status == CampaignStatus::Completed {
-                // The outcome of executing the request: a retry with the key gets it again.
-                let reply = command::error_reply(&ApiError::conflict(
-                    "campaign-completed",
-                    "a completed campaign takes no enrollments",
-                ));
-                command::record(&mut tx, &request, &reply).await?;
-                return Ok(reply.into_response());
-            }
-            let stop_on_reply = loaded_campaign.aggregate.stop_on_reply;
-            let contact_keys: Vec<String> = contacts.iter().map(Uuid::to_string).collect();
-            let known: HashMap<String, Loaded<Contact>> =
-                state.store.load_many(&mut tx, &contact_keys).await?;
-            let enrollment_ids: Vec<String> = contacts
-                .iter()
-                .map(|c| enrollment_id_for(campaign, *c).to_string())
-                .collect();
-            let mut enrollments: HashMap<String, Loaded<Enrollment>> =
-                state.store.load_many(&mut tx, &enrollment_ids).await?;
-            let mut response = EnrollResponse {
-                enrolled: Vec::new(),
-                already_enrolled: Vec::new(),
-                rejected: Vec::new(),
-                position: None,
-            };
-            let mut new_events: HashMap<String, Vec<EnrollmentEvent>> = HashMap::new();
-            for (contact, enrollment_key) in contacts.iter().zip(&enrollment_ids) {
-                let pair = Enrolled {
-                    contact_id: *contact,
-                    enrollment_id: enrollment_id_for(campaign, *contact),
-                };
-                if !known
-                    .get(&contact.to_string())
-                    .is_some_and(|c| c.aggregate.created)
-                {
-                    response.rejected.push(Rejected {
-                        contact_id: *contact,
-                        reason: "unknown contact".into(),
-                    });
-                    continue;
-                }
-                let enrollment = enrollments
-                    .get_mut(enrollment_key)
-                    .expect("loaded every id");
-                if enrollment.aggregate.enrolled {
-                    response.already_enrolled.push(pair);
-                    continue;
-                }
-                let sink = EventSink::default();
-                let command = EnrollmentCommand::Enroll {
-                    campaign_id: campaign,
-                    contact_id: *contact,
-                    stop_on_reply,
-                    at,
-                };
-                enrollment
-                    .aggregate
-                    .handle(command, &(), &sink)
-                    .await
-                    .map_err(ApiError::from)?;
-                new_events.insert(enrollment_key.clone(), sink.collect().await);
-                response.enrolled.push(pair);
-            }
-            let mut streams: Vec<(&mut Loaded<Enrollment>, &[EnrollmentEvent])> = enrollments
-                .iter_mut()
-                .filter_map(|(id, l)| new_events.get(id).map(|e| (l, e.as_slice())))
-                .collect();
-            let appended = state
-                .store
-                .append_many(&mut tx, &mut streams, &metadata)
-                .await?;
-            let last: Option<Position> = appended.iter().filter_map(|a| a.last_position()).max();
-            response.position = last.map(|p| p.to_string());
-            let reply = Reply::ok(serde_json::to_value(&response).unwrap_or_default());
-            command::record(&mut tx, &request, &reply).await?;
-            Ok::<_, Abort>(reply.into_response())
-        }
-        .await;
-        match retry.settle(tx, outcome).await? {
-            Settled::Done(response) => return Ok(response),
-            Settled::Again => {}
-            Settled::GaveUp => {
-                return Err(ApiError::conflict(
-                    "concurrency-conflict",
-                    "the enrollments kept changing under this request; retry it",
-                ));
-            }
-        }
-    }
+    let refusal = |e: AppError| command::error_reply(&e.into());
+    let answer = crate::app::enrollments::enroll(
+        &state,
+        &request.context(),
+        campaign,
+        input.contact_ids,
+        refusal,
+    )
+    .await?;
+    Ok(answer.into_response())
 }
 
 /// An enrollment as its stream says.
@@ -234,7 +105,7 @@ pub struct EnrollmentBody {
 #[utoipa::path(get, path = "/v1/enrollments/{id}", tag = TAG, params(("id" = Uuid, Path), ("min_position" = Option<String>, Query, description = "Position token of a write; always reached here")),
     responses((status = 200, body = EnrollmentBody), (status = 404)))]
 async fn get_enrollment(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     // Read from the stream, which holds every committed write: a valid token is already
     // reached. It is still checked, like on every read.
@@ -302,6 +173,28 @@ pub struct EnrollmentItem {
     version: i64,
 }
 
+impl From<projections::enrollments::EnrollmentRow> for EnrollmentItem {
+    fn from(r: projections::enrollments::EnrollmentRow) -> Self {
+        Self {
+            id: r.id,
+            campaign_id: r.campaign_id,
+            contact_id: r.contact_id,
+            status: r.status,
+            enrolled_at: r.enrolled_at,
+            sent_at: r.sent_at,
+            delivered_at: r.delivered_at,
+            opened_at: r.opened_at,
+            clicked_at: r.clicked_at,
+            replied_at: r.replied_at,
+            bounced_at: r.bounced_at,
+            unsubscribed_at: r.unsubscribed_at,
+            complained_at: r.complained_at,
+            sequence_ended_at: r.sequence_ended_at,
+            version: r.version,
+        }
+    }
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct EnrollmentPage {
     items: Vec<EnrollmentItem>,
@@ -325,7 +218,7 @@ const STATUSES: [&str; 9] = [
     params(("id" = Uuid, Path), ListEnrollments),
     responses((status = 200, body = EnrollmentPage), (status = 400), (status = 503)))]
 async fn list_enrollments(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     ApiQuery(query): ApiQuery<ListEnrollments>,
     min_position: MinPosition,
@@ -346,26 +239,16 @@ async fn list_enrollments(
         )));
     }
     min_position.wait(&state, &[READ_MODEL]).await?;
-    let (after_at, after_id) = cursor.map_or((None, None), |(a, i)| (Some(a), Some(i)));
-    let mut items = sqlx::query_as!(
-        EnrollmentItem,
-        "SELECT id, campaign_id, contact_id, status, enrolled_at, sent_at, delivered_at, opened_at,
-                clicked_at, replied_at, bounced_at, unsubscribed_at, complained_at,
-                sequence_ended_at, version
-         FROM enrollments_view
-         WHERE campaign_id = $1
-           AND ($2::text IS NULL OR status = $2)
-           AND ($3::timestamptz IS NULL OR (enrolled_at, id) < ($3, $4))
-         ORDER BY enrolled_at DESC, id DESC
-         LIMIT $5",
+    let mut conn = state.pool.acquire().await?;
+    let rows = projections::enrollments::page(
+        &mut conn,
         campaign,
-        query.status,
-        after_at,
-        after_id,
-        limit + 1
+        query.status.as_deref(),
+        cursor,
+        limit + 1,
     )
-    .fetch_all(&state.pool)
     .await?;
+    let mut items: Vec<EnrollmentItem> = rows.into_iter().map(EnrollmentItem::from).collect();
     let next_cursor = cut_page(&mut items, limit, |e| (e.enrolled_at, e.id));
     Ok(axum::Json(EnrollmentPage { items, next_cursor }).into_response())
 }
@@ -401,22 +284,12 @@ pub struct CampaignMetrics {
     unsubscribe_rate: f64,
 }
 
-/// `part / whole × 100`, rounded to 2 decimals; 0 when `whole` is 0.
-pub fn rate(part: i64, whole: i64) -> f64 {
-    if whole == 0 {
-        return 0.0;
-    }
-    // Integer arithmetic first, so 2/3 rounds to 66.67 exactly as a person would.
-    let hundredths = (part as i128 * 100_000 / whole as i128 + 5) / 10;
-    hundredths as f64 / 100.0
-}
-
 /// A campaign's milestone counts and rates (read model `enrollments`).
 #[utoipa::path(get, path = "/v1/campaigns/{id}/metrics", tag = TAG,
     params(("id" = Uuid, Path), MetricsQuery),
     responses((status = 200, body = CampaignMetrics), (status = 404), (status = 503)))]
 async fn campaign_metrics(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     ApiQuery(_query): ApiQuery<MetricsQuery>,
     min_position: MinPosition,
@@ -431,13 +304,8 @@ async fn campaign_metrics(
         "no campaign with this id",
     )
     .await?;
-    let row = sqlx::query!(
-        "SELECT enrolled, sent, delivered, opened, clicked, replied, bounced, unsubscribed, complained
-         FROM campaign_metrics_view WHERE campaign_id = $1",
-        campaign
-    )
-    .fetch_optional(&state.pool)
-    .await?;
+    let mut conn = state.pool.acquire().await?;
+    let row = projections::enrollments::campaign_metrics(&mut conn, campaign).await?;
     let c = |f: fn(&_) -> i64| row.as_ref().map_or(0, f);
     let (enrolled, sent, delivered, opened, clicked, replied, bounced, unsubscribed, complained) = (
         c(|r| r.enrolled),
@@ -470,19 +338,4 @@ async fn campaign_metrics(
         unsubscribe_rate: rate(unsubscribed, delivered),
     };
     Ok(axum::Json(json!(metrics)).into_response())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::rate;
-
-    #[test]
-    fn rates_are_percentages_rounded_to_two_decimals_and_zero_over_zero() {
-        assert_eq!(rate(2, 3), 66.67);
-        assert_eq!(rate(1, 3), 33.33);
-        assert_eq!(rate(1, 8), 12.5);
-        assert_eq!(rate(5, 5), 100.0);
-        assert_eq!(rate(0, 7), 0.0);
-        assert_eq!(rate(3, 0), 0.0);
-    }
 }

@@ -14,9 +14,10 @@ use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
-use crate::auth::ApiKey;
-use crate::error::{ApiError, FieldError};
-use crate::http::AppState;
+use crate::app::App;
+use crate::app::command::{CommandContext, Idempotency, IfMatch};
+use crate::app::keys::ApiKey;
+use crate::http::error::ApiError;
 use crate::store::{Metadata, Position};
 
 /// How long a read waits for `?min_position=` before answering 503.
@@ -24,40 +25,7 @@ pub const MIN_POSITION_WAIT: Duration = Duration::from_secs(5);
 
 /// Parses a JSON body into `T`, telling syntax errors (400) from invalid values (422).
 pub fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::BadRequest("a JSON body is required".into()));
-    }
-    let mut de = serde_json::Deserializer::from_slice(body);
-    let value = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        let inner = e.into_inner();
-        let message = strip_location(&inner.to_string());
-        match inner.classify() {
-            serde_json::error::Category::Data => {
-                let field = if path == "." {
-                    "body".to_string()
-                } else {
-                    path
-                };
-                ApiError::invalid(vec![FieldError::new(field, message)])
-            }
-            _ => ApiError::BadRequest(format!("malformed JSON: {message}")),
-        }
-    })?;
-    de.end().map_err(|e| {
-        ApiError::BadRequest(format!(
-            "malformed JSON: {}",
-            strip_location(&e.to_string())
-        ))
-    })?;
-    Ok(value)
-}
-
-fn strip_location(message: &str) -> String {
-    match message.rfind(" at line ") {
-        Some(i) => message[..i].to_string(),
-        None => message.to_string(),
-    }
+    Ok(crate::app::parse_json(body)?)
 }
 
 /// The query string as `T`; anything malformed or unknown is 400.
@@ -102,7 +70,7 @@ impl<S: Send + Sync> FromRequestParts<S> for MinPosition {
 impl MinPosition {
     /// Waits for `projections` to include the position; 503 with `Retry-After` if they do
     /// not within [`MIN_POSITION_WAIT`].
-    pub async fn wait(self, state: &AppState, projections: &[&str]) -> Result<(), ApiError> {
+    pub async fn wait(self, state: &App, projections: &[&str]) -> Result<(), ApiError> {
         let Some(position) = self.0 else {
             return Ok(());
         };
@@ -242,13 +210,22 @@ impl CommandRequest {
         }
     }
 
-    pub fn metadata(&self) -> Metadata {
-        Metadata {
-            correlation_id: self.request_id.clone(),
-            causation_id: None,
+    /// What command execution needs of this request.
+    pub fn context(&self) -> CommandContext {
+        CommandContext {
             actor: Some(format!("api_key:{}", self.key.id)),
-            idempotency_key: self.idempotency_key.clone(),
+            correlation_id: self.request_id.clone(),
+            if_match: self.if_match.clone(),
+            idempotency: self.idempotency_key.as_ref().map(|key| Idempotency {
+                scope: self.key.id,
+                key: key.clone(),
+                request_hash: self.request_hash.clone(),
+            }),
         }
+    }
+
+    pub fn metadata(&self) -> Metadata {
+        self.context().metadata()
     }
 }
 
@@ -262,13 +239,13 @@ fn is_json(content_type: &str) -> bool {
 impl<S> FromRequest<S> for CommandRequest
 where
     S: Send + Sync,
-    AppState: axum::extract::FromRef<S>,
+    App: axum::extract::FromRef<S>,
 {
     type Rejection = ApiError;
 
     async fn from_request(request: Request, state: &S) -> Result<Self, Self::Rejection> {
         let (mut parts, body) = request.into_parts();
-        let app = <AppState as axum::extract::FromRef<S>>::from_ref(state);
+        let app = <App as axum::extract::FromRef<S>>::from_ref(state);
         // A body of unknown length may be large too.
         let declared = parts
             .headers
@@ -357,38 +334,6 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         ));
     }
     Ok(Some(String::from_utf8_lossy(bytes).into_owned()))
-}
-
-/// `If-Match` (RFC 9110 §13.1.1): `*`, or a list of entity tags compared strongly.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum IfMatch {
-    /// `*`: true when the resource exists.
-    Any,
-    /// The versions of the strong tags listed (weak tags never match, so are left out).
-    Versions(Vec<u64>),
-}
-
-impl IfMatch {
-    /// Whether a resource at `version` (0: it does not exist) passes the precondition.
-    pub fn matches(&self, version: u64) -> bool {
-        match self {
-            Self::Any => version > 0,
-            Self::Versions(versions) => version > 0 && versions.contains(&version),
-        }
-    }
-
-    /// The header as given, for the 412's detail.
-    pub fn describe(&self) -> String {
-        match self {
-            Self::Any => "*".into(),
-            Self::Versions(v) if v.is_empty() => "a weak ETag (never matches)".into(),
-            Self::Versions(v) => v
-                .iter()
-                .map(|v| format!("\"{v}\""))
-                .collect::<Vec<_>>()
-                .join(", "),
-        }
-    }
 }
 
 /// `If-Match: "<version>"`, a list of such tags, or `*`. Weak tags (`W/"3"`) are

@@ -9,8 +9,8 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::{AppState, REQUEST_ID};
-use crate::error::ApiError;
+use super::{App, REQUEST_ID};
+use crate::http::error::ApiError;
 
 /// The longest `X-Request-Id` taken from a client; it is copied into every event's
 /// metadata and every log line of the request, so it must stay small.
@@ -62,7 +62,8 @@ pub async fn limits(request: Request, next: Next) -> Response {
         .into_response()
     } else if header_bytes > MAX_HEADER_BYTES {
         ApiError::HeadersTooLarge(format!(
-            "the request's headers are {header_bytes} bytes; at most {MAX_HEADER_BYTES} are accepted"
+            "the request's headers are {header_bytes} bytes; \
+             at most {MAX_HEADER_BYTES} are accepted"
         ))
         .into_response()
     } else {
@@ -87,7 +88,7 @@ pub async fn limits(request: Request, next: Next) -> Response {
 /// One request may run for at most the configured time: past it the client gets 503
 /// (problem+json) and the work is dropped, rolling back what it had not committed. A
 /// hung database thus never holds a request until shutdown's grace runs out.
-pub async fn deadline(State(state): State<AppState>, request: Request, next: Next) -> Response {
+pub async fn deadline(State(state): State<App>, request: Request, next: Next) -> Response {
     let limit: Duration = state.limits.request_timeout;
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,

@@ -10,10 +10,10 @@ use serde_json::json;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::AppState;
+use crate::app::App;
 use crate::db;
 
-pub fn router() -> OpenApiRouter<AppState> {
+pub fn router() -> OpenApiRouter<App> {
     OpenApiRouter::new()
         .routes(routes!(live))
         .routes(routes!(ready))
@@ -30,7 +30,7 @@ async fn live() -> impl IntoResponse {
 /// binary knows is applied. A load balancer should route only to ready processes.
 #[utoipa::path(get, path = "/health/ready", tag = "operations", security(),
     responses((status = 200, description = "Ready"), (status = 503, description = "Database unavailable or migrations pending")))]
-async fn ready(State(state): State<AppState>) -> impl IntoResponse {
+async fn ready(State(state): State<App>) -> impl IntoResponse {
     let check = tokio::time::timeout(Duration::from_secs(5), db::is_ready(&state.pool)).await;
     let (status, reason) = match check {
         Ok(Ok(true)) => (StatusCode::OK, "ready"),
@@ -38,7 +38,7 @@ async fn ready(State(state): State<AppState>) -> impl IntoResponse {
         Ok(Err(e)) if is_missing_table(&e) => {
             (StatusCode::SERVICE_UNAVAILABLE, "migrations pending")
         }
-        Ok(Err(e)) if crate::error::is_out_of_descriptors(&e) => (
+        Ok(Err(e)) if crate::http::error::is_out_of_descriptors(&e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             "this process is out of file descriptors",
         ),

@@ -1,43 +1,14 @@
-//! Prometheus metrics: the recorder, the per-request middleware and `GET /metrics`.
+//! Prometheus metrics: the per-request middleware and `GET /metrics` (the recorder is
+//! `telemetry::metrics_handle`).
 
-use std::sync::OnceLock;
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::http::{Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use super::AppState;
-
-const LATENCY_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
-
-/// The process-wide recorder; installed once, whatever number of servers the process runs.
-pub fn handle() -> PrometheusHandle {
-    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| {
-            let recorder = PrometheusBuilder::new()
-                .set_buckets_for_metric(Matcher::Suffix("duration_seconds".into()), LATENCY_BUCKETS)
-                .expect("bucket list is not empty")
-                .build_recorder();
-            let handle = recorder.handle();
-            // Another recorder may already be installed (an embedding program); then the
-            // metrics go there and /metrics shows what this handle saw.
-            let _ = metrics::set_global_recorder(recorder);
-            metrics::describe_counter!("http_requests_total", "HTTP requests answered");
-            metrics::describe_histogram!(
-                "http_request_duration_seconds",
-                metrics::Unit::Seconds,
-                "HTTP request latency"
-            );
-            handle
-        })
-        .clone()
-}
+use crate::app::App;
 
 /// The route template a request matched, passed out through the response extensions so
 /// that [`track`], which runs outside the router, can label unmatched requests too.
@@ -88,7 +59,7 @@ pub async fn track(request: Request, next: Next) -> Response {
     response
 }
 
-pub fn router() -> utoipa_axum::router::OpenApiRouter<AppState> {
+pub fn router() -> utoipa_axum::router::OpenApiRouter<App> {
     utoipa_axum::router::OpenApiRouter::new().routes(utoipa_axum::routes!(render))
 }
 
@@ -96,7 +67,7 @@ pub fn router() -> utoipa_axum::router::OpenApiRouter<AppState> {
 /// aggregate, projection positions and failures, pool gauges. No key needed.
 #[utoipa::path(get, path = "/metrics", tag = "operations", security(),
     responses((status = 200, description = "Prometheus text exposition format", content_type = "text/plain")))]
-pub async fn render(State(state): State<AppState>) -> impl IntoResponse {
+pub async fn render(State(state): State<App>) -> impl IntoResponse {
     let pool = &state.pool;
     metrics::gauge!("db_pool_connections").set(f64::from(pool.size()));
     metrics::gauge!("db_pool_idle_connections").set(pool.num_idle() as f64);

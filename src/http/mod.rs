@@ -2,6 +2,7 @@
 //! the middleware every route gets, and the server loop with graceful shutdown.
 
 pub mod analytics;
+pub mod auth;
 pub mod budgets;
 pub mod campaigns;
 pub mod command;
@@ -9,6 +10,7 @@ pub mod contacts;
 pub mod docs;
 pub mod document;
 pub mod enrollments;
+pub mod error;
 pub mod extract;
 pub mod guard;
 pub mod health;
@@ -21,8 +23,6 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::Request;
 use axum::http::HeaderName;
-use metrics_exporter_prometheus::PrometheusHandle;
-use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tower::ServiceBuilder;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -31,85 +31,13 @@ use tower_http::trace::TraceLayer;
 use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 
-use crate::error::ApiError;
-use crate::http::command::RetryPolicy;
-use crate::secrets::SecretBox;
-use crate::store::Store;
+pub use crate::app::{App, Limits};
+use crate::http::error::ApiError;
 
 const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// What every handler can reach.
-#[derive(Clone)]
-pub struct AppState {
-    pub pool: PgPool,
-    pub metrics: PrometheusHandle,
-    pub store: Store,
-    pub retry: RetryPolicy,
-    /// Encrypts webhook-source secrets at rest.
-    pub secrets: SecretBox,
-    /// The key of contact ids, read once from this state's database.
-    pub contact_id_key: std::sync::Arc<tokio::sync::OnceCell<Vec<u8>>>,
-    pub limits: Limits,
-}
-
-/// What one request may take of the process.
-#[derive(Clone, Debug)]
-pub struct Limits {
-    /// The longest one request may run (503 past it).
-    pub request_timeout: Duration,
-    /// Requests whose body is over [`LARGE_BODY_BYTES`] (imports) take one of these
-    /// permits before reading it, and hold it until answered: a few of them at once
-    /// bound the memory they take; the rest wait (within their time limit).
-    pub large_bodies: std::sync::Arc<tokio::sync::Semaphore>,
-}
-
 /// Bodies larger than this count as large (see [`Limits::large_bodies`]).
 pub const LARGE_BODY_BYTES: u64 = 1 << 20;
-
-impl Limits {
-    pub fn new(request_timeout: Duration, large_bodies: usize) -> Self {
-        Self {
-            request_timeout,
-            large_bodies: std::sync::Arc::new(tokio::sync::Semaphore::new(large_bodies.max(1))),
-        }
-    }
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Self::new(Duration::from_secs(15), 2)
-    }
-}
-
-impl AppState {
-    pub fn new(pool: PgPool) -> Self {
-        Self {
-            pool,
-            metrics: metrics::handle(),
-            store: Store::default(),
-            retry: RetryPolicy::default(),
-            secrets: SecretBox::ephemeral(),
-            contact_id_key: Default::default(),
-            limits: Limits::default(),
-        }
-    }
-
-    pub fn with_limits(mut self, limits: Limits) -> Self {
-        self.limits = limits;
-        self
-    }
-
-    /// The configured secret key (the default is a throw-away one, for tests).
-    pub fn with_secrets(mut self, secrets: SecretBox) -> Self {
-        self.secrets = secrets;
-        self
-    }
-
-    pub fn with_store(mut self, store: Store) -> Self {
-        self.store = store;
-        self
-    }
-}
 
 #[derive(OpenApi)]
 #[openapi(
@@ -134,7 +62,7 @@ impl utoipa::Modify for SecurityAddon {
 
 /// Every route with its OpenAPI description: `/v1` behind API keys, the rest open.
 /// Routes are only ever added through `routes!`, so router and document cannot disagree.
-pub fn api(state: &AppState) -> (Router<AppState>, serde_json::Value) {
+pub fn api(state: &App) -> (Router<App>, serde_json::Value) {
     let v1 = OpenApiRouter::new()
         .merge(campaigns::router())
         .merge(budgets::router())
@@ -149,14 +77,14 @@ pub fn api(state: &AppState) -> (Router<AppState>, serde_json::Value) {
         .merge(webhooks::delivery_router())
         .merge(v1.route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            crate::auth::authenticate,
+            auth::authenticate,
         )))
         .split_for_parts();
     (routes, document::complete(openapi))
 }
 
 /// The whole API.
-pub fn router(state: AppState) -> Router {
+pub fn router(state: App) -> Router {
     let (routes, openapi) = api(&state);
     routes
         .layer(axum::Extension(std::sync::Arc::new(openapi)))
@@ -225,6 +153,16 @@ impl Default for ServeOptions {
             grace: Duration::from_secs(20),
             header_timeout: Duration::from_secs(10),
             max_connections: None,
+        }
+    }
+}
+
+impl crate::config::ServeConfig {
+    pub fn serve_options(&self) -> ServeOptions {
+        ServeOptions {
+            grace: self.shutdown_grace(),
+            header_timeout: Duration::from_secs(self.header_timeout_secs.max(1)),
+            max_connections: (self.max_connections > 0).then_some(self.max_connections),
         }
     }
 }

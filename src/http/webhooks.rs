@@ -4,31 +4,30 @@
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::auth::AdminKey;
-use crate::error::ApiError;
-use crate::http::AppState;
-use crate::http::command::{self, Reply};
+use crate::app::App;
+use crate::app::error::AppError;
+use crate::app::webhooks::{self, PARKING_REACTOR, ParkedEvent, Requeued, Signed, SourceCreation};
+use crate::http::auth::AdminKey;
+use crate::http::command::{self};
+use crate::http::error::ApiError;
 use crate::http::extract::{
     ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, parse_json,
 };
-use crate::webhooks::{self, PARKING_REACTOR, ParkedEvent, Signed};
 
 const TAG: &str = "webhooks";
 
 /// Routes under `/v1` (API keys).
-pub fn router() -> OpenApiRouter<AppState> {
+pub fn router() -> OpenApiRouter<App> {
     OpenApiRouter::new()
         .routes(routes!(add_source, list_sources))
         .routes(routes!(list_parked))
@@ -37,7 +36,7 @@ pub fn router() -> OpenApiRouter<AppState> {
 }
 
 /// The delivery route (signatures instead of API keys).
-pub fn delivery_router() -> OpenApiRouter<AppState> {
+pub fn delivery_router() -> OpenApiRouter<App> {
     OpenApiRouter::new()
         .routes(routes!(deliver))
         .layer(DefaultBodyLimit::max(webhooks::MAX_BODY))
@@ -59,27 +58,6 @@ pub struct SourceCreated {
     secret: String,
 }
 
-/// The member of a recorded creation that holds the secret, sealed with the server's
-/// secret key: the idempotency record never holds the secret in plaintext.
-const SEALED_SECRET: &str = "secret_sealed";
-
-fn seal_secret(state: &AppState, secret: &str) -> String {
-    let (nonce, sealed) = state.secrets.seal(secret.as_bytes());
-    format!("{}.{}", STANDARD.encode(nonce), STANDARD.encode(sealed))
-}
-
-fn open_secret(state: &AppState, sealed: &str) -> Result<String, ApiError> {
-    let broken = || ApiError::Internal("a recorded webhook-source secret cannot be opened".into());
-    let (nonce, sealed) = sealed.split_once('.').ok_or_else(broken)?;
-    let nonce = STANDARD.decode(nonce).map_err(|_| broken())?;
-    let sealed = STANDARD.decode(sealed).map_err(|_| broken())?;
-    let secret = state
-        .secrets
-        .open(&nonce, &sealed)
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    String::from_utf8(secret).map_err(|_| broken())
-}
-
 /// Create a webhook source and its signing secret (admin). Honours `Idempotency-Key`: a
 /// retry gets the same answer, secret included, and makes nothing new (the recorded answer
 /// keeps the secret sealed under the server's secret key, never in plaintext).
@@ -88,48 +66,22 @@ fn open_secret(state: &AppState, sealed: &str) -> Result<String, ApiError> {
     responses((status = 201, body = SourceCreated, description = "Created; the secret is shown once"),
         (status = 403), (status = 409, description = "A source with this name exists"), (status = 422)))]
 async fn add_source(
-    State(state): State<AppState>,
+    State(state): State<App>,
     _admin: AdminKey,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
     let input: NewSource = request.json()?;
-    webhooks::check_source_name(&input.name)?;
-    let mut tx = state.pool.begin().await?;
-    if let Some(mut recorded) = command::replay_record(&mut tx, &request).await? {
-        if let Ok(mut body) = serde_json::from_slice::<Value>(&recorded.body)
-            && let Some(sealed) = body.as_object_mut().and_then(|b| b.remove(SEALED_SECRET))
-        {
-            let secret = open_secret(&state, sealed.as_str().unwrap_or_default())?;
-            body["secret"] = Value::String(secret);
-            recorded.body = serde_json::to_vec(&body).unwrap_or_default();
-        }
-        tx.commit().await?;
-        return Ok(recorded.into_response());
-    }
-    let url = format!("/webhooks/{}", input.name);
-    let (reply, response) = match webhooks::add_source(&mut tx, &state.secrets, &input.name).await {
-        Ok(secret) => {
-            let sealed = json!({"name": input.name, "url": url, SEALED_SECRET: seal_secret(&state, &secret)});
-            let shown = SourceCreated {
-                name: input.name,
-                url,
-                secret,
-            };
-            (
-                Reply::ok(sealed).with_status(StatusCode::CREATED),
-                (StatusCode::CREATED, axum::Json(shown)).into_response(),
-            )
-        }
-        // A name taken is the outcome of the command: a retry with the key gets it again.
-        Err(e @ ApiError::Conflict { .. }) => {
-            let reply = command::error_reply(&e);
-            (reply, e.into_response())
-        }
-        Err(e) => return Err(e),
-    };
-    command::record(&mut tx, &request, &reply).await?;
-    tx.commit().await?;
-    Ok(response)
+    let refusal = |e: AppError| command::error_reply(&e.into());
+    let created = webhooks::create_source(&state, &request.context(), &input.name, refusal).await?;
+    Ok(match created {
+        SourceCreation::Created { name, url, secret } => (
+            StatusCode::CREATED,
+            axum::Json(SourceCreated { name, url, secret }),
+        )
+            .into_response(),
+        SourceCreation::Refused(reply) => reply.into_response(),
+        SourceCreation::Replayed(recorded) => recorded.into_response(),
+    })
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -153,7 +105,7 @@ pub struct SourcePage {
 #[utoipa::path(get, path = "/v1/webhook-sources", tag = TAG, params(ListSources),
     responses((status = 200, body = SourcePage), (status = 400), (status = 403)))]
 async fn list_sources(
-    State(state): State<AppState>,
+    State(state): State<App>,
     _admin: AdminKey,
     ApiQuery(query): ApiQuery<ListSources>,
 ) -> Result<Response, ApiError> {
@@ -184,7 +136,7 @@ fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
     request_body(content = Value, description = "An event or an array of events"),
     responses((status = 200, description = "Results per event"), (status = 400), (status = 401), (status = 413)))]
 async fn deliver(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(source): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
@@ -249,7 +201,7 @@ pub struct ParkedPage {
     next_cursor: Option<String>,
 }
 
-async fn page(state: &AppState, query: ParkedQuery, dead: bool) -> Result<Response, ApiError> {
+async fn page(state: &App, query: ParkedQuery, dead: bool) -> Result<Response, ApiError> {
     // Read by the `MinPosition` extractor; declared here for the documentation.
     let _ = &query.min_position;
     let page = PageQuery {
@@ -274,7 +226,7 @@ async fn page(state: &AppState, query: ParkedQuery, dead: bool) -> Result<Respon
 #[utoipa::path(get, path = "/v1/webhooks/parked", tag = TAG, params(ParkedQuery),
     responses((status = 200, body = ParkedPage), (status = 400), (status = 503)))]
 async fn list_parked(
-    State(state): State<AppState>,
+    State(state): State<App>,
     ApiQuery(query): ApiQuery<ParkedQuery>,
     min_position: MinPosition,
 ) -> Result<Response, ApiError> {
@@ -286,7 +238,7 @@ async fn list_parked(
 #[utoipa::path(get, path = "/v1/webhooks/dead-letters", tag = TAG, params(ParkedQuery),
     responses((status = 200, body = ParkedPage), (status = 400), (status = 503)))]
 async fn list_dead_letters(
-    State(state): State<AppState>,
+    State(state): State<App>,
     ApiQuery(query): ApiQuery<ParkedQuery>,
     min_position: MinPosition,
 ) -> Result<Response, ApiError> {
@@ -300,29 +252,13 @@ async fn list_dead_letters(
     params(("id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key")),
     responses((status = 200, body = Requeued, description = "Parked again, due now"), (status = 404)))]
 async fn retry_dead_letter(
-    State(state): State<AppState>,
+    State(state): State<App>,
     Path(id): Path<String>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
     request.no_fields()?;
     let not_found = || ApiError::NotFound("no dead letter with this id".into());
     let id = Uuid::parse_str(&id).map_err(|_| not_found())?;
-    let mut tx = state.pool.begin().await?;
-    if let Some(response) = command::replay(&mut tx, &request).await? {
-        tx.commit().await?;
-        return Ok(response);
-    }
-    if !webhooks::retry_dead_letter(&mut tx, id).await? {
-        return Err(not_found());
-    }
-    let reply = Reply::ok(json!(Requeued { id, requeued: true }));
-    command::record(&mut tx, &request, &reply).await?;
-    tx.commit().await?;
-    Ok(reply.into_response())
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct Requeued {
-    id: Uuid,
-    requeued: bool,
+    let answer = webhooks::requeue_dead_letter(&state, &request.context(), id).await?;
+    Ok(answer.into_response())
 }

@@ -51,10 +51,13 @@ async fn a_read_key_can_read_but_not_write() {
 #[tokio::test]
 async fn a_revoked_key_is_401() {
     let app = spawn_app().await;
-    let (id, key) =
-        leadledger::auth::create_key(&app.pool, "short-lived", leadledger::auth::Scope::Read)
-            .await
-            .unwrap();
+    let (id, key) = leadledger::app::keys::create_key(
+        &app.pool,
+        "short-lived",
+        leadledger::app::keys::Scope::Read,
+    )
+    .await
+    .unwrap();
     let ok = app
         .client
         .get(app.url("/v1/campaigns"))
@@ -63,9 +66,15 @@ async fn a_revoked_key_is_401() {
         .await
         .unwrap();
     assert_eq!(ok.status().as_u16(), 200);
-    assert!(leadledger::auth::revoke_key(&app.pool, id).await.unwrap());
     assert!(
-        !leadledger::auth::revoke_key(&app.pool, id).await.unwrap(),
+        leadledger::app::keys::revoke_key(&app.pool, id)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !leadledger::app::keys::revoke_key(&app.pool, id)
+            .await
+            .unwrap(),
         "revoking twice finds nothing"
     );
     let refused = app

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use leadledger::http::AppState;
 use serde_json::{Value, json};
 use sqlx::types::Decimal;
 
@@ -847,9 +846,9 @@ async fn sweeps_running_at_once_in_two_processes_expire_each_hold_once() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     // Two more "processes" sweep at the same moment as the app's own worker.
     let sweeps = (0..2).map(|_| {
-        let state = AppState::new(app.pool.clone());
+        let state = crate::helpers::build_app(app.pool.clone());
         tokio::spawn(async move {
-            leadledger::http::budgets::expire_due_holds(&state, chrono::Utc::now())
+            leadledger::app::budgets::expire_due_holds(&state, chrono::Utc::now())
                 .await
                 .unwrap()
         })

@@ -9,11 +9,12 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use leadledger::auth::{self, Scope};
+use leadledger::app::keys::{self, Scope};
+use leadledger::app::workers::{self, Workers};
+use leadledger::app::{App, Limits};
 use leadledger::db::{self, MIGRATOR};
 use leadledger::embedded::{EmbeddedOptions, EmbeddedPostgres};
-use leadledger::http::{self, AppState};
-use leadledger::workers::{self, Workers};
+use leadledger::http;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use sqlx::postgres::PgConnectOptions;
@@ -248,6 +249,26 @@ pub async fn spawn_app_with(with_workers: bool) -> TestApp {
     .await
 }
 
+/// A fixed secret key for the tests' throw-away databases (base64 of 32 bytes).
+pub const TEST_SECRET_KEY: &str = "dGVzdC1vbmx5LXNlY3JldC1rZXktMzItYnl0ZXMhISE=";
+
+/// The configuration the tests run with: every default, and an explicit secret key.
+pub fn test_config() -> leadledger::config::Config {
+    leadledger::config::Config {
+        database_url: None,
+        data_dir: std::env::temp_dir().join("leadledger-tests"),
+        log_format: leadledger::config::LogFormat::Pretty,
+        db_pool_size: 20,
+        snapshot_every: leadledger::store::DEFAULT_SNAPSHOT_EVERY,
+        secret_key: Some(TEST_SECRET_KEY.into()),
+    }
+}
+
+/// The app on `pool`, assembled as `serve` assembles it.
+pub fn build_app(pool: sqlx::PgPool) -> App {
+    App::build(pool, &test_config(), Limits::default()).expect("the test key is valid")
+}
+
 /// The app served with these connection settings.
 pub async fn spawn_app_serving(options: http::ServeOptions) -> TestApp {
     spawn(true, options).await
@@ -265,16 +286,16 @@ async fn spawn(with_workers: bool, options: http::ServeOptions) -> TestApp {
         .expect("bind port 0");
     let address = format!("http://{}", listener.local_addr().expect("local addr"));
     let shutdown = CancellationToken::new();
-    let state = AppState::new(pool.clone());
+    let state = build_app(pool.clone());
     let workers = with_workers.then(|| workers::start(&state));
     let app = http::router(state);
-    let (_, admin_key) = auth::create_key(&pool, "test admin", Scope::Admin)
+    let (_, admin_key) = keys::create_key(&pool, "test admin", Scope::Admin)
         .await
         .unwrap();
-    let (_, write_key) = auth::create_key(&pool, "test write", Scope::Write)
+    let (_, write_key) = keys::create_key(&pool, "test write", Scope::Write)
         .await
         .unwrap();
-    let (_, read_key) = auth::create_key(&pool, "test read", Scope::Read)
+    let (_, read_key) = keys::create_key(&pool, "test read", Scope::Read)
         .await
         .unwrap();
     let stop = shutdown.clone();

@@ -12,6 +12,7 @@ mod fuzz;
 mod health;
 mod helpers;
 mod hostile;
+mod layers;
 mod lifecycle;
 mod lists;
 mod openapi;

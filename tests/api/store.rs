@@ -402,9 +402,9 @@ async fn idempotency_records_older_than_the_retention_are_purged_and_newer_ones_
         .execute(&app.pool)
         .await
         .unwrap();
-    let purged = leadledger::http::command::purge_idempotency_records(
+    let purged = leadledger::app::command::purge_idempotency_records(
         &app.pool,
-        leadledger::workers::IDEMPOTENCY_RETENTION,
+        leadledger::app::workers::IDEMPOTENCY_RETENTION,
     )
     .await
     .unwrap();

@@ -486,12 +486,12 @@ async fn a_parked_event_is_dead_lettered_after_its_attempts_and_can_be_retried()
     )
     .await;
     sqlx::query("UPDATE webhook_parked SET attempts = $1 - 1, next_attempt_at = now()")
-        .bind(leadledger::webhooks::MAX_ATTEMPTS)
+        .bind(leadledger::app::webhooks::MAX_ATTEMPTS)
         .execute(&app.pool)
         .await
         .unwrap();
     let store = leadledger::store::Store::default();
-    let (_, dead) = leadledger::webhooks::retry_due(&app.pool, &store, 100)
+    let (_, dead) = leadledger::app::webhooks::retry_due(&app.pool, &store, 100)
         .await
         .unwrap();
     assert_eq!(dead, 1);
@@ -504,7 +504,7 @@ async fn a_parked_event_is_dead_lettered_after_its_attempts_and_can_be_retried()
     let id = letters["items"][0]["id"].as_str().unwrap().to_string();
     assert_eq!(
         letters["items"][0]["attempts"],
-        leadledger::webhooks::MAX_ATTEMPTS
+        leadledger::app::webhooks::MAX_ATTEMPTS
     );
     assert!(
         app.read("/v1/webhooks/parked")
@@ -709,9 +709,10 @@ async fn a_parked_event_survives_a_restart_and_is_applied_once_the_contact_is_en
             .unwrap(),
     };
     let pool = sqlx::PgPool::connect(&url).await.unwrap();
-    let (_, key) = leadledger::auth::create_key(&pool, "restart", leadledger::auth::Scope::Write)
-        .await
-        .unwrap();
+    let (_, key) =
+        leadledger::app::keys::create_key(&pool, "restart", leadledger::app::keys::Scope::Write)
+            .await
+            .unwrap();
     let client = reqwest::Client::new();
 
     let server = serve(command());
@@ -915,7 +916,7 @@ async fn a_conflict_while_retrying_a_parked_event_costs_no_attempt_and_never_dea
     use leadledger::store::{Loaded, Metadata, Store};
     let app = spawn_app_with(false).await;
     let (campaign, enrollment) = enrolled(&app, "busy@example.com").await;
-    let last = leadledger::webhooks::MAX_ATTEMPTS - 1;
+    let last = leadledger::app::webhooks::MAX_ATTEMPTS - 1;
     sqlx::query(
         "INSERT INTO webhook_parked (id, source, event_id, enrollment_id, campaign_id, kind, occurred_at, next_attempt_at, attempts)
          VALUES ($1, 'esp', 'p1', $2, $3, 'opened', now() - interval '1 hour', now(), $4)",
@@ -942,7 +943,7 @@ async fn a_conflict_while_retrying_a_parked_event_costs_no_attempt_and_never_dea
         .unwrap();
     let pool = app.pool.clone();
     let retry = tokio::spawn(async move {
-        leadledger::webhooks::retry_due(&pool, &Store::default(), 100)
+        leadledger::app::webhooks::retry_due(&pool, &Store::default(), 100)
             .await
             .unwrap()
     });
@@ -966,7 +967,7 @@ async fn a_conflict_while_retrying_a_parked_event_costs_no_attempt_and_never_dea
         .execute(&app.pool)
         .await
         .unwrap();
-    let (applied, _) = leadledger::webhooks::retry_due(&app.pool, &Store::default(), 100)
+    let (applied, _) = leadledger::app::webhooks::retry_due(&app.pool, &Store::default(), 100)
         .await
         .unwrap();
     assert_eq!(applied, 1);

@@ -1,0 +1,546 @@
+//! Command execution for every entry point: load, handle, commit — with optimistic-concurrency
+//! retries ([`App::retrying`], the one attempt loop of every write), `If-Match` (RFC 9110)
+//! and idempotency keys (scoped to the API key, recorded with the events they guard; see the
+//! README's "Using the API"). What a command needs of its caller is a [`CommandContext`];
+//! what it answers is an [`Answer`], which `http` turns into a response.
+//!
+//! One attempt is one transaction: take the idempotency key's lock (a transaction-scoped
+//! advisory lock: a second request with the key while the first runs gets 409), replay a
+//! recorded response if there is one, load the aggregate, check `If-Match`, handle the
+//! command, append the events, and record the response — all committed together. A
+//! conflict with another writer rolls the attempt back and tries again after a jittered,
+//! growing pause; only when attempts run out does the client see 409.
+
+use std::time::Duration;
+
+use std::future::Future;
+
+use cqrs_es::Aggregate;
+use cqrs_es::event_sink::EventSink;
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use rand::Rng;
+use serde_json::Value;
+use sqlx::PgConnection;
+
+use crate::app::App;
+use crate::app::error::AppError;
+use aggregates::campaign::Campaign;
+
+use crate::store::{Appended, Hold, Loaded, Metadata, Position, StoreError};
+
+/// What a command needs of whoever sends it, whatever the transport.
+#[derive(Debug, Clone, Default)]
+pub struct CommandContext {
+    /// Who acts, as recorded with the events (`api_key:<id>`, `cli`, `worker:<name>`).
+    pub actor: Option<String>,
+    /// Ties the events to the request that caused them (the request id).
+    pub correlation_id: Option<String>,
+    /// The versions the caller expects the aggregate at (`If-Match`).
+    pub if_match: Option<IfMatch>,
+    /// The idempotency key, if the caller sent one.
+    pub idempotency: Option<Idempotency>,
+}
+
+/// An idempotency key with its scope (the API key) and the hash of the request it came
+/// with: the same key with another request is refused.
+#[derive(Debug, Clone)]
+pub struct Idempotency {
+    pub scope: uuid::Uuid,
+    pub key: String,
+    pub request_hash: Vec<u8>,
+}
+
+impl CommandContext {
+    pub fn metadata(&self) -> Metadata {
+        Metadata {
+            correlation_id: self.correlation_id.clone(),
+            causation_id: None,
+            actor: self.actor.clone(),
+            idempotency_key: self.idempotency.as_ref().map(|i| i.key.clone()),
+        }
+    }
+}
+
+/// `If-Match` (RFC 9110 §13.1.1): `*`, or a list of entity tags compared strongly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IfMatch {
+    /// `*`: true when the resource exists.
+    Any,
+    /// The versions of the strong tags listed (weak tags never match, so are left out).
+    Versions(Vec<u64>),
+}
+
+impl IfMatch {
+    /// Whether a resource at `version` (0: it does not exist) passes the precondition.
+    pub fn matches(&self, version: u64) -> bool {
+        match self {
+            Self::Any => version > 0,
+            Self::Versions(versions) => version > 0 && versions.contains(&version),
+        }
+    }
+
+    /// The header as given, for the 412's detail.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Any => "*".into(),
+            Self::Versions(v) if v.is_empty() => "a weak ETag (never matches)".into(),
+            Self::Versions(v) => v
+                .iter()
+                .map(|v| format!("\"{v}\""))
+                .collect::<Vec<_>>()
+                .join(", "),
+        }
+    }
+}
+
+/// Bounds of the retry loop on optimistic-concurrency conflicts.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_attempts: u32,
+    pub base: Duration,
+    pub cap: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 60,
+            base: Duration::from_millis(1),
+            cap: Duration::from_millis(50),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// "Full jitter": a random pause up to an exponentially growing bound.
+    pub fn pause(&self, attempt: u32) -> Duration {
+        let bound = self
+            .base
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.cap);
+        let micros = rand::rng().random_range(0..=bound.as_micros() as u64);
+        Duration::from_micros(micros)
+    }
+}
+
+/// What a successful command wrote.
+#[derive(Debug)]
+pub struct Written<A> {
+    /// The aggregate after the command.
+    pub loaded: Loaded<A>,
+    /// Whether the aggregate had events before this command.
+    pub existed_before: bool,
+    pub appended: Appended,
+}
+
+impl<A> Written<A> {
+    pub fn version(&self) -> u64 {
+        self.loaded.version
+    }
+
+    /// The read-your-writes token: the last event written, or when the command changed
+    /// nothing, the aggregate's last event.
+    pub fn position(&self) -> Position {
+        self.appended
+            .last_position()
+            .or(self.loaded.last_position)
+            .unwrap_or_default()
+    }
+}
+
+/// The response a command route sends (and records for its idempotency key).
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Value,
+    pub etag_version: Option<u64>,
+    pub location: Option<String>,
+}
+
+impl Reply {
+    pub fn ok(body: Value) -> Self {
+        Self {
+            status: StatusCode::OK,
+            body,
+            etag_version: None,
+            location: None,
+        }
+    }
+
+    pub fn with_status(mut self, status: StatusCode) -> Self {
+        self.status = status;
+        self
+    }
+
+    pub fn with_etag(mut self, version: u64) -> Self {
+        self.etag_version = Some(version);
+        self
+    }
+
+    pub fn with_location(mut self, location: String) -> Self {
+        self.location = Some(location);
+        self
+    }
+
+    pub fn headers(&self) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        let content_type = if self.status.is_success() {
+            "application/json"
+        } else {
+            "application/problem+json"
+        };
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+        if let Some(v) = self.etag_version
+            && let Ok(value) = HeaderValue::from_str(&format!("\"{v}\""))
+        {
+            headers.insert(header::ETAG, value);
+        }
+        if let Some(location) = &self.location
+            && let Ok(value) = HeaderValue::from_str(location)
+        {
+            headers.insert(header::LOCATION, value);
+        }
+        headers
+    }
+}
+
+/// Why one attempt of a transaction did not finish. `E` is the error the caller answers
+/// with: [`AppError`] in the services, the transport's own where a route hands in closures
+/// that refuse in its terms (see [`execute`]).
+pub enum Abort<E = AppError> {
+    /// Another writer got to a stream first: roll back and try again.
+    Conflict,
+    /// Give up and answer with this error; nothing is committed.
+    Fail(E),
+}
+
+impl<E: From<AppError>> From<AppError> for Abort<E> {
+    fn from(e: AppError) -> Self {
+        Self::Fail(e.into())
+    }
+}
+
+impl<E: From<AppError>> From<sqlx::Error> for Abort<E> {
+    fn from(e: sqlx::Error) -> Self {
+        Self::Fail(AppError::from(e).into())
+    }
+}
+
+impl<E: From<AppError>> From<StoreError> for Abort<E> {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => Self::Conflict,
+            other => Self::Fail(AppError::from(other).into()),
+        }
+    }
+}
+
+/// One attempt's transaction, handed to the attempt and back with its outcome.
+pub type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
+
+/// How a write ended: committed with its result, or given up after conflicts on every
+/// attempt (each caller says what that means for its client).
+#[derive(Debug)]
+pub enum Retried<T> {
+    Done(T),
+    Exhausted,
+}
+
+impl App {
+    /// The attempts of one write, the only attempt loop there is: each attempt runs
+    /// `attempt` in a fresh transaction, which hands the transaction back with its
+    /// outcome; committing, rolling back, counting conflicts
+    /// (`command_conflicts_total{aggregate}`) and pausing before the next attempt
+    /// (jittered, growing) happen here.
+    pub async fn retrying<T, E, F, Fut>(
+        &self,
+        aggregate: &'static str,
+        mut attempt: F,
+    ) -> Result<Retried<T>, E>
+    where
+        E: From<AppError>,
+        F: FnMut(Tx) -> Fut,
+        Fut: Future<Output = (Tx, Result<T, Abort<E>>)>,
+    {
+        let database = |e: sqlx::Error| E::from(AppError::from(e));
+        let mut attempts = 0;
+        loop {
+            let tx = self.pool.begin().await.map_err(database)?;
+            let (tx, outcome) = attempt(tx).await;
+            match outcome {
+                Ok(done) => {
+                    tx.commit().await.map_err(database)?;
+                    return Ok(Retried::Done(done));
+                }
+                Err(Abort::Fail(e)) => return Err(e),
+                Err(Abort::Conflict) => {
+                    let _ = tx.rollback().await;
+                    metrics::counter!("command_conflicts_total", "aggregate" => aggregate)
+                        .increment(1);
+                    attempts += 1;
+                    if attempts >= self.retry.max_attempts {
+                        return Ok(Retried::Exhausted);
+                    }
+                    tokio::time::sleep(self.retry.pause(attempts - 1)).await;
+                }
+            }
+        }
+    }
+}
+
+/// What a command answers: a reply it made now, or the one recorded for its idempotency
+/// key, replayed.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Fresh(Reply),
+    Replayed(Recorded),
+}
+
+/// Runs a command on aggregate `id` and answers with `render`'s reply.
+///
+/// `make` builds the command from the loaded aggregate (it runs again on each retry) and
+/// may refuse. `E` is the caller's error type; a refusal of the domain is an answer like a
+/// success (a retry with the idempotency key gets it again), which `refusal` renders.
+pub async fn execute<A, E, M, R, F>(
+    app: &App,
+    context: &CommandContext,
+    id: &str,
+    services: &A::Services,
+    make: M,
+    render: R,
+    refusal: F,
+) -> Result<Answer, E>
+where
+    A: Aggregate,
+    A::Error: Into<E>,
+    E: From<AppError>,
+    M: Fn(&Loaded<A>) -> Result<A::Command, E>,
+    R: Fn(&Written<A>) -> Reply,
+    F: Fn(&E) -> Reply,
+{
+    let metadata = context.metadata();
+    let (make, render, refusal, metadata) = (&make, &render, &refusal, &metadata);
+    let outcome = app
+        .retrying(A::TYPE, |mut tx| async move {
+            let outcome = async {
+                if let Some(recorded) = replay(&mut tx, context).await? {
+                    return Ok(Answer::Replayed(recorded));
+                }
+                if A::TYPE == Campaign::TYPE {
+                    // A campaign's lifecycle decides whether it takes enrollments: hold it
+                    // against bulk enrollment, which holds it shared while it decides, so no
+                    // enrollment commits after the campaign's completion.
+                    app.store
+                        .hold_stream::<A>(&mut tx, id, Hold::Exclusive)
+                        .await?;
+                }
+                let mut loaded: Loaded<A> = app.store.load(&mut tx, id).await?;
+                if let Some(expected) = &context.if_match
+                    && !expected.matches(loaded.version)
+                {
+                    return Err(Abort::from(AppError::PreconditionFailed(
+                        if loaded.version == 0 {
+                            format!(
+                                "If-Match is {} but the resource does not exist",
+                                expected.describe()
+                            )
+                        } else {
+                            format!(
+                                "If-Match is {} but the resource is at version \"{}\"",
+                                expected.describe(),
+                                loaded.version
+                            )
+                        },
+                    )));
+                }
+                let existed_before = loaded.version > 0;
+                let command = make(&loaded).map_err(Abort::Fail)?;
+                let sink = EventSink::default();
+                let reply = match loaded.aggregate.handle(command, services, &sink).await {
+                    // The outcome of executing the command: a retry with the key gets it again.
+                    Err(domain) => refusal(&domain.into()),
+                    Ok(()) => {
+                        let events = sink.collect().await;
+                        let appended = app
+                            .store
+                            .append(&mut tx, &mut loaded, &events, metadata)
+                            .await?;
+                        render(&Written {
+                            loaded,
+                            existed_before,
+                            appended,
+                        })
+                    }
+                };
+                record(&mut tx, context, &reply).await?;
+                Ok::<_, Abort<E>>(Answer::Fresh(reply))
+            }
+            .await;
+            (tx, outcome)
+        })
+        .await?;
+    match outcome {
+        Retried::Done(answer) => {
+            metrics::counter!("commands_total", "aggregate" => A::TYPE, "outcome" => "ok")
+                .increment(1);
+            Ok(answer)
+        }
+        Retried::Exhausted => {
+            metrics::counter!(
+                "commands_total",
+                "aggregate" => A::TYPE,
+                "outcome" => "retries_exhausted"
+            )
+            .increment(1);
+            Err(AppError::conflict(
+                "concurrency-conflict",
+                "the resource kept changing under this command; retry it",
+            )
+            .into())
+        }
+    }
+}
+
+/// The aggregate `id` as its stream says, or 404 with `missing` when `exists` says it was
+/// never created.
+pub async fn load_existing<A: Aggregate>(
+    app: &App,
+    id: uuid::Uuid,
+    exists: impl Fn(&A) -> bool,
+    missing: &str,
+) -> Result<Loaded<A>, AppError> {
+    let mut conn = app.pool.acquire().await?;
+    let loaded: Loaded<A> = app.store.load(&mut conn, &id.to_string()).await?;
+    if exists(&loaded.aggregate) {
+        Ok(loaded)
+    } else {
+        Err(AppError::NotFound(missing.to_string()))
+    }
+}
+
+/// A response recorded for an idempotency key, as stored.
+#[derive(Debug, Clone)]
+pub struct Recorded {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+/// The context's idempotency key, checked inside the attempt's transaction: the reply
+/// recorded for it, if any (`None` also when there is no key). The key is locked for the
+/// transaction, so a second request with it while the first runs gets 409.
+pub async fn replay(
+    conn: &mut PgConnection,
+    context: &CommandContext,
+) -> Result<Option<Recorded>, AppError> {
+    let Some(idempotency) = &context.idempotency else {
+        return Ok(None);
+    };
+    let key = &idempotency.key;
+    let scope = idempotency.scope.to_string();
+    let locked = sqlx::query_scalar!(
+        r#"SELECT pg_try_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0)) AS "locked!""#,
+        scope,
+        key
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    if !locked {
+        return Err(AppError::conflict(
+            "idempotency-key-in-flight",
+            "a request with this Idempotency-Key is still being processed; retry shortly",
+        ));
+    }
+    let record = sqlx::query!(
+        "SELECT request_hash, response_status, response_body, response_headers
+         FROM idempotency_records WHERE api_key_id = $1 AND idempotency_key = $2",
+        idempotency.scope,
+        key
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    let Some(record) = record else {
+        return Ok(None);
+    };
+    if record.request_hash != idempotency.request_hash {
+        return Err(AppError::invalid(vec![crate::app::error::FieldError::new(
+            "Idempotency-Key",
+            "this key was already used with a different request",
+        )]));
+    }
+    let status = StatusCode::from_u16(record.response_status as u16).unwrap_or(StatusCode::OK);
+    let mut headers = HeaderMap::new();
+    if let Some(map) = record.response_headers.as_object() {
+        for (name, value) in map {
+            if let (Ok(name), Some(Ok(value))) = (
+                header::HeaderName::from_bytes(name.as_bytes()),
+                value.as_str().map(HeaderValue::from_str),
+            ) {
+                headers.insert(name, value);
+            }
+        }
+    }
+    Ok(Some(Recorded {
+        status,
+        headers,
+        body: record.response_body,
+    }))
+}
+
+/// Records `reply` for the context's idempotency key, in the caller's transaction (no-op
+/// without a key).
+pub async fn record(
+    conn: &mut PgConnection,
+    context: &CommandContext,
+    reply: &Reply,
+) -> Result<(), AppError> {
+    let Some(Idempotency {
+        scope,
+        key,
+        request_hash,
+    }) = &context.idempotency
+    else {
+        return Ok(());
+    };
+    let headers: serde_json::Map<String, Value> = reply
+        .headers()
+        .iter()
+        .filter_map(|(k, v)| {
+            Some((
+                k.as_str().to_string(),
+                Value::String(v.to_str().ok()?.to_string()),
+            ))
+        })
+        .collect();
+    let body = serde_json::to_vec(&reply.body).unwrap_or_default();
+    sqlx::query!(
+        "INSERT INTO idempotency_records
+             (api_key_id, idempotency_key, request_hash,
+              response_status, response_body, response_headers)
+         VALUES ($1, $2, $3, $4, $5, $6)",
+        scope,
+        key,
+        request_hash,
+        reply.status.as_u16() as i16,
+        body,
+        Value::Object(headers)
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Deletes idempotency records older than `keep`; returns how many.
+pub async fn purge_idempotency_records(
+    pool: &sqlx::PgPool,
+    keep: Duration,
+) -> Result<u64, sqlx::Error> {
+    let secs = keep.as_secs_f64();
+    let done = sqlx::query!(
+        "DELETE FROM idempotency_records WHERE created_at < now() - make_interval(secs => $1)",
+        secs
+    )
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}

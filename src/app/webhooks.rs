@@ -1,0 +1,1389 @@
+//! Provider webhooks: sources and their secrets, Standard Webhooks v1 signatures, ingestion
+//! of a delivery (one event or up to 1,000), and parked events.
+//!
+//! Ingestion is one transaction per delivery: it records each provider event id (a
+//! second delivery of one is a `duplicate`), applies each event to its enrollment, parks
+//! the events whose enrollment does not exist yet, and records the response for the
+//! delivery's `webhook-id` — all or nothing.
+//!
+//! A parked event is applied as soon as its enrollment is created: [`ParkingReactor`]
+//! reads `ContactEnrolled` from the event feed (through the projection runner, so applying
+//! and moving its checkpoint commit together). The feed can miss one race — an event
+//! parked in a transaction that commits after its enrollment's was read — so parked events
+//! are also retried on a timer with exponential backoff and jitter, and dead-lettered after
+//! [`MAX_ATTEMPTS`] attempts or [`MAX_PARKED_AGE`].
+
+use std::collections::{HashMap, HashSet};
+
+use aggregates::campaign::Campaign;
+use aggregates::contact::{ContactEmail, contact_id_for};
+use aggregates::enrollment::{
+    Enrollment, EnrollmentCommand, EnrollmentEvent, MAX_EXTERNAL_EVENT_ID_CHARS,
+    MAX_SOURCE_NAME_CHARS, ProviderEventKind, check_event_id, enrollment_id_for,
+};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use chrono::{DateTime, Utc};
+use cqrs_es::Aggregate;
+use cqrs_es::event_sink::EventSink;
+use hmac::{Hmac, Mac};
+use projections::{FeedEvent, ProjectionError, Reactor};
+use rand::{Rng, RngCore};
+use serde::Serialize;
+use serde_json::{Value, json};
+use sha2::Sha256;
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
+
+use crate::app::App;
+use crate::app::command::{self, Abort, Answer, CommandContext, Recorded, Reply, Retried};
+use crate::app::error::{AppError, FieldError};
+use crate::secrets::SecretBox;
+use crate::store::{Loaded, Metadata, Store, StoreError};
+use http::StatusCode;
+
+pub const MAX_BODY: usize = 256 * 1024;
+pub const MAX_EVENTS: usize = 1000;
+/// Signatures older or newer than this are refused (replay protection).
+pub const TOLERANCE_SECS: i64 = 300;
+pub const MAX_ATTEMPTS: i32 = 12;
+pub const MAX_PARKED_AGE: chrono::TimeDelta = chrono::TimeDelta::days(7);
+/// An event that says it happened further ahead than this is refused: it would put
+/// milestones on days that have not come.
+pub const MAX_FUTURE_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+/// The longest `webhook-id` taken (it is stored and indexed).
+pub const MAX_WEBHOOK_ID_CHARS: usize = 255;
+const SECRET_PREFIX: &str = "whsec_";
+
+/// 1 to 63 characters of a-z, 0-9, `_` and `-`, starting with a letter or digit.
+fn is_source_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_SOURCE_NAME_CHARS
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+}
+
+/// Refuses a name no source may have (422).
+pub fn check_source_name(name: &str) -> Result<(), AppError> {
+    if is_source_name(name) {
+        Ok(())
+    } else {
+        Err(AppError::invalid(vec![FieldError::new(
+            "name",
+            "must be 1 to 63 characters of a-z, 0-9, _ and -, starting with a letter or digit",
+        )]))
+    }
+}
+
+/// Creates a source on `conn` (the caller's transaction, when the creation is recorded
+/// for an idempotency key); returns its secret (`whsec_<base64>`), which is not shown
+/// again.
+pub async fn add_source(
+    conn: &mut PgConnection,
+    secrets: &SecretBox,
+    name: &str,
+) -> Result<String, AppError> {
+    check_source_name(name)?;
+    let mut key = [0u8; 32];
+    rand::rng().fill_bytes(&mut key);
+    let secret = format!("{SECRET_PREFIX}{}", STANDARD.encode(key));
+    let (nonce, sealed) = secrets.seal(secret.as_bytes());
+    let inserted = sqlx::query!(
+        "INSERT INTO webhook_sources (name, secret_nonce, secret_ciphertext) VALUES ($1, $2, $3)
+         ON CONFLICT (name) DO NOTHING",
+        name,
+        nonce,
+        sealed
+    )
+    .execute(&mut *conn)
+    .await?;
+    if inserted.rows_affected() == 0 {
+        return Err(AppError::conflict(
+            "already-exists",
+            "a webhook source with this name exists",
+        ));
+    }
+    Ok(secret)
+}
+
+/// The member of a recorded creation that holds the secret, sealed with the server's
+/// secret key: the idempotency record never holds the secret in plaintext.
+const SEALED_SECRET: &str = "secret_sealed";
+
+fn seal_secret(app: &App, secret: &str) -> String {
+    let (nonce, sealed) = app.secrets.seal(secret.as_bytes());
+    format!("{}.{}", STANDARD.encode(nonce), STANDARD.encode(sealed))
+}
+
+fn open_secret(app: &App, sealed: &str) -> Result<String, AppError> {
+    let broken = || AppError::Internal("a recorded webhook-source secret cannot be opened".into());
+    let (nonce, sealed) = sealed.split_once('.').ok_or_else(broken)?;
+    let nonce = STANDARD.decode(nonce).map_err(|_| broken())?;
+    let sealed = STANDARD.decode(sealed).map_err(|_| broken())?;
+    let secret = app
+        .secrets
+        .open(&nonce, &sealed)
+        .map_err(|e| AppError::Internal(e.to_string()))?;
+    String::from_utf8(secret).map_err(|_| broken())
+}
+
+/// What creating a webhook source answered.
+#[derive(Debug)]
+pub enum SourceCreation {
+    /// Created now; the secret is shown this once.
+    Created {
+        name: String,
+        url: String,
+        secret: String,
+    },
+    /// The name is taken: an outcome like a success, recorded for the idempotency key.
+    Refused(Reply),
+    /// A retry with the idempotency key: the first answer, its secret opened again.
+    Replayed(Recorded),
+}
+
+/// Creates the webhook source `name` and its signing secret, honouring the idempotency
+/// key: a retry gets the same answer, secret included, and makes nothing new (the
+/// recorded answer keeps the secret sealed under the server's secret key). A name taken
+/// is answered as `refusal` renders it, and recorded so.
+pub async fn create_source(
+    app: &App,
+    context: &CommandContext,
+    name: &str,
+    refusal: impl Fn(AppError) -> Reply,
+) -> Result<SourceCreation, AppError> {
+    check_source_name(name)?;
+    let mut tx = app.pool.begin().await?;
+    if let Some(mut recorded) = command::replay(&mut tx, context).await? {
+        if let Ok(mut body) = serde_json::from_slice::<Value>(&recorded.body)
+            && let Some(sealed) = body.as_object_mut().and_then(|b| b.remove(SEALED_SECRET))
+        {
+            let secret = open_secret(app, sealed.as_str().unwrap_or_default())?;
+            body["secret"] = Value::String(secret);
+            recorded.body = serde_json::to_vec(&body).unwrap_or_default();
+        }
+        tx.commit().await?;
+        return Ok(SourceCreation::Replayed(recorded));
+    }
+    let url = format!("/webhooks/{name}");
+    let (reply, created) = match add_source(&mut tx, &app.secrets, name).await {
+        Ok(secret) => {
+            let sealed = json!({
+                "name": name,
+                "url": url,
+                SEALED_SECRET: seal_secret(app, &secret),
+            });
+            let created = SourceCreation::Created {
+                name: name.to_string(),
+                url,
+                secret,
+            };
+            (Reply::ok(sealed).with_status(StatusCode::CREATED), created)
+        }
+        Err(e @ AppError::Conflict { .. }) => {
+            let reply = refusal(e);
+            (reply.clone(), SourceCreation::Refused(reply))
+        }
+        Err(e) => return Err(e),
+    };
+    command::record(&mut tx, context, &reply).await?;
+    tx.commit().await?;
+    Ok(created)
+}
+
+/// What putting a dead letter back answers.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Requeued {
+    pub id: Uuid,
+    pub requeued: bool,
+}
+
+/// Puts the dead letter `id` back among the parked events, due now, honouring the
+/// idempotency key: a retry answers as the first did and requeues nothing again.
+pub async fn requeue_dead_letter(
+    app: &App,
+    context: &CommandContext,
+    id: Uuid,
+) -> Result<Answer, AppError> {
+    let mut tx = app.pool.begin().await?;
+    if let Some(recorded) = command::replay(&mut tx, context).await? {
+        tx.commit().await?;
+        return Ok(Answer::Replayed(recorded));
+    }
+    if !retry_dead_letter(&mut tx, id).await? {
+        return Err(AppError::NotFound("no dead letter with this id".into()));
+    }
+    let body = serde_json::to_value(Requeued { id, requeued: true }).unwrap_or_default();
+    let reply = Reply::ok(body);
+    command::record(&mut tx, context, &reply).await?;
+    tx.commit().await?;
+    Ok(Answer::Fresh(reply))
+}
+
+/// A source as listed: never its secret.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct SourceSummary {
+    pub name: String,
+    /// How deliveries are authenticated: `standard` (Standard Webhooks v1).
+    pub kind: String,
+    pub created_at: DateTime<Utc>,
+    /// When the last delivery was accepted; null before the first.
+    pub last_delivery_at: Option<DateTime<Utc>>,
+    /// Events by outcome over every delivery accepted (a repeated delivery counts once).
+    pub counts: OutcomeCounts,
+}
+
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
+pub struct OutcomeCounts {
+    pub applied: i64,
+    pub duplicate: i64,
+    pub parked: i64,
+    pub rejected: i64,
+    /// Events of a type that carries no milestone.
+    pub ignored: i64,
+}
+
+/// Sources by name, after `after`. The counts are sums of the per-outcome counts each
+/// delivery records with itself (one row per accepted `webhook-id`), read by an index on
+/// the source.
+pub async fn list_sources(
+    pool: &PgPool,
+    after: Option<String>,
+    limit: i64,
+) -> Result<Vec<SourceSummary>, sqlx::Error> {
+    let rows = sqlx::query!(
+        r#"SELECT s.name, s.created_at, d.last_delivery_at,
+                  coalesce(d.applied, 0) AS "applied!", coalesce(d.duplicate, 0) AS "duplicate!",
+                  coalesce(d.parked, 0) AS "parked!", coalesce(d.rejected, 0) AS "rejected!",
+                  coalesce(d.ignored, 0) AS "ignored!"
+           FROM webhook_sources s
+           LEFT JOIN LATERAL (
+               SELECT max(w.created_at) AS last_delivery_at,
+                      sum(w.applied)::bigint AS applied, sum(w.duplicate)::bigint AS duplicate,
+                      sum(w.parked)::bigint AS parked, sum(w.rejected)::bigint AS rejected,
+                      sum(w.ignored)::bigint AS ignored
+               FROM webhook_deliveries w WHERE w.source = s.name
+           ) d ON true
+           WHERE $1::text IS NULL OR s.name > $1
+           ORDER BY s.name
+           LIMIT $2"#,
+        after,
+        limit
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| SourceSummary {
+            name: r.name,
+            kind: "standard".into(),
+            created_at: r.created_at,
+            last_delivery_at: r.last_delivery_at,
+            counts: OutcomeCounts {
+                applied: r.applied,
+                duplicate: r.duplicate,
+                parked: r.parked,
+                rejected: r.rejected,
+                ignored: r.ignored,
+            },
+        })
+        .collect())
+}
+
+/// The HMAC key of a source, or `None` for an unknown source.
+async fn source_key(
+    pool: &PgPool,
+    secrets: &SecretBox,
+    name: &str,
+) -> Result<Option<Vec<u8>>, AppError> {
+    // No source has another name; and a name from the URL may hold what PostgreSQL
+    // cannot take as text (NUL).
+    if !is_source_name(name) {
+        return Ok(None);
+    }
+    let row = sqlx::query!(
+        "SELECT secret_nonce, secret_ciphertext FROM webhook_sources WHERE name = $1",
+        name
+    )
+    .fetch_optional(pool)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let secret = secrets
+        .open(&row.secret_nonce, &row.secret_ciphertext)
+        .map_err(|e| AppError::Internal(e.to_string()))?;
+    let secret = String::from_utf8(secret).map_err(|e| AppError::Internal(e.to_string()))?;
+    let encoded = secret.strip_prefix(SECRET_PREFIX).unwrap_or(&secret);
+    STANDARD
+        .decode(encoded)
+        .map(Some)
+        .map_err(|e| AppError::Internal(e.to_string()))
+}
+
+/// The three Standard Webhooks headers.
+pub struct Signed<'a> {
+    pub id: &'a str,
+    pub timestamp: &'a str,
+    pub signatures: &'a str,
+}
+
+/// Verifies a delivery: the timestamp within [`TOLERANCE_SECS`] of `now` either way, and
+/// any `v1,<base64>` entry an HMAC-SHA256 of `{id}.{timestamp}.{body}`, compared in
+/// constant time over the raw bytes.
+pub fn verify(key: &[u8], signed: &Signed<'_>, body: &[u8], now: i64) -> Result<(), &'static str> {
+    let ts: i64 = signed
+        .timestamp
+        .trim()
+        .parse()
+        .map_err(|_| "webhook-timestamp is not a Unix time")?;
+    // `abs_diff`: a timestamp near `i64::MIN` must not wrap into "close to now".
+    if now.abs_diff(ts) > TOLERANCE_SECS.unsigned_abs() {
+        return Err("webhook-timestamp is more than 5 minutes off");
+    }
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).map_err(|_| "unusable source key")?;
+    mac.update(signed.id.as_bytes());
+    mac.update(b".");
+    mac.update(signed.timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    for entry in signed.signatures.split(' ') {
+        let Some(encoded) = entry.strip_prefix("v1,") else {
+            continue;
+        };
+        let Ok(signature) = STANDARD.decode(encoded) else {
+            continue;
+        };
+        if mac.clone().verify_slice(&signature).is_ok() {
+            return Ok(());
+        }
+    }
+    Err("no valid signature")
+}
+
+/// Checks the source and the signature; 401 for anything wrong, with nothing recorded.
+pub async fn authenticate(
+    state: &App,
+    source: &str,
+    signed: &Signed<'_>,
+    body: &[u8],
+) -> Result<(), AppError> {
+    let key = source_key(&state.pool, &state.secrets, source)
+        .await?
+        .ok_or_else(|| AppError::Unauthorized("unknown webhook source".into()))?;
+    verify(&key, signed, body, Utc::now().timestamp())
+        .map_err(|reason| AppError::Unauthorized(format!("webhook signature refused: {reason}")))
+}
+
+/// One event's result in the response.
+#[derive(Debug, Clone, Serialize)]
+pub struct EventResult {
+    pub id: Value,
+    pub outcome: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A valid event, resolved to its enrollment.
+#[derive(Debug, Clone)]
+struct Resolved {
+    index: usize,
+    event_id: String,
+    kind: ProviderEventKind,
+    occurred_at: DateTime<Utc>,
+    enrollment_id: Uuid,
+    campaign_id: Option<Uuid>,
+}
+
+fn resolve(
+    index: usize,
+    value: &Value,
+    key: &[u8],
+    now: DateTime<Utc>,
+) -> Result<Resolved, String> {
+    let object = value.as_object().ok_or("an event must be a JSON object")?;
+    let text = |field: &str| object.get(field).and_then(Value::as_str);
+    let event_id = text("id")
+        .filter(|id| check_event_id(id, MAX_EXTERNAL_EVENT_ID_CHARS).is_ok())
+        .ok_or(
+            "id must be a string of 1 to 255 characters (not bytes), without control characters",
+        )?
+        .to_string();
+    let kind = text("type").and_then(ProviderEventKind::parse).ok_or(
+        "type must be one of sent, delivered, opened, clicked, replied, bounced, \
+             soft_bounced, deferred, unsubscribed, complained",
+    )?;
+    let occurred_at = text("occurred_at")
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .ok_or("occurred_at must be an RFC 3339 time")?
+        .with_timezone(&Utc);
+    if occurred_at > now + MAX_FUTURE_SKEW {
+        return Err("occurred_at is more than 5 minutes in the future".into());
+    }
+    let (enrollment_id, campaign_id) = match text("enrollment_id") {
+        Some(raw) => (
+            Uuid::parse_str(raw).map_err(|_| "enrollment_id must be a UUID")?,
+            None,
+        ),
+        None => {
+            let campaign = text("campaign_id")
+                .and_then(|c| Uuid::parse_str(c).ok())
+                .ok_or("campaign_id (a UUID) and email, or enrollment_id, are required")?;
+            let email = text("email")
+                .and_then(|e| ContactEmail::parse(e).ok())
+                .ok_or("email must be a valid address")?;
+            (
+                enrollment_id_for(campaign, contact_id_for(key, &email)),
+                Some(campaign),
+            )
+        }
+    };
+    Ok(Resolved {
+        index,
+        event_id,
+        kind,
+        occurred_at,
+        enrollment_id,
+        campaign_id,
+    })
+}
+
+/// The `id` of an event as its result repeats it: as sent, unless it holds a NUL
+/// character, which the recorded response (`jsonb`) cannot keep; then `null`.
+fn echoed_id(event: &Value) -> Value {
+    match event.get("id") {
+        Some(id) if !aggregates::text::json_has_nul(id) => id.clone(),
+        _ => Value::Null,
+    }
+}
+
+/// The provider event id as the enrollment remembers it: qualified by its source.
+fn qualified(source: &str, event_id: &str) -> String {
+    format!("{source}:{event_id}")
+}
+
+/// The outcome of one event of a delivery, as its result says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Applied,
+    Duplicate,
+    Parked,
+    Rejected,
+    Ignored,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 5] = [
+        Self::Applied,
+        Self::Duplicate,
+        Self::Parked,
+        Self::Rejected,
+        Self::Ignored,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Duplicate => "duplicate",
+            Self::Parked => "parked",
+            Self::Rejected => "rejected",
+            Self::Ignored => "ignored",
+        }
+    }
+}
+
+/// How many events of a delivery had each outcome.
+#[derive(Debug, Clone, Copy, Default)]
+struct Tally([i32; 5]);
+
+impl Tally {
+    fn of(results: &[EventResult]) -> Self {
+        let mut tally = Self::default();
+        for result in results {
+            if let Some(i) = Outcome::ALL
+                .iter()
+                .position(|o| o.as_str() == result.outcome)
+            {
+                tally.0[i] += 1;
+            }
+        }
+        tally
+    }
+
+    fn count(&self, outcome: Outcome) -> i32 {
+        self.0[outcome as usize]
+    }
+}
+
+/// What becomes of the new events of a delivery.
+#[derive(Debug, Default)]
+struct Decision<'a> {
+    /// By the event's index in the delivery: its outcome and, when refused, why.
+    decided: HashMap<usize, (Outcome, Option<String>)>,
+    /// By enrollment id: the events to append.
+    new_events: HashMap<String, Vec<EnrollmentEvent>>,
+    /// Events whose enrollment does not exist yet but whose campaign does.
+    parked: Vec<&'a Resolved>,
+    /// Ids of refused events, to forget (a corrected redelivery is not a duplicate).
+    refused_ids: Vec<String>,
+}
+
+/// Decides each new event of a delivery from the enrollments (which take the events
+/// decided, in order) and campaigns as loaded:
+/// applied (or a duplicate the enrollment already knows), parked until its enrollment
+/// exists, or rejected with a reason. Pure: no database, no clock (it is `async` only
+/// because the aggregate's `handle` is).
+async fn decide<'a>(
+    source: &str,
+    new: &[&'a Resolved],
+    loaded: &mut HashMap<String, Loaded<Enrollment>>,
+    campaigns: &HashMap<String, Loaded<Campaign>>,
+) -> Decision<'a> {
+    let mut decided: HashMap<usize, (Outcome, Option<String>)> = HashMap::new();
+    let mut new_events: HashMap<String, Vec<EnrollmentEvent>> = HashMap::new();
+    let mut parked: Vec<&Resolved> = Vec::new();
+    let mut refused_ids: Vec<String> = Vec::new();
+    for &r in new {
+        let enrollment = loaded
+            .get_mut(&r.enrollment_id.to_string())
+            .expect("loaded every id");
+        if !enrollment.aggregate.enrolled {
+            let refusal = match r.campaign_id {
+                None => Some("no enrollment with this enrollment_id"),
+                Some(campaign)
+                    if !campaigns
+                        .get(&campaign.to_string())
+                        .is_some_and(|c| c.aggregate.created) =>
+                {
+                    Some("no campaign with this campaign_id")
+                }
+                Some(_) => None,
+            };
+            match refusal {
+                Some(reason) => {
+                    refused_ids.push(r.event_id.clone());
+                    decided.insert(r.index, (Outcome::Rejected, Some(reason.into())));
+                }
+                None => {
+                    parked.push(r);
+                    decided.insert(r.index, (Outcome::Parked, None));
+                }
+            }
+            continue;
+        }
+        let sink = EventSink::default();
+        let handled = enrollment
+            .aggregate
+            .handle(
+                EnrollmentCommand::RecordProviderEvent {
+                    provider_event_id: qualified(source, &r.event_id),
+                    kind: r.kind,
+                    occurred_at: r.occurred_at,
+                },
+                &(),
+                &sink,
+            )
+            .await;
+        if let Err(refused) = handled {
+            refused_ids.push(r.event_id.clone());
+            decided.insert(r.index, (Outcome::Rejected, Some(refused.to_string())));
+            continue;
+        }
+        let written = sink.collect().await;
+        let kind = if written.is_empty() {
+            Outcome::Duplicate
+        } else {
+            Outcome::Applied
+        };
+        decided.insert(r.index, (kind, None));
+        new_events
+            .entry(r.enrollment_id.to_string())
+            .or_default()
+            .extend(written);
+    }
+    Decision {
+        decided,
+        new_events,
+        parked,
+        refused_ids,
+    }
+}
+
+/// The result of every event of a delivery, in its order: refused when it could not be
+/// read, else as decided (an event not decided repeated an earlier one of the delivery).
+fn results(
+    events: &[Value],
+    resolved: &[Result<Resolved, String>],
+    decided: &mut HashMap<usize, (Outcome, Option<String>)>,
+) -> Vec<EventResult> {
+    resolved
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let id = echoed_id(&events[i]);
+            let (outcome, reason) = match r {
+                Err(reason) => (Outcome::Rejected, Some(reason.clone())),
+                Ok(_) => decided.remove(&i).unwrap_or((Outcome::Duplicate, None)),
+            };
+            EventResult {
+                id,
+                outcome: outcome.as_str(),
+                reason,
+            }
+        })
+        .collect()
+}
+
+/// Applies or parks the events of one verified delivery; returns the response body.
+///
+/// Each event gets its own outcome: one that cannot be applied (its enrollment refuses
+/// it, its campaign does not exist) is `rejected` with a reason and the rest of the batch
+/// still counts. A rejected event's id is not remembered, so a corrected redelivery of it
+/// is not taken for a duplicate.
+pub async fn ingest(
+    state: &App,
+    source: &str,
+    webhook_id: &str,
+    request_hash: &[u8],
+    events: Vec<Value>,
+) -> Result<Value, AppError> {
+    let key = crate::app::contacts::id_key(state).await?;
+    let now = Utc::now();
+    let resolved: Vec<Result<Resolved, String>> = events
+        .iter()
+        .enumerate()
+        .map(|(i, v)| resolve(i, v, key, now))
+        .collect();
+    let metadata = Metadata {
+        correlation_id: Some(format!("webhook:{source}:{webhook_id}")),
+        actor: Some(format!("webhook_source:{source}")),
+        ..Metadata::default()
+    };
+    let (resolved, metadata, events) = (&resolved, &metadata, &events);
+    let outcome = state
+        .retrying(Enrollment::TYPE, |mut tx| async move {
+            let outcome = async {
+                // One delivery at a time per webhook-id: a concurrent repeat waits, then replays.
+                sqlx::query!(
+                    "SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2, 1))",
+                    source,
+                    webhook_id
+                )
+                .execute(&mut *tx)
+                .await?;
+                let earlier = sqlx::query!(
+                    "SELECT request_hash, response FROM webhook_deliveries
+             WHERE source = $1 AND webhook_id = $2",
+                    source,
+                    webhook_id
+                )
+                .fetch_optional(&mut *tx)
+                .await?;
+                if let Some(earlier) = earlier {
+                    if earlier.request_hash != request_hash {
+                        return Err(AppError::conflict(
+                            "webhook-id-reused",
+                            "this webhook-id was delivered before with a different body",
+                        )
+                        .into());
+                    }
+                    // A repeated delivery: the first response again, counted once already.
+                    return Ok((earlier.response, None));
+                }
+                let valid: Vec<&Resolved> =
+                    resolved.iter().filter_map(|r| r.as_ref().ok()).collect();
+                let ids: Vec<String> = valid.iter().map(|r| r.event_id.clone()).collect();
+                let fresh: HashSet<String> = sqlx::query_scalar!(
+                    "INSERT INTO webhook_event_ids (source, event_id)
+             SELECT $1, unnest($2::text[])
+             ON CONFLICT DO NOTHING
+             RETURNING event_id",
+                    source,
+                    &ids
+                )
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+                // The first event of the delivery with a new id counts; later ones repeat it.
+                let mut first_seen = HashSet::new();
+                let new: Vec<&Resolved> = valid
+                    .iter()
+                    .copied()
+                    .filter(|r| {
+                        fresh.contains(&r.event_id) && first_seen.insert(r.event_id.clone())
+                    })
+                    .collect();
+                let mut enrollment_ids: Vec<String> =
+                    new.iter().map(|r| r.enrollment_id.to_string()).collect();
+                enrollment_ids.sort();
+                enrollment_ids.dedup();
+                // Busy deliveries touch overlapping enrollments. Queue on them (in one order, so no
+                // deadlock) rather than race and retry whole batches; the stream's unique key
+                // still decides, this only keeps contention from turning into retries.
+                sqlx::query!(
+                    "SELECT count(pg_advisory_xact_lock(hashtextextended(id, 2)))
+             FROM (SELECT unnest($1::text[]) AS id ORDER BY 1) ids",
+                    &enrollment_ids
+                )
+                .fetch_one(&mut *tx)
+                .await?;
+                let mut loaded: HashMap<String, Loaded<Enrollment>> =
+                    state.store.load_many(&mut tx, &enrollment_ids).await?;
+                // An event for an enrollment that does not exist yet is parked only when its
+                // campaign exists: one naming an unknown campaign would wait for nothing.
+                let mut campaign_ids: Vec<String> = new
+                    .iter()
+                    .filter(|r| !loaded[&r.enrollment_id.to_string()].aggregate.enrolled)
+                    .filter_map(|r| r.campaign_id.map(|c| c.to_string()))
+                    .collect();
+                campaign_ids.sort();
+                campaign_ids.dedup();
+                let campaigns: HashMap<String, Loaded<Campaign>> = if campaign_ids.is_empty() {
+                    HashMap::new()
+                } else {
+                    state.store.load_many(&mut tx, &campaign_ids).await?
+                };
+                let Decision {
+                    mut decided,
+                    new_events,
+                    parked,
+                    refused_ids,
+                } = decide(source, &new, &mut loaded, &campaigns).await;
+                if !refused_ids.is_empty() {
+                    sqlx::query!(
+                        "DELETE FROM webhook_event_ids WHERE source = $1 AND event_id = ANY($2)",
+                        source,
+                        &refused_ids
+                    )
+                    .execute(&mut *tx)
+                    .await?;
+                }
+                let mut streams: Vec<(&mut Loaded<Enrollment>, &[EnrollmentEvent])> = loaded
+                    .iter_mut()
+                    .filter_map(|(id, l)| new_events.get(id).map(|e| (l, e.as_slice())))
+                    .collect();
+                state
+                    .store
+                    .append_many(&mut tx, &mut streams, metadata)
+                    .await?;
+                park(&mut tx, source, &parked).await?;
+                let results = results(events, resolved, &mut decided);
+                let tally = Tally::of(&results);
+                let response = json!({ "results": results });
+                sqlx::query!(
+                    "INSERT INTO webhook_deliveries
+                 (source, webhook_id, request_hash, response,
+                  applied, duplicate, parked, rejected, ignored)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                    source,
+                    webhook_id,
+                    request_hash,
+                    response,
+                    tally.count(Outcome::Applied),
+                    tally.count(Outcome::Duplicate),
+                    tally.count(Outcome::Parked),
+                    tally.count(Outcome::Rejected),
+                    tally.count(Outcome::Ignored),
+                )
+                .execute(&mut *tx)
+                .await?;
+                Ok::<_, Abort>((response, Some((tally, results))))
+            }
+            .await;
+            (tx, outcome)
+        })
+        .await?;
+    match outcome {
+        Retried::Done((response, counted)) => {
+            if let Some((tally, results)) = counted {
+                report(source, webhook_id, &tally, &results);
+            }
+            Ok(response)
+        }
+        Retried::Exhausted => Err(AppError::conflict(
+            "concurrency-conflict",
+            "the enrollments kept changing under this delivery; deliver it again",
+        )),
+    }
+}
+
+/// Counts a committed delivery's outcomes in `/metrics`, by source, and logs the events it
+/// refused or ignored: their position in the delivery and the reason, never their content
+/// (which holds addresses).
+fn report(source: &str, webhook_id: &str, tally: &Tally, results: &[EventResult]) {
+    for outcome in Outcome::ALL {
+        let n = tally.count(outcome);
+        if n > 0 {
+            metrics::counter!(
+                "webhook_events_total",
+                "source" => source.to_string(),
+                "outcome" => outcome.as_str()
+            )
+            .increment(n as u64);
+        }
+    }
+    for (index, result) in results.iter().enumerate() {
+        if result.outcome == Outcome::Rejected.as_str()
+            || result.outcome == Outcome::Ignored.as_str()
+        {
+            tracing::info!(
+                source,
+                webhook_id,
+                index,
+                outcome = result.outcome,
+                reason = result.reason.as_deref().unwrap_or(""),
+                "webhook event not applied"
+            );
+        }
+    }
+}
+
+async fn park(
+    conn: &mut PgConnection,
+    source: &str,
+    events: &[&Resolved],
+) -> Result<(), sqlx::Error> {
+    if events.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<Uuid> = events.iter().map(|_| Uuid::now_v7()).collect();
+    let event_ids: Vec<String> = events.iter().map(|r| r.event_id.clone()).collect();
+    let enrollments: Vec<Uuid> = events.iter().map(|r| r.enrollment_id).collect();
+    let campaigns: Vec<Option<Uuid>> = events.iter().map(|r| r.campaign_id).collect();
+    let kinds: Vec<String> = events.iter().map(|r| r.kind.as_str().to_string()).collect();
+    let times: Vec<DateTime<Utc>> = events.iter().map(|r| r.occurred_at).collect();
+    sqlx::query!(
+        r#"INSERT INTO webhook_parked
+               (id, source, event_id, enrollment_id, campaign_id, kind, occurred_at,
+                next_attempt_at)
+           SELECT u.id, $1, u.event_id, u.enrollment_id, u.campaign_id, u.kind, u.occurred_at,
+                  now() + interval '1 second'
+           FROM UNNEST($2::uuid[], $3::text[], $4::uuid[], $5::uuid[], $6::text[],
+                       $7::timestamptz[])
+                AS u(id, event_id, enrollment_id, campaign_id, kind, occurred_at)"#,
+        source,
+        &ids,
+        &event_ids,
+        &enrollments,
+        &campaigns as &[Option<Uuid>],
+        &kinds,
+        &times
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// A parked event as stored.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct ParkedEvent {
+    pub id: Uuid,
+    pub source: String,
+    pub event_id: String,
+    pub enrollment_id: Uuid,
+    pub campaign_id: Option<Uuid>,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub occurred_at: DateTime<Utc>,
+    pub received_at: DateTime<Utc>,
+    pub attempts: i32,
+    pub next_attempt_at: DateTime<Utc>,
+    pub last_error: Option<String>,
+    pub dead_lettered_at: Option<DateTime<Utc>>,
+}
+
+/// What applying an enrollment's parked events came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Unparked {
+    /// The enrollment does not exist yet: they stay parked.
+    NotEnrolled,
+    /// Another writer changed the enrollment meanwhile: they stay parked, and trying
+    /// again soon is all it takes (it says nothing about the enrollment's existence).
+    Conflict,
+    /// Each was applied (or was a duplicate) and left the queue, or was refused by the
+    /// enrollment and became a dead letter with the reason: none is ever dropped.
+    Settled { applied: usize, refused: usize },
+}
+
+/// Applies the parked events of `enrollment` that it now accepts, in the caller's
+/// transaction (inside a savepoint: a conflict leaves them parked for the retry worker).
+async fn apply_parked(
+    conn: &mut PgConnection,
+    store: &Store,
+    rows: Vec<ParkedEvent>,
+) -> Result<Unparked, sqlx::Error> {
+    let Some(first) = rows.first() else {
+        return Ok(Unparked::Settled {
+            applied: 0,
+            refused: 0,
+        });
+    };
+    let enrollment_id = first.enrollment_id.to_string();
+    let mut savepoint = conn.begin().await?;
+    let mut loaded: Loaded<Enrollment> = match store.load(&mut savepoint, &enrollment_id).await {
+        Ok(l) => l,
+        Err(StoreError::Database(e)) => return Err(e),
+        Err(e) => return Err(sqlx::Error::Protocol(e.to_string())),
+    };
+    if !loaded.aggregate.enrolled {
+        return Ok(Unparked::NotEnrolled);
+    }
+    let mut events = Vec::new();
+    let mut done: Vec<Uuid> = Vec::new();
+    let mut refused: Vec<(Uuid, String)> = Vec::new();
+    for row in &rows {
+        let Some(kind) = ProviderEventKind::parse(&row.kind) else {
+            refused.push((row.id, format!("unknown event type {:?}", row.kind)));
+            continue;
+        };
+        let sink = EventSink::default();
+        let command = EnrollmentCommand::RecordProviderEvent {
+            provider_event_id: qualified(&row.source, &row.event_id),
+            kind,
+            occurred_at: row.occurred_at,
+        };
+        match loaded.aggregate.handle(command, &(), &sink).await {
+            Ok(()) => {
+                events.extend(sink.collect().await);
+                done.push(row.id);
+            }
+            Err(e) => refused.push((row.id, format!("the enrollment refused it: {e}"))),
+        }
+    }
+    let metadata = Metadata {
+        actor: Some(PARKING_REACTOR.into()),
+        ..Metadata::default()
+    };
+    match store
+        .append(&mut savepoint, &mut loaded, &events, &metadata)
+        .await
+    {
+        Ok(_) => {}
+        Err(StoreError::Conflict) => {
+            savepoint.rollback().await?;
+            return Ok(Unparked::Conflict);
+        }
+        Err(StoreError::Database(e)) => return Err(e),
+        Err(e) => return Err(sqlx::Error::Protocol(e.to_string())),
+    }
+    sqlx::query!("DELETE FROM webhook_parked WHERE id = ANY($1)", &done)
+        .execute(&mut *savepoint)
+        .await?;
+    if !refused.is_empty() {
+        let (ids, errors): (Vec<Uuid>, Vec<String>) = refused.iter().cloned().unzip();
+        sqlx::query!(
+            "UPDATE webhook_parked SET last_error = u.error, dead_lettered_at = now()
+             FROM UNNEST($1::uuid[], $2::text[]) AS u(id, error)
+             WHERE webhook_parked.id = u.id",
+            &ids,
+            &errors
+        )
+        .execute(&mut *savepoint)
+        .await?;
+        tracing::warn!(
+            enrollment_id = %first.enrollment_id,
+            count = refused.len(),
+            "parked webhook events refused by their enrollment were dead-lettered"
+        );
+        count_by_source(
+            &rows,
+            |r| refused.iter().any(|(id, _)| *id == r.id),
+            "dead_lettered",
+        );
+    }
+    savepoint.commit().await?;
+    count_by_source(&rows, |r| done.contains(&r.id), "unparked");
+    Ok(Unparked::Settled {
+        applied: done.len(),
+        refused: refused.len(),
+    })
+}
+
+/// Counts the parked `rows` that `which` picks in `webhook_events_total{source, outcome}`.
+fn count_by_source(
+    rows: &[ParkedEvent],
+    which: impl Fn(&ParkedEvent) -> bool,
+    outcome: &'static str,
+) {
+    let mut by_source: HashMap<&str, u64> = HashMap::new();
+    for row in rows.iter().filter(|r| which(r)) {
+        *by_source.entry(&row.source).or_default() += 1;
+    }
+    for (source, n) in by_source {
+        metrics::counter!(
+            "webhook_events_total",
+            "source" => source.to_string(),
+            "outcome" => outcome
+        )
+        .increment(n);
+    }
+}
+
+/// Applies parked events when their enrollment is created, driven by the event feed. It
+/// runs in the projection runner (exactly once per `ContactEnrolled`, with its
+/// checkpoint), but unlike a projection it writes events: it is never rebuilt.
+/// The name (and checkpoint) of [`ParkingReactor`].
+pub const PARKING_REACTOR: &str = "webhook_parking";
+
+pub struct ParkingReactor {
+    store: Store,
+}
+
+impl ParkingReactor {
+    pub fn new(store: Store) -> Self {
+        Self { store }
+    }
+}
+
+#[async_trait::async_trait]
+impl Reactor for ParkingReactor {
+    fn name(&self) -> &'static str {
+        PARKING_REACTOR
+    }
+
+    async fn react(
+        &self,
+        conn: &mut PgConnection,
+        events: &[FeedEvent],
+    ) -> Result<(), ProjectionError> {
+        for event in events {
+            if event.aggregate_type != Enrollment::TYPE || event.event_type != "ContactEnrolled" {
+                continue;
+            }
+            let Ok(enrollment) = Uuid::parse_str(&event.aggregate_id) else {
+                continue;
+            };
+            let rows = sqlx::query_as!(
+                ParkedEvent,
+                "SELECT id, source, event_id, enrollment_id, campaign_id, kind, occurred_at,
+                        received_at, attempts, next_attempt_at, last_error, dead_lettered_at
+                 FROM webhook_parked
+                 WHERE enrollment_id = $1 AND dead_lettered_at IS NULL
+                 ORDER BY received_at
+                 FOR UPDATE SKIP LOCKED",
+                enrollment
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+            apply_parked(conn, &self.store, rows).await?;
+        }
+        Ok(())
+    }
+}
+
+/// One round of the retry worker: due parked events are applied if their enrollment
+/// exists now, else retried later (exponential backoff with jitter, capped at an hour) or
+/// dead-lettered. `SKIP LOCKED` lets several processes share the work. Returns
+/// (applied, dead-lettered).
+pub async fn retry_due(
+    pool: &PgPool,
+    store: &Store,
+    limit: i64,
+) -> Result<(usize, usize), sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let due = sqlx::query_as!(
+        ParkedEvent,
+        "SELECT id, source, event_id, enrollment_id, campaign_id, kind, occurred_at, received_at,
+                attempts, next_attempt_at, last_error, dead_lettered_at
+         FROM webhook_parked
+         WHERE dead_lettered_at IS NULL AND next_attempt_at <= now()
+         ORDER BY next_attempt_at
+         LIMIT $1
+         FOR UPDATE SKIP LOCKED",
+        limit
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut by_enrollment: HashMap<Uuid, Vec<ParkedEvent>> = HashMap::new();
+    for row in due {
+        by_enrollment
+            .entry(row.enrollment_id)
+            .or_default()
+            .push(row);
+    }
+    let (mut applied, mut dead) = (0, 0);
+    let mut gave_up: Vec<ParkedEvent> = Vec::new();
+    let now = Utc::now();
+    for (_, rows) in by_enrollment {
+        let (error, counts) = match apply_parked(&mut tx, store, rows.clone()).await? {
+            Unparked::Settled {
+                applied: a,
+                refused,
+            } => {
+                applied += a;
+                dead += refused;
+                continue;
+            }
+            Unparked::NotEnrolled => ("the enrollment does not exist yet", true),
+            // Not an attempt: the enrollment exists and was busy; come back soon.
+            Unparked::Conflict => ("the enrollment was being written; retrying", false),
+        };
+        for row in rows {
+            let attempts = if counts {
+                row.attempts + 1
+            } else {
+                row.attempts
+            };
+            let give_up =
+                counts && (attempts >= MAX_ATTEMPTS || now - row.received_at > MAX_PARKED_AGE);
+            let backoff_secs = if counts {
+                2f64.powi(attempts.min(12)).min(3600.0)
+            } else {
+                1.0
+            };
+            let jittered = backoff_secs * rand::rng().random_range(0.5..1.0);
+            let next = now + chrono::TimeDelta::milliseconds((jittered * 1000.0) as i64);
+            sqlx::query!(
+                "UPDATE webhook_parked SET attempts = $2, next_attempt_at = $3, last_error = $4,
+                     dead_lettered_at = CASE WHEN $5 THEN now() ELSE NULL END
+                 WHERE id = $1",
+                row.id,
+                attempts,
+                next,
+                error,
+                give_up
+            )
+            .execute(&mut *tx)
+            .await?;
+            if give_up {
+                dead += 1;
+                gave_up.push(row);
+            }
+        }
+    }
+    tx.commit().await?;
+    count_by_source(&gave_up, |_| true, "dead_lettered");
+    Ok((applied, dead))
+}
+
+/// Parked (`dead = false`) or dead-lettered events, oldest first, after `cursor`.
+pub async fn list_parked(
+    pool: &PgPool,
+    dead: bool,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<ParkedEvent>, sqlx::Error> {
+    let (after_at, after_id) = after.map_or((None, None), |(a, i)| (Some(a), Some(i)));
+    if dead {
+        sqlx::query_as!(
+            ParkedEvent,
+            "SELECT id, source, event_id, enrollment_id, campaign_id, kind, occurred_at,
+                    received_at, attempts, next_attempt_at, last_error, dead_lettered_at
+             FROM webhook_parked
+             WHERE dead_lettered_at IS NOT NULL
+               AND ($1::timestamptz IS NULL OR (dead_lettered_at, id) > ($1, $2))
+             ORDER BY dead_lettered_at, id
+             LIMIT $3",
+            after_at,
+            after_id,
+            limit
+        )
+        .fetch_all(pool)
+        .await
+    } else {
+        sqlx::query_as!(
+            ParkedEvent,
+            "SELECT id, source, event_id, enrollment_id, campaign_id, kind, occurred_at,
+                    received_at, attempts, next_attempt_at, last_error, dead_lettered_at
+             FROM webhook_parked
+             WHERE dead_lettered_at IS NULL
+               AND ($1::timestamptz IS NULL OR (received_at, id) > ($1, $2))
+             ORDER BY received_at, id
+             LIMIT $3",
+            after_at,
+            after_id,
+            limit
+        )
+        .fetch_all(pool)
+        .await
+    }
+}
+
+/// Puts a dead letter back in the queue, due now. False when there is no such dead letter.
+pub async fn retry_dead_letter(conn: &mut PgConnection, id: Uuid) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query!(
+        "UPDATE webhook_parked SET dead_lettered_at = NULL, attempts = 0, next_attempt_at = now(),
+             received_at = now(), last_error = NULL
+         WHERE id = $1 AND dead_lettered_at IS NOT NULL",
+        id
+    )
+    .execute(conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sign(key: &[u8], id: &str, ts: &str, body: &[u8]) -> String {
+        let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
+        mac.update(format!("{id}.{ts}.").as_bytes());
+        mac.update(body);
+        format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
+    }
+
+    #[test]
+    fn a_signature_is_valid_only_for_its_key_body_id_and_a_close_timestamp() {
+        let key = b"0123456789abcdef0123456789abcdef";
+        let body = br#"{"id":"e1"}"#;
+        let now = 1_800_000_000;
+        let ts = now.to_string();
+        let good = sign(key, "msg_1", &ts, body);
+        let ok = |sigs: &str, ts: &str, body: &[u8], now: i64| {
+            verify(
+                key,
+                &Signed {
+                    id: "msg_1",
+                    timestamp: ts,
+                    signatures: sigs,
+                },
+                body,
+                now,
+            )
+        };
+        assert!(ok(&good, &ts, body, now).is_ok());
+        assert!(
+            ok(&format!("v1,bm9wZQ== {good}"), &ts, body, now).is_ok(),
+            "any entry may match"
+        );
+        assert!(
+            ok(&good, &ts, br#"{"id":"e2"}"#, now).is_err(),
+            "tampered body"
+        );
+        assert!(
+            ok(
+                &sign(b"another key another key another!", "msg_1", &ts, body),
+                &ts,
+                body,
+                now
+            )
+            .is_err()
+        );
+        assert!(ok(&good, &ts, body, now + 301).is_err(), "too old");
+        assert!(ok(&good, &ts, body, now - 301).is_err(), "too far ahead");
+        assert!(ok(&good, &ts, body, now + 300).is_ok());
+        assert!(ok(&good.replace("v1,", "v2,"), &ts, body, now).is_err());
+        assert!(ok("", &ts, body, now).is_err());
+        assert!(ok(&good, "soon", body, now).is_err());
+        // Far from now in either direction, without wrapping around.
+        for far in [i64::MIN, i64::MIN + 1, i64::MAX] {
+            let ts = far.to_string();
+            let signed = sign(key, "msg_1", &ts, body);
+            assert!(ok(&signed, &ts, body, now).is_err(), "{far}");
+        }
+    }
+
+    fn loaded<A>(id: String, aggregate: A) -> Loaded<A> {
+        Loaded {
+            id,
+            aggregate,
+            version: 1,
+            last_position: None,
+            unsnapshotted_bytes: 0,
+        }
+    }
+
+    fn event(index: usize, id: &str, enrollment: Uuid, campaign: Option<Uuid>) -> Resolved {
+        Resolved {
+            index,
+            event_id: id.into(),
+            kind: ProviderEventKind::Opened,
+            occurred_at: Utc::now(),
+            enrollment_id: enrollment,
+            campaign_id: campaign,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_delivery_is_decided_event_by_event_without_a_database() {
+        let now = Utc::now();
+        let campaign = Uuid::now_v7();
+        let (enrolled, waiting, orphan, unknown_campaign) = (
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+            Uuid::now_v7(),
+        );
+        let mut enrollment = Enrollment::default();
+        enrollment.apply(EnrollmentEvent::ContactEnrolled {
+            campaign_id: campaign,
+            contact_id: Uuid::now_v7(),
+            stop_on_reply: true,
+            enrolled_at: now,
+        });
+        enrollment.apply(EnrollmentEvent::ProviderEventRecorded {
+            provider_event_id: qualified("esp", "seen"),
+            kind: ProviderEventKind::Delivered,
+            occurred_at: now,
+        });
+        let mut created = Campaign::default();
+        created.apply(aggregates::campaign::CampaignEvent::CampaignCreated {
+            name: aggregates::campaign::CampaignName::parse("launch").unwrap(),
+            stop_on_reply: true,
+            created_at: now,
+        });
+        let mut loaded_enrollments: HashMap<String, Loaded<Enrollment>> = [
+            (enrolled, enrollment),
+            (waiting, Enrollment::default()),
+            (orphan, Enrollment::default()),
+            (unknown_campaign, Enrollment::default()),
+        ]
+        .into_iter()
+        .map(|(id, e)| (id.to_string(), loaded(id.to_string(), e)))
+        .collect();
+        let campaigns: HashMap<String, Loaded<Campaign>> =
+            [(campaign.to_string(), loaded(campaign.to_string(), created))].into();
+        let events = [
+            event(0, "new", enrolled, None),
+            event(1, "seen", enrolled, None),
+            event(2, "early", waiting, Some(campaign)),
+            event(3, "lost", orphan, None),
+            event(4, "stray", unknown_campaign, Some(Uuid::now_v7())),
+        ];
+        let new: Vec<&Resolved> = events.iter().collect();
+        let decision = decide("esp", &new, &mut loaded_enrollments, &campaigns).await;
+
+        let outcome = |i: usize| decision.decided[&i].0;
+        assert_eq!(outcome(0), Outcome::Applied);
+        assert_eq!(
+            outcome(1),
+            Outcome::Duplicate,
+            "the enrollment knows esp:seen"
+        );
+        assert_eq!(outcome(2), Outcome::Parked);
+        assert_eq!(outcome(3), Outcome::Rejected);
+        assert_eq!(
+            decision.decided[&3].1.as_deref(),
+            Some("no enrollment with this enrollment_id")
+        );
+        assert_eq!(
+            decision.decided[&4].1.as_deref(),
+            Some("no campaign with this campaign_id")
+        );
+        assert_eq!(decision.new_events[&enrolled.to_string()].len(), 1);
+        assert_eq!(
+            decision.new_events.len(),
+            1,
+            "only the applied event writes"
+        );
+        assert_eq!(decision.parked.len(), 1);
+        assert_eq!(decision.parked[0].event_id, "early");
+        assert_eq!(decision.refused_ids, ["lost", "stray"]);
+
+        // The results list every event of the delivery in order, unreadable ones too.
+        let bodies = vec![json!({"id": "new"}), json!({"id": "bad"})];
+        let resolved = vec![
+            Ok(event(0, "new", enrolled, None)),
+            Err("type must be…".into()),
+        ];
+        let mut decided = decision.decided;
+        let results = results(&bodies, &resolved, &mut decided);
+        assert_eq!(results[0].outcome, "applied");
+        assert_eq!(results[1].outcome, "rejected");
+        assert_eq!(results[1].reason.as_deref(), Some("type must be…"));
+    }
+}

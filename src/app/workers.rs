@@ -1,0 +1,86 @@
+//! Background work of a server process: the projection runner and the purge of old
+//! idempotency records. Every worker is safe with several processes on one database.
+
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::app::App;
+use crate::app::command::purge_idempotency_records;
+
+/// Idempotency records are kept at least this long (the contract: at least 24 hours).
+pub const IDEMPOTENCY_RETENTION: Duration = Duration::from_secs(25 * 3600);
+
+pub struct Workers {
+    cancel: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+pub fn start(state: &App) -> Workers {
+    let cancel = CancellationToken::new();
+    let runner = projections::runner::Runner::new(
+        state.pool.clone(),
+        projections::all(),
+        projections::runner::RunnerConfig::default(),
+    );
+    let mut tasks = vec![tokio::spawn(runner.run(cancel.clone()))];
+    // Parked webhook events: applied when their enrollment appears (from the feed, with
+    // its own checkpoint), and retried on a timer for what the feed cannot see.
+    let reactor = projections::runner::Runner::reactors(
+        state.pool.clone(),
+        vec![std::sync::Arc::new(
+            crate::app::webhooks::ParkingReactor::new(state.store.clone()),
+        )],
+        projections::runner::RunnerConfig::default(),
+    );
+    tasks.push(tokio::spawn(reactor.run(cancel.clone())));
+    let (pool, store, stop) = (state.pool.clone(), state.store.clone(), cancel.clone());
+    tasks.push(tokio::spawn(async move {
+        loop {
+            if let Err(e) = crate::app::webhooks::retry_due(&pool, &store, 200).await {
+                tracing::warn!(error = %e, "retrying parked webhook events failed");
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => {},
+            }
+        }
+    }));
+    let pool = state.pool.clone();
+    let stop = cancel.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            match purge_idempotency_records(&pool, IDEMPOTENCY_RETENTION).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(purged = n, "old idempotency records purged"),
+                Err(e) => tracing::warn!(error = %e, "purging idempotency records failed"),
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(3600)) => {},
+            }
+        }
+    }));
+    // Expired budget holds are released by a command even if no one touches the budget.
+    tasks.push(crate::app::budgets::spawn_expiry_worker(
+        state.clone(),
+        cancel.clone(),
+    ));
+    Workers { cancel, tasks }
+}
+
+impl Workers {
+    /// Asks every worker to stop without waiting (for drop paths that cannot await).
+    pub fn cancel(&self) {
+        self.cancel.cancel();
+    }
+
+    /// Asks every worker to stop and waits until each has finished its current batch.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}

@@ -1,0 +1,751 @@
+//! The command line (`leadledger <command>`): parsing and dispatch; reports are shown by
+//! [`render`]. Every command works whether or not `serve` runs on the same data: they
+//! share the embedded PostgreSQL.
+
+pub mod render;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+
+use crate::app::keys::{self, Scope};
+use crate::app::{App, Limits};
+use crate::config::{Config, ServeConfig};
+use crate::db::Database;
+use crate::telemetry;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "leadledger",
+    version,
+    about = "Event-sourced system of record for sales automation"
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub config: Config,
+    /// More log lines on stderr: `-v` info, `-vv` debug (`serve` logs info anyway;
+    /// `RUST_LOG`, when set, decides instead).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP service.
+    Serve(ServeConfig),
+    /// Apply pending migrations.
+    Migrate,
+    /// Database utilities.
+    Db {
+        #[command(subcommand)]
+        command: DbCommand,
+    },
+    /// API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+    /// Webhook sources and parked provider events.
+    Webhooks {
+        #[command(subcommand)]
+        command: WebhooksCommand,
+    },
+    /// Contacts.
+    Contacts {
+        #[command(subcommand)]
+        command: ContactsCommand,
+    },
+    /// Read models.
+    Projections {
+        #[command(subcommand)]
+        command: ProjectionsCommand,
+    },
+    /// Reports from the read models.
+    Analytics {
+        #[command(subcommand)]
+        command: AnalyticsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCommand {
+    /// Create a key; prints it alone on the last line of stdout (it is not shown again).
+    Create {
+        #[arg(long)]
+        name: String,
+        #[arg(long, value_enum)]
+        scope: Scope,
+    },
+    /// List keys (never the keys themselves).
+    List,
+    /// Revoke a key by id.
+    Revoke { id: uuid::Uuid },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhooksCommand {
+    /// Create a source; prints its secret alone on the last line (it is not shown again).
+    AddSource { name: String },
+    /// Events waiting for their enrollment.
+    Parked,
+    /// Events given up on.
+    DeadLetters,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ContactsCommand {
+    /// Import contacts from a CSV file (header row of field names) or a JSON array.
+    Import {
+        file: std::path::PathBuf,
+        #[arg(long, value_enum, default_value = "partial")]
+        mode: crate::app::contacts::ImportMode,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectionsCommand {
+    /// Each projection's checkpoint, how far behind it is, its state and who runs it.
+    Status {
+        #[arg(long, value_enum, default_value = "table")]
+        format: OutputFormat,
+    },
+    /// Build projections anew from the start of the event log into new tables, catch up
+    /// with events written meanwhile, then swap the new tables in at once. Safe while the
+    /// service runs; an interrupted rebuild leaves the live tables as they were, and
+    /// running it again resumes.
+    Rebuild {
+        /// Projections to rebuild (see `projections status`).
+        #[arg(required_unless_present_any = ["all", "discard"], conflicts_with = "all")]
+        names: Vec<String>,
+        /// Rebuild every projection.
+        #[arg(long)]
+        all: bool,
+        /// Compare the rebuilt tables with the live ones row by row before swapping; on any
+        /// difference, print every one, keep the live tables and exit with status 1.
+        #[arg(long)]
+        verify: bool,
+        /// Events per batch.
+        #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+        batch_size: i64,
+        /// Drop an unfinished rebuild instead of resuming it, then exit.
+        #[arg(long, conflicts_with_all = ["names", "all", "verify"])]
+        discard: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AnalyticsCommand {
+    /// A campaign's milestones per UTC day, as
+    /// `GET /v1/analytics/campaigns/{id}/timeseries` reports them.
+    Campaign {
+        id: uuid::Uuid,
+        /// UTC days back, today included: 1..=365.
+        #[arg(long, default_value = "30", value_parser = crate::app::analytics::parse_days)]
+        days: u16,
+        #[arg(long, value_enum, default_value = "table")]
+        format: ReportFormat,
+    },
+    /// Totals, as `GET /v1/analytics/dashboard` reports them.
+    Dashboard {
+        #[arg(long, value_enum, default_value = "table")]
+        format: ReportFormat,
+    },
+    /// Costs of every budget (spends and captured reservations), as
+    /// `GET /v1/analytics/costs` reports them.
+    Costs {
+        /// UTC days back, today included: 1..=365.
+        #[arg(long, default_value = "30", value_parser = crate::app::analytics::parse_days)]
+        days: u16,
+        /// day | model | category | budget
+        #[arg(long, default_value = "day", value_parser = crate::app::analytics::parse_group_by)]
+        group_by: projections::costs::GroupBy,
+        #[arg(long, value_enum, default_value = "table")]
+        format: ReportFormat,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    Table,
+    Json,
+    Csv,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DbCommand {
+    /// Print the connection URL in use.
+    Url,
+}
+
+/// Entry point of the binary. An error is printed as its chain of causes on one line
+/// (`error: opening the database: …`), never with a backtrace: the errors a user meets
+/// (a name taken, a file missing) are messages, not crashes.
+pub fn main() -> std::process::ExitCode {
+    let _ = dotenvy::dotenv();
+    let cli = Cli::parse();
+    let verbosity = match (&cli.command, cli.verbose) {
+        (_, 2..) => telemetry::Verbosity::Debug,
+        (Command::Serve(_), _) | (_, 1) => telemetry::Verbosity::Info,
+        _ => telemetry::Verbosity::Quiet,
+    };
+    telemetry::init_with(cli.config.log_format, verbosity);
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+        .and_then(|runtime| runtime.block_on(run(cli)));
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let config = cli.config;
+    match cli.command {
+        Command::Serve(serve) => run_serve(&config, &serve).await,
+        Command::Migrate => {
+            let db = Database::open(&config)
+                .await
+                .context("opening the database")?;
+            let result = db.migrate().await.context("applying migrations");
+            db.close().await?;
+            result?;
+            println!(
+                "migrations applied (latest: {})",
+                crate::db::latest_migration()
+            );
+            Ok(())
+        }
+        Command::Db {
+            command: DbCommand::Url,
+        } => {
+            let db = Database::open(&config)
+                .await
+                .context("opening the database")?;
+            println!("{}", db.url);
+            db.close().await?;
+            Ok(())
+        }
+        Command::Keys { command } => {
+            with_migrated_db(&config, async |db| keys(db, command).await).await
+        }
+        Command::Webhooks { command } => {
+            with_migrated_db(&config, async |db| {
+                webhooks_command(db, &config, command).await
+            })
+            .await
+        }
+        Command::Contacts {
+            command: ContactsCommand::Import { file, mode },
+        } => {
+            with_migrated_db(&config, async |db| {
+                import_contacts(db, &config, &file, mode).await
+            })
+            .await
+        }
+        Command::Projections { command } => {
+            with_migrated_db(&config, async |db| projections_command(db, command).await).await
+        }
+        Command::Analytics { command } => {
+            with_migrated_db(&config, async |db| analytics_command(db, command).await).await
+        }
+    }
+}
+
+/// Opens and migrates the database, runs `f`, and closes the database whatever `f` returned.
+async fn with_migrated_db<F>(config: &Config, f: F) -> anyhow::Result<()>
+where
+    F: AsyncFnOnce(&Database) -> anyhow::Result<()>,
+{
+    let db = Database::open(config)
+        .await
+        .context("opening the database")?;
+    let result = match db.migrate().await.context("applying migrations") {
+        Ok(()) => {
+            tracing::info!(
+                latest = crate::db::latest_migration(),
+                "database open, migrations applied"
+            );
+            f(&db).await
+        }
+        Err(e) => Err(e),
+    };
+    db.close().await?;
+    result
+}
+
+async fn keys(db: &Database, command: KeysCommand) -> anyhow::Result<()> {
+    match command {
+        KeysCommand::Create { name, scope } => {
+            let (id, key) = keys::create_key(&db.pool, &name, scope).await?;
+            println!("created {scope} key {id} ({name}); it is shown once:");
+            println!("{key}");
+        }
+        KeysCommand::List => {
+            println!(
+                "{:<36}  {:<6}  {:<10}  {:<20}  {:<8}  name",
+                "id", "scope", "prefix", "created", "status"
+            );
+            for k in keys::list_keys(&db.pool).await? {
+                let status = if k.revoked_at.is_some() {
+                    "revoked"
+                } else {
+                    "active"
+                };
+                println!(
+                    "{:<36}  {:<6}  {:<10}  {:<20}  {:<8}  {}",
+                    k.id,
+                    k.scope,
+                    k.prefix,
+                    k.created_at.format("%Y-%m-%d %H:%M:%S"),
+                    status,
+                    k.name
+                );
+            }
+        }
+        KeysCommand::Revoke { id } => {
+            if keys::revoke_key(&db.pool, id).await? {
+                println!("revoked {id}");
+            } else {
+                anyhow::bail!("no active key with id {id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn webhooks_command(
+    db: &Database,
+    config: &Config,
+    command: WebhooksCommand,
+) -> anyhow::Result<()> {
+    match command {
+        WebhooksCommand::AddSource { name } => {
+            let mut conn = db.pool.acquire().await?;
+            let secret = crate::app::webhooks::add_source(&mut conn, &config.secrets()?, &name)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!("created webhook source {name}; deliver to /webhooks/{name}, signed with:");
+            println!("{secret}");
+        }
+        WebhooksCommand::Parked | WebhooksCommand::DeadLetters => {
+            let dead = matches!(command, WebhooksCommand::DeadLetters);
+            let rows = crate::app::webhooks::list_parked(&db.pool, dead, None, 500).await?;
+            println!(
+                "{:<36}  {:<12}  {:<14}  {:<36}  {:>8}  received",
+                "id", "source", "type", "enrollment", "attempts"
+            );
+            for r in &rows {
+                println!(
+                    "{:<36}  {:<12}  {:<14}  {:<36}  {:>8}  {}",
+                    r.id,
+                    r.source,
+                    r.kind,
+                    r.enrollment_id,
+                    r.attempts,
+                    r.received_at.format("%Y-%m-%d %H:%M:%S")
+                );
+            }
+            println!(
+                "{} {}",
+                rows.len(),
+                if dead { "dead letters" } else { "parked" }
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `contacts import`: a file of any size, written in batches of
+/// [`MAX_IMPORT_ROWS`](crate::app::contacts::MAX_IMPORT_ROWS) rows, each batch its own
+/// transaction (as one `POST /v1/contacts/import` is), under one progress bar, with one
+/// report summing them. `--mode atomic` is one transaction, so it takes one batch at most
+/// and refuses a larger file before writing anything.
+async fn import_contacts(
+    db: &Database,
+    config: &Config,
+    file: &std::path::Path,
+    mode: crate::app::contacts::ImportMode,
+) -> anyhow::Result<()> {
+    use crate::app::contacts::{self, ImportMode, ImportOutcome, ImportReport, MAX_IMPORT_ROWS};
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let is_json = match file.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("json") => true,
+        Some(e) if e.eq_ignore_ascii_case("csv") => false,
+        _ => bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'['),
+    };
+    let parsed = if is_json {
+        contacts::rows_from_json_up_to(&bytes, usize::MAX)
+    } else {
+        contacts::rows_from_csv_up_to(&bytes, usize::MAX)
+    };
+    let rows = parsed.map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    if mode == ImportMode::Atomic && rows.len() > MAX_IMPORT_ROWS {
+        anyhow::bail!(
+            "{}: {} rows, but an atomic import is one transaction of at most {MAX_IMPORT_ROWS} \
+             rows; nothing was written (split the file, or use --mode partial, which writes \
+             batches of {MAX_IMPORT_ROWS})",
+            file.display(),
+            rows.len()
+        );
+    }
+    let bar = indicatif::ProgressBar::new(rows.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg:>10} [{bar:40}] {pos}/{len} rows ({per_sec}, eta {eta})",
+        )?
+        .progress_chars("=> "),
+    );
+    bar.set_message("importing");
+    let state = App::build(db.pool.clone(), config, Limits::default())?;
+    let mut total = ImportReport::default();
+    let mut rows = rows.into_iter().peekable();
+    let mut done_before = 0usize;
+    while rows.peek().is_some() {
+        let batch: Vec<_> = rows.by_ref().take(MAX_IMPORT_ROWS).collect();
+        let size = batch.len();
+        let metadata = crate::store::Metadata {
+            actor: Some("cli".into()),
+            causation_id: Some(format!("import:{}", file.display())),
+            ..Default::default()
+        };
+        let progress = |done: usize| bar.set_position((done_before + done) as u64);
+        let outcome = contacts::import(&state, batch, mode, None, metadata, &progress)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "import failed after {} rows were written: {e}",
+                    total.created + total.updated + total.unchanged
+                )
+            })?;
+        let ImportOutcome::Done { report, written } = outcome else {
+            anyhow::bail!("unexpected replay without an idempotency key");
+        };
+        total.received += report.received;
+        total.created += report.created;
+        total.updated += report.updated;
+        total.unchanged += report.unchanged;
+        total.failed += report.failed;
+        total.errors.extend(report.errors);
+        total.contacts.extend(report.contacts);
+        total.position = report.position.or(total.position);
+        done_before += size;
+        if !written {
+            bar.finish_and_clear();
+            print_import_report(&total);
+            anyhow::bail!(
+                "atomic import: {} invalid rows, nothing was written",
+                total.failed
+            );
+        }
+    }
+    bar.finish_and_clear();
+    print_import_report(&total);
+    if let Some(p) = &total.position {
+        println!("position {p}");
+    }
+    Ok(())
+}
+
+fn print_import_report(report: &crate::app::contacts::ImportReport) {
+    println!(
+        "received {}  created {}  updated {}  unchanged {}  failed {}",
+        report.received, report.created, report.updated, report.unchanged, report.failed
+    );
+    for e in &report.errors {
+        println!(
+            "row {:>6}  {}  {}",
+            e.row,
+            e.email.as_deref().unwrap_or("-"),
+            e.message
+        );
+    }
+}
+
+async fn projections_command(db: &Database, command: ProjectionsCommand) -> anyhow::Result<()> {
+    match command {
+        ProjectionsCommand::Rebuild { discard: true, .. } => {
+            projections::rebuild::discard(&db.pool).await?;
+            println!("no rebuild in progress now; the live tables are as they were");
+        }
+        ProjectionsCommand::Rebuild {
+            names,
+            all,
+            verify,
+            batch_size,
+            discard: false,
+        } => {
+            rebuild(db, if all { Vec::new() } else { names }, verify, batch_size).await?;
+        }
+        ProjectionsCommand::Status { format } => {
+            let mut conn = db.pool.acquire().await?;
+            let all = projections::status::all(&mut conn).await?;
+            match format {
+                OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&all)?),
+                OutputFormat::Table => {
+                    println!(
+                        "{:<20}  {:<8}  {:<24}  {:>8}  held by / error",
+                        "projection", "state", "checkpoint", "behind"
+                    );
+                    for p in all {
+                        let detail = match (&p.failed_error, &p.held_by) {
+                            (Some(e), _) => format!(
+                                "stopped at position {}: {e}",
+                                p.failed_position.unwrap_or_default()
+                            ),
+                            (None, Some(h)) => h.clone(),
+                            (None, None) => "-".into(),
+                        };
+                        println!(
+                            "{:<20}  {:<8}  {:<24}  {:>8}  {}",
+                            p.name,
+                            p.state,
+                            p.checkpoint.to_string(),
+                            p.behind,
+                            detail
+                        );
+                    }
+                    if let Some(r) = projections::status::rebuild(&mut conn).await? {
+                        println!(
+                            "rebuild of {} in progress or unfinished: {} events applied, at {}, \
+                             started {}, last batch {} (run `projections rebuild` to resume, \
+                             `--discard` to drop it)",
+                            r.projections.join(", "),
+                            r.events,
+                            r.position,
+                            r.started_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                            r.updated_at.format("%Y-%m-%d %H:%M:%S UTC"),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn analytics_command(db: &Database, command: AnalyticsCommand) -> anyhow::Result<()> {
+    use crate::app::analytics::{self, CostsParams};
+    match command {
+        AnalyticsCommand::Costs {
+            days,
+            group_by,
+            format,
+        } => {
+            catch_up(db, &analytics::COSTS_READ_MODELS).await?;
+            let mut conn = db.pool.acquire().await?;
+            let params = CostsParams { days, group_by };
+            let report =
+                analytics::cost_report(&mut conn, params, chrono::Utc::now().date_naive()).await?;
+            render::print(format, &report)?;
+        }
+        AnalyticsCommand::Campaign { id, days, format } => {
+            catch_up(
+                db,
+                &[projections::campaigns::NAME, projections::enrollments::NAME],
+            )
+            .await?;
+            let mut conn = db.pool.acquire().await?;
+            let exists = projections::campaigns::exists(&mut conn, id).await?;
+            if !exists {
+                anyhow::bail!("no campaign with id {id}");
+            }
+            let report = analytics::campaign_timeseries(
+                &mut conn,
+                id,
+                days,
+                chrono::Utc::now().date_naive(),
+            )
+            .await?;
+            render::print(format, &report)?;
+        }
+        AnalyticsCommand::Dashboard { format } => {
+            catch_up(db, &analytics::DASHBOARD_READ_MODELS).await?;
+            let mut conn = db.pool.acquire().await?;
+            let report =
+                analytics::dashboard_report(&mut conn, chrono::Utc::now().date_naive()).await?;
+            render::print(format, &report)?;
+        }
+    }
+    Ok(())
+}
+
+/// Read models move only while a projection runner runs: catch them up first, so that a
+/// report includes everything committed before the command.
+async fn catch_up(db: &Database, names: &[&str]) -> anyhow::Result<()> {
+    let wait = std::time::Duration::from_secs(30);
+    if !crate::app::analytics::catch_up(&db.pool, names, wait).await? {
+        eprintln!("warning: the read models are still catching up; recent writes may be missing");
+    }
+    Ok(())
+}
+
+/// `projections rebuild`: a progress bar on stderr, differences and the outcome on stdout.
+async fn rebuild(
+    db: &Database,
+    names: Vec<String>,
+    verify: bool,
+    batch_size: i64,
+) -> anyhow::Result<()> {
+    use projections::rebuild::{self, Options};
+    let selected = rebuild::select(&names)?;
+    let options = Options {
+        batch_size,
+        verify,
+        ..Options::default()
+    };
+    let mut observer = RebuildProgress::new();
+    let outcome = tokio::select! {
+        outcome = rebuild::rebuild(&db.pool, &selected, &options, &mut observer) => outcome,
+        _ = tokio::signal::ctrl_c() => {
+            observer.bar.abandon_with_message("interrupted");
+            eprintln!("interrupted: the live tables are as they were; run the command again to resume");
+            std::process::exit(130);
+        }
+    };
+    let report = match outcome {
+        Ok(report) => report,
+        Err(e) => {
+            observer.bar.abandon_with_message("failed");
+            return Err(e.into());
+        }
+    };
+    observer.bar.finish_and_clear();
+    let rate = report.events as f64 / report.seconds.max(1e-9);
+    let names = report.projections.join(", ");
+    if report.swapped {
+        println!(
+            "rebuilt {names}: {} events{} in {:.1} s ({rate:.0} events/s), swapped in at position {}{}",
+            report.events,
+            if report.resumed { " (resumed)" } else { "" },
+            report.seconds,
+            report.position,
+            if verify {
+                "; verified: no differences"
+            } else {
+                ""
+            },
+        );
+        Ok(())
+    } else {
+        println!(
+            "{} rows differ between the live and the rebuilt tables of {names} at position {}; \
+             the live tables were kept",
+            report.differences, report.position
+        );
+        std::process::exit(1);
+    }
+}
+
+struct RebuildProgress {
+    bar: indicatif::ProgressBar,
+}
+
+impl RebuildProgress {
+    fn new() -> Self {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg:12} [{bar:40}] {human_pos}/{human_len} events  {per_sec}  ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        Self { bar }
+    }
+}
+
+impl projections::rebuild::Observer for RebuildProgress {
+    fn started(&mut self, already_applied: u64, remaining: u64) {
+        self.bar.set_length(already_applied + remaining);
+        self.bar.set_position(already_applied);
+        self.bar.reset_eta();
+        if already_applied > 0 {
+            self.bar
+                .println(format!("resuming after {already_applied} events"));
+        }
+    }
+    fn applied(&mut self, events: u64) {
+        if self.bar.position() + events > self.bar.length().unwrap_or(0) {
+            self.bar.set_length(self.bar.position() + events);
+        }
+        self.bar.inc(events);
+    }
+    fn phase(&mut self, phase: &str) {
+        self.bar.set_message(phase.to_string());
+    }
+    fn difference(&mut self, d: &projections::rebuild::Difference) {
+        let show = |v: &Option<serde_json::Value>| {
+            v.as_ref()
+                .map_or("(missing)".to_string(), |v| v.to_string())
+        };
+        self.bar.suspend(|| {
+            println!(
+                "{} {}\n  live:    {}\n  rebuilt: {}",
+                d.table,
+                d.key,
+                show(&d.live),
+                show(&d.rebuilt)
+            )
+        });
+    }
+}
+
+async fn run_serve(config: &Config, serve: &ServeConfig) -> anyhow::Result<()> {
+    let db = Database::open(config)
+        .await
+        .context("opening the database")?;
+    if let Err(e) = db.migrate().await {
+        db.close().await?;
+        return Err(e).context("applying migrations");
+    }
+    let listener = match TcpListener::bind(serve.addr).await {
+        Ok(l) => l,
+        Err(e) => {
+            db.close().await?;
+            return Err(e).with_context(|| format!("listening on {}", serve.addr));
+        }
+    };
+    let addr = listener.local_addr()?;
+    match keys::ensure_first_admin_key(&db.pool, &config.data_dir).await {
+        Ok(Some(path)) => println!(
+            "no API key existed: an admin key was written to {}",
+            path.display()
+        ),
+        Ok(None) => {}
+        Err(e) => {
+            db.close().await?;
+            return Err(e).context("creating the first admin key");
+        }
+    }
+    let state = App::build(db.pool.clone(), config, serve.limits())?;
+    let workers = crate::app::workers::start(&state);
+    tracing::info!(%addr, "leadledger listening");
+    println!("leadledger listening on http://{addr}");
+
+    let result = crate::http::serve_with(
+        listener,
+        crate::http::router(state),
+        crate::http::shutdown_signal(),
+        serve.serve_options(),
+    )
+    .await;
+    tracing::info!("HTTP server stopped; stopping background workers");
+    workers.stop().await;
+    tracing::info!("closing the database");
+    db.close().await.context("closing the database")?;
+    tracing::info!("stopped");
+    result.context("serving HTTP")
+}

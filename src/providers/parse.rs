@@ -1,6 +1,6 @@
 //! Reading a delivery's body into provider events, per source kind, with each provider's
-//! own field names and its event types mapped to our milestones (the README's table of
-//! provider sources).
+//! own field names and its event types mapped to our milestones (each reader below says
+//! how).
 //!
 //! A body that cannot be read at all is a [`BodyError`]; past that, each event stands
 //! alone: a bad one is an `Err(reason)` in its place and the rest of the batch counts.
@@ -213,7 +213,7 @@ fn settle(
     }
 }
 
-/// Our own format (the README's "Webhooks"): `{id, type, occurred_at, enrollment_id}` or
+/// Our own format (the README's section "Webhooks"): `{id, type, occurred_at, enrollment_id}` or
 /// `campaign_id` + `email` in place of `enrollment_id`. A type we do not know is
 /// rejected here, not ignored: the sender chose our names.
 fn standard(event: &Value) -> Parsed {

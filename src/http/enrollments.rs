@@ -11,7 +11,6 @@ use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -337,5 +336,5 @@ async fn campaign_metrics(
         bounce_rate: rate(bounced, sent),
         unsubscribe_rate: rate(unsubscribed, delivered),
     };
-    Ok(axum::Json(json!(metrics)).into_response())
+    Ok(axum::Json(metrics).into_response())
 }

@@ -17,7 +17,10 @@ use chrono::{DateTime, Utc};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-pub use auth::{AuthError, Authenticated, authenticate, sendgrid_public_key_der, standard_key};
+pub use auth::{
+    AuthError, Authenticated, authenticate, sendgrid_public_key_der, standard_key,
+    standard_signature,
+};
 pub use custom::CustomMapping;
 pub use parse::{BodyError, Parsed, parse};
 

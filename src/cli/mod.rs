@@ -738,7 +738,7 @@ async fn run_serve(config: &Config, serve: &ServeConfig) -> anyhow::Result<()> {
     let result = crate::http::serve_with(
         listener,
         crate::http::router(state),
-        crate::http::shutdown_signal(),
+        shutdown_signal(),
         serve.serve_options(),
     )
     .await;
@@ -748,4 +748,23 @@ async fn run_serve(config: &Config, serve: &ServeConfig) -> anyhow::Result<()> {
     db.close().await.context("closing the database")?;
     tracing::info!("stopped");
     result.context("serving HTTP")
+}
+
+/// Resolves on Ctrl-C or SIGTERM: how the process is asked to stop, whatever it serves.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
 }

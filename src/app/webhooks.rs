@@ -366,7 +366,7 @@ pub async fn authenticate(
 #[derive(Debug, Clone, Serialize)]
 pub struct EventResult {
     pub id: Value,
-    pub outcome: &'static str,
+    pub outcome: Outcome,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
 }
@@ -450,7 +450,8 @@ fn qualified(source: &str, event_id: &str) -> String {
 }
 
 /// The outcome of one event of a delivery, as its result says it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Applied,
     Duplicate,
@@ -487,12 +488,7 @@ impl Tally {
     fn of(results: &[EventResult]) -> Self {
         let mut tally = Self::default();
         for result in results {
-            if let Some(i) = Outcome::ALL
-                .iter()
-                .position(|o| o.as_str() == result.outcome)
-            {
-                tally.0[i] += 1;
-            }
+            tally.0[result.outcome as usize] += 1;
         }
         tally
     }
@@ -614,7 +610,7 @@ fn results(
             };
             EventResult {
                 id,
-                outcome: outcome.as_str(),
+                outcome,
                 reason,
             }
         })
@@ -811,14 +807,12 @@ fn report(source: &str, webhook_id: &str, tally: &Tally, results: &[EventResult]
         }
     }
     for (index, result) in results.iter().enumerate() {
-        if result.outcome == Outcome::Rejected.as_str()
-            || result.outcome == Outcome::Ignored.as_str()
-        {
+        if matches!(result.outcome, Outcome::Rejected | Outcome::Ignored) {
             tracing::info!(
                 source,
                 webhook_id,
                 index,
-                outcome = result.outcome,
+                outcome = result.outcome.as_str(),
                 reason = result.reason.as_deref().unwrap_or(""),
                 "webhook event not applied"
             );
@@ -1369,8 +1363,8 @@ mod tests {
         ];
         let mut decided = decision.decided;
         let results = results(&bodies, &resolved, &mut decided);
-        assert_eq!(results[0].outcome, "applied");
-        assert_eq!(results[1].outcome, "rejected");
+        assert_eq!(results[0].outcome.as_str(), "applied");
+        assert_eq!(results[1].outcome.as_str(), "rejected");
         assert_eq!(results[1].reason.as_deref(), Some("type must be…"));
     }
 }

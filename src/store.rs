@@ -319,6 +319,8 @@ impl Store {
         let mut types = Vec::with_capacity(total);
         let mut versions = Vec::with_capacity(total);
         let mut payloads = Vec::with_capacity(total);
+        // Bytes appended to each stream (by its index in `streams`), for snapshots by size.
+        let mut bytes = vec![0u64; streams.len()];
         for &i in &order {
             let (loaded, events) = &streams[i];
             for (k, e) in events.iter().enumerate() {
@@ -332,6 +334,7 @@ impl Store {
                         bytes: payload.len(),
                     });
                 }
+                bytes[i] += payload.len() as u64;
                 payloads.push(payload);
             }
         }
@@ -368,14 +371,7 @@ impl Store {
             }
         }
         let mut results = Vec::with_capacity(streams.len());
-        let mut sizes = payloads.iter().map(|p| p.len() as u64);
-        let mut bytes_of: HashMap<String, u64> = HashMap::new();
-        for &i in &order {
-            let (loaded, events) = &streams[i];
-            let bytes: u64 = sizes.by_ref().take(events.len()).sum();
-            *bytes_of.entry(loaded.id.clone()).or_default() += bytes;
-        }
-        for (loaded, events) in streams.iter_mut() {
+        for (i, (loaded, events)) in streams.iter_mut().enumerate() {
             let old_version = loaded.version;
             let mut written = Vec::with_capacity(events.len());
             for k in 0..events.len() as u64 {
@@ -394,7 +390,7 @@ impl Store {
             if let Some((_, last)) = written.last() {
                 loaded.last_position = Some(*last);
             }
-            loaded.unsnapshotted_bytes += bytes_of.get(&loaded.id).copied().unwrap_or(0);
+            loaded.unsnapshotted_bytes += bytes[i];
             if self.snapshot_every > 0
                 && (loaded.version / self.snapshot_every > old_version / self.snapshot_every
                     || (!events.is_empty() && loaded.unsnapshotted_bytes >= SNAPSHOT_BYTES))

@@ -1,5 +1,7 @@
 //! Campaign: an outreach campaign's life, draft → running ⇄ paused → completed.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::{Aggregate, DomainEvent};
@@ -85,7 +87,18 @@ pub enum CampaignCommand {
     Complete {
         at: DateTime<Utc>,
     },
+    /// Renames (when `name` is given) and links (`Some`) or unlinks (`None`) the
+    /// campaign's ids in other systems, keyed by the webhook source that delivers their
+    /// events.
+    Update {
+        name: Option<CampaignName>,
+        external_ids: BTreeMap<String, Option<String>>,
+        at: DateTime<Utc>,
+    },
 }
+
+/// The longest id of another system's campaign taken (it is stored and indexed).
+pub const MAX_EXTERNAL_ID_CHARS: usize = 255;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum CampaignEvent {
@@ -107,6 +120,13 @@ pub enum CampaignEvent {
     CampaignCompleted {
         completed_at: DateTime<Utc>,
     },
+    /// `linked`: source → their id, new or replacing one; `unlinked`: source → the id it
+    /// no longer links (also the one a new link replaced), so a lookup can be kept exact.
+    CampaignExternalIdsChanged {
+        linked: BTreeMap<String, String>,
+        unlinked: BTreeMap<String, String>,
+        changed_at: DateTime<Utc>,
+    },
 }
 
 impl DomainEvent for CampaignEvent {
@@ -117,6 +137,7 @@ impl DomainEvent for CampaignEvent {
             Self::CampaignStarted { .. } => "CampaignStarted",
             Self::CampaignPaused { .. } => "CampaignPaused",
             Self::CampaignCompleted { .. } => "CampaignCompleted",
+            Self::CampaignExternalIdsChanged { .. } => "CampaignExternalIdsChanged",
         }
         .to_string()
     }
@@ -139,6 +160,8 @@ pub enum CampaignError {
         from: CampaignStatus,
         to: &'static str,
     },
+    #[error("external_ids: {0}")]
+    InvalidExternalId(String),
 }
 
 /// The campaign's state, rebuilt from its events (and kept in snapshots).
@@ -150,9 +173,61 @@ pub struct Campaign {
     pub stop_on_reply: bool,
     pub created_at: Option<DateTime<Utc>>,
     pub updated_at: Option<DateTime<Utc>>,
+    /// Its ids in other systems, by source name. (Snapshots from before it read as none.)
+    #[serde(default)]
+    pub external_ids: BTreeMap<String, String>,
 }
 
 impl Campaign {
+    /// The event for `changes`, `None` when they change nothing.
+    fn external_ids_change(
+        &self,
+        changes: BTreeMap<String, Option<String>>,
+        at: DateTime<Utc>,
+    ) -> Result<Option<CampaignEvent>, CampaignError> {
+        self.require_created()?;
+        let mut linked = BTreeMap::new();
+        let mut unlinked = BTreeMap::new();
+        for (source, id) in changes {
+            if !crate::enrollment::is_source_name(&source) {
+                return Err(CampaignError::InvalidExternalId(format!(
+                    "{source:?} is not a source name (1 to 63 characters of a-z, 0-9, _ and -)"
+                )));
+            }
+            let current = self.external_ids.get(&source);
+            match id {
+                Some(id) => {
+                    crate::enrollment::check_event_id(&id, MAX_EXTERNAL_ID_CHARS).map_err(
+                        |reason| {
+                            CampaignError::InvalidExternalId(format!(
+                                "the id for {source} {reason}"
+                            ))
+                        },
+                    )?;
+                    if current == Some(&id) {
+                        continue;
+                    }
+                    if let Some(old) = current {
+                        unlinked.insert(source.clone(), old.clone());
+                    }
+                    linked.insert(source, id);
+                }
+                None => {
+                    if let Some(old) = current {
+                        unlinked.insert(source, old.clone());
+                    }
+                }
+            }
+        }
+        Ok((!linked.is_empty() || !unlinked.is_empty()).then_some(
+            CampaignEvent::CampaignExternalIdsChanged {
+                linked,
+                unlinked,
+                changed_at: at,
+            },
+        ))
+    }
+
     fn require_created(&self) -> Result<(), CampaignError> {
         if self.created {
             Ok(())
@@ -240,6 +315,24 @@ impl Aggregate for Campaign {
             CampaignCommand::Start { at } => self.transition(CampaignStatus::Running, at)?,
             CampaignCommand::Pause { at } => self.transition(CampaignStatus::Paused, at)?,
             CampaignCommand::Complete { at } => self.transition(CampaignStatus::Completed, at)?,
+            CampaignCommand::Update {
+                name,
+                external_ids,
+                at,
+            } => {
+                self.require_created()?;
+                let renamed = name.filter(|n| n.as_str() != self.name).map(|name| {
+                    CampaignEvent::CampaignRenamed {
+                        name,
+                        renamed_at: at,
+                    }
+                });
+                let linked = self.external_ids_change(external_ids, at)?;
+                if let Some(event) = renamed {
+                    sink.write(event, self).await;
+                }
+                linked
+            }
         };
         if let Some(event) = event {
             sink.write(event, self).await;
@@ -276,6 +369,17 @@ impl Aggregate for Campaign {
             CampaignEvent::CampaignCompleted { completed_at } => {
                 self.status = CampaignStatus::Completed;
                 self.updated_at = Some(completed_at);
+            }
+            CampaignEvent::CampaignExternalIdsChanged {
+                linked,
+                unlinked,
+                changed_at,
+            } => {
+                for source in unlinked.keys() {
+                    self.external_ids.remove(source);
+                }
+                self.external_ids.extend(linked);
+                self.updated_at = Some(changed_at);
             }
         }
     }
@@ -450,5 +554,119 @@ mod tests {
         assert_eq!(created().event_type(), "CampaignCreated");
         let json = serde_json::to_value(created()).unwrap();
         assert!(json.get("CampaignCreated").is_some(), "{json}");
+    }
+
+    fn changes(pairs: &[(&str, Option<&str>)]) -> BTreeMap<String, Option<String>> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.map(str::to_string)))
+            .collect()
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn linked(linked: &[(&str, &str)], unlinked: &[(&str, &str)]) -> CampaignEvent {
+        CampaignEvent::CampaignExternalIdsChanged {
+            linked: map(linked),
+            unlinked: map(unlinked),
+            changed_at: at(),
+        }
+    }
+
+    #[test]
+    fn linking_external_ids_records_new_and_replaced_ones() {
+        Given::with(())
+            .given(vec![created(), linked(&[("instantly", "a")], &[])])
+            .when(CampaignCommand::Update {
+                name: None,
+                external_ids: changes(&[("instantly", Some("b")), ("smartlead", Some("42"))]),
+                at: at(),
+            })
+            .then_expect_events(vec![linked(
+                &[("instantly", "b"), ("smartlead", "42")],
+                &[("instantly", "a")],
+            )]);
+    }
+
+    #[test]
+    fn unlinking_and_relinking_the_same_ids_changes_only_what_differs() {
+        Given::with(())
+            .given(vec![created(), linked(&[("instantly", "a")], &[])])
+            .when(CampaignCommand::Update {
+                name: None,
+                external_ids: changes(&[("instantly", Some("a")), ("smartlead", None)]),
+                at: at(),
+            })
+            .then_expect_events(vec![]);
+        Given::with(())
+            .given(vec![created(), linked(&[("instantly", "a")], &[])])
+            .when(CampaignCommand::Update {
+                name: None,
+                external_ids: changes(&[("instantly", None)]),
+                at: at(),
+            })
+            .then_expect_events(vec![linked(&[], &[("instantly", "a")])]);
+    }
+
+    #[test]
+    fn external_ids_with_a_bad_source_or_id_are_refused() {
+        for (source, id) in [
+            ("Instantly", "a"),
+            ("", "a"),
+            ("instantly", ""),
+            ("x", "a\nb"),
+        ] {
+            let result = Given::with(())
+                .given(vec![created()])
+                .when(CampaignCommand::Update {
+                    name: None,
+                    external_ids: changes(&[(source, Some(id))]),
+                    at: at(),
+                })
+                .inspect_result();
+            assert!(
+                matches!(result, Err(CampaignError::InvalidExternalId(_))),
+                "{source:?} {id:?}: {result:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_update_renames_and_links_in_one_command() {
+        Given::with(())
+            .given(vec![created()])
+            .when(CampaignCommand::Update {
+                name: Some(name("Q1")),
+                external_ids: changes(&[("instantly", Some("a"))]),
+                at: at(),
+            })
+            .then_expect_events(vec![
+                CampaignEvent::CampaignRenamed {
+                    name: name("Q1"),
+                    renamed_at: at(),
+                },
+                linked(&[("instantly", "a")], &[]),
+            ]);
+    }
+
+    #[test]
+    fn the_state_keeps_the_links_after_changes() {
+        let mut campaign = Campaign::default();
+        for event in [
+            created(),
+            linked(&[("instantly", "a"), ("smartlead", "1")], &[]),
+            linked(
+                &[("instantly", "b")],
+                &[("instantly", "a"), ("smartlead", "1")],
+            ),
+        ] {
+            campaign.apply(event);
+        }
+        assert_eq!(campaign.external_ids, map(&[("instantly", "b")]));
     }
 }

@@ -288,6 +288,17 @@ pub const MAX_SOURCE_NAME_CHARS: usize = 63;
 pub const MAX_PROVIDER_EVENT_ID_CHARS: usize =
     MAX_SOURCE_NAME_CHARS + 1 + MAX_EXTERNAL_EVENT_ID_CHARS;
 
+/// A webhook source's name: 1 to [`MAX_SOURCE_NAME_CHARS`] characters of a-z, 0-9, `_`
+/// and `-`, starting with a letter or digit.
+pub fn is_source_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= MAX_SOURCE_NAME_CHARS
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+}
+
 /// Checks a provider event id as the enrollment will: 1 to `max` characters (not bytes),
 /// no control characters. The webhook layer checks the provider's part with the same rule.
 pub fn check_event_id(id: &str, max: usize) -> Result<(), String> {

@@ -86,6 +86,9 @@ impl Projection for CampaignsProjection {
                 CampaignEvent::CampaignCompleted { completed_at } => {
                     (None, Some("completed"), completed_at)
                 }
+                CampaignEvent::CampaignExternalIdsChanged { changed_at, .. } => {
+                    (None, None, changed_at)
+                }
             };
             let change = changes.entry(id).or_insert_with(|| Change {
                 created: None,

@@ -318,8 +318,48 @@ where
     R: Fn(&Written<A>) -> Reply,
     F: Fn(&E) -> Reply,
 {
+    execute_guarded(
+        app,
+        context,
+        id,
+        services,
+        make,
+        |_, _| Box::pin(async { Ok(()) }),
+        render,
+        refusal,
+    )
+    .await
+}
+
+/// What a guard of [`execute_guarded`] answers, boxed: a future that borrows the
+/// transaction and stays `Send`.
+pub type Guarded<'c, E> = std::pin::Pin<Box<dyn Future<Output = Result<(), Abort<E>>> + Send + 'c>>;
+
+/// [`execute`], with `guard` run on the events decided, in the command's transaction and
+/// before they are appended: it keeps what must be unique across streams (a table written
+/// with the events) and may refuse, which rolls everything back and records nothing.
+#[allow(clippy::too_many_arguments)]
+pub async fn execute_guarded<A, E, M, G, R, F>(
+    app: &App,
+    context: &CommandContext,
+    id: &str,
+    services: &A::Services,
+    make: M,
+    guard: G,
+    render: R,
+    refusal: F,
+) -> Result<Answer, E>
+where
+    A: Aggregate,
+    A::Error: Into<E>,
+    E: From<AppError>,
+    M: Fn(&Loaded<A>) -> Result<A::Command, E>,
+    G: for<'c> Fn(&'c mut PgConnection, &'c [A::Event]) -> Guarded<'c, E>,
+    R: Fn(&Written<A>) -> Reply,
+    F: Fn(&E) -> Reply,
+{
     let metadata = context.metadata();
-    let (make, render, refusal, metadata) = (&make, &render, &refusal, &metadata);
+    let (make, guard, render, refusal, metadata) = (&make, &guard, &render, &refusal, &metadata);
     let outcome = app
         .retrying(A::TYPE, |mut tx| async move {
             let outcome = async {
@@ -361,6 +401,7 @@ where
                     Err(domain) => refusal(&domain.into()),
                     Ok(()) => {
                         let events = sink.collect().await;
+                        guard(&mut tx, &events).await?;
                         let appended = app
                             .store
                             .append(&mut tx, &mut loaded, &events, metadata)

@@ -5,11 +5,13 @@
 
 pub mod analytics;
 pub mod budgets;
+pub mod campaigns;
 pub mod command;
 pub mod contacts;
 pub mod enrollments;
 pub mod error;
 pub mod keys;
+pub mod sources;
 pub mod webhooks;
 pub mod workers;
 

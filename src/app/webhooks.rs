@@ -1,5 +1,6 @@
-//! Provider webhooks: sources and their secrets, Standard Webhooks v1 signatures, ingestion
-//! of a delivery (one event or up to 1,000), and parked events.
+//! Provider webhooks: ingestion of a delivery (one event or up to 1,000) from a source of
+//! any kind, and parked events. (Sources and their credentials: [`super::sources`]; how
+//! each provider authenticates and names its events: [`crate::providers`].)
 //!
 //! Ingestion is one transaction per delivery: it records each provider event id (a
 //! second delivery of one is a `duplicate`), applies each event to its enrollment, parks
@@ -18,32 +19,26 @@ use std::collections::{HashMap, HashSet};
 use aggregates::campaign::Campaign;
 use aggregates::contact::{ContactEmail, contact_id_for};
 use aggregates::enrollment::{
-    Enrollment, EnrollmentCommand, EnrollmentEvent, MAX_EXTERNAL_EVENT_ID_CHARS,
-    MAX_SOURCE_NAME_CHARS, ProviderEventKind, check_event_id, enrollment_id_for,
+    Enrollment, EnrollmentCommand, EnrollmentEvent, ProviderEventKind, enrollment_id_for,
 };
-use base64::Engine;
-use base64::engine::general_purpose::STANDARD;
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use cqrs_es::event_sink::EventSink;
 use projections::{FeedEvent, ProjectionError, Reactor};
-use rand::{Rng, RngCore};
+use rand::Rng;
 use serde::Serialize;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
-use crate::app::App;
-use crate::app::command::{self, Abort, Answer, CommandContext, Recorded, Reply, Retried};
-use crate::app::error::{AppError, FieldError};
-use crate::secrets::SecretBox;
+use crate::app::command::{self, Abort, Answer, CommandContext, Reply, Retried};
+use crate::app::error::AppError;
+use crate::app::{App, campaigns, sources};
+use crate::providers::{self, BodyError, Delivery, Parsed, ProviderEvent, Target};
 use crate::store::{Loaded, Metadata, Store, StoreError};
-use http::StatusCode;
 
 pub const MAX_BODY: usize = 256 * 1024;
-pub const MAX_EVENTS: usize = 1000;
-/// Signatures older or newer than this are refused (replay protection).
-pub const TOLERANCE_SECS: i64 = 300;
 pub const MAX_ATTEMPTS: i32 = 12;
 pub const MAX_PARKED_AGE: chrono::TimeDelta = chrono::TimeDelta::days(7);
 /// An event that says it happened further ahead than this is refused: it would put
@@ -51,145 +46,6 @@ pub const MAX_PARKED_AGE: chrono::TimeDelta = chrono::TimeDelta::days(7);
 pub const MAX_FUTURE_SKEW: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 /// The longest `webhook-id` taken (it is stored and indexed).
 pub const MAX_WEBHOOK_ID_CHARS: usize = 255;
-const SECRET_PREFIX: &str = "whsec_";
-
-/// 1 to 63 characters of a-z, 0-9, `_` and `-`, starting with a letter or digit.
-fn is_source_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= MAX_SOURCE_NAME_CHARS
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
-        && name.as_bytes()[0].is_ascii_alphanumeric()
-}
-
-/// Refuses a name no source may have (422).
-pub fn check_source_name(name: &str) -> Result<(), AppError> {
-    if is_source_name(name) {
-        Ok(())
-    } else {
-        Err(AppError::invalid(vec![FieldError::new(
-            "name",
-            "must be 1 to 63 characters of a-z, 0-9, _ and -, starting with a letter or digit",
-        )]))
-    }
-}
-
-/// Creates a source on `conn` (the caller's transaction, when the creation is recorded
-/// for an idempotency key); returns its secret (`whsec_<base64>`), which is not shown
-/// again.
-pub async fn add_source(
-    conn: &mut PgConnection,
-    secrets: &SecretBox,
-    name: &str,
-) -> Result<String, AppError> {
-    check_source_name(name)?;
-    let mut key = [0u8; 32];
-    rand::rng().fill_bytes(&mut key);
-    let secret = format!("{SECRET_PREFIX}{}", STANDARD.encode(key));
-    let (nonce, sealed) = secrets.seal(secret.as_bytes());
-    let inserted = sqlx::query!(
-        "INSERT INTO webhook_sources (name, secret_nonce, secret_ciphertext) VALUES ($1, $2, $3)
-         ON CONFLICT (name) DO NOTHING",
-        name,
-        nonce,
-        sealed
-    )
-    .execute(&mut *conn)
-    .await?;
-    if inserted.rows_affected() == 0 {
-        return Err(AppError::conflict(
-            "already-exists",
-            "a webhook source with this name exists",
-        ));
-    }
-    Ok(secret)
-}
-
-/// The member of a recorded creation that holds the secret, sealed with the server's
-/// secret key: the idempotency record never holds the secret in plaintext.
-const SEALED_SECRET: &str = "secret_sealed";
-
-fn seal_secret(app: &App, secret: &str) -> String {
-    let (nonce, sealed) = app.secrets.seal(secret.as_bytes());
-    format!("{}.{}", STANDARD.encode(nonce), STANDARD.encode(sealed))
-}
-
-fn open_secret(app: &App, sealed: &str) -> Result<String, AppError> {
-    let broken = || AppError::Internal("a recorded webhook-source secret cannot be opened".into());
-    let (nonce, sealed) = sealed.split_once('.').ok_or_else(broken)?;
-    let nonce = STANDARD.decode(nonce).map_err(|_| broken())?;
-    let sealed = STANDARD.decode(sealed).map_err(|_| broken())?;
-    let secret = app
-        .secrets
-        .open(&nonce, &sealed)
-        .map_err(|e| AppError::Internal(e.to_string()))?;
-    String::from_utf8(secret).map_err(|_| broken())
-}
-
-/// What creating a webhook source answered.
-#[derive(Debug)]
-pub enum SourceCreation {
-    /// Created now; the secret is shown this once.
-    Created {
-        name: String,
-        url: String,
-        secret: String,
-    },
-    /// The name is taken: an outcome like a success, recorded for the idempotency key.
-    Refused(Reply),
-    /// A retry with the idempotency key: the first answer, its secret opened again.
-    Replayed(Recorded),
-}
-
-/// Creates the webhook source `name` and its signing secret, honouring the idempotency
-/// key: a retry gets the same answer, secret included, and makes nothing new (the
-/// recorded answer keeps the secret sealed under the server's secret key). A name taken
-/// is answered as `refusal` renders it, and recorded so.
-pub async fn create_source(
-    app: &App,
-    context: &CommandContext,
-    name: &str,
-    refusal: impl Fn(AppError) -> Reply,
-) -> Result<SourceCreation, AppError> {
-    check_source_name(name)?;
-    let mut tx = app.pool.begin().await?;
-    if let Some(mut recorded) = command::replay(&mut tx, context).await? {
-        if let Ok(mut body) = serde_json::from_slice::<Value>(&recorded.body)
-            && let Some(sealed) = body.as_object_mut().and_then(|b| b.remove(SEALED_SECRET))
-        {
-            let secret = open_secret(app, sealed.as_str().unwrap_or_default())?;
-            body["secret"] = Value::String(secret);
-            recorded.body = serde_json::to_vec(&body).unwrap_or_default();
-        }
-        tx.commit().await?;
-        return Ok(SourceCreation::Replayed(recorded));
-    }
-    let url = format!("/webhooks/{name}");
-    let (reply, created) = match add_source(&mut tx, &app.secrets, name).await {
-        Ok(secret) => {
-            let sealed = json!({
-                "name": name,
-                "url": url,
-                SEALED_SECRET: seal_secret(app, &secret),
-            });
-            let created = SourceCreation::Created {
-                name: name.to_string(),
-                url,
-                secret,
-            };
-            (Reply::ok(sealed).with_status(StatusCode::CREATED), created)
-        }
-        Err(e @ AppError::Conflict { .. }) => {
-            let reply = refusal(e);
-            (reply.clone(), SourceCreation::Refused(reply))
-        }
-        Err(e) => return Err(e),
-    };
-    command::record(&mut tx, context, &reply).await?;
-    tx.commit().await?;
-    Ok(created)
-}
 
 /// What putting a dead letter back answers.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -220,148 +76,6 @@ pub async fn requeue_dead_letter(
     Ok(Answer::Fresh(reply))
 }
 
-/// A source as listed: never its secret.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
-pub struct SourceSummary {
-    pub name: String,
-    /// How deliveries are authenticated: `standard` (Standard Webhooks v1).
-    pub kind: String,
-    pub created_at: DateTime<Utc>,
-    /// When the last delivery was accepted; null before the first.
-    pub last_delivery_at: Option<DateTime<Utc>>,
-    /// Events by outcome over every delivery accepted (a repeated delivery counts once).
-    pub counts: OutcomeCounts,
-}
-
-#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
-pub struct OutcomeCounts {
-    pub applied: i64,
-    pub duplicate: i64,
-    pub parked: i64,
-    pub rejected: i64,
-    /// Events of a type that carries no milestone.
-    pub ignored: i64,
-}
-
-/// Sources by name, after `after`. The counts are sums of the per-outcome counts each
-/// delivery records with itself (one row per accepted `webhook-id`), read by an index on
-/// the source.
-pub async fn list_sources(
-    pool: &PgPool,
-    after: Option<String>,
-    limit: i64,
-) -> Result<Vec<SourceSummary>, sqlx::Error> {
-    let rows = sqlx::query!(
-        r#"SELECT s.name, s.created_at, d.last_delivery_at,
-                  coalesce(d.applied, 0) AS "applied!", coalesce(d.duplicate, 0) AS "duplicate!",
-                  coalesce(d.parked, 0) AS "parked!", coalesce(d.rejected, 0) AS "rejected!",
-                  coalesce(d.ignored, 0) AS "ignored!"
-           FROM webhook_sources s
-           LEFT JOIN LATERAL (
-               SELECT max(w.created_at) AS last_delivery_at,
-                      sum(w.applied)::bigint AS applied, sum(w.duplicate)::bigint AS duplicate,
-                      sum(w.parked)::bigint AS parked, sum(w.rejected)::bigint AS rejected,
-                      sum(w.ignored)::bigint AS ignored
-               FROM webhook_deliveries w WHERE w.source = s.name
-           ) d ON true
-           WHERE $1::text IS NULL OR s.name > $1
-           ORDER BY s.name
-           LIMIT $2"#,
-        after,
-        limit
-    )
-    .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(|r| SourceSummary {
-            name: r.name,
-            kind: "standard".into(),
-            created_at: r.created_at,
-            last_delivery_at: r.last_delivery_at,
-            counts: OutcomeCounts {
-                applied: r.applied,
-                duplicate: r.duplicate,
-                parked: r.parked,
-                rejected: r.rejected,
-                ignored: r.ignored,
-            },
-        })
-        .collect())
-}
-
-/// The HMAC key of a source, or `None` for an unknown source.
-async fn source_key(
-    pool: &PgPool,
-    secrets: &SecretBox,
-    name: &str,
-) -> Result<Option<Vec<u8>>, AppError> {
-    // No source has another name; and a name from the URL may hold what PostgreSQL
-    // cannot take as text (NUL).
-    if !is_source_name(name) {
-        return Ok(None);
-    }
-    let row = sqlx::query!(
-        "SELECT secret_nonce, secret_ciphertext FROM webhook_sources WHERE name = $1",
-        name
-    )
-    .fetch_optional(pool)
-    .await?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    let secret = secrets
-        .open(&row.secret_nonce, &row.secret_ciphertext)
-        .map_err(|e| AppError::Internal(e.to_string()))?;
-    let secret = String::from_utf8(secret).map_err(|e| AppError::Internal(e.to_string()))?;
-    crate::providers::standard_key(&secret)
-        .map(Some)
-        .map_err(AppError::Internal)
-}
-
-/// The three Standard Webhooks headers.
-pub struct Signed<'a> {
-    pub id: &'a str,
-    pub timestamp: &'a str,
-    pub signatures: &'a str,
-}
-
-/// Verifies a delivery: the timestamp within [`TOLERANCE_SECS`] of `now` either way, and
-/// any `v1,<base64>` entry an HMAC-SHA256 of `{id}.{timestamp}.{body}`, compared in
-/// constant time over the raw bytes.
-pub fn verify(key: &[u8], signed: &Signed<'_>, body: &[u8], now: i64) -> Result<(), &'static str> {
-    use crate::providers::AuthError;
-    crate::providers::standard_signature(
-        key,
-        signed.id,
-        signed.timestamp,
-        signed.signatures,
-        body,
-        now,
-    )
-    .map(|_| ())
-    .map_err(|e| match e {
-        AuthError::MalformedTimestamp(_) => "webhook-timestamp is not a Unix time",
-        AuthError::StaleTimestamp => "webhook-timestamp is more than 5 minutes off",
-        AuthError::UnusableKey => "unusable source key",
-        _ => "no valid signature",
-    })
-}
-
-/// Checks the source and the signature; 401 for anything wrong, with nothing recorded.
-pub async fn authenticate(
-    state: &App,
-    source: &str,
-    signed: &Signed<'_>,
-    body: &[u8],
-) -> Result<(), AppError> {
-    let key = source_key(&state.pool, &state.secrets, source)
-        .await?
-        .ok_or_else(|| AppError::Unauthorized("unknown webhook source".into()))?;
-    verify(&key, signed, body, Utc::now().timestamp())
-        .map_err(|reason| AppError::Unauthorized(format!("webhook signature refused: {reason}")))
-}
-
 /// One event's result in the response.
 #[derive(Debug, Clone, Serialize)]
 pub struct EventResult {
@@ -382,65 +96,94 @@ struct Resolved {
     campaign_id: Option<Uuid>,
 }
 
-fn resolve(
-    index: usize,
-    value: &Value,
-    key: &[u8],
-    now: DateTime<Utc>,
-) -> Result<Resolved, String> {
-    let object = value.as_object().ok_or("an event must be a JSON object")?;
-    let text = |field: &str| object.get(field).and_then(Value::as_str);
-    let event_id = text("id")
-        .filter(|id| check_event_id(id, MAX_EXTERNAL_EVENT_ID_CHARS).is_ok())
-        .ok_or(
-            "id must be a string of 1 to 255 characters (not bytes), without control characters",
-        )?
-        .to_string();
-    let kind = text("type").and_then(ProviderEventKind::parse).ok_or(
-        "type must be one of sent, delivered, opened, clicked, replied, bounced, \
-             soft_bounced, deferred, unsubscribed, complained",
-    )?;
-    let occurred_at = text("occurred_at")
-        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
-        .ok_or("occurred_at must be an RFC 3339 time")?
-        .with_timezone(&Utc);
-    if occurred_at > now + MAX_FUTURE_SKEW {
-        return Err("occurred_at is more than 5 minutes in the future".into());
-    }
-    let (enrollment_id, campaign_id) = match text("enrollment_id") {
-        Some(raw) => (
-            Uuid::parse_str(raw).map_err(|_| "enrollment_id must be a UUID")?,
-            None,
-        ),
-        None => {
-            let campaign = text("campaign_id")
-                .and_then(|c| Uuid::parse_str(c).ok())
-                .ok_or("campaign_id (a UUID) and email, or enrollment_id, are required")?;
-            let email = text("email")
-                .and_then(|e| ContactEmail::parse(e).ok())
-                .ok_or("email must be a valid address")?;
-            (
-                enrollment_id_for(campaign, contact_id_for(key, &email)),
-                Some(campaign),
-            )
-        }
-    };
-    Ok(Resolved {
-        index,
-        event_id,
-        kind,
-        occurred_at,
-        enrollment_id,
-        campaign_id,
-    })
+/// What an event of a delivery comes to before the enrollments are consulted.
+#[derive(Debug, Clone)]
+enum Placed {
+    Event(Resolved),
+    /// A type that carries no milestone.
+    Ignored(String),
+    Rejected(String),
 }
 
-/// The `id` of an event as its result repeats it: as sent, unless it holds a NUL
-/// character, which the recorded response (`jsonb`) cannot keep; then `null`.
-fn echoed_id(event: &Value) -> Value {
-    match event.get("id") {
-        Some(id) if !aggregates::text::json_has_nul(id) => id.clone(),
-        _ => Value::Null,
+/// One event of a delivery: the id its result repeats, and where it goes.
+#[derive(Debug, Clone)]
+pub struct Item {
+    id: Value,
+    placed: Placed,
+}
+
+/// Places a parsed provider event: on its enrollment (found from our ids, or from a
+/// campaign linked by `external_ids` under this source), or ignored, or rejected.
+fn place(
+    index: usize,
+    parsed: &Parsed,
+    key: &[u8],
+    linked: &HashMap<String, Uuid>,
+    now: DateTime<Utc>,
+) -> Item {
+    let event = match parsed {
+        Ok(event) => event,
+        Err(reason) => {
+            return Item {
+                id: Value::Null,
+                placed: Placed::Rejected(reason.clone()),
+            };
+        }
+    };
+    let id = Value::String(event.id.clone());
+    let placed = (|| {
+        let Some(kind) = event.kind else {
+            return Ok(Placed::Ignored(format!(
+                "{:?} carries no milestone",
+                event.provider_type
+            )));
+        };
+        if event.occurred_at > now + MAX_FUTURE_SKEW {
+            return Err("occurred_at is more than 5 minutes in the future".to_string());
+        }
+        let by_email = |campaign: Uuid, email: &str| {
+            ContactEmail::parse(email)
+                .map(|email| enrollment_id_for(campaign, contact_id_for(key, &email)))
+                .map_err(|_| "email must be a valid address".to_string())
+        };
+        let (enrollment_id, campaign_id) = match &event.target {
+            Target::Enrollment(id) => (*id, None),
+            Target::CampaignEmail { campaign, email } => {
+                (by_email(*campaign, email)?, Some(*campaign))
+            }
+            Target::External {
+                their_campaign,
+                email,
+            } => {
+                let campaign = *linked.get(their_campaign).ok_or_else(|| {
+                    format!(
+                        "no campaign is linked to this source's campaign {their_campaign:?} \
+                         (link it with the campaign's external_ids)"
+                    )
+                })?;
+                (by_email(campaign, email)?, Some(campaign))
+            }
+            Target::Unknown => {
+                return Err(
+                    "the event names no leadledger enrollment or campaign: send the \
+                     message with leadledger_enrollment_id (or leadledger_campaign_id) in \
+                     its metadata"
+                        .to_string(),
+                );
+            }
+        };
+        Ok(Placed::Event(Resolved {
+            index,
+            event_id: event.id.clone(),
+            kind,
+            occurred_at: event.occurred_at,
+            enrollment_id,
+            campaign_id,
+        }))
+    })();
+    Item {
+        id,
+        placed: placed.unwrap_or_else(Placed::Rejected),
     }
 }
 
@@ -592,24 +335,24 @@ async fn decide<'a>(
     }
 }
 
-/// The result of every event of a delivery, in its order: refused when it could not be
-/// read, else as decided (an event not decided repeated an earlier one of the delivery).
+/// The result of every event of a delivery, in its order: as placed, and for the events
+/// placed on an enrollment as decided (one not decided repeated an earlier one of the
+/// delivery).
 fn results(
-    events: &[Value],
-    resolved: &[Result<Resolved, String>],
+    items: &[Item],
     decided: &mut HashMap<usize, (Outcome, Option<String>)>,
 ) -> Vec<EventResult> {
-    resolved
+    items
         .iter()
         .enumerate()
-        .map(|(i, r)| {
-            let id = echoed_id(&events[i]);
-            let (outcome, reason) = match r {
-                Err(reason) => (Outcome::Rejected, Some(reason.clone())),
-                Ok(_) => decided.remove(&i).unwrap_or((Outcome::Duplicate, None)),
+        .map(|(i, item)| {
+            let (outcome, reason) = match &item.placed {
+                Placed::Rejected(reason) => (Outcome::Rejected, Some(reason.clone())),
+                Placed::Ignored(reason) => (Outcome::Ignored, Some(reason.clone())),
+                Placed::Event(_) => decided.remove(&i).unwrap_or((Outcome::Duplicate, None)),
             };
             EventResult {
-                id,
+                id: item.id.clone(),
                 outcome,
                 reason,
             }
@@ -617,35 +360,135 @@ fn results(
         .collect()
 }
 
-/// Applies or parks the events of one verified delivery; returns the response body.
+/// One HTTP delivery to `/webhooks/{source}`, as the transport hands it over.
+#[derive(Debug, Clone, Copy)]
+pub struct Incoming<'a> {
+    /// Header (name, value) pairs; names in lower case.
+    pub headers: &'a [(String, String)],
+    /// The raw query string, without the `?`.
+    pub query: &'a str,
+    /// The raw body: signatures cover these bytes.
+    pub body: &'a [u8],
+}
+
+/// Takes one delivery for source `name`: authenticates it as the source's kind says (401
+/// and nothing recorded on any failure), reads its events with the provider's own field
+/// names, places each on its enrollment, and applies or parks them in one transaction;
+/// returns the response body, one result per event.
+pub async fn receive(app: &App, name: &str, incoming: Incoming<'_>) -> Result<Value, AppError> {
+    let source = sources::load(&app.pool, &app.secrets, name)
+        .await?
+        .ok_or_else(|| AppError::Unauthorized("unknown webhook source".into()))?;
+    let now = Utc::now();
+    let delivery = Delivery {
+        headers: incoming.headers,
+        query: incoming.query,
+        body: incoming.body,
+        now: now.timestamp(),
+    };
+    let authenticated = source.authenticate(&delivery).map_err(|refused| {
+        metrics::counter!("webhook_auth_failures_total", "source" => name.to_string()).increment(1);
+        tracing::info!(source = name, reason = %refused, "webhook delivery refused");
+        AppError::Unauthorized(format!("webhook delivery refused: {refused}"))
+    })?;
+    if let Some(id) = &authenticated.delivery_id
+        && id.chars().count() > MAX_WEBHOOK_ID_CHARS
+    {
+        return Err(AppError::BadRequest(format!(
+            "webhook-id must be at most {MAX_WEBHOOK_ID_CHARS} characters"
+        )));
+    }
+    let parsed =
+        providers::parse(source.kind, &source.current, incoming.body).map_err(|e| match e {
+            BodyError::TooManyEvents(_) => AppError::PayloadTooLarge(e.to_string()),
+            _ => AppError::BadRequest(e.to_string()),
+        })?;
+    let request_hash = Sha256::digest(incoming.body).to_vec();
+    // Providers that name no delivery are deduplicated per event; the delivery is
+    // recorded under its body's hash, so an identical redelivery gets the same answer.
+    let delivery_id = authenticated
+        .delivery_id
+        .unwrap_or_else(|| format!("sha256:{}", hex::encode(&request_hash)));
+    let mut their_campaigns: Vec<String> = parsed
+        .iter()
+        .filter_map(|p| match p {
+            Ok(ProviderEvent {
+                kind: Some(_),
+                target: Target::External { their_campaign, .. },
+                ..
+            }) => Some(their_campaign.clone()),
+            _ => None,
+        })
+        .collect();
+    their_campaigns.sort();
+    their_campaigns.dedup();
+    let linked = campaigns::linked_campaigns(&app.pool, name, &their_campaigns).await?;
+    let key = crate::app::contacts::id_key(app).await?;
+    let items: Vec<Item> = parsed
+        .iter()
+        .enumerate()
+        .map(|(i, p)| place(i, p, key, &linked, now))
+        .collect();
+    let response = ingest(
+        app,
+        name,
+        &delivery_id,
+        &request_hash,
+        authenticated.once_token.as_deref(),
+        &items,
+    )
+    .await?;
+    metrics::counter!(
+        "webhook_deliveries_total",
+        "source" => name.to_string(),
+        "kind" => source.kind.as_str()
+    )
+    .increment(1);
+    Ok(response)
+}
+
+/// Applies or parks the placed events of one authenticated delivery, in one transaction;
+/// returns the response body.
 ///
 /// Each event gets its own outcome: one that cannot be applied (its enrollment refuses
 /// it, its campaign does not exist) is `rejected` with a reason and the rest of the batch
-/// still counts. A rejected event's id is not remembered, so a corrected redelivery of it
-/// is not taken for a duplicate.
-pub async fn ingest(
+/// still counts. A rejected or ignored event's id is not remembered, so a corrected
+/// redelivery of it is not taken for a duplicate. `once_token` (Mailgun's) is spent in the
+/// same transaction: a delivery that fails leaves it unspent, a replay finds it spent.
+async fn ingest(
     state: &App,
     source: &str,
     webhook_id: &str,
     request_hash: &[u8],
-    events: Vec<Value>,
+    once_token: Option<&str>,
+    items: &[Item],
 ) -> Result<Value, AppError> {
-    let key = crate::app::contacts::id_key(state).await?;
-    let now = Utc::now();
-    let resolved: Vec<Result<Resolved, String>> = events
-        .iter()
-        .enumerate()
-        .map(|(i, v)| resolve(i, v, key, now))
-        .collect();
     let metadata = Metadata {
         correlation_id: Some(format!("webhook:{source}:{webhook_id}")),
         actor: Some(format!("webhook_source:{source}")),
         ..Metadata::default()
     };
-    let (resolved, metadata, events) = (&resolved, &metadata, &events);
+    let metadata = &metadata;
     let outcome = state
         .retrying(Enrollment::TYPE, |mut tx| async move {
             let outcome = async {
+                if let Some(token) = once_token {
+                    let spent = sqlx::query!(
+                        "INSERT INTO webhook_once_tokens (source, token) VALUES ($1, $2)
+                         ON CONFLICT DO NOTHING",
+                        source,
+                        token
+                    )
+                    .execute(&mut *tx)
+                    .await?;
+                    if spent.rows_affected() == 0 {
+                        return Err(AppError::Unauthorized(
+                            "webhook delivery refused: its token was accepted before (a replay)"
+                                .into(),
+                        )
+                        .into());
+                    }
+                }
                 // One delivery at a time per webhook-id: a concurrent repeat waits, then replays.
                 sqlx::query!(
                     "SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2, 1))",
@@ -673,8 +516,13 @@ pub async fn ingest(
                     // A repeated delivery: the first response again, counted once already.
                     return Ok((earlier.response, None));
                 }
-                let valid: Vec<&Resolved> =
-                    resolved.iter().filter_map(|r| r.as_ref().ok()).collect();
+                let valid: Vec<&Resolved> = items
+                    .iter()
+                    .filter_map(|item| match &item.placed {
+                        Placed::Event(r) => Some(r),
+                        _ => None,
+                    })
+                    .collect();
                 let ids: Vec<String> = valid.iter().map(|r| r.event_id.clone()).collect();
                 let fresh: HashSet<String> = sqlx::query_scalar!(
                     "INSERT INTO webhook_event_ids (source, event_id)
@@ -751,7 +599,7 @@ pub async fn ingest(
                     .append_many(&mut tx, &mut streams, metadata)
                     .await?;
                 park(&mut tx, source, &parked).await?;
-                let results = results(events, resolved, &mut decided);
+                let results = results(items, &mut decided);
                 let tally = Tally::of(&results);
                 let response = json!({ "results": results });
                 sqlx::query!(
@@ -789,6 +637,18 @@ pub async fn ingest(
             "the enrollments kept changing under this delivery; deliver it again",
         )),
     }
+}
+
+/// Deletes spent once-tokens that can no longer be replayed: a delivery's signed
+/// timestamp is taken up to 5 minutes either side of receipt, so after 15 minutes no
+/// delivery carrying the token can pass.
+pub async fn purge_once_tokens(pool: &PgPool) -> Result<u64, sqlx::Error> {
+    let done = sqlx::query!(
+        "DELETE FROM webhook_once_tokens WHERE seen_at < now() - interval '15 minutes'"
+    )
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
 }
 
 /// Counts a committed delivery's outcomes in `/metrics`, by source, and logs the events it
@@ -1197,66 +1057,6 @@ pub async fn retry_dead_letter(conn: &mut PgConnection, id: Uuid) -> Result<bool
 #[cfg(test)]
 mod tests {
     use super::*;
-    use hmac::{Hmac, Mac};
-    use sha2::Sha256;
-
-    fn sign(key: &[u8], id: &str, ts: &str, body: &[u8]) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(key).unwrap();
-        mac.update(format!("{id}.{ts}.").as_bytes());
-        mac.update(body);
-        format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()))
-    }
-
-    #[test]
-    fn a_signature_is_valid_only_for_its_key_body_id_and_a_close_timestamp() {
-        let key = b"0123456789abcdef0123456789abcdef";
-        let body = br#"{"id":"e1"}"#;
-        let now = 1_800_000_000;
-        let ts = now.to_string();
-        let good = sign(key, "msg_1", &ts, body);
-        let ok = |sigs: &str, ts: &str, body: &[u8], now: i64| {
-            verify(
-                key,
-                &Signed {
-                    id: "msg_1",
-                    timestamp: ts,
-                    signatures: sigs,
-                },
-                body,
-                now,
-            )
-        };
-        assert!(ok(&good, &ts, body, now).is_ok());
-        assert!(
-            ok(&format!("v1,bm9wZQ== {good}"), &ts, body, now).is_ok(),
-            "any entry may match"
-        );
-        assert!(
-            ok(&good, &ts, br#"{"id":"e2"}"#, now).is_err(),
-            "tampered body"
-        );
-        assert!(
-            ok(
-                &sign(b"another key another key another!", "msg_1", &ts, body),
-                &ts,
-                body,
-                now
-            )
-            .is_err()
-        );
-        assert!(ok(&good, &ts, body, now + 301).is_err(), "too old");
-        assert!(ok(&good, &ts, body, now - 301).is_err(), "too far ahead");
-        assert!(ok(&good, &ts, body, now + 300).is_ok());
-        assert!(ok(&good.replace("v1,", "v2,"), &ts, body, now).is_err());
-        assert!(ok("", &ts, body, now).is_err());
-        assert!(ok(&good, "soon", body, now).is_err());
-        // Far from now in either direction, without wrapping around.
-        for far in [i64::MIN, i64::MIN + 1, i64::MAX] {
-            let ts = far.to_string();
-            let signed = sign(key, "msg_1", &ts, body);
-            assert!(ok(&signed, &ts, body, now).is_err(), "{far}");
-        }
-    }
 
     fn loaded<A>(id: String, aggregate: A) -> Loaded<A> {
         Loaded {
@@ -1355,16 +1155,27 @@ mod tests {
         assert_eq!(decision.parked[0].event_id, "early");
         assert_eq!(decision.refused_ids, ["lost", "stray"]);
 
-        // The results list every event of the delivery in order, unreadable ones too.
-        let bodies = vec![json!({"id": "new"}), json!({"id": "bad"})];
-        let resolved = vec![
-            Ok(event(0, "new", enrolled, None)),
-            Err("type must be…".into()),
+        // The results list every event of the delivery in order, unreadable and ignored
+        // ones too.
+        let items = vec![
+            Item {
+                id: json!("new"),
+                placed: Placed::Event(event(0, "new", enrolled, None)),
+            },
+            Item {
+                id: Value::Null,
+                placed: Placed::Rejected("type must be…".into()),
+            },
+            Item {
+                id: json!("d1"),
+                placed: Placed::Ignored("\"dropped\" carries no milestone".into()),
+            },
         ];
         let mut decided = decision.decided;
-        let results = results(&bodies, &resolved, &mut decided);
+        let results = results(&items, &mut decided);
         assert_eq!(results[0].outcome.as_str(), "applied");
         assert_eq!(results[1].outcome.as_str(), "rejected");
         assert_eq!(results[1].reason.as_deref(), Some("type must be…"));
+        assert_eq!(results[2].outcome, Outcome::Ignored);
     }
 }

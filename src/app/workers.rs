@@ -62,6 +62,20 @@ pub fn start(state: &App) -> Workers {
             }
         }
     }));
+    // Spent Mailgun tokens are kept only while their signed timestamp could still pass.
+    let pool = state.pool.clone();
+    let stop = cancel.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            if let Err(e) = crate::app::webhooks::purge_once_tokens(&pool).await {
+                tracing::warn!(error = %e, "purging spent webhook tokens failed");
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(60)) => {},
+            }
+        }
+    }));
     // Expired budget holds are released by a command even if no one touches the budget.
     tasks.push(crate::app::budgets::spawn_expiry_worker(
         state.clone(),

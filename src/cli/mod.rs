@@ -86,8 +86,23 @@ pub enum KeysCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum WebhooksCommand {
-    /// Create a source; prints its secret alone on the last line (it is not shown again).
-    AddSource { name: String },
+    /// Create a source. For kinds whose credential the server makes, prints it alone on
+    /// the last line (`user:password` for postmark; it is not shown again).
+    AddSource {
+        name: String,
+        /// standard, sendgrid, mailgun, postmark, instantly, smartlead or custom.
+        #[arg(long, default_value = "standard")]
+        kind: String,
+        /// sendgrid: the verification key as SendGrid shows it.
+        #[arg(long)]
+        public_key: Option<String>,
+        /// mailgun: the HTTP webhook signing key.
+        #[arg(long)]
+        signing_key: Option<String>,
+        /// custom: a file holding the mapping (JSON).
+        #[arg(long)]
+        mapping: Option<std::path::PathBuf>,
+    },
     /// Events waiting for their enrollment.
     Parked,
     /// Events given up on.
@@ -326,19 +341,82 @@ async fn keys(db: &Database, command: KeysCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An error of the app layer as one line, field errors included.
+fn refusal_text(e: &crate::app::error::AppError) -> String {
+    match e {
+        crate::app::error::AppError::Unprocessable { detail, errors } => {
+            let fields: Vec<String> = errors
+                .iter()
+                .map(|f| format!("{}: {}", f.field, f.message))
+                .collect();
+            format!("{detail}: {}", fields.join("; "))
+        }
+        other => other.to_string(),
+    }
+}
+
 async fn webhooks_command(
     db: &Database,
     config: &Config,
     command: WebhooksCommand,
 ) -> anyhow::Result<()> {
     match command {
-        WebhooksCommand::AddSource { name } => {
+        WebhooksCommand::AddSource {
+            name,
+            kind,
+            public_key,
+            signing_key,
+            mapping,
+        } => {
+            let kind = crate::providers::SourceKind::parse(&kind).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--kind must be one of standard, sendgrid, mailgun, postmark, instantly, smartlead, custom"
+                )
+            })?;
+            let mapping = match mapping {
+                Some(path) => Some(
+                    serde_json::from_slice(
+                        &std::fs::read(&path)
+                            .with_context(|| format!("reading {}", path.display()))?,
+                    )
+                    .with_context(|| format!("{} is not JSON", path.display()))?,
+                ),
+                None => None,
+            };
+            let new = crate::app::sources::NewSource {
+                name: name.clone(),
+                kind,
+                public_key,
+                signing_key,
+                mapping,
+            };
             let mut conn = db.pool.acquire().await?;
-            let secret = crate::app::webhooks::add_source(&mut conn, &config.secrets()?, &name)
+            let shown = crate::app::sources::add_source(&mut conn, &config.secrets()?, &new)
                 .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            println!("created webhook source {name}; deliver to /webhooks/{name}, signed with:");
-            println!("{secret}");
+                .map_err(|e| anyhow::anyhow!("{}", refusal_text(&e)))?;
+            let text = |k: &str| shown.get(k).and_then(|v| v.as_str()).unwrap_or_default();
+            let (how, credential) = match kind {
+                crate::providers::SourceKind::Standard => {
+                    ("signed with", text("secret").to_string())
+                }
+                crate::providers::SourceKind::Postmark => (
+                    "with HTTP Basic credentials (user:password)",
+                    format!("{}:{}", text("username"), text("password")),
+                ),
+                crate::providers::SourceKind::Sendgrid | crate::providers::SourceKind::Mailgun => {
+                    println!(
+                        "created {kind} webhook source {name}; deliver to /webhooks/{name}, \
+                         signed with the key given"
+                    );
+                    return Ok(());
+                }
+                _ => (
+                    "with ?token= (or Authorization: Bearer)",
+                    text("token").to_string(),
+                ),
+            };
+            println!("created {kind} webhook source {name}; deliver to /webhooks/{name}, {how}:");
+            println!("{credential}");
         }
         WebhooksCommand::Parked | WebhooksCommand::DeadLetters => {
             let dead = matches!(command, WebhooksCommand::DeadLetters);

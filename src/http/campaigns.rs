@@ -12,7 +12,10 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
+use std::collections::BTreeMap;
+
 use crate::app::App;
+use crate::app::campaigns;
 use crate::http::command::{self, Reply, Written};
 use crate::http::error::{ApiError, FieldError};
 use crate::http::extract::{
@@ -26,7 +29,7 @@ const READ_MODEL: &str = projections::campaigns::NAME;
 pub fn router() -> OpenApiRouter<App> {
     OpenApiRouter::new()
         .routes(routes!(create_campaign, list_campaigns))
-        .routes(routes!(get_campaign, rename_campaign))
+        .routes(routes!(get_campaign, update_campaign))
         .routes(routes!(start_campaign))
         .routes(routes!(pause_campaign))
         .routes(routes!(complete_campaign))
@@ -43,8 +46,14 @@ pub struct CreateCampaign {
 
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct RenameCampaign {
-    name: String,
+pub struct UpdateCampaign {
+    /// A new name, 1..=200 characters, trimmed.
+    name: Option<String>,
+    /// Links to the campaign's ids in engagement tools, by webhook source name: a string
+    /// links (or replaces), `null` unlinks; sources not named are left as they are. One of
+    /// their ids names at most one campaign per source (409 otherwise).
+    #[schema(value_type = Option<BTreeMap<String, Option<String>>>, example = json!({"instantly": "5f8c1b2e-campaign", "smartlead": null}))]
+    external_ids: Option<BTreeMap<String, Option<String>>>,
 }
 
 /// A campaign as its stream says (strongly consistent).
@@ -55,6 +64,8 @@ pub struct CampaignBody {
     /// draft | running | paused | completed
     status: String,
     stop_on_reply: bool,
+    /// Its ids in engagement tools, by webhook source name.
+    external_ids: BTreeMap<String, String>,
     created_at: Option<DateTime<Utc>>,
     updated_at: Option<DateTime<Utc>>,
     /// Events in the campaign's stream; the ETag.
@@ -71,6 +82,7 @@ fn body(id: Uuid, loaded: &Loaded<Campaign>, position: Position) -> CampaignBody
         name: c.name.clone(),
         status: c.status.as_str().to_string(),
         stop_on_reply: c.stop_on_reply,
+        external_ids: c.external_ids.clone(),
         created_at: c.created_at,
         updated_at: c.updated_at,
         version: loaded.version,
@@ -126,33 +138,47 @@ async fn create_campaign(
     .await
 }
 
-/// Rename a campaign. Honours `If-Match`.
-#[utoipa::path(patch, path = "/v1/campaigns/{id}", tag = TAG, request_body = RenameCampaign,
+/// Rename a campaign and/or link its ids in engagement tools (`external_ids`). Honours
+/// `If-Match`.
+#[utoipa::path(patch, path = "/v1/campaigns/{id}", tag = TAG, request_body = UpdateCampaign,
     params(("id" = Uuid, Path), ("If-Match" = Option<String>, Header, description = "Expected version, e.g. \"3\"")),
-    responses((status = 200, body = CampaignBody), (status = 404), (status = 412)))]
-async fn rename_campaign(
+    responses((status = 200, body = CampaignBody), (status = 404),
+        (status = 409, description = "One of the ids is linked to another campaign for that source"),
+        (status = 412), (status = 422)))]
+async fn update_campaign(
     State(state): State<App>,
     Path(id): Path<String>,
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let input: RenameCampaign = request.json()?;
-    let name = parse_name(&input.name)?;
+    let input: UpdateCampaign = request.json()?;
+    if input.name.is_none() && input.external_ids.is_none() {
+        return Err(ApiError::invalid(vec![FieldError::new(
+            "name",
+            "give a name, external_ids or both",
+        )]));
+    }
+    let name = input.name.as_deref().map(parse_name).transpose()?;
+    let external_ids = input.external_ids.unwrap_or_default();
     let at = Utc::now();
-    command::execute::<Campaign, _, _>(
+    let answer = crate::app::command::execute_guarded::<Campaign, ApiError, _, _, _, _>(
         &state,
-        &request,
+        &request.context(),
         &id.to_string(),
         &(),
         |_| {
-            Ok(CampaignCommand::Rename {
+            Ok(CampaignCommand::Update {
                 name: name.clone(),
+                external_ids: external_ids.clone(),
                 at,
             })
         },
+        |conn, events| Box::pin(campaigns::guard_external_ids(conn, id, events)),
         |written| reply(id, written),
+        command::error_reply,
     )
-    .await
+    .await?;
+    Ok(answer.into_response())
 }
 
 async fn transition(

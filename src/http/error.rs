@@ -207,6 +207,9 @@ impl From<aggregates::CampaignError> for ApiError {
             E::NotFound => Self::NotFound("no campaign with this id".into()),
             E::AlreadyExists => Self::conflict("already-exists", e.to_string()),
             E::InvalidTransition { .. } => Self::conflict("invalid-transition", e.to_string()),
+            E::InvalidExternalId(ref reason) => {
+                Self::invalid(vec![FieldError::new("external_ids", reason.clone())])
+            }
         }
     }
 }

@@ -1,14 +1,13 @@
 //! Webhook routes: provider deliveries (`POST /webhooks/{source}`, signed, no API key),
 //! source management (admin), and the parked and dead-lettered events.
 
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -16,13 +15,13 @@ use uuid::Uuid;
 
 use crate::app::App;
 use crate::app::error::AppError;
-use crate::app::webhooks::{self, PARKING_REACTOR, ParkedEvent, Requeued, Signed, SourceCreation};
+use crate::app::sources;
+use crate::app::webhooks::{self, PARKING_REACTOR, ParkedEvent, Requeued};
 use crate::http::auth::AdminKey;
 use crate::http::command::{self};
-use crate::http::error::ApiError;
-use crate::http::extract::{
-    ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page, parse_json,
-};
+use crate::http::error::{ApiError, FieldError};
+use crate::http::extract::{ApiQuery, CommandRequest, MinPosition, PageQuery, cut_page};
+use crate::providers::SourceKind;
 
 const TAG: &str = "webhooks";
 
@@ -30,6 +29,7 @@ const TAG: &str = "webhooks";
 pub fn router() -> OpenApiRouter<App> {
     OpenApiRouter::new()
         .routes(routes!(add_source, list_sources))
+        .routes(routes!(rotate_source))
         .routes(routes!(list_parked))
         .routes(routes!(list_dead_letters))
         .routes(routes!(retry_dead_letter))
@@ -47,23 +47,57 @@ pub fn delivery_router() -> OpenApiRouter<App> {
 pub struct NewSource {
     /// 1..=63 characters of a-z, 0-9, `_` and `-`: the `{source}` of `/webhooks/{source}`.
     name: String,
+    /// How deliveries are authenticated and read: `standard` (the default), `sendgrid`,
+    /// `mailgun`, `postmark`, `instantly`, `smartlead` or `custom`.
+    #[schema(example = "sendgrid")]
+    kind: Option<String>,
+    /// `sendgrid` only: the Event Webhook's verification key as SendGrid shows it (base64
+    /// of the DER P-256 public key; PEM accepted). Never shown back.
+    public_key: Option<String>,
+    /// `mailgun` only: the HTTP webhook signing key. Never shown back.
+    signing_key: Option<String>,
+    /// `custom` only: JSON Pointers into the body and each event, and a table of their
+    /// type names to ours.
+    #[schema(value_type = Option<Object>, example = json!({"events": "/events", "id": "/id", "type": "/type", "email": "/lead/email", "occurred_at": "/at", "campaign": "/campaign_id", "types": {"email_sent": "sent", "replied": "replied"}}))]
+    mapping: Option<Value>,
 }
 
+/// A created source; the credentials the server made are shown this once (and to a retry
+/// with the same `Idempotency-Key`).
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SourceCreated {
     name: String,
+    kind: String,
     /// Where the provider delivers: `/webhooks/{name}` on this server.
     url: String,
-    /// `whsec_<base64>`: shown once (and to a retry with the same `Idempotency-Key`).
-    secret: String,
+    /// `standard`: `whsec_<base64>`, the signing secret.
+    secret: Option<String>,
+    /// `postmark`: the HTTP Basic user name to give Postmark.
+    username: Option<String>,
+    /// `postmark`: the HTTP Basic password to give Postmark.
+    password: Option<String>,
+    /// `instantly`, `smartlead`, `custom`: the token deliveries carry.
+    token: Option<String>,
 }
 
-/// Create a webhook source and its signing secret (admin). Honours `Idempotency-Key`: a
-/// retry gets the same answer, secret included, and makes nothing new (the recorded answer
-/// keeps the secret sealed under the server's secret key, never in plaintext).
+fn kind_of(raw: Option<&str>) -> Result<SourceKind, ApiError> {
+    match raw {
+        None => Ok(SourceKind::Standard),
+        Some(text) => SourceKind::parse(text).ok_or_else(|| {
+            ApiError::invalid(vec![FieldError::new(
+                "kind",
+                "must be one of standard, sendgrid, mailgun, postmark, instantly, smartlead, custom",
+            )])
+        }),
+    }
+}
+
+/// Create a webhook source (admin) of a kind, with its credentials. Honours
+/// `Idempotency-Key`: a retry gets the same answer, credentials included, and makes
+/// nothing new (the recorded answer keeps them sealed under the server's secret key).
 #[utoipa::path(post, path = "/v1/webhook-sources", tag = TAG, request_body = NewSource,
     params(("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key")),
-    responses((status = 201, body = SourceCreated, description = "Created; the secret is shown once"),
+    responses((status = 201, body = SourceCreated, description = "Created; credentials made by the server are shown once"),
         (status = 403), (status = 409, description = "A source with this name exists"), (status = 422)))]
 async fn add_source(
     State(state): State<App>,
@@ -71,17 +105,65 @@ async fn add_source(
     request: CommandRequest,
 ) -> Result<Response, ApiError> {
     let input: NewSource = request.json()?;
+    let new = sources::NewSource {
+        kind: kind_of(input.kind.as_deref())?,
+        name: input.name,
+        public_key: input.public_key,
+        signing_key: input.signing_key,
+        mapping: input.mapping,
+    };
     let refusal = |e: AppError| command::error_reply(&e.into());
-    let created = webhooks::create_source(&state, &request.context(), &input.name, refusal).await?;
-    Ok(match created {
-        SourceCreation::Created { name, url, secret } => (
-            StatusCode::CREATED,
-            axum::Json(SourceCreated { name, url, secret }),
-        )
-            .into_response(),
-        SourceCreation::Refused(reply) => reply.into_response(),
-        SourceCreation::Replayed(recorded) => recorded.into_response(),
-    })
+    let answer = sources::create_source(&state, &request.context(), &new, refusal).await?;
+    Ok(answer.into_response())
+}
+
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Rotation {
+    /// `sendgrid`: the new verification key.
+    public_key: Option<String>,
+    /// `mailgun`: the new signing key.
+    signing_key: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Rotated {
+    name: String,
+    kind: String,
+    /// The credential replaced is still accepted until then (24 hours).
+    previous_valid_until: DateTime<Utc>,
+    /// `standard`: the new signing secret.
+    secret: Option<String>,
+    /// `postmark`: the new Basic credentials.
+    username: Option<String>,
+    password: Option<String>,
+    /// `instantly`, `smartlead`, `custom`: the new token.
+    token: Option<String>,
+}
+
+/// Give a source a new credential (admin): one the server makes (shown once), or for
+/// `sendgrid` and `mailgun` the new key given. The replaced credential is still accepted
+/// for 24 hours. Honours `Idempotency-Key`.
+#[utoipa::path(post, path = "/v1/webhook-sources/{name}/rotate", tag = TAG, request_body = Rotation,
+    params(("name" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "Retry-safe key")),
+    responses((status = 200, body = Rotated), (status = 403), (status = 404), (status = 422)))]
+async fn rotate_source(
+    State(state): State<App>,
+    _admin: AdminKey,
+    Path(name): Path<String>,
+    request: CommandRequest,
+) -> Result<Response, ApiError> {
+    let input: Rotation = if request.body.iter().all(u8::is_ascii_whitespace) {
+        Rotation::default()
+    } else {
+        request.json()?
+    };
+    let given = sources::NewCredential {
+        public_key: input.public_key,
+        signing_key: input.signing_key,
+    };
+    let answer = sources::rotate_source(&state, &request.context(), &name, &given).await?;
+    Ok(answer.into_response())
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -96,7 +178,7 @@ pub struct ListSources {
 
 #[derive(Debug, Serialize, ToSchema)]
 pub struct SourcePage {
-    items: Vec<webhooks::SourceSummary>,
+    items: Vec<sources::SourceSummary>,
     next_cursor: Option<String>,
 }
 
@@ -115,29 +197,31 @@ async fn list_sources(
     };
     let limit = page.limit()?;
     let after: Option<String> = page.cursor()?;
-    let mut items = webhooks::list_sources(&state.pool, after, limit + 1).await?;
+    let mut items = sources::list_sources(&state.pool, after, limit + 1).await?;
     let next_cursor = cut_page(&mut items, limit, |s| s.name.clone());
     Ok(axum::Json(SourcePage { items, next_cursor }).into_response())
 }
 
-fn header<'a>(headers: &'a HeaderMap, name: &str) -> Result<&'a str, ApiError> {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .ok_or_else(|| ApiError::Unauthorized(format!("the {name} header is required")))
-}
-
-/// A provider delivery: one event or an array of up to 1,000, signed per Standard Webhooks
-/// v1. Answers one result per event, in order: `applied`, `duplicate`, `parked` (the
-/// enrollment does not exist yet) or `rejected` (with a reason).
+/// A provider delivery. How it is authenticated and read depends on the source's kind
+/// (README, "Provider sources"): Standard Webhooks v1 (one event or an array of up to
+/// 1,000), SendGrid's signed batches, Mailgun's signed single events, Postmark with HTTP
+/// Basic credentials, Instantly, Smartlead and custom sources with a token. Answers one
+/// result per event, in order: `applied`, `duplicate`, `parked` (the enrollment does not
+/// exist yet), `ignored` (a type that carries no milestone) or `rejected` (with a reason).
 #[utoipa::path(post, path = "/webhooks/{source}", tag = TAG, security(),
-    params(("source" = String, Path), ("webhook-id" = String, Header), ("webhook-timestamp" = String, Header),
-           ("webhook-signature" = String, Header)),
-    request_body(content = Value, description = "An event or an array of events"),
+    params(("source" = String, Path),
+           ("webhook-id" = Option<String>, Header, description = "standard: the delivery's id (also `svix-id`)"),
+           ("webhook-timestamp" = Option<String>, Header, description = "standard: Unix seconds (also `svix-timestamp`)"),
+           ("webhook-signature" = Option<String>, Header, description = "standard: `v1,<base64>` entries (also `svix-signature`)"),
+           ("X-Twilio-Email-Event-Webhook-Signature" = Option<String>, Header, description = "sendgrid"),
+           ("X-Twilio-Email-Event-Webhook-Timestamp" = Option<String>, Header, description = "sendgrid"),
+           ("token" = Option<String>, Query, description = "instantly, smartlead, custom: the source's token (or `Authorization: Bearer`)")),
+    request_body(content = Value, description = "The provider's own payload"),
     responses((status = 200, description = "Results per event"), (status = 400), (status = 401), (status = 413)))]
 async fn deliver(
     State(state): State<App>,
     Path(source): Path<String>,
+    RawQuery(query): RawQuery,
     headers: HeaderMap,
     body: Result<Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -148,39 +232,19 @@ async fn deliver(
             ApiError::BadRequest(format!("the body could not be read: {rejection}"))
         }
     })?;
-    let signed = Signed {
-        id: header(&headers, "webhook-id")?,
-        timestamp: header(&headers, "webhook-timestamp")?,
-        signatures: header(&headers, "webhook-signature")?,
+    // Values that are not visible ASCII are no credential or signature any provider sends.
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .filter_map(|(name, value)| {
+            Some((name.as_str().to_string(), value.to_str().ok()?.to_string()))
+        })
+        .collect();
+    let incoming = webhooks::Incoming {
+        headers: &headers,
+        query: query.as_deref().unwrap_or_default(),
+        body: &body,
     };
-    if signed.id.chars().count() > webhooks::MAX_WEBHOOK_ID_CHARS {
-        return Err(ApiError::BadRequest(format!(
-            "webhook-id must be at most {} characters",
-            webhooks::MAX_WEBHOOK_ID_CHARS
-        )));
-    }
-    webhooks::authenticate(&state, &source, &signed, &body).await?;
-    let value: Value = parse_json(&body).map_err(|e| match e {
-        ApiError::Unprocessable { detail, .. } => ApiError::BadRequest(detail),
-        other => other,
-    })?;
-    let events = match value {
-        Value::Array(events) => events,
-        single @ Value::Object(_) => vec![single],
-        _ => {
-            return Err(ApiError::BadRequest(
-                "the body must be an event object or an array of them".into(),
-            ));
-        }
-    };
-    if events.len() > webhooks::MAX_EVENTS {
-        return Err(ApiError::PayloadTooLarge(format!(
-            "a delivery holds at most {} events",
-            webhooks::MAX_EVENTS
-        )));
-    }
-    let hash = Sha256::digest(&body).to_vec();
-    let response = webhooks::ingest(&state, &source, signed.id, &hash, events).await?;
+    let response = webhooks::receive(&state, &source, incoming).await?;
     Ok(axum::Json(response).into_response())
 }
 

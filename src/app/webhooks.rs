@@ -35,10 +35,14 @@ use uuid::Uuid;
 use crate::app::command::{self, Abort, Answer, CommandContext, Reply, Retried};
 use crate::app::error::AppError;
 use crate::app::{App, campaigns, sources};
-use crate::providers::{self, BodyError, Delivery, Parsed, ProviderEvent, Target};
+use crate::providers::{self, BodyError, Delivery, Parsed, ProviderEvent, SourceKind, Target};
 use crate::store::{Loaded, Metadata, Store, StoreError};
 
+/// The largest delivery taken, but for SendGrid's batches.
 pub const MAX_BODY: usize = 256 * 1024;
+/// The largest SendGrid delivery taken: SendGrid batches up to 1,000 events of about
+/// 400 to 900 bytes each into one request.
+pub const MAX_BATCH_BODY: usize = 1024 * 1024;
 pub const MAX_ATTEMPTS: i32 = 12;
 pub const MAX_PARKED_AGE: chrono::TimeDelta = chrono::TimeDelta::days(7);
 /// An event that says it happened further ahead than this is refused: it would put
@@ -379,6 +383,17 @@ pub async fn receive(app: &App, name: &str, incoming: Incoming<'_>) -> Result<Va
     let source = sources::load(&app.pool, &app.secrets, name)
         .await?
         .ok_or_else(|| AppError::Unauthorized("unknown webhook source".into()))?;
+    let limit = match source.kind {
+        SourceKind::Sendgrid => MAX_BATCH_BODY,
+        _ => MAX_BODY,
+    };
+    if incoming.body.len() > limit {
+        return Err(AppError::PayloadTooLarge(format!(
+            "a {} delivery is at most {} KiB",
+            source.kind,
+            limit / 1024
+        )));
+    }
     let now = Utc::now();
     let delivery = Delivery {
         headers: incoming.headers,

@@ -39,7 +39,8 @@ pub fn router() -> OpenApiRouter<App> {
 pub fn delivery_router() -> OpenApiRouter<App> {
     OpenApiRouter::new()
         .routes(routes!(deliver))
-        .layer(DefaultBodyLimit::max(webhooks::MAX_BODY))
+        // The largest any kind takes; each kind's own limit is checked once its source is known.
+        .layer(DefaultBodyLimit::max(webhooks::MAX_BATCH_BODY))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -227,7 +228,9 @@ async fn deliver(
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::PayloadTooLarge("a delivery is at most 256 KiB".into())
+            ApiError::PayloadTooLarge(
+                "a delivery is at most 1 MiB (256 KiB but for SendGrid)".into(),
+            )
         } else {
             ApiError::BadRequest(format!("the body could not be read: {rejection}"))
         }

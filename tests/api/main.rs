@@ -17,6 +17,7 @@ mod lifecycle;
 mod lists;
 mod openapi;
 mod projections;
+mod providers;
 mod rebuild;
 mod store;
 mod webhooks;

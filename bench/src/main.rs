@@ -68,6 +68,12 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
+    /// Provider sources: SendGrid batches of 100 and 1,000 and Mailgun single events,
+    /// beside Standard Webhooks.
+    Providers {
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
     /// Contact import: 10,000 rows, new, updated and unchanged.
     Import {
         #[arg(long, default_value_t = 10_000)]
@@ -225,6 +231,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Bench::Import { rows, runs } => import::run(rows, runs).await,
             Bench::Webhooks { seconds } => webhooks::run(seconds).await,
+            Bench::Providers { seconds } => webhooks::providers(seconds).await,
             Bench::Spends { clients, seconds } => spends::run(clients, seconds).await,
             Bench::Rebuild { events, samples } => rebuild::run(events, samples).await,
             Bench::RebuildChild { url } => rebuild::child(&url).await,

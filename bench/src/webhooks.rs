@@ -14,53 +14,136 @@ use sha2::Sha256;
 use crate::measure::{Measured, Outcome, closed_loop, ms, percentile};
 use crate::{Server, start};
 
-/// A webhook source with its secret and a campaign whose enrollments the events reach.
+/// How a sender authenticates its deliveries, as the provider of that kind does.
+#[derive(Clone)]
+pub enum Signing {
+    /// Standard Webhooks v1: HMAC-SHA256 of `id.timestamp.body` under the source's key.
+    Standard { key: Vec<u8> },
+    /// SendGrid: ECDSA P-256/SHA-256 over the timestamp followed by the body.
+    Sendgrid { key: p256::ecdsa::SigningKey },
+    /// Mailgun: HMAC-SHA256 of timestamp + a fresh token under the signing key, in the body.
+    Mailgun { key: Vec<u8> },
+}
+
+/// A webhook source of some kind and a campaign whose enrollments the events reach.
 pub struct Sender {
     server: Arc<Server>,
-    key: Vec<u8>,
+    source: String,
+    signing: Signing,
     campaign: String,
-    next: AtomicUsize,
+    next: Arc<AtomicUsize>,
 }
 
 impl Sender {
-    /// Signs and posts one delivery (Standard Webhooks v1).
+    /// The same enrollments, delivered by another source (event ids stay unique).
+    pub fn through(&self, source: &str, signing: Signing) -> Arc<Self> {
+        Arc::new(Self {
+            server: self.server.clone(),
+            source: source.to_string(),
+            signing,
+            campaign: self.campaign.clone(),
+            next: self.next.clone(),
+        })
+    }
+
+    /// Signs and posts one delivery, as the source's provider does.
     async fn post(&self, events: Vec<Value>) -> anyhow::Result<reqwest::Response> {
-        let body = serde_json::to_vec(&events)?;
-        let id = format!("msg_{}", self.next.fetch_add(1, Ordering::Relaxed));
         let ts = chrono::Utc::now().timestamp();
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key)?;
-        mac.update(format!("{id}.{ts}.").as_bytes());
-        mac.update(&body);
-        let signature = format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()));
-        Ok(self
+        let url = format!("{}/webhooks/{}", self.server.address, self.source);
+        let request = self
             .server
             .client
-            .post(format!("{}/webhooks/bench", self.server.address))
-            .header("content-type", "application/json")
-            .header("webhook-id", id)
-            .header("webhook-timestamp", ts.to_string())
-            .header("webhook-signature", signature)
-            .body(body)
-            .send()
-            .await?)
+            .post(url)
+            .header("content-type", "application/json");
+        let request = match &self.signing {
+            Signing::Standard { key } => {
+                let body = serde_json::to_vec(&events)?;
+                let id = format!("msg_{}", self.next.fetch_add(1, Ordering::Relaxed));
+                let mut mac = Hmac::<Sha256>::new_from_slice(key)?;
+                mac.update(format!("{id}.{ts}.").as_bytes());
+                mac.update(&body);
+                let signature = format!("v1,{}", STANDARD.encode(mac.finalize().into_bytes()));
+                request
+                    .header("webhook-id", id)
+                    .header("webhook-timestamp", ts.to_string())
+                    .header("webhook-signature", signature)
+                    .body(body)
+            }
+            Signing::Sendgrid { key } => {
+                use p256::ecdsa::signature::Signer;
+                let body = serde_json::to_vec(&events)?;
+                let mut signed = ts.to_string().into_bytes();
+                signed.extend_from_slice(&body);
+                let signature: p256::ecdsa::Signature = key.sign(&signed);
+                request
+                    .header(
+                        "X-Twilio-Email-Event-Webhook-Signature",
+                        STANDARD.encode(signature.to_der().as_bytes()),
+                    )
+                    .header("X-Twilio-Email-Event-Webhook-Timestamp", ts.to_string())
+                    .body(body)
+            }
+            Signing::Mailgun { key } => {
+                let [event] = <[Value; 1]>::try_from(events)
+                    .map_err(|_| anyhow::anyhow!("Mailgun posts one event at a time"))?;
+                let token = format!("{:050x}", self.next.fetch_add(1, Ordering::Relaxed));
+                let mut mac = Hmac::<Sha256>::new_from_slice(key)?;
+                mac.update(ts.to_string().as_bytes());
+                mac.update(token.as_bytes());
+                let signature: String = mac
+                    .finalize()
+                    .into_bytes()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                request.body(serde_json::to_vec(&json!({
+                    "signature": {"timestamp": ts.to_string(), "token": token, "signature": signature},
+                    "event-data": event,
+                }))?)
+            }
+        };
+        Ok(request.send().await?)
     }
 
     async fn deliver(&self, events: Vec<Value>) -> anyhow::Result<Value> {
         Ok(self.post(events).await?.error_for_status()?.json().await?)
     }
 
+    /// `n` new events in the source's provider's own shape, spread over the enrollments.
     fn events(&self, n: usize, contacts: usize, campaign: &str) -> Vec<Value> {
         (0..n)
             .map(|_| {
                 let i = self.next.fetch_add(1, Ordering::Relaxed);
-                let kind = ["sent", "delivered", "opened", "clicked"][i % 4];
-                json!({
-                    "id": format!("evt_{i}"),
-                    "type": kind,
-                    "campaign_id": campaign,
-                    "email": format!("w{}@example.com", i % contacts),
-                    "occurred_at": "2026-11-01T09:00:00Z",
-                })
+                let email = format!("w{}@example.com", i % contacts);
+                match &self.signing {
+                    Signing::Standard { .. } => json!({
+                        "id": format!("evt_{i}"),
+                        "type": (["sent", "delivered", "opened", "clicked"][i % 4]),
+                        "campaign_id": campaign,
+                        "email": email,
+                        "occurred_at": "2026-11-01T09:00:00Z",
+                    }),
+                    Signing::Sendgrid { .. } => json!({
+                        "email": email,
+                        "timestamp": 1_793_523_600,
+                        "event": (["processed", "delivered", "open", "click"][i % 4]),
+                        "sg_event_id": format!("sg_{i}"),
+                        "sg_message_id": "14c5d75ce93.dfd.64b469.filter0001.16648.5515E0B88.0",
+                        "smtp-id": "<14c5d75ce93.dfd.64b469@ismtpd-555>",
+                        "category": ["outreach"],
+                        "useragent": "Mozilla/5.0", "ip": "203.0.113.7",
+                        "leadledger_campaign_id": campaign,
+                    }),
+                    Signing::Mailgun { .. } => json!({
+                        "event": (["accepted", "delivered", "opened", "clicked"][i % 4]),
+                        "timestamp": 1_793_523_600.25,
+                        "id": format!("mg_{i}"),
+                        "recipient": email,
+                        "log-level": "info",
+                        "message": {"headers": {"message-id": "bench@mg.example.com"}},
+                        "user-variables": {"leadledger_campaign_id": campaign},
+                    }),
+                }
             })
             .collect()
     }
@@ -156,9 +239,10 @@ pub async fn setup(server: &Arc<Server>) -> anyhow::Result<Arc<Sender>> {
     }
     Ok(Arc::new(Sender {
         server: server.clone(),
-        key,
+        source: "bench".into(),
+        signing: Signing::Standard { key },
         campaign,
-        next: AtomicUsize::new(0),
+        next: Arc::new(AtomicUsize::new(0)),
     }))
 }
 
@@ -290,5 +374,81 @@ pub async fn run(seconds: u64) -> anyhow::Result<()> {
         "| enrollment → its parked event applied (feed-driven) | {} |",
         ms(unparked)
     );
+    Ok(())
+}
+
+/// `leadledger-bench providers`: the provider kinds' ingestion beside Standard Webhooks in
+/// one run, on the same 2,000 enrollments: SendGrid batches of 100 and 1,000 events
+/// (ECDSA-signed) and Mailgun single events (HMAC over timestamp and token, each token
+/// spent once).
+pub async fn providers(seconds: u64) -> anyhow::Result<()> {
+    let server = Arc::new(start().await?);
+    let standard = setup(&server).await?;
+    let (_, admin) = leadledger::app::keys::create_key(
+        &server.pool,
+        "bench providers",
+        leadledger::app::keys::Scope::Admin,
+    )
+    .await?;
+    let sendgrid_key = p256::ecdsa::SigningKey::random(&mut rand_core::OsRng);
+    let public_key = {
+        use p256::pkcs8::EncodePublicKey;
+        STANDARD.encode(sendgrid_key.verifying_key().to_public_key_der()?.as_bytes())
+    };
+    let mailgun_key = "key-bench-0123456789abcdef";
+    for body in [
+        json!({"name": "sendgrid", "kind": "sendgrid", "public_key": public_key}),
+        json!({"name": "mailgun", "kind": "mailgun", "signing_key": mailgun_key}),
+    ] {
+        server
+            .client
+            .post(format!("{}/v1/webhook-sources", server.address))
+            .bearer_auth(&admin)
+            .json(&body)
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    let sendgrid = standard.through("sendgrid", Signing::Sendgrid { key: sendgrid_key });
+    let mailgun = standard.through(
+        "mailgun",
+        Signing::Mailgun {
+            key: mailgun_key.as_bytes().to_vec(),
+        },
+    );
+    println!(
+        "## Provider sources (`POST /webhooks/{{source}}`, {CONTACTS} enrollments, {seconds} s per row)\n"
+    );
+    println!("| source | events/request | senders | deliveries/s | events/s | p50 | p99 |");
+    println!("|---|---|---|---|---|---|---|");
+    let rows: [(&str, &Arc<Sender>, usize, usize); 10] = [
+        ("standard", &standard, 1, 8),
+        ("mailgun", &mailgun, 1, 1),
+        ("mailgun", &mailgun, 1, 8),
+        ("mailgun", &mailgun, 1, 32),
+        ("standard", &standard, 100, 1),
+        ("sendgrid", &sendgrid, 100, 1),
+        ("sendgrid", &sendgrid, 100, 8),
+        ("standard", &standard, 1000, 1),
+        ("sendgrid", &sendgrid, 1000, 1),
+        ("sendgrid", &sendgrid, 1000, 8),
+    ];
+    for (name, sender, batch, senders) in rows {
+        let m = sender
+            .measure(batch, senders, Duration::from_secs(seconds))
+            .await?;
+        println!(
+            "| {name} | {batch} | {senders} | {:.1} | {:.0} | {} | {} |",
+            m.per_second(),
+            m.units_per_second(),
+            ms(m.p50()),
+            ms(m.p99()),
+        );
+        anyhow::ensure!(
+            m.failures.is_empty(),
+            "{name} deliveries refused: {}",
+            m.failures_summary()
+        );
+    }
     Ok(())
 }

@@ -245,3 +245,103 @@ async fn the_dashboard_csv_has_dates_and_campaigns_in_columns() {
     let contacts = rows.iter().find(|r| r["metric"] == "contacts").unwrap();
     assert_eq!(contacts["value"], "1");
 }
+
+#[tokio::test]
+async fn add_source_makes_each_kind_and_prints_only_what_the_server_made() {
+    let harness = harness();
+    let database = harness.fresh_database().await;
+    let url = harness.url(&database);
+    let dir = data_dir();
+    let run = |args: &[&str]| {
+        let mut cmd = leadledger(&dir.1);
+        cmd.env("DATABASE_URL", &url)
+            .env_remove("RUST_LOG")
+            .args(args);
+        cmd.output().unwrap()
+    };
+    let last_line = |out: &Output| {
+        stdout(out)
+            .trim()
+            .lines()
+            .last()
+            .unwrap_or_default()
+            .to_string()
+    };
+    let postmark = run(&["webhooks", "add-source", "pm", "--kind", "postmark"]);
+    assert!(postmark.status.success(), "{}", stderr(&postmark));
+    let credentials = last_line(&postmark);
+    assert!(
+        credentials.starts_with("postmark-") && credentials.contains(':'),
+        "user:password on the last line: {credentials}"
+    );
+    let token = run(&["webhooks", "add-source", "inst", "--kind", "instantly"]);
+    assert!(last_line(&token).starts_with("llt_"), "{}", stdout(&token));
+    let mailgun = run(&[
+        "webhooks",
+        "add-source",
+        "mg",
+        "--kind",
+        "mailgun",
+        "--signing-key",
+        "key-abc123",
+    ]);
+    assert!(mailgun.status.success(), "{}", stderr(&mailgun));
+    assert!(
+        !stdout(&mailgun).contains("key-abc123"),
+        "a given key is not shown back"
+    );
+    let mapping = dir.0.path().join("mapping.json");
+    std::fs::write(
+        &mapping,
+        json!({"id": "/id", "type": "/t", "email": "/e", "occurred_at": "/at",
+               "campaign": "/c", "types": {"x": "sent"}})
+        .to_string(),
+    )
+    .unwrap();
+    let custom = run(&[
+        "webhooks",
+        "add-source",
+        "crm",
+        "--kind",
+        "custom",
+        "--mapping",
+        mapping.to_str().unwrap(),
+    ]);
+    assert!(custom.status.success(), "{}", stderr(&custom));
+    // Refusals: one line naming the field, nothing made.
+    for args in [
+        &["webhooks", "add-source", "sg", "--kind", "sendgrid"][..],
+        &["webhooks", "add-source", "x", "--kind", "nope"][..],
+        &[
+            "webhooks",
+            "add-source",
+            "pm2",
+            "--kind",
+            "postmark",
+            "--public-key",
+            "k",
+        ][..],
+    ] {
+        let out = run(args);
+        assert!(!out.status.success(), "{args:?}");
+        assert_eq!(stderr(&out).trim().lines().count(), 1, "{}", stderr(&out));
+    }
+    assert!(
+        stderr(&run(&[
+            "webhooks",
+            "add-source",
+            "sg",
+            "--kind",
+            "sendgrid"
+        ]))
+        .contains("public_key")
+    );
+    let pool = sqlx::PgPool::connect(&url).await.unwrap();
+    let kinds: Vec<String> = sqlx::query_scalar("SELECT kind FROM webhook_sources ORDER BY name")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(kinds, ["custom", "instantly", "mailgun", "postmark"]);
+    pool.close().await;
+    harness.drop_database(database);
+}

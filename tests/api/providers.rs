@@ -422,12 +422,7 @@ fn provider_event(kind: &str, n: usize, step: Step, at: &str, t: &Target) -> Opt
 
 /// A campaign with `email` enrolled, linked to `their_campaign` for engagement tools.
 async fn target(app: &TestApp, source: &Source, email: &str, their_campaign: &str) -> Target {
-    let campaign = app
-        .create_campaign(&format!("{} {email}", source.kind))
-        .await["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let (campaign, enrollment) = crate::webhooks::enrolled(app, email).await;
     if matches!(source.kind, "instantly" | "smartlead" | "custom") {
         let response = app
             .client
@@ -439,27 +434,9 @@ async fn target(app: &TestApp, source: &Source, email: &str, their_campaign: &st
             .unwrap();
         assert_eq!(response.status().as_u16(), 200);
     }
-    let contact: Value = app
-        .post("/v1/contacts", &json!({"email": email}))
-        .await
-        .json()
-        .await
-        .unwrap();
-    let body: Value = app
-        .post(
-            &format!("/v1/campaigns/{campaign}/enrollments"),
-            &json!({"contact_ids": [contact["id"]]}),
-        )
-        .await
-        .json()
-        .await
-        .unwrap();
     Target {
         campaign,
-        enrollment: body["enrolled"][0]["enrollment_id"]
-            .as_str()
-            .unwrap()
-            .to_string(),
+        enrollment,
         email: email.to_string(),
         their_campaign: their_campaign.to_string(),
     }

@@ -85,7 +85,7 @@ pub(crate) async fn deliver(base: &str, source: &Source, webhook_id: &str, body:
 }
 
 /// A campaign with an enrolled contact: (campaign id, enrollment id).
-async fn enrolled(app: &TestApp, email: &str) -> (String, String) {
+pub(crate) async fn enrolled(app: &TestApp, email: &str) -> (String, String) {
     let campaign = app.create_campaign(&format!("for {email}")).await["id"]
         .as_str()
         .unwrap()

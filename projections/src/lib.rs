@@ -15,12 +15,14 @@ pub mod feed;
 pub mod rebuild;
 pub mod runner;
 pub mod status;
+pub mod wake;
 
 use std::sync::Arc;
 
 use sqlx::PgConnection;
 
 pub use feed::{FeedEvent, Position};
+pub use wake::Wakeup;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProjectionError {
@@ -57,6 +59,12 @@ pub trait Projection: Send + Sync + 'static {
         conn: &mut PgConnection,
         events: &[FeedEvent],
     ) -> Result<(), ProjectionError>;
+
+    /// Whether applying a batch may append events (reactors do): the runner then wakes the
+    /// process's runners after the batch commits.
+    fn writes_events(&self) -> bool {
+        false
+    }
 }
 
 /// A side-effecting event handler: it answers events by running commands (writing events

@@ -6,8 +6,9 @@
 //!   projection on a connection of its own, and applies batches on that same connection:
 //!   among several server processes exactly one applies a projection, and when its process
 //!   or connection dies the lock goes with it and another process takes over.
-//! - It wakes on LISTEN/NOTIFY (events committed, other checkpoints moved) and falls back
-//!   to polling.
+//! - It wakes when events are committed ([`Wakeup`]: at once in the writing process,
+//!   through one coalesced NOTIFY in the others) and when other checkpoints move, and falls
+//!   back to polling.
 //! - A failing event stops its projection there: the batch is rolled back to the last good
 //!   event, the failure is recorded on the checkpoint row, logged and exported as a metric,
 //!   and the runner retries until the cause is fixed. Nothing is skipped.
@@ -15,20 +16,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::{PgListener, PgPool};
+use sqlx::postgres::PgPool;
 use sqlx::{ConnectOptions, Connection, PgConnection};
-use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::feed::{self, FeedEvent, Position};
+use crate::wake::{Wakeup, sleep_or_cancel};
 use crate::{Projection, ProjectionError, Reactor};
 
 /// First key of the two-key advisory locks the runner takes ("LL").
 pub const LOCK_CLASS: i32 = 0x4c4c;
-/// Channel notified at the commit of events (by a trigger on `events`).
-pub const EVENTS_CHANNEL: &str = "leadledger_events";
-/// Channel notified at the commit of a checkpoint move.
-pub const CHECKPOINTS_CHANNEL: &str = "leadledger_checkpoints";
+pub use crate::wake::{CHECKPOINTS_CHANNEL, EVENTS_CHANNEL};
 
 #[derive(Debug, Clone)]
 pub struct RunnerConfig {
@@ -66,6 +64,10 @@ impl Projection for Reacting {
         &[]
     }
 
+    fn writes_events(&self) -> bool {
+        true
+    }
+
     async fn apply_batch(
         &self,
         conn: &mut PgConnection,
@@ -79,6 +81,9 @@ pub struct Runner {
     pool: PgPool,
     projections: Vec<Arc<dyn Projection>>,
     config: RunnerConfig,
+    /// The process's wake-ups, when shared with its writers; `None`: the runner listens
+    /// on its own.
+    wakeup: Option<Wakeup>,
 }
 
 enum BatchOutcome {
@@ -94,6 +99,7 @@ impl Runner {
             pool,
             projections,
             config,
+            wakeup: None,
         }
     }
 
@@ -106,71 +112,41 @@ impl Runner {
         Self::new(pool, handlers, config)
     }
 
+    /// Shares the process's wake-ups: its writers' commits wake these runners at once.
+    pub fn with_wakeup(mut self, wakeup: Wakeup) -> Self {
+        self.wakeup = Some(wakeup);
+        self
+    }
+
     /// Runs every projection until `cancel`; a batch in progress is finished (committed or
-    /// rolled back) before a task stops.
+    /// rolled back) before a task stops. Without a shared [`Wakeup`] the runner listens for
+    /// notifications itself.
     pub async fn run(self, cancel: CancellationToken) {
-        let (wake_tx, wake_rx) = watch::channel(0u64);
-        let listener = tokio::spawn(listen(self.pool.clone(), wake_tx, cancel.clone()));
+        let (wakeup, listener) = match self.wakeup.clone() {
+            Some(shared) => (shared, None),
+            None => {
+                let own = Wakeup::new();
+                let task = tokio::spawn(own.clone().run(self.pool.clone(), cancel.clone()));
+                (own, Some(task))
+            }
+        };
         let mut tasks = Vec::new();
         for projection in &self.projections {
             tasks.push(tokio::spawn(run_projection(
                 self.pool.clone(),
                 projection.clone(),
                 self.config.clone(),
-                wake_rx.clone(),
+                wakeup.clone(),
                 cancel.clone(),
             )));
         }
         for task in tasks {
             let _ = task.await;
         }
-        listener.abort();
-        let _ = listener.await;
-    }
-}
-
-/// Turns notifications into wake-ups; reconnects when the connection drops.
-async fn listen(pool: PgPool, wake: watch::Sender<u64>, cancel: CancellationToken) {
-    let mut backoff = Duration::from_millis(100);
-    while !cancel.is_cancelled() {
-        let mut listener = match PgListener::connect_with(&pool).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "projection listener cannot connect; polling meanwhile");
-                sleep_or_cancel(backoff, &cancel).await;
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        };
-        if let Err(e) = listener
-            .listen_all([EVENTS_CHANNEL, CHECKPOINTS_CHANNEL])
-            .await
-        {
-            tracing::warn!(error = %e, "LISTEN failed; polling meanwhile");
-            sleep_or_cancel(backoff, &cancel).await;
-            continue;
+        if let Some(listener) = listener {
+            listener.abort();
+            let _ = listener.await;
         }
-        backoff = Duration::from_millis(100);
-        wake.send_modify(|n| *n += 1);
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                message = listener.recv() => match message {
-                    Ok(_) => wake.send_modify(|n| *n += 1),
-                    Err(e) => {
-                        tracing::warn!(error = %e, "projection listener lost its connection");
-                        break;
-                    }
-                },
-            }
-        }
-    }
-}
-
-async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) {
-    tokio::select! {
-        () = tokio::time::sleep(d) => {},
-        () = cancel.cancelled() => {},
     }
 }
 
@@ -178,10 +154,11 @@ async fn run_projection(
     pool: PgPool,
     projection: Arc<dyn Projection>,
     config: RunnerConfig,
-    mut wake: watch::Receiver<u64>,
+    wakeup: Wakeup,
     cancel: CancellationToken,
 ) {
     let name = projection.name();
+    let mut wake = wakeup.subscribe();
     while !cancel.is_cancelled() {
         let mut conn = match connect(&pool, name).await {
             Ok(c) => c,
@@ -214,7 +191,14 @@ async fn run_projection(
             // Mark what we have seen before reading: a notification arriving during the read
             // makes the next wait return at once.
             wake.borrow_and_update();
-            let failed = match run_batch(&mut conn, projection.as_ref(), config.batch_size).await {
+            let outcome = run_batch(&mut conn, projection.as_ref(), config.batch_size).await;
+            if projection.writes_events()
+                && matches!(outcome, Ok(BatchOutcome::Applied(n)) if n > 0)
+            {
+                // A reactor's batch may have committed events of its own.
+                wakeup.committed();
+            }
+            let failed = match outcome {
                 Ok(BatchOutcome::Applied(n)) if n as i64 == config.batch_size => continue,
                 Ok(BatchOutcome::Moved) => continue,
                 Ok(BatchOutcome::Applied(_)) => false,

@@ -270,6 +270,9 @@ impl App {
             match outcome {
                 Ok(done) => {
                     tx.commit().await.map_err(database)?;
+                    // Wake the runners whether or not this attempt wrote events: a spurious
+                    // wake-up costs one empty feed read, a missed one a poll interval.
+                    self.wakeup.committed();
                     return Ok(Retried::Done(done));
                 }
                 Err(Abort::Fail(e)) => return Err(e),

@@ -2,8 +2,11 @@
 //! scope each (`read` ⊂ `write` ⊂ `admin`). The `/v1` middleware that asks for them is
 //! `http::auth`.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -115,15 +118,123 @@ pub async fn list_keys(pool: &PgPool) -> Result<Vec<KeyInfo>, sqlx::Error> {
     .await
 }
 
-/// Revokes a key; false when there is no such active key.
+/// Revokes a key; false when there is no such active key. Every process's
+/// [`KeyCache`] hears of it at the revocation's commit ([`KEYS_CHANNEL`]).
 pub async fn revoke_key(pool: &PgPool, id: Uuid) -> Result<bool, sqlx::Error> {
-    let done = sqlx::query!(
-        "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
-        id
+    let revoked = sqlx::query_scalar!(
+        r#"WITH revoked AS (
+               UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL
+               RETURNING id
+           )
+           SELECT pg_notify($2, id::text) IS NOT NULL AS "revoked!" FROM revoked"#,
+        id,
+        KEYS_CHANNEL
     )
-    .execute(pool)
+    .fetch_optional(pool)
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(revoked.is_some())
+}
+
+/// Channel notified when a key is revoked.
+pub const KEYS_CHANNEL: &str = "leadledger_keys";
+/// How long a looked-up key is trusted without asking the database again: the bound on
+/// how late a revocation takes effect in a process that missed its notification.
+pub const KEY_CACHE_TTL: Duration = Duration::from_secs(1);
+/// Entries kept at most; past it the cache starts over (only live keys are kept, so
+/// guessing keys cannot fill it).
+const KEY_CACHE_MAX: usize = 10_000;
+
+/// Live keys recently looked up, by the SHA-256 of the key, so that a request usually
+/// costs no query. An entry is trusted for [`KEY_CACHE_TTL`]; a revocation anywhere clears
+/// every listening process's cache at once ([`listen_for_revocations`]).
+#[derive(Clone, Default)]
+pub struct KeyCache {
+    entries: Arc<Mutex<HashMap<Vec<u8>, (ApiKey, Instant)>>>,
+}
+
+impl KeyCache {
+    fn get(&self, hash: &[u8]) -> Option<ApiKey> {
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .get(hash)
+            .filter(|(_, at)| at.elapsed() < KEY_CACHE_TTL)
+            .map(|(key, _)| *key)
+    }
+
+    fn put(&self, hash: Vec<u8>, key: ApiKey) {
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= KEY_CACHE_MAX {
+            entries.clear();
+        }
+        entries.insert(hash, (key, Instant::now()));
+    }
+
+    /// Forgets every key: the next request of each asks the database.
+    pub fn clear(&self) {
+        self.entries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+}
+
+/// [`lookup`], answered from `cache` while its entry is fresh.
+pub async fn lookup_cached(
+    pool: &PgPool,
+    cache: &KeyCache,
+    key: &str,
+) -> Result<Option<ApiKey>, AppError> {
+    let hashed = hash(key);
+    if let Some(found) = cache.get(&hashed) {
+        return Ok(Some(found));
+    }
+    let found = lookup(pool, key).await?;
+    if let Some(found) = found {
+        cache.put(hashed, found);
+    }
+    Ok(found)
+}
+
+/// Clears `cache` whenever any process revokes a key, until `cancel`; while not
+/// listening (reconnecting), entries still expire after [`KEY_CACHE_TTL`].
+pub async fn listen_for_revocations(
+    pool: PgPool,
+    cache: KeyCache,
+    cancel: tokio_util::sync::CancellationToken,
+) {
+    while !cancel.is_cancelled() {
+        let mut listener = match sqlx::postgres::PgListener::connect_with(&pool).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "key revocation listener cannot connect");
+                tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        if let Err(e) = listener.listen(KEYS_CHANNEL).await {
+            tracing::warn!(error = %e, "LISTEN for key revocations failed");
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_secs(1)) => continue,
+            }
+        }
+        // Revocations missed while not listening.
+        cache.clear();
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                message = listener.recv() => match message {
+                    Ok(_) => cache.clear(),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "key revocation listener lost its connection");
+                        break;
+                    }
+                },
+            }
+        }
+    }
 }
 
 /// When no key exists at all, creates an admin key and writes it to `<data_dir>/admin.key`

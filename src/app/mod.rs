@@ -40,6 +40,11 @@ pub struct App {
     /// The key of contact ids, read once from this app's database.
     pub contact_id_key: Arc<tokio::sync::OnceCell<Vec<u8>>>,
     pub limits: Limits,
+    /// Wakes the projection runners after a commit that wrote events (this process's at
+    /// once, the others' through one coalesced NOTIFY sent outside the write transaction).
+    pub wakeup: projections::Wakeup,
+    /// API keys recently looked up (see `keys::KeyCache`).
+    pub keys: keys::KeyCache,
 }
 
 /// What one request may take of the process.
@@ -82,6 +87,8 @@ impl App {
             secrets: config.secrets()?,
             contact_id_key: Default::default(),
             limits,
+            wakeup: projections::Wakeup::new(),
+            keys: keys::KeyCache::default(),
         })
     }
 }

@@ -23,8 +23,19 @@ pub fn start(state: &App) -> Workers {
         state.pool.clone(),
         projections::all(),
         projections::runner::RunnerConfig::default(),
-    );
-    let mut tasks = vec![tokio::spawn(runner.run(cancel.clone()))];
+    )
+    .with_wakeup(state.wakeup.clone());
+    let mut tasks = vec![
+        // Other processes' notifications in, this one's out (coalesced, after commit).
+        tokio::spawn(state.wakeup.clone().run(state.pool.clone(), cancel.clone())),
+        tokio::spawn(runner.run(cancel.clone())),
+        // Key revocations in any process clear this one's key cache.
+        tokio::spawn(crate::app::keys::listen_for_revocations(
+            state.pool.clone(),
+            state.keys.clone(),
+            cancel.clone(),
+        )),
+    ];
     // Parked webhook events: applied when their enrollment appears (from the feed, with
     // its own checkpoint), and retried on a timer for what the feed cannot see.
     let reactor = projections::runner::Runner::reactors(
@@ -33,13 +44,17 @@ pub fn start(state: &App) -> Workers {
             crate::app::webhooks::ParkingReactor::new(state.store.clone()),
         )],
         projections::runner::RunnerConfig::default(),
-    );
+    )
+    .with_wakeup(state.wakeup.clone());
     tasks.push(tokio::spawn(reactor.run(cancel.clone())));
     let (pool, store, stop) = (state.pool.clone(), state.store.clone(), cancel.clone());
+    let wakeup = state.wakeup.clone();
     tasks.push(tokio::spawn(async move {
         loop {
-            if let Err(e) = crate::app::webhooks::retry_due(&pool, &store, 200).await {
-                tracing::warn!(error = %e, "retrying parked webhook events failed");
+            match crate::app::webhooks::retry_due(&pool, &store, 200).await {
+                Ok((0, _)) => {}
+                Ok(_) => wakeup.committed(),
+                Err(e) => tracing::warn!(error = %e, "retrying parked webhook events failed"),
             }
             tokio::select! {
                 () = stop.cancelled() => return,

@@ -520,6 +520,8 @@ async fn import_contacts(
         total.contacts.extend(report.contacts);
         total.position = report.position.or(total.position);
         done_before += size;
+        // A server on this database learns of the rows now, not at its next poll.
+        state.wakeup.flush(&db.pool).await?;
         if !written {
             bar.finish_and_clear();
             print_import_report(&total);

@@ -32,7 +32,8 @@ pub async fn authenticate(
         .ok_or_else(|| {
             ApiError::Unauthorized("the Authorization header must be `Bearer <api key>`".into())
         })?;
-    let Some(ApiKey { id, scope }) = keys::lookup(&state.pool, key).await? else {
+    let Some(ApiKey { id, scope }) = keys::lookup_cached(&state.pool, &state.keys, key).await?
+    else {
         return Err(ApiError::Unauthorized("unknown or revoked API key".into()));
     };
     let reads = matches!(

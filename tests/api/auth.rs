@@ -102,3 +102,42 @@ async fn keys_are_stored_only_as_hashes() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_key_revoked_by_another_process_is_refused_here_within_a_second() {
+    let app = spawn_app().await;
+    let key = app.write_key.clone();
+    let use_key = || {
+        app.client
+            .get(app.url("/v1/campaigns"))
+            .bearer_auth(&key)
+            .send()
+    };
+    // Looked up, and so cached.
+    for _ in 0..3 {
+        assert_eq!(use_key().await.unwrap().status().as_u16(), 200);
+    }
+    let id = leadledger::app::keys::lookup(&app.pool, &key)
+        .await
+        .unwrap()
+        .unwrap()
+        .id;
+    // Revoked on another connection, as `leadledger keys revoke` in another process does.
+    let other = sqlx::PgPool::connect_with(app.pool.connect_options().as_ref().clone())
+        .await
+        .unwrap();
+    let revoked_at = std::time::Instant::now();
+    assert!(leadledger::app::keys::revoke_key(&other, id).await.unwrap());
+    loop {
+        let status = use_key().await.unwrap().status().as_u16();
+        if status == 401 {
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < std::time::Duration::from_secs(1),
+            "the revoked key still answered {status} after a second"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_problem(use_key().await.unwrap(), 401).await;
+}

@@ -229,6 +229,8 @@ pub struct TestApp {
     pub admin_key: String,
     pub write_key: String,
     pub read_key: String,
+    /// The app this server runs, as `serve` assembles it.
+    pub state: App,
     shutdown: CancellationToken,
     workers: Option<Workers>,
 }
@@ -288,7 +290,7 @@ async fn spawn(with_workers: bool, options: http::ServeOptions) -> TestApp {
     let shutdown = CancellationToken::new();
     let state = build_app(pool.clone());
     let workers = with_workers.then(|| workers::start(&state));
-    let app = http::router(state);
+    let app = http::router(state.clone());
     let (_, admin_key) = keys::create_key(&pool, "test admin", Scope::Admin)
         .await
         .unwrap();
@@ -313,6 +315,7 @@ async fn spawn(with_workers: bool, options: http::ServeOptions) -> TestApp {
         admin_key,
         write_key,
         read_key,
+        state,
         shutdown,
         workers,
     }

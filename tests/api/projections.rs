@@ -344,3 +344,64 @@ async fn the_campaign_list_pages_newest_first_and_filters_by_status() {
         assert_problem(app.read(&format!("/v1/campaigns?{bad}")).await, 400).await;
     }
 }
+
+#[tokio::test]
+async fn no_write_transaction_notifies_and_a_commit_still_wakes_another_processs_runner_at_once() {
+    // This server runs no projections; it only writes, and notifies after its commits.
+    let writer = spawn_app_with(false).await;
+    let triggers: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+         WHERE c.relname = 'events' AND NOT t.tgisinternal",
+    )
+    .fetch_one(&writer.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        triggers, 0,
+        "no trigger runs inside the writers' transactions"
+    );
+    let cancel = CancellationToken::new();
+    tokio::spawn(
+        writer
+            .state
+            .wakeup
+            .clone()
+            .run(writer.pool.clone(), cancel.clone()),
+    );
+    // Another process's runner, which would poll only once an hour.
+    let runner = Runner::new(
+        writer.pool.clone(),
+        projections::all(),
+        RunnerConfig {
+            poll_interval: Duration::from_secs(3600),
+            ..fast()
+        },
+    );
+    let stop = cancel.clone();
+    tokio::spawn(runner.run(stop));
+    // Let it take its locks and catch up with nothing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let id = writer.create_campaign("woken").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut listed = false;
+    for _ in 0..100 {
+        let page: Value = writer.read("/v1/campaigns").await.json().await.unwrap();
+        if page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["id"] == id.as_str())
+        {
+            listed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cancel.cancel();
+    assert!(
+        listed,
+        "the other runner was woken by the writer's notification, not a poll"
+    );
+}

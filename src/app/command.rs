@@ -1,15 +1,18 @@
 //! Command execution for every entry point: load, handle, commit — with optimistic-concurrency
-//! retries ([`App::retrying`], the one attempt loop of every write), `If-Match` (RFC 9110)
-//! and idempotency keys (scoped to the API key, recorded with the events they guard; see the
-//! README's "Using the API"). What a command needs of its caller is a [`CommandContext`];
-//! what it answers is an [`Answer`], which `http` turns into a response.
+//! retries, `If-Match` (RFC 9110) and idempotency keys (scoped to the API key, recorded with
+//! the events they guard; see the README's "Using the API"). What a command needs of its
+//! caller is a [`CommandContext`]; what it answers is an [`Answer`], which `http` turns into
+//! a response.
 //!
-//! One attempt is one transaction: take the idempotency key's lock (a transaction-scoped
-//! advisory lock: a second request with the key while the first runs gets 409), replay a
-//! recorded response if there is one, load the aggregate, check `If-Match`, handle the
-//! command, append the events, and record the response — all committed together. A
-//! conflict with another writer rolls the attempt back and tries again after a jittered,
-//! growing pause; only when attempts run out does the client see 409.
+//! A command on one aggregate ([`execute`]) takes a turn in a group ([`super::group`]):
+//! commands for the aggregate arriving together in this process share one transaction.
+//! A turn takes the idempotency key's lock (a transaction-scoped advisory lock: a second
+//! request with the key while the first runs in another transaction gets 409), replays a
+//! recorded response if there is one, checks `If-Match`, handles the command on the state
+//! the turns before left, appends the events and records the response; the group commits
+//! them all together. Writes of several aggregates go through [`App::retrying`]. A conflict
+//! with another writer rolls the attempt back and tries again after a jittered, growing
+//! pause; only when attempts run out does the client see 409.
 
 use std::time::Duration;
 
@@ -22,8 +25,10 @@ use rand::Rng;
 use serde_json::Value;
 use sqlx::PgConnection;
 
-use crate::app::App;
+use std::sync::Arc;
+
 use crate::app::error::AppError;
+use crate::app::{App, group};
 use aggregates::campaign::Campaign;
 
 use crate::store::{Appended, Hold, Loaded, Metadata, Position, StoreError};
@@ -314,7 +319,7 @@ pub async fn execute<A, E, M, R, F>(
     refusal: F,
 ) -> Result<Answer, E>
 where
-    A: Aggregate,
+    A: Aggregate + Clone + 'static,
     A::Error: Into<E>,
     E: From<AppError>,
     M: Fn(&Loaded<A>) -> Result<A::Command, E>,
@@ -353,7 +358,7 @@ pub async fn execute_guarded<A, E, M, G, R, F>(
     refusal: F,
 ) -> Result<Answer, E>
 where
-    A: Aggregate,
+    A: Aggregate + Clone + 'static,
     A::Error: Into<E>,
     E: From<AppError>,
     M: Fn(&Loaded<A>) -> Result<A::Command, E>,
@@ -362,74 +367,27 @@ where
     F: Fn(&E) -> Reply,
 {
     let metadata = context.metadata();
-    let (make, guard, render, refusal, metadata) = (&make, &guard, &render, &refusal, &metadata);
-    let outcome = app
-        .retrying(A::TYPE, |mut tx| async move {
-            let outcome = async {
-                if let Some(recorded) = replay(&mut tx, context).await? {
-                    return Ok(Answer::Replayed(recorded));
-                }
-                if A::TYPE == Campaign::TYPE {
-                    // A campaign's lifecycle decides whether it takes enrollments: hold it
-                    // against bulk enrollment, which holds it shared while it decides, so no
-                    // enrollment commits after the campaign's completion.
-                    app.store
-                        .hold_stream::<A>(&mut tx, id, Hold::Exclusive)
-                        .await?;
-                }
-                let mut loaded: Loaded<A> = app.store.load(&mut tx, id).await?;
-                if let Some(expected) = &context.if_match
-                    && !expected.matches(loaded.version)
-                {
-                    return Err(Abort::from(AppError::PreconditionFailed(
-                        if loaded.version == 0 {
-                            format!(
-                                "If-Match is {} but the resource does not exist",
-                                expected.describe()
-                            )
-                        } else {
-                            format!(
-                                "If-Match is {} but the resource is at version \"{}\"",
-                                expected.describe(),
-                                loaded.version
-                            )
-                        },
-                    )));
-                }
-                let existed_before = loaded.version > 0;
-                let command = make(&loaded).map_err(Abort::Fail)?;
-                let sink = EventSink::default();
-                let reply = match loaded.aggregate.handle(command, services, &sink).await {
-                    // The outcome of executing the command: a retry with the key gets it again.
-                    Err(domain) => refusal(&domain.into()),
-                    Ok(()) => {
-                        let events = sink.collect().await;
-                        guard(&mut tx, &events).await?;
-                        let appended = app
-                            .store
-                            .append(&mut tx, &mut loaded, &events, metadata)
-                            .await?;
-                        render(&Written {
-                            loaded,
-                            existed_before,
-                            appended,
-                        })
-                    }
-                };
-                record(&mut tx, context, &reply).await?;
-                Ok::<_, Abort<E>>(Answer::Fresh(reply))
-            }
-            .await;
-            (tx, outcome)
-        })
-        .await?;
+    let stream = app.groups.stream(A::TYPE, id);
+    let grouped = Grouped {
+        app,
+        context,
+        id,
+        services,
+        make: &make,
+        guard: &guard,
+        render: &render,
+        refusal: &refusal,
+        metadata: &metadata,
+    };
+    let outcome = grouped.run(&stream).await;
+    app.groups.release(A::TYPE, id, stream);
     match outcome {
-        Retried::Done(answer) => {
+        Ok(Retried::Done(answer)) => {
             metrics::counter!("commands_total", "aggregate" => A::TYPE, "outcome" => "ok")
                 .increment(1);
             Ok(answer)
         }
-        Retried::Exhausted => {
+        Ok(Retried::Exhausted) => {
             metrics::counter!(
                 "commands_total",
                 "aggregate" => A::TYPE,
@@ -441,6 +399,271 @@ where
                 "the resource kept changing under this command; retry it",
             )
             .into())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// How one command's turn in a group ended.
+enum TurnOutcome<E> {
+    /// Its answer, recorded in the group's transaction: given once the group commits.
+    Answer(Answer),
+    /// Refused before it wrote anything: its answer, whatever becomes of the group.
+    Refused(E),
+    /// Failed after it may have written: the group must roll back. `None`: a conflict
+    /// with another writer (try again); `Some`: this command's error.
+    Failed(Option<E>),
+}
+
+/// One command of [`execute_guarded`], with what it takes a turn with.
+struct Grouped<'a, A: Aggregate, M, G, R, F> {
+    app: &'a App,
+    context: &'a CommandContext,
+    id: &'a str,
+    services: &'a A::Services,
+    make: &'a M,
+    guard: &'a G,
+    render: &'a R,
+    refusal: &'a F,
+    metadata: &'a Metadata,
+}
+
+/// Ends a group rolled back if its leader goes away before ending it (its request was
+/// dropped), so that members do not wait for nothing and new commands do not join it.
+struct Leading<'a, A> {
+    stream: &'a group::Stream,
+    group: Arc<group::Group<A>>,
+    ended: bool,
+}
+
+impl<A> Drop for Leading<'_, A> {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.stream.abandon();
+            self.group.end(group::Ended::RolledBack);
+        }
+    }
+}
+
+impl<A, E, M, G, R, F> Grouped<'_, A, M, G, R, F>
+where
+    A: Aggregate + Clone + 'static,
+    A::Error: Into<E>,
+    E: From<AppError>,
+    M: Fn(&Loaded<A>) -> Result<A::Command, E>,
+    G: for<'c> Fn(&'c mut PgConnection, &'c [A::Event]) -> Guarded<'c, E>,
+    R: Fn(&Written<A>) -> Reply,
+    F: Fn(&E) -> Reply,
+{
+    /// Joins the group taking members, or leads a new one; again in a new group after a
+    /// rollback, up to the retry policy's attempts.
+    async fn run(&self, stream: &group::Stream) -> Result<Retried<Answer>, E> {
+        let mut attempts = 0;
+        loop {
+            // Registered before looking, so that a group opening or a leader finishing
+            // in between is not missed.
+            let changed = stream.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let retry = match stream.join::<A>() {
+                Some((group, turn)) => {
+                    let outcome = {
+                        let mut work = group.work.lock().await;
+                        match work.as_mut() {
+                            Some(work) => self.take_turn(work).await,
+                            None => TurnOutcome::Failed(None),
+                        }
+                    };
+                    match outcome {
+                        TurnOutcome::Refused(e) => {
+                            turn.done();
+                            return Err(e);
+                        }
+                        TurnOutcome::Failed(failure) => {
+                            group.poison();
+                            turn.done();
+                            if let Some(e) = failure {
+                                return Err(e);
+                            }
+                            group.ended().await;
+                            true
+                        }
+                        TurnOutcome::Answer(answer) => {
+                            turn.done();
+                            match group.ended().await {
+                                group::Ended::Committed => return Ok(Retried::Done(answer)),
+                                group::Ended::RolledBack => true,
+                            }
+                        }
+                    }
+                }
+                None => match stream.turn.try_lock() {
+                    Ok(turn) => {
+                        let led = self.lead(stream).await;
+                        drop(turn);
+                        stream.changed.notify_waiters();
+                        match led? {
+                            Some(answer) => return Ok(Retried::Done(answer)),
+                            None => true,
+                        }
+                    }
+                    // A group is being opened or committed: wait for either.
+                    Err(_) => {
+                        changed.await;
+                        false
+                    }
+                },
+            };
+            if retry {
+                metrics::counter!("command_conflicts_total", "aggregate" => A::TYPE).increment(1);
+                attempts += 1;
+                if attempts >= self.app.retry.max_attempts {
+                    return Ok(Retried::Exhausted);
+                }
+                tokio::time::sleep(self.app.retry.pause(attempts - 1)).await;
+            }
+        }
+    }
+
+    /// Leads a group (the caller holds the stream's turn): begins its transaction, loads
+    /// the aggregate, takes the first turn,
+    /// lets the members who join take theirs, and commits (or rolls back) them all.
+    /// `None`: rolled back, try again.
+    async fn lead(&self, stream: &group::Stream) -> Result<Option<Answer>, E> {
+        let app = self.app;
+        let database = |e: sqlx::Error| E::from(AppError::from(e));
+        let mut tx = app.pool.begin().await.map_err(database)?;
+        if A::TYPE == Campaign::TYPE {
+            // A campaign's lifecycle decides whether it takes enrollments: hold it against
+            // bulk enrollment, which holds it shared while it decides, so no enrollment
+            // commits after the campaign's completion.
+            app.store
+                .hold_stream::<A>(&mut tx, self.id, Hold::Exclusive)
+                .await
+                .map_err(|e| E::from(AppError::from(e)))?;
+        }
+        let loaded: Loaded<A> = app
+            .store
+            .load(&mut tx, self.id)
+            .await
+            .map_err(|e| E::from(AppError::from(e)))?;
+        let group = stream.open::<A>(tx, loaded);
+        let mut leading = Leading {
+            stream,
+            group: group.clone(),
+            ended: false,
+        };
+        let own = {
+            let mut work = group.work.lock().await;
+            match work.as_mut() {
+                Some(work) => self.take_turn(work).await,
+                None => TurnOutcome::Failed(None),
+            }
+        };
+        if matches!(own, TurnOutcome::Failed(_)) {
+            group.poison();
+        }
+        stream.close(&group).await;
+        let work = group.work.lock().await.take();
+        let ended = match work {
+            Some(work) if !group.is_poisoned() => match work.tx.commit().await {
+                Ok(()) => {
+                    app.wakeup.committed();
+                    group::Ended::Committed
+                }
+                Err(e) => {
+                    group.end(group::Ended::RolledBack);
+                    leading.ended = true;
+                    return Err(database(e));
+                }
+            },
+            Some(work) => {
+                let _ = work.tx.rollback().await;
+                group::Ended::RolledBack
+            }
+            None => group::Ended::RolledBack,
+        };
+        group.end(ended);
+        leading.ended = true;
+        match (ended, own) {
+            (_, TurnOutcome::Refused(e)) | (_, TurnOutcome::Failed(Some(e))) => Err(e),
+            (group::Ended::Committed, TurnOutcome::Answer(answer)) => Ok(Some(answer)),
+            _ => Ok(None),
+        }
+    }
+
+    /// One command's turn on the group's transaction and the aggregate as the turns
+    /// before it left it: replay a recorded answer, or check `If-Match`, decide, append
+    /// and record.
+    async fn take_turn(&self, work: &mut group::Work<A>) -> TurnOutcome<E> {
+        let (tx, loaded) = (&mut work.tx, &mut work.loaded);
+        match replay(tx, self.context).await {
+            Ok(Some(recorded)) => return TurnOutcome::Answer(Answer::Replayed(recorded)),
+            Ok(None) => {}
+            // The transaction is unusable after a database error.
+            Err(e @ AppError::Database(_)) => return TurnOutcome::Failed(Some(e.into())),
+            Err(e) => return TurnOutcome::Refused(e.into()),
+        }
+        if let Some(expected) = &self.context.if_match
+            && !expected.matches(loaded.version)
+        {
+            return TurnOutcome::Refused(E::from(AppError::PreconditionFailed(
+                if loaded.version == 0 {
+                    format!(
+                        "If-Match is {} but the resource does not exist",
+                        expected.describe()
+                    )
+                } else {
+                    format!(
+                        "If-Match is {} but the resource is at version \"{}\"",
+                        expected.describe(),
+                        loaded.version
+                    )
+                },
+            )));
+        }
+        let existed_before = loaded.version > 0;
+        let command = match (self.make)(loaded) {
+            Ok(command) => command,
+            Err(e) => return TurnOutcome::Refused(e),
+        };
+        // Handling applies events to the state as it writes them: a refusal (or a failed
+        // guard) must leave the state as the next turn should see it.
+        let before = loaded.aggregate.clone();
+        let sink = EventSink::default();
+        let reply = match loaded.aggregate.handle(command, self.services, &sink).await {
+            // The outcome of executing the command: a retry with the key gets it again.
+            Err(domain) => {
+                loaded.aggregate = before;
+                (self.refusal)(&domain.into())
+            }
+            Ok(()) => {
+                let events = sink.collect().await;
+                match (self.guard)(tx, &events).await {
+                    Ok(()) => {}
+                    Err(Abort::Conflict) => return TurnOutcome::Failed(None),
+                    Err(Abort::Fail(e)) => return TurnOutcome::Failed(Some(e)),
+                }
+                let appended = match self
+                    .app
+                    .store
+                    .append(tx, loaded, &events, self.metadata)
+                    .await
+                {
+                    Ok(appended) => appended,
+                    Err(StoreError::Conflict) => return TurnOutcome::Failed(None),
+                    Err(e) => return TurnOutcome::Failed(Some(AppError::from(e).into())),
+                };
+                (self.render)(&Written {
+                    loaded: loaded.clone(),
+                    existed_before,
+                    appended,
+                })
+            }
+        };
+        match record(tx, self.context, &reply).await {
+            Ok(()) => TurnOutcome::Answer(Answer::Fresh(reply)),
+            Err(e) => TurnOutcome::Failed(Some(e.into())),
         }
     }
 }

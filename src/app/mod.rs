@@ -10,6 +10,7 @@ pub mod command;
 pub mod contacts;
 pub mod enrollments;
 pub mod error;
+pub mod group;
 pub mod keys;
 pub mod sources;
 pub mod webhooks;
@@ -45,6 +46,8 @@ pub struct App {
     pub wakeup: projections::Wakeup,
     /// API keys recently looked up (see `keys::KeyCache`).
     pub keys: keys::KeyCache,
+    /// Commands for one aggregate arriving together share a transaction (see `group`).
+    pub groups: group::Groups,
 }
 
 /// What one request may take of the process.
@@ -89,6 +92,7 @@ impl App {
             limits,
             wakeup: projections::Wakeup::new(),
             keys: keys::KeyCache::default(),
+            groups: group::Groups::default(),
         })
     }
 }

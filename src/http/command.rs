@@ -48,7 +48,7 @@ pub async fn execute<A, M, R>(
     render: R,
 ) -> Result<Response, ApiError>
 where
-    A: Aggregate,
+    A: Aggregate + Clone + 'static,
     A::Error: Into<ApiError>,
     M: Fn(&Loaded<A>) -> Result<A::Command, ApiError>,
     R: Fn(&Written<A>) -> Reply,

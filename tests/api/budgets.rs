@@ -1094,3 +1094,63 @@ async fn the_command_line_prints_the_same_costs_as_the_api_even_with_no_server_r
         [today.as_str(), "4.75", "7", "0", "3"]
     );
 }
+
+#[tokio::test]
+async fn concurrent_spends_on_one_budget_commit_in_groups_each_keeping_its_own_answer() {
+    let app = spawn_app().await;
+    let id = create_budget(&app, json!("10.00")).await;
+    // 60 spends of 0.25 at once, each with its own idempotency key: 40 fit.
+    let tasks = (0..60).map(|i| {
+        let request = app
+            .client
+            .post(app.url(&format!("/v1/budgets/{id}/spend")))
+            .bearer_auth(&app.write_key)
+            .header("Idempotency-Key", format!("spend-{i}"))
+            .json(&json!({"amount": "0.25", "category": "ai"}));
+        tokio::spawn(async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (i, status, response.text().await.unwrap())
+        })
+    });
+    let answers: Vec<(usize, u16, String)> = futures::future::join_all(tasks)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let accepted = answers.iter().filter(|(_, s, _)| *s == 201).count();
+    let refused = answers.iter().filter(|(_, s, _)| *s == 409).count();
+    assert_eq!((accepted, refused), (40, 20), "{answers:?}");
+    assert_eq!(
+        dec(&get_budget(&app, &id).await["spent"]),
+        Decimal::new(1000, 2)
+    );
+    // Several spends shared a transaction: fewer transactions than spends.
+    let transactions: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT transaction_id::text) FROM events
+         WHERE aggregate_id = $1 AND event_type = 'SpendRecorded'",
+    )
+    .bind(&id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(
+        transactions < 40,
+        "40 spends in {transactions} transactions: they were not grouped"
+    );
+    // Each kept its own recorded answer, refusals included.
+    for (i, status, body) in answers.iter().step_by(7) {
+        let again = app
+            .client
+            .post(app.url(&format!("/v1/budgets/{id}/spend")))
+            .bearer_auth(&app.write_key)
+            .header("Idempotency-Key", format!("spend-{i}"))
+            .json(&json!({"amount": "0.25", "category": "ai"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(again.status().as_u16(), *status);
+        assert_eq!(&again.text().await.unwrap(), body, "spend {i} replayed");
+    }
+    assert_eq!(count_events(&app, &id, "SpendRecorded").await, 40);
+}

@@ -1,0 +1,185 @@
+//! Group commit: commands for one aggregate that arrive together in one process share one
+//! transaction. The first to come leads a group: it begins the transaction and loads the
+//! aggregate once; the others join while it is open and each takes its turn deciding its
+//! command on the state the earlier ones left, appending its events and recording its own
+//! answer; then the leader commits them all at once. On a hot aggregate (one budget taking
+//! many spends) this replaces a storm of whole-transaction retries against itself with one
+//! commit for many commands.
+//!
+//! Each member keeps its own idempotency record and answer, and a refusal (of the domain,
+//! or of `If-Match`) is that member's alone. A member that fails after it wrote, or a
+//! conflict with another process (the optimistic check still decides across processes),
+//! rolls the whole group back, and every member tries again in a new group. A member whose
+//! request is dropped mid-turn poisons the group for the same reason: its events must not
+//! commit without its idempotency record.
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex as StdMutex};
+
+use tokio::sync::{Mutex, Notify, watch};
+
+use crate::app::command::Tx;
+use crate::store::Loaded;
+
+/// The open transaction of a group and the aggregate as its members have left it.
+pub(crate) struct Work<A> {
+    pub tx: Tx,
+    pub loaded: Loaded<A>,
+}
+
+/// How a group ended, as its members learn it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    Committed,
+    /// Rolled back: every member tries again.
+    RolledBack,
+}
+
+pub(crate) struct Group<A> {
+    pub work: Mutex<Option<Work<A>>>,
+    /// Members that joined and have not finished their turn.
+    joined: AtomicUsize,
+    turn_done: Notify,
+    poisoned: AtomicBool,
+    ended: watch::Sender<Option<Ended>>,
+}
+
+impl<A> Group<A> {
+    fn new(work: Work<A>) -> Self {
+        Self {
+            work: Mutex::new(Some(work)),
+            joined: AtomicUsize::new(0),
+            turn_done: Notify::new(),
+            poisoned: AtomicBool::new(false),
+            ended: watch::channel(None).0,
+        }
+    }
+
+    /// Something was written that must not commit: roll the group back.
+    pub fn poison(&self) {
+        self.poisoned.store(true, Ordering::Release);
+    }
+
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned.load(Ordering::Acquire)
+    }
+
+    /// Waits for the group's end; a leader that went away ended it rolled back.
+    pub async fn ended(&self) -> Ended {
+        let mut receiver = self.ended.subscribe();
+        match receiver.wait_for(Option::is_some).await {
+            Ok(value) => value.unwrap_or(Ended::RolledBack),
+            Err(_) => Ended::RolledBack,
+        }
+    }
+
+    pub fn end(&self, how: Ended) {
+        self.ended.send_replace(Some(how));
+    }
+}
+
+/// A member's turn: when dropped (finished, or its request dropped midway), the leader
+/// is told; dropped before [`Turn::done`], it poisons the group.
+pub(crate) struct Turn<A: Send + 'static> {
+    group: Arc<Group<A>>,
+    done: bool,
+}
+
+impl<A: Send + 'static> Turn<A> {
+    pub fn done(mut self) {
+        self.done = true;
+    }
+}
+
+impl<A: Send + 'static> Drop for Turn<A> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.group.poison();
+        }
+        self.group.joined.fetch_sub(1, Ordering::AcqRel);
+        self.group.turn_done.notify_one();
+    }
+}
+
+/// One aggregate's groups in this process: one at a time (`turn`), and the one taking
+/// members (`open`).
+#[derive(Default)]
+pub(crate) struct Stream {
+    pub turn: Mutex<()>,
+    open: StdMutex<Option<Arc<dyn Any + Send + Sync>>>,
+    /// Told when a group opens and when a leader is done: commands waiting to lead look
+    /// again, and join the new group rather than queue for the next.
+    pub changed: Notify,
+}
+
+impl Stream {
+    /// Joins the group taking members, if there is one.
+    pub fn join<A: Send + Sync + 'static>(&self) -> Option<(Arc<Group<A>>, Turn<A>)> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let group = open.as_ref()?.clone().downcast::<Group<A>>().ok()?;
+        group.joined.fetch_add(1, Ordering::AcqRel);
+        let turn = Turn {
+            group: group.clone(),
+            done: false,
+        };
+        Some((group, turn))
+    }
+
+    /// Opens a group for members (the caller holds `turn`).
+    pub fn open<A: Send + Sync + 'static>(&self, tx: Tx, loaded: Loaded<A>) -> Arc<Group<A>> {
+        let group = Arc::new(Group::new(Work { tx, loaded }));
+        *self.open.lock().unwrap_or_else(|e| e.into_inner()) = Some(group.clone());
+        self.changed.notify_waiters();
+        group
+    }
+
+    /// Waits until every member that joined has taken its turn, and closes the group to
+    /// new members at that moment (a member joins under the same lock).
+    pub async fn close<A: Send + Sync + 'static>(&self, group: &Arc<Group<A>>) {
+        loop {
+            let notified = group.turn_done.notified();
+            {
+                let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+                if group.joined.load(Ordering::Acquire) == 0 {
+                    *open = None;
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+
+    /// Closes the group without waiting (its leader is going away).
+    pub fn abandon(&self) {
+        *self.open.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+}
+
+/// Every aggregate's [`Stream`] in this process, while one is in use.
+#[derive(Clone, Default)]
+pub struct Groups {
+    streams: Arc<StdMutex<HashMap<(&'static str, String), Arc<Stream>>>>,
+}
+
+impl Groups {
+    pub(crate) fn stream(&self, aggregate: &'static str, id: &str) -> Arc<Stream> {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        streams
+            .entry((aggregate, id.to_string()))
+            .or_default()
+            .clone()
+    }
+
+    /// Forgets the stream when nobody else holds it (the map does not grow with every
+    /// aggregate ever written).
+    pub(crate) fn release(&self, aggregate: &'static str, id: &str, stream: Arc<Stream>) {
+        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        // Ours and the map's: nobody else is using it, and nobody can take it but from
+        // the map, under this lock.
+        if Arc::strong_count(&stream) == 2 {
+            streams.remove(&(aggregate, id.to_string()));
+        }
+    }
+}

@@ -157,10 +157,13 @@ impl Stream {
     }
 }
 
+/// A stream's key: its aggregate type and id.
+type StreamKey = (&'static str, String);
+
 /// Every aggregate's [`Stream`] in this process, while one is in use.
 #[derive(Clone, Default)]
 pub struct Groups {
-    streams: Arc<StdMutex<HashMap<(&'static str, String), Arc<Stream>>>>,
+    streams: Arc<StdMutex<HashMap<StreamKey, Arc<Stream>>>>,
 }
 
 impl Groups {

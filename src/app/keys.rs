@@ -147,9 +147,13 @@ const KEY_CACHE_MAX: usize = 10_000;
 /// Live keys recently looked up, by the SHA-256 of the key, so that a request usually
 /// costs no query. An entry is trusted for [`KEY_CACHE_TTL`]; a revocation anywhere clears
 /// every listening process's cache at once ([`listen_for_revocations`]).
+/// A key looked up, and when.
+type Cached = (ApiKey, Instant);
+
 #[derive(Clone, Default)]
 pub struct KeyCache {
-    entries: Arc<Mutex<HashMap<Vec<u8>, (ApiKey, Instant)>>>,
+    /// By the SHA-256 of the key.
+    entries: Arc<Mutex<HashMap<Vec<u8>, Cached>>>,
 }
 
 impl KeyCache {

@@ -10,6 +10,7 @@ pub mod contacts;
 pub mod enrollments;
 pub mod error;
 pub mod keys;
+pub mod replica;
 pub mod webhooks;
 pub mod workers;
 
@@ -38,6 +39,8 @@ pub struct App {
     /// The key of contact ids, read once from this app's database.
     pub contact_id_key: Arc<tokio::sync::OnceCell<Vec<u8>>>,
     pub limits: Limits,
+    /// A streaming replica for read-model queries (`LEADLEDGER_READ_DATABASE_URL`).
+    pub replica: Option<replica::Replica>,
 }
 
 /// What one request may take of the process.
@@ -80,6 +83,7 @@ impl App {
             secrets: config.secrets()?,
             contact_id_key: Default::default(),
             limits,
+            replica: None,
         })
     }
 }

@@ -19,5 +19,6 @@ mod lists;
 mod openapi;
 mod projections;
 mod rebuild;
+mod replica;
 mod store;
 mod webhooks;

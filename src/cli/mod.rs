@@ -777,12 +777,12 @@ impl projections::rebuild::Observer for RebuildProgress {
 }
 
 async fn run_serve(config: &Config, serve: &ServeConfig) -> anyhow::Result<()> {
-    let replica_options = match &serve.read_database_url {
+    let replica_options = match serve.read_database_url.as_deref().map(str::trim) {
+        None | Some("") => None,
         Some(url) => Some(
             url.parse::<sqlx::postgres::PgConnectOptions>()
                 .context("LEADLEDGER_READ_DATABASE_URL is not a valid PostgreSQL URL")?,
         ),
-        None => None,
     };
     let db = Database::open(config)
         .await

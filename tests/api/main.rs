@@ -5,6 +5,7 @@ mod auth;
 mod backup;
 mod budgets;
 mod cli;
+mod cluster;
 mod commands;
 mod contacts;
 mod enrollments;

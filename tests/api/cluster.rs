@@ -234,7 +234,7 @@ async fn a_cluster_keeps_every_acknowledged_write_through_a_killed_process_and_a
 
     // Phase 1: a bounded load through HAProxy; the process running the projections is
     // killed with SIGKILL once a quarter of it is acknowledged.
-    const WRITES: usize = 1200;
+    const WRITES: usize = 800;
     let tally = Arc::new(Mutex::new(Tally::default()));
     let load_started = Instant::now();
     let load = tokio::spawn(write_load(

@@ -12,8 +12,8 @@ use leadledger::app::keys::{self, Scope};
 use leadledger::app::workers;
 use leadledger::http;
 use serde_json::{Value, json};
-use sqlx::postgres::PgConnectOptions;
 use sqlx::PgPool;
+use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::build_app;

@@ -115,6 +115,10 @@ pub struct ServeConfig {
     /// Requests with bodies over 1 MiB (imports) handled at once; more wait.
     #[arg(long, env = "LEADLEDGER_LARGE_BODY_CONCURRENCY", default_value_t = 2)]
     pub large_body_concurrency: usize,
+
+    /// A streaming replica of the database for read-model, list and analytics reads.
+    #[arg(long, env = "LEADLEDGER_READ_DATABASE_URL", hide_env_values = true)]
+    pub read_database_url: Option<String>,
 }
 
 impl ServeConfig {

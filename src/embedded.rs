@@ -622,6 +622,51 @@ fn unprivileged_user() -> Result<Option<User>, EmbeddedError> {
     }
 }
 
+/// The directory of the machine's PostgreSQL binaries (the server's, so its client tools
+/// such as `pg_dump` match it).
+pub async fn server_bindir() -> Result<PathBuf, EmbeddedError> {
+    find_bindir().await
+}
+
+/// Sets the next transaction id of the stopped cluster in `<root>/pg` to at least `next`
+/// (`pg_resetwal -e -x`), run as the user PostgreSQL runs as. Restoring a logical backup
+/// needs it: the event feed orders by the writing transaction's id, so a restored log
+/// must lie below every transaction the new cluster will run. The value is rounded up to
+/// a commit-log segment, where PostgreSQL makes the segment itself when it gets there.
+pub async fn advance_transaction_ids(root: &Path, next: u64) -> Result<(), EmbeddedError> {
+    const SEGMENT: u64 = 1 << 20;
+    let mut next = next.div_ceil(SEGMENT) * SEGMENT;
+    if next & 0xFFFF_FFFF == 0 {
+        next += SEGMENT;
+    }
+    let bindir = find_bindir().await?;
+    let run_as = unprivileged_user()?;
+    let pg_dir = fs::canonicalize(root.join("pg")).map_err(io_err(root))?;
+    let mut cmd = Command::new(bindir.join("pg_resetwal"));
+    cmd.arg("-e")
+        .arg((next >> 32).to_string())
+        .arg("-x")
+        .arg((next & 0xFFFF_FFFF).to_string())
+        .arg("-D")
+        .arg(&pg_dir)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null());
+    if let Some(user) = &run_as {
+        cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+    }
+    let output = cmd.output().await.map_err(|e| EmbeddedError::Command {
+        what: "pg_resetwal".into(),
+        detail: e.to_string(),
+    })?;
+    if !output.status.success() {
+        return Err(EmbeddedError::Command {
+            what: "pg_resetwal".into(),
+            detail: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+        });
+    }
+    Ok(())
+}
+
 async fn find_bindir() -> Result<PathBuf, EmbeddedError> {
     let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("pg_ctl").is_file();
     if let Ok(out) = Command::new("pg_config").arg("--bindir").output().await

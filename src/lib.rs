@@ -15,6 +15,7 @@
 //! - [`store`]: the event store (optimistic concurrency, snapshots, the global feed).
 //! - [`db`]: the pool and migrations, on `DATABASE_URL` or on [`embedded`] PostgreSQL, a
 //!   private cluster in the data directory run from the machine's binaries.
+//! - [`backup`]: `backup` and `restore`, a logical dump in one snapshot with a manifest.
 //! - [`secrets`]: the key that seals webhook-source secrets at rest.
 //! - [`config`] and [`telemetry`]: settings from the environment, and logs and metrics.
 //!
@@ -22,6 +23,7 @@
 //! and the reactors) in `projections`.
 
 pub mod app;
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod db;

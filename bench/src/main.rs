@@ -31,6 +31,7 @@ struct Cli {
 }
 
 mod all;
+mod cluster;
 mod contacts;
 mod floor;
 mod import;
@@ -62,6 +63,26 @@ enum Bench {
         /// Also write the figures as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+    },
+    /// Contact upserts/s through a running load balancer (`scripts/cluster-bench`), with
+    /// the read replica's largest lag seen in the processes' /metrics meanwhile.
+    Cluster {
+        /// The load balancer's URL.
+        #[arg(long)]
+        url: String,
+        /// An API key with the write scope.
+        #[arg(long)]
+        key: String,
+        #[arg(long, default_value_t = 32)]
+        clients: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// The processes' /metrics URLs, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        metrics: Vec<String>,
+        /// The row's name in the table printed.
+        #[arg(long, default_value = "cluster")]
+        label: String,
     },
     /// Webhook ingestion (batches of 1 and 100) and 100,000 parked events.
     Webhooks {
@@ -230,6 +251,14 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Bench::Import { rows, runs } => import::run(rows, runs).await,
+            Bench::Cluster {
+                url,
+                key,
+                clients,
+                seconds,
+                metrics,
+                label,
+            } => cluster::run(url, key, clients, seconds, metrics, label).await,
             Bench::Webhooks { seconds } => webhooks::run(seconds).await,
             Bench::Providers { seconds } => webhooks::providers(seconds).await,
             Bench::Spends { clients, seconds } => spends::run(clients, seconds).await,

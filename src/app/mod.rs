@@ -12,6 +12,7 @@ pub mod enrollments;
 pub mod error;
 pub mod group;
 pub mod keys;
+pub mod replica;
 pub mod sources;
 pub mod webhooks;
 pub mod workers;
@@ -48,6 +49,8 @@ pub struct App {
     pub keys: keys::KeyCache,
     /// Commands for one aggregate arriving together share a transaction (see `group`).
     pub groups: group::Groups,
+    /// A streaming replica for read-model queries (`LEADLEDGER_READ_DATABASE_URL`).
+    pub replica: Option<replica::Replica>,
 }
 
 /// What one request may take of the process.
@@ -93,6 +96,7 @@ impl App {
             wakeup: projections::Wakeup::new(),
             keys: keys::KeyCache::default(),
             groups: group::Groups::default(),
+            replica: None,
         })
     }
 }

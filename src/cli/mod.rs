@@ -67,6 +67,18 @@ pub enum Command {
         #[command(subcommand)]
         command: AnalyticsCommand,
     },
+    /// Write a consistent backup of the database into DEST (a new or empty directory),
+    /// safe while `serve` runs: a `pg_dump` in one snapshot and a manifest of what it holds.
+    Backup {
+        dest: std::path::PathBuf,
+        /// Put the secret key (which seals webhook-source secrets) into the backup too.
+        /// Without it, keep the key safe yourself: the backup cannot open those secrets.
+        #[arg(long)]
+        include_secret_key: bool,
+    },
+    /// Restore a backup into a new data directory (no DATABASE_URL) or an empty database
+    /// (DATABASE_URL), and check the restored event log against the backup's manifest.
+    Restore { src: std::path::PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -276,7 +288,68 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Analytics { command } => {
             with_migrated_db(&config, async |db| analytics_command(db, command).await).await
         }
+        Command::Backup {
+            dest,
+            include_secret_key,
+        } => backup(&config, &dest, include_secret_key).await,
+        Command::Restore { src } => restore(&config, &src).await,
     }
+}
+
+async fn backup(
+    config: &Config,
+    dest: &std::path::Path,
+    include_secret_key: bool,
+) -> anyhow::Result<()> {
+    let db = Database::open(config)
+        .await
+        .context("opening the database")?;
+    let result = crate::backup::backup(config, &db.url, dest, include_secret_key).await;
+    db.close().await?;
+    let report = result.context("writing the backup")?;
+    println!(
+        "backup written to {}: {} events, {} bytes, at {}",
+        report.dir.display(),
+        report.manifest.events,
+        report.bytes,
+        report.manifest.created_at.to_rfc3339()
+    );
+    if !include_secret_key {
+        eprintln!(
+            "note: the secret key is not in this backup; keep it safe apart \
+             (LEADLEDGER_SECRET_KEY, or {}): without it a restored service cannot open \
+             webhook-source secrets. `--include-secret-key` puts it in the backup.",
+            config.data_dir.join("secret.key").display()
+        );
+    }
+    Ok(())
+}
+
+async fn restore(config: &Config, src: &std::path::Path) -> anyhow::Result<()> {
+    use crate::backup::KeyOutcome;
+    let report = crate::backup::restore(config, src)
+        .await
+        .context("restoring the backup")?;
+    println!(
+        "restored {} events (backup of {}) into {}",
+        report.manifest.events,
+        report.manifest.created_at.to_rfc3339(),
+        report.target
+    );
+    match report.key {
+        KeyOutcome::Written(path) => println!("secret key written to {}", path.display()),
+        KeyOutcome::AlreadyThere(path) => println!("secret key already in {}", path.display()),
+        KeyOutcome::FromEnvironment => println!(
+            "the backup's secret key was not written: LEADLEDGER_SECRET_KEY is set, and must \
+             be the backup's key"
+        ),
+        KeyOutcome::NotInBackup => eprintln!(
+            "note: the backup holds no secret key; give this service the source's key \
+             (LEADLEDGER_SECRET_KEY, or {}) or webhook-source secrets cannot be opened",
+            config.data_dir.join("secret.key").display()
+        ),
+    }
+    Ok(())
 }
 
 /// Opens and migrates the database, runs `f`, and closes the database whatever `f` returned.
@@ -784,6 +857,13 @@ impl projections::rebuild::Observer for RebuildProgress {
 }
 
 async fn run_serve(config: &Config, serve: &ServeConfig) -> anyhow::Result<()> {
+    let replica_options = match serve.read_database_url.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(url) => Some(
+            url.parse::<sqlx::postgres::PgConnectOptions>()
+                .context("LEADLEDGER_READ_DATABASE_URL is not a valid PostgreSQL URL")?,
+        ),
+    };
     let db = Database::open(config)
         .await
         .context("opening the database")?;
@@ -810,7 +890,14 @@ async fn run_serve(config: &Config, serve: &ServeConfig) -> anyhow::Result<()> {
             return Err(e).context("creating the first admin key");
         }
     }
-    let state = App::build(db.pool.clone(), config, serve.limits())?;
+    let mut state = App::build(db.pool.clone(), config, serve.limits())?;
+    if let Some(options) = replica_options {
+        // Lazy: a replica that is down at start is the primary's load until it is back.
+        let replica = crate::app::replica::pool_options(config.db_pool_size)
+            .connect_lazy_with(options.application_name("leadledger-read"));
+        state = state.with_replica(replica);
+        tracing::info!("read-model queries go to the read replica when it is up");
+    }
     let workers = crate::app::workers::start(&state);
     tracing::info!(%addr, "leadledger listening");
     println!("leadledger listening on http://{addr}");

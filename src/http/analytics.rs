@@ -53,8 +53,7 @@ async fn cost_analytics(
 ) -> Result<Response, ApiError> {
     let params = CostsParams::parse(query.days.as_deref(), query.group_by.as_deref())?;
     let _ = &query.min_position;
-    min_position.wait(&state, &COSTS_READ_MODELS).await?;
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = min_position.connection(&state, &COSTS_READ_MODELS).await?;
     let report = cost_report(&mut conn, params, Utc::now().date_naive()).await?;
     Ok(axum::Json(report).into_response())
 }
@@ -92,7 +91,6 @@ async fn campaign_timeseries_route(
         .map_err(ApiError::BadRequest)?
         .unwrap_or(CostsParams::DEFAULT_DAYS);
     let _ = &query.min_position;
-    min_position.wait(&state, &[ENROLLMENTS_READ_MODEL]).await?;
     crate::http::command::load_existing(
         &state,
         campaign,
@@ -100,7 +98,9 @@ async fn campaign_timeseries_route(
         "no campaign with this id",
     )
     .await?;
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = min_position
+        .connection(&state, &[ENROLLMENTS_READ_MODEL])
+        .await?;
     let report = campaign_timeseries(&mut conn, campaign, days, Utc::now().date_naive()).await?;
     Ok(axum::Json(report).into_response())
 }
@@ -124,8 +124,9 @@ async fn dashboard(
     min_position: MinPosition,
 ) -> Result<Response, ApiError> {
     let _ = &query.min_position;
-    min_position.wait(&state, &DASHBOARD_READ_MODELS).await?;
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = min_position
+        .connection(&state, &DASHBOARD_READ_MODELS)
+        .await?;
     let report = dashboard_report(&mut conn, Utc::now().date_naive()).await?;
     Ok(axum::Json(report).into_response())
 }

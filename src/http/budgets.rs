@@ -410,8 +410,9 @@ async fn list_budgets(
     };
     let limit = page.limit()?;
     let after: Option<i64> = page.cursor()?;
-    min_position.wait(&state, &[BUDGETS_READ_MODEL]).await?;
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = min_position
+        .connection(&state, &[BUDGETS_READ_MODEL])
+        .await?;
     let mut rows = projections::budgets::page(&mut conn, after, limit + 1).await?;
     let next_cursor = cut_page(&mut rows, limit, |r| r.position);
     let ids: Vec<String> = rows.iter().map(|r| r.id.to_string()).collect();

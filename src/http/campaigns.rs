@@ -322,8 +322,7 @@ async fn list_campaigns(
         ));
     }
     let _ = &query.min_position;
-    min_position.wait(&state, &[READ_MODEL]).await?;
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = min_position.connection(&state, &[READ_MODEL]).await?;
     let rows =
         projections::campaigns::page(&mut conn, query.status.as_deref(), cursor, limit + 1).await?;
     let mut items: Vec<CampaignListItem> = rows.into_iter().map(CampaignListItem::from).collect();

@@ -406,8 +406,7 @@ async fn list_contacts(
                 .replace('_', "\\_")
         )),
     };
-    min_position.wait(&state, &[READ_MODEL]).await?;
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = min_position.connection(&state, &[READ_MODEL]).await?;
     let rows = projections::contacts::page(
         &mut conn,
         email.as_deref(),

@@ -237,8 +237,7 @@ async fn list_enrollments(
             STATUSES.join(", ")
         )));
     }
-    min_position.wait(&state, &[READ_MODEL]).await?;
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = min_position.connection(&state, &[READ_MODEL]).await?;
     let rows = projections::enrollments::page(
         &mut conn,
         campaign,
@@ -294,7 +293,6 @@ async fn campaign_metrics(
     min_position: MinPosition,
 ) -> Result<Response, ApiError> {
     let campaign = campaign_id(&id)?;
-    min_position.wait(&state, &[READ_MODEL]).await?;
     // 404 for a campaign that does not exist (its stream, not a read model, says so).
     command::load_existing(
         &state,
@@ -303,7 +301,7 @@ async fn campaign_metrics(
         "no campaign with this id",
     )
     .await?;
-    let mut conn = state.pool.acquire().await?;
+    let mut conn = min_position.connection(&state, &[READ_MODEL]).await?;
     let row = projections::enrollments::campaign_metrics(&mut conn, campaign).await?;
     let c = |f: fn(&_) -> i64| row.as_ref().map_or(0, f);
     let (enrolled, sent, delivered, opened, clicked, replied, bounced, unsubscribed, complained) = (

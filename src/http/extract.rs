@@ -85,6 +85,25 @@ impl MinPosition {
     }
 }
 
+impl MinPosition {
+    /// A connection for reading `projections`' read models once they include the position:
+    /// the read replica's when it is configured, up and caught up in time, else the
+    /// primary's (see `app::replica`). 503 with `Retry-After` if neither is in time.
+    pub async fn connection(
+        self,
+        state: &App,
+        projections: &[&str],
+    ) -> Result<sqlx::pool::PoolConnection<sqlx::Postgres>, ApiError> {
+        match state
+            .read_connection(self.0, projections, MIN_POSITION_WAIT)
+            .await?
+        {
+            crate::app::replica::ReadTarget::Ready(conn) => Ok(conn),
+            crate::app::replica::ReadTarget::NotCaughtUp => Err(ApiError::NotCaughtUp),
+        }
+    }
+}
+
 /// `?limit=` (1..=500, default 50) and `?cursor=`.
 #[derive(Debug, Clone, serde::Deserialize)]
 pub struct PageQuery {

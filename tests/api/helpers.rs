@@ -171,6 +171,18 @@ impl Harness {
         name
     }
 
+    /// A new database with nothing in it (not cloned from the migrated template).
+    pub async fn empty_database(&self) -> String {
+        let name = format!("leadledger_test_{}", uuid::Uuid::new_v4().simple());
+        let mut admin = self.admin().await;
+        execute(
+            &mut admin,
+            &format!("CREATE DATABASE {name} TEMPLATE template0"),
+        )
+        .await;
+        name
+    }
+
     pub fn options(&self, database: &str) -> PgConnectOptions {
         self.base.clone().database(database)
     }

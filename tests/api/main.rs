@@ -2,8 +2,10 @@
 
 mod analytics;
 mod auth;
+mod backup;
 mod budgets;
 mod cli;
+mod cluster;
 mod commands;
 mod contacts;
 mod enrollments;
@@ -19,5 +21,6 @@ mod openapi;
 mod projections;
 mod providers;
 mod rebuild;
+mod replica;
 mod store;
 mod webhooks;

@@ -24,6 +24,7 @@
 pub mod app;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod db;
 pub mod embedded;
 pub mod http;

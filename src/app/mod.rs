@@ -10,6 +10,7 @@ pub mod contacts;
 pub mod enrollments;
 pub mod error;
 pub mod keys;
+pub mod reads;
 pub mod webhooks;
 pub mod workers;
 

@@ -5,6 +5,7 @@ mod auth;
 mod budgets;
 mod cli;
 mod commands;
+mod console;
 mod contacts;
 mod enrollments;
 mod faults;

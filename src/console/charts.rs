@@ -77,7 +77,7 @@ pub fn lines(labels: &[String], series: &[Series<'_>], title: &str) -> Markup {
                 text.axis x=(LEFT - 6.0) y=(format!("{:.1}", y(tick) + 4.0)) text-anchor="end" { (crate::console::format::count(tick)) }
             }
             @for i in label_indexes(labels.len()) {
-                text.axis x=(format!("{:.1}", x(i))) y=(H - 6.0) text-anchor="middle" { (labels[i]) }
+                text.axis x=(format!("{:.1}", x(i))) y=(H - 6.0) text-anchor=(anchor(i, labels.len())) { (labels[i]) }
             }
             @for s in series {
                 polyline class=(format!("line s-{}", s.name)) fill="none"
@@ -109,9 +109,21 @@ pub fn columns(labels: &[String], values: &[f64], title: &str) -> Markup {
                 }
             }
             @for i in label_indexes(labels.len()) {
-                text.axis x=(format!("{:.1}", LEFT + slot * (i as f64 + 0.5))) y=(H - 6.0) text-anchor="middle" { (labels[i]) }
+                text.axis x=(format!("{:.1}", LEFT + slot * (i as f64 + 0.5))) y=(H - 6.0) text-anchor=(anchor(i, labels.len())) { (labels[i]) }
             }
         }
+    }
+}
+
+/// Where a label of the x axis hangs from its point: the first from its start and the last
+/// from its end, so neither is cut by the chart's edge.
+fn anchor(i: usize, n: usize) -> &'static str {
+    if i == 0 {
+        "start"
+    } else if i + 1 == n {
+        "end"
+    } else {
+        "middle"
     }
 }
 

@@ -167,7 +167,7 @@ pub async fn overview(State(app): State<App>, headers: HeaderMap) -> Page {
                     @if d.top_campaigns.is_empty() {
                         p.muted { "No campaign has delivered mail yet." }
                     } @else {
-                        table.list {
+                        div.scroll { table.list {
                             thead { tr { th { "Campaign" } th.num { "Delivered" } th.num { "Replied" } th.num { "Reply rate" } } }
                             tbody {
                                 @for c in &d.top_campaigns {
@@ -179,7 +179,7 @@ pub async fn overview(State(app): State<App>, headers: HeaderMap) -> Page {
                                     }
                                 }
                             }
-                        }
+                        } }
                     }
                 }
                 section.panel {
@@ -230,6 +230,13 @@ fn funnel_rows(steps: &[(&str, i64)], prefix: &str) -> Markup {
     }
 }
 
+fn period(period: &str) -> String {
+    match period {
+        "none" => "all time".into(),
+        other => other.to_string(),
+    }
+}
+
 fn budget_rows(budgets: &[reads::BudgetView]) -> Markup {
     let f = |m: &aggregates::money::Money| m.as_decimal().try_into().unwrap_or(0.0_f64);
     html! {
@@ -240,7 +247,7 @@ fn budget_rows(budgets: &[reads::BudgetView]) -> Markup {
             div.budget data-budget=(b.id) {
                 div.head {
                     strong { (b.name) } " "
-                    span.muted { (b.period) }
+                    span.muted { (period(&b.period)) }
                 }
                 (charts::stacked(f(&b.spent), f(&b.reserved), b.limit.as_ref().map(f)))
                 p.small {

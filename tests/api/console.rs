@@ -555,6 +555,28 @@ mod browser {
         }
     }
 
+    /// A DevTools command through chromedriver (`POST /session/{id}/goog/cdp/execute`).
+    #[derive(Debug)]
+    pub struct Cdp(pub &'static str, pub Value);
+
+    impl WebDriverCompatibleCommand for Cdp {
+        fn endpoint(
+            &self,
+            base: &url::Url,
+            session: Option<&str>,
+        ) -> Result<url::Url, url::ParseError> {
+            base.join(&format!(
+                "session/{}/goog/cdp/execute",
+                session.unwrap_or_default()
+            ))
+        }
+
+        fn method_and_body(&self, _: &url::Url) -> (http::Method, Option<String>) {
+            let body = json!({"cmd": self.0, "params": self.1});
+            (http::Method::POST, Some(body.to_string()))
+        }
+    }
+
     /// chromedriver's `POST /session/{id}/se/log` for the `browser` log.
     #[derive(Debug)]
     struct BrowserLog;
@@ -579,23 +601,37 @@ fn number(text: &str) -> String {
     text.trim().replace(',', "")
 }
 
-/// Screenshots of the page at `path`, full height, at 1440 and 390 px wide; at 390 px the
-/// page must not scroll sideways.
+/// Screenshots of the page, its whole height, in a viewport 1440 and 390 px wide (the
+/// latter as a phone); at 390 px the page must not scroll sideways.
 async fn screenshots(b: &browser::Browser, name: &str) {
+    use base64::Engine;
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target/console-screenshots");
     std::fs::create_dir_all(&dir).unwrap();
     for width in [1440_u32, 390] {
-        b.client.set_window_size(width, 900).await.unwrap();
+        let metrics =
+            json!({"width": width, "height": 900, "deviceScaleFactor": 1, "mobile": width < 600});
+        b.client
+            .issue_cmd(browser::Cdp("Emulation.setDeviceMetricsOverride", metrics))
+            .await
+            .unwrap();
         let height = b
             .js("return document.documentElement.scrollHeight")
             .await
             .as_u64()
-            .unwrap_or(900);
-        b.client
-            .set_window_size(width, (height as u32).clamp(600, 6000))
+            .unwrap_or(900)
+            .clamp(300, 8000);
+        let shot = b
+            .client
+            .issue_cmd(browser::Cdp(
+                "Page.captureScreenshot",
+                json!({"format": "png", "captureBeyondViewport": true,
+                       "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1}}),
+            ))
             .await
             .unwrap();
-        let png = b.client.screenshot().await.unwrap();
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(shot["data"].as_str().unwrap())
+            .unwrap();
         std::fs::write(dir.join(format!("{name}-{width}.png")), png).unwrap();
         if width == 390 {
             let wide = b
@@ -606,7 +642,13 @@ async fn screenshots(b: &browser::Browser, name: &str) {
             assert!(wide <= 0, "{name} scrolls sideways by {wide} px at 390 px");
         }
     }
-    b.client.set_window_size(1440, 1000).await.unwrap();
+    b.client
+        .issue_cmd(browser::Cdp(
+            "Emulation.clearDeviceMetricsOverride",
+            json!({}),
+        ))
+        .await
+        .unwrap();
 }
 
 /// Every resource the page loaded came from the server itself.

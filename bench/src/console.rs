@@ -86,11 +86,7 @@ pub(crate) async fn run(events: u64, samples: usize) -> anyhow::Result<()> {
                 .header("cookie", &cookie)
                 .send()
                 .await?;
-            anyhow::ensure!(
-                response.status() == 200,
-                "{path}: {}",
-                response.status()
-            );
+            anyhow::ensure!(response.status() == 200, "{path}: {}", response.status());
             bytes = response.bytes().await?.len();
             times.push(start.elapsed());
         }

@@ -35,6 +35,19 @@ pub(crate) async fn run(events: u64, samples: usize) -> anyhow::Result<()> {
         .await?,
         "live projections did not catch up"
     );
+    // The log was written around the server, so its budget streams (tens of thousands of
+    // spends each) have no snapshot; one spend through the API on each writes the snapshot
+    // the server would have kept all along.
+    for (budget, _) in &generator.budgets {
+        server
+            .client
+            .post(format!("{}/v1/budgets/{budget}/spend", server.address))
+            .bearer_auth(&server.key)
+            .json(&serde_json::json!({"amount": "0.01", "category": "ai"}))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
     // A webhook backlog: 2,000 parked events and 2,000 dead letters.
     sqlx::query(
         "INSERT INTO webhook_parked (id, source, event_id, enrollment_id, kind, occurred_at,

@@ -107,7 +107,7 @@ pub(crate) struct Generator {
     rng: Rng,
     now: DateTime<Utc>,
     pub(crate) campaigns: Vec<Uuid>,
-    budgets: Vec<(Uuid, u64)>,
+    pub(crate) budgets: Vec<(Uuid, u64)>,
     /// Enrollments made by the last chunk: (id, campaign), provider events still to come.
     pending: Vec<(Uuid, u64)>,
     pub(crate) written: u64,

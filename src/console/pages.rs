@@ -887,7 +887,7 @@ pub async fn budgets(State(app): State<App>, headers: HeaderMap, RawQuery(raw): 
 fn cost_table(items: &[analytics::CostItem], what: &str) -> Markup {
     html! {
         @if items.is_empty() { p.muted { "No cost recorded." } } @else {
-            table.list {
+            div.scroll { table.list {
                 thead { tr { th { (what) } th.num { "Cost" } th.num { "Requests" } th.num { "Tokens in / out" } } }
                 tbody {
                     @for i in items {
@@ -899,7 +899,7 @@ fn cost_table(items: &[analytics::CostItem], what: &str) -> Markup {
                         }
                     }
                 }
-            }
+            } }
         }
     }
 }

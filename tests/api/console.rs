@@ -410,6 +410,7 @@ async fn dead_letters(app: &TestApp) -> i64 {
 // ---------------------------------------------------------------- the real browser
 
 mod browser {
+    use std::os::unix::process::CommandExt;
     use std::process::{Child, Command, Stdio};
     use std::time::Duration;
 
@@ -442,7 +443,9 @@ mod browser {
                 let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
                 l.local_addr().unwrap().port()
             };
+            // In a process group of its own, so that the browser it starts ends with it.
             let driver = Command::new("chromedriver")
+                .process_group(0)
                 .arg(format!("--port={port}"))
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
@@ -477,7 +480,7 @@ mod browser {
             caps.insert("goog:loggingPrefs".into(), json!({"browser": "ALL"}));
             let url = format!("http://127.0.0.1:{port}");
             let mut last = None;
-            for _ in 0..100 {
+            for _ in 0..300 {
                 let connector = hyper_util::client::legacy::connect::HttpConnector::new();
                 match ClientBuilder::new(connector)
                     .capabilities(caps.clone())
@@ -542,16 +545,18 @@ mod browser {
             assert_eq!(self.path().await, path, "the page after the click");
         }
 
-        pub async fn stop(mut self) {
+        pub async fn stop(self) {
             let _ = self.client.clone().close().await;
-            let _ = self.driver.kill();
-            let _ = self.driver.wait();
         }
     }
 
     impl Drop for Browser {
+        /// Ends chromedriver and every browser process it started (its process group).
         fn drop(&mut self) {
-            let _ = self.driver.kill();
+            use nix::sys::signal::{Signal, killpg};
+            use nix::unistd::Pid;
+            let _ = killpg(Pid::from_raw(self.driver.id() as i32), Signal::SIGKILL);
+            let _ = self.driver.wait();
         }
     }
 

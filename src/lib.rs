@@ -26,6 +26,7 @@ pub mod app;
 pub mod backup;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod db;
 pub mod embedded;
 pub mod http;

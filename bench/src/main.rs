@@ -32,6 +32,7 @@ struct Cli {
 
 mod all;
 mod cluster;
+mod console;
 mod contacts;
 mod floor;
 mod import;
@@ -119,6 +120,15 @@ enum Bench {
         events: Vec<u64>,
         /// Requests timed on each read route.
         #[arg(long, default_value_t = 2_000)]
+        samples: usize,
+    },
+    /// Every web-console page's render time over a large log (signed in, one client).
+    Console {
+        /// Events in the log before the pages are timed.
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
+        /// Requests timed on each page.
+        #[arg(long, default_value_t = 200)]
         samples: usize,
     },
     /// The rebuild of `rebuild`, run in a process of its own so its peak memory is its own.
@@ -264,6 +274,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Spends { clients, seconds } => spends::run(clients, seconds).await,
             Bench::Rebuild { events, samples } => rebuild::run(events, samples).await,
             Bench::RebuildChild { url } => rebuild::child(&url).await,
+            Bench::Console { events, samples } => console::run(events, samples).await,
             Bench::Store {
                 long_stream,
                 samples,

@@ -102,20 +102,20 @@ fn fresh<A: Aggregate>(id: String, version: u64) -> Loaded<A> {
     }
 }
 
-struct Generator {
+pub(crate) struct Generator {
     store: Store,
     rng: Rng,
     now: DateTime<Utc>,
-    campaigns: Vec<Uuid>,
-    budgets: Vec<(Uuid, u64)>,
+    pub(crate) campaigns: Vec<Uuid>,
+    pub(crate) budgets: Vec<(Uuid, u64)>,
     /// Enrollments made by the last chunk: (id, campaign), provider events still to come.
     pending: Vec<(Uuid, u64)>,
-    written: u64,
+    pub(crate) written: u64,
     chunk: u64,
 }
 
 impl Generator {
-    async fn new(pool: &PgPool) -> anyhow::Result<Self> {
+    pub(crate) async fn new(pool: &PgPool) -> anyhow::Result<Self> {
         let mut generator = Self {
             store: Store::new(0),
             rng: Rng(0x9E37_79B9_7F4A_7C15),
@@ -157,7 +157,7 @@ impl Generator {
     }
 
     /// Writes one chunk of 2,000 contacts and what follows from them.
-    async fn chunk(&mut self, pool: &PgPool) -> anyhow::Result<()> {
+    pub(crate) async fn chunk(&mut self, pool: &PgPool) -> anyhow::Result<()> {
         const CONTACTS: usize = 2_000;
         self.chunk += 1;
         let mut contacts = Vec::new();

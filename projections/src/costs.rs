@@ -39,7 +39,7 @@ impl Projection for CostsProjection {
     }
 
     fn tables(&self) -> &'static [&'static str] {
-        &["costs_view", "cost_days_view"]
+        &["costs_view", "cost_days_view", "cost_groups_view"]
     }
 
     /// Every cost of the batch in one insert, and each day's sums moved once.
@@ -128,6 +128,49 @@ impl Projection for CostsProjection {
         )
         .execute(&mut *conn)
         .await?;
+        // Each (day, budget, category, model)'s sums, moved once per batch.
+        type GroupKey = (NaiveDate, Uuid, String, Option<String>);
+        let mut groups: BTreeMap<GroupKey, (Decimal, Decimal, Decimal, i64)> = BTreeMap::new();
+        for c in &costs {
+            let key = (
+                utc_day(c.spent_at),
+                c.budget_id,
+                c.category.clone(),
+                c.model.clone(),
+            );
+            let group = groups.entry(key).or_default();
+            group.0 += c.amount;
+            group.1 += Decimal::from(c.input_tokens.unwrap_or(0));
+            group.2 += Decimal::from(c.output_tokens.unwrap_or(0));
+            group.3 += 1;
+        }
+        sqlx::query!(
+            "INSERT INTO cost_groups_view
+                 (day, budget_id, category, model_key, model, cost, input_tokens,
+                  output_tokens, requests)
+             SELECT u.day, u.budget_id, u.category,
+                    CASE WHEN u.model IS NULL THEN '-' ELSE 'm:' || u.model END, u.model,
+                    u.cost, u.input_tokens, u.output_tokens, u.requests
+             FROM UNNEST($1::date[], $2::uuid[], $3::text[], $4::text[], $5::numeric[],
+                         $6::numeric[], $7::numeric[], $8::int8[])
+                  AS u(day, budget_id, category, model, cost, input_tokens, output_tokens,
+                       requests)
+             ON CONFLICT (day, budget_id, category, model_key) DO UPDATE SET
+                 cost = cost_groups_view.cost + EXCLUDED.cost,
+                 input_tokens = cost_groups_view.input_tokens + EXCLUDED.input_tokens,
+                 output_tokens = cost_groups_view.output_tokens + EXCLUDED.output_tokens,
+                 requests = cost_groups_view.requests + EXCLUDED.requests",
+            &groups.keys().map(|k| k.0).collect::<Vec<_>>(),
+            &groups.keys().map(|k| k.1).collect::<Vec<_>>(),
+            &groups.keys().map(|k| k.2.clone()).collect::<Vec<_>>(),
+            &groups.keys().map(|k| k.3.clone()).collect::<Vec<_>>() as _,
+            &groups.values().map(|g| g.0).collect::<Vec<_>>(),
+            &groups.values().map(|g| g.1).collect::<Vec<_>>(),
+            &groups.values().map(|g| g.2).collect::<Vec<_>>(),
+            &groups.values().map(|g| g.3).collect::<Vec<_>>(),
+        )
+        .execute(&mut *conn)
+        .await?;
         let mut days: BTreeMap<NaiveDate, (Decimal, i64)> = BTreeMap::new();
         for c in &costs {
             let day = days.entry(utc_day(c.spent_at)).or_default();
@@ -213,7 +256,8 @@ pub struct CostRow {
 /// first, otherwise the largest cost first.
 ///
 /// The grouping column is chosen by comparing a bound parameter, so the statement is one
-/// fixed, compile-checked text whatever the caller asks for.
+/// fixed, compile-checked text whatever the caller asks for. It adds up the kept sums of
+/// `cost_groups_view`, a few per day, never the spends themselves.
 pub async fn report(
     conn: &mut PgConnection,
     from: NaiveDate,
@@ -229,13 +273,13 @@ pub async fn report(
                CASE WHEN $3 = 'model' THEN model END AS "model?",
                CASE WHEN $3 = 'category' THEN category END AS "category?",
                CASE WHEN $3 = 'budget' THEN budget_id END AS "budget_id?: Uuid",
-               sum(amount) AS "cost!",
+               sum(cost) AS "cost!",
                LEAST(coalesce(sum(input_tokens), 0), 9223372036854775807)::bigint
                    AS "input_tokens!",
                LEAST(coalesce(sum(output_tokens), 0), 9223372036854775807)::bigint
                    AS "output_tokens!",
-               count(*) AS "requests!"
-           FROM costs_view
+               sum(requests)::bigint AS "requests!"
+           FROM cost_groups_view
            WHERE day >= $1 AND day <= $2
            GROUP BY 1, 2, 3, 4
            ORDER BY 1, 5 DESC, 2, 3, 4"#,

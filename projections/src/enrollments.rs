@@ -504,6 +504,65 @@ pub async fn campaign_metrics(
     .await
 }
 
+/// A campaign's counts beside its id, for a page of campaigns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CampaignMetricsRow {
+    pub campaign_id: Uuid,
+    pub enrolled: i64,
+    pub sent: i64,
+    pub delivered: i64,
+    pub opened: i64,
+    pub clicked: i64,
+    pub replied: i64,
+    pub bounced: i64,
+    pub unsubscribed: i64,
+    pub complained: i64,
+}
+
+/// The counts of each of `campaigns` that has any, read by the primary key.
+pub async fn metrics_of(
+    conn: &mut PgConnection,
+    campaigns: &[Uuid],
+) -> Result<Vec<CampaignMetricsRow>, sqlx::Error> {
+    sqlx::query_as!(
+        CampaignMetricsRow,
+        "SELECT campaign_id, enrolled, sent, delivered, opened, clicked, replied, bounced,
+                unsubscribed, complained
+         FROM campaign_metrics_view WHERE campaign_id = ANY($1)",
+        campaigns
+    )
+    .fetch_all(conn)
+    .await
+}
+
+/// A contact's enrollments newest first, after the one at `after` (its enrollment time
+/// and id).
+pub async fn of_contact(
+    conn: &mut PgConnection,
+    contact: Uuid,
+    after: Option<(DateTime<Utc>, Uuid)>,
+    limit: i64,
+) -> Result<Vec<EnrollmentRow>, sqlx::Error> {
+    let (after_at, after_id) = after.unzip();
+    sqlx::query_as!(
+        EnrollmentRow,
+        "SELECT id, campaign_id, contact_id, status, enrolled_at, sent_at, delivered_at, opened_at,
+                clicked_at, replied_at, bounced_at, unsubscribed_at, complained_at,
+                sequence_ended_at, version
+         FROM enrollments_view
+         WHERE contact_id = $1
+           AND ($2::timestamptz IS NULL OR (enrolled_at, id) < ($2, $3))
+         ORDER BY enrolled_at DESC, id DESC
+         LIMIT $4",
+        contact,
+        after_at,
+        after_id,
+        limit
+    )
+    .fetch_all(conn)
+    .await
+}
+
 /// One UTC day of a campaign: enrollments that reached each milestone that day.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DayRow {

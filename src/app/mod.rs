@@ -12,6 +12,7 @@ pub mod enrollments;
 pub mod error;
 pub mod group;
 pub mod keys;
+pub mod reads;
 pub mod replica;
 pub mod sources;
 pub mod webhooks;

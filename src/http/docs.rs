@@ -1,5 +1,5 @@
 //! `GET /openapi.json` (the OpenAPI 3.1 document of every route), `GET /docs`, a page
-//! rendered from it on the server, and `GET /`, which sends newcomers there. The page has
+//! rendered from it on the server, and `GET /`, which sends newcomers to the web console. The page has
 //! no scripts or assets from elsewhere, so it works on a machine with no internet access;
 //! it shows every parameter, request body and response body with its fields and an
 //! example, so that a newcomer can use the API from it alone.
@@ -23,14 +23,14 @@ pub fn router() -> OpenApiRouter<App> {
         .routes(routes!(docs_page))
 }
 
-/// The way in: a redirect to the documentation.
+/// The way in: a redirect to the web console (which signs people in with an API key).
 #[utoipa::path(get, path = "/", tag = "operations", security(),
-    responses((status = 308, description = "To `/docs`, the documentation",
-        headers(("location" = String, description = "/docs")))))]
+    responses((status = 308, description = "To `/console`, the web console",
+        headers(("location" = String, description = "/console")))))]
 async fn root() -> impl IntoResponse {
     (
         axum::http::StatusCode::PERMANENT_REDIRECT,
-        [(header::LOCATION, "/docs")],
+        [(header::LOCATION, "/console")],
     )
 }
 

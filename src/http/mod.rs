@@ -87,6 +87,8 @@ pub fn api(state: &App) -> (Router<App>, serde_json::Value) {
 pub fn router(state: App) -> Router {
     let (routes, openapi) = api(&state);
     routes
+        // The web console: HTML pages, not part of the API's document.
+        .merge(crate::console::router())
         .layer(axum::Extension(std::sync::Arc::new(openapi)))
         // Command bodies are small JSON documents; routes that take more raise their own.
         .layer(axum::extract::DefaultBodyLimit::max(1 << 20))

@@ -302,7 +302,7 @@ async fn the_import_report_names_the_contact_of_each_created_or_updated_row() {
 }
 
 #[tokio::test]
-async fn the_root_points_newcomers_to_the_docs() {
+async fn the_root_points_newcomers_to_the_console() {
     let app = spawn_app().await;
     let client = reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -310,10 +310,12 @@ async fn the_root_points_newcomers_to_the_docs() {
         .unwrap();
     let response = client.get(app.url("/")).send().await.unwrap();
     assert!(response.status().is_redirection(), "{}", response.status());
-    assert_eq!(response.headers()["location"], "/docs");
+    assert_eq!(response.headers()["location"], "/console");
+    // Followed, it ends on the console's sign-in page.
     let followed = app.get("/").await;
     assert_eq!(followed.status().as_u16(), 200);
-    assert!(followed.text().await.unwrap().contains("/openapi.json"));
+    assert_eq!(followed.url().path(), "/console/sign-in");
+    assert!(followed.text().await.unwrap().contains("API key"));
 }
 
 #[tokio::test]

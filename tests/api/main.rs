@@ -7,6 +7,7 @@ mod budgets;
 mod cli;
 mod cluster;
 mod commands;
+mod console;
 mod contacts;
 mod enrollments;
 mod faults;

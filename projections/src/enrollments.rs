@@ -595,3 +595,22 @@ pub async fn top_by_reply_rate(
     .fetch_all(conn)
     .await
 }
+
+/// Every enrollment of one contact, oldest first (for the export of what is held about
+/// a person).
+pub async fn of_contact(
+    conn: &mut PgConnection,
+    contact: Uuid,
+) -> Result<Vec<EnrollmentRow>, sqlx::Error> {
+    sqlx::query_as!(
+        EnrollmentRow,
+        "SELECT id, campaign_id, contact_id, status, enrolled_at, sent_at, delivered_at, opened_at,
+                clicked_at, replied_at, bounced_at, unsubscribed_at, complained_at,
+                sequence_ended_at, version
+         FROM enrollments_view WHERE contact_id = $1
+         ORDER BY enrolled_at, id",
+        contact
+    )
+    .fetch_all(conn)
+    .await
+}

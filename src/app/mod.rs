@@ -10,6 +10,8 @@ pub mod contacts;
 pub mod enrollments;
 pub mod error;
 pub mod keys;
+pub mod privacy;
+pub mod suppressions;
 pub mod webhooks;
 pub mod workers;
 
@@ -72,12 +74,14 @@ impl App {
     /// configured secret key (`LEADLEDGER_SECRET_KEY`, else the data directory's) and the
     /// given limits, on a pool already migrated.
     pub fn build(pool: PgPool, config: &Config, limits: Limits) -> Result<Self, SecretError> {
+        let secrets = config.secrets()?;
+        projections::pii::install(secrets.derive(privacy::DATA_KEYS_PURPOSE));
         Ok(Self {
             pool,
             metrics: crate::telemetry::metrics_handle(),
             store: Store::new(config.snapshot_every),
             retry: RetryPolicy::default(),
-            secrets: config.secrets()?,
+            secrets,
             contact_id_key: Default::default(),
             limits,
         })

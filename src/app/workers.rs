@@ -29,9 +29,12 @@ pub fn start(state: &App) -> Workers {
     // its own checkpoint), and retried on a timer for what the feed cannot see.
     let reactor = projections::runner::Runner::reactors(
         state.pool.clone(),
-        vec![std::sync::Arc::new(
-            crate::app::webhooks::ParkingReactor::new(state.store.clone()),
-        )],
+        vec![
+            std::sync::Arc::new(crate::app::webhooks::ParkingReactor::new(
+                state.store.clone(),
+            )),
+            std::sync::Arc::new(crate::app::suppressions::SuppressionReactor::new(state)),
+        ],
         projections::runner::RunnerConfig::default(),
     );
     tasks.push(tokio::spawn(reactor.run(cancel.clone())));

@@ -16,6 +16,7 @@ mod layers;
 mod lifecycle;
 mod lists;
 mod openapi;
+mod privacy;
 mod projections;
 mod rebuild;
 mod store;

@@ -367,3 +367,110 @@ pub async fn export(app: &App, id: Uuid) -> Result<Export, AppError> {
         suppression,
     })
 }
+
+/// What [`encrypt_plaintext`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Encrypted {
+    /// Events sealed under their contact's key.
+    pub events: u64,
+    /// Events of erased contacts stripped of their personal members instead.
+    pub redacted: u64,
+    /// Snapshots in the clear, deleted (the next one written is sealed).
+    pub snapshots: u64,
+}
+
+/// Seals every contact event still stored in the clear (written before encryption),
+/// `batch` events per transaction, while the service runs. Each batch locks its rows and
+/// commits with its contacts' new keys, and an event already sealed is never touched
+/// again, so a run killed at any point leaves every event either in the clear or sealed
+/// once, and running it again finishes the work. `progress` hears the running totals.
+pub async fn encrypt_plaintext(
+    pool: &sqlx::PgPool,
+    batch: i64,
+    progress: &(dyn Fn(Encrypted) + Sync),
+) -> Result<Encrypted, AppError> {
+    use projections::pii;
+    let mut done = Encrypted::default();
+    let mut after = 0i64;
+    loop {
+        let mut tx = pool.begin().await?;
+        // SKIP LOCKED: rows a writer holds (an erasure stripping them) are taken next run.
+        let rows = sqlx::query!(
+            r#"SELECT position, aggregate_id, payload FROM events
+               WHERE aggregate_type = $1 AND position > $2
+                 AND NOT payload::text LIKE '%"pii"%'
+               ORDER BY position LIMIT $3
+               FOR UPDATE SKIP LOCKED"#,
+            Contact::TYPE,
+            after,
+            batch
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        let Some(last) = rows.last().map(|r| r.position) else {
+            tx.commit().await?;
+            return Ok(done);
+        };
+        after = last;
+        let clear: Vec<_> = rows
+            .into_iter()
+            .filter(|r| pii::is_clear_personal(Contact::TYPE, &r.payload))
+            .collect();
+        let mut ids: Vec<String> = clear.iter().map(|r| r.aggregate_id.clone()).collect();
+        ids.sort();
+        ids.dedup();
+        let existing = pii::keys(&mut tx, Contact::TYPE, &ids)
+            .await
+            .map_err(crate::store::StoreError::from)?;
+        let erased: std::collections::HashSet<&String> = ids
+            .iter()
+            .filter(|id| matches!(existing.get(id), Some(pii::DataKey::Destroyed)))
+            .collect();
+        let live: Vec<String> = ids
+            .iter()
+            .filter(|id| !erased.contains(id))
+            .cloned()
+            .collect();
+        let keys = pii::keys_for_writing(&mut tx, &live)
+            .await
+            .map_err(crate::store::StoreError::from)?;
+        let mut positions = Vec::with_capacity(clear.len());
+        let mut payloads = Vec::with_capacity(clear.len());
+        for row in clear {
+            let mut payload = row.payload;
+            match keys.get(&row.aggregate_id) {
+                Some(key) => {
+                    pii::seal_event(key, Contact::TYPE, &row.aggregate_id, &mut payload);
+                    done.events += 1;
+                }
+                None => {
+                    pii::redact_event(&mut payload);
+                    done.redacted += 1;
+                }
+            }
+            positions.push(row.position);
+            payloads.push(payload);
+        }
+        sqlx::query!(
+            "UPDATE events e SET payload = u.payload
+             FROM UNNEST($1::bigint[], $2::jsonb[]) AS u(position, payload)
+             WHERE e.position = u.position",
+            &positions,
+            &payloads
+        )
+        .execute(&mut *tx)
+        .await?;
+        let snapshots = sqlx::query!(
+            r#"DELETE FROM snapshots
+               WHERE aggregate_type = $1 AND aggregate_id = ANY($2)
+                 AND NOT payload::text LIKE '%"pii"%'"#,
+            Contact::TYPE,
+            &ids
+        )
+        .execute(&mut *tx)
+        .await?;
+        done.snapshots += snapshots.rows_affected();
+        tx.commit().await?;
+        progress(done);
+    }
+}

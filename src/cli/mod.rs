@@ -118,6 +118,13 @@ pub enum SuppressionsCommand {
 pub enum ContactsCommand {
     /// Erase a contact: destroy its personal data (crypto-shredding) and suppress its email.
     Erase { id: uuid::Uuid },
+    /// Encrypt the contact events stored in the clear by an earlier release, to the end
+    /// (`serve` does it too, in the background). Safe to interrupt and run again.
+    Encrypt {
+        /// Events per transaction.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        batch_size: i64,
+    },
     /// Import contacts from a CSV file (header row of field names) or a JSON array.
     Import {
         file: std::path::PathBuf,
@@ -280,6 +287,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Contacts {
             command: ContactsCommand::Erase { id },
         } => with_migrated_db(&config, async |db| erase_contact(db, &config, id).await).await,
+        Command::Contacts {
+            command: ContactsCommand::Encrypt { batch_size },
+        } => with_migrated_db(&config, async |db| {
+            let report = |done: crate::app::privacy::Encrypted| {
+                eprintln!(
+                    "encrypted {} events, redacted {}, snapshots dropped {}",
+                    done.events, done.redacted, done.snapshots
+                );
+            };
+            let done = crate::app::privacy::encrypt_plaintext(&db.pool, batch_size, &report)
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            println!(
+                "done: {} events encrypted, {} redacted (erased contacts), {} snapshots dropped",
+                done.events, done.redacted, done.snapshots
+            );
+            Ok(())
+        })
+        .await,
         Command::Suppressions { command } => {
             with_migrated_db(&config, async |db| {
                 suppressions_command(db, &config, command).await

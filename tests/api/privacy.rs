@@ -642,3 +642,132 @@ async fn the_export_holds_everything_about_the_person_and_the_history_says_who_d
         "the contact is gone, so is its email"
     );
 }
+
+/// A clear-text contact event as an earlier release stored it.
+fn clear_event(i: usize, sequence: i64) -> Value {
+    if sequence == 1 {
+        json!({"ContactCreated": {
+            "email": format!("legacy{i}@example.org"),
+            "fields": {"first_name": format!("Legacy{i}"), "phone": "+1 555 0100"},
+            "created_at": "2026-01-01T00:00:00Z"}})
+    } else {
+        json!({"ContactUpdated": {
+            "changes": {"last_name": format!("Person{i}")},
+            "updated_at": "2026-01-02T00:00:00Z"}})
+    }
+}
+
+#[tokio::test]
+async fn encrypting_clear_events_killed_midway_and_run_again_seals_each_event_once() {
+    use leadledger::store::Store;
+    use nix::sys::signal::{Signal, kill};
+    use nix::unistd::Pid;
+
+    const CONTACTS: usize = 3_000;
+    let harness = harness();
+    let database = harness.fresh_database().await;
+    let pool = sqlx::PgPool::connect_with(harness.options(&database))
+        .await
+        .unwrap();
+    let _app = crate::helpers::build_app(pool.clone());
+    let ids: Vec<String> = (0..CONTACTS)
+        .map(|_| uuid::Uuid::new_v4().to_string())
+        .collect();
+    for sequence in [1i64, 2] {
+        let payloads: Vec<Value> = (0..CONTACTS).map(|i| clear_event(i, sequence)).collect();
+        let kind = if sequence == 1 {
+            "ContactCreated"
+        } else {
+            "ContactUpdated"
+        };
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                 event_version, payload)
+             SELECT 'contact', u.id, $2, $3, '1.0', u.payload
+             FROM UNNEST($1::text[], $4::jsonb[]) AS u(id, payload)",
+        )
+        .bind(&ids)
+        .bind(sequence)
+        .bind(kind)
+        .bind(&payloads)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let store = Store::default();
+    let load_all = || async {
+        let mut conn = pool.acquire().await.unwrap();
+        let loaded = store
+            .load_many::<aggregates::Contact>(&mut conn, &ids)
+            .await
+            .unwrap();
+        ids.iter()
+            .map(|id| serde_json::to_value(&loaded[id].aggregate).unwrap())
+            .collect::<Vec<Value>>()
+    };
+    let before = load_all().await;
+    assert_eq!(before[7]["first_name"], "Legacy7");
+    let total = (CONTACTS * 2) as i64;
+    let sealed = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM events WHERE payload::text LIKE '%\"pii\"%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+    };
+
+    let url = harness.url(&database);
+    let (_keep, data) = crate::lifecycle::data_dir();
+    let command = || {
+        let mut cmd = crate::lifecycle::leadledger(&data);
+        cmd.env("DATABASE_URL", &url)
+            .env("LEADLEDGER_SECRET_KEY", crate::helpers::TEST_SECRET_KEY)
+            .args(["contacts", "encrypt", "--batch-size", "10"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        cmd
+    };
+    let mut child = command().spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while sealed().await < 400 {
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL).unwrap();
+    child.wait().unwrap();
+    let midway = sealed().await;
+    assert!(midway < total, "killed midway: {midway} of {total}");
+    // The service reads a half-encrypted log as it read the clear one.
+    assert_eq!(load_all().await, before);
+
+    let out = command()
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(sealed().await, total, "every event sealed");
+    let rows: Vec<(String, i64, Value)> = sqlx::query_as(
+        "SELECT aggregate_id, sequence, payload FROM events ORDER BY aggregate_id, sequence",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let index: std::collections::HashMap<&String, usize> =
+        ids.iter().enumerate().map(|(i, id)| (id, i)).collect();
+    let mut conn = pool.acquire().await.unwrap();
+    let keys = projections::pii::keys(&mut conn, "contact", &ids)
+        .await
+        .unwrap();
+    for (id, sequence, payload) in rows {
+        let text = payload.to_string();
+        assert!(!text.contains("example.org"), "{text}");
+        // Opened once, it is the original: sealed exactly once.
+        let opened = projections::pii::open_event(&keys, "contact", &id, payload).unwrap();
+        assert_eq!(opened, clear_event(index[&id], sequence));
+    }
+    assert_eq!(load_all().await, before, "every aggregate loads as before");
+    drop(conn);
+    pool.close().await;
+    harness.drop_database(database);
+}

@@ -588,7 +588,12 @@ impl Store {
                 None => unreadable = true,
             }
         }
-        if unreadable {
+        // A key destroyed after the events were read: the erasure that destroyed it also
+        // appended to the stream, and committed; read again so the load includes it.
+        let erased_since = ids
+            .iter()
+            .any(|id| matches!(keys.get(id), Some(pii::DataKey::Destroyed)));
+        if unreadable || erased_since {
             let versions: HashMap<&str, i64> = loaded
                 .iter()
                 .map(|(id, l)| (id.as_str(), l.version as i64))

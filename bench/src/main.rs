@@ -36,6 +36,7 @@ mod floor;
 mod import;
 mod measure;
 mod peer;
+mod privacy;
 mod rebuild;
 mod report;
 mod spends;
@@ -99,6 +100,14 @@ enum Bench {
     RebuildChild {
         #[arg(long)]
         url: String,
+    },
+    /// Personal data encryption: sealing cost, upserts, a 10,000-row import and loading a
+    /// contact of 10,000 events.
+    Privacy {
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 10_000)]
+        rows: usize,
     },
     /// Event store: load cost at 10 vs 100,000 events, and write-to-read-model lag.
     Store {
@@ -224,6 +233,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Bench::Import { rows, runs } => import::run(rows, runs).await,
+            Bench::Privacy { seconds, rows } => privacy::run(seconds, rows).await,
             Bench::Webhooks { seconds } => webhooks::run(seconds).await,
             Bench::Spends { clients, seconds } => spends::run(clients, seconds).await,
             Bench::Rebuild { events, samples } => rebuild::run(events, samples).await,

@@ -114,6 +114,11 @@ impl Keys {
     pub fn get(&self, id: &str) -> Option<&DataKey> {
         self.0.get(id)
     }
+
+    /// The keys of one stream (for measurements and tests of sealing on its own).
+    pub fn with(id: &str, key: XChaCha20Poly1305) -> Self {
+        Self(HashMap::from([(id.to_string(), DataKey::Open(key))]))
+    }
 }
 
 fn random<const N: usize>() -> [u8; N] {
@@ -445,6 +450,38 @@ pub async fn check_secret_key(conn: &mut PgConnection) -> Result<bool, PiiError>
         unwrap_key(&keyring, &row.contact_id, &row.wrapped_key)?;
     }
     Ok(true)
+}
+
+/// What starts a sealed stored reply (an idempotency record's body); a body without it
+/// was stored in the clear by an earlier release.
+const SEALED_RECORD: &[u8] = b"LLS1";
+
+/// Seals a stored reply (bytes) under the server's key, bound to `aad` (its record's
+/// key): replies can name a person, and the database alone must not show them. Without
+/// an installed key (a tool that never reads contacts) the reply is kept as it is.
+pub fn seal_record(aad: &[u8], body: &[u8]) -> Vec<u8> {
+    match keyring() {
+        Ok(keyring) => {
+            let mut out = SEALED_RECORD.to_vec();
+            out.extend(seal_bytes(&keyring.cipher, body, aad));
+            out
+        }
+        Err(_) => body.to_vec(),
+    }
+}
+
+/// A stored reply as sealed by [`seal_record`] (or stored in the clear), opened.
+pub fn open_record(aad: &[u8], stored: &[u8]) -> Result<Vec<u8>, PiiError> {
+    let Some(sealed) = stored.strip_prefix(SEALED_RECORD) else {
+        return Ok(stored.to_vec());
+    };
+    let keyring = keyring()?;
+    open_bytes(&keyring.cipher, sealed, aad).ok_or(PiiError::WrongSecretKey)
+}
+
+/// Whether a stored reply is sealed.
+pub fn is_sealed_record(stored: &[u8]) -> bool {
+    stored.starts_with(SEALED_RECORD)
 }
 
 #[cfg(test)]

@@ -170,16 +170,32 @@ async fn redact_stored_responses(
     let redacted = json!({"redacted": "the contact this response named was erased"});
     let body = serde_json::to_vec(&redacted).unwrap_or_default();
     let (email, id) = (email.as_str(), id.to_string());
-    sqlx::query!(
-        "UPDATE idempotency_records SET response_body = $3
-         WHERE position(convert_to($1, 'UTF8') IN response_body) > 0
-            OR position(convert_to($2, 'UTF8') IN response_body) > 0",
-        email,
-        id,
-        body
-    )
-    .execute(&mut *conn)
-    .await?;
+    // Replies are sealed, so each is opened to be searched: the records are few (kept 25
+    // hours) and an erasure is rare.
+    let records =
+        sqlx::query!("SELECT api_key_id, idempotency_key, response_body FROM idempotency_records")
+            .fetch_all(&mut *conn)
+            .await?;
+    let contains =
+        |hay: &[u8], needle: &str| hay.windows(needle.len()).any(|w| w == needle.as_bytes());
+    for r in records {
+        let aad = command::record_aad(r.api_key_id, &r.idempotency_key);
+        let Ok(reply) = projections::pii::open_record(&aad, &r.response_body) else {
+            continue;
+        };
+        if contains(&reply, email) || contains(&reply, &id) {
+            let sealed = projections::pii::seal_record(&aad, &body);
+            sqlx::query!(
+                "UPDATE idempotency_records SET response_body = $3
+                 WHERE api_key_id = $1 AND idempotency_key = $2",
+                r.api_key_id,
+                r.idempotency_key,
+                sealed
+            )
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
     sqlx::query!(
         "UPDATE webhook_deliveries SET response = $3
          WHERE strpos(response::text, $1) > 0 OR strpos(response::text, $2) > 0",
@@ -377,6 +393,38 @@ pub struct Encrypted {
     pub redacted: u64,
     /// Snapshots in the clear, deleted (the next one written is sealed).
     pub snapshots: u64,
+    /// Idempotency records' replies stored in the clear, sealed.
+    pub records: u64,
+}
+
+/// Seals the idempotency records' replies an earlier release stored in the clear.
+async fn seal_clear_records(pool: &sqlx::PgPool) -> Result<u64, AppError> {
+    let mut tx = pool.begin().await?;
+    let records = sqlx::query!(
+        "SELECT api_key_id, idempotency_key, response_body FROM idempotency_records
+         FOR UPDATE SKIP LOCKED"
+    )
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut sealed = 0;
+    for r in records {
+        if projections::pii::is_sealed_record(&r.response_body) {
+            continue;
+        }
+        let aad = command::record_aad(r.api_key_id, &r.idempotency_key);
+        sqlx::query!(
+            "UPDATE idempotency_records SET response_body = $3
+             WHERE api_key_id = $1 AND idempotency_key = $2",
+            r.api_key_id,
+            r.idempotency_key,
+            projections::pii::seal_record(&aad, &r.response_body)
+        )
+        .execute(&mut *tx)
+        .await?;
+        sealed += 1;
+    }
+    tx.commit().await?;
+    Ok(sealed)
 }
 
 /// Seals every contact event still stored in the clear (written before encryption),
@@ -409,6 +457,7 @@ pub async fn encrypt_plaintext(
         .await?;
         let Some(last) = rows.last().map(|r| r.position) else {
             tx.commit().await?;
+            done.records += seal_clear_records(pool).await?;
             return Ok(done);
         };
         after = last;

@@ -289,23 +289,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         } => with_migrated_db(&config, async |db| erase_contact(db, &config, id).await).await,
         Command::Contacts {
             command: ContactsCommand::Encrypt { batch_size },
-        } => with_migrated_db(&config, async |db| {
-            let report = |done: crate::app::privacy::Encrypted| {
-                eprintln!(
-                    "encrypted {} events, redacted {}, snapshots dropped {}",
-                    done.events, done.redacted, done.snapshots
+        } => {
+            with_migrated_db(&config, async |db| {
+                let report = |done: crate::app::privacy::Encrypted| {
+                    eprintln!(
+                        "encrypted {} events, redacted {}, snapshots dropped {}",
+                        done.events, done.redacted, done.snapshots
+                    );
+                };
+                let done = crate::app::privacy::encrypt_plaintext(&db.pool, batch_size, &report)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                println!(
+                    "done: {} events encrypted, {} redacted (erased contacts), {} snapshots \
+                 dropped, {} stored replies encrypted",
+                    done.events, done.redacted, done.snapshots, done.records
                 );
-            };
-            let done = crate::app::privacy::encrypt_plaintext(&db.pool, batch_size, &report)
-                .await
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            println!(
-                "done: {} events encrypted, {} redacted (erased contacts), {} snapshots dropped",
-                done.events, done.redacted, done.snapshots
-            );
-            Ok(())
-        })
-        .await,
+                Ok(())
+            })
+            .await
+        }
         Command::Suppressions { command } => {
             with_migrated_db(&config, async |db| {
                 suppressions_command(db, &config, command).await

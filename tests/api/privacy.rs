@@ -771,3 +771,47 @@ async fn encrypting_clear_events_killed_midway_and_run_again_seals_each_event_on
     pool.close().await;
     harness.drop_database(database);
 }
+
+#[tokio::test]
+async fn serve_refuses_to_start_with_a_key_that_cannot_open_the_contact_keys() {
+    let app = spawn_app().await;
+    let created = app
+        .post("/v1/contacts", &json!({"email": "keyed@example.org"}))
+        .await;
+    assert_eq!(created.status().as_u16(), 201);
+    let url = harness().url(&app.database);
+    let (_keep, data) = crate::lifecycle::data_dir();
+    let wrong = "d3Jvbmctd3Jvbmctd3Jvbmctd3Jvbmctd3Jvbmctd3I=";
+    let mut child = crate::lifecycle::leadledger(&data)
+        .env("DATABASE_URL", &url)
+        .env("LEADLEDGER_SECRET_KEY", wrong)
+        .args(["serve", "--addr", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("serve kept running with a key that opens nothing");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stdout.contains("listening"), "{stdout}");
+    assert!(
+        stderr.contains("cannot be opened with the configured secret key"),
+        "{stderr}"
+    );
+    // With the right key it serves.
+    let mut right = crate::lifecycle::leadledger(&data);
+    right
+        .env("DATABASE_URL", &url)
+        .env("LEADLEDGER_SECRET_KEY", crate::helpers::TEST_SECRET_KEY);
+    let server = crate::lifecycle::serve(right);
+    assert!(server.address.starts_with("http://127.0.0.1:"));
+}

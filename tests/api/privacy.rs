@@ -192,6 +192,17 @@ async fn an_erased_person_is_nowhere_in_a_dump_of_the_database_even_after_a_rebu
             .unwrap()
             .ends_with("contact-erased")
     );
+    let imported = app
+        .post(
+            "/v1/contacts/import",
+            &json!([{"email": "someone.else@example.net"}, {"email": email}]),
+        )
+        .await;
+    assert_eq!(imported.status().as_u16(), 200);
+    let report: Value = imported.json().await.unwrap();
+    assert_eq!(report["created"], 1, "{report}");
+    assert_eq!(report["errors"][0]["row"], 2);
+    assert_eq!(report["errors"][0]["code"], "contact-erased");
 
     let after = metrics(&app, &campaign, &position).await;
     assert_eq!(after, before, "campaign numbers do not change");

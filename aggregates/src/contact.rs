@@ -1159,6 +1159,84 @@ mod tests {
     }
 
     #[test]
+    fn an_existing_contact_is_erased_once_and_forgets_its_personal_fields() {
+        Given::with(())
+            .given(vec![created()])
+            .when(ContactCommand::Erase { at: later() })
+            .then_expect_events(vec![ContactEvent::ContactErased { erased_at: later() }]);
+        Given::with(())
+            .given(vec![
+                created(),
+                ContactEvent::ContactErased { erased_at: later() },
+            ])
+            .when(ContactCommand::Erase { at: later() })
+            .then_expect_events(vec![]);
+        Given::with(())
+            .given_no_previous_events()
+            .when(ContactCommand::Erase { at: later() })
+            .then_expect_error(ContactError::NotFound);
+        let erased = state_after(vec![
+            created(),
+            ContactEvent::ContactErased { erased_at: later() },
+        ]);
+        assert_eq!(erased.email, None);
+        assert_eq!(erased.first_name, None);
+        assert_eq!(erased.erased_at, Some(later()));
+    }
+
+    #[test]
+    fn an_erased_contact_takes_no_command_and_its_email_cannot_be_upserted() {
+        let history = || {
+            vec![
+                ContactEvent::ContactRedacted {},
+                ContactEvent::ContactErased { erased_at: later() },
+            ]
+        };
+        Given::with(())
+            .given(history())
+            .when(ContactCommand::Update {
+                fields: fields("Back", "Again"),
+                at: later(),
+            })
+            .then_expect_error(ContactError::Erased { erased_at: later() });
+        Given::with(())
+            .given(history())
+            .when(ContactCommand::Upsert {
+                email: email(),
+                fields: ContactFields::default(),
+                at: later(),
+            })
+            .then_expect_error(ContactError::EmailErased);
+    }
+
+    #[test]
+    fn consent_is_recorded_with_its_basis_and_a_clean_source() {
+        Given::with(())
+            .given(vec![created()])
+            .when(ContactCommand::RecordConsent {
+                status: ConsentStatus::Withdrawn,
+                basis: Some(ConsentBasis::LegitimateInterest),
+                source: Some("  phone call ".into()),
+                at: later(),
+            })
+            .then_expect_events(vec![ContactEvent::ConsentRecorded {
+                status: ConsentStatus::Withdrawn,
+                basis: Some(ConsentBasis::LegitimateInterest),
+                source: Some("phone call".into()),
+                recorded_at: later(),
+            }]);
+        Given::with(())
+            .given(vec![created()])
+            .when(ContactCommand::RecordConsent {
+                status: ConsentStatus::Granted,
+                basis: None,
+                source: Some("bell\u{0007}".into()),
+                at: later(),
+            })
+            .then_expect_error_message("source must not contain control characters");
+    }
+
+    #[test]
     fn an_email_is_trimmed_and_lower_cased() {
         let email = ContactEmail::parse("  Jane.Doe@Example.COM \n").unwrap();
         assert_eq!(email.as_str(), "jane.doe@example.com");

@@ -25,6 +25,7 @@ pub enum SecretError {
 #[derive(Clone)]
 pub struct SecretBox {
     cipher: XChaCha20Poly1305,
+    key: [u8; 32],
 }
 
 impl std::fmt::Debug for SecretBox {
@@ -37,7 +38,19 @@ impl SecretBox {
     pub fn from_key(key: [u8; 32]) -> Self {
         Self {
             cipher: XChaCha20Poly1305::new(Key::from_slice(&key)),
+            key,
         }
+    }
+
+    /// A key for one purpose, derived from the secret key (HMAC-SHA256 of the purpose's
+    /// name): each use has its own key, and none of them reveals the secret key.
+    pub fn derive(&self, purpose: &str) -> [u8; 32] {
+        use hmac::{Hmac, Mac};
+        let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(&self.key)
+            .expect("HMAC takes a key of any length");
+        mac.update(b"leadledger/");
+        mac.update(purpose.as_bytes());
+        mac.finalize().into_bytes().into()
     }
 
     /// A box with a random key: for throw-away databases (tests, benchmarks) only.

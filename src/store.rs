@@ -18,6 +18,7 @@ use std::sync::Arc;
 
 use cqrs_es::persist::{EventUpcaster, SerializedEvent};
 use cqrs_es::{Aggregate, AggregateContext, AggregateError, DomainEvent, EventEnvelope};
+use projections::pii;
 use serde::{Deserialize, Serialize};
 use sqlx::{PgConnection, PgPool};
 
@@ -72,6 +73,9 @@ pub enum StoreError {
     Deserialize(#[from] serde_json::Error),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
+    /// Personal data could not be sealed or opened (see `projections::pii`).
+    #[error(transparent)]
+    Pii(#[from] projections::pii::PiiError),
     /// An event larger than [`MAX_EVENT_BYTES`]: refused before anything is written.
     #[error(
         "an event of {bytes} bytes is larger than the {MAX_EVENT_BYTES} bytes one event may carry"
@@ -118,6 +122,30 @@ impl<A: Aggregate> AggregateContext<A> for Loaded<A> {
     fn aggregate(&mut self) -> &mut A {
         &mut self.aggregate
     }
+}
+
+/// A row of `events` as a load reads it.
+struct EventRow {
+    aggregate_id: String,
+    sequence: i64,
+    event_type: String,
+    event_version: String,
+    payload: serde_json::Value,
+    metadata: serde_json::Value,
+    position: i64,
+    transaction_id: String,
+    bytes: i64,
+}
+
+/// An event as [`Store::read_stream`] gives it.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub sequence: i64,
+    pub event_type: String,
+    pub recorded_at: chrono::DateTime<chrono::Utc>,
+    pub metadata: Metadata,
+    /// Opened and upcast: `{"<variant>": {...}}`.
+    pub payload: serde_json::Value,
 }
 
 /// What an append wrote.
@@ -222,6 +250,55 @@ impl Store {
         Ok(loaded.remove(id).expect("one result per id"))
     }
 
+    /// Events of stream `id` after sequence `after` (at most `limit`), as stored but with
+    /// their personal data opened (or redacted) and upcast: for exports and histories.
+    pub async fn read_stream<A: Aggregate>(
+        &self,
+        conn: &mut PgConnection,
+        id: &str,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows = sqlx::query!(
+            r#"SELECT sequence, event_type, event_version, payload, metadata, recorded_at
+               FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 AND sequence > $3
+               ORDER BY sequence LIMIT $4"#,
+            A::TYPE,
+            id,
+            after,
+            limit
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        let keys = pii::keys(conn, A::TYPE, &[id.to_string()]).await?;
+        rows.into_iter()
+            .map(|row| {
+                let payload = pii::open_event(&keys, A::TYPE, id, row.payload)?;
+                let mut event = SerializedEvent::new(
+                    id.to_string(),
+                    row.sequence as usize,
+                    A::TYPE.to_string(),
+                    row.event_type,
+                    row.event_version,
+                    payload,
+                    row.metadata.clone(),
+                );
+                for upcaster in self.upcasters.iter() {
+                    if upcaster.can_upcast(&event.event_type, &event.event_version) {
+                        event = upcaster.upcast(event);
+                    }
+                }
+                Ok(StoredEvent {
+                    sequence: row.sequence,
+                    event_type: event.event_type,
+                    recorded_at: row.recorded_at,
+                    metadata: serde_json::from_value(row.metadata).unwrap_or_default(),
+                    payload: event.payload,
+                })
+            })
+            .collect()
+    }
+
     /// Every event of a stream, upcast, in order.
     pub async fn load_events<A: Aggregate>(
         &self,
@@ -237,11 +314,13 @@ impl Store {
         )
         .fetch_all(&mut *conn)
         .await?;
+        let keys = pii::keys(conn, A::TYPE, &[id.to_string()]).await?;
         rows.into_iter()
             .map(|row| {
                 let metadata: HashMap<String, String> =
                     serde_json::from_value(row.metadata.clone()).unwrap_or_default();
                 let payload = self.deserialize::<A>(
+                    &keys,
                     id,
                     row.sequence,
                     row.event_type,
@@ -259,8 +338,12 @@ impl Store {
             .collect()
     }
 
+    /// The one way a stored event becomes an event: its personal data opened (or redacted
+    /// when the stream was erased), then upcast, then decoded.
+    #[allow(clippy::too_many_arguments)]
     fn deserialize<A: Aggregate>(
         &self,
+        keys: &pii::Keys,
         id: &str,
         sequence: i64,
         event_type: String,
@@ -268,6 +351,7 @@ impl Store {
         payload: serde_json::Value,
         metadata: serde_json::Value,
     ) -> Result<A::Event, StoreError> {
+        let payload = pii::open_event(keys, A::TYPE, id, payload)?;
         let mut event = SerializedEvent::new(
             id.to_string(),
             sequence as usize,
@@ -321,6 +405,7 @@ impl Store {
         let mut payloads = Vec::with_capacity(total);
         // Bytes appended to each stream (by its index in `streams`), for snapshots by size.
         let mut bytes = vec![0u64; streams.len()];
+        let mut values = Vec::with_capacity(total);
         for &i in &order {
             let (loaded, events) = &streams[i];
             for (k, e) in events.iter().enumerate() {
@@ -328,15 +413,39 @@ impl Store {
                 sequences.push((loaded.version + 1 + k as u64) as i64);
                 types.push(e.event_type());
                 versions.push(e.event_version());
-                let payload = serde_json::to_string(e)?;
-                if payload.len() > MAX_EVENT_BYTES {
-                    return Err(StoreError::EventTooLarge {
-                        bytes: payload.len(),
-                    });
+                let value = serde_json::to_value(e)?;
+                let size = serde_json::to_string(&value)?.len();
+                if size > MAX_EVENT_BYTES {
+                    return Err(StoreError::EventTooLarge { bytes: size });
                 }
-                bytes[i] += payload.len() as u64;
-                payloads.push(payload);
+                values.push((i, value));
             }
+        }
+        // Personal data is sealed under each stream's data key (made on its first write).
+        let mut keyed: Vec<String> = values
+            .iter()
+            .filter(|(_, v)| pii::event_needs_key(A::TYPE, v))
+            .map(|(i, _)| streams[*i].0.id.clone())
+            .collect();
+        keyed.dedup();
+        let data_keys = if keyed.is_empty() {
+            HashMap::new()
+        } else {
+            // A destroyed key: the stream was erased by a writer that got there first.
+            pii::keys_for_writing(conn, &keyed)
+                .await
+                .map_err(|e| match e {
+                    pii::PiiError::Destroyed => StoreError::Conflict,
+                    other => other.into(),
+                })?
+        };
+        for (n, (i, mut value)) in values.into_iter().enumerate() {
+            if let Some(key) = data_keys.get(&ids[n]) {
+                pii::seal_event(key, A::TYPE, &ids[n], &mut value);
+            }
+            let payload = serde_json::to_string(&value)?;
+            bytes[i] += payload.len() as u64;
+            payloads.push(payload);
         }
         let mut positions: HashMap<(String, i64), Position> = HashMap::with_capacity(total);
         if total > 0 {
@@ -427,8 +536,9 @@ impl Store {
                 )
             })
             .collect();
+        let mut snapshot_rows = Vec::new();
         if self.snapshot_every > 0 {
-            let snapshots = sqlx::query!(
+            snapshot_rows = sqlx::query!(
                 r#"SELECT aggregate_id, last_sequence, last_position,
                           last_transaction_id::text AS "last_transaction_id!", payload
                    FROM snapshots WHERE aggregate_type = $1 AND aggregate_id = ANY($2)"#,
@@ -437,47 +547,68 @@ impl Store {
             )
             .fetch_all(&mut *conn)
             .await?;
-            for s in snapshots {
-                let Some(l) = loaded.get_mut(&s.aggregate_id) else {
-                    continue;
-                };
-                match serde_json::from_value::<A>(s.payload) {
-                    Ok(aggregate) => {
-                        l.aggregate = aggregate;
-                        l.version = s.last_sequence as u64;
-                        l.last_position =
-                            Some(Position::stored(&s.last_transaction_id, s.last_position)?);
-                    }
-                    // A snapshot of an older shape of the state: replay instead; the next
-                    // snapshot written replaces it.
-                    Err(e) => tracing::warn!(
+        }
+        // Events after the latest snapshot. Keys are read after the events: a key commits
+        // with the first event sealed under it, so every sealed event read has its key.
+        let after = |skip: &HashMap<&str, i64>| -> Vec<i64> {
+            ids.iter()
+                .map(|id| skip.get(id.as_str()).copied().unwrap_or(0))
+                .collect()
+        };
+        let covered: HashMap<&str, i64> = snapshot_rows
+            .iter()
+            .map(|s| (s.aggregate_id.as_str(), s.last_sequence))
+            .collect();
+        let mut rows = Self::events_after::<A>(conn, ids, &after(&covered)).await?;
+        let keys = pii::keys(conn, A::TYPE, ids).await?;
+        let mut unreadable = false;
+        for s in snapshot_rows.iter() {
+            let Some(l) = loaded.get_mut(&s.aggregate_id) else {
+                continue;
+            };
+            // A snapshot of an erased stream cannot be opened: replay instead.
+            let state = pii::open_state(&keys, A::TYPE, &s.aggregate_id, s.payload.clone())?;
+            match state.map(serde_json::from_value::<A>) {
+                Some(Ok(aggregate)) => {
+                    l.aggregate = aggregate;
+                    l.version = s.last_sequence as u64;
+                    l.last_position =
+                        Some(Position::stored(&s.last_transaction_id, s.last_position)?);
+                }
+                // A snapshot of an older shape of the state: replay instead; the next
+                // snapshot written replaces it.
+                Some(Err(e)) => {
+                    unreadable = true;
+                    tracing::warn!(
                         aggregate_type = A::TYPE,
                         error = %e,
                         "snapshot unreadable; replaying the whole stream"
-                    ),
+                    );
                 }
+                None => unreadable = true,
             }
         }
-        let after: Vec<i64> = ids
+        // A key destroyed after the events were read: the erasure that destroyed it also
+        // appended to the stream, and committed; read again so the load includes it.
+        let erased_since = ids
             .iter()
-            .map(|id| loaded.get(id).map_or(0, |l| l.version as i64))
-            .collect();
-        let rows = sqlx::query!(
-            r#"SELECT e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload,
-                      e.metadata, e.position, e.transaction_id::text AS "transaction_id!",
-                      octet_length(e.payload::text)::bigint AS "bytes!"
-               FROM UNNEST($2::text[], $3::bigint[]) AS u(id, after)
-               JOIN events e
-                 ON e.aggregate_type = $1 AND e.aggregate_id = u.id AND e.sequence > u.after
-               ORDER BY e.aggregate_id, e.sequence"#,
-            A::TYPE,
-            ids,
-            &after
-        )
-        .fetch_all(&mut *conn)
-        .await?;
+            .any(|id| matches!(keys.get(id), Some(pii::DataKey::Destroyed)));
+        if unreadable || erased_since {
+            let versions: HashMap<&str, i64> = loaded
+                .iter()
+                .map(|(id, l)| (id.as_str(), l.version as i64))
+                .collect();
+            rows = Self::events_after::<A>(conn, ids, &after(&versions)).await?;
+        }
         for row in rows {
+            if loaded
+                .get(&row.aggregate_id)
+                .is_some_and(|l| row.sequence as u64 <= l.version)
+            {
+                continue;
+            }
             let event: A::Event = self.deserialize::<A>(
+                &keys,
                 &row.aggregate_id,
                 row.sequence,
                 row.event_type,
@@ -495,6 +626,29 @@ impl Store {
         Ok(loaded)
     }
 
+    /// The events of streams `ids` after the sequence `after` gives each, in order.
+    async fn events_after<A: Aggregate>(
+        conn: &mut PgConnection,
+        ids: &[String],
+        after: &[i64],
+    ) -> Result<Vec<EventRow>, StoreError> {
+        Ok(sqlx::query_as!(
+            EventRow,
+            r#"SELECT e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload,
+                      e.metadata, e.position, e.transaction_id::text AS "transaction_id!",
+                      octet_length(e.payload::text)::bigint AS "bytes!"
+               FROM UNNEST($2::text[], $3::bigint[]) AS u(id, after)
+               JOIN events e
+                 ON e.aggregate_type = $1 AND e.aggregate_id = u.id AND e.sequence > u.after
+               ORDER BY e.aggregate_id, e.sequence"#,
+            A::TYPE,
+            ids,
+            after
+        )
+        .fetch_all(&mut *conn)
+        .await?)
+    }
+
     async fn write_snapshot<A: Aggregate>(
         &self,
         conn: &mut PgConnection,
@@ -503,7 +657,20 @@ impl Store {
         let Some(last) = loaded.last_position else {
             return Ok(());
         };
-        let payload = serde_json::to_value(&loaded.aggregate)?;
+        let mut payload = serde_json::to_value(&loaded.aggregate)?;
+        if pii::is_personal(A::TYPE) {
+            // An erased stream keeps no snapshot (its key is gone; its state is empty).
+            let mut keys = match pii::keys_for_writing(conn, std::slice::from_ref(&loaded.id)).await
+            {
+                Ok(keys) => keys,
+                Err(pii::PiiError::Destroyed) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            };
+            let Some(key) = keys.remove(&loaded.id) else {
+                return Ok(());
+            };
+            pii::seal_state(&key, A::TYPE, &loaded.id, &mut payload);
+        }
         sqlx::query!(
             r#"INSERT INTO snapshots
                    (aggregate_type, aggregate_id, last_sequence, last_position,
@@ -549,8 +716,8 @@ fn aggregate_error<E: std::error::Error>(e: StoreError) -> AggregateError<E> {
         StoreError::Conflict => AggregateError::AggregateConflict,
         StoreError::Deserialize(e) => AggregateError::DeserializationError(Box::new(e)),
         StoreError::Database(e) => AggregateError::DatabaseConnectionError(Box::new(e)),
-        too_large @ StoreError::EventTooLarge { .. } => {
-            AggregateError::UnexpectedError(Box::new(too_large))
+        other @ (StoreError::EventTooLarge { .. } | StoreError::Pii(_)) => {
+            AggregateError::UnexpectedError(Box::new(other))
         }
     }
 }

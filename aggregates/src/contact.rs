@@ -21,6 +21,12 @@ pub enum ContactError {
     /// The stream is chosen from the email, so a different email here is a caller's bug.
     #[error("the contact's email differs from the one given")]
     EmailMismatch,
+    /// The contact was erased: its personal data is gone and it takes no more commands.
+    #[error("the contact was erased")]
+    Erased { erased_at: DateTime<Utc> },
+    /// An upsert of the email of an erased contact: refused until its suppression is lifted.
+    #[error("this email belongs to an erased contact; remove its suppression to add it again")]
+    EmailErased,
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ContactError {
@@ -740,6 +746,34 @@ pub const MAX_ENRICHMENT_BYTES: usize = 64 * 1024;
 pub const NUL_IN_DATA: &str = "must not contain NUL characters (\\u0000) in any key or string";
 pub const MAX_ENRICHMENT_SOURCE_CHARS: usize = 200;
 
+/// Whether the person agrees to be contacted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsentStatus {
+    Granted,
+    Withdrawn,
+}
+
+/// The lawful basis of processing the person's data (GDPR art. 6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConsentBasis {
+    Consent,
+    LegitimateInterest,
+    Contract,
+}
+
+/// The latest consent of a contact.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consent {
+    pub status: ConsentStatus,
+    pub basis: Option<ConsentBasis>,
+    pub source: Option<String>,
+    pub recorded_at: DateTime<Utc>,
+}
+
+pub const MAX_CONSENT_SOURCE_CHARS: usize = 200;
+
 /// What a contact can be asked to do. Times come from the caller: the aggregate has no clock.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ContactCommand {
@@ -761,6 +795,16 @@ pub enum ContactCommand {
         sources: Vec<String>,
         at: DateTime<Utc>,
     },
+    /// Record the person's consent (or its withdrawal) to be contacted.
+    RecordConsent {
+        status: ConsentStatus,
+        basis: Option<ConsentBasis>,
+        source: Option<String>,
+        at: DateTime<Utc>,
+    },
+    /// Erase the contact: its personal data is forgotten and it takes no more commands.
+    /// Erasing an erased contact changes nothing.
+    Erase { at: DateTime<Utc> },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -782,6 +826,21 @@ pub enum ContactEvent {
         sources: Vec<String>,
         enriched_at: DateTime<Utc>,
     },
+    /// Consent was granted or withdrawn (a withdrawal also suppresses the address).
+    ConsentRecorded {
+        status: ConsentStatus,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        basis: Option<ConsentBasis>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<String>,
+        recorded_at: DateTime<Utc>,
+    },
+    /// The contact was erased. Carries no personal data; the event store also destroys
+    /// the contact's data key, so its earlier events read back as [`Self::ContactRedacted`].
+    ContactErased { erased_at: DateTime<Utc> },
+    /// Never stored: how an event of an erased contact reads once its key is destroyed
+    /// (its personal data unreadable). Applying it changes nothing.
+    ContactRedacted {},
 }
 
 impl DomainEvent for ContactEvent {
@@ -790,6 +849,9 @@ impl DomainEvent for ContactEvent {
             Self::ContactCreated { .. } => "ContactCreated",
             Self::ContactUpdated { .. } => "ContactUpdated",
             Self::EnrichmentRecorded { .. } => "EnrichmentRecorded",
+            Self::ConsentRecorded { .. } => "ConsentRecorded",
+            Self::ContactErased { .. } => "ContactErased",
+            Self::ContactRedacted {} => "ContactRedacted",
         }
         .to_string()
     }
@@ -818,6 +880,12 @@ pub struct Contact {
     pub enrichment: Option<Enrichment>,
     pub created_at: Option<DateTime<Utc>>,
     pub updated_at: Option<DateTime<Utc>>,
+    /// The latest consent recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consent: Option<Consent>,
+    /// Set once the contact is erased (its personal fields are then empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub erased_at: Option<DateTime<Utc>>,
 }
 
 impl Contact {
@@ -892,7 +960,35 @@ impl Aggregate for Contact {
         _services: &Self::Services,
         sink: &EventSink<Self>,
     ) -> Result<(), Self::Error> {
+        if let Some(erased_at) = self.erased_at {
+            return match command {
+                ContactCommand::Erase { .. } => Ok(()),
+                ContactCommand::Upsert { .. } => Err(ContactError::EmailErased),
+                _ => Err(ContactError::Erased { erased_at }),
+            };
+        }
         let event = match command {
+            ContactCommand::Erase { at } => {
+                self.require_created()?;
+                Some(ContactEvent::ContactErased { erased_at: at })
+            }
+            ContactCommand::RecordConsent {
+                status,
+                basis,
+                source,
+                at,
+            } => {
+                self.require_created()?;
+                let source = source
+                    .map(|s| clean_text("source", &s, MAX_CONSENT_SOURCE_CHARS))
+                    .transpose()?;
+                Some(ContactEvent::ConsentRecorded {
+                    status,
+                    basis,
+                    source,
+                    recorded_at: at,
+                })
+            }
             ContactCommand::Upsert { email, fields, at } => {
                 if self.created {
                     if self.email.as_ref() != Some(&email) {
@@ -973,6 +1069,30 @@ impl Aggregate for Contact {
                 });
                 self.updated_at = Some(enriched_at);
             }
+            ContactEvent::ConsentRecorded {
+                status,
+                basis,
+                source,
+                recorded_at,
+            } => {
+                self.consent = Some(Consent {
+                    status,
+                    basis,
+                    source,
+                    recorded_at,
+                });
+                self.updated_at = Some(recorded_at);
+            }
+            ContactEvent::ContactErased { erased_at } => {
+                *self = Contact {
+                    created: true,
+                    created_at: self.created_at,
+                    updated_at: Some(erased_at),
+                    erased_at: Some(erased_at),
+                    ..Contact::default()
+                };
+            }
+            ContactEvent::ContactRedacted {} => {}
         }
     }
 }
@@ -1036,6 +1156,84 @@ mod tests {
             contact.apply(event);
         }
         contact
+    }
+
+    #[test]
+    fn an_existing_contact_is_erased_once_and_forgets_its_personal_fields() {
+        Given::with(())
+            .given(vec![created()])
+            .when(ContactCommand::Erase { at: later() })
+            .then_expect_events(vec![ContactEvent::ContactErased { erased_at: later() }]);
+        Given::with(())
+            .given(vec![
+                created(),
+                ContactEvent::ContactErased { erased_at: later() },
+            ])
+            .when(ContactCommand::Erase { at: later() })
+            .then_expect_events(vec![]);
+        Given::with(())
+            .given_no_previous_events()
+            .when(ContactCommand::Erase { at: later() })
+            .then_expect_error(ContactError::NotFound);
+        let erased = state_after(vec![
+            created(),
+            ContactEvent::ContactErased { erased_at: later() },
+        ]);
+        assert_eq!(erased.email, None);
+        assert_eq!(erased.first_name, None);
+        assert_eq!(erased.erased_at, Some(later()));
+    }
+
+    #[test]
+    fn an_erased_contact_takes_no_command_and_its_email_cannot_be_upserted() {
+        let history = || {
+            vec![
+                ContactEvent::ContactRedacted {},
+                ContactEvent::ContactErased { erased_at: later() },
+            ]
+        };
+        Given::with(())
+            .given(history())
+            .when(ContactCommand::Update {
+                fields: fields("Back", "Again"),
+                at: later(),
+            })
+            .then_expect_error(ContactError::Erased { erased_at: later() });
+        Given::with(())
+            .given(history())
+            .when(ContactCommand::Upsert {
+                email: email(),
+                fields: ContactFields::default(),
+                at: later(),
+            })
+            .then_expect_error(ContactError::EmailErased);
+    }
+
+    #[test]
+    fn consent_is_recorded_with_its_basis_and_a_clean_source() {
+        Given::with(())
+            .given(vec![created()])
+            .when(ContactCommand::RecordConsent {
+                status: ConsentStatus::Withdrawn,
+                basis: Some(ConsentBasis::LegitimateInterest),
+                source: Some("  phone call ".into()),
+                at: later(),
+            })
+            .then_expect_events(vec![ContactEvent::ConsentRecorded {
+                status: ConsentStatus::Withdrawn,
+                basis: Some(ConsentBasis::LegitimateInterest),
+                source: Some("phone call".into()),
+                recorded_at: later(),
+            }]);
+        Given::with(())
+            .given(vec![created()])
+            .when(ContactCommand::RecordConsent {
+                status: ConsentStatus::Granted,
+                basis: None,
+                source: Some("bell\u{0007}".into()),
+                at: later(),
+            })
+            .then_expect_error_message("source must not contain control characters");
     }
 
     #[test]

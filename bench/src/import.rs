@@ -8,7 +8,7 @@ use serde_json::Value;
 use crate::measure::ms;
 use crate::{Server, start};
 
-fn csv(rows: usize, generation: usize) -> String {
+pub(crate) fn csv(rows: usize, generation: usize) -> String {
     let mut out = String::from("email,first_name,last_name,company,title,custom.source\n");
     for i in 0..rows {
         out.push_str(&format!(
@@ -20,7 +20,7 @@ fn csv(rows: usize, generation: usize) -> String {
     out
 }
 
-async fn post(
+pub(crate) async fn post(
     server: &Server,
     content_type: &str,
     body: String,

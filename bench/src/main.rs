@@ -38,6 +38,7 @@ mod floor;
 mod import;
 mod measure;
 mod peer;
+mod privacy;
 mod rebuild;
 mod report;
 mod spends;
@@ -136,6 +137,14 @@ enum Bench {
     RebuildChild {
         #[arg(long)]
         url: String,
+    },
+    /// Personal data encryption: sealing cost, upserts, a 10,000-row import and loading a
+    /// contact of 10,000 events.
+    Privacy {
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 10_000)]
+        rows: usize,
     },
     /// Event store: load cost at 10 vs 100,000 events, and write-to-read-model lag.
     Store {
@@ -269,6 +278,7 @@ fn main() -> anyhow::Result<()> {
                 metrics,
                 label,
             } => cluster::run(url, key, clients, seconds, metrics, label).await,
+            Bench::Privacy { seconds, rows } => privacy::run(seconds, rows).await,
             Bench::Webhooks { seconds } => webhooks::run(seconds).await,
             Bench::Providers { seconds } => webhooks::providers(seconds).await,
             Bench::Spends { clients, seconds } => spends::run(clients, seconds).await,

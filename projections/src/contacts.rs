@@ -97,8 +97,17 @@ impl Projection for ContactsProjection {
         events: &[FeedEvent],
     ) -> Result<(), ProjectionError> {
         let mut changes: BTreeMap<Uuid, Change> = BTreeMap::new();
+        // Contacts erased in this batch: their rows go, whatever the batch did to them.
+        let mut erased: Vec<Uuid> = Vec::new();
         for (event, id, decoded) in events_of::<ContactEvent>(events, Contact::TYPE)? {
             let (columns, enrichment, at) = match decoded {
+                // Personal data already shredded: nothing of it may reach the table.
+                ContactEvent::ContactRedacted {} => continue,
+                ContactEvent::ContactErased { .. } => {
+                    changes.remove(&id);
+                    erased.push(id);
+                    continue;
+                }
                 ContactEvent::ContactCreated {
                     email,
                     fields,
@@ -129,6 +138,9 @@ impl Projection for ContactsProjection {
                     changes,
                     updated_at,
                 } => (Columns::of(&changes), None, updated_at),
+                ContactEvent::ConsentRecorded { recorded_at, .. } => {
+                    (Columns::default(), None, recorded_at)
+                }
                 ContactEvent::EnrichmentRecorded {
                     data,
                     quality_score,
@@ -159,6 +171,20 @@ impl Projection for ContactsProjection {
             }
             change.updated_at = at;
             change.events += 1;
+        }
+        if !erased.is_empty() {
+            let gone = sqlx::query!("DELETE FROM contacts_view WHERE id = ANY($1)", &erased)
+                .execute(&mut *conn)
+                .await?
+                .rows_affected();
+            if gone > 0 {
+                sqlx::query!(
+                    "UPDATE contact_totals_view SET contacts = contacts - $1",
+                    gone as i64
+                )
+                .execute(&mut *conn)
+                .await?;
+            }
         }
         let (created, changed): (Vec<_>, Vec<_>) =
             changes.into_iter().partition(|(_, c)| c.created.is_some());

@@ -115,7 +115,7 @@ pub async fn read(
     )
     .fetch_all(&mut *conn)
     .await?;
-    rows.into_iter().map(Row::upcast).collect()
+    upcast_all(conn, rows).await
 }
 
 /// Up to `limit` events after `after` and up to `until` included, in commit order.
@@ -145,7 +145,32 @@ pub async fn read_until(
     )
     .fetch_all(&mut *conn)
     .await?;
-    rows.into_iter().map(Row::upcast).collect()
+    upcast_all(conn, rows).await
+}
+
+/// Rows opened (personal data, through [`crate::pii`]) and upcast, in order.
+async fn upcast_all(
+    conn: &mut PgConnection,
+    rows: Vec<Row>,
+) -> Result<Vec<FeedEvent>, sqlx::Error> {
+    let mut personal: Vec<String> = rows
+        .iter()
+        .filter(|r| crate::pii::is_personal(&r.aggregate_type))
+        .map(|r| r.aggregate_id.clone())
+        .collect();
+    personal.sort();
+    personal.dedup();
+    let keys = crate::pii::keys(conn, crate::pii::PERSONAL_TYPES[0], &personal)
+        .await
+        .map_err(pii_error)?;
+    rows.into_iter().map(|r| r.upcast(&keys)).collect()
+}
+
+fn pii_error(e: crate::pii::PiiError) -> sqlx::Error {
+    match e {
+        crate::pii::PiiError::Database(e) => e,
+        other => sqlx::Error::Decode(Box::new(other)),
+    }
 }
 
 /// A row of `events` as read.
@@ -163,8 +188,10 @@ struct Row {
 }
 
 impl Row {
-    fn upcast(self) -> Result<FeedEvent, sqlx::Error> {
-        let r = self;
+    fn upcast(self, keys: &crate::pii::Keys) -> Result<FeedEvent, sqlx::Error> {
+        let mut r = self;
+        r.payload = crate::pii::open_event(keys, &r.aggregate_type, &r.aggregate_id, r.payload)
+            .map_err(pii_error)?;
         let mut serialized = SerializedEvent::new(
             r.aggregate_id,
             r.sequence as usize,

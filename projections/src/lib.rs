@@ -12,6 +12,7 @@ pub mod contacts;
 pub mod costs;
 pub mod enrollments;
 pub mod feed;
+pub mod pii;
 pub mod rebuild;
 pub mod runner;
 pub mod status;

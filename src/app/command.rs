@@ -750,7 +750,11 @@ pub async fn replay(
     Ok(Some(Recorded {
         status,
         headers,
-        body: record.response_body,
+        body: projections::pii::open_record(
+            &record_aad(idempotency.scope, key),
+            &record.response_body,
+        )
+        .map_err(|e| AppError::Internal(e.to_string()))?,
     }))
 }
 
@@ -779,7 +783,11 @@ pub async fn record(
             ))
         })
         .collect();
-    let body = serde_json::to_vec(&reply.body).unwrap_or_default();
+    // Sealed: a reply can name a person (a contact's answer) or hold a secret.
+    let body = projections::pii::seal_record(
+        &record_aad(*scope, key),
+        &serde_json::to_vec(&reply.body).unwrap_or_default(),
+    );
     sqlx::query!(
         "INSERT INTO idempotency_records
              (api_key_id, idempotency_key, request_hash,
@@ -795,6 +803,11 @@ pub async fn record(
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// What a sealed reply is bound to: its record's key, so it cannot be moved to another.
+pub fn record_aad(scope: uuid::Uuid, key: &str) -> Vec<u8> {
+    format!("idempotency:{scope}:{key}").into_bytes()
 }
 
 /// Deletes idempotency records older than `keep`; returns how many.

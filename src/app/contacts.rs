@@ -172,6 +172,10 @@ pub struct RowError {
     pub row: usize,
     pub email: Option<String>,
     pub message: String,
+    /// The problem type of a refusal with one (`contact-erased`: the email belongs to an
+    /// erased contact).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<&'static str>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, ToSchema)]
@@ -354,6 +358,7 @@ pub async fn import(
                     row: row.row,
                     email: None,
                     message: clip(&message, MAX_ECHOED_CHARS * 2),
+                    code: None,
                 });
                 continue;
             }
@@ -377,6 +382,7 @@ pub async fn import(
                         .join("; "),
                     MAX_ECHOED_CHARS * 2,
                 ),
+                code: None,
             }),
         }
     }
@@ -428,6 +434,7 @@ pub async fn import(
                         Err(e) => row_errors.push(RowError {
                             row: p.row,
                             email: Some(p.email.as_str().to_string()),
+                            code: (e == ContactError::EmailErased).then_some("contact-erased"),
                             message: e.to_string(),
                         }),
                     }

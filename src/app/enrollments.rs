@@ -97,6 +97,8 @@ pub async fn enroll(
                     .collect();
                 let mut enrollments: HashMap<String, Loaded<Enrollment>> =
                     state.store.load_many(&mut tx, &enrollment_ids).await?;
+                let suppressed =
+                    crate::app::suppressions::suppressed_among(&mut tx, contacts).await?;
                 let mut response = EnrollResponse {
                     enrolled: Vec::new(),
                     already_enrolled: Vec::new(),
@@ -124,6 +126,13 @@ pub async fn enroll(
                         .expect("loaded every id");
                     if enrollment.aggregate.enrolled {
                         response.already_enrolled.push(pair);
+                        continue;
+                    }
+                    if suppressed.contains(contact) {
+                        response.rejected.push(Rejected {
+                            contact_id: *contact,
+                            reason: "suppressed".into(),
+                        });
                         continue;
                     }
                     let sink = EventSink::default();

@@ -12,9 +12,11 @@ pub mod enrollments;
 pub mod error;
 pub mod group;
 pub mod keys;
+pub mod privacy;
 pub mod reads;
 pub mod replica;
 pub mod sources;
+pub mod suppressions;
 pub mod webhooks;
 pub mod workers;
 
@@ -86,12 +88,14 @@ impl App {
     /// configured secret key (`LEADLEDGER_SECRET_KEY`, else the data directory's) and the
     /// given limits, on a pool already migrated.
     pub fn build(pool: PgPool, config: &Config, limits: Limits) -> Result<Self, SecretError> {
+        let secrets = config.secrets()?;
+        projections::pii::install(secrets.derive(privacy::DATA_KEYS_PURPOSE));
         Ok(Self {
             pool,
             metrics: crate::telemetry::metrics_handle(),
             store: Store::new(config.snapshot_every),
             retry: RetryPolicy::default(),
-            secrets: config.secrets()?,
+            secrets,
             contact_id_key: Default::default(),
             limits,
             wakeup: projections::Wakeup::new(),

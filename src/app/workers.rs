@@ -40,9 +40,12 @@ pub fn start(state: &App) -> Workers {
     // its own checkpoint), and retried on a timer for what the feed cannot see.
     let reactor = projections::runner::Runner::reactors(
         state.pool.clone(),
-        vec![std::sync::Arc::new(
-            crate::app::webhooks::ParkingReactor::new(state.store.clone()),
-        )],
+        vec![
+            std::sync::Arc::new(crate::app::webhooks::ParkingReactor::new(
+                state.store.clone(),
+            )),
+            std::sync::Arc::new(crate::app::suppressions::SuppressionReactor::new(state)),
+        ],
         projections::runner::RunnerConfig::default(),
     )
     .with_wakeup(state.wakeup.clone());
@@ -89,6 +92,24 @@ pub fn start(state: &App) -> Workers {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(Duration::from_secs(60)) => {},
             }
+        }
+    }));
+    // Contact events an earlier release stored in the clear are sealed while serving.
+    let pool = state.pool.clone();
+    let stop = cancel.clone();
+    tasks.push(tokio::spawn(async move {
+        let quiet = |_| {};
+        tokio::select! {
+            () = stop.cancelled() => {},
+            done = crate::app::privacy::encrypt_plaintext(&pool, 500, &quiet) => match done {
+                Ok(done) if done.events + done.redacted > 0 => tracing::info!(
+                    events = done.events,
+                    redacted = done.redacted,
+                    "contact events stored in the clear were encrypted"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "encrypting contact events failed"),
+            },
         }
     }));
     // Expired budget holds are released by a command even if no one touches the budget.

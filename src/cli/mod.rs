@@ -57,6 +57,11 @@ pub enum Command {
         #[command(subcommand)]
         command: ContactsCommand,
     },
+    /// The suppression list.
+    Suppressions {
+        #[command(subcommand)]
+        command: SuppressionsCommand,
+    },
     /// Read models.
     Projections {
         #[command(subcommand)]
@@ -122,7 +127,31 @@ pub enum WebhooksCommand {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum SuppressionsCommand {
+    /// Suppressed addresses, newest first (an email shows only while its contact exists).
+    List {
+        /// Only this reason: manual, erased, bounced, complained, unsubscribed,
+        /// consent_withdrawn.
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Suppress an address by hand.
+    Add { email: String },
+    /// Lift the suppression of an address.
+    Remove { email: String },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum ContactsCommand {
+    /// Erase a contact: destroy its personal data (crypto-shredding) and suppress its email.
+    Erase { id: uuid::Uuid },
+    /// Encrypt the contact events stored in the clear by an earlier release, to the end
+    /// (`serve` does it too, in the background). Safe to interrupt and run again.
+    Encrypt {
+        /// Events per transaction.
+        #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=10_000))]
+        batch_size: i64,
+    },
     /// Import contacts from a CSV file (header row of field names) or a JSON array.
     Import {
         file: std::path::PathBuf,
@@ -282,6 +311,37 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             })
             .await
         }
+        Command::Contacts {
+            command: ContactsCommand::Erase { id },
+        } => with_migrated_db(&config, async |db| erase_contact(db, &config, id).await).await,
+        Command::Contacts {
+            command: ContactsCommand::Encrypt { batch_size },
+        } => {
+            with_migrated_db(&config, async |db| {
+                let report = |done: crate::app::privacy::Encrypted| {
+                    eprintln!(
+                        "encrypted {} events, redacted {}, snapshots dropped {}",
+                        done.events, done.redacted, done.snapshots
+                    );
+                };
+                let done = crate::app::privacy::encrypt_plaintext(&db.pool, batch_size, &report)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                println!(
+                    "done: {} events encrypted, {} redacted (erased contacts), {} snapshots \
+                 dropped, {} stored replies encrypted",
+                    done.events, done.redacted, done.snapshots, done.records
+                );
+                Ok(())
+            })
+            .await
+        }
+        Command::Suppressions { command } => {
+            with_migrated_db(&config, async |db| {
+                suppressions_command(db, &config, command).await
+            })
+            .await
+        }
         Command::Projections { command } => {
             with_migrated_db(&config, async |db| projections_command(db, command).await).await
         }
@@ -357,6 +417,12 @@ async fn with_migrated_db<F>(config: &Config, f: F) -> anyhow::Result<()>
 where
     F: AsyncFnOnce(&Database) -> anyhow::Result<()>,
 {
+    // Every command may read contacts (a rebuild does): they need the key of their data.
+    projections::pii::install(
+        config
+            .secrets()?
+            .derive(crate::app::privacy::DATA_KEYS_PURPOSE),
+    );
     let db = Database::open(config)
         .await
         .context("opening the database")?;
@@ -608,6 +674,81 @@ async fn import_contacts(
     print_import_report(&total);
     if let Some(p) = &total.position {
         println!("position {p}");
+    }
+    Ok(())
+}
+
+async fn erase_contact(db: &Database, config: &Config, id: uuid::Uuid) -> anyhow::Result<()> {
+    let state = App::build(db.pool.clone(), config, Limits::default())?;
+    let context = crate::app::command::CommandContext {
+        actor: Some("cli".into()),
+        ..Default::default()
+    };
+    let answer = crate::app::privacy::erase(&state, &context, id)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let crate::app::command::Answer::Fresh(reply) = answer {
+        println!(
+            "contact {id} erased at {}",
+            reply.body["erased_at"].as_str().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+async fn suppressions_command(
+    db: &Database,
+    config: &Config,
+    command: SuppressionsCommand,
+) -> anyhow::Result<()> {
+    use crate::app::suppressions;
+    let state = App::build(db.pool.clone(), config, Limits::default())?;
+    let fail = |e: crate::app::error::AppError| anyhow::anyhow!("{e}");
+    match command {
+        SuppressionsCommand::List { reason } => {
+            println!(
+                "{:<36}  {:<17}  {:<25}  email",
+                "contact", "reason", "created"
+            );
+            let mut after = None;
+            loop {
+                let page = suppressions::list(&state, None, reason.as_deref(), after, 500)
+                    .await
+                    .map_err(fail)?;
+                for s in &page {
+                    println!(
+                        "{:<36}  {:<17}  {:<25}  {}",
+                        s.contact_id,
+                        s.reason,
+                        s.created_at.to_rfc3339(),
+                        s.email.as_deref().unwrap_or("-")
+                    );
+                }
+                match page.last() {
+                    Some(last) if page.len() == 500 => {
+                        after = Some((last.created_at, last.contact_id))
+                    }
+                    _ => break,
+                }
+            }
+        }
+        SuppressionsCommand::Add { email } => {
+            let (entry, created) = suppressions::add(&state, &email, Some("manual"))
+                .await
+                .map_err(fail)?;
+            let verb = if created {
+                "suppressed"
+            } else {
+                "already suppressed"
+            };
+            println!("{verb}: contact {} ({})", entry.contact_id, entry.reason);
+        }
+        SuppressionsCommand::Remove { email } => {
+            if !suppressions::remove(&state, &email).await.map_err(fail)? {
+                anyhow::bail!("this address is not suppressed");
+            }
+            println!("suppression removed");
+        }
     }
     Ok(())
 }
@@ -891,6 +1032,10 @@ async fn run_serve(config: &Config, serve: &ServeConfig) -> anyhow::Result<()> {
         }
     }
     let mut state = App::build(db.pool.clone(), config, serve.limits())?;
+    if let Err(e) = crate::app::privacy::check_secret_key(&db.pool).await {
+        db.close().await?;
+        return Err(e).context("checking the secret key against the stored contact data keys");
+    }
     if let Some(options) = replica_options {
         // Lazy: a replica that is down at start is the primary's load until it is back.
         let replica = crate::app::replica::pool_options(config.db_pool_size)

@@ -31,7 +31,7 @@ const IMPORT_BODY_LIMIT: usize = 32 << 20;
 pub fn router() -> OpenApiRouter<App> {
     OpenApiRouter::new()
         .routes(routes!(upsert_contact, list_contacts))
-        .routes(routes!(get_contact, patch_contact))
+        .routes(routes!(get_contact, patch_contact, erase_contact))
         .routes(routes!(record_enrichment))
         // Only the import takes large bodies; the other routes keep the default limit.
         .merge(
@@ -55,6 +55,8 @@ pub struct ContactBody {
     linkedin_url: Option<String>,
     custom: std::collections::BTreeMap<String, String>,
     enrichment: Option<EnrichmentBody>,
+    /// The latest consent recorded (`POST /v1/contacts/{id}/consent`).
+    consent: Option<ConsentBody>,
     created_at: Option<DateTime<Utc>>,
     updated_at: Option<DateTime<Utc>>,
     version: u64,
@@ -80,6 +82,36 @@ pub struct ContactUpserted {
     position: String,
 }
 
+/// A contact's consent.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ConsentBody {
+    /// granted | withdrawn
+    status: String,
+    /// consent | legitimate_interest | contract
+    basis: Option<String>,
+    source: Option<String>,
+    recorded_at: DateTime<Utc>,
+}
+
+impl ConsentBody {
+    pub(crate) fn of(c: &aggregates::contact::Consent) -> Self {
+        Self {
+            status: serde_name(&c.status),
+            basis: c.basis.as_ref().map(serde_name),
+            source: c.source.clone(),
+            recorded_at: c.recorded_at,
+        }
+    }
+}
+
+/// The name serde gives a unit enum value (`legitimate_interest`).
+fn serde_name<T: Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct EnrichmentBody {
     data: Value,
@@ -92,7 +124,7 @@ fn text<T: Clone + Into<String>>(v: &Option<T>) -> Option<String> {
     v.clone().map(Into::into)
 }
 
-fn body(id: Uuid, loaded: &Loaded<Contact>) -> ContactBody {
+pub(crate) fn body(id: Uuid, loaded: &Loaded<Contact>) -> ContactBody {
     let c = &loaded.aggregate;
     ContactBody {
         id,
@@ -115,13 +147,14 @@ fn body(id: Uuid, loaded: &Loaded<Contact>) -> ContactBody {
             sources: e.sources.clone(),
             enriched_at: e.enriched_at,
         }),
+        consent: c.consent.as_ref().map(ConsentBody::of),
         created_at: c.created_at,
         updated_at: c.updated_at,
         version: loaded.version,
     }
 }
 
-fn reply(id: Uuid, written: &Written<Contact>) -> Reply {
+pub(crate) fn reply(id: Uuid, written: &Written<Contact>) -> Reply {
     let b = ContactWritten {
         contact: body(id, &written.loaded),
         position: written.position().to_string(),
@@ -129,7 +162,7 @@ fn reply(id: Uuid, written: &Written<Contact>) -> Reply {
     Reply::ok(serde_json::to_value(b).unwrap_or_default()).with_etag(written.version())
 }
 
-fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
+pub(crate) fn parse_id(raw: &str) -> Result<Uuid, ApiError> {
     Uuid::parse_str(raw).map_err(|_| ApiError::NotFound("no contact with this id".into()))
 }
 
@@ -299,7 +332,25 @@ async fn get_contact(
         "no contact with this id",
     )
     .await?;
+    if let Some(erased_at) = loaded.aggregate.erased_at {
+        return Err(ApiError::erased(erased_at));
+    }
     Ok(json_with_etag(&body(id, &loaded), loaded.version))
+}
+
+/// Erase a contact: its personal data is destroyed (crypto-shredding) and its email
+/// suppressed; enrollments and metrics remain without it. Idempotent.
+#[utoipa::path(delete, path = "/v1/contacts/{id}", tag = TAG,
+    params(("id" = Uuid, Path), ("Idempotency-Key" = Option<String>, Header)),
+    responses((status = 200, body = crate::app::privacy::ContactErased), (status = 404)))]
+async fn erase_contact(
+    State(state): State<App>,
+    Path(id): Path<String>,
+    request: CommandRequest,
+) -> Result<Response, ApiError> {
+    let id = parse_id(&id)?;
+    let answer = crate::app::privacy::erase(&state, &request.context(), id).await?;
+    Ok(answer.into_response())
 }
 
 #[derive(Debug, Deserialize, IntoParams)]

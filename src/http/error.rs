@@ -24,6 +24,9 @@ pub enum ApiError {
     NotFound(String),
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// The resource existed and was removed for good (an erased contact).
+    #[error("{0}")]
+    Gone(String),
     #[error("{detail}")]
     Conflict { kind: &'static str, detail: String },
     #[error("{0}")]
@@ -82,6 +85,7 @@ impl ApiError {
             Self::Forbidden(_) => StatusCode::FORBIDDEN,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Self::Gone(_) => StatusCode::GONE,
             Self::Conflict { .. } => StatusCode::CONFLICT,
             Self::PreconditionFailed(_) => StatusCode::PRECONDITION_FAILED,
             Self::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -104,6 +108,7 @@ impl ApiError {
             Self::Forbidden(_) => "forbidden",
             Self::NotFound(_) => "not-found",
             Self::MethodNotAllowed => "method-not-allowed",
+            Self::Gone(_) => "gone",
             Self::Conflict { kind, .. } => kind,
             Self::PreconditionFailed(_) => "precondition-failed",
             Self::PayloadTooLarge(_) => "payload-too-large",
@@ -127,6 +132,7 @@ impl ApiError {
             Self::Forbidden(_) => "Forbidden",
             Self::NotFound(_) => "Not found",
             Self::MethodNotAllowed => "Method not allowed",
+            Self::Gone(_) => "Gone",
             Self::Conflict { .. } => "Conflict",
             Self::PreconditionFailed(_) => "Precondition failed",
             Self::PayloadTooLarge(_) => "Payload too large",
@@ -139,6 +145,16 @@ impl ApiError {
             Self::HeadersTooLarge(_) => "Request header fields too large",
             Self::Internal(_) => "Internal server error",
             Self::Extended { inner, .. } => inner.title(),
+        }
+    }
+
+    /// 410 for an erased contact, with when it was erased.
+    pub fn erased(erased_at: chrono::DateTime<chrono::Utc>) -> Self {
+        let mut members = serde_json::Map::new();
+        members.insert("erased_at".into(), serde_json::json!(erased_at));
+        Self::Extended {
+            inner: Box::new(Self::Gone("the contact was erased".into())),
+            members,
         }
     }
 
@@ -223,6 +239,8 @@ impl From<aggregates::contact::ContactError> for ApiError {
             }
             E::NotFound => Self::NotFound("no contact with this id".into()),
             E::EmailMismatch => Self::conflict("email-mismatch", e.to_string()),
+            E::Erased { erased_at } => Self::erased(erased_at),
+            E::EmailErased => Self::conflict("contact-erased", e.to_string()),
         }
     }
 }

@@ -15,6 +15,8 @@ pub mod extract;
 pub mod guard;
 pub mod health;
 pub mod metrics;
+pub mod privacy;
+pub mod suppressions;
 pub mod webhooks;
 
 use std::future::Future;
@@ -68,6 +70,8 @@ pub fn api(state: &App) -> (Router<App>, serde_json::Value) {
         .merge(budgets::router())
         .merge(analytics::router())
         .merge(contacts::router())
+        .merge(privacy::router())
+        .merge(suppressions::router())
         .merge(enrollments::router())
         .merge(webhooks::router());
     let (routes, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())

@@ -19,6 +19,7 @@ mod layers;
 mod lifecycle;
 mod lists;
 mod openapi;
+mod privacy;
 mod projections;
 mod providers;
 mod rebuild;

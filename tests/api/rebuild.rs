@@ -663,8 +663,10 @@ async fn the_rebuild_command_verifies_reports_differences_with_status_1_and_disc
     let url = crate::helpers::harness().url(&app.database);
     let (_keep, data) = crate::lifecycle::data_dir();
     let run = |args: &[&str]| {
+        // The key the contacts were encrypted under: a rebuild reads them.
         let out = crate::lifecycle::leadledger(&data)
             .env("DATABASE_URL", &url)
+            .env("LEADLEDGER_SECRET_KEY", crate::helpers::TEST_SECRET_KEY)
             .args(args)
             .output()
             .unwrap();

@@ -1,0 +1,541 @@
+//! Personal data at rest: each contact's personal fields are sealed under that contact's
+//! own data key, and each data key under a key derived from the server's secret key. The
+//! one way to read a stored payload of a personal aggregate is [`open_event`] /
+//! [`open_state`]: the event store's loads, its snapshots and the feed of the projections
+//! all go through them, so an event reads the same everywhere.
+//!
+//! Sealed form: the personal members of an event (inside its variant object) or of a
+//! snapshot are taken out and replaced by one member, `"pii"`, the base64 of a 24-byte
+//! nonce and the XChaCha20-Poly1305 ciphertext of those members as a JSON object, with
+//! `"<aggregate type>:<id>"` as associated data (a sealed value moved to another stream
+//! does not open). Members that are not personal (times, quality score, consent status)
+//! stay in the clear, so they remain queryable.
+//!
+//! Erasure destroys the data key (`contact_keys.wrapped_key` becomes NULL). From then on
+//! every event of the stream reads as `{"ContactRedacted": {}}` — never an error that would
+//! stop a projection — and a snapshot is unreadable (so the stream is replayed).
+
+use std::collections::HashMap;
+use std::sync::RwLock;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
+use rand::RngCore;
+use serde_json::{Map, Value};
+use sqlx::PgConnection;
+
+/// The aggregate types whose events carry personal data.
+pub const PERSONAL_TYPES: &[&str] = &["contact"];
+
+/// Members that stay in the clear in a sealed payload: none of them says who a person is.
+const CLEAR_MEMBERS: &[&str] = &[
+    "created",
+    "created_at",
+    "updated_at",
+    "enriched_at",
+    "erased_at",
+    "quality_score",
+    "recorded_at",
+    "status",
+    "basis",
+];
+
+/// The member that holds the sealed personal members.
+pub const SEALED_MEMBER: &str = "pii";
+
+/// What an event of an erased contact reads as.
+pub const REDACTED_VARIANT: &str = "ContactRedacted";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PiiError {
+    #[error(
+        "personal data is encrypted but no secret key was installed in this process (a defect)"
+    )]
+    NoKeyring,
+    /// The configured secret key is not the one the data keys were sealed under.
+    #[error(
+        "the data key of a contact cannot be opened with the configured secret key \
+         (LEADLEDGER_SECRET_KEY or <data dir>/secret.key is not the key this database was \
+         written with; restore that key from its backup)"
+    )]
+    WrongSecretKey,
+    #[error("a sealed payload cannot be opened: {0}")]
+    Corrupt(&'static str),
+    /// A write of personal data to a contact whose key was destroyed (an erased contact).
+    #[error("the contact's data key was destroyed (the contact is erased)")]
+    Destroyed,
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+}
+
+/// The key that seals data keys, derived from the server's secret key.
+#[derive(Clone)]
+pub struct Keyring {
+    cipher: XChaCha20Poly1305,
+}
+
+static KEYRING: RwLock<Option<Keyring>> = RwLock::new(None);
+
+/// Installs the process's key that seals data keys. A process serves with one secret key;
+/// the last one installed is used.
+pub fn install(key: [u8; 32]) {
+    let keyring = Keyring {
+        cipher: XChaCha20Poly1305::new(Key::from_slice(&key)),
+    };
+    *KEYRING.write().unwrap_or_else(|e| e.into_inner()) = Some(keyring);
+}
+
+fn keyring() -> Result<Keyring, PiiError> {
+    KEYRING
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .ok_or(PiiError::NoKeyring)
+}
+
+pub fn is_personal(aggregate_type: &str) -> bool {
+    PERSONAL_TYPES.contains(&aggregate_type)
+}
+
+/// A contact's data key as read: usable, or destroyed by an erasure.
+#[derive(Clone)]
+pub enum DataKey {
+    Open(XChaCha20Poly1305),
+    Destroyed,
+}
+
+/// Data keys of a set of streams; a stream without a row has never held sealed data.
+#[derive(Clone, Default)]
+pub struct Keys(HashMap<String, DataKey>);
+
+impl Keys {
+    pub fn get(&self, id: &str) -> Option<&DataKey> {
+        self.0.get(id)
+    }
+
+    /// The keys of one stream (for measurements and tests of sealing on its own).
+    pub fn with(id: &str, key: XChaCha20Poly1305) -> Self {
+        Self(HashMap::from([(id.to_string(), DataKey::Open(key))]))
+    }
+}
+
+fn random<const N: usize>() -> [u8; N] {
+    let mut bytes = [0u8; N];
+    rand::rng().fill_bytes(&mut bytes);
+    bytes
+}
+
+fn seal_bytes(cipher: &XChaCha20Poly1305, plaintext: &[u8], aad: &[u8]) -> Vec<u8> {
+    let nonce: [u8; 24] = random();
+    let mut out = nonce.to_vec();
+    out.extend(
+        cipher
+            .encrypt(
+                XNonce::from_slice(&nonce),
+                Payload {
+                    msg: plaintext,
+                    aad,
+                },
+            )
+            .expect("encryption of a buffer in memory cannot fail"),
+    );
+    out
+}
+
+fn open_bytes(cipher: &XChaCha20Poly1305, sealed: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
+    if sealed.len() < 24 {
+        return None;
+    }
+    let (nonce, ciphertext) = sealed.split_at(24);
+    cipher
+        .decrypt(
+            XNonce::from_slice(nonce),
+            Payload {
+                msg: ciphertext,
+                aad,
+            },
+        )
+        .ok()
+}
+
+fn unwrap_key(keyring: &Keyring, id: &str, wrapped: &[u8]) -> Result<DataKey, PiiError> {
+    let raw =
+        open_bytes(&keyring.cipher, wrapped, id.as_bytes()).ok_or(PiiError::WrongSecretKey)?;
+    if raw.len() != 32 {
+        return Err(PiiError::Corrupt("a data key is not 32 bytes"));
+    }
+    Ok(DataKey::Open(XChaCha20Poly1305::new(Key::from_slice(&raw))))
+}
+
+/// The data keys of `ids` (streams of `aggregate_type`); empty for a type without
+/// personal data.
+pub async fn keys(
+    conn: &mut PgConnection,
+    aggregate_type: &str,
+    ids: &[String],
+) -> Result<Keys, PiiError> {
+    if !is_personal(aggregate_type) || ids.is_empty() {
+        return Ok(Keys::default());
+    }
+    let rows = sqlx::query!(
+        "SELECT contact_id, wrapped_key FROM contact_keys WHERE contact_id = ANY($1)",
+        ids
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    let mut keys = HashMap::with_capacity(rows.len());
+    if rows.is_empty() {
+        return Ok(Keys(keys));
+    }
+    let keyring = keyring()?;
+    for row in rows {
+        let key = match row.wrapped_key {
+            Some(wrapped) => unwrap_key(&keyring, &row.contact_id, &wrapped)?,
+            None => DataKey::Destroyed,
+        };
+        keys.insert(row.contact_id, key);
+    }
+    Ok(Keys(keys))
+}
+
+/// The data keys to seal new events of `ids` with, made for the streams that have none
+/// yet (in the caller's transaction, so a rolled-back write leaves no key behind).
+/// [`PiiError::Destroyed`] if one of them was erased.
+pub async fn keys_for_writing(
+    conn: &mut PgConnection,
+    ids: &[String],
+) -> Result<HashMap<String, XChaCha20Poly1305>, PiiError> {
+    let mut ids: Vec<String> = ids.to_vec();
+    ids.sort();
+    ids.dedup();
+    let mut found = keys(conn, PERSONAL_TYPES[0], &ids).await?.0;
+    let missing: Vec<String> = ids
+        .iter()
+        .filter(|id| !found.contains_key(*id))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        let keyring = keyring()?;
+        let mut fresh = HashMap::with_capacity(missing.len());
+        let wrapped: Vec<Vec<u8>> = missing
+            .iter()
+            .map(|id| {
+                let raw: [u8; 32] = random();
+                fresh.insert(id.clone(), raw);
+                seal_bytes(&keyring.cipher, &raw, id.as_bytes())
+            })
+            .collect();
+        // In id order, so two writers making keys for overlapping sets cannot deadlock.
+        let inserted = sqlx::query_scalar!(
+            "INSERT INTO contact_keys (contact_id, wrapped_key)
+             SELECT * FROM UNNEST($1::text[], $2::bytea[])
+             ON CONFLICT (contact_id) DO NOTHING
+             RETURNING contact_id",
+            &missing,
+            &wrapped
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        for id in &inserted {
+            if let Some(raw) = fresh.get(id) {
+                found.insert(
+                    id.clone(),
+                    DataKey::Open(XChaCha20Poly1305::new(Key::from_slice(raw))),
+                );
+            }
+        }
+        // Another writer made some of them first (and committed): read theirs.
+        let raced: Vec<String> = missing
+            .into_iter()
+            .filter(|id| !found.contains_key(id))
+            .collect();
+        if !raced.is_empty() {
+            found.extend(keys(conn, PERSONAL_TYPES[0], &raced).await?.0);
+        }
+    }
+    ids.into_iter()
+        .map(|id| match found.remove(&id) {
+            Some(DataKey::Open(cipher)) => Ok((id, cipher)),
+            Some(DataKey::Destroyed) => Err(PiiError::Destroyed),
+            None => Err(PiiError::Corrupt("a data key was neither found nor made")),
+        })
+        .collect()
+}
+
+fn aad(aggregate_type: &str, id: &str) -> Vec<u8> {
+    format!("{aggregate_type}:{id}").into_bytes()
+}
+
+/// Whether `object` holds personal members (ones [`seal_object`] would take out).
+fn has_personal(object: &Map<String, Value>) -> bool {
+    object
+        .keys()
+        .any(|k| k != SEALED_MEMBER && !CLEAR_MEMBERS.contains(&k.as_str()))
+}
+
+/// The object an event payload's members live in: the one member of its variant object
+/// (`{"ContactCreated": {...}}`).
+fn variant_object(payload: &mut Value) -> Option<(&String, &mut Map<String, Value>)> {
+    let outer = payload.as_object_mut()?;
+    if outer.len() != 1 {
+        return None;
+    }
+    let (name, inner) = outer.iter_mut().next()?;
+    Some((name, inner.as_object_mut()?))
+}
+
+/// Whether an event payload of `aggregate_type` needs a data key to be written.
+pub fn event_needs_key(aggregate_type: &str, payload: &Value) -> bool {
+    if !is_personal(aggregate_type) {
+        return false;
+    }
+    let mut payload = payload.clone();
+    variant_object(&mut payload).is_some_and(|(_, o)| has_personal(o))
+}
+
+fn seal_object(
+    cipher: &XChaCha20Poly1305,
+    aggregate_type: &str,
+    id: &str,
+    object: &mut Map<String, Value>,
+) {
+    if !has_personal(object) {
+        return;
+    }
+    let personal: Map<String, Value> = object
+        .iter()
+        .filter(|(k, _)| !CLEAR_MEMBERS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    object.retain(|k, _| CLEAR_MEMBERS.contains(&k.as_str()));
+    let plaintext = serde_json::to_vec(&personal).expect("a JSON object serializes");
+    let sealed = seal_bytes(cipher, &plaintext, &aad(aggregate_type, id));
+    object.insert(SEALED_MEMBER.into(), Value::String(STANDARD.encode(sealed)));
+}
+
+/// Seals the personal members of an event payload in place.
+pub fn seal_event(cipher: &XChaCha20Poly1305, aggregate_type: &str, id: &str, payload: &mut Value) {
+    if let Some((_, object)) = variant_object(payload) {
+        seal_object(cipher, aggregate_type, id, object);
+    }
+}
+
+/// Seals the personal members of a snapshot's state in place.
+pub fn seal_state(cipher: &XChaCha20Poly1305, aggregate_type: &str, id: &str, state: &mut Value) {
+    if let Some(object) = state.as_object_mut() {
+        seal_object(cipher, aggregate_type, id, object);
+    }
+}
+
+enum Opened {
+    Clear,
+    Redacted,
+}
+
+fn open_object(
+    keys: &Keys,
+    aggregate_type: &str,
+    id: &str,
+    object: &mut Map<String, Value>,
+) -> Result<Opened, PiiError> {
+    let destroyed = matches!(keys.get(id), Some(DataKey::Destroyed));
+    let Some(sealed) = object.remove(SEALED_MEMBER) else {
+        // Clear text: written before encryption, or nothing personal in it.
+        return Ok(if destroyed && has_personal(object) {
+            Opened::Redacted
+        } else {
+            Opened::Clear
+        });
+    };
+    let cipher = match keys.get(id) {
+        Some(DataKey::Open(cipher)) => cipher,
+        Some(DataKey::Destroyed) => return Ok(Opened::Redacted),
+        None => {
+            return Err(PiiError::Corrupt(
+                "sealed data of a stream without a data key",
+            ));
+        }
+    };
+    let text = sealed
+        .as_str()
+        .ok_or(PiiError::Corrupt("the sealed member is not a string"))?;
+    if text.is_empty() {
+        return Ok(Opened::Redacted);
+    }
+    let bytes = STANDARD
+        .decode(text)
+        .map_err(|_| PiiError::Corrupt("the sealed member is not base64"))?;
+    let plaintext = open_bytes(cipher, &bytes, &aad(aggregate_type, id)).ok_or(
+        PiiError::Corrupt("sealed data does not open with its stream's key"),
+    )?;
+    let personal: Map<String, Value> = serde_json::from_slice(&plaintext)
+        .map_err(|_| PiiError::Corrupt("sealed data is not a JSON object"))?;
+    object.extend(personal);
+    Ok(Opened::Clear)
+}
+
+/// An event payload of stream `id` as the aggregate reads it: its personal members opened,
+/// or `{"ContactRedacted": {}}` when its key was destroyed. Payloads of aggregates
+/// without personal data come back as they are.
+pub fn open_event(
+    keys: &Keys,
+    aggregate_type: &str,
+    id: &str,
+    mut payload: Value,
+) -> Result<Value, PiiError> {
+    if !is_personal(aggregate_type) {
+        return Ok(payload);
+    }
+    let Some((_, object)) = variant_object(&mut payload) else {
+        return Ok(payload);
+    };
+    match open_object(keys, aggregate_type, id, object)? {
+        Opened::Clear => Ok(payload),
+        Opened::Redacted => Ok(serde_json::json!({ REDACTED_VARIANT: {} })),
+    }
+}
+
+/// A snapshot's state as the aggregate reads it; `None` when it cannot be read (its key
+/// destroyed): the caller replays the stream instead.
+pub fn open_state(
+    keys: &Keys,
+    aggregate_type: &str,
+    id: &str,
+    mut state: Value,
+) -> Result<Option<Value>, PiiError> {
+    if !is_personal(aggregate_type) {
+        return Ok(Some(state));
+    }
+    let Some(object) = state.as_object_mut() else {
+        return Ok(Some(state));
+    };
+    match open_object(keys, aggregate_type, id, object)? {
+        Opened::Clear => Ok(Some(state)),
+        Opened::Redacted => Ok(None),
+    }
+}
+
+/// An event payload with its personal members dropped (and marked as redacted): what
+/// an erasure leaves of an event stored in the clear.
+pub fn redact_event(payload: &mut Value) {
+    if let Some((_, object)) = variant_object(payload)
+        && has_personal(object)
+    {
+        object.retain(|k, _| CLEAR_MEMBERS.contains(&k.as_str()));
+        object.insert(SEALED_MEMBER.into(), Value::String(String::new()));
+    }
+}
+
+/// Whether an event payload still holds personal members in the clear.
+pub fn is_clear_personal(aggregate_type: &str, payload: &Value) -> bool {
+    event_needs_key(aggregate_type, payload)
+}
+
+/// Opens one data key of the database (the oldest not destroyed), to check that the
+/// configured secret key is the one it was sealed with. `Ok(false)` when there is none.
+pub async fn check_secret_key(conn: &mut PgConnection) -> Result<bool, PiiError> {
+    let rows = sqlx::query!(
+        "SELECT contact_id, wrapped_key AS \"wrapped_key!\" FROM contact_keys
+         WHERE wrapped_key IS NOT NULL ORDER BY created_at LIMIT 3"
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    if rows.is_empty() {
+        return Ok(false);
+    }
+    let keyring = keyring()?;
+    for row in rows {
+        unwrap_key(&keyring, &row.contact_id, &row.wrapped_key)?;
+    }
+    Ok(true)
+}
+
+/// What starts a sealed stored reply (an idempotency record's body); a body without it
+/// was stored in the clear by an earlier release.
+const SEALED_RECORD: &[u8] = b"LLS1";
+
+/// Seals a stored reply (bytes) under the server's key, bound to `aad` (its record's
+/// key): replies can name a person, and the database alone must not show them. Without
+/// an installed key (a tool that never reads contacts) the reply is kept as it is.
+pub fn seal_record(aad: &[u8], body: &[u8]) -> Vec<u8> {
+    match keyring() {
+        Ok(keyring) => {
+            let mut out = SEALED_RECORD.to_vec();
+            out.extend(seal_bytes(&keyring.cipher, body, aad));
+            out
+        }
+        Err(_) => body.to_vec(),
+    }
+}
+
+/// A stored reply as sealed by [`seal_record`] (or stored in the clear), opened.
+pub fn open_record(aad: &[u8], stored: &[u8]) -> Result<Vec<u8>, PiiError> {
+    let Some(sealed) = stored.strip_prefix(SEALED_RECORD) else {
+        return Ok(stored.to_vec());
+    };
+    let keyring = keyring()?;
+    open_bytes(&keyring.cipher, sealed, aad).ok_or(PiiError::WrongSecretKey)
+}
+
+/// Whether a stored reply is sealed.
+pub fn is_sealed_record(stored: &[u8]) -> bool {
+    stored.starts_with(SEALED_RECORD)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn cipher() -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new(Key::from_slice(&random::<32>()))
+    }
+
+    #[test]
+    fn a_sealed_event_hides_personal_members_and_opens_to_the_same_payload() {
+        let key = cipher();
+        let original = json!({"ContactCreated": {
+            "email": "ada@example.com", "fields": {"first_name": "Ada"},
+            "created_at": "2026-01-01T00:00:00Z"}});
+        let mut sealed = original.clone();
+        seal_event(&key, "contact", "c1", &mut sealed);
+        let text = sealed.to_string();
+        assert!(
+            !text.contains("ada@example.com") && !text.contains("Ada"),
+            "{text}"
+        );
+        assert!(text.contains("created_at"));
+        let keys = Keys(HashMap::from([("c1".to_string(), DataKey::Open(key))]));
+        assert_eq!(
+            open_event(&keys, "contact", "c1", sealed.clone()).unwrap(),
+            original
+        );
+        // Bound to its stream: moved to another one, it does not open.
+        let moved = Keys(HashMap::from([(
+            "c2".to_string(),
+            keys.get("c1").unwrap().clone(),
+        )]));
+        assert!(open_event(&moved, "contact", "c2", sealed.clone()).is_err());
+        let destroyed = Keys(HashMap::from([("c1".to_string(), DataKey::Destroyed)]));
+        assert_eq!(
+            open_event(&destroyed, "contact", "c1", sealed).unwrap(),
+            json!({"ContactRedacted": {}})
+        );
+    }
+
+    #[test]
+    fn events_without_personal_members_stay_as_they_are() {
+        let key = cipher();
+        let erased = json!({"ContactErased": {"erased_at": "2026-01-01T00:00:00Z"}});
+        let mut same = erased.clone();
+        seal_event(&key, "contact", "c1", &mut same);
+        assert_eq!(same, erased);
+        assert!(!event_needs_key("contact", &erased));
+        assert!(!event_needs_key(
+            "campaign",
+            &json!({"CampaignCreated": {"name": "x"}})
+        ));
+    }
+}

@@ -25,5 +25,5 @@ CREATE TABLE suppressions (
 CREATE INDEX suppressions_contact ON suppressions (contact_id);
 CREATE INDEX suppressions_created ON suppressions (created_at DESC, email_hash);
 
--- The export of a person lists their enrollments.
-CREATE INDEX enrollments_view_contact ON enrollments_view (contact_id);
+-- The export of a person lists their enrollments by `enrollments_view_contact`
+-- (20261130000030).

@@ -108,6 +108,12 @@ pub async fn add(
     Ok((entry, created))
 }
 
+/// The entry of contact `id`, if it is suppressed (for pages that show one contact).
+pub async fn of_contact_id(app: &App, id: Uuid) -> Result<Option<Suppression>, AppError> {
+    let mut conn = app.pool.acquire().await?;
+    Ok(of_contact(&mut conn, id).await?)
+}
+
 /// Removes the entry of `email`; whether there was one.
 pub async fn remove(app: &App, email: &str) -> Result<bool, AppError> {
     let email = parse_email(email)?;

@@ -66,6 +66,10 @@ pub fn router() -> Router<App> {
         )
         .route("/console/contacts", get(pages::contacts))
         .route("/console/contacts/{id}", get(pages::contact))
+        .route(
+            "/console/contacts/{id}/{action}",
+            post(pages::contact_action),
+        )
         .route("/console/webhooks", get(pages::webhooks))
         .route(
             "/console/webhooks/dead-letters/{id}/retry",

@@ -16,7 +16,7 @@ use crate::app::analytics::{self, CostsParams};
 use crate::app::reads::{
     self, CAMPAIGN_STATUSES, ENROLLMENT_STATUSES, GroupBy, MetricsRow, Transition,
 };
-use crate::app::{sources, webhooks};
+use crate::app::{privacy, sources, suppressions, webhooks};
 
 use super::charts::{self, Series};
 use super::format::{count, duration, maybe_time, money, percent, rate, time};
@@ -60,6 +60,8 @@ fn notice(done: Option<&str>) -> Markup {
         Some("pause") => "The campaign was paused.",
         Some("complete") => "The campaign was completed.",
         Some("retried") => "The dead letter was put back in the queue; it is retried now.",
+        Some("suppressed") => "The contact is on the suppression list: it will not be enrolled.",
+        Some("erased") => "The contact was erased: its personal data can no longer be read.",
         _ => return html! {},
     };
     html! { p.notice role="status" { (text) } }
@@ -550,6 +552,7 @@ pub async fn contacts(State(app): State<App>, headers: HeaderMap, RawQuery(raw):
         "contacts",
         html! {
             h1 { "Contacts" }
+            (notice(q.done.as_deref()))
             form.search method="get" action="/console/contacts" role="search" {
                 label for="q" { "Search" }
                 input #q type="search" name="q" value=(text) maxlength="200" placeholder="Name, company, domain or email";
@@ -589,10 +592,19 @@ fn name(first: Option<&str>, last: Option<&str>) -> String {
 }
 
 /// A contact: profile and custom fields from its stream, enrichment, enrollments, history.
-pub async fn contact(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Page {
+pub async fn contact(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    RawQuery(raw): RawQuery,
+) -> Page {
     let s = session(&app, &headers).await?;
+    let q = query(raw)?;
     let id = parse_uuid(&id, "contact")?;
     let (loaded, history, enrollments) = reads::contact(&app, id, 50, PAGE)
+        .await
+        .map_err(app_error)?;
+    let suppression = suppressions::of_contact_id(&app, id)
         .await
         .map_err(app_error)?;
     let c = &loaded.aggregate;
@@ -633,6 +645,7 @@ pub async fn contact(State(app): State<App>, headers: HeaderMap, Path(id): Path<
         "contacts",
         html! {
             p.crumbs { a href="/console/contacts" { "Contacts" } " /" }
+            (notice(q.done.as_deref()))
             h1.mono { (email) }
             p.small.muted { "Created " (maybe_time(c.created_at, now)) " · updated " (maybe_time(c.updated_at, now)) " · version " (loaded.version) }
             div.grid {
@@ -686,11 +699,93 @@ pub async fn contact(State(app): State<App>, headers: HeaderMap, Path(id): Path<
                         }
                     }
                 }
-                // Privacy actions (erase, suppress) go here, as forms with the CSRF token, once
-                // the privacy service exists in `app`.
+                section.panel #privacy {
+                    h2 { "Privacy" }
+                    dl.fields {
+                        dt { "Consent" }
+                        dd { @match &c.consent {
+                            None => span.muted { "not recorded" },
+                            Some(consent) => {
+                                (format!("{:?}", consent.status).to_lowercase())
+                                @if let Some(basis) = &consent.basis { " (" (format!("{basis:?}").to_lowercase()) ")" }
+                                " · " (time(consent.recorded_at, now))
+                            }
+                        } }
+                        dt { "Suppressed" }
+                        dd { @match &suppression {
+                            None => span.muted { "no" },
+                            Some(entry) => { "yes, " (entry.reason) " · " (time(entry.created_at, now)) }
+                        } }
+                    }
+                    div.actions {
+                        @if suppression.is_none() {
+                            form method="post" action=(format!("/console/contacts/{id}/suppress")) {
+                                (csrf_field(&s))
+                                button type="submit" data-action="suppress" { "Suppress" }
+                            }
+                        }
+                        form method="post" action=(format!("/console/contacts/{id}/erase")) {
+                            (csrf_field(&s))
+                            label.small { input type="checkbox" name="confirm" value="erase" required; " Erasing cannot be undone" }
+                            " "
+                            button.danger type="submit" data-action="erase" { "Erase" }
+                        }
+                        @if !s.can_act() { span.small.muted { "(a read key cannot act)" } }
+                    }
+                }
             }
         },
     ))
+}
+
+#[derive(Debug, Default, Deserialize)]
+pub struct PrivacyForm {
+    #[serde(default)]
+    csrf: String,
+    /// `erase`: the box saying erasing cannot be undone, ticked.
+    #[serde(default)]
+    confirm: String,
+}
+
+/// Suppresses or erases a contact from its page (`POST /v1/suppressions`,
+/// `DELETE /v1/contacts/{id}`).
+pub async fn contact_action(
+    State(app): State<App>,
+    headers: HeaderMap,
+    Path((id, action)): Path<(String, String)>,
+    body: Bytes,
+) -> Page {
+    let form: PrivacyForm = serde_urlencoded::from_bytes(&body).unwrap_or_default();
+    let s = acting(&app, &headers, &form.csrf).await?;
+    let id = parse_uuid(&id, "contact")?;
+    match action.as_str() {
+        "erase" => {
+            if form.confirm != "erase" {
+                return Err(error_page(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "Nothing was erased: tick the box saying erasing cannot be undone.",
+                ));
+            }
+            privacy::erase(&app, &s.context(), id)
+                .await
+                .map_err(app_error)?;
+            Ok(Redirect::to("/console/contacts?done=erased").into_response())
+        }
+        "suppress" => {
+            let (loaded, _, _) = reads::contact(&app, id, 1, 1).await.map_err(app_error)?;
+            let email = loaded
+                .aggregate
+                .email
+                .as_ref()
+                .map(|e| e.as_str().to_string())
+                .unwrap_or_default();
+            suppressions::add(&app, &email, Some("manual"))
+                .await
+                .map_err(app_error)?;
+            Ok(Redirect::to(&format!("/console/contacts/{id}?done=suppressed")).into_response())
+        }
+        _ => Err(error_page(StatusCode::NOT_FOUND, "No such action.")),
+    }
 }
 
 /// Webhook sources with their counts, parked events and dead letters (with a retry).

@@ -1041,3 +1041,76 @@ async fn in_a_real_browser_the_console_shows_the_apis_numbers_and_acts() {
     b.stop().await;
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+#[tokio::test]
+async fn a_write_key_suppresses_and_erases_a_contact_from_its_page_and_a_read_key_cannot() {
+    let app = spawn_app().await;
+    let contact: Value = app
+        .post(
+            "/v1/contacts",
+            &json!({"email": "erase.me@example.com", "first_name": "Erin"}),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let id = contact["id"].as_str().unwrap().to_string();
+    let erase = format!("/console/contacts/{id}/erase");
+    let (_, reader) = sign_in(&app, &app.read_key, &[]).await;
+    let reader = reader.unwrap();
+    let refused = post_form(
+        &app,
+        &reader.cookie,
+        &erase,
+        &[("csrf", &reader.csrf), ("confirm", "erase")],
+    )
+    .await;
+    assert_eq!(refused.status(), 403);
+    let (_, writer) = sign_in(&app, &app.write_key, &[]).await;
+    let writer = writer.unwrap();
+    let page = get(&app, &writer, &format!("/console/contacts/{id}"))
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("id=\"privacy\"") && page.contains("data-action=\"erase\""),
+        "the contact page has its privacy panel"
+    );
+    let suppressed = post_form(
+        &app,
+        &writer.cookie,
+        &format!("/console/contacts/{id}/suppress"),
+        &[("csrf", &writer.csrf)],
+    )
+    .await;
+    assert_eq!(suppressed.status(), 303);
+    let listed: Value = app
+        .client
+        .get(app.url("/v1/suppressions?email=erase.me@example.com"))
+        .bearer_auth(&app.admin_key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed["items"][0]["reason"], "manual", "{listed}");
+    // Erasing needs the box ticked; without it nothing is erased.
+    let unconfirmed = post_form(&app, &writer.cookie, &erase, &[("csrf", &writer.csrf)]).await;
+    assert_eq!(unconfirmed.status(), 422);
+    assert_eq!(app.read(&format!("/v1/contacts/{id}")).await.status(), 200);
+    let erased = post_form(
+        &app,
+        &writer.cookie,
+        &erase,
+        &[("csrf", &writer.csrf), ("confirm", "erase")],
+    )
+    .await;
+    assert_eq!(erased.status(), 303);
+    assert_eq!(
+        erased.headers()["location"],
+        "/console/contacts?done=erased"
+    );
+    assert_eq!(app.read(&format!("/v1/contacts/{id}")).await.status(), 410);
+}

@@ -7,9 +7,12 @@ pub mod analytics;
 pub mod budgets;
 pub mod command;
 pub mod contacts;
+pub mod delivery;
 pub mod enrollments;
 pub mod error;
 pub mod keys;
+pub mod outbound;
+pub mod subscriptions;
 pub mod webhooks;
 pub mod workers;
 
@@ -38,6 +41,8 @@ pub struct App {
     /// The key of contact ids, read once from this app's database.
     pub contact_id_key: Arc<tokio::sync::OnceCell<Vec<u8>>>,
     pub limits: Limits,
+    /// What subscription deliveries may reach, their timeouts and retry schedule.
+    pub outbound: outbound::OutboundConfig,
 }
 
 /// What one request may take of the process.
@@ -80,6 +85,7 @@ impl App {
             secrets: config.secrets()?,
             contact_id_key: Default::default(),
             limits,
+            outbound: outbound::OutboundConfig::from_env(),
         })
     }
 }

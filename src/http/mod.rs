@@ -15,6 +15,7 @@ pub mod extract;
 pub mod guard;
 pub mod health;
 pub mod metrics;
+pub mod subscriptions;
 pub mod webhooks;
 
 use std::future::Future;
@@ -69,7 +70,8 @@ pub fn api(state: &App) -> (Router<App>, serde_json::Value) {
         .merge(analytics::router())
         .merge(contacts::router())
         .merge(enrollments::router())
-        .merge(webhooks::router());
+        .merge(webhooks::router())
+        .merge(subscriptions::router());
     let (routes, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(health::router())
         .merge(docs::router())

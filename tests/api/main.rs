@@ -19,4 +19,5 @@ mod openapi;
 mod projections;
 mod rebuild;
 mod store;
+mod subscriptions;
 mod webhooks;

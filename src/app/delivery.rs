@@ -36,7 +36,8 @@ use crate::app::subscriptions::{TypeFilter, signing_keys};
 /// subscription's `lock_key`.
 pub const LOCK_CLASS: i32 = 0x4c53;
 
-/// The retry schedule after the first failure (API.md), before scaling and jitter.
+/// The retry schedule after the first failure (the README, "Subscriptions"), before
+/// scaling and jitter.
 pub const SCHEDULE: [Duration; 7] = [
     Duration::from_secs(5),
     Duration::from_secs(5 * 60),

@@ -1016,3 +1016,155 @@ async fn a_retried_create_with_its_idempotency_key_shows_the_same_secret_and_mak
     .unwrap_or_default();
     assert!(!stored.contains(first["secret"].as_str().unwrap()));
 }
+
+/// `serve` as a process, with the outbound settings of these tests.
+fn serve_delivering(data: &std::path::Path) -> crate::lifecycle::Server {
+    let mut cmd = crate::lifecycle::leadledger(data);
+    cmd.env("LEADLEDGER_OUTBOUND_ALLOW_PRIVATE", "true")
+        .env("LEADLEDGER_SUBSCRIPTION_RETRY_SCALE", "0.001")
+        .env("LEADLEDGER_OUTBOUND_TIMEOUT_MS", "3000");
+    crate::lifecycle::serve(cmd)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn serve_killed_mid_stream_and_restarted_redelivers_at_most_the_message_in_flight() {
+    use nix::sys::signal::Signal;
+    let data = crate::faults::DataDir::new();
+    let server = serve_delivering(&data.path);
+    let key = crate::faults::admin_key(&data.path);
+    let client = reqwest::Client::new();
+    let receiver = Receiver::start().await;
+    // Slow answers keep a message in flight most of the time.
+    receiver.otherwise(Some(Behaviour::Slow(Duration::from_millis(25))));
+    let created: Value = client
+        .post(format!("{}/v1/subscriptions", server.address))
+        .bearer_auth(&key)
+        .json(&json!({"url": receiver.url}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    receiver.verify_with(created["secret"].as_str().unwrap());
+    for i in 0..60 {
+        let r = client
+            .post(format!("{}/v1/campaigns", server.address))
+            .bearer_auth(&key)
+            .json(&json!({"name": format!("c{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    wait_until("a third delivered", Duration::from_secs(60), || {
+        receiver.received().len() >= 20
+    })
+    .await;
+    server.signal(Signal::SIGKILL);
+    server.wait();
+    let before_kill = receiver.received();
+    assert!(before_kill.len() < 60, "the kill came mid-stream");
+    let in_flight = before_kill.last().unwrap().id.clone();
+
+    let server = serve_delivering(&data.path);
+    let url = crate::lifecycle::db_url(&data.path);
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let positions: Vec<i64> =
+        sqlx::query_scalar("SELECT position FROM events ORDER BY transaction_id, position")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    let expected: Vec<String> = positions.iter().map(|p| format!("evt_{p}")).collect();
+    assert_eq!(expected.len(), 60);
+    wait_until("all delivered after the restart", Duration::from_secs(90), || {
+        receiver.received().last().is_some_and(|r| r.id == expected[59])
+            && receiver.delivered().len() >= 60
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received: Vec<String> = receiver.received().into_iter().map(|r| r.id).collect();
+    let mut unique = received.clone();
+    unique.dedup();
+    assert_eq!(unique, expected, "every event, in order");
+    let repeated: Vec<&String> = received
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| &w[0])
+        .collect();
+    assert!(
+        repeated.is_empty() || repeated == [&in_flight],
+        "only the message in flight at the kill comes again: {repeated:?} (in flight: {in_flight})"
+    );
+    server.signal(Signal::SIGTERM);
+    assert!(server.wait().success());
+}
+
+#[tokio::test]
+async fn subscriptions_are_managed_from_the_command_line() {
+    let data = crate::faults::DataDir::new();
+    let run = |args: &[&str], allow_private: bool| {
+        let mut cmd = crate::lifecycle::leadledger(&data.path);
+        if allow_private {
+            cmd.env("LEADLEDGER_OUTBOUND_ALLOW_PRIVATE", "true");
+        }
+        let out = cmd.arg("subscriptions").args(args).output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, _, stderr) = run(&["create", "https://10.0.0.1/hook"], false);
+    assert!(!ok);
+    assert!(stderr.contains("url:"), "{stderr}");
+    let (ok, _, stderr) = run(
+        &["create", "https://example.com/hook", "--event-type", "Nope"],
+        false,
+    );
+    assert!(!ok);
+    assert!(stderr.contains("event_types[0]"), "{stderr}");
+
+    let (ok, stdout, stderr) = run(
+        &[
+            "create",
+            "http://127.0.0.1:9/hook",
+            "--event-type",
+            "contact.*",
+        ],
+        true,
+    );
+    assert!(ok, "{stderr}");
+    let secret = stdout.lines().last().unwrap();
+    assert!(secret.starts_with("whsec_"), "{stdout}");
+    let id = stdout
+        .split_whitespace()
+        .nth(2)
+        .expect("the id in the first line")
+        .to_string();
+    let (ok, stdout, _) = run(&["list"], false);
+    assert!(ok);
+    assert!(stdout.contains(&id) && stdout.contains("active"), "{stdout}");
+    assert!(!stdout.contains(secret));
+    let (ok, _, stderr) = run(&["pause", &id], false);
+    assert!(ok, "{stderr}");
+    let (ok, stdout, _) = run(&["show", &id], false);
+    assert!(ok);
+    let shown: Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(shown["status"], "paused");
+    assert_eq!(shown["event_types"], json!(["contact.*"]));
+    let (ok, stdout, _) = run(&["rotate-secret", &id], false);
+    assert!(ok);
+    assert!(stdout.lines().last().unwrap().starts_with("whsec_"));
+    let (ok, _, _) = run(&["replay", &id, "--from", "0"], false);
+    assert!(ok);
+    let (ok, _, _) = run(&["deliveries", &id], false);
+    assert!(ok);
+    let (ok, _, _) = run(&["delete", &id], false);
+    assert!(ok);
+    let (ok, _, stderr) = run(&["show", &id], false);
+    assert!(!ok);
+    assert!(stderr.contains("no subscription"), "{stderr}");
+}

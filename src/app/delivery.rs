@@ -211,6 +211,12 @@ struct State {
     attempts: i32,
     next_attempt_at: Option<DateTime<Utc>>,
     revision: i64,
+    /// The signing keys, read once per batch (a rotation bumps the revision).
+    keys: Vec<Vec<u8>>,
+    /// The URL's breaker host, and whether its breaker was seen closed without failures
+    /// (then it is not read again before every message of the batch).
+    host: String,
+    clean_breaker: bool,
 }
 
 /// What became of the message at the head of the subscription.
@@ -281,18 +287,32 @@ impl Deliverer {
         )
         .fetch_optional(&mut *conn)
         .await?;
-        row.map(|r| {
-            Ok(State {
-                url: r.url,
-                filter: TypeFilter::new(&r.event_types),
-                status: r.status,
-                at: Position::stored(&r.transaction_id, r.position)?,
-                attempts: r.attempts,
-                next_attempt_at: r.next_attempt_at,
-                revision: r.revision,
-            })
-        })
-        .transpose()
+        let Some(r) = row else {
+            return Ok(None);
+        };
+        let keys = match signing_keys(conn, &self.app, self.id).await {
+            Ok(keys) => keys,
+            Err(crate::app::error::AppError::Database(e)) => return Err(e),
+            Err(e) => {
+                tracing::error!(subscription = %self.id, error = %e, "subscription secrets cannot be read");
+                Vec::new()
+            }
+        };
+        let host = reqwest::Url::parse(&r.url)
+            .map(|u| outbound::breaker_host(&u))
+            .unwrap_or_default();
+        Ok(Some(State {
+            keys,
+            host,
+            clean_breaker: false,
+            url: r.url,
+            filter: TypeFilter::new(&r.event_types),
+            status: r.status,
+            at: Position::stored(&r.transaction_id, r.position)?,
+            attempts: r.attempts,
+            next_attempt_at: r.next_attempt_at,
+            revision: r.revision,
+        }))
     }
 
     async fn deliver(&mut self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
@@ -326,7 +346,7 @@ impl Deliverer {
                     passed = event.at;
                     continue;
                 }
-                match self.attempt(conn, &state, passed, event).await? {
+                match self.attempt(conn, &mut state, passed, event).await? {
                     Step::Delivered => {
                         // The next message starts its own schedule.
                         passed = event.at;
@@ -352,10 +372,6 @@ impl Deliverer {
                 if self.cancel.is_cancelled() {
                     return Ok(());
                 }
-                if self.changed(conn, &state).await? {
-                    stop = true;
-                    break;
-                }
             }
             if stop {
                 continue;
@@ -370,17 +386,6 @@ impl Deliverer {
                 () = tokio::time::sleep(RECHECK) => {},
             }
         }
-    }
-
-    /// Whether an operator changed the subscription since `state` was read.
-    async fn changed(&self, conn: &mut PgConnection, state: &State) -> Result<bool, sqlx::Error> {
-        let revision = sqlx::query_scalar!(
-            "SELECT revision FROM subscriptions WHERE id = $1 AND status = 'active'",
-            self.id
-        )
-        .fetch_optional(&mut *conn)
-        .await?;
-        Ok(revision != Some(state.revision))
     }
 
     /// Moves the checkpoint past events the subscription does not take.
@@ -409,25 +414,23 @@ impl Deliverer {
     async fn attempt(
         &self,
         conn: &mut PgConnection,
-        state: &State,
+        state: &mut State,
         passed: Position,
         event: &FeedEvent,
     ) -> Result<Step, sqlx::Error> {
         let config = &self.app.outbound;
-        let host = reqwest::Url::parse(&state.url)
-            .map(|u| outbound::breaker_host(&u))
-            .unwrap_or_default();
-        if !breaker_allows(conn, config, &host).await? {
+        let host = state.host.clone();
+        if state.keys.is_empty() {
             return Ok(Step::Held);
         }
-        let keys = match signing_keys(conn, &self.app, self.id).await {
-            Ok(keys) => keys,
-            Err(crate::app::error::AppError::Database(e)) => return Err(e),
-            Err(e) => {
-                tracing::error!(subscription = %self.id, error = %e, "subscription secrets cannot be read");
-                return Ok(Step::Held);
+        if !state.clean_breaker {
+            match breaker_allows(conn, config, &host).await? {
+                Breaker::Held => return Ok(Step::Held),
+                Breaker::Clean => state.clean_breaker = true,
+                Breaker::Allowed => {}
             }
-        };
+        }
+        let keys = &state.keys;
         let id = message_id(event);
         let body = serde_json::to_vec(&message_for(event)).unwrap_or_default();
         let timestamp = Utc::now().timestamp();
@@ -436,11 +439,16 @@ impl Deliverer {
             ("webhook-timestamp", timestamp.to_string()),
             (
                 "webhook-signature",
-                outbound::sign(&keys, &id, timestamp, &body),
+                outbound::sign(keys, &id, timestamp, &body),
             ),
         ];
         let started = Instant::now();
-        let sent = outbound::post(&self.client, config, &state.url, headers, body).await;
+        // Shutdown does not wait for a slow receiver: the attempt is dropped unrecorded and
+        // the message goes again, with its id, from wherever delivery resumes.
+        let sent = tokio::select! {
+            sent = outbound::post(&self.client, config, &state.url, headers, body) => sent,
+            () = self.cancel.cancelled() => return Ok(Step::Changed),
+        };
         let latency_ms = started.elapsed().as_millis() as i64;
         let success = sent.status.is_some_and(|s| (200..300).contains(&s));
         let attempt = state.attempts + 1;
@@ -467,7 +475,10 @@ impl Deliverer {
             )
             .execute(&mut *conn)
             .await?;
-            breaker_success(conn, &host).await?;
+            if !state.clean_breaker {
+                breaker_success(conn, &host).await?;
+                state.clean_breaker = true;
+            }
             metrics::counter!("subscription_deliveries_total", "outcome" => "delivered")
                 .increment(1);
             metrics::counter!("subscription_messages_delivered_total", &label).increment(1);
@@ -564,25 +575,41 @@ fn breaker_gauge(host: &str, state: &str) {
     metrics::gauge!("outbound_breaker_state", "host" => host.to_string()).set(value);
 }
 
+/// What the breaker of a host says about sending now.
+enum Breaker {
+    /// Closed with no failure counted: no need to read it again before the next message.
+    Clean,
+    /// Closed with failures counted, or this caller won the half-open probe.
+    Allowed,
+    /// Open (or another caller probes): send nothing.
+    Held,
+}
+
 /// Whether the breaker of `host` lets a message through now: closed, or open past its
 /// cool-down and this caller wins the one half-open probe.
 async fn breaker_allows(
     conn: &mut PgConnection,
     config: &OutboundConfig,
     host: &str,
-) -> Result<bool, sqlx::Error> {
-    let state = sqlx::query_scalar!("SELECT state FROM outbound_breakers WHERE host = $1", host)
-        .fetch_optional(&mut *conn)
-        .await?;
-    match state.as_deref() {
-        None | Some("closed") => Ok(true),
-        _ => {
+) -> Result<Breaker, sqlx::Error> {
+    let row = sqlx::query!(
+        "SELECT state, failures FROM outbound_breakers WHERE host = $1",
+        host
+    )
+    .fetch_optional(&mut *conn)
+    .await?;
+    match row {
+        None => Ok(Breaker::Clean),
+        Some(r) if r.state == "closed" && r.failures == 0 => Ok(Breaker::Clean),
+        Some(r) if r.state == "closed" => Ok(Breaker::Allowed),
+        Some(_) => {
             // Open past the cool-down, or a probe that never reported (its process died):
             // one caller takes the probe.
             let cooldown = config.scaled(config.breaker_cooldown).as_secs_f64();
             let probe = sqlx::query_scalar!(
                 "UPDATE outbound_breakers SET state = 'half_open', updated_at = now()
-                 WHERE host = $1 AND updated_at <= now() - make_interval(secs => $2)
+                 WHERE host = $1 AND state <> 'closed'
+                   AND updated_at <= now() - make_interval(secs => $2)
                  RETURNING state",
                 host,
                 cooldown
@@ -591,8 +618,10 @@ async fn breaker_allows(
             .await?;
             if probe.is_some() {
                 breaker_gauge(host, "half_open");
+                Ok(Breaker::Allowed)
+            } else {
+                Ok(Breaker::Held)
             }
-            Ok(probe.is_some())
         }
     }
 }

@@ -590,9 +590,13 @@ pub async fn rotate_secret(
         tx.commit().await?;
         return open_recorded(app, recorded);
     }
-    let exists = sqlx::query_scalar!("SELECT id FROM subscriptions WHERE id = $1 FOR UPDATE", id)
-        .fetch_optional(&mut *tx)
-        .await?;
+    // The revision moves so that a deliverer signs with the new secret from its next message.
+    let exists = sqlx::query_scalar!(
+        "UPDATE subscriptions SET revision = revision + 1, updated_at = now() WHERE id = $1 RETURNING id",
+        id
+    )
+    .fetch_optional(&mut *tx)
+    .await?;
     if exists.is_none() {
         return Err(AppError::NotFound("no subscription with this id".into()));
     }

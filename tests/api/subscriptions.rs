@@ -1079,10 +1079,17 @@ async fn serve_killed_mid_stream_and_restarted_redelivers_at_most_the_message_in
             .unwrap();
     let expected: Vec<String> = positions.iter().map(|p| format!("evt_{p}")).collect();
     assert_eq!(expected.len(), 60);
-    wait_until("all delivered after the restart", Duration::from_secs(90), || {
-        receiver.received().last().is_some_and(|r| r.id == expected[59])
-            && receiver.delivered().len() >= 60
-    })
+    wait_until(
+        "all delivered after the restart",
+        Duration::from_secs(90),
+        || {
+            receiver
+                .received()
+                .last()
+                .is_some_and(|r| r.id == expected[59])
+                && receiver.delivered().len() >= 60
+        },
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let received: Vec<String> = receiver.received().into_iter().map(|r| r.id).collect();
@@ -1146,7 +1153,10 @@ async fn subscriptions_are_managed_from_the_command_line() {
         .to_string();
     let (ok, stdout, _) = run(&["list"], false);
     assert!(ok);
-    assert!(stdout.contains(&id) && stdout.contains("active"), "{stdout}");
+    assert!(
+        stdout.contains(&id) && stdout.contains("active"),
+        "{stdout}"
+    );
     assert!(!stdout.contains(secret));
     let (ok, _, stderr) = run(&["pause", &id], false);
     assert!(ok, "{stderr}");

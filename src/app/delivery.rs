@@ -123,6 +123,7 @@ pub fn spawn(app: App, cancel: CancellationToken) -> JoinHandle<()> {
                             id,
                             wake: wake_rx.clone(),
                             cancel: cancel.clone(),
+                            keys: None,
                         };
                         running.insert(id, tokio::spawn(deliverer.run()));
                     }
@@ -200,6 +201,9 @@ struct Deliverer {
     id: Uuid,
     wake: watch::Receiver<u64>,
     cancel: CancellationToken,
+    /// The signing keys as of a revision (a rotation moves the revision) and when they were
+    /// read (a rotated-out key stops signing when its grace ends, with no revision).
+    keys: Option<(i64, Instant, Vec<Vec<u8>>)>,
 }
 
 /// A subscription's row as the deliverer needs it.
@@ -268,17 +272,18 @@ impl Deliverer {
             .connect_options()
             .as_ref()
             .clone()
+            // The process first: names past 63 bytes are cut.
             .application_name(&format!(
-                "leadledger-subscription:{}:pid{}",
-                self.id,
-                std::process::id()
+                "leadledger-sub:pid{}:{}",
+                std::process::id(),
+                self.id
             ))
             .options([("synchronous_commit", "off")])
             .connect()
             .await
     }
 
-    async fn load(&self, conn: &mut PgConnection) -> Result<Option<State>, sqlx::Error> {
+    async fn load(&mut self, conn: &mut PgConnection) -> Result<Option<State>, sqlx::Error> {
         let row = sqlx::query!(
             r#"SELECT url, event_types, status, transaction_id::text AS "transaction_id!", position,
                       attempts, next_attempt_at, revision
@@ -290,13 +295,23 @@ impl Deliverer {
         let Some(r) = row else {
             return Ok(None);
         };
-        let keys = match signing_keys(conn, &self.app, self.id).await {
-            Ok(keys) => keys,
-            Err(crate::app::error::AppError::Database(e)) => return Err(e),
-            Err(e) => {
-                tracing::error!(subscription = %self.id, error = %e, "subscription secrets cannot be read");
-                Vec::new()
+        let keys = match &self.keys {
+            Some((revision, read, keys))
+                if *revision == r.revision && read.elapsed() < Duration::from_secs(60) =>
+            {
+                keys.clone()
             }
+            _ => match signing_keys(conn, &self.app, self.id).await {
+                Ok(keys) => {
+                    self.keys = Some((r.revision, Instant::now(), keys.clone()));
+                    keys
+                }
+                Err(crate::app::error::AppError::Database(e)) => return Err(e),
+                Err(e) => {
+                    tracing::error!(subscription = %self.id, error = %e, "subscription secrets cannot be read");
+                    Vec::new()
+                }
+            },
         };
         let host = reqwest::Url::parse(&r.url)
             .map(|u| outbound::breaker_host(&u))

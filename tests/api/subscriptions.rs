@@ -1178,3 +1178,121 @@ async fn subscriptions_are_managed_from_the_command_line() {
     assert!(!ok);
     assert!(stderr.contains("no subscription"), "{stderr}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn when_the_server_delivering_a_subscription_is_killed_the_other_takes_it_over() {
+    use base64::Engine;
+    use nix::sys::signal::Signal;
+    let secret_key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
+    let first_data = crate::faults::DataDir::new();
+    let mut cmd = crate::lifecycle::leadledger(&first_data.path);
+    cmd.env("LEADLEDGER_SECRET_KEY", &secret_key)
+        .env("LEADLEDGER_OUTBOUND_ALLOW_PRIVATE", "true")
+        .env("LEADLEDGER_SUBSCRIPTION_RETRY_SCALE", "0.001");
+    let first = crate::lifecycle::serve(cmd);
+    let key = crate::faults::admin_key(&first_data.path);
+    let url = crate::lifecycle::db_url(&first_data.path);
+    let (_keep, second_data) = crate::lifecycle::data_dir();
+    let mut cmd = crate::lifecycle::leadledger(&second_data);
+    cmd.env("DATABASE_URL", &url)
+        .env("LEADLEDGER_SECRET_KEY", &secret_key)
+        .env("LEADLEDGER_OUTBOUND_ALLOW_PRIVATE", "true")
+        .env("LEADLEDGER_SUBSCRIPTION_RETRY_SCALE", "0.001");
+    let second = crate::lifecycle::serve(cmd);
+
+    let client = reqwest::Client::new();
+    let receiver = Receiver::start().await;
+    receiver.otherwise(Some(Behaviour::Slow(Duration::from_millis(25))));
+    let created: Value = client
+        .post(format!("{}/v1/subscriptions", first.address))
+        .bearer_auth(&key)
+        .json(&json!({"url": receiver.url}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    receiver.verify_with(created["secret"].as_str().unwrap());
+    for i in 0..40 {
+        let r = client
+            .post(format!("{}/v1/campaigns", second.address))
+            .bearer_auth(&key)
+            .json(&json!({"name": format!("c{i}")}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+    }
+    wait_until("some delivered", Duration::from_secs(60), || {
+        receiver.received().len() >= 10
+    })
+    .await;
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .unwrap();
+    let holder: String = sqlx::query_scalar(
+        "SELECT application_name FROM pg_stat_activity
+         WHERE application_name LIKE 'leadledger-sub:%'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    let (killed, survivor) = if holder.contains(&format!(":pid{}:", first.pid())) {
+        (first, second)
+    } else {
+        assert!(
+            holder.contains(&format!(":pid{}:", second.pid())),
+            "{holder}"
+        );
+        (second, first)
+    };
+    killed.signal(Signal::SIGKILL);
+    killed.wait();
+    let in_flight = receiver.received().last().unwrap().id.clone();
+
+    let positions: Vec<i64> =
+        sqlx::query_scalar("SELECT position FROM events ORDER BY transaction_id, position")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    let expected: Vec<String> = positions.iter().map(|p| format!("evt_{p}")).collect();
+    wait_until(
+        "all delivered by the survivor",
+        Duration::from_secs(90),
+        || {
+            receiver.delivered().len() >= expected.len()
+                && receiver
+                    .received()
+                    .last()
+                    .is_some_and(|r| r.id == expected[39])
+        },
+    )
+    .await;
+    let holder: String = sqlx::query_scalar(
+        "SELECT application_name FROM pg_stat_activity
+         WHERE application_name LIKE 'leadledger-sub:%'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert!(
+        holder.contains(&format!(":pid{}:", survivor.pid())),
+        "{holder}"
+    );
+    let received: Vec<String> = receiver.received().into_iter().map(|r| r.id).collect();
+    let mut unique = received.clone();
+    unique.dedup();
+    assert_eq!(unique, expected, "every event, in order");
+    assert!(received.len() <= expected.len() + 1, "{received:?}");
+    if received.len() == expected.len() + 1 {
+        assert!(
+            received
+                .windows(2)
+                .any(|w| w[0] == w[1] && w[0] == in_flight)
+        );
+    }
+    assert_eq!(receiver.max_in_flight(), 1);
+    survivor.signal(Signal::SIGTERM);
+    assert!(survivor.wait().success());
+}

@@ -200,5 +200,14 @@ pub async fn run(events: usize, rate: u64, seconds: u64) -> anyhow::Result<()> {
         ms(percentile(&lags, 0.99)),
         ms(*lags.last().unwrap_or(&Duration::ZERO)),
     );
+    println!(
+        "load average at the end: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     crate::stop(server).await
 }

@@ -598,8 +598,8 @@ async fn an_open_breaker_holds_the_host_and_spends_no_retries_then_a_probe_close
     let app = spawn_app_configured(|app| {
         fast(app);
         app.outbound.breaker_threshold = 3;
-        // 2 s once scaled.
-        app.outbound.breaker_cooldown = Duration::from_secs(2000);
+        // 3 s once scaled.
+        app.outbound.breaker_cooldown = Duration::from_secs(3000);
     })
     .await;
     let receiver = Receiver::start().await;
@@ -654,10 +654,15 @@ async fn an_open_breaker_holds_the_host_and_spends_no_retries_then_a_probe_close
     )
     .await;
     let probe = &receiver.received()[3];
-    assert!(probe.at.duration_since(opened) >= Duration::from_millis(1500));
+    assert!(probe.at.duration_since(opened) >= Duration::from_millis(2500));
+    // Either subscription may win the probe; A delivers both events, B the second.
     let delivered = receiver.delivered();
-    assert_eq!(delivered[0], expected[0]);
-    assert!(delivered.contains(&expected[1]));
+    let count = |id: &String| delivered.iter().filter(|d| *d == id).count();
+    assert_eq!(
+        (count(&expected[0]), count(&expected[1])),
+        (1, 2),
+        "{delivered:?}"
+    );
     assert_eq!(admin_get(&app, &path(&a)).await["breaker"], "closed");
     let metrics = app.get("/metrics").await.text().await.unwrap();
     let closed = format!(

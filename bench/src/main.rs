@@ -43,6 +43,7 @@ mod rebuild;
 mod report;
 mod spends;
 mod store;
+mod subscriptions;
 mod webhooks;
 
 #[derive(Subcommand)]
@@ -146,6 +147,19 @@ enum Bench {
         #[arg(long, default_value_t = 10_000)]
         rows: usize,
     },
+    /// Subscriptions: events/s delivered to a fast local receiver, and commit-to-delivery
+    /// lag at a steady write rate.
+    Subscriptions {
+        /// Events written before the throughput measurement, then delivered by a replay.
+        #[arg(long, default_value_t = 5_000)]
+        events: usize,
+        /// Events per second written for the lag measurement.
+        #[arg(long, default_value_t = 200)]
+        rate: u64,
+        /// How long the lag measurement writes.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Event store: load cost at 10 vs 100,000 events, and write-to-read-model lag.
     Store {
         /// Events in the long stream.
@@ -176,6 +190,11 @@ pub(crate) struct Server {
 }
 
 pub(crate) async fn start() -> anyhow::Result<Server> {
+    start_with(|_| {}).await
+}
+
+/// [`start`] with `configure` applied to the app before it serves (outbound settings).
+pub(crate) async fn start_with(configure: impl FnOnce(&mut App)) -> anyhow::Result<Server> {
     // A cluster of its own for every server this process starts.
     static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -189,11 +208,12 @@ pub(crate) async fn start() -> anyhow::Result<Server> {
         .await?;
     leadledger::db::MIGRATOR.run(&pool).await?;
     let (key_id, key) = keys::create_key(&pool, "bench", Scope::Write).await?;
-    let state = App::build(
+    let mut state = App::build(
         pool.clone(),
         &bench_config(&dir.join("app")),
         Limits::default(),
     )?;
+    configure(&mut state);
     let workers = workers::start(&state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = format!("http://{}", listener.local_addr()?);
@@ -281,6 +301,11 @@ fn main() -> anyhow::Result<()> {
             Bench::Privacy { seconds, rows } => privacy::run(seconds, rows).await,
             Bench::Webhooks { seconds } => webhooks::run(seconds).await,
             Bench::Providers { seconds } => webhooks::providers(seconds).await,
+            Bench::Subscriptions {
+                events,
+                rate,
+                seconds,
+            } => subscriptions::run(events, rate, seconds).await,
             Bench::Spends { clients, seconds } => spends::run(clients, seconds).await,
             Bench::Rebuild { events, samples } => rebuild::run(events, samples).await,
             Bench::RebuildChild { url } => rebuild::child(&url).await,

@@ -8,14 +8,17 @@ pub mod budgets;
 pub mod campaigns;
 pub mod command;
 pub mod contacts;
+pub mod delivery;
 pub mod enrollments;
 pub mod error;
 pub mod group;
 pub mod keys;
+pub mod outbound;
 pub mod privacy;
 pub mod reads;
 pub mod replica;
 pub mod sources;
+pub mod subscriptions;
 pub mod suppressions;
 pub mod webhooks;
 pub mod workers;
@@ -54,6 +57,8 @@ pub struct App {
     pub groups: group::Groups,
     /// A streaming replica for read-model queries (`LEADLEDGER_READ_DATABASE_URL`).
     pub replica: Option<replica::Replica>,
+    /// What subscription deliveries may reach, their timeouts and retry schedule.
+    pub outbound: outbound::OutboundConfig,
 }
 
 /// What one request may take of the process.
@@ -102,6 +107,7 @@ impl App {
             keys: keys::KeyCache::default(),
             groups: group::Groups::default(),
             replica: None,
+            outbound: outbound::OutboundConfig::from_env(),
         })
     }
 }

@@ -1,5 +1,5 @@
-//! Background work of a server process: the projection runner and the purge of old
-//! idempotency records. Every worker is safe with several processes on one database.
+//! Background work of a server process: the projection runner, the purge of old
+//! idempotency records and the delivery of subscriptions. Every worker is safe with several processes on one database.
 
 use std::time::Duration;
 
@@ -117,6 +117,8 @@ pub fn start(state: &App) -> Workers {
         state.clone(),
         cancel.clone(),
     ));
+    // Subscriptions: each delivered by the one process holding its lock.
+    tasks.push(crate::app::delivery::spawn(state.clone(), cancel.clone()));
     Workers { cancel, tasks }
 }
 

@@ -52,6 +52,11 @@ pub enum Command {
         #[command(subcommand)]
         command: WebhooksCommand,
     },
+    /// Outbound event subscriptions.
+    Subscriptions {
+        #[command(subcommand)]
+        command: SubscriptionsCommand,
+    },
     /// Contacts.
     Contacts {
         #[command(subcommand)]
@@ -139,6 +144,53 @@ pub enum SuppressionsCommand {
     Add { email: String },
     /// Lift the suppression of an address.
     Remove { email: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SubscriptionsCommand {
+    /// Subscribe URL to events from now on; prints the signing secret alone on the last
+    /// line (it is not shown again).
+    Create {
+        url: String,
+        /// `*` (default), `<aggregate>.*` or an event type; repeat for several.
+        #[arg(long = "event-type")]
+        event_types: Vec<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Subscriptions with their status, position, backlog and breaker.
+    List,
+    /// One subscription with its delivery state, as JSON.
+    Show { id: uuid::Uuid },
+    /// Change the URL or the event types.
+    Update {
+        id: uuid::Uuid,
+        #[arg(long)]
+        url: Option<String>,
+        #[arg(long = "event-type")]
+        event_types: Vec<String>,
+    },
+    /// Stop delivering (the backlog waits).
+    Pause { id: uuid::Uuid },
+    /// Deliver again from the checkpoint (also after `disabled`).
+    Resume { id: uuid::Uuid },
+    /// Delete the subscription and its delivery log.
+    Delete { id: uuid::Uuid },
+    /// Issue a new secret, printed alone on the last line; the old one keeps signing for
+    /// 24 hours.
+    RotateSecret { id: uuid::Uuid },
+    /// Deliver again from a position (a position token, or an event's number; 0: all).
+    Replay {
+        id: uuid::Uuid,
+        #[arg(long = "from")]
+        from_position: String,
+    },
+    /// The latest delivery attempts, newest first.
+    Deliveries {
+        id: uuid::Uuid,
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=500))]
+        limit: i64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -300,6 +352,12 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Webhooks { command } => {
             with_migrated_db(&config, async |db| {
                 webhooks_command(db, &config, command).await
+            })
+            .await
+        }
+        Command::Subscriptions { command } => {
+            with_migrated_db(&config, async |db| {
+                subscriptions_command(db, &config, command).await
             })
             .await
         }
@@ -580,6 +638,180 @@ async fn webhooks_command(
                 rows.len(),
                 if dead { "dead letters" } else { "parked" }
             );
+        }
+    }
+    Ok(())
+}
+
+async fn subscriptions_command(
+    db: &Database,
+    config: &Config,
+    command: SubscriptionsCommand,
+) -> anyhow::Result<()> {
+    use crate::app::command::Answer;
+    use crate::app::subscriptions as subs;
+    let state = App::build(db.pool.clone(), config, Limits::default())?;
+    let context = crate::app::command::CommandContext {
+        actor: Some("cli".into()),
+        ..Default::default()
+    };
+    let failed = |e: crate::app::error::AppError| match e {
+        crate::app::error::AppError::Unprocessable { errors, detail } if !errors.is_empty() => {
+            let fields: Vec<String> = errors
+                .iter()
+                .map(|f| format!("{}: {}", f.field, f.message))
+                .collect();
+            anyhow::anyhow!(
+                "{}",
+                if fields.is_empty() {
+                    detail
+                } else {
+                    fields.join("; ")
+                }
+            )
+        }
+        other => anyhow::anyhow!("{other}"),
+    };
+    let body = |answer: Answer| -> serde_json::Value {
+        match answer {
+            Answer::Fresh(reply) => reply.body,
+            Answer::Replayed(recorded) => {
+                serde_json::from_slice(&recorded.body).unwrap_or_default()
+            }
+        }
+    };
+    let status = |id, status: &str| {
+        let change = subs::SubscriptionChange {
+            status: Some(status.into()),
+            ..Default::default()
+        };
+        subs::update(&state, &context, id, change)
+    };
+    match command {
+        SubscriptionsCommand::Create {
+            url,
+            event_types,
+            description,
+        } => {
+            let input = subs::NewSubscription {
+                url,
+                event_types: (!event_types.is_empty()).then_some(event_types),
+                description,
+            };
+            let created = body(
+                subs::create(&state, &context, input)
+                    .await
+                    .map_err(failed)?,
+            );
+            println!(
+                "created subscription {} to {}; messages are signed with:",
+                created["id"].as_str().unwrap_or_default(),
+                created["url"].as_str().unwrap_or_default()
+            );
+            println!("{}", created["secret"].as_str().unwrap_or_default());
+        }
+        SubscriptionsCommand::List => {
+            println!(
+                "{:<36}  {:<8}  {:<9}  {:>7}  {:<24}  url",
+                "id", "status", "breaker", "backlog", "position"
+            );
+            let mut after = None;
+            loop {
+                let page = subs::list(&state, after, 500).await.map_err(failed)?;
+                for s in &page {
+                    println!(
+                        "{:<36}  {:<8}  {:<9}  {:>7}  {:<24}  {}",
+                        s.id, s.status, s.breaker, s.backlog, s.position, s.url
+                    );
+                }
+                match page.last() {
+                    Some(last) if page.len() == 500 => after = Some(last.id),
+                    _ => break,
+                }
+            }
+        }
+        SubscriptionsCommand::Show { id } => {
+            let s = subs::get(&state, id).await.map_err(failed)?;
+            println!("{}", serde_json::to_string_pretty(&s)?);
+        }
+        SubscriptionsCommand::Update {
+            id,
+            url,
+            event_types,
+        } => {
+            let change = subs::SubscriptionChange {
+                url,
+                event_types: (!event_types.is_empty()).then_some(event_types),
+                ..Default::default()
+            };
+            let updated = body(
+                subs::update(&state, &context, id, change)
+                    .await
+                    .map_err(failed)?,
+            );
+            println!("{}", serde_json::to_string_pretty(&updated)?);
+        }
+        SubscriptionsCommand::Pause { id } => {
+            status(id, "paused").await.map_err(failed)?;
+            println!("paused {id}");
+        }
+        SubscriptionsCommand::Resume { id } => {
+            status(id, "active").await.map_err(failed)?;
+            println!("resumed {id}");
+        }
+        SubscriptionsCommand::Delete { id } => {
+            subs::delete(&state, &context, id).await.map_err(failed)?;
+            println!("deleted {id}");
+        }
+        SubscriptionsCommand::RotateSecret { id } => {
+            let rotated = body(
+                subs::rotate_secret(&state, &context, id)
+                    .await
+                    .map_err(failed)?,
+            );
+            println!("new secret for {id} (the old one signs too for 24 hours):");
+            println!("{}", rotated["secret"].as_str().unwrap_or_default());
+        }
+        SubscriptionsCommand::Replay { id, from_position } => {
+            let from = match from_position.parse::<i64>() {
+                Ok(n) => serde_json::json!(n),
+                Err(_) => serde_json::json!(from_position),
+            };
+            let input = subs::Replay {
+                from_position: from,
+            };
+            let replayed = body(
+                subs::replay(&state, &context, id, input)
+                    .await
+                    .map_err(failed)?,
+            );
+            println!(
+                "{id} delivers again from {}",
+                replayed["from_position"].as_str().unwrap_or_default()
+            );
+        }
+        SubscriptionsCommand::Deliveries { id, limit } => {
+            println!(
+                "{:<20}  {:<22}  {:>7}  {:>6}  {:>8}  {:<20}  error",
+                "message", "type", "attempt", "status", "ms", "at"
+            );
+            for d in subs::deliveries(&state, id, None, limit)
+                .await
+                .map_err(failed)?
+            {
+                println!(
+                    "{:<20}  {:<22}  {:>7}  {:>6}  {:>8}  {:<20}  {}",
+                    d.message_id,
+                    d.event_type,
+                    d.attempt,
+                    d.status_code
+                        .map(|s| s.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    d.latency_ms,
+                    d.attempted_at.format("%Y-%m-%d %H:%M:%S"),
+                    d.error.unwrap_or_default()
+                );
+            }
         }
     }
     Ok(())

@@ -16,6 +16,7 @@ pub mod guard;
 pub mod health;
 pub mod metrics;
 pub mod privacy;
+pub mod subscriptions;
 pub mod suppressions;
 pub mod webhooks;
 
@@ -73,7 +74,8 @@ pub fn api(state: &App) -> (Router<App>, serde_json::Value) {
         .merge(privacy::router())
         .merge(suppressions::router())
         .merge(enrollments::router())
-        .merge(webhooks::router());
+        .merge(webhooks::router())
+        .merge(subscriptions::router());
     let (routes, openapi) = OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(health::router())
         .merge(docs::router())

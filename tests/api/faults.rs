@@ -26,13 +26,13 @@ const ANSWER_WITHIN: Duration = Duration::from_secs(30);
 
 /// A data directory whose embedded PostgreSQL is stopped when the test ends, however it
 /// ends: a `serve` killed with SIGKILL leaves it running.
-struct DataDir {
-    path: PathBuf,
+pub(crate) struct DataDir {
+    pub(crate) path: PathBuf,
     _parent: tempfile::TempDir,
 }
 
 impl DataDir {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let (parent, path) = data_dir();
         Self {
             path,
@@ -63,7 +63,7 @@ fn postmaster_pid(data: &Path) -> Option<Pid> {
     Some(Pid::from_raw(pid))
 }
 
-fn admin_key(data: &Path) -> String {
+pub(crate) fn admin_key(data: &Path) -> String {
     std::fs::read_to_string(data.join("admin.key"))
         .expect("serve wrote the admin key")
         .trim()

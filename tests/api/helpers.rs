@@ -245,6 +245,8 @@ pub struct TestApp {
     pub state: App,
     shutdown: CancellationToken,
     workers: Option<Workers>,
+    /// A server started beside another leaves the database to it.
+    owns_database: bool,
 }
 
 pub async fn spawn_app() -> TestApp {
@@ -288,9 +290,40 @@ pub async fn spawn_app_serving(options: http::ServeOptions) -> TestApp {
     spawn(true, options).await
 }
 
+/// The app with `configure` applied to its state before it is served (outbound settings).
+pub async fn spawn_app_configured(configure: impl FnOnce(&mut App)) -> TestApp {
+    let options = http::ServeOptions {
+        grace: Duration::from_secs(5),
+        ..http::ServeOptions::default()
+    };
+    spawn_configured(true, options, None, configure).await
+}
+
+/// A second server on `other`'s database, with its own workers.
+pub async fn spawn_beside(other: &TestApp, configure: impl FnOnce(&mut App)) -> TestApp {
+    let options = http::ServeOptions {
+        grace: Duration::from_secs(5),
+        ..http::ServeOptions::default()
+    };
+    spawn_configured(true, options, Some(other.database.clone()), configure).await
+}
+
 async fn spawn(with_workers: bool, options: http::ServeOptions) -> TestApp {
+    spawn_configured(with_workers, options, None, |_| {}).await
+}
+
+async fn spawn_configured(
+    with_workers: bool,
+    options: http::ServeOptions,
+    database: Option<String>,
+    configure: impl FnOnce(&mut App),
+) -> TestApp {
     let harness = harness();
-    let database = harness.fresh_database().await;
+    let owns_database = database.is_none();
+    let database = match database {
+        Some(name) => name,
+        None => harness.fresh_database().await,
+    };
     let pool = db::pool_options(20)
         .connect_with(harness.options(&database))
         .await
@@ -300,7 +333,8 @@ async fn spawn(with_workers: bool, options: http::ServeOptions) -> TestApp {
         .expect("bind port 0");
     let address = format!("http://{}", listener.local_addr().expect("local addr"));
     let shutdown = CancellationToken::new();
-    let state = build_app(pool.clone());
+    let mut state = build_app(pool.clone());
+    configure(&mut state);
     let workers = with_workers.then(|| workers::start(&state));
     let app = http::router(state.clone());
     let (_, admin_key) = keys::create_key(&pool, "test admin", Scope::Admin)
@@ -330,6 +364,7 @@ async fn spawn(with_workers: bool, options: http::ServeOptions) -> TestApp {
         state,
         shutdown,
         workers,
+        owns_database,
     }
 }
 
@@ -389,7 +424,9 @@ impl Drop for TestApp {
             w.cancel();
         }
         self.shutdown.cancel();
-        harness().drop_database(std::mem::take(&mut self.database));
+        if self.owns_database {
+            harness().drop_database(std::mem::take(&mut self.database));
+        }
     }
 }
 

@@ -25,4 +25,5 @@ mod providers;
 mod rebuild;
 mod replica;
 mod store;
+mod subscriptions;
 mod webhooks;

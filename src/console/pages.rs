@@ -1006,6 +1006,9 @@ pub async fn operations(State(app): State<App>, headers: HeaderMap) -> Page {
     let (status, rebuild, horizon) = reads::operations(&app)
         .await
         .map_err(|e| app_error(e.into()))?;
+    let subscriptions = crate::app::subscriptions::list(&app, None, PAGE)
+        .await
+        .map_err(app_error)?;
     let now = Utc::now();
     Ok(render(
         "Operations",
@@ -1057,8 +1060,28 @@ pub async fn operations(State(app): State<App>, headers: HeaderMap) -> Page {
                         }
                     }
                 }
-                // Subscriptions and their circuit breakers go here once the subscriptions
-                // service exists in `app`.
+                section.panel #subscriptions {
+                    h2 { "Subscriptions" }
+                    @if subscriptions.is_empty() { p.muted { "No subscription." } } @else {
+                        div.scroll { table.list {
+                            thead { tr { th { "URL" } th { "Status" } th { "Breaker" } th.num { "Backlog" } th { "Last success" } th { "Last failure" } } }
+                            tbody {
+                                @for sub in &subscriptions {
+                                    tr data-subscription=(sub.id) {
+                                        td.mono { (sub.url) }
+                                        td { (badge(&sub.status))
+                                            @if let Some(reason) = &sub.disabled_reason { " " span.small.muted { (reason) } } }
+                                        td { (badge(&sub.breaker)) }
+                                        td.num { (count(sub.backlog)) }
+                                        td { (maybe_time(sub.last_success_at, now)) }
+                                        td { (maybe_time(sub.last_failure_at, now)) }
+                                    }
+                                }
+                            }
+                        } }
+                        @if subscriptions.len() as i64 >= PAGE { p.small.muted { "The first " (PAGE) "; the rest through GET /v1/subscriptions." } }
+                    }
+                }
             }
         },
     ))

@@ -1114,3 +1114,31 @@ async fn a_write_key_suppresses_and_erases_a_contact_from_its_page_and_a_read_ke
     );
     assert_eq!(app.read(&format!("/v1/contacts/{id}")).await.status(), 410);
 }
+
+#[tokio::test]
+async fn the_operations_page_lists_subscriptions_with_their_breakers() {
+    let app = crate::helpers::spawn_app_configured(crate::subscriptions::fast).await;
+    let created = app
+        .client
+        .post(app.url("/v1/subscriptions"))
+        .bearer_auth(&app.admin_key)
+        .json(&json!({"url": "http://127.0.0.1:9/hook"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201);
+    let (_, s) = sign_in(&app, &app.read_key, &[]).await;
+    let page = get(&app, &s.unwrap(), "/console/operations")
+        .await
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("http://127.0.0.1:9/hook") && page.contains("data-subscription="),
+        "the subscription is listed"
+    );
+    assert!(
+        page.contains("closed") || page.contains("open"),
+        "its breaker is shown"
+    );
+}

@@ -64,6 +64,15 @@ impl Metadata {
     }
 }
 
+impl From<projections::pii::PiiError> for StoreError {
+    fn from(e: projections::pii::PiiError) -> Self {
+        match e {
+            projections::pii::PiiError::Database(e) => Self::Database(e),
+            other => Self::Pii(other),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// Another writer appended to the stream first (optimistic concurrency).
@@ -73,9 +82,11 @@ pub enum StoreError {
     Deserialize(#[from] serde_json::Error),
     #[error(transparent)]
     Database(#[from] sqlx::Error),
-    /// Personal data could not be sealed or opened (see `projections::pii`).
+    /// Personal data could not be sealed or opened (see `projections::pii`). A database
+    /// failure while reading data keys is a [`StoreError::Database`], so that an outage
+    /// is told apart from a defect.
     #[error(transparent)]
-    Pii(#[from] projections::pii::PiiError),
+    Pii(projections::pii::PiiError),
     /// An event larger than [`MAX_EVENT_BYTES`]: refused before anything is written.
     #[error(
         "an event of {bytes} bytes is larger than the {MAX_EVENT_BYTES} bytes one event may carry"

@@ -24,6 +24,9 @@ use crate::feed::{self, FeedEvent, Position};
 use crate::wake::{Wakeup, sleep_or_cancel};
 use crate::{Projection, ProjectionError, Reactor};
 
+/// The first look again after a wake-up that found nothing (doubling from there).
+const RECHECK_AFTER_WAKE: Duration = Duration::from_millis(10);
+
 /// First key of the two-key advisory locks the runner takes ("LL").
 pub const LOCK_CLASS: i32 = 0x4c4c;
 pub use crate::wake::{CHECKPOINTS_CHANNEL, EVENTS_CHANNEL};
@@ -184,6 +187,11 @@ async fn run_projection(
         }
         tracing::info!(projection = name, "projection running here");
         metrics::gauge!("projection_active", "projection" => name).set(1.0);
+        // After a wake-up that found nothing to read, look again soon, then less and less
+        // often: the committed events may still be behind the feed's horizon (a transaction
+        // anywhere in the cluster that began earlier and has not ended), and no second
+        // notification will come for them.
+        let mut recheck: Option<Duration> = None;
         loop {
             if cancel.is_cancelled() {
                 break;
@@ -201,7 +209,12 @@ async fn run_projection(
             let failed = match outcome {
                 Ok(BatchOutcome::Applied(n)) if n as i64 == config.batch_size => continue,
                 Ok(BatchOutcome::Moved) => continue,
-                Ok(BatchOutcome::Applied(_)) => false,
+                Ok(BatchOutcome::Applied(n)) => {
+                    if n > 0 {
+                        recheck = None;
+                    }
+                    false
+                }
                 Ok(BatchOutcome::Failed) => true,
                 Err(e) => {
                     tracing::warn!(
@@ -215,12 +228,16 @@ async fn run_projection(
             let wait = if failed {
                 config.failure_retry
             } else {
-                config.poll_interval
+                recheck.map_or(config.poll_interval, |r| r.min(config.poll_interval))
             };
             tokio::select! {
                 () = cancel.cancelled() => break,
-                () = tokio::time::sleep(wait) => {},
-                _ = wake.changed(), if !failed => {},
+                () = tokio::time::sleep(wait) => {
+                    recheck = recheck.map(|r| r * 2).filter(|r| *r < config.poll_interval);
+                },
+                _ = wake.changed(), if !failed => {
+                    recheck = Some(RECHECK_AFTER_WAKE);
+                },
             }
         }
         metrics::gauge!("projection_active", "projection" => name).set(0.0);

@@ -91,8 +91,10 @@ impl Wakeup {
                 continue;
             }
             if let Err(e) = notify(&pool).await {
-                // The others' runners poll meanwhile; ask again with the next commit.
+                // The others' runners poll meanwhile; try again shortly.
                 tracing::warn!(error = %e, "notifying other processes of new events failed");
+                self.pending.store(true, Ordering::Release);
+                self.send.notify_one();
                 sleep_or_cancel(Duration::from_millis(100), &cancel).await;
             }
         }

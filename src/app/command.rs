@@ -470,6 +470,9 @@ where
                     let outcome = {
                         let mut work = group.work.lock().await;
                         match work.as_mut() {
+                            // A turn before failed: the transaction may be aborted and the
+                            // group rolls back; try again in the next one.
+                            Some(_) if group.is_poisoned() => TurnOutcome::Failed(None),
                             Some(work) => self.take_turn(work).await,
                             None => TurnOutcome::Failed(None),
                         }

@@ -386,7 +386,7 @@ async fn no_write_transaction_notifies_and_a_commit_still_wakes_another_processs
         .unwrap()
         .to_string();
     let mut listed = false;
-    for _ in 0..100 {
+    for _ in 0..200 {
         let page: Value = writer.read("/v1/campaigns").await.json().await.unwrap();
         if page["items"]
             .as_array()

@@ -1122,7 +1122,8 @@ async fn source_creation_checks_kind_and_credentials_and_replays_them_for_its_ke
     );
     let password = first["password"].as_str().unwrap();
     let stored: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM idempotency_records WHERE convert_from(response_body, 'UTF8') LIKE '%' || $1 || '%'",
+        "SELECT count(*) FROM idempotency_records
+         WHERE position(convert_to($1, 'UTF8') IN response_body) > 0",
     )
     .bind(password)
     .fetch_one(&app.pool)

@@ -54,6 +54,8 @@ const BATCH: i64 = 200;
 /// How often a deliverer looks at its subscription again while it waits (to see a pause,
 /// a change or a deletion), and a process looks for subscriptions to take.
 const RECHECK: Duration = Duration::from_millis(500);
+/// The first look again after a wake-up that found nothing (doubling up to [`RECHECK`]).
+const RECHECK_AFTER_WAKE: Duration = Duration::from_millis(5);
 /// Delivery attempts are kept this long.
 pub const LOG_RETENTION: chrono::Duration = chrono::Duration::days(14);
 
@@ -331,6 +333,10 @@ impl Deliverer {
     }
 
     async fn deliver(&mut self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        // After a wake-up that found nothing, look again soon, then less and less often:
+        // the committed events may still be behind the feed's horizon (a transaction that
+        // began earlier has not ended), and no second notification will come for them.
+        let mut recheck: Option<Duration> = None;
         loop {
             if self.cancel.is_cancelled() {
                 return Ok(());
@@ -351,6 +357,9 @@ impl Deliverer {
             }
             let events = feed::read(conn, state.at, BATCH).await?;
             let full = events.len() as i64 == BATCH;
+            if !events.is_empty() {
+                recheck = None;
+            }
             let mut passed = state.at;
             let mut stop = false;
             for event in &events {
@@ -395,10 +404,15 @@ impl Deliverer {
             if full {
                 continue;
             }
+            let wait = recheck.map_or(RECHECK, |r| r.min(RECHECK));
             tokio::select! {
                 () = self.cancel.cancelled() => return Ok(()),
-                _ = self.wake.changed() => {},
-                () = tokio::time::sleep(RECHECK) => {},
+                _ = self.wake.changed() => {
+                    recheck = Some(RECHECK_AFTER_WAKE);
+                },
+                () = tokio::time::sleep(wait) => {
+                    recheck = recheck.map(|r| r * 2).filter(|r| *r < RECHECK);
+                },
             }
         }
     }

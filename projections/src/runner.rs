@@ -21,7 +21,7 @@ use sqlx::{ConnectOptions, Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 
 use crate::feed::{self, FeedEvent, Position};
-use crate::wake::{Wakeup, sleep_or_cancel};
+use crate::wake::{Recheck, Wakeup, sleep_or_cancel};
 use crate::{Projection, ProjectionError, Reactor};
 
 /// The first look again after a wake-up that found nothing (doubling from there).
@@ -187,11 +187,7 @@ async fn run_projection(
         }
         tracing::info!(projection = name, "projection running here");
         metrics::gauge!("projection_active", "projection" => name).set(1.0);
-        // After a wake-up that found nothing to read, look again soon, then less and less
-        // often: the committed events may still be behind the feed's horizon (a transaction
-        // anywhere in the cluster that began earlier and has not ended), and no second
-        // notification will come for them.
-        let mut recheck: Option<Duration> = None;
+        let mut recheck = Recheck::new(RECHECK_AFTER_WAKE);
         loop {
             if cancel.is_cancelled() {
                 break;
@@ -211,7 +207,7 @@ async fn run_projection(
                 Ok(BatchOutcome::Moved) => continue,
                 Ok(BatchOutcome::Applied(n)) => {
                     if n > 0 {
-                        recheck = None;
+                        recheck.found();
                     }
                     false
                 }
@@ -228,16 +224,12 @@ async fn run_projection(
             let wait = if failed {
                 config.failure_retry
             } else {
-                recheck.map_or(config.poll_interval, |r| r.min(config.poll_interval))
+                recheck.wait(config.poll_interval)
             };
             tokio::select! {
                 () = cancel.cancelled() => break,
-                () = tokio::time::sleep(wait) => {
-                    recheck = recheck.map(|r| r * 2).filter(|r| *r < config.poll_interval);
-                },
-                _ = wake.changed(), if !failed => {
-                    recheck = Some(RECHECK_AFTER_WAKE);
-                },
+                () = tokio::time::sleep(wait) => recheck.waited(config.poll_interval),
+                _ = wake.changed(), if !failed => recheck.woken(),
             }
         }
         metrics::gauge!("projection_active", "projection" => name).set(0.0);

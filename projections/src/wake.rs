@@ -147,6 +147,42 @@ async fn listen(pool: PgPool, wakeup: Wakeup, cancel: CancellationToken) {
     }
 }
 
+/// When to read again after a wake-up that found nothing: the committed events may still
+/// be behind the feed's horizon (a transaction anywhere in the cluster that began earlier
+/// has not ended), and no second notification will come for them. Soon at first, then
+/// less and less often, up to the reader's own poll.
+#[derive(Debug, Clone, Copy)]
+pub struct Recheck {
+    first: Duration,
+    next: Option<Duration>,
+}
+
+impl Recheck {
+    pub fn new(first: Duration) -> Self {
+        Self { first, next: None }
+    }
+
+    /// How long to wait before reading again, at most `poll`.
+    pub fn wait(&self, poll: Duration) -> Duration {
+        self.next.map_or(poll, |r| r.min(poll))
+    }
+
+    /// A read found events: no more looking again until the next wake-up.
+    pub fn found(&mut self) {
+        self.next = None;
+    }
+
+    /// Woken: look again soon if this read finds nothing.
+    pub fn woken(&mut self) {
+        self.next = Some(self.first);
+    }
+
+    /// Waited without a wake-up: look again later, until the poll takes over.
+    pub fn waited(&mut self, poll: Duration) {
+        self.next = self.next.map(|r| r * 2).filter(|r| *r < poll);
+    }
+}
+
 pub(crate) async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) {
     tokio::select! {
         () = tokio::time::sleep(d) => {},

@@ -252,11 +252,22 @@ pub enum Retried<T> {
 }
 
 impl App {
-    /// The attempts of one write, the only attempt loop there is: each attempt runs
-    /// `attempt` in a fresh transaction, which hands the transaction back with its
-    /// outcome; committing, rolling back, counting conflicts
-    /// (`command_conflicts_total{aggregate}`) and pausing before the next attempt
-    /// (jittered, growing) happen here.
+    /// After a conflict: counts it (`command_conflicts_total{aggregate}`) and pauses
+    /// (jittered, growing) before attempt `attempts + 1`; `false` when attempts have run
+    /// out.
+    async fn try_again(&self, aggregate: &'static str, attempts: &mut u32) -> bool {
+        metrics::counter!("command_conflicts_total", "aggregate" => aggregate).increment(1);
+        *attempts += 1;
+        if *attempts >= self.retry.max_attempts {
+            return false;
+        }
+        tokio::time::sleep(self.retry.pause(*attempts - 1)).await;
+        true
+    }
+    /// The attempts of one write that spans several aggregates (a command on one goes
+    /// through [`execute`]'s groups): each attempt runs `attempt` in a fresh transaction,
+    /// which hands the transaction back with its outcome; committing and rolling back
+    /// happen here, and after a conflict [`App::try_again`] counts and pauses.
     pub async fn retrying<T, E, F, Fut>(
         &self,
         aggregate: &'static str,
@@ -283,13 +294,9 @@ impl App {
                 Err(Abort::Fail(e)) => return Err(e),
                 Err(Abort::Conflict) => {
                     let _ = tx.rollback().await;
-                    metrics::counter!("command_conflicts_total", "aggregate" => aggregate)
-                        .increment(1);
-                    attempts += 1;
-                    if attempts >= self.retry.max_attempts {
+                    if !self.try_again(aggregate, &mut attempts).await {
                         return Ok(Retried::Exhausted);
                     }
-                    tokio::time::sleep(self.retry.pause(attempts - 1)).await;
                 }
             }
         }
@@ -517,13 +524,8 @@ where
                     }
                 },
             };
-            if retry {
-                metrics::counter!("command_conflicts_total", "aggregate" => A::TYPE).increment(1);
-                attempts += 1;
-                if attempts >= self.app.retry.max_attempts {
-                    return Ok(Retried::Exhausted);
-                }
-                tokio::time::sleep(self.app.retry.pause(attempts - 1)).await;
+            if retry && !self.app.try_again(A::TYPE, &mut attempts).await {
+                return Ok(Retried::Exhausted);
             }
         }
     }

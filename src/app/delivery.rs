@@ -333,10 +333,7 @@ impl Deliverer {
     }
 
     async fn deliver(&mut self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-        // After a wake-up that found nothing, look again soon, then less and less often:
-        // the committed events may still be behind the feed's horizon (a transaction that
-        // began earlier has not ended), and no second notification will come for them.
-        let mut recheck: Option<Duration> = None;
+        let mut recheck = projections::wake::Recheck::new(RECHECK_AFTER_WAKE);
         loop {
             if self.cancel.is_cancelled() {
                 return Ok(());
@@ -358,7 +355,7 @@ impl Deliverer {
             let events = feed::read(conn, state.at, BATCH).await?;
             let full = events.len() as i64 == BATCH;
             if !events.is_empty() {
-                recheck = None;
+                recheck.found();
             }
             let mut passed = state.at;
             let mut stop = false;
@@ -404,15 +401,10 @@ impl Deliverer {
             if full {
                 continue;
             }
-            let wait = recheck.map_or(RECHECK, |r| r.min(RECHECK));
             tokio::select! {
                 () = self.cancel.cancelled() => return Ok(()),
-                _ = self.wake.changed() => {
-                    recheck = Some(RECHECK_AFTER_WAKE);
-                },
-                () = tokio::time::sleep(wait) => {
-                    recheck = recheck.map(|r| r * 2).filter(|r| *r < RECHECK);
-                },
+                _ = self.wake.changed() => recheck.woken(),
+                () = tokio::time::sleep(recheck.wait(RECHECK)) => recheck.waited(RECHECK),
             }
         }
     }

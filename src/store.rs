@@ -442,8 +442,20 @@ impl Store {
         let data_keys = if keyed.is_empty() {
             HashMap::new()
         } else {
-            // A destroyed key: the stream was erased by a writer that got there first.
-            pii::keys_for_writing(conn, &keyed)
+            // A stream whose write starts a new life (its erased email created again) gets
+            // the next generation of its key.
+            let renew: Vec<String> = streams
+                .iter()
+                .filter(|(_, events)| {
+                    events
+                        .iter()
+                        .any(|e| pii::NEW_LIFE_EVENTS.contains(&e.event_type().as_str()))
+                })
+                .map(|(l, _)| l.id.clone())
+                .collect();
+            // A destroyed key otherwise: the stream was erased by a writer that got there
+            // first.
+            pii::keys_for_writing(conn, &keyed, &renew)
                 .await
                 .map_err(|e| match e {
                     pii::PiiError::Destroyed => StoreError::Conflict,
@@ -671,12 +683,12 @@ impl Store {
         let mut payload = serde_json::to_value(&loaded.aggregate)?;
         if pii::is_personal(A::TYPE) {
             // An erased stream keeps no snapshot (its key is gone; its state is empty).
-            let mut keys = match pii::keys_for_writing(conn, std::slice::from_ref(&loaded.id)).await
-            {
-                Ok(keys) => keys,
-                Err(pii::PiiError::Destroyed) => return Ok(()),
-                Err(e) => return Err(e.into()),
-            };
+            let mut keys =
+                match pii::keys_for_writing(conn, std::slice::from_ref(&loaded.id), &[]).await {
+                    Ok(keys) => keys,
+                    Err(pii::PiiError::Destroyed) => return Ok(()),
+                    Err(e) => return Err(e.into()),
+                };
             let Some(key) = keys.remove(&loaded.id) else {
                 return Ok(());
             };

@@ -27,6 +27,9 @@ pub enum ContactError {
     /// An upsert of the email of an erased contact: refused until its suppression is lifted.
     #[error("this email belongs to an erased contact; remove its suppression to add it again")]
     EmailErased,
+    /// Releasing the erasure of a contact that is not erased.
+    #[error("the contact is not erased")]
+    NotErased,
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ContactError {
@@ -805,6 +808,10 @@ pub enum ContactCommand {
     /// Erase the contact: its personal data is forgotten and it takes no more commands.
     /// Erasing an erased contact changes nothing.
     Erase { at: DateTime<Utc> },
+    /// Allow the email of an erased contact to be created again (its suppression was
+    /// removed): the next upsert starts a new life of the stream. Releasing a released
+    /// erasure changes nothing.
+    ReleaseErasure { at: DateTime<Utc> },
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -838,6 +845,9 @@ pub enum ContactEvent {
     /// The contact was erased. Carries no personal data; the event store also destroys
     /// the contact's data key, so its earlier events read back as [`Self::ContactRedacted`].
     ContactErased { erased_at: DateTime<Utc> },
+    /// The erased contact's email may be created again (its suppression was removed).
+    /// Carries no personal data.
+    ErasureReleased { released_at: DateTime<Utc> },
     /// Never stored: how an event of an erased contact reads once its key is destroyed
     /// (its personal data unreadable). Applying it changes nothing.
     ContactRedacted {},
@@ -851,6 +861,7 @@ impl DomainEvent for ContactEvent {
             Self::EnrichmentRecorded { .. } => "EnrichmentRecorded",
             Self::ConsentRecorded { .. } => "ConsentRecorded",
             Self::ContactErased { .. } => "ContactErased",
+            Self::ErasureReleased { .. } => "ErasureReleased",
             Self::ContactRedacted {} => "ContactRedacted",
         }
         .to_string()
@@ -886,6 +897,10 @@ pub struct Contact {
     /// Set once the contact is erased (its personal fields are then empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub erased_at: Option<DateTime<Utc>>,
+    /// When the erasure was released: the email may then be created again, which starts a
+    /// new life of the contact.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub erasure_released_at: Option<DateTime<Utc>>,
 }
 
 impl Contact {
@@ -961,13 +976,30 @@ impl Aggregate for Contact {
         sink: &EventSink<Self>,
     ) -> Result<(), Self::Error> {
         if let Some(erased_at) = self.erased_at {
-            return match command {
-                ContactCommand::Erase { .. } => Ok(()),
-                ContactCommand::Upsert { .. } => Err(ContactError::EmailErased),
-                _ => Err(ContactError::Erased { erased_at }),
+            let event = match command {
+                ContactCommand::Erase { .. } => return Ok(()),
+                ContactCommand::ReleaseErasure { at } => match self.erasure_released_at {
+                    Some(_) => return Ok(()),
+                    None => ContactEvent::ErasureReleased { released_at: at },
+                },
+                ContactCommand::Upsert { email, fields, at } => match self.erasure_released_at {
+                    Some(_) => ContactEvent::ContactCreated {
+                        email,
+                        fields,
+                        created_at: at,
+                    },
+                    None => return Err(ContactError::EmailErased),
+                },
+                _ => return Err(ContactError::Erased { erased_at }),
             };
+            sink.write(event, self).await;
+            return Ok(());
         }
         let event = match command {
+            ContactCommand::ReleaseErasure { .. } => {
+                self.require_created()?;
+                return Err(ContactError::NotErased);
+            }
             ContactCommand::Erase { at } => {
                 self.require_created()?;
                 Some(ContactEvent::ContactErased { erased_at: at })
@@ -1042,6 +1074,8 @@ impl Aggregate for Contact {
                 fields,
                 created_at,
             } => {
+                // A new life of an erased contact begins as a contact never seen.
+                *self = Contact::default();
                 self.created = true;
                 self.email = Some(email);
                 self.assign(fields);
@@ -1091,6 +1125,9 @@ impl Aggregate for Contact {
                     erased_at: Some(erased_at),
                     ..Contact::default()
                 };
+            }
+            ContactEvent::ErasureReleased { released_at } => {
+                self.erasure_released_at = Some(released_at);
             }
             ContactEvent::ContactRedacted {} => {}
         }
@@ -1207,6 +1244,74 @@ mod tests {
                 at: later(),
             })
             .then_expect_error(ContactError::EmailErased);
+    }
+
+    #[test]
+    fn a_released_erasure_lets_the_email_start_a_new_life_that_remembers_nothing_of_the_old() {
+        let erased = || {
+            vec![
+                ContactEvent::ContactRedacted {},
+                ContactEvent::ContactErased { erased_at: later() },
+            ]
+        };
+        let released = || {
+            let mut events = erased();
+            events.push(ContactEvent::ErasureReleased {
+                released_at: later(),
+            });
+            events
+        };
+        Given::with(())
+            .given(erased())
+            .when(ContactCommand::ReleaseErasure { at: later() })
+            .then_expect_events(vec![ContactEvent::ErasureReleased {
+                released_at: later(),
+            }]);
+        // Releasing twice changes nothing; a live or unknown contact has nothing to release.
+        Given::with(())
+            .given(released())
+            .when(ContactCommand::ReleaseErasure { at: later() })
+            .then_expect_events(vec![]);
+        Given::with(())
+            .given(vec![created()])
+            .when(ContactCommand::ReleaseErasure { at: later() })
+            .then_expect_error(ContactError::NotErased);
+        Given::with(())
+            .given_no_previous_events()
+            .when(ContactCommand::ReleaseErasure { at: later() })
+            .then_expect_error(ContactError::NotFound);
+        // Released, the email is created again; other commands still find it erased.
+        Given::with(())
+            .given(released())
+            .when(ContactCommand::Upsert {
+                email: email(),
+                fields: fields("Back", "Again"),
+                at: later(),
+            })
+            .then_expect_events(vec![ContactEvent::ContactCreated {
+                email: email(),
+                fields: fields("Back", "Again"),
+                created_at: later(),
+            }]);
+        Given::with(())
+            .given(released())
+            .when(ContactCommand::Update {
+                fields: fields("Back", "Again"),
+                at: later(),
+            })
+            .then_expect_error(ContactError::Erased { erased_at: later() });
+        let mut history = released();
+        history.push(ContactEvent::ContactCreated {
+            email: email(),
+            fields: ContactFields::default(),
+            created_at: later(),
+        });
+        let reborn = state_after(history);
+        assert_eq!(reborn.erased_at, None);
+        assert_eq!(reborn.erasure_released_at, None);
+        assert_eq!(reborn.first_name, None);
+        assert_eq!(reborn.created_at, Some(later()));
+        assert_eq!(reborn.email, Some(email()));
     }
 
     #[test]

@@ -75,7 +75,8 @@ struct Change {
     columns: Columns,
     enrichment: Option<serde_json::Value>,
     updated_at: DateTime<Utc>,
-    events: i64,
+    /// The stream's version after the batch: the sequence of its last event.
+    version: i64,
     first: Position,
 }
 
@@ -103,6 +104,8 @@ impl Projection for ContactsProjection {
             let (columns, enrichment, at) = match decoded {
                 // Personal data already shredded: nothing of it may reach the table.
                 ContactEvent::ContactRedacted {} => continue,
+                // An erased contact has no row; its email may now be created again.
+                ContactEvent::ErasureReleased { .. } => continue,
                 ContactEvent::ContactErased { .. } => {
                     changes.remove(&id);
                     erased.push(id);
@@ -128,7 +131,7 @@ impl Projection for ContactsProjection {
                             columns,
                             enrichment: None,
                             updated_at: created_at,
-                            events: 1,
+                            version: event.sequence,
                             first: event.at,
                         },
                     );
@@ -162,7 +165,7 @@ impl Projection for ContactsProjection {
                 columns: Columns::default(),
                 enrichment: None,
                 updated_at: at,
-                events: 0,
+                version: event.sequence,
                 first: event.at,
             });
             change.columns.overwrite(columns);
@@ -170,7 +173,7 @@ impl Projection for ContactsProjection {
                 change.enrichment = enrichment;
             }
             change.updated_at = at;
-            change.events += 1;
+            change.version = event.sequence;
         }
         if !erased.is_empty() {
             let gone = sqlx::query!("DELETE FROM contacts_view WHERE id = ANY($1)", &erased)
@@ -232,7 +235,7 @@ async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), 
         &column(rows, |c| c.enrichment.clone()) as _,
         &column(rows, |c| created(c).1),
         &column(rows, |c| c.updated_at),
-        &column(rows, |c| c.events),
+        &column(rows, |c| c.version),
     )
     .execute(&mut *conn)
     .await?;
@@ -252,12 +255,12 @@ async fn update(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), 
              custom = coalesce(u.custom, c.custom),
              enrichment = coalesce(u.enrichment, c.enrichment),
              updated_at = u.updated_at,
-             version = c.version + u.events
+             version = u.version
          FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
                      $7::text[], $8::text[], $9::jsonb[], $10::jsonb[], $11::timestamptz[],
                      $12::int8[])
              AS u(id, first_name, last_name, company, company_domain, title, phone, linkedin_url,
-                  custom, enrichment, updated_at, events)
+                  custom, enrichment, updated_at, version)
          WHERE c.id = u.id",
         &ids(rows),
         &column(rows, |c| c.columns.first_name.clone()) as _,
@@ -270,7 +273,7 @@ async fn update(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), 
         &column(rows, |c| c.columns.custom.clone()) as _,
         &column(rows, |c| c.enrichment.clone()) as _,
         &column(rows, |c| c.updated_at),
-        &column(rows, |c| c.events),
+        &column(rows, |c| c.version),
     )
     .execute(&mut *conn)
     .await?;

@@ -14,6 +14,13 @@
 //! Erasure destroys the data key (`contact_keys.wrapped_key` becomes NULL). From then on
 //! every event of the stream reads as `{"ContactRedacted": {}}` — never an error that would
 //! stop a projection — and a snapshot is unreadable (so the stream is replayed).
+//!
+//! Keys have generations. A stream's events are sealed under its current generation; when
+//! an erased contact's email is released and created again, the new life's first event
+//! makes the next generation ([`keys_for_writing`] with `renew`). A sealed member of
+//! generation 0 is plain base64; of a later one, `"<generation>:<base64>"`. So the erased
+//! life's events keep naming their destroyed generation and stay unreadable, while the
+//! new life's open.
 
 use std::collections::HashMap;
 use std::sync::RwLock;
@@ -36,6 +43,7 @@ const CLEAR_MEMBERS: &[&str] = &[
     "updated_at",
     "enriched_at",
     "erased_at",
+    "released_at",
     "quality_score",
     "recorded_at",
     "status",
@@ -44,6 +52,10 @@ const CLEAR_MEMBERS: &[&str] = &[
 
 /// The member that holds the sealed personal members.
 pub const SEALED_MEMBER: &str = "pii";
+
+/// Events that start a life of a personal stream: written to a stream whose key was
+/// destroyed (an erased contact created again), they make the key's next generation.
+pub const NEW_LIFE_EVENTS: &[&str] = &["ContactCreated"];
 
 /// What an event of an erased contact reads as.
 pub const REDACTED_VARIANT: &str = "ContactRedacted";
@@ -106,18 +118,61 @@ pub enum DataKey {
     Destroyed,
 }
 
+/// The generations of one stream's data key, oldest first (the last is current).
+#[derive(Clone, Default)]
+struct Generations(Vec<(i32, DataKey)>);
+
+impl Generations {
+    fn current(&self) -> Option<(i32, &DataKey)> {
+        self.0.last().map(|(g, k)| (*g, k))
+    }
+
+    fn of(&self, generation: i32) -> Option<&DataKey> {
+        self.0
+            .iter()
+            .find(|(g, _)| *g == generation)
+            .map(|(_, k)| k)
+    }
+}
+
 /// Data keys of a set of streams; a stream without a row has never held sealed data.
 #[derive(Clone, Default)]
-pub struct Keys(HashMap<String, DataKey>);
+pub struct Keys(HashMap<String, Generations>);
 
 impl Keys {
+    /// The current generation of stream `id`'s key: destroyed when the stream's last life
+    /// was erased.
     pub fn get(&self, id: &str) -> Option<&DataKey> {
-        self.0.get(id)
+        self.0.get(id).and_then(|g| g.current()).map(|(_, k)| k)
+    }
+
+    fn of(&self, id: &str, generation: i32) -> Option<&DataKey> {
+        self.0.get(id).and_then(|g| g.of(generation))
     }
 
     /// The keys of one stream (for measurements and tests of sealing on its own).
     pub fn with(id: &str, key: XChaCha20Poly1305) -> Self {
-        Self(HashMap::from([(id.to_string(), DataKey::Open(key))]))
+        Self(HashMap::from([(
+            id.to_string(),
+            Generations(vec![(0, DataKey::Open(key))]),
+        )]))
+    }
+}
+
+/// The key new data of a stream is sealed with: its current generation.
+#[derive(Clone)]
+pub struct WriteKey {
+    generation: i32,
+    cipher: XChaCha20Poly1305,
+}
+
+impl WriteKey {
+    /// A first-generation key (for measurements and tests of sealing on its own).
+    pub fn first(cipher: XChaCha20Poly1305) -> Self {
+        Self {
+            generation: 0,
+            cipher,
+        }
     }
 }
 
@@ -160,9 +215,23 @@ fn open_bytes(cipher: &XChaCha20Poly1305, sealed: &[u8], aad: &[u8]) -> Option<V
         .ok()
 }
 
-fn unwrap_key(keyring: &Keyring, id: &str, wrapped: &[u8]) -> Result<DataKey, PiiError> {
-    let raw =
-        open_bytes(&keyring.cipher, wrapped, id.as_bytes()).ok_or(PiiError::WrongSecretKey)?;
+/// What a wrapped data key is bound to: its stream, and its generation after the first.
+fn key_aad(id: &str, generation: i32) -> Vec<u8> {
+    if generation == 0 {
+        id.as_bytes().to_vec()
+    } else {
+        format!("{id}#{generation}").into_bytes()
+    }
+}
+
+fn unwrap_key(
+    keyring: &Keyring,
+    id: &str,
+    generation: i32,
+    wrapped: &[u8],
+) -> Result<DataKey, PiiError> {
+    let raw = open_bytes(&keyring.cipher, wrapped, &key_aad(id, generation))
+        .ok_or(PiiError::WrongSecretKey)?;
     if raw.len() != 32 {
         return Err(PiiError::Corrupt("a data key is not 32 bytes"));
     }
@@ -180,88 +249,122 @@ pub async fn keys(
         return Ok(Keys::default());
     }
     let rows = sqlx::query!(
-        "SELECT contact_id, wrapped_key FROM contact_keys WHERE contact_id = ANY($1)",
+        "SELECT contact_id, generation, wrapped_key FROM contact_keys
+         WHERE contact_id = ANY($1) ORDER BY contact_id, generation",
         ids
     )
     .fetch_all(&mut *conn)
     .await?;
-    let mut keys = HashMap::with_capacity(rows.len());
+    let mut keys: HashMap<String, Generations> = HashMap::with_capacity(rows.len());
     if rows.is_empty() {
         return Ok(Keys(keys));
     }
     let keyring = keyring()?;
     for row in rows {
         let key = match row.wrapped_key {
-            Some(wrapped) => unwrap_key(&keyring, &row.contact_id, &wrapped)?,
+            Some(wrapped) => unwrap_key(&keyring, &row.contact_id, row.generation, &wrapped)?,
             None => DataKey::Destroyed,
         };
-        keys.insert(row.contact_id, key);
+        keys.entry(row.contact_id)
+            .or_default()
+            .0
+            .push((row.generation, key));
     }
     Ok(Keys(keys))
 }
 
 /// The data keys to seal new events of `ids` with, made for the streams that have none
 /// yet (in the caller's transaction, so a rolled-back write leaves no key behind).
-/// [`PiiError::Destroyed`] if one of them was erased.
+/// A stream whose current key was destroyed (an erased contact) gets its next generation
+/// if it is in `renew` (its write starts a new life), and [`PiiError::Destroyed`] if not.
 pub async fn keys_for_writing(
     conn: &mut PgConnection,
     ids: &[String],
-) -> Result<HashMap<String, XChaCha20Poly1305>, PiiError> {
+    renew: &[String],
+) -> Result<HashMap<String, WriteKey>, PiiError> {
     let mut ids: Vec<String> = ids.to_vec();
     ids.sort();
     ids.dedup();
-    let mut found = keys(conn, PERSONAL_TYPES[0], &ids).await?.0;
-    let missing: Vec<String> = ids
-        .iter()
-        .filter(|id| !found.contains_key(*id))
-        .cloned()
-        .collect();
-    if !missing.is_empty() {
+    let found = keys(conn, PERSONAL_TYPES[0], &ids).await?.0;
+    let mut chosen: HashMap<String, WriteKey> = HashMap::with_capacity(ids.len());
+    // The generation to make for each stream that needs one.
+    let mut make: Vec<(String, i32)> = Vec::new();
+    for id in &ids {
+        match found.get(id).and_then(Generations::current) {
+            Some((generation, DataKey::Open(cipher))) => {
+                chosen.insert(
+                    id.clone(),
+                    WriteKey {
+                        generation,
+                        cipher: cipher.clone(),
+                    },
+                );
+            }
+            Some((generation, DataKey::Destroyed)) if renew.contains(id) => {
+                make.push((id.clone(), generation + 1));
+            }
+            Some((_, DataKey::Destroyed)) => return Err(PiiError::Destroyed),
+            None => make.push((id.clone(), 0)),
+        }
+    }
+    if !make.is_empty() {
         let keyring = keyring()?;
-        let mut fresh = HashMap::with_capacity(missing.len());
-        let wrapped: Vec<Vec<u8>> = missing
-            .iter()
-            .map(|id| {
-                let raw: [u8; 32] = random();
-                fresh.insert(id.clone(), raw);
-                seal_bytes(&keyring.cipher, &raw, id.as_bytes())
-            })
-            .collect();
+        let mut fresh = HashMap::with_capacity(make.len());
+        let mut wrapped = Vec::with_capacity(make.len());
+        for (id, generation) in &make {
+            let raw: [u8; 32] = random();
+            fresh.insert((id.clone(), *generation), raw);
+            wrapped.push(seal_bytes(&keyring.cipher, &raw, &key_aad(id, *generation)));
+        }
+        let (make_ids, generations): (Vec<String>, Vec<i32>) = make.iter().cloned().unzip();
         // In id order, so two writers making keys for overlapping sets cannot deadlock.
-        let inserted = sqlx::query_scalar!(
-            "INSERT INTO contact_keys (contact_id, wrapped_key)
-             SELECT * FROM UNNEST($1::text[], $2::bytea[])
-             ON CONFLICT (contact_id) DO NOTHING
-             RETURNING contact_id",
-            &missing,
+        let inserted = sqlx::query!(
+            "INSERT INTO contact_keys (contact_id, generation, wrapped_key)
+             SELECT * FROM UNNEST($1::text[], $2::int4[], $3::bytea[])
+             ON CONFLICT (contact_id, generation) DO NOTHING
+             RETURNING contact_id, generation",
+            &make_ids,
+            &generations,
             &wrapped
         )
         .fetch_all(&mut *conn)
         .await?;
-        for id in &inserted {
-            if let Some(raw) = fresh.get(id) {
-                found.insert(
-                    id.clone(),
-                    DataKey::Open(XChaCha20Poly1305::new(Key::from_slice(raw))),
+        for row in inserted {
+            if let Some(raw) = fresh.get(&(row.contact_id.clone(), row.generation)) {
+                chosen.insert(
+                    row.contact_id,
+                    WriteKey {
+                        generation: row.generation,
+                        cipher: XChaCha20Poly1305::new(Key::from_slice(raw)),
+                    },
                 );
             }
         }
-        // Another writer made some of them first (and committed): read theirs.
-        let raced: Vec<String> = missing
+        // Another writer made some of them first (and committed): use theirs.
+        let raced: Vec<String> = make_ids
             .into_iter()
-            .filter(|id| !found.contains_key(id))
+            .filter(|id| !chosen.contains_key(id))
             .collect();
         if !raced.is_empty() {
-            found.extend(keys(conn, PERSONAL_TYPES[0], &raced).await?.0);
+            let theirs = keys(conn, PERSONAL_TYPES[0], &raced).await?;
+            for id in raced {
+                match theirs.0.get(&id).and_then(Generations::current) {
+                    Some((generation, DataKey::Open(cipher))) => {
+                        chosen.insert(
+                            id,
+                            WriteKey {
+                                generation,
+                                cipher: cipher.clone(),
+                            },
+                        );
+                    }
+                    Some((_, DataKey::Destroyed)) => return Err(PiiError::Destroyed),
+                    None => return Err(PiiError::Corrupt("a data key was neither found nor made")),
+                }
+            }
         }
     }
-    ids.into_iter()
-        .map(|id| match found.remove(&id) {
-            Some(DataKey::Open(cipher)) => Ok((id, cipher)),
-            Some(DataKey::Destroyed) => Err(PiiError::Destroyed),
-            None => Err(PiiError::Corrupt("a data key was neither found nor made")),
-        })
-        .collect()
+    Ok(chosen)
 }
 
 fn aad(aggregate_type: &str, id: &str) -> Vec<u8> {
@@ -295,12 +398,7 @@ pub fn event_needs_key(aggregate_type: &str, payload: &Value) -> bool {
     variant_object(&mut payload).is_some_and(|(_, o)| has_personal(o))
 }
 
-fn seal_object(
-    cipher: &XChaCha20Poly1305,
-    aggregate_type: &str,
-    id: &str,
-    object: &mut Map<String, Value>,
-) {
+fn seal_object(key: &WriteKey, aggregate_type: &str, id: &str, object: &mut Map<String, Value>) {
     if !has_personal(object) {
         return;
     }
@@ -311,21 +409,30 @@ fn seal_object(
         .collect();
     object.retain(|k, _| CLEAR_MEMBERS.contains(&k.as_str()));
     let plaintext = serde_json::to_vec(&personal).expect("a JSON object serializes");
-    let sealed = seal_bytes(cipher, &plaintext, &aad(aggregate_type, id));
-    object.insert(SEALED_MEMBER.into(), Value::String(STANDARD.encode(sealed)));
+    let sealed = STANDARD.encode(seal_bytes(
+        &key.cipher,
+        &plaintext,
+        &aad(aggregate_type, id),
+    ));
+    let text = if key.generation == 0 {
+        sealed
+    } else {
+        format!("{}:{sealed}", key.generation)
+    };
+    object.insert(SEALED_MEMBER.into(), Value::String(text));
 }
 
 /// Seals the personal members of an event payload in place.
-pub fn seal_event(cipher: &XChaCha20Poly1305, aggregate_type: &str, id: &str, payload: &mut Value) {
+pub fn seal_event(key: &WriteKey, aggregate_type: &str, id: &str, payload: &mut Value) {
     if let Some((_, object)) = variant_object(payload) {
-        seal_object(cipher, aggregate_type, id, object);
+        seal_object(key, aggregate_type, id, object);
     }
 }
 
 /// Seals the personal members of a snapshot's state in place.
-pub fn seal_state(cipher: &XChaCha20Poly1305, aggregate_type: &str, id: &str, state: &mut Value) {
+pub fn seal_state(key: &WriteKey, aggregate_type: &str, id: &str, state: &mut Value) {
     if let Some(object) = state.as_object_mut() {
-        seal_object(cipher, aggregate_type, id, object);
+        seal_object(key, aggregate_type, id, object);
     }
 }
 
@@ -340,23 +447,15 @@ fn open_object(
     id: &str,
     object: &mut Map<String, Value>,
 ) -> Result<Opened, PiiError> {
-    let destroyed = matches!(keys.get(id), Some(DataKey::Destroyed));
     let Some(sealed) = object.remove(SEALED_MEMBER) else {
-        // Clear text: written before encryption, or nothing personal in it.
+        // Clear text: written before encryption (so in the first generation), or nothing
+        // personal in it.
+        let destroyed = matches!(keys.of(id, 0), Some(DataKey::Destroyed));
         return Ok(if destroyed && has_personal(object) {
             Opened::Redacted
         } else {
             Opened::Clear
         });
-    };
-    let cipher = match keys.get(id) {
-        Some(DataKey::Open(cipher)) => cipher,
-        Some(DataKey::Destroyed) => return Ok(Opened::Redacted),
-        None => {
-            return Err(PiiError::Corrupt(
-                "sealed data of a stream without a data key",
-            ));
-        }
     };
     let text = sealed
         .as_str()
@@ -364,6 +463,24 @@ fn open_object(
     if text.is_empty() {
         return Ok(Opened::Redacted);
     }
+    let (generation, text) = match text.split_once(':') {
+        Some((generation, rest)) => (
+            generation
+                .parse::<i32>()
+                .map_err(|_| PiiError::Corrupt("the sealed member's generation is not a number"))?,
+            rest,
+        ),
+        None => (0, text),
+    };
+    let cipher = match keys.of(id, generation) {
+        Some(DataKey::Open(cipher)) => cipher,
+        Some(DataKey::Destroyed) => return Ok(Opened::Redacted),
+        None => {
+            return Err(PiiError::Corrupt(
+                "sealed data of a stream without that data key",
+            ));
+        }
+    };
     let bytes = STANDARD
         .decode(text)
         .map_err(|_| PiiError::Corrupt("the sealed member is not base64"))?;
@@ -437,7 +554,7 @@ pub fn is_clear_personal(aggregate_type: &str, payload: &Value) -> bool {
 /// configured secret key is the one it was sealed with. `Ok(false)` when there is none.
 pub async fn check_secret_key(conn: &mut PgConnection) -> Result<bool, PiiError> {
     let rows = sqlx::query!(
-        "SELECT contact_id, wrapped_key AS \"wrapped_key!\" FROM contact_keys
+        "SELECT contact_id, generation, wrapped_key AS \"wrapped_key!\" FROM contact_keys
          WHERE wrapped_key IS NOT NULL ORDER BY created_at LIMIT 3"
     )
     .fetch_all(&mut *conn)
@@ -447,7 +564,7 @@ pub async fn check_secret_key(conn: &mut PgConnection) -> Result<bool, PiiError>
     }
     let keyring = keyring()?;
     for row in rows {
-        unwrap_key(&keyring, &row.contact_id, &row.wrapped_key)?;
+        unwrap_key(&keyring, &row.contact_id, row.generation, &row.wrapped_key)?;
     }
     Ok(true)
 }
@@ -493,9 +610,13 @@ mod tests {
         XChaCha20Poly1305::new(Key::from_slice(&random::<32>()))
     }
 
+    fn keys_of(id: &str, generations: Vec<(i32, DataKey)>) -> Keys {
+        Keys(HashMap::from([(id.to_string(), Generations(generations))]))
+    }
+
     #[test]
     fn a_sealed_event_hides_personal_members_and_opens_to_the_same_payload() {
-        let key = cipher();
+        let key = WriteKey::first(cipher());
         let original = json!({"ContactCreated": {
             "email": "ada@example.com", "fields": {"first_name": "Ada"},
             "created_at": "2026-01-01T00:00:00Z"}});
@@ -507,18 +628,15 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("created_at"));
-        let keys = Keys(HashMap::from([("c1".to_string(), DataKey::Open(key))]));
+        let keys = keys_of("c1", vec![(0, DataKey::Open(key.cipher.clone()))]);
         assert_eq!(
             open_event(&keys, "contact", "c1", sealed.clone()).unwrap(),
             original
         );
         // Bound to its stream: moved to another one, it does not open.
-        let moved = Keys(HashMap::from([(
-            "c2".to_string(),
-            keys.get("c1").unwrap().clone(),
-        )]));
+        let moved = keys_of("c2", vec![(0, keys.get("c1").unwrap().clone())]);
         assert!(open_event(&moved, "contact", "c2", sealed.clone()).is_err());
-        let destroyed = Keys(HashMap::from([("c1".to_string(), DataKey::Destroyed)]));
+        let destroyed = keys_of("c1", vec![(0, DataKey::Destroyed)]);
         assert_eq!(
             open_event(&destroyed, "contact", "c1", sealed).unwrap(),
             json!({"ContactRedacted": {}})
@@ -527,7 +645,7 @@ mod tests {
 
     #[test]
     fn events_without_personal_members_stay_as_they_are() {
-        let key = cipher();
+        let key = WriteKey::first(cipher());
         let erased = json!({"ContactErased": {"erased_at": "2026-01-01T00:00:00Z"}});
         let mut same = erased.clone();
         seal_event(&key, "contact", "c1", &mut same);
@@ -537,5 +655,40 @@ mod tests {
             "campaign",
             &json!({"CampaignCreated": {"name": "x"}})
         ));
+    }
+
+    #[test]
+    fn a_new_life_opens_under_its_own_generation_while_the_erased_life_stays_redacted() {
+        let (old, new) = (cipher(), cipher());
+        let payload = |email: &str| {
+            json!({"ContactCreated": {"email": email, "fields": {},
+                "created_at": "2026-01-01T00:00:00Z"}})
+        };
+        let mut first = payload("ada@example.com");
+        seal_event(&WriteKey::first(old), "contact", "c1", &mut first);
+        let mut second = payload("ada@example.com");
+        let renewed = WriteKey {
+            generation: 1,
+            cipher: new.clone(),
+        };
+        seal_event(&renewed, "contact", "c1", &mut second);
+        let sealed = second["ContactCreated"]["pii"].as_str().unwrap();
+        assert!(sealed.starts_with("1:"), "{sealed}");
+        let keys = keys_of(
+            "c1",
+            vec![(0, DataKey::Destroyed), (1, DataKey::Open(new.clone()))],
+        );
+        assert!(matches!(keys.get("c1"), Some(DataKey::Open(_))));
+        assert_eq!(
+            open_event(&keys, "contact", "c1", first).unwrap(),
+            json!({"ContactRedacted": {}})
+        );
+        assert_eq!(
+            open_event(&keys, "contact", "c1", second.clone()).unwrap(),
+            payload("ada@example.com")
+        );
+        // A generation the stream does not have is an error, never a silent redaction.
+        let without = keys_of("c1", vec![(0, DataKey::Open(new))]);
+        assert!(open_event(&without, "contact", "c1", second).is_err());
     }
 }

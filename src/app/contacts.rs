@@ -475,10 +475,12 @@ pub async fn import(
                         )
                         .into());
                     };
-                    let (sequence, position) = appended.events[*index];
+                    let (_, position) = appended.events[*index];
                     last = last.max(Some(position));
-                    // The first event of a stream is the one that created the contact.
-                    if sequence == 1 {
+                    // A row created its contact when its event was the creation (the first
+                    // of the stream, or the first of an erased email's new life).
+                    let creation = events.get(id).and_then(|e| e.get(*index));
+                    if matches!(creation, Some(ContactEvent::ContactCreated { .. })) {
                         report.created += 1;
                     } else {
                         report.updated += 1;

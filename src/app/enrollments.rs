@@ -111,13 +111,20 @@ pub async fn enroll(
                         contact_id: *contact,
                         enrollment_id: enrollment_id_for(campaign, *contact),
                     };
-                    if !known
-                        .get(&contact.to_string())
-                        .is_some_and(|c| c.aggregate.created)
-                    {
+                    let state = known.get(&contact.to_string()).map(|c| &c.aggregate);
+                    if !state.is_some_and(|c| c.created) {
                         response.rejected.push(Rejected {
                             contact_id: *contact,
                             reason: "unknown contact".into(),
+                        });
+                        continue;
+                    }
+                    // Erased (and not created again): there is no one to contact, whether
+                    // or not its suppression is still in place.
+                    if state.is_some_and(|c| c.erased_at.is_some()) {
+                        response.rejected.push(Rejected {
+                            contact_id: *contact,
+                            reason: "erased".into(),
                         });
                         continue;
                     }

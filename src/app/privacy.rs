@@ -47,7 +47,8 @@ pub async fn erased_at(
     id: Uuid,
 ) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
     let at = sqlx::query_scalar!(
-        "SELECT destroyed_at FROM contact_keys WHERE contact_id = $1",
+        "SELECT destroyed_at FROM contact_keys WHERE contact_id = $1
+         ORDER BY generation DESC LIMIT 1",
         id.to_string()
     )
     .fetch_optional(&mut *conn)
@@ -121,8 +122,10 @@ pub async fn erase(app: &App, context: &CommandContext, id: Uuid) -> Result<Answ
 /// from its events stored in the clear (before encryption).
 async fn shred(conn: &mut PgConnection, id: &str, at: DateTime<Utc>) -> Result<(), AppError> {
     sqlx::query!(
-        "INSERT INTO contact_keys (contact_id, wrapped_key, destroyed_at) VALUES ($1, NULL, $2)
-         ON CONFLICT (contact_id) DO UPDATE SET wrapped_key = NULL,
+        "INSERT INTO contact_keys (contact_id, generation, wrapped_key, destroyed_at)
+         SELECT $1, coalesce(max(generation), 0), NULL, $2::timestamptz
+         FROM contact_keys WHERE contact_id = $1
+         ON CONFLICT (contact_id, generation) DO UPDATE SET wrapped_key = NULL,
              destroyed_at = coalesce(contact_keys.destroyed_at, EXCLUDED.destroyed_at)",
         id,
         at
@@ -492,7 +495,7 @@ pub async fn encrypt_plaintext(
             .filter(|id| !erased.contains(id))
             .cloned()
             .collect();
-        let keys = pii::keys_for_writing(&mut tx, &live)
+        let keys = pii::keys_for_writing(&mut tx, &live, &[])
             .await
             .map_err(crate::store::StoreError::from)?;
         let mut positions = Vec::with_capacity(clear.len());

@@ -40,6 +40,7 @@ pub const EVENT_TYPES: &[(&str, &[&str])] = &[
             "EnrichmentRecorded",
             "ConsentRecorded",
             "ContactErased",
+            "ErasureReleased",
             // What an erased contact's earlier events read as.
             "ContactRedacted",
         ],

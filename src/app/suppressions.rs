@@ -4,10 +4,11 @@
 //! whatever webhook source reported them, by applied hard bounces, complaints and
 //! unsubscribes ([`SuppressionReactor`]). Enrolling a suppressed contact is rejected.
 
-use aggregates::contact::{Contact, ContactEmail, ContactEvent, contact_id_for};
+use aggregates::contact::{Contact, ContactCommand, ContactEmail, ContactEvent, contact_id_for};
 use aggregates::enrollment::{Enrollment, EnrollmentEvent, ProviderEventKind};
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
+use cqrs_es::event_sink::EventSink;
 use hmac::{Hmac, Mac};
 use projections::{FeedEvent, ProjectionError, Reactor};
 use serde::Serialize;
@@ -16,8 +17,9 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::app::App;
+use crate::app::command::{Abort, Retried};
 use crate::app::error::{AppError, FieldError};
-use crate::store::{Loaded, Store};
+use crate::store::{Loaded, Metadata, Store};
 
 /// Every reason an entry can have.
 pub const REASONS: &[&str] = &[
@@ -114,14 +116,54 @@ pub async fn of_contact_id(app: &App, id: Uuid) -> Result<Option<Suppression>, A
     Ok(of_contact(&mut conn, id).await?)
 }
 
-/// Removes the entry of `email`; whether there was one.
-pub async fn remove(app: &App, email: &str) -> Result<bool, AppError> {
+/// Removes the entry of `email`; whether there was one. When the email belongs to an
+/// erased contact, the same transaction appends `ErasureReleased` to its stream (attributed
+/// by `metadata`), so the email may be created again as a new contact; that counts as a
+/// removal even if the entry itself was already gone.
+pub async fn remove(app: &App, email: &str, metadata: &Metadata) -> Result<bool, AppError> {
     let email = parse_email(email)?;
-    let hash = hash_with(&hash_key(app), &email);
-    let done = sqlx::query!("DELETE FROM suppressions WHERE email_hash = $1", hash)
-        .execute(&app.pool)
+    let hash = &hash_with(&hash_key(app), &email);
+    let stream = &contact_id_for(crate::app::contacts::id_key(app).await?, &email).to_string();
+    let outcome = app
+        .retrying(Contact::TYPE, |mut tx| async move {
+            let outcome = async {
+                let removed = sqlx::query!("DELETE FROM suppressions WHERE email_hash = $1", hash)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected()
+                    > 0;
+                let mut loaded: Loaded<Contact> = app.store.load(&mut tx, stream).await?;
+                let contact = &loaded.aggregate;
+                if contact.erased_at.is_none() || contact.erasure_released_at.is_some() {
+                    return Ok(removed);
+                }
+                let sink = EventSink::default();
+                loaded
+                    .aggregate
+                    .handle(
+                        ContactCommand::ReleaseErasure { at: Utc::now() },
+                        &(),
+                        &sink,
+                    )
+                    .await
+                    .map_err(AppError::from)?;
+                let events = sink.collect().await;
+                app.store
+                    .append(&mut tx, &mut loaded, &events, metadata)
+                    .await?;
+                Ok::<_, Abort>(true)
+            }
+            .await;
+            (tx, outcome)
+        })
         .await?;
-    Ok(done.rows_affected() > 0)
+    match outcome {
+        Retried::Done(removed) => Ok(removed),
+        Retried::Exhausted => Err(AppError::conflict(
+            "concurrency-conflict",
+            "the contact kept changing while its suppression was removed; retry it",
+        )),
+    }
 }
 
 async fn find(conn: &mut PgConnection, hash: &[u8]) -> Result<Option<Suppression>, sqlx::Error> {

@@ -976,7 +976,14 @@ async fn suppressions_command(
             println!("{verb}: contact {} ({})", entry.contact_id, entry.reason);
         }
         SuppressionsCommand::Remove { email } => {
-            if !suppressions::remove(&state, &email).await.map_err(fail)? {
+            let metadata = crate::store::Metadata {
+                actor: Some("cli".into()),
+                ..Default::default()
+            };
+            if !suppressions::remove(&state, &email, &metadata)
+                .await
+                .map_err(fail)?
+            {
                 anyhow::bail!("this address is not suppressed");
             }
             println!("suppression removed");

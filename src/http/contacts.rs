@@ -178,12 +178,18 @@ async fn upsert_contact(
     let (email, fields) = input.parse().map_err(ApiError::invalid)?;
     let id = contacts::id_for(&state, &email).await?;
     let at = Utc::now();
+    // An erased contact whose erasure was released is created again by this upsert.
+    let was_erased = std::sync::atomic::AtomicBool::new(false);
     command::execute::<Contact, _, _>(
         &state,
         &request,
         &id.to_string(),
         &(),
-        |_| {
+        |loaded| {
+            was_erased.store(
+                loaded.aggregate.erased_at.is_some(),
+                std::sync::atomic::Ordering::Relaxed,
+            );
             Ok(ContactCommand::Upsert {
                 email: email.clone(),
                 fields: fields.clone(),
@@ -191,14 +197,16 @@ async fn upsert_contact(
             })
         },
         |written| {
+            let existed =
+                written.existed_before && !was_erased.load(std::sync::atomic::Ordering::Relaxed);
             let b = ContactUpserted {
                 contact: body(id, &written.loaded),
-                created: !written.existed_before,
+                created: !existed,
                 position: written.position().to_string(),
             };
             let r =
                 Reply::ok(serde_json::to_value(b).unwrap_or_default()).with_etag(written.version());
-            if written.existed_before {
+            if existed {
                 r
             } else {
                 r.with_status(StatusCode::CREATED)

@@ -241,6 +241,7 @@ impl From<aggregates::contact::ContactError> for ApiError {
             E::EmailMismatch => Self::conflict("email-mismatch", e.to_string()),
             E::Erased { erased_at } => Self::erased(erased_at),
             E::EmailErased => Self::conflict("contact-erased", e.to_string()),
+            E::NotErased => Self::conflict("not-erased", e.to_string()),
         }
     }
 }

@@ -101,14 +101,17 @@ pub struct RemoveSuppression {
     email: String,
 }
 
-/// Lift the suppression of an address (204; 404 when it was not suppressed).
+/// Lift the suppression of an address (204; 404 when it was not suppressed). For the
+/// email of an erased contact this also releases the erasure: the email may be created
+/// again, as a new contact that knows nothing of the erased one.
 #[utoipa::path(delete, path = "/v1/suppressions", tag = TAG, params(RemoveSuppression),
     responses((status = 204), (status = 404), (status = 422)))]
 async fn remove_suppression(
     State(state): State<App>,
     ApiQuery(query): ApiQuery<RemoveSuppression>,
+    request: CommandRequest,
 ) -> Result<Response, ApiError> {
-    if suppressions::remove(&state, &query.email).await? {
+    if suppressions::remove(&state, &query.email, &request.metadata()).await? {
         Ok(StatusCode::NO_CONTENT.into_response())
     } else {
         Err(ApiError::NotFound("this address is not suppressed".into()))

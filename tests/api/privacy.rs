@@ -235,6 +235,179 @@ async fn an_erased_person_is_nowhere_in_a_dump_of_the_database_even_after_a_rebu
 }
 
 #[tokio::test]
+async fn an_erased_email_comes_back_as_a_new_contact_once_its_suppression_is_removed() {
+    let app = spawn_app().await;
+    let (email, other) = ("reborn@example.org", "reborn.import@example.org");
+    for e in [email, other] {
+        let created = app
+            .post(
+                "/v1/contacts",
+                &json!({"email": e, "first_name": "Adelheid", "phone": "+44 20 7946 0958",
+                        "custom": {"hobby": "loves-chess-openings"}}),
+            )
+            .await;
+        assert_eq!(created.status().as_u16(), 201);
+        let id = created.json::<Value>().await.unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            delete(&app, &format!("/v1/contacts/{id}")).await.status(),
+            200
+        );
+    }
+    let refused = app.post("/v1/contacts", &json!({"email": email})).await;
+    assert_problem(refused, 409).await;
+    let erased_entry = suppression_of(&app, email).await.unwrap();
+    let id = erased_entry["contact_id"].as_str().unwrap().to_string();
+
+    // Removing the suppression releases the erasure, once.
+    let removed = delete(&app, &format!("/v1/suppressions?email={email}")).await;
+    assert_eq!(removed.status().as_u16(), 204, "{:?}", removed.text().await);
+    assert_eq!(suppression_of(&app, email).await, None);
+    let twice = delete(&app, &format!("/v1/suppressions?email={email}")).await;
+    assert_problem(twice, 404).await;
+    let still_gone = assert_problem(app.read(&format!("/v1/contacts/{id}")).await, 410).await;
+    assert!(
+        still_gone["erased_at"].is_string(),
+        "released, not yet created"
+    );
+    let campaign = app.create_campaign("reborn").await["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let refused = enroll(&app, &campaign, &id).await;
+    assert_eq!(refused["rejected"][0]["reason"], "erased", "{refused}");
+
+    // Created again: a new contact with none of the old life's data.
+    let again = app
+        .post(
+            "/v1/contacts",
+            &json!({"email": email, "last_name": "Newlife"}),
+        )
+        .await;
+    assert_eq!(again.status().as_u16(), 201);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["created"], true);
+    assert_eq!(again["id"], id.as_str(), "the same stream, a new life");
+    assert_eq!(again["last_name"], "Newlife");
+    assert_eq!(again["first_name"], Value::Null);
+    assert_eq!(again["phone"], Value::Null);
+    assert_eq!(again["custom"], json!({}));
+    let position = again["position"].as_str().unwrap().to_string();
+    let read: Value = app
+        .read(&format!("/v1/contacts/{id}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(read["email"], email);
+    assert_eq!(read["version"], 4, "created, erased, released, created");
+    let update = app
+        .post("/v1/contacts", &json!({"email": email, "title": "CTO"}))
+        .await;
+    assert_eq!(update.status().as_u16(), 200);
+
+    // The import path creates a released email again too.
+    let removed = delete(&app, &format!("/v1/suppressions?email={other}")).await;
+    assert_eq!(removed.status().as_u16(), 204);
+    let imported: Value = app
+        .post("/v1/contacts/import", &json!([{"email": other}]))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(imported["created"], 1, "{imported}");
+    assert_eq!(imported["failed"], 0, "{imported}");
+
+    // The export shows the old life emptied, the release attributed, the new life open.
+    let export: Value = app
+        .read(&format!("/v1/contacts/{id}/export"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    let types: Vec<&str> = export["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["event_type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "ContactCreated",
+            "ContactErased",
+            "ErasureReleased",
+            "ContactCreated",
+            "ContactUpdated"
+        ]
+    );
+    assert_eq!(
+        export["events"][0]["data"],
+        json!({}),
+        "the old life unreadable"
+    );
+    assert_eq!(export["events"][3]["data"]["email"], email);
+    let history: Value = app
+        .read(&format!("/v1/contacts/{id}/history"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(history["items"][2]["event_type"], "ErasureReleased");
+    assert_eq!(history["items"][2]["actor"]["name"], "test write");
+
+    // Neither the database nor a rebuild brings back the old life.
+    let old_life = ["Adelheid", "+44 20 7946 0958", "loves-chess-openings"];
+    wait_for_projections(&app, &position).await;
+    let selected = projections::rebuild::select(&[]).unwrap();
+    projections::rebuild::rebuild(
+        &app.pool,
+        &selected,
+        &projections::rebuild::Options::default(),
+        &mut projections::rebuild::Quiet,
+    )
+    .await
+    .unwrap();
+    let dumped = dump(&app);
+    for value in old_life {
+        assert!(!dumped.contains(value), "{value} in the dump");
+    }
+    let list: Value = app
+        .read(&format!("/v1/contacts?email={email}"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(list["items"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["items"][0]["last_name"], "Newlife");
+    assert_eq!(list["items"][0]["title"], "CTO");
+    assert_eq!(list["items"][0]["first_name"], Value::Null);
+
+    // Erased again: the new life's key goes the same way, and the email is suppressed.
+    let erased = delete(&app, &format!("/v1/contacts/{id}")).await;
+    assert_eq!(erased.status().as_u16(), 200);
+    let erased: Value = erased.json().await.unwrap();
+    wait_for_projections(&app, erased["position"].as_str().unwrap()).await;
+    assert_problem(app.read(&format!("/v1/contacts/{id}")).await, 410).await;
+    let keys: Vec<(i32, bool)> = sqlx::query_as(
+        "SELECT generation, wrapped_key IS NULL FROM contact_keys
+         WHERE contact_id = $1 ORDER BY generation",
+    )
+    .bind(&id)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(keys, [(0, true), (1, true)]);
+    assert_eq!(
+        suppression_of(&app, email).await.unwrap()["reason"],
+        "erased"
+    );
+    assert!(!dump(&app).contains("Newlife"));
+}
+
+#[tokio::test]
 async fn updates_racing_an_erasure_never_leave_readable_data_or_bring_the_contact_back() {
     let app = spawn_app().await;
     for round in 0..12 {

@@ -162,6 +162,7 @@ async fn run_projection(
 ) {
     let name = projection.name();
     let mut wake = wakeup.subscribe();
+    let mut horizon = wakeup.subscribe_horizon();
     while !cancel.is_cancelled() {
         let mut conn = match connect(&pool, name).await {
             Ok(c) => c,
@@ -195,7 +196,14 @@ async fn run_projection(
             // Mark what we have seen before reading: a notification arriving during the read
             // makes the next wait return at once.
             wake.borrow_and_update();
+            horizon.borrow_and_update();
             let outcome = run_batch(&mut conn, projection.as_ref(), config.batch_size).await;
+            if matches!(outcome, Ok(BatchOutcome::Applied(n)) if n > 0)
+                || matches!(outcome, Ok(BatchOutcome::Moved))
+            {
+                // This batch's transaction may have held other runners' events back.
+                wakeup.horizon_moved();
+            }
             if projection.writes_events()
                 && matches!(outcome, Ok(BatchOutcome::Applied(n)) if n > 0)
             {
@@ -230,6 +238,7 @@ async fn run_projection(
                 () = cancel.cancelled() => break,
                 () = tokio::time::sleep(wait) => recheck.waited(config.poll_interval),
                 _ = wake.changed(), if !failed => recheck.woken(),
+                _ = horizon.changed(), if !failed && recheck.pending() => {}
             }
         }
         metrics::gauge!("projection_active", "projection" => name).set(0.0);
@@ -407,8 +416,8 @@ pub async fn apply_until_failure(
     Ok((last_good, None))
 }
 
-/// Moves the checkpoint of `name` to `to`, clears a recorded failure and wakes the
-/// runners waiting on checkpoints.
+/// Moves the checkpoint of `name` to `to`, clears a recorded failure and tells the other
+/// processes (their runners waiting for the horizon, and observers of progress).
 pub(crate) async fn advance(
     conn: &mut PgConnection,
     name: &str,

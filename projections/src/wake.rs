@@ -7,8 +7,17 @@
 //! process's runners at once and asks the sender for one `NOTIFY`, sent in a transaction of
 //! its own; commits that come while one is in flight share the next, so a process has at
 //! most one notification in flight whatever its write rate. Other processes' listeners turn
-//! it into their own wake-ups. Runners still poll as a fallback, so a notification lost
-//! with a connection delays a read model, never stops it.
+//! it into their own wake-ups; a process ignores its own (its payload is the process's
+//! token), since its runners were woken at the commit already and a second wake-up per
+//! commit would double every runner's feed reads. Runners still poll as a fallback, so a
+//! notification lost with a connection delays a read model, never stops it.
+//!
+//! A wake-up can find the new events still behind the feed's horizon: a transaction that
+//! took its id before theirs (most often another projection's batch) has not ended. No
+//! event commits when it ends, so a second signal says so: [`Wakeup::horizon_moved`], sent
+//! when a batch of this process commits and when another process's checkpoint moves. Only
+//! a runner waiting for the horizon (its last wake-up found nothing) reads again on it, so
+//! the many batch commits do not multiply the reads of runners that are up to date.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Channel notified after the commit of events.
 pub const EVENTS_CHANNEL: &str = "leadledger_events";
-/// Channel notified at the commit of a checkpoint move.
+/// Channel notified at the commit of a checkpoint move: the horizon may have moved.
 pub const CHECKPOINTS_CHANNEL: &str = "leadledger_checkpoints";
 
 /// A process's wake-ups of its runners, and its notifications to the others. Cheap to
@@ -28,8 +37,11 @@ pub const CHECKPOINTS_CHANNEL: &str = "leadledger_checkpoints";
 #[derive(Clone)]
 pub struct Wakeup {
     local: watch::Sender<u64>,
+    horizon: watch::Sender<u64>,
     pending: Arc<AtomicBool>,
     send: Arc<Notify>,
+    /// What this process's notifications carry, so that it can tell them from the others'.
+    token: Arc<str>,
 }
 
 impl Default for Wakeup {
@@ -42,8 +54,10 @@ impl Wakeup {
     pub fn new() -> Self {
         Self {
             local: watch::channel(0).0,
+            horizon: watch::channel(0).0,
             pending: Arc::new(AtomicBool::new(false)),
             send: Arc::new(Notify::new()),
+            token: format!("{:016x}", rand::random::<u64>()).into(),
         }
     }
 
@@ -60,6 +74,17 @@ impl Wakeup {
         self.local.subscribe()
     }
 
+    /// A transaction that may have held the feed's horizon ended (a projection's batch
+    /// committed): runners waiting for it look again.
+    pub fn horizon_moved(&self) {
+        self.horizon.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// What a runner waiting for the horizon waits on.
+    pub fn subscribe_horizon(&self) -> watch::Receiver<u64> {
+        self.horizon.subscribe()
+    }
+
     fn wake_here(&self) {
         self.local.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -68,7 +93,7 @@ impl Wakeup {
     /// line process that wrote and is about to exit).
     pub async fn flush(&self, pool: &PgPool) -> Result<(), sqlx::Error> {
         if self.pending.swap(false, Ordering::AcqRel) {
-            notify(pool).await?;
+            notify(pool, &self.token).await?;
         }
         Ok(())
     }
@@ -90,7 +115,7 @@ impl Wakeup {
             if !self.pending.swap(false, Ordering::AcqRel) {
                 continue;
             }
-            if let Err(e) = notify(&pool).await {
+            if let Err(e) = notify(&pool, &self.token).await {
                 // The others' runners poll meanwhile; try again shortly.
                 tracing::warn!(error = %e, "notifying other processes of new events failed");
                 self.pending.store(true, Ordering::Release);
@@ -101,8 +126,8 @@ impl Wakeup {
     }
 }
 
-async fn notify(pool: &PgPool) -> Result<(), sqlx::Error> {
-    sqlx::query!("SELECT pg_notify($1, '')", EVENTS_CHANNEL)
+async fn notify(pool: &PgPool, token: &str) -> Result<(), sqlx::Error> {
+    sqlx::query!("SELECT pg_notify($1, $2)", EVENTS_CHANNEL, token)
         .execute(pool)
         .await?;
     Ok(())
@@ -136,6 +161,9 @@ async fn listen(pool: PgPool, wakeup: Wakeup, cancel: CancellationToken) {
             tokio::select! {
                 () = cancel.cancelled() => return,
                 message = listener.recv() => match message {
+                    // Another process's batch committed: only the horizon may have moved.
+                    Ok(n) if n.channel() == CHECKPOINTS_CHANNEL => wakeup.horizon_moved(),
+                    Ok(n) if n.payload() == &*wakeup.token => {}
                     Ok(_) => wakeup.wake_here(),
                     Err(e) => {
                         tracing::warn!(error = %e, "projection listener lost its connection");
@@ -170,6 +198,11 @@ impl Recheck {
     /// A read found events: no more looking again until the next wake-up.
     pub fn found(&mut self) {
         self.next = None;
+    }
+
+    /// Whether the last wake-up found nothing yet (the events may be behind the horizon).
+    pub fn pending(&self) -> bool {
+        self.next.is_some()
     }
 
     /// Woken: look again soon if this read finds nothing.

@@ -21,7 +21,6 @@ use chrono::{DateTime, Utc};
 use projections::feed::{self, FeedEvent, Position};
 use rand::Rng;
 use serde_json::{Value, json};
-use sqlx::postgres::PgListener;
 use sqlx::{ConnectOptions, Connection, PgConnection};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -101,8 +100,6 @@ pub fn backoff(config: &OutboundConfig, failures: usize) -> Option<Duration> {
 /// holds the lock of) until `cancel`.
 pub fn spawn(app: App, cancel: CancellationToken) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let (wake_tx, wake_rx) = watch::channel(0u64);
-        let listener = tokio::spawn(listen(app.clone(), wake_tx, cancel.clone()));
         let client = outbound::client(&app.outbound);
         let mut running: HashMap<Uuid, JoinHandle<()>> = HashMap::new();
         let mut last_purge = Instant::now() - Duration::from_secs(3600);
@@ -123,7 +120,8 @@ pub fn spawn(app: App, cancel: CancellationToken) -> JoinHandle<()> {
                             app: app.clone(),
                             client: client.clone(),
                             id,
-                            wake: wake_rx.clone(),
+                            wake: app.wakeup.subscribe(),
+                            horizon: app.wakeup.subscribe_horizon(),
                             cancel: cancel.clone(),
                             keys: None,
                         };
@@ -153,41 +151,7 @@ pub fn spawn(app: App, cancel: CancellationToken) -> JoinHandle<()> {
         for (_, task) in running {
             let _ = task.await;
         }
-        listener.abort();
-        let _ = listener.await;
     })
-}
-
-/// Wakes the deliverers when events commit.
-async fn listen(app: App, wake: watch::Sender<u64>, cancel: CancellationToken) {
-    while !cancel.is_cancelled() {
-        let mut listener = match PgListener::connect_with(&app.pool).await {
-            Ok(l) => l,
-            Err(e) => {
-                tracing::warn!(error = %e, "subscription listener cannot connect; polling meanwhile");
-                sleep_or_cancel(Duration::from_secs(1), &cancel).await;
-                continue;
-            }
-        };
-        if listener
-            .listen(projections::runner::EVENTS_CHANNEL)
-            .await
-            .is_err()
-        {
-            sleep_or_cancel(Duration::from_secs(1), &cancel).await;
-            continue;
-        }
-        wake.send_modify(|n| *n += 1);
-        loop {
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                message = listener.recv() => match message {
-                    Ok(_) => wake.send_modify(|n| *n += 1),
-                    Err(_) => break,
-                },
-            }
-        }
-    }
 }
 
 async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) {
@@ -201,7 +165,10 @@ struct Deliverer {
     app: App,
     client: reqwest::Client,
     id: Uuid,
+    /// New events committed (in this process, or notified by another).
     wake: watch::Receiver<u64>,
+    /// A transaction that may have held the feed's horizon ended.
+    horizon: watch::Receiver<u64>,
     cancel: CancellationToken,
     /// The signing keys as of a revision (a rotation moves the revision) and when they were
     /// read (a rotated-out key stops signing when its grace ends, with no revision).
@@ -339,6 +306,7 @@ impl Deliverer {
                 return Ok(());
             }
             self.wake.borrow_and_update();
+            self.horizon.borrow_and_update();
             let Some(mut state) = self.load(conn).await? else {
                 return Ok(());
             };
@@ -404,6 +372,7 @@ impl Deliverer {
             tokio::select! {
                 () = self.cancel.cancelled() => return Ok(()),
                 _ = self.wake.changed() => recheck.woken(),
+                _ = self.horizon.changed(), if recheck.pending() => {}
                 () = tokio::time::sleep(recheck.wait(RECHECK)) => recheck.waited(RECHECK),
             }
         }

@@ -405,3 +405,39 @@ async fn no_write_transaction_notifies_and_a_commit_still_wakes_another_processs
         "the other runner was woken by the writer's notification, not a poll"
     );
 }
+
+#[tokio::test]
+async fn a_commit_wakes_its_own_runners_once_and_the_other_processes_through_one_notification() {
+    let app = spawn_app_with(false).await;
+    let cancel = CancellationToken::new();
+    let (here, there) = (projections::Wakeup::new(), projections::Wakeup::new());
+    tokio::spawn(here.clone().run(app.pool.clone(), cancel.clone()));
+    tokio::spawn(there.clone().run(app.pool.clone(), cancel.clone()));
+    let (mut here_woken, mut there_woken) = (here.subscribe(), there.subscribe());
+    // Both listeners connected (each wakes its runners once when it connects).
+    for woken in [&mut here_woken, &mut there_woken] {
+        tokio::time::timeout(Duration::from_secs(5), woken.changed())
+            .await
+            .expect("listener connected")
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (here_before, there_before) = (
+        *here_woken.borrow_and_update(),
+        *there_woken.borrow_and_update(),
+    );
+    here.committed();
+    tokio::time::timeout(Duration::from_secs(2), there_woken.changed())
+        .await
+        .expect("the other process is woken by the notification")
+        .unwrap();
+    // Time for this process's own notification to come back to it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    cancel.cancel();
+    assert_eq!(
+        *here_woken.borrow(),
+        here_before + 1,
+        "woken by its commit, not a second time by its own notification"
+    );
+    assert_eq!(*there_woken.borrow(), there_before + 1);
+}

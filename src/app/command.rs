@@ -710,18 +710,37 @@ pub async fn replay(
     };
     let key = &idempotency.key;
     let scope = idempotency.scope.to_string();
-    let locked = sqlx::query_scalar!(
-        r#"SELECT pg_try_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0)) AS "locked!""#,
+    // One round trip on the way of a new command: the key's lock, and a claim on the key
+    // (a placeholder the answer fills). The claim's conflict check sees records committed
+    // after this statement's snapshot, so a record committed by the lock's previous holder
+    // is never missed.
+    let gate = sqlx::query!(
+        r#"WITH gate AS (
+               SELECT pg_try_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0)) AS locked
+           ), claimed AS (
+               INSERT INTO idempotency_records
+                   (api_key_id, idempotency_key, request_hash, response_status, response_body)
+               SELECT $3, $2, $4, NULL, '' FROM gate WHERE gate.locked
+               ON CONFLICT (api_key_id, idempotency_key) DO NOTHING
+               RETURNING 1
+           )
+           SELECT (SELECT locked FROM gate) AS "locked!",
+                  EXISTS (SELECT 1 FROM claimed) AS "claimed!""#,
         scope,
-        key
+        key,
+        idempotency.scope,
+        &idempotency.request_hash
     )
     .fetch_one(&mut *conn)
     .await?;
-    if !locked {
+    if !gate.locked {
         return Err(AppError::conflict(
             "idempotency-key-in-flight",
             "a request with this Idempotency-Key is still being processed; retry shortly",
         ));
+    }
+    if gate.claimed {
+        return Ok(None);
     }
     let record = sqlx::query!(
         "SELECT request_hash, response_status, response_body, response_headers
@@ -734,13 +753,18 @@ pub async fn replay(
     let Some(record) = record else {
         return Ok(None);
     };
+    // A claim committed without an answer (its command was refused before it had one):
+    // no record; this request runs the command and fills it.
+    let Some(status) = record.response_status else {
+        return Ok(None);
+    };
     if record.request_hash != idempotency.request_hash {
         return Err(AppError::invalid(vec![crate::app::error::FieldError::new(
             "Idempotency-Key",
             "this key was already used with a different request",
         )]));
     }
-    let status = StatusCode::from_u16(record.response_status as u16).unwrap_or(StatusCode::OK);
+    let status = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK);
     let mut headers = HeaderMap::new();
     if let Some(map) = record.response_headers.as_object() {
         for (name, value) in map {
@@ -793,11 +817,17 @@ pub async fn record(
         &record_aad(*scope, key),
         &serde_json::to_vec(&reply.body).unwrap_or_default(),
     );
-    sqlx::query!(
+    let recorded = sqlx::query!(
         "INSERT INTO idempotency_records
              (api_key_id, idempotency_key, request_hash,
               response_status, response_body, response_headers)
-         VALUES ($1, $2, $3, $4, $5, $6)",
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (api_key_id, idempotency_key) DO UPDATE
+         SET request_hash = EXCLUDED.request_hash,
+             response_status = EXCLUDED.response_status,
+             response_body = EXCLUDED.response_body,
+             response_headers = EXCLUDED.response_headers
+         WHERE idempotency_records.response_status IS NULL",
         scope,
         key,
         request_hash,
@@ -807,6 +837,14 @@ pub async fn record(
     )
     .execute(&mut *conn)
     .await?;
+    // Filled the claim (or wrote a new record): anything else is another answer already
+    // recorded for the key, and this one must not commit beside it.
+    if recorded.rows_affected() != 1 {
+        return Err(AppError::conflict(
+            "idempotency-key-in-flight",
+            "another request with this Idempotency-Key was answered first; retry to get its answer",
+        ));
+    }
     Ok(())
 }
 

@@ -121,6 +121,43 @@ async fn a_stale_if_match_gives_412_and_writes_nothing() {
 }
 
 #[tokio::test]
+async fn a_key_refused_before_its_command_ran_is_free_for_the_corrected_request() {
+    let app = spawn_app().await;
+    let campaign = app.create_campaign("claimed").await;
+    let id = campaign["id"].as_str().unwrap();
+    let patch = |if_match: &'static str, name: &'static str| {
+        app.client
+            .patch(app.url(&format!("/v1/campaigns/{id}")))
+            .bearer_auth(&app.write_key)
+            .header("idempotency-key", "rename-1")
+            .header("if-match", if_match)
+            .json(&json!({"name": name}))
+            .send()
+    };
+    // Refused by If-Match before the command ran: no answer is kept for the key.
+    assert_problem(patch("\"7\"", "stale").await.unwrap(), 412).await;
+    let claims: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM idempotency_records
+         WHERE idempotency_key = 'rename-1' AND response_status IS NOT NULL",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(claims, 0);
+    // The corrected request (another body too) runs, and its answer is the key's.
+    let first = patch("\"1\"", "renamed").await.unwrap();
+    assert_eq!(first.status().as_u16(), 200);
+    let first: Value = first.json().await.unwrap();
+    assert_eq!(first["name"], "renamed");
+    let again = patch("\"1\"", "renamed").await.unwrap();
+    assert_eq!(again.status().as_u16(), 200);
+    assert_eq!(again.json::<Value>().await.unwrap(), first, "replayed");
+    assert_eq!(stream(&app, id).await.len(), 2, "one effect");
+    let other = patch("\"1\"", "different").await.unwrap();
+    assert_problem(other, 422).await;
+}
+
+#[tokio::test]
 async fn the_same_idempotency_key_twice_gives_one_effect_and_the_same_response() {
     let app = spawn_app().await;
     let send = || {

@@ -136,6 +136,15 @@ impl<A: Aggregate> AggregateContext<A> for Loaded<A> {
 }
 
 /// A row of `events` as a load reads it.
+/// A stream's latest snapshot as stored.
+struct SnapshotRow {
+    aggregate_id: String,
+    last_sequence: i64,
+    last_position: i64,
+    last_transaction_id: String,
+    payload: serde_json::Value,
+}
+
 struct EventRow {
     aggregate_id: String,
     sequence: i64,
@@ -559,31 +568,79 @@ impl Store {
                 )
             })
             .collect();
+        // One statement, so one round trip and one snapshot of the database: the latest
+        // snapshot of each stream, the events after it and (for personal data) the data
+        // keys. A key commits with the first event sealed under it, and an erasure's
+        // destroyed key with its `ContactErased`, so every sealed event read has its key
+        // as of the same moment.
+        let parts = sqlx::query!(
+            r#"WITH s AS (
+                   SELECT aggregate_id, last_sequence, last_position, last_transaction_id,
+                          payload
+                   FROM snapshots
+                   WHERE $3 AND aggregate_type = $1 AND aggregate_id = ANY($2)
+               )
+               SELECT 0 AS "kind!", s.aggregate_id AS "aggregate_id!",
+                      s.last_sequence AS "sequence!", NULL::text AS event_type,
+                      NULL::text AS event_version, s.payload, NULL::jsonb AS metadata,
+                      s.last_position AS position,
+                      s.last_transaction_id::text AS transaction_id,
+                      0::bigint AS bytes, NULL::bytea AS wrapped_key
+               FROM s
+               UNION ALL
+               SELECT 1, e.aggregate_id, e.sequence, e.event_type, e.event_version,
+                      e.payload, e.metadata, e.position, e.transaction_id::text,
+                      octet_length(e.payload::text)::bigint, NULL
+               FROM UNNEST($2::text[]) AS u(id)
+               LEFT JOIN s ON s.aggregate_id = u.id
+               JOIN events e
+                 ON e.aggregate_type = $1 AND e.aggregate_id = u.id
+                AND e.sequence > coalesce(s.last_sequence, 0)
+               UNION ALL
+               SELECT 2, k.contact_id, k.generation, NULL, NULL, NULL, NULL, NULL, NULL,
+                      0, k.wrapped_key
+               FROM contact_keys k
+               WHERE $4 AND k.contact_id = ANY($2)
+               ORDER BY 1, 2, 3"#,
+            A::TYPE,
+            ids,
+            self.snapshot_every > 0,
+            pii::is_personal(A::TYPE)
+        )
+        .fetch_all(&mut *conn)
+        .await?;
         let mut snapshot_rows = Vec::new();
-        if self.snapshot_every > 0 {
-            snapshot_rows = sqlx::query!(
-                r#"SELECT aggregate_id, last_sequence, last_position,
-                          last_transaction_id::text AS "last_transaction_id!", payload
-                   FROM snapshots WHERE aggregate_type = $1 AND aggregate_id = ANY($2)"#,
-                A::TYPE,
-                ids
-            )
-            .fetch_all(&mut *conn)
-            .await?;
+        let mut rows = Vec::new();
+        let mut key_rows = Vec::new();
+        for part in parts {
+            match part.kind {
+                0 => snapshot_rows.push(SnapshotRow {
+                    aggregate_id: part.aggregate_id,
+                    last_sequence: part.sequence,
+                    last_position: part.position.unwrap_or_default(),
+                    last_transaction_id: part.transaction_id.unwrap_or_default(),
+                    payload: part.payload.unwrap_or_default(),
+                }),
+                1 => rows.push(EventRow {
+                    aggregate_id: part.aggregate_id,
+                    sequence: part.sequence,
+                    event_type: part.event_type.unwrap_or_default(),
+                    event_version: part.event_version.unwrap_or_default(),
+                    payload: part.payload.unwrap_or_default(),
+                    metadata: part.metadata.unwrap_or_default(),
+                    position: part.position.unwrap_or_default(),
+                    transaction_id: part.transaction_id.unwrap_or_default(),
+                    bytes: part.bytes.unwrap_or_default(),
+                }),
+                _ => key_rows.push((part.aggregate_id, part.sequence as i32, part.wrapped_key)),
+            }
         }
-        // Events after the latest snapshot. Keys are read after the events: a key commits
-        // with the first event sealed under it, so every sealed event read has its key.
+        let keys = pii::Keys::from_rows(key_rows)?;
         let after = |skip: &HashMap<&str, i64>| -> Vec<i64> {
             ids.iter()
                 .map(|id| skip.get(id.as_str()).copied().unwrap_or(0))
                 .collect()
         };
-        let covered: HashMap<&str, i64> = snapshot_rows
-            .iter()
-            .map(|s| (s.aggregate_id.as_str(), s.last_sequence))
-            .collect();
-        let mut rows = Self::events_after::<A>(conn, ids, &after(&covered)).await?;
-        let keys = pii::keys(conn, A::TYPE, ids).await?;
         let mut unreadable = false;
         for s in snapshot_rows.iter() {
             let Some(l) = loaded.get_mut(&s.aggregate_id) else {
@@ -611,12 +668,8 @@ impl Store {
                 None => unreadable = true,
             }
         }
-        // A key destroyed after the events were read: the erasure that destroyed it also
-        // appended to the stream, and committed; read again so the load includes it.
-        let erased_since = ids
-            .iter()
-            .any(|id| matches!(keys.get(id), Some(pii::DataKey::Destroyed)));
-        if unreadable || erased_since {
+        // A snapshot that could not be used: read its stream's events from the start.
+        if unreadable {
             let versions: HashMap<&str, i64> = loaded
                 .iter()
                 .map(|(id, l)| (id.as_str(), l.version as i64))

@@ -150,6 +150,24 @@ impl Keys {
         self.0.get(id).and_then(|g| g.of(generation))
     }
 
+    /// The keys of `contact_keys` rows (stream, generation, wrapped key or NULL when
+    /// destroyed), in generation order per stream, opened with the server's key.
+    pub fn from_rows(rows: Vec<(String, i32, Option<Vec<u8>>)>) -> Result<Self, PiiError> {
+        let mut keys: HashMap<String, Generations> = HashMap::with_capacity(rows.len());
+        if rows.is_empty() {
+            return Ok(Self(keys));
+        }
+        let keyring = keyring()?;
+        for (id, generation, wrapped) in rows {
+            let key = match wrapped {
+                Some(wrapped) => unwrap_key(&keyring, &id, generation, &wrapped)?,
+                None => DataKey::Destroyed,
+            };
+            keys.entry(id).or_default().0.push((generation, key));
+        }
+        Ok(Self(keys))
+    }
+
     /// The keys of one stream (for measurements and tests of sealing on its own).
     pub fn with(id: &str, key: XChaCha20Poly1305) -> Self {
         Self(HashMap::from([(
@@ -255,22 +273,11 @@ pub async fn keys(
     )
     .fetch_all(&mut *conn)
     .await?;
-    let mut keys: HashMap<String, Generations> = HashMap::with_capacity(rows.len());
-    if rows.is_empty() {
-        return Ok(Keys(keys));
-    }
-    let keyring = keyring()?;
-    for row in rows {
-        let key = match row.wrapped_key {
-            Some(wrapped) => unwrap_key(&keyring, &row.contact_id, row.generation, &wrapped)?,
-            None => DataKey::Destroyed,
-        };
-        keys.entry(row.contact_id)
-            .or_default()
-            .0
-            .push((row.generation, key));
-    }
-    Ok(Keys(keys))
+    Keys::from_rows(
+        rows.into_iter()
+            .map(|r| (r.contact_id, r.generation, r.wrapped_key))
+            .collect(),
+    )
 }
 
 /// The data keys to seal new events of `ids` with, made for the streams that have none

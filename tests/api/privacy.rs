@@ -551,6 +551,8 @@ async fn a_complaint_suppresses_the_contact_and_enrolling_it_is_rejected_until_t
         .await
         .unwrap();
     let id = contact["id"].as_str().unwrap();
+    // The list reads the email from the contacts read model: once it has the contact.
+    wait_for_projections(&app, contact["position"].as_str().unwrap()).await;
     let first = app.create_campaign("first").await["id"].clone();
     let first = first.as_str().unwrap();
     assert_eq!(
@@ -815,6 +817,9 @@ async fn the_export_holds_everything_about_the_person_and_the_history_says_who_d
 
     let erased = delete(&app, &format!("/v1/contacts/{id}")).await;
     assert_eq!(erased.status().as_u16(), 200);
+    let erased: Value = erased.json().await.unwrap();
+    // The list reads the email from the contacts read model: once it has the erasure.
+    wait_for_projections(&app, erased["position"].as_str().unwrap()).await;
     for path in ["export", "history"] {
         let r = app.read(&format!("/v1/contacts/{id}/{path}")).await;
         assert_problem(r, 410).await;

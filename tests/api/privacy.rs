@@ -58,6 +58,19 @@ fn leaks(dump: &str) -> Vec<&'static str> {
         .collect()
 }
 
+/// `projections rebuild --all`, in this process.
+async fn rebuild_everything(app: &TestApp) {
+    let selected = projections::rebuild::select(&[]).unwrap();
+    projections::rebuild::rebuild(
+        &app.pool,
+        &selected,
+        &projections::rebuild::Options::default(),
+        &mut projections::rebuild::Quiet,
+    )
+    .await
+    .unwrap();
+}
+
 async fn delete(app: &TestApp, path: &str) -> reqwest::Response {
     app.client
         .delete(app.url(path))
@@ -209,15 +222,7 @@ async fn an_erased_person_is_nowhere_in_a_dump_of_the_database_even_after_a_rebu
     let leaked = leaks(&dump(&app));
     assert!(leaked.is_empty(), "found in the dump: {leaked:?}");
 
-    let selected = projections::rebuild::select(&[]).unwrap();
-    projections::rebuild::rebuild(
-        &app.pool,
-        &selected,
-        &projections::rebuild::Options::default(),
-        &mut projections::rebuild::Quiet,
-    )
-    .await
-    .unwrap();
+    rebuild_everything(&app).await;
     let leaked = leaks(&dump(&app));
     assert!(leaked.is_empty(), "found after a rebuild: {leaked:?}");
     assert_eq!(metrics(&app, &campaign, &position).await, before);
@@ -361,15 +366,7 @@ async fn an_erased_email_comes_back_as_a_new_contact_once_its_suppression_is_rem
     // Neither the database nor a rebuild brings back the old life.
     let old_life = ["Adelheid", "+44 20 7946 0958", "loves-chess-openings"];
     wait_for_projections(&app, &position).await;
-    let selected = projections::rebuild::select(&[]).unwrap();
-    projections::rebuild::rebuild(
-        &app.pool,
-        &selected,
-        &projections::rebuild::Options::default(),
-        &mut projections::rebuild::Quiet,
-    )
-    .await
-    .unwrap();
+    rebuild_everything(&app).await;
     let dumped = dump(&app);
     for value in old_life {
         assert!(!dumped.contains(value), "{value} in the dump");

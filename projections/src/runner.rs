@@ -189,6 +189,8 @@ async fn run_projection(
         tracing::info!(projection = name, "projection running here");
         metrics::gauge!("projection_active", "projection" => name).set(1.0);
         let mut recheck = Recheck::new(RECHECK_AFTER_WAKE);
+        // The checkpoint as this runner left it (read again after anything unexpected).
+        let mut known: Option<Position> = None;
         loop {
             if cancel.is_cancelled() {
                 break;
@@ -197,7 +199,8 @@ async fn run_projection(
             // makes the next wait return at once.
             wake.borrow_and_update();
             horizon.borrow_and_update();
-            let outcome = run_batch(&mut conn, projection.as_ref(), config.batch_size).await;
+            let outcome =
+                run_batch(&mut conn, projection.as_ref(), config.batch_size, &mut known).await;
             if matches!(outcome, Ok(BatchOutcome::Applied(n)) if n > 0)
                 || matches!(outcome, Ok(BatchOutcome::Moved))
             {
@@ -298,15 +301,25 @@ pub async fn checkpoint(conn: &mut PgConnection, name: &str) -> Result<Position,
 /// The transaction first locks the checkpoint row and checks it still says `after`: a
 /// rebuild that swaps tables in moves the checkpoint under the same lock, and a batch read
 /// before that must not be applied to the new tables.
+/// One batch of `projection`: read after the checkpoint, apply, advance. `known` is the
+/// checkpoint as this runner last wrote it: the runner holding the projection's lock is
+/// its only writer but for a rebuild's swap, which the lock taken before applying
+/// detects, so a batch need not read it again first. `None`: read it.
 async fn run_batch(
     conn: &mut PgConnection,
     projection: &dyn Projection,
     limit: i64,
+    known: &mut Option<Position>,
 ) -> Result<BatchOutcome, sqlx::Error> {
     let name = projection.name();
-    let after = checkpoint(conn, name).await?;
+    let after = match *known {
+        Some(at) => at,
+        None => checkpoint(conn, name).await?,
+    };
+    *known = None;
     let events = feed::read(conn, after, limit).await?;
     if events.is_empty() {
+        *known = Some(after);
         return Ok(BatchOutcome::Applied(0));
     }
     let mut tx = conn.begin().await?;
@@ -319,6 +332,7 @@ async fn run_batch(
             let last = events.last().map(|e| e.at).unwrap_or(after);
             advance(&mut tx, name, last).await?;
             tx.commit().await?;
+            *known = Some(last);
             metrics::counter!("projection_events_applied_total", "projection" => name)
                 .increment(events.len() as u64);
             metrics::gauge!("projection_failed", "projection" => name).set(0.0);

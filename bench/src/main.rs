@@ -226,11 +226,7 @@ pub(crate) async fn start_with(configure: impl FnOnce(&mut App)) -> anyhow::Resu
         .await?;
     leadledger::db::MIGRATOR.run(&pool).await?;
     let (key_id, key) = keys::create_key(&pool, "bench", Scope::Write).await?;
-    let mut state = App::build(
-        pool.clone(),
-        &bench_config(&app_dir),
-        Limits::default(),
-    )?;
+    let mut state = App::build(pool.clone(), &bench_config(&app_dir), Limits::default())?;
     configure(&mut state);
     let workers = workers::start(&state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -4,12 +4,13 @@
 //! - The rebuild builds into schema `leadledger_rebuild`: empty copies of the projections'
 //!   tables, filled by the projections' own `apply_batch` with `search_path` pointing there
 //!   first. The server and the rebuild run the same code on the same feed.
-//! - It reads the feed in batches on one connection and hands each batch to every
-//!   projection, each applying on a connection of its own, so the projections are built
-//!   side by side while the next batch is read; memory holds a few batches whatever the
-//!   log size. Each projection commits each batch with its own place
-//!   (`projection_rebuild_positions`), so an interrupted rebuild leaves the live tables
-//!   untouched and a new run resumes each projection where it stopped.
+//! - It reads the feed in batches (fetching the next on one connection while it opens the
+//!   last on another) and hands each batch to every projection, each applying on a
+//!   connection of its own, so the projections are built side by side while the next
+//!   batch is read; memory holds a few batches whatever the log size. Each projection
+//!   commits each batch with its own place (`projection_rebuild_positions`), so an
+//!   interrupted rebuild leaves the live tables untouched and a new run resumes each
+//!   projection where it stopped.
 //! - The copies are `UNLOGGED` while they fill (no WAL per row); each is made logged, then
 //!   given its secondary indexes, as soon as its projection has read to the head. The
 //!   positions are unlogged too: a server crash empties them with the copies, and the next
@@ -361,7 +362,7 @@ async fn catch_up(
     let mut senders = Vec::with_capacity(projections.len());
     let mut workers = Vec::with_capacity(projections.len());
     for projection in projections {
-        let (sender, batches) = tokio::sync::mpsc::channel::<Batch>(2);
+        let (sender, batches) = tokio::sync::mpsc::channel::<Batch>(1);
         senders.push(sender);
         let mut conn = connect(pool).await?;
         // Held until this connection's server process ends (see `take_rebuild_lock`).
@@ -380,29 +381,42 @@ async fn catch_up(
     }
     drop(done_tx);
 
-    let mut reader_conn = pool.acquire().await?;
+    // Fetching and opening (decrypting, decoding, upcasting) take turns on two tasks and
+    // two connections: the next batch is fetched while this one is opened.
+    let (sealed_tx, mut sealed) = tokio::sync::mpsc::channel::<feed::Sealed>(1);
+    let mut fetch_conn = pool.acquire().await?;
     let mut after = *at;
-    let reader = tasks.spawn(async move {
-        let mut sequence = 0u64;
+    let fetcher = tasks.spawn(async move {
         loop {
-            let events = feed::read(&mut reader_conn, after, batch_size).await?;
-            let short = (events.len() as i64) < batch_size;
-            if let Some(last) = events.last() {
-                after = last.at;
-                let batch = Batch {
-                    sequence,
-                    events: Arc::new(events),
-                };
-                sequence += 1;
-                for sender in &senders {
-                    if sender.send(batch.clone()).await.is_err() {
-                        // A projection stopped (its task says why).
-                        return Ok(());
-                    }
+            let rows = feed::read_sealed(&mut fetch_conn, after, batch_size).await?;
+            let short = (rows.len() as i64) < batch_size;
+            if let Some(last) = rows.last()? {
+                after = last;
+                if sealed_tx.send(rows).await.is_err() {
+                    // The opener stopped (it says why).
+                    return Ok(());
                 }
             }
             if short {
                 break;
+            }
+        }
+        Ok::<_, RebuildError>(())
+    });
+    let mut open_conn = pool.acquire().await?;
+    let opener = tasks.spawn(async move {
+        let mut sequence = 0u64;
+        while let Some(rows) = sealed.recv().await {
+            let batch = Batch {
+                sequence,
+                events: Arc::new(feed::open(&mut open_conn, rows).await?),
+            };
+            sequence += 1;
+            for sender in &senders {
+                if sender.send(batch.clone()).await.is_err() {
+                    // A projection stopped (its task says why).
+                    return Ok(());
+                }
             }
         }
         Ok::<_, RebuildError>(())
@@ -437,7 +451,7 @@ async fn catch_up(
         }
     }
     let mut outcome = Ok(());
-    for worker in workers.into_iter().chain([reader]) {
+    for worker in workers.into_iter().chain([opener, fetcher]) {
         let result = worker.await.unwrap_or_else(|e| {
             Err(sqlx::Error::Protocol(format!("a rebuild task stopped: {e}")).into())
         });

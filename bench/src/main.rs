@@ -8,6 +8,10 @@
 //! subcommands are the detailed benchmarks of one area each; they share the measuring code
 //! (`measure.rs`) and the workloads with `all`.
 
+// The allocator the `leadledger` binary uses, so that figures measured here hold for it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;

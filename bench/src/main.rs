@@ -8,6 +8,10 @@
 //! subcommands are the detailed benchmarks of one area each; they share the measuring code
 //! (`measure.rs`) and the workloads with `all`.
 
+// The allocator the `leadledger` binary uses, so that figures measured here hold for it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -138,6 +142,21 @@ enum Bench {
     RebuildChild {
         #[arg(long)]
         url: String,
+        /// The data directory whose secret key sealed the log's personal data.
+        #[arg(long)]
+        data_dir: PathBuf,
+    },
+    /// Writes the log of `rebuild` into an existing database (migrated first), so that
+    /// `rebuild-child` can be run over it again and again.
+    #[command(hide = true)]
+    RebuildLog {
+        #[arg(long)]
+        url: String,
+        /// Where the secret key that seals personal data is kept (made if missing).
+        #[arg(long)]
+        data_dir: PathBuf,
+        #[arg(long, default_value_t = 1_000_000)]
+        events: u64,
     },
     /// Personal data encryption: sealing cost, upserts, a 10,000-row import and loading a
     /// contact of 10,000 events.
@@ -187,6 +206,8 @@ pub(crate) struct Server {
     stop: CancellationToken,
     workers: workers::Workers,
     pg: EmbeddedPostgres,
+    /// The server's data directory (its secret key).
+    app_dir: PathBuf,
 }
 
 pub(crate) async fn start() -> anyhow::Result<Server> {
@@ -203,16 +224,13 @@ pub(crate) async fn start_with(configure: impl FnOnce(&mut App)) -> anyhow::Resu
         .await
         .context("starting PostgreSQL")?;
     pg.stop_and_remove_when_process_exits()?;
+    let app_dir = dir.join("app");
     let pool = leadledger::db::pool_options(40)
         .connect_with(pg.connect_options())
         .await?;
     leadledger::db::MIGRATOR.run(&pool).await?;
     let (key_id, key) = keys::create_key(&pool, "bench", Scope::Write).await?;
-    let mut state = App::build(
-        pool.clone(),
-        &bench_config(&dir.join("app")),
-        Limits::default(),
-    )?;
+    let mut state = App::build(pool.clone(), &bench_config(&app_dir), Limits::default())?;
     configure(&mut state);
     let workers = workers::start(&state);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -236,6 +254,7 @@ pub(crate) async fn start_with(configure: impl FnOnce(&mut App)) -> anyhow::Resu
         stop,
         workers,
         pg,
+        app_dir,
     })
 }
 
@@ -308,7 +327,12 @@ fn main() -> anyhow::Result<()> {
             } => subscriptions::run(events, rate, seconds).await,
             Bench::Spends { clients, seconds } => spends::run(clients, seconds).await,
             Bench::Rebuild { events, samples } => rebuild::run(events, samples).await,
-            Bench::RebuildChild { url } => rebuild::child(&url).await,
+            Bench::RebuildChild { url, data_dir } => rebuild::child(&url, &data_dir).await,
+            Bench::RebuildLog {
+                url,
+                data_dir,
+                events,
+            } => rebuild::write_log(&url, &data_dir, events).await,
             Bench::Console { events, samples } => console::run(events, samples).await,
             Bench::Store {
                 long_stream,

@@ -35,8 +35,16 @@ pub(crate) struct ChildReport {
     peak_rss_kib: u64,
 }
 
+/// Installs the key that opens the personal data sealed under `data_dir`'s secret key.
+fn install_data_key(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let secrets = leadledger::secrets::SecretBox::load(None, data_dir)?;
+    projections::pii::install(secrets.derive(leadledger::app::privacy::DATA_KEYS_PURPOSE));
+    Ok(())
+}
+
 /// The child: rebuilds every projection of the database at `url`, prints a JSON report.
-pub(crate) async fn child(url: &str) -> anyhow::Result<()> {
+pub(crate) async fn child(url: &str, data_dir: &std::path::Path) -> anyhow::Result<()> {
+    install_data_key(data_dir)?;
     let pool = leadledger::db::pool_options(4)
         .connect(url)
         .await
@@ -281,6 +289,25 @@ async fn append<A: Aggregate>(
     Ok(total as u64)
 }
 
+/// `leadledger-bench rebuild-log`: writes the benchmark's log into the database at `url`
+/// (for profiling the rebuild on a database that outlives the run).
+pub(crate) async fn write_log(
+    url: &str,
+    data_dir: &std::path::Path,
+    events: u64,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(data_dir)?;
+    install_data_key(data_dir)?;
+    let pool = leadledger::db::pool_options(4).connect(url).await?;
+    leadledger::db::MIGRATOR.run(&pool).await?;
+    let mut generator = Generator::new(&pool).await?;
+    while generator.written < events {
+        generator.chunk(&pool).await?;
+    }
+    println!("{} events written", generator.written);
+    Ok(())
+}
+
 /// A rebuild at one log size.
 pub(crate) struct RebuildFigure {
     pub events: u64,
@@ -331,7 +358,7 @@ pub(crate) async fn measure(sizes: Vec<u64>, samples: usize) -> anyhow::Result<F
             "live projections did not catch up"
         );
         let live_wait = live_started.elapsed();
-        let report = rebuild_in_child(&url).await?;
+        let report = rebuild_in_child(&url, &server.app_dir).await?;
         rebuilds.push(RebuildFigure {
             events: report.events,
             seconds: report.seconds,
@@ -415,10 +442,11 @@ async fn timed_get(server: &crate::Server, path: &str) -> anyhow::Result<Duratio
     Ok(start.elapsed())
 }
 
-async fn rebuild_in_child(url: &str) -> anyhow::Result<ChildReport> {
+async fn rebuild_in_child(url: &str, data_dir: &std::path::Path) -> anyhow::Result<ChildReport> {
     let exe = std::env::current_exe()?;
     let out = tokio::process::Command::new(exe)
-        .args(["rebuild-child", "--url", url])
+        .args(["rebuild-child", "--url", url, "--data-dir"])
+        .arg(data_dir)
         .output()
         .await?;
     anyhow::ensure!(

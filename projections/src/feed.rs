@@ -90,7 +90,8 @@ pub struct FeedEvent {
 impl FeedEvent {
     /// The payload as `E`, the event enum of the aggregate named `aggregate_type`.
     pub fn decode<E: DeserializeOwned>(&self) -> Result<E, serde_json::Error> {
-        serde_json::from_value(self.payload.clone())
+        // Straight from the borrowed tree: copying it first cost more than decoding.
+        E::deserialize(&self.payload)
     }
 }
 
@@ -100,6 +101,38 @@ pub async fn read(
     after: Position,
     limit: i64,
 ) -> Result<Vec<FeedEvent>, sqlx::Error> {
+    let rows = read_sealed(conn, after, limit).await?;
+    open(conn, rows).await
+}
+
+/// Events as stored: personal data still sealed, not yet upcast (see [`open`]).
+pub struct Sealed(Vec<Row>);
+
+impl Sealed {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Where the last of them stands.
+    pub fn last(&self) -> Result<Option<Position>, sqlx::Error> {
+        self.0
+            .last()
+            .map(|r| Position::stored(&r.transaction_id, r.position))
+            .transpose()
+    }
+}
+
+/// [`read`] in two steps, so that a reader can fetch the next events while it opens these
+/// (on another connection).
+pub async fn read_sealed(
+    conn: &mut PgConnection,
+    after: Position,
+    limit: i64,
+) -> Result<Sealed, sqlx::Error> {
     let rows = sqlx::query_as!(
         Row,
         r#"SELECT position, transaction_id::text AS "transaction_id!", aggregate_type, aggregate_id,
@@ -115,7 +148,12 @@ pub async fn read(
     )
     .fetch_all(&mut *conn)
     .await?;
-    upcast_all(conn, rows).await
+    Ok(Sealed(rows))
+}
+
+/// Events read by [`read_sealed`], opened and upcast.
+pub async fn open(conn: &mut PgConnection, rows: Sealed) -> Result<Vec<FeedEvent>, sqlx::Error> {
+    upcast_all(conn, rows.0).await
 }
 
 /// Up to `limit` events after `after` and up to `until` included, in commit order.

@@ -4,10 +4,17 @@
 //! - The rebuild builds into schema `leadledger_rebuild`: empty copies of the projections'
 //!   tables, filled by the projections' own `apply_batch` with `search_path` pointing there
 //!   first. The server and the rebuild run the same code on the same feed.
-//! - It reads the feed in batches on one connection while it applies the previous batch
-//!   on another, so memory holds a few batches whatever the log size. Each batch commits
-//!   with the rebuild's position (`projection_rebuilds`), so an interrupted rebuild leaves
-//!   the live tables untouched and a new run resumes where it stopped.
+//! - It reads the feed in batches (fetching the next on one connection while it opens the
+//!   last on another) and hands each batch to every projection, each applying on a
+//!   connection of its own, so the projections are built side by side while the next
+//!   batch is read; memory holds a few batches whatever the log size. Each projection
+//!   commits each batch with its own place (`projection_rebuild_positions`), so an
+//!   interrupted rebuild leaves the live tables untouched and a new run resumes each
+//!   projection where it stopped.
+//! - The copies are `UNLOGGED` while they fill (no WAL per row); each is made logged, then
+//!   given its secondary indexes, as soon as its projection has read to the head. The
+//!   positions are unlogged too: a server crash empties them with the copies, and the next
+//!   run starts over.
 //! - Once it has caught up, one transaction locks the projections' checkpoint rows (the
 //!   live runner's batches take the same lock first, so they wait), brings the rebuilt
 //!   tables to the live checkpoint (or further), optionally compares them row by row with
@@ -15,6 +22,7 @@
 //!   tables or the new ones, never a mix. If readers keep the tables locked past a short
 //!   timeout, it catches up again and retries.
 
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -119,11 +127,19 @@ async fn take_rebuild_lock(conn: &mut PgConnection) -> Result<(), RebuildError> 
     )
     .fetch_one(&mut *conn)
     .await?;
-    if locked {
-        Ok(())
-    } else {
-        Err(RebuildError::Busy)
+    if !locked {
+        return Err(RebuildError::Busy);
     }
+    // Each projection's connection of an interrupted run holds a shared lock until its
+    // server process has ended: wait for them, so that none of them commits after this
+    // run has read where they stood.
+    sqlx::query!("SELECT pg_advisory_lock($1, 1)", REBUILD_LOCK_CLASS)
+        .execute(&mut *conn)
+        .await?;
+    sqlx::query_scalar!("SELECT pg_advisory_unlock($1, 1)", REBUILD_LOCK_CLASS)
+        .fetch_one(&mut *conn)
+        .await?;
+    Ok(())
 }
 
 /// The projections called `names` (every one when `names` is empty).
@@ -161,13 +177,7 @@ pub async fn rebuild(
         .flat_map(|p| p.tables().iter().map(|t| t.to_string()))
         .collect();
 
-    let mut conn = pool
-        .connect_options()
-        .as_ref()
-        .clone()
-        .application_name("leadledger-rebuild")
-        .connect()
-        .await?;
+    let mut conn = connect(pool).await?;
     take_rebuild_lock(&mut conn).await?;
     // The rebuild schema is made (or found) before any projection statement is prepared
     // on this connection, so every one of them resolves to the rebuilt tables.
@@ -176,14 +186,8 @@ pub async fn rebuild(
         names,
         tables,
     };
-    let (mut at, resumed) = prepare(&mut conn, &job.names, &job.tables).await?;
-    sqlx::query!("SET search_path TO leadledger_rebuild, public")
-        .execute(&mut conn)
-        .await?;
-    // A batch lost to a crash is read again: the rebuild's own position commits with it.
-    sqlx::query!("SET synchronous_commit TO off")
-        .execute(&mut conn)
-        .await?;
+    let (mut at, mut places, resumed) = prepare(&mut conn, &job.names, &job.tables).await?;
+    point_at_build(&mut conn).await?;
     let already = sqlx::query_scalar!("SELECT events FROM projection_rebuilds")
         .fetch_optional(&mut conn)
         .await?
@@ -199,11 +203,16 @@ pub async fn rebuild(
             &mut conn,
             &job.projections,
             &mut at,
+            &mut places,
             options,
             observer,
         )
         .await?;
         observer.phase("indexing");
+        // Each projection did this as it finished; this makes sure of it (no-ops then).
+        sqlx::query!("SELECT leadledger_rebuild_log($1)", &job.tables)
+            .execute(&mut conn)
+            .await?;
         sqlx::query!("SELECT leadledger_rebuild_index($1)", &job.tables)
             .execute(&mut conn)
             .await?;
@@ -238,13 +247,39 @@ pub async fn rebuild(
     Err(RebuildError::Locked(options.swap_attempts.max(1)))
 }
 
+/// A connection of the rebuild's own (never a pooled one: statements a pooled connection
+/// prepared earlier would still name the live tables).
+async fn connect(pool: &PgPool) -> Result<PgConnection, sqlx::Error> {
+    pool.connect_options()
+        .as_ref()
+        .clone()
+        .application_name("leadledger-rebuild")
+        .connect()
+        .await
+}
+
+/// Points the projections' unqualified statements on `conn` at the rebuilt tables. Done
+/// before any projection statement is prepared on it.
+async fn point_at_build(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query!("SET search_path TO leadledger_rebuild, public")
+        .execute(&mut *conn)
+        .await?;
+    // A batch lost to a crash is read again: each position commits with its rows. The swap
+    // commits durably all the same (`SET LOCAL` there).
+    sqlx::query!("SET synchronous_commit TO off")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
 /// Resumes the rebuild in progress if it is of the same projections and made for the same
-/// migrations, else starts a new one. Returns where it stands.
+/// migrations, and every projection's place survived, else starts a new one. Returns where
+/// every projection has got to (the rebuild's position) and where each one stands.
 async fn prepare(
     conn: &mut PgConnection,
     names: &[String],
     tables: &[String],
-) -> Result<(Position, bool), RebuildError> {
+) -> Result<(Position, HashMap<String, Position>, bool), RebuildError> {
     let migration = sqlx::query_scalar!("SELECT max(version) FROM _sqlx_migrations")
         .fetch_one(&mut *conn)
         .await?
@@ -258,13 +293,24 @@ async fn prepare(
     let ready = sqlx::query_scalar!(r#"SELECT leadledger_rebuild_ready($1) AS "ready!""#, tables)
         .fetch_one(&mut *conn)
         .await?;
+    let places = sqlx::query!(
+        r#"SELECT name, transaction_id::text AS "transaction_id!", position
+           FROM projection_rebuild_positions"#
+    )
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|r| Ok((r.name, Position::stored(&r.transaction_id, r.position)?)))
+    .collect::<Result<HashMap<_, _>, sqlx::Error>>()?;
     if let Some(state) = state
         && state.projections == names
         && state.migration == migration
         && ready
+        // A crash of the server empties the unlogged positions with the unlogged copies.
+        && names.iter().all(|n| places.contains_key(n))
     {
         let at = Position::stored(&state.transaction_id, state.position)?;
-        return Ok((at, true));
+        return Ok((at, places, true));
     }
     let mut tx = conn.begin().await?;
     sqlx::query!("SELECT leadledger_rebuild_discard()")
@@ -280,65 +326,235 @@ async fn prepare(
     )
     .execute(&mut *tx)
     .await?;
+    sqlx::query!(
+        "INSERT INTO projection_rebuild_positions (name) SELECT unnest($1::text[])",
+        names
+    )
+    .execute(&mut *tx)
+    .await?;
     tx.commit().await?;
-    Ok((Position::default(), false))
+    let places = names
+        .iter()
+        .map(|n| (n.clone(), Position::default()))
+        .collect();
+    Ok((Position::default(), places, false))
 }
 
-/// Applies the feed after `at` until a read comes back short (the rebuild is at the head),
-/// reading the next batch on a second connection while this one applies. Returns the
+/// Applies the feed after `at` until a read comes back short (the rebuild is at the head).
+/// One task reads the feed and hands every batch to each projection's task, which applies
+/// it on a connection of its own and commits it with its own place; once the feed is
+/// read, each makes its tables logged and indexes them. A batch counts as applied (and the
+/// rebuild's position moves past it) once every projection has committed it. Returns the
 /// events applied.
 async fn catch_up(
     pool: &PgPool,
     conn: &mut PgConnection,
     projections: &[Arc<dyn Projection>],
     at: &mut Position,
+    places: &mut HashMap<String, Position>,
     options: &Options,
     observer: &mut dyn Observer,
 ) -> Result<u64, RebuildError> {
     let batch_size = options.batch_size.max(1);
-    let (sender, mut batches) = tokio::sync::mpsc::channel::<Vec<FeedEvent>>(2);
-    let mut reader_conn = pool.acquire().await?;
+    // Dropping this future (an interrupted rebuild) stops every task it started.
+    let mut tasks = Tasks::default();
+    let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel::<Done>();
+    let mut senders = Vec::with_capacity(projections.len());
+    let mut workers = Vec::with_capacity(projections.len());
+    for projection in projections {
+        let (sender, batches) = tokio::sync::mpsc::channel::<Batch>(1);
+        senders.push(sender);
+        let mut conn = connect(pool).await?;
+        // Held until this connection's server process ends (see `take_rebuild_lock`).
+        sqlx::query!("SELECT pg_advisory_lock_shared($1, 1)", REBUILD_LOCK_CLASS)
+            .execute(&mut conn)
+            .await?;
+        point_at_build(&mut conn).await?;
+        let place = places.get(projection.name()).copied().unwrap_or_default();
+        workers.push(tasks.spawn(build(
+            conn,
+            projection.clone(),
+            place,
+            batches,
+            done_tx.clone(),
+        )));
+    }
+    drop(done_tx);
+
+    // Fetching and opening (decrypting, decoding, upcasting) take turns on two tasks and
+    // two connections: the next batch is fetched while this one is opened.
+    let (sealed_tx, mut sealed) = tokio::sync::mpsc::channel::<feed::Sealed>(1);
+    let mut fetch_conn = pool.acquire().await?;
     let mut after = *at;
-    let reader = tokio::spawn(async move {
+    let fetcher = tasks.spawn(async move {
         loop {
-            let events = feed::read(&mut reader_conn, after, batch_size).await?;
-            let short = (events.len() as i64) < batch_size;
-            if let Some(last) = events.last() {
-                after = last.at;
-                if sender.send(events).await.is_err() {
-                    break;
+            let rows = feed::read_sealed(&mut fetch_conn, after, batch_size).await?;
+            let short = (rows.len() as i64) < batch_size;
+            if let Some(last) = rows.last()? {
+                after = last;
+                if sealed_tx.send(rows).await.is_err() {
+                    // The opener stopped (it says why).
+                    return Ok(());
                 }
             }
             if short {
                 break;
             }
         }
-        Ok::<_, sqlx::Error>(())
+        Ok::<_, RebuildError>(())
     });
+    let mut open_conn = pool.acquire().await?;
+    let opener = tasks.spawn(async move {
+        let mut sequence = 0u64;
+        while let Some(rows) = sealed.recv().await {
+            let batch = Batch {
+                sequence,
+                events: Arc::new(feed::open(&mut open_conn, rows).await?),
+            };
+            sequence += 1;
+            for sender in &senders {
+                if sender.send(batch.clone()).await.is_err() {
+                    // A projection stopped (its task says why).
+                    return Ok(());
+                }
+            }
+        }
+        Ok::<_, RebuildError>(())
+    });
+
+    // Batches some projections have committed: how many have, its last position, its size.
+    let mut pending: BTreeMap<u64, (usize, Position, u64)> = BTreeMap::new();
+    let mut next = 0u64;
     let mut applied = 0u64;
-    while let Some(events) = batches.recv().await {
-        let mut tx = conn.begin().await?;
-        apply(&mut tx, projections, &events).await?;
-        let last = events.last().map_or(*at, |e| e.at);
-        sqlx::query!(
-            "UPDATE projection_rebuilds
-             SET transaction_id = $1::text::xid8, position = $2, events = events + $3,
-                 updated_at = now()",
-            last.transaction_id.to_string(),
-            last.position,
-            events.len() as i64
-        )
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        *at = last;
-        applied += events.len() as u64;
-        observer.applied(events.len() as u64);
+    while let Some(d) = done.recv().await {
+        places.insert(d.projection.to_string(), d.place);
+        let entry = pending.entry(d.sequence).or_insert((0, d.last, d.events));
+        entry.0 += 1;
+        while let Some(&(count, last, events)) = pending.get(&next)
+            && count == projections.len()
+        {
+            pending.remove(&next);
+            next += 1;
+            sqlx::query!(
+                "UPDATE projection_rebuilds
+                 SET transaction_id = $1::text::xid8, position = $2, events = events + $3,
+                     updated_at = now()",
+                last.transaction_id.to_string(),
+                last.position,
+                events as i64
+            )
+            .execute(&mut *conn)
+            .await?;
+            *at = last;
+            applied += events;
+            observer.applied(events);
+        }
     }
-    reader
-        .await
-        .map_err(|e| sqlx::Error::Protocol(format!("feed reader stopped: {e}")))??;
-    Ok(applied)
+    let mut outcome = Ok(());
+    for worker in workers.into_iter().chain([opener, fetcher]) {
+        let result = worker.await.unwrap_or_else(|e| {
+            Err(sqlx::Error::Protocol(format!("a rebuild task stopped: {e}")).into())
+        });
+        if outcome.is_ok() {
+            outcome = result;
+        }
+    }
+    outcome.map(|()| applied)
+}
+
+/// A batch of the feed, shared by every projection's task.
+#[derive(Clone)]
+struct Batch {
+    sequence: u64,
+    events: Arc<Vec<FeedEvent>>,
+}
+
+/// A projection committed a batch.
+struct Done {
+    projection: &'static str,
+    /// Where the projection now stands (past the batch's end if it had been further).
+    place: Position,
+    sequence: u64,
+    last: Position,
+    events: u64,
+}
+
+/// Tasks stopped when this is dropped.
+#[derive(Default)]
+struct Tasks(Vec<tokio::task::AbortHandle>);
+
+impl Tasks {
+    fn spawn<F>(&mut self, task: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: std::future::Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let handle = tokio::spawn(task);
+        self.0.push(handle.abort_handle());
+        handle
+    }
+}
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
+}
+
+/// One projection's part of [`catch_up`]: applies each batch after `place`, commits it
+/// with its new place, then makes its tables logged and indexes them.
+async fn build(
+    mut conn: PgConnection,
+    projection: Arc<dyn Projection>,
+    mut place: Position,
+    mut batches: tokio::sync::mpsc::Receiver<Batch>,
+    done: tokio::sync::mpsc::UnboundedSender<Done>,
+) -> Result<(), RebuildError> {
+    while let Some(batch) = batches.recv().await {
+        let Some(last) = batch.events.last().map(|e| e.at) else {
+            continue;
+        };
+        // A resumed projection may have applied part of the feed the others had not.
+        let start = batch.events.partition_point(|e| e.at <= place);
+        if start < batch.events.len() {
+            let mut tx = conn.begin().await?;
+            apply(
+                &mut tx,
+                std::slice::from_ref(&projection),
+                &batch.events[start..],
+            )
+            .await?;
+            sqlx::query!(
+                "UPDATE projection_rebuild_positions
+                 SET transaction_id = $1::text::xid8, position = $2 WHERE name = $3",
+                last.transaction_id.to_string(),
+                last.position,
+                projection.name()
+            )
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            place = last;
+        }
+        let _ = done.send(Done {
+            projection: projection.name(),
+            place,
+            sequence: batch.sequence,
+            last,
+            events: batch.events.len() as u64,
+        });
+    }
+    let tables: Vec<String> = projection.tables().iter().map(|t| t.to_string()).collect();
+    sqlx::query!("SELECT leadledger_rebuild_log($1)", &tables)
+        .execute(&mut conn)
+        .await?;
+    sqlx::query!("SELECT leadledger_rebuild_index($1)", &tables)
+        .execute(&mut conn)
+        .await?;
+    let _ = conn.close().await;
+    Ok(())
 }
 
 /// Applies `events` to every projection in the caller's transaction; a failure names the
@@ -455,6 +671,10 @@ async fn swap_in(
 ) -> Result<Swap, RebuildError> {
     let (projections, names, tables) = (&job.projections, &job.names, &job.tables);
     sqlx::query!("SET LOCAL lock_timeout = '2s'")
+        .execute(&mut *tx)
+        .await?;
+    // The build's connection commits asynchronously; the swap must be durable.
+    sqlx::query!("SET LOCAL synchronous_commit TO on")
         .execute(&mut *tx)
         .await?;
     sqlx::query!(

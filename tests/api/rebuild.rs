@@ -1,6 +1,7 @@
 //! Projection rebuilds: while writes continue, equal to the live models and to a replay in
-//! another valid order; interrupted and resumed; `--verify` reporting every difference;
-//! one rebuild at a time; and the command line.
+//! another valid order; interrupted and resumed (unlogged while built, logged once swapped,
+//! started over when a crash emptied the unlogged tables); `--verify` reporting every
+//! difference; one rebuild at a time; and the command line.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -435,6 +436,67 @@ async fn digest(pool: &PgPool) -> Vec<String> {
     out
 }
 
+/// How PostgreSQL keeps the projections' tables and their indexes in `schema` (`p`
+/// logged, `u` unlogged): each kind found, once.
+async fn persistence(pool: &PgPool, schema: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT c.relpersistence::text FROM pg_class c
+         JOIN pg_namespace n ON n.oid = c.relnamespace
+         LEFT JOIN pg_index i ON i.indexrelid = c.oid
+         LEFT JOIN pg_class t ON t.oid = i.indrelid
+         WHERE n.nspname = $1 AND coalesce(t.relname, c.relname) = ANY($2)
+           AND c.relkind IN ('r', 'i')",
+    )
+    .bind(schema)
+    .bind(tables())
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+/// Starts a rebuild of every projection in batches of 5 and drops it after three batches.
+async fn interrupt_a_rebuild(app: &TestApp) {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let mut observer = InterruptAfter {
+        after: 3,
+        seen: 0,
+        tx: Some(tx),
+    };
+    let selected = rebuild::select(&[]).unwrap();
+    let slow = Options {
+        batch_size: 5,
+        ..options(false)
+    };
+    tokio::select! {
+        outcome = rebuild::rebuild(&app.pool, &selected, &slow, &mut observer) => {
+            panic!("the rebuild should have been interrupted: {outcome:?}")
+        }
+        _ = rx => {}
+    }
+}
+
+/// Rebuilds every projection with `--verify`, waiting while an interrupted run's
+/// connections are still going away.
+async fn rebuild_when_free(app: &TestApp) -> rebuild::Report {
+    let selected = rebuild::select(&[]).unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match rebuild::rebuild(
+            &app.pool,
+            &selected,
+            &options(true),
+            &mut Collect::default(),
+        )
+        .await
+        {
+            Err(RebuildError::Busy) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => break other.unwrap(),
+        }
+    }
+}
+
 /// Stops after `after` batches: the rebuild is interrupted there.
 struct InterruptAfter {
     after: u64,
@@ -467,48 +529,22 @@ async fn an_interrupted_rebuild_leaves_the_live_models_untouched_and_the_next_ru
         .await
         .unwrap();
 
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let mut observer = InterruptAfter {
-        after: 3,
-        seen: 0,
-        tx: Some(tx),
-    };
-    let selected = rebuild::select(&[]).unwrap();
-    let slow = Options {
-        batch_size: 5,
-        ..options(false)
-    };
-    tokio::select! {
-        outcome = rebuild::rebuild(&app.pool, &selected, &slow, &mut observer) => {
-            panic!("the rebuild should have been interrupted: {outcome:?}")
-        }
-        _ = rx => {}
-    }
-    // The rebuild's connection is gone with its future; the live models are as they were.
+    interrupt_a_rebuild(&app).await;
+    // The rebuild's connections are gone with its future; the live models are as they were.
     assert_eq!(digest(&app.pool).await, before);
     let done: i64 = sqlx::query_scalar("SELECT events FROM projection_rebuilds")
         .fetch_one(&app.pool)
         .await
         .unwrap();
     assert!(done >= 10, "progress kept: {done}");
+    assert_eq!(
+        persistence(&app.pool, "leadledger_rebuild").await,
+        ["u"],
+        "the tables being built are unlogged"
+    );
 
-    // The next run resumes (once the server has seen the old connection go).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let report = loop {
-        match rebuild::rebuild(
-            &app.pool,
-            &selected,
-            &options(true),
-            &mut Collect::default(),
-        )
-        .await
-        {
-            Err(RebuildError::Busy) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await
-            }
-            other => break other.unwrap(),
-        }
-    };
+    // The next run resumes (once the server has seen the old connections go).
+    let report = rebuild_when_free(&app).await;
     assert!(
         report.resumed && report.swapped && report.differences == 0,
         "{report:?}"
@@ -520,11 +556,66 @@ async fn an_interrupted_rebuild_leaves_the_live_models_untouched_and_the_next_ru
     );
     assert_eq!(report.position, head);
     assert_eq!(digest(&app.pool).await, before, "rebuilt equals live");
-    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM projection_rebuilds")
+    assert_eq!(
+        persistence(&app.pool, "public").await,
+        ["p"],
+        "the tables swapped in and their indexes are logged"
+    );
+    let left: i64 = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM projection_rebuilds)
+              + (SELECT count(*) FROM projection_rebuild_positions)",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(left, 0);
+}
+
+#[tokio::test]
+async fn a_rebuild_whose_unlogged_tables_a_server_crash_emptied_starts_over() {
+    let app = spawn_app().await;
+    let hooks = source(&app, "esp").await;
+    for round in 0..2 {
+        write_round(&app, &hooks, round).await;
+    }
+    let head = settle(&app.pool).await;
+    let before = digest(&app.pool).await;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(&app.pool)
         .await
         .unwrap();
-    assert_eq!(left, 0);
+    interrupt_a_rebuild(&app).await;
+    // What crash recovery does to unlogged tables: it empties them. The rebuild's own row
+    // is logged and survives, still saying how far the emptied tables had got.
+    let mut emptied: Vec<String> = tables()
+        .iter()
+        .map(|t| format!("leadledger_rebuild.{t}"))
+        .collect();
+    emptied.push("projection_rebuild_positions".into());
+    let sql = format!(
+        "SET lock_timeout = '200ms'; TRUNCATE {}",
+        emptied.join(", ")
+    );
+    // Once the interrupted run's connections are gone (they hold locks on these tables).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while let Err(e) = sqlx::raw_sql(&sql).execute(&app.pool).await {
+        assert!(tokio::time::Instant::now() < deadline, "{e}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let done: i64 = sqlx::query_scalar("SELECT events FROM projection_rebuilds")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(done >= 10, "the logged progress survived: {done}");
+
+    let report = rebuild_when_free(&app).await;
+    assert!(
+        !report.resumed && report.swapped && report.differences == 0,
+        "started over and equal to the live models: {report:?}"
+    );
+    assert_eq!(report.events as i64, total, "the whole log applied again");
+    assert_eq!(report.position, head);
+    assert_eq!(digest(&app.pool).await, before);
 }
 
 #[tokio::test]

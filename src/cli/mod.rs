@@ -1251,6 +1251,8 @@ async fn run_serve(config: &Config, serve: &ServeConfig) -> anyhow::Result<()> {
         db.close().await?;
         return Err(e).context("applying migrations");
     }
+    // Before anyone can reach the server: a stop asked for from then on is handled.
+    let shutdown = shutdown_signal();
     let listener = match TcpListener::bind(serve.addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -1289,7 +1291,7 @@ async fn run_serve(config: &Config, serve: &ServeConfig) -> anyhow::Result<()> {
     let result = crate::http::serve_with(
         listener,
         crate::http::router(state),
-        shutdown_signal(),
+        shutdown,
         serve.serve_options(),
     )
     .await;
@@ -1302,20 +1304,25 @@ async fn run_serve(config: &Config, serve: &ServeConfig) -> anyhow::Result<()> {
 }
 
 /// Resolves on Ctrl-C or SIGTERM: how the process is asked to stop, whatever it serves.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// The handlers are installed when this is called, not when the future is first polled, so
+/// a signal that comes as soon as the server answers is never met by the default action
+/// (which would end the process without stopping its workers and database).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let interrupt = signal(SignalKind::interrupt());
+    let term = signal(SignalKind::terminate());
+    async move {
+        let wait = |s: std::io::Result<tokio::signal::unix::Signal>| async move {
+            match s {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        tokio::select! {
+            () = wait(interrupt) => {},
+            () = wait(term) => {},
         }
-    };
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
     }
 }

@@ -199,8 +199,13 @@ async fn run_projection(
             // makes the next wait return at once.
             wake.borrow_and_update();
             horizon.borrow_and_update();
-            let outcome =
-                run_batch(&mut conn, projection.as_ref(), config.batch_size, &mut known).await;
+            let outcome = run_batch(
+                &mut conn,
+                projection.as_ref(),
+                config.batch_size,
+                &mut known,
+            )
+            .await;
             if matches!(outcome, Ok(BatchOutcome::Applied(n)) if n > 0)
                 || matches!(outcome, Ok(BatchOutcome::Moved))
             {

@@ -140,6 +140,9 @@ pub async fn run(seconds: u64, rows: usize) -> anyhow::Result<()> {
         tx.commit().await?;
         written += 1_000;
     }
+    // The projections apply (and open) the 10,000 events just written: measure the loads
+    // once they are done, not while they compete for the same cores.
+    crate::store::wait_for_all_projections(&server).await?;
     let pool = server.pool.clone();
     let from_snapshot = median(50, || {
         let (pool, store, id) = (pool.clone(), store.clone(), id.clone());

@@ -6,13 +6,12 @@ use std::time::Duration;
 use aggregates::budget::{Budget, BudgetCommand};
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
-use cqrs_es::event_sink::EventSink;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::app::App;
-use crate::app::command::{Abort, Retried};
+use crate::app::command::{Abort, Retried, decide_and_append};
 use crate::app::error::AppError;
 use crate::store::{Loaded, Metadata};
 
@@ -92,18 +91,10 @@ async fn expire_budget(state: &App, budget_id: Uuid, at: DateTime<Utc>) -> Resul
         .retrying(Budget::TYPE, |mut tx| async move {
             let outcome = async {
                 let mut loaded: Loaded<Budget> = state.store.load(&mut tx, id).await?;
-                let sink = EventSink::default();
-                loaded
-                    .aggregate
-                    .handle(BudgetCommand::ExpireReservations { at }, &(), &sink)
-                    .await
-                    .map_err(AppError::from)?;
-                let events = sink.collect().await;
-                state
-                    .store
-                    .append(&mut tx, &mut loaded, &events, metadata)
-                    .await?;
-                Ok::<_, Abort>(events.len())
+                let command = BudgetCommand::ExpireReservations { at };
+                let appended =
+                    decide_and_append(state, &mut tx, &mut loaded, command, &(), metadata).await?;
+                Ok::<_, Abort>(appended.events.len())
             }
             .await;
             (tx, outcome)

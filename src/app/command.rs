@@ -240,6 +240,31 @@ impl<E: From<AppError>> From<StoreError> for Abort<E> {
     }
 }
 
+/// Decides `command` on `loaded` (whose state moves on with the events decided) and
+/// appends those events in the caller's transaction: a command of the service's own,
+/// outside the HTTP command path (which records an idempotent answer besides).
+pub async fn decide_and_append<A>(
+    app: &App,
+    conn: &mut PgConnection,
+    loaded: &mut Loaded<A>,
+    command: A::Command,
+    services: &A::Services,
+    metadata: &Metadata,
+) -> Result<Appended, Abort>
+where
+    A: Aggregate,
+    AppError: From<A::Error>,
+{
+    let sink = EventSink::default();
+    loaded
+        .aggregate
+        .handle(command, services, &sink)
+        .await
+        .map_err(AppError::from)?;
+    let events = sink.collect().await;
+    Ok(app.store.append(conn, loaded, &events, metadata).await?)
+}
+
 /// One attempt's transaction, handed to the attempt and back with its outcome.
 pub type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
 

@@ -14,7 +14,6 @@
 use aggregates::contact::{Contact, ContactCommand, ContactEmail};
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
-use cqrs_es::event_sink::EventSink;
 use serde::Serialize;
 use serde_json::json;
 use sqlx::PgConnection;
@@ -79,17 +78,10 @@ pub async fn erase(app: &App, context: &CommandContext, id: Uuid) -> Result<Answ
                 }
                 let email = loaded.aggregate.email.clone();
                 let at = Utc::now();
-                let sink = EventSink::default();
-                loaded
-                    .aggregate
-                    .handle(ContactCommand::Erase { at }, &(), &sink)
-                    .await
-                    .map_err(AppError::from)?;
-                let events = sink.collect().await;
-                let appended = app
-                    .store
-                    .append(&mut tx, &mut loaded, &events, metadata)
-                    .await?;
+                let command = ContactCommand::Erase { at };
+                let appended =
+                    command::decide_and_append(app, &mut tx, &mut loaded, command, &(), metadata)
+                        .await?;
                 shred(&mut tx, stream, at).await?;
                 if let Some(email) = &email {
                     redact_stored_responses(&mut tx, id, email).await?;

@@ -8,7 +8,6 @@ use aggregates::contact::{Contact, ContactCommand, ContactEmail, ContactEvent, c
 use aggregates::enrollment::{Enrollment, EnrollmentEvent, ProviderEventKind};
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
-use cqrs_es::event_sink::EventSink;
 use hmac::{Hmac, Mac};
 use projections::{FeedEvent, ProjectionError, Reactor};
 use serde::Serialize;
@@ -17,7 +16,7 @@ use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::app::App;
-use crate::app::command::{Abort, Retried};
+use crate::app::command::{Abort, Retried, decide_and_append};
 use crate::app::error::{AppError, FieldError};
 use crate::store::{Loaded, Metadata, Store};
 
@@ -137,20 +136,8 @@ pub async fn remove(app: &App, email: &str, metadata: &Metadata) -> Result<bool,
                 if contact.erased_at.is_none() || contact.erasure_released_at.is_some() {
                     return Ok(removed);
                 }
-                let sink = EventSink::default();
-                loaded
-                    .aggregate
-                    .handle(
-                        ContactCommand::ReleaseErasure { at: Utc::now() },
-                        &(),
-                        &sink,
-                    )
-                    .await
-                    .map_err(AppError::from)?;
-                let events = sink.collect().await;
-                app.store
-                    .append(&mut tx, &mut loaded, &events, metadata)
-                    .await?;
+                let command = ContactCommand::ReleaseErasure { at: Utc::now() };
+                decide_and_append(app, &mut tx, &mut loaded, command, &(), metadata).await?;
                 Ok::<_, Abort>(true)
             }
             .await;

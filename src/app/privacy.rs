@@ -40,21 +40,6 @@ pub struct ContactErased {
     pub position: String,
 }
 
-/// When contact `id` was erased, if it was.
-pub async fn erased_at(
-    conn: &mut PgConnection,
-    id: Uuid,
-) -> Result<Option<DateTime<Utc>>, sqlx::Error> {
-    let at = sqlx::query_scalar!(
-        "SELECT destroyed_at FROM contact_keys WHERE contact_id = $1
-         ORDER BY generation DESC LIMIT 1",
-        id.to_string()
-    )
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(at.flatten())
-}
-
 /// Erases contact `id` (see the module note). Erasing an erased contact answers as the
 /// first erasure did, without writing.
 pub async fn erase(app: &App, context: &CommandContext, id: Uuid) -> Result<Answer, AppError> {

@@ -1,20 +1,26 @@
-//! The projection runner: feeds each projection the global feed, batch by batch, with the
-//! batch's changes and the checkpoint committed in one transaction (an exactly-once effect,
-//! whatever crashes between batches).
+//! The projection runner: feeds projections the global feed, batch by batch, with the
+//! batch's changes and the checkpoints committed in one transaction (an exactly-once
+//! effect, whatever crashes between batches).
 //!
-//! - One task per projection. Each holds a PostgreSQL session advisory lock for its
-//!   projection on a connection of its own, and applies batches on that same connection:
-//!   among several server processes exactly one applies a projection, and when its process
-//!   or connection dies the lock goes with it and another process takes over.
+//! - One task per group of projections (the read models; the reactors). It holds a
+//!   PostgreSQL session advisory lock for each projection on a connection of its own, and
+//!   applies batches on that same connection: among several server processes exactly one
+//!   applies a projection, and when its process or connection dies the locks go with it
+//!   and another process takes over. A process that holds only some of a group's locks
+//!   applies those, and tries for the others now and then.
+//! - A batch is read once for the whole group (each event opened and upcast once) and
+//!   applied to every projection in one transaction, so a commit costs the group one read
+//!   and one transaction, not one per projection.
 //! - It wakes when events are committed ([`Wakeup`]: at once in the writing process,
 //!   through one coalesced NOTIFY in the others) and when other checkpoints move, and falls
 //!   back to polling.
-//! - A failing event stops its projection there: the batch is rolled back to the last good
-//!   event, the failure is recorded on the checkpoint row, logged and exported as a metric,
-//!   and the runner retries until the cause is fixed. Nothing is skipped.
+//! - A failing event stops its projection there, and only it: the batch is applied again to
+//!   each projection alone, the failing one up to its last good event; the failure is
+//!   recorded on the checkpoint row, logged and exported as a metric, and the runner retries
+//!   until the cause is fixed while the group's other projections go on. Nothing is skipped.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sqlx::postgres::PgPool;
 use sqlx::{ConnectOptions, Connection, PgConnection};
@@ -87,13 +93,14 @@ pub struct Runner {
     /// The process's wake-ups, when shared with its writers; `None`: the runner listens
     /// on its own.
     wakeup: Option<Wakeup>,
+    /// What its connection is called (`leadledger-projection:GROUP:pidN`).
+    group: &'static str,
 }
 
 enum BatchOutcome {
     Applied(usize),
     /// The checkpoint moved under the batch (a rebuild was swapped in): read again.
     Moved,
-    Failed,
 }
 
 impl Runner {
@@ -103,6 +110,7 @@ impl Runner {
             projections,
             config,
             wakeup: None,
+            group: "projections",
         }
     }
 
@@ -112,7 +120,10 @@ impl Runner {
             .into_iter()
             .map(|reactor| Arc::new(Reacting(reactor)) as Arc<dyn Projection>)
             .collect();
-        Self::new(pool, handlers, config)
+        Self {
+            group: "reactors",
+            ..Self::new(pool, handlers, config)
+        }
     }
 
     /// Shares the process's wake-ups: its writers' commits wake these runners at once.
@@ -133,19 +144,15 @@ impl Runner {
                 (own, Some(task))
             }
         };
-        let mut tasks = Vec::new();
-        for projection in &self.projections {
-            tasks.push(tokio::spawn(run_projection(
-                self.pool.clone(),
-                projection.clone(),
-                self.config.clone(),
-                wakeup.clone(),
-                cancel.clone(),
-            )));
-        }
-        for task in tasks {
-            let _ = task.await;
-        }
+        run_group(
+            self.pool.clone(),
+            self.group,
+            self.projections.clone(),
+            self.config.clone(),
+            wakeup,
+            cancel,
+        )
+        .await;
         if let Some(listener) = listener {
             listener.abort();
             let _ = listener.await;
@@ -153,105 +160,155 @@ impl Runner {
     }
 }
 
-async fn run_projection(
-    pool: PgPool,
+/// A projection of the group, as the group's task sees it.
+struct Member {
     projection: Arc<dyn Projection>,
+    /// Whether this process holds the projection's advisory lock (on the group's connection).
+    held: bool,
+    /// The checkpoint as this task last left it: the task holding the lock is its only
+    /// writer but for a rebuild's swap, which the lock taken before applying detects.
+    /// `None`: read it.
+    known: Option<Position>,
+    /// A failed projection waits until then before trying its failing event again.
+    retry_at: Option<Instant>,
+}
+
+impl Member {
+    fn name(&self) -> &'static str {
+        self.projection.name()
+    }
+
+    /// Whether it takes part in the next batch.
+    fn active(&self, now: Instant) -> bool {
+        self.held && self.retry_at.is_none_or(|at| at <= now)
+    }
+}
+
+/// One task for a group of projections: one connection holding their locks, one read of
+/// the feed per batch (each event decrypted and upcast once, whatever the number of
+/// projections), and one transaction applying the batch to every projection and moving
+/// their checkpoints together. A projection whose batch fails is applied alone, so that a
+/// failing event stops only its own projection.
+async fn run_group(
+    pool: PgPool,
+    group: &'static str,
+    projections: Vec<Arc<dyn Projection>>,
     config: RunnerConfig,
     wakeup: Wakeup,
     cancel: CancellationToken,
 ) {
-    let name = projection.name();
+    let mut members: Vec<Member> = projections
+        .into_iter()
+        .map(|projection| Member {
+            projection,
+            held: false,
+            known: None,
+            retry_at: None,
+        })
+        .collect();
+    // The locks are taken in name order, like every other taker of the checkpoint rows.
+    members.sort_by_key(|m| m.name());
+    let writes_events = members.iter().any(|m| m.projection.writes_events());
     let mut wake = wakeup.subscribe();
     let mut horizon = wakeup.subscribe_horizon();
     while !cancel.is_cancelled() {
-        let mut conn = match connect(&pool, name).await {
+        let mut conn = match connect(&pool, group).await {
             Ok(c) => c,
             Err(e) => {
-                tracing::warn!(projection = name, error = %e, "projection cannot connect");
+                tracing::warn!(group, error = %e, "projections cannot connect");
                 sleep_or_cancel(config.standby_interval, &cancel).await;
                 continue;
             }
         };
-        match try_lock(&mut conn, name).await {
-            Ok(true) => {}
-            Ok(false) => {
-                metrics::gauge!("projection_active", "projection" => name).set(0.0);
-                let _ = conn.close().await;
-                sleep_or_cancel(config.standby_interval, &cancel).await;
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(projection = name, error = %e, "projection lock failed");
-                sleep_or_cancel(config.standby_interval, &cancel).await;
-                continue;
-            }
+        for m in &mut members {
+            m.held = false;
+            m.known = None;
+            m.retry_at = None;
         }
-        tracing::info!(projection = name, "projection running here");
-        metrics::gauge!("projection_active", "projection" => name).set(1.0);
         let mut recheck = Recheck::new(RECHECK_AFTER_WAKE);
-        // The checkpoint as this runner left it (read again after anything unexpected).
-        let mut known: Option<Position> = None;
+        let mut next_claim = Instant::now();
         loop {
             if cancel.is_cancelled() {
                 break;
+            }
+            if Instant::now() >= next_claim {
+                if let Err(e) = claim(&mut conn, &mut members).await {
+                    tracing::warn!(group, error = %e, "projection locks failed; reconnecting");
+                    break;
+                }
+                next_claim = Instant::now() + config.standby_interval;
             }
             // Mark what we have seen before reading: a notification arriving during the read
             // makes the next wait return at once.
             wake.borrow_and_update();
             horizon.borrow_and_update();
-            let outcome = run_batch(
-                &mut conn,
-                projection.as_ref(),
-                config.batch_size,
-                &mut known,
-            )
-            .await;
+            let outcome = run_batch(&mut conn, &mut members, &config).await;
             if matches!(outcome, Ok(BatchOutcome::Applied(n)) if n > 0)
                 || matches!(outcome, Ok(BatchOutcome::Moved))
             {
                 // This batch's transaction may have held other runners' events back.
                 wakeup.horizon_moved();
             }
-            if projection.writes_events()
-                && matches!(outcome, Ok(BatchOutcome::Applied(n)) if n > 0)
-            {
+            if writes_events && matches!(outcome, Ok(BatchOutcome::Applied(n)) if n > 0) {
                 // A reactor's batch may have committed events of its own.
                 wakeup.committed();
             }
-            let failed = match outcome {
+            match outcome {
                 Ok(BatchOutcome::Applied(n)) if n as i64 == config.batch_size => continue,
                 Ok(BatchOutcome::Moved) => continue,
                 Ok(BatchOutcome::Applied(n)) => {
                     if n > 0 {
                         recheck.found();
                     }
-                    false
                 }
-                Ok(BatchOutcome::Failed) => true,
                 Err(e) => {
-                    tracing::warn!(
-                        projection = name,
-                        error = %e,
-                        "projection connection failed; reconnecting"
-                    );
+                    tracing::warn!(group, error = %e, "projection connection failed; reconnecting");
                     break;
                 }
-            };
-            let wait = if failed {
-                config.failure_retry
-            } else {
-                recheck.wait(config.poll_interval)
-            };
+            }
+            let now = Instant::now();
+            let mut wait = recheck.wait(config.poll_interval);
+            if members.iter().any(|m| !m.held) {
+                wait = wait.min(next_claim.saturating_duration_since(now));
+            }
+            if let Some(retry) = members
+                .iter()
+                .filter(|m| m.held)
+                .filter_map(|m| m.retry_at)
+                .min()
+            {
+                wait = wait.min(retry.saturating_duration_since(now));
+            }
+            // Nothing to do but wait for the locks held elsewhere.
+            let idle = !members.iter().any(|m| m.active(now));
             tokio::select! {
                 () = cancel.cancelled() => break,
                 () = tokio::time::sleep(wait) => recheck.waited(config.poll_interval),
-                _ = wake.changed(), if !failed => recheck.woken(),
-                _ = horizon.changed(), if !failed && recheck.pending() => {}
+                _ = wake.changed(), if !idle => recheck.woken(),
+                _ = horizon.changed(), if !idle && recheck.pending() => {}
             }
         }
-        metrics::gauge!("projection_active", "projection" => name).set(0.0);
+        for m in &members {
+            metrics::gauge!("projection_active", "projection" => m.name()).set(0.0);
+        }
         let _ = conn.close().await;
     }
+}
+
+/// Takes the locks of the group's projections that this process does not hold yet.
+async fn claim(conn: &mut PgConnection, members: &mut [Member]) -> Result<(), sqlx::Error> {
+    for m in members.iter_mut().filter(|m| !m.held) {
+        m.held = try_lock(conn, m.name()).await?;
+        if m.held {
+            tracing::info!(projection = m.name(), "projection running here");
+        }
+        metrics::gauge!("projection_active", "projection" => m.name()).set(if m.held {
+            1.0
+        } else {
+            0.0
+        });
+    }
+    Ok(())
 }
 
 /// A projection's own connection. Its commits do not wait for the disk: a batch and its
@@ -300,96 +357,250 @@ pub async fn checkpoint(conn: &mut PgConnection, name: &str) -> Result<Position,
         .unwrap_or_default())
 }
 
-/// One batch: read without a transaction (an idle runner takes no transaction id, which
-/// would hold back everyone's feed), then apply and move the checkpoint in one transaction.
+/// One batch of the group: read once after the earliest checkpoint of its active
+/// projections (without a transaction: an idle runner takes no transaction id, which would
+/// hold back everyone's feed), then apply to each projection the events after its own
+/// checkpoint and move the checkpoints, all in one transaction.
 ///
-/// The transaction first locks the checkpoint row and checks it still says `after`: a
-/// rebuild that swaps tables in moves the checkpoint under the same lock, and a batch read
-/// before that must not be applied to the new tables.
-/// One batch of `projection`: read after the checkpoint, apply, advance. `known` is the
-/// checkpoint as this runner last wrote it: the runner holding the projection's lock is
-/// its only writer but for a rebuild's swap, which the lock taken before applying
-/// detects, so a batch need not read it again first. `None`: read it.
+/// The transaction first locks the checkpoint rows and checks they still say what the
+/// task left them at: a rebuild that swaps tables in moves a checkpoint under the same
+/// lock, and a batch read before that must not be applied to the new tables.
 async fn run_batch(
     conn: &mut PgConnection,
-    projection: &dyn Projection,
-    limit: i64,
-    known: &mut Option<Position>,
+    members: &mut [Member],
+    config: &RunnerConfig,
 ) -> Result<BatchOutcome, sqlx::Error> {
-    let name = projection.name();
-    let after = match *known {
-        Some(at) => at,
-        None => checkpoint(conn, name).await?,
-    };
-    *known = None;
-    let events = feed::read(conn, after, limit).await?;
-    if events.is_empty() {
-        *known = Some(after);
+    let now = Instant::now();
+    let active: Vec<usize> = (0..members.len())
+        .filter(|&i| members[i].active(now))
+        .collect();
+    if active.is_empty() {
         return Ok(BatchOutcome::Applied(0));
     }
+    for &i in &active {
+        if members[i].known.is_none() {
+            members[i].known = Some(checkpoint(conn, members[i].name()).await?);
+        }
+    }
+    let at = |members: &[Member], i: usize| members[i].known.unwrap_or_default();
+    let from = active
+        .iter()
+        .map(|&i| at(members, i))
+        .min()
+        .unwrap_or_default();
+    let events = feed::read(conn, from, config.batch_size).await?;
+    if events.is_empty() {
+        return Ok(BatchOutcome::Applied(0));
+    }
+    let names: Vec<&'static str> = active.iter().map(|&i| members[i].name()).collect();
     let mut tx = conn.begin().await?;
-    if lock_checkpoint(&mut tx, name).await? != after {
+    let locked = lock_checkpoints(&mut tx, &names).await?;
+    if active
+        .iter()
+        .zip(&locked)
+        .any(|(&i, stands)| *stands != at(members, i))
+    {
         tx.rollback().await?;
+        for &i in &active {
+            members[i].known = None;
+        }
         return Ok(BatchOutcome::Moved);
     }
-    match projection.apply_batch(&mut tx, &events).await {
-        Ok(()) => {
-            let last = events.last().map(|e| e.at).unwrap_or(after);
-            advance(&mut tx, name, last).await?;
-            tx.commit().await?;
-            *known = Some(last);
-            metrics::counter!("projection_events_applied_total", "projection" => name)
-                .increment(events.len() as u64);
-            metrics::gauge!("projection_failed", "projection" => name).set(0.0);
-            metrics::gauge!("projection_position", "projection" => name).set(last.position as f64);
-            Ok(BatchOutcome::Applied(events.len()))
+    // Each projection takes the events after its own checkpoint (a suffix of the batch).
+    let share = |after: Position| &events[events.partition_point(|e| e.at <= after)..];
+    let mut failed = false;
+    for &i in &active {
+        let mine = share(at(members, i));
+        if mine.is_empty() {
+            continue;
         }
-        Err(error) => {
-            tx.rollback().await?;
+        if let Err(error) = members[i].projection.apply_batch(&mut tx, mine).await {
             if let ProjectionError::Database(e) = &error
                 && is_connection_error(e)
             {
                 return Err(sqlx::Error::Protocol(e.to_string()));
             }
-            // Apply again one event at a time, so every good event before the failing one
-            // is kept, then record where and why the projection stopped.
-            let mut tx = conn.begin().await?;
-            if lock_checkpoint(&mut tx, name).await? != after {
-                tx.rollback().await?;
-                return Ok(BatchOutcome::Moved);
-            }
-            let (last_good, failure) = apply_until_failure(&mut tx, projection, &events).await?;
-            if let Some(last) = last_good {
-                advance(&mut tx, name, last).await?;
-            }
-            let Some((failed_at, error)) = failure else {
-                // The batch failed as a whole but every event applies on its own: a
-                // transient failure. Keep what applied and go on.
-                tx.commit().await?;
-                return Ok(BatchOutcome::Applied(events.len()));
-            };
-            let message = error.to_string();
-            sqlx::query!(
-                "UPDATE projection_checkpoints
-                 SET failed_position = $2, failed_error = $3, failed_at = now()
-                 WHERE name = $1",
-                name,
-                failed_at.position,
-                message
-            )
-            .execute(&mut *tx)
-            .await?;
-            tx.commit().await?;
-            tracing::error!(
-                projection = name,
-                position = %failed_at,
-                error = %message,
-                "projection stopped at a failing event; retrying until it is fixed"
-            );
-            metrics::gauge!("projection_failed", "projection" => name).set(1.0);
-            Ok(BatchOutcome::Failed)
+            failed = true;
+            break;
         }
     }
+    let last = events.last().map(|e| e.at).unwrap_or(from);
+    if !failed {
+        let moved: Vec<&'static str> = active
+            .iter()
+            .filter(|&&i| !share(at(members, i)).is_empty())
+            .map(|&i| members[i].name())
+            .collect();
+        advance_all(&mut tx, &moved, last).await?;
+        tx.commit().await?;
+        for &i in &active {
+            let applied = share(at(members, i)).len();
+            let m = &mut members[i];
+            if applied > 0 {
+                m.known = Some(last);
+                m.retry_at = None;
+                applied_metrics(m.name(), applied, last);
+            }
+        }
+        return Ok(BatchOutcome::Applied(events.len()));
+    }
+    // A projection failed: the others must not wait for it. Each is applied alone, and the
+    // failing one stops at its failing event.
+    tx.rollback().await?;
+    for &i in &active {
+        let after = at(members, i);
+        let mine = share(after);
+        if mine.is_empty() {
+            continue;
+        }
+        let m = &mut members[i];
+        m.known = None;
+        match apply_alone(conn, m.projection.as_ref(), after, mine).await? {
+            Alone::Applied(last) => {
+                m.known = Some(last);
+                m.retry_at = None;
+                applied_metrics(m.name(), mine.len(), last);
+            }
+            Alone::Moved => {}
+            Alone::Failed => m.retry_at = Some(Instant::now() + config.failure_retry),
+        }
+    }
+    Ok(BatchOutcome::Applied(events.len()))
+}
+
+fn applied_metrics(name: &'static str, applied: usize, last: Position) {
+    metrics::counter!("projection_events_applied_total", "projection" => name)
+        .increment(applied as u64);
+    metrics::gauge!("projection_failed", "projection" => name).set(0.0);
+    metrics::gauge!("projection_position", "projection" => name).set(last.position as f64);
+}
+
+enum Alone {
+    /// Applied up to here (everything, or a failure turned out transient).
+    Applied(Position),
+    /// The checkpoint moved under the batch (a rebuild was swapped in).
+    Moved,
+    /// Stopped at a failing event, recorded on the checkpoint row.
+    Failed,
+}
+
+/// Applies `events` (read after `after`) to one projection in a transaction of its own. If
+/// the batch fails as a whole, applies it again one event at a time, keeps every good
+/// event before the failing one, and records where and why the projection stopped.
+async fn apply_alone(
+    conn: &mut PgConnection,
+    projection: &dyn Projection,
+    after: Position,
+    events: &[FeedEvent],
+) -> Result<Alone, sqlx::Error> {
+    let name = projection.name();
+    let mut tx = conn.begin().await?;
+    if lock_checkpoint(&mut tx, name).await? != after {
+        tx.rollback().await?;
+        return Ok(Alone::Moved);
+    }
+    let error = match projection.apply_batch(&mut tx, events).await {
+        Ok(()) => {
+            let last = events.last().map(|e| e.at).unwrap_or(after);
+            advance(&mut tx, name, last).await?;
+            tx.commit().await?;
+            return Ok(Alone::Applied(last));
+        }
+        Err(error) => error,
+    };
+    tx.rollback().await?;
+    if let ProjectionError::Database(e) = &error
+        && is_connection_error(e)
+    {
+        return Err(sqlx::Error::Protocol(e.to_string()));
+    }
+    let mut tx = conn.begin().await?;
+    if lock_checkpoint(&mut tx, name).await? != after {
+        tx.rollback().await?;
+        return Ok(Alone::Moved);
+    }
+    let (last_good, failure) = apply_until_failure(&mut tx, projection, events).await?;
+    if let Some(last) = last_good {
+        advance(&mut tx, name, last).await?;
+    }
+    let Some((failed_at, error)) = failure else {
+        // The batch failed as a whole but every event applies on its own: a transient
+        // failure. Keep what applied and go on.
+        tx.commit().await?;
+        return Ok(Alone::Applied(last_good.unwrap_or(after)));
+    };
+    let message = error.to_string();
+    sqlx::query!(
+        "UPDATE projection_checkpoints
+         SET failed_position = $2, failed_error = $3, failed_at = now()
+         WHERE name = $1",
+        name,
+        failed_at.position,
+        message
+    )
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    tracing::error!(
+        projection = name,
+        position = %failed_at,
+        error = %message,
+        "projection stopped at a failing event; retrying until it is fixed"
+    );
+    metrics::gauge!("projection_failed", "projection" => name).set(1.0);
+    Ok(Alone::Failed)
+}
+
+/// Locks the checkpoint rows of `names` (in name order, like every other taker) for the
+/// transaction and returns them in the order of `names`.
+async fn lock_checkpoints(
+    conn: &mut PgConnection,
+    names: &[&'static str],
+) -> Result<Vec<Position>, sqlx::Error> {
+    let wanted: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let rows = sqlx::query!(
+        r#"SELECT name, transaction_id::text AS "transaction_id!", position
+           FROM projection_checkpoints WHERE name = ANY($1) ORDER BY name FOR UPDATE"#,
+        &wanted
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    names
+        .iter()
+        .map(|name| {
+            rows.iter()
+                .find(|r| r.name == *name)
+                .map_or(Ok(Position::default()), |r| {
+                    Position::stored(&r.transaction_id, r.position)
+                })
+        })
+        .collect()
+}
+
+/// Moves the checkpoints of `names` to `to` and clears their recorded failures, telling
+/// the other processes in the same statement.
+async fn advance_all(
+    conn: &mut PgConnection,
+    names: &[&'static str],
+    to: Position,
+) -> Result<(), sqlx::Error> {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    sqlx::query!(
+        "WITH moved AS (
+             UPDATE projection_checkpoints
+             SET transaction_id = $2::text::xid8, position = $3, updated_at = now(),
+                 failed_position = NULL, failed_error = NULL, failed_at = NULL
+             WHERE name = ANY($1)
+             RETURNING name)
+         SELECT pg_notify($4, (SELECT string_agg(name, ',') FROM moved))",
+        &names,
+        to.transaction_id.to_string(),
+        to.position,
+        CHECKPOINTS_CHANNEL
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Locks the checkpoint row of `name` for the transaction and returns it.

@@ -16,7 +16,8 @@ pub struct ProjectionStatus {
     pub state: &'static str,
     pub failed_position: Option<i64>,
     pub failed_error: Option<String>,
-    /// The application name of the connection holding it (`leadledger-projection:NAME:pidN`).
+    /// The application name of the connection holding it (`leadledger-projection:GROUP:pidN`, GROUP
+    /// being `projections` or `reactors`).
     pub held_by: Option<String>,
 }
 

@@ -217,7 +217,7 @@ async fn killing_the_runner_mid_batch_loses_and_doubles_nothing() {
 }
 
 #[tokio::test]
-async fn a_failing_event_stops_its_projection_visibly_until_fixed() {
+async fn a_failing_event_stops_its_projection_visibly_until_fixed_while_the_others_go_on() {
     let app = spawn_app_with(false).await;
     let good = app.create_campaign("before the bad event").await;
     let bad_id = uuid::Uuid::now_v7();
@@ -261,6 +261,25 @@ async fn a_failing_event_stops_its_projection_visibly_until_fixed() {
         names,
         vec![good["name"].as_str().unwrap().to_string()],
         "events before it applied, none after"
+    );
+    // The runner applies every projection of its group from one read, in one transaction:
+    // the failing event stops only its own projection, the others apply it and go on.
+    let others: Vec<&str> = projections::names()
+        .into_iter()
+        .filter(|n| *n != "campaigns")
+        .collect();
+    let position = after["position"].as_str().unwrap().parse().unwrap();
+    assert!(
+        wait_for(&app.pool, position, &others, Duration::from_secs(15))
+            .await
+            .unwrap(),
+        "the other projections went past the failing event"
+    );
+    let status = projections::status::all(&mut conn).await.unwrap();
+    assert_eq!(status[0].state, "failed", "still stopped: {status:?}");
+    assert!(
+        status[1..6].iter().all(|s| s.state == "running"),
+        "{status:?}"
     );
     let metrics = app.get("/metrics").await.text().await.unwrap();
     assert!(

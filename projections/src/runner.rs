@@ -98,7 +98,8 @@ pub struct Runner {
 }
 
 enum BatchOutcome {
-    Applied(usize),
+    /// How many events were read, and whether applying them may have appended events.
+    Applied(usize, bool),
     /// The checkpoint moved under the batch (a rebuild was swapped in): read again.
     Moved,
 }
@@ -243,20 +244,20 @@ async fn run_group(
             wake.borrow_and_update();
             horizon.borrow_and_update();
             let outcome = run_batch(&mut conn, &mut members, &config).await;
-            if matches!(outcome, Ok(BatchOutcome::Applied(n)) if n > 0)
+            if matches!(outcome, Ok(BatchOutcome::Applied(n, _)) if n > 0)
                 || matches!(outcome, Ok(BatchOutcome::Moved))
             {
                 // This batch's transaction may have held other runners' events back.
                 wakeup.horizon_moved();
             }
-            if writes_events && matches!(outcome, Ok(BatchOutcome::Applied(n)) if n > 0) {
-                // A reactor's batch may have committed events of its own.
+            if writes_events && matches!(outcome, Ok(BatchOutcome::Applied(_, true))) {
+                // A reactor's batch committed events of its own.
                 wakeup.committed();
             }
             match outcome {
-                Ok(BatchOutcome::Applied(n)) if n as i64 == config.batch_size => continue,
+                Ok(BatchOutcome::Applied(n, _)) if n as i64 == config.batch_size => continue,
                 Ok(BatchOutcome::Moved) => continue,
-                Ok(BatchOutcome::Applied(n)) => {
+                Ok(BatchOutcome::Applied(n, _)) => {
                     if n > 0 {
                         recheck.found();
                     }
@@ -375,7 +376,7 @@ async fn run_batch(
         .filter(|&i| members[i].active(now))
         .collect();
     if active.is_empty() {
-        return Ok(BatchOutcome::Applied(0));
+        return Ok(BatchOutcome::Applied(0, false));
     }
     for &i in &active {
         if members[i].known.is_none() {
@@ -390,7 +391,7 @@ async fn run_batch(
         .unwrap_or_default();
     let events = feed::read(conn, from, config.batch_size).await?;
     if events.is_empty() {
-        return Ok(BatchOutcome::Applied(0));
+        return Ok(BatchOutcome::Applied(0, false));
     }
     let names: Vec<&'static str> = active.iter().map(|&i| members[i].name()).collect();
     let mut tx = conn.begin().await?;
@@ -431,7 +432,7 @@ async fn run_batch(
             .filter(|&&i| !share(at(members, i)).is_empty())
             .map(|&i| members[i].name())
             .collect();
-        advance_all(&mut tx, &moved, last).await?;
+        let wrote = advance_all(&mut tx, &moved, last).await?;
         tx.commit().await?;
         for &i in &active {
             let applied = share(at(members, i)).len();
@@ -442,7 +443,7 @@ async fn run_batch(
                 applied_metrics(m.name(), applied, last);
             }
         }
-        return Ok(BatchOutcome::Applied(events.len()));
+        return Ok(BatchOutcome::Applied(events.len(), wrote));
     }
     // A projection failed: the others must not wait for it. Each is applied alone, and the
     // failing one stops at its failing event.
@@ -465,7 +466,8 @@ async fn run_batch(
             Alone::Failed => m.retry_at = Some(Instant::now() + config.failure_retry),
         }
     }
-    Ok(BatchOutcome::Applied(events.len()))
+    // Applied alone: whether a reactor's commands wrote is not known here.
+    Ok(BatchOutcome::Applied(events.len(), true))
 }
 
 fn applied_metrics(name: &'static str, applied: usize, last: Position) {
@@ -578,29 +580,33 @@ async fn lock_checkpoints(
 }
 
 /// Moves the checkpoints of `names` to `to` and clears their recorded failures, telling
-/// the other processes in the same statement.
+/// the other processes, in one statement. Returns whether the transaction appended events
+/// (a reactor's commands did): only then are the runners woken for them.
 async fn advance_all(
     conn: &mut PgConnection,
     names: &[&'static str],
     to: Position,
-) -> Result<(), sqlx::Error> {
+) -> Result<bool, sqlx::Error> {
     let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
-    sqlx::query!(
-        "WITH moved AS (
-             UPDATE projection_checkpoints
-             SET transaction_id = $2::text::xid8, position = $3, updated_at = now(),
-                 failed_position = NULL, failed_error = NULL, failed_at = NULL
-             WHERE name = ANY($1)
-             RETURNING name)
-         SELECT pg_notify($4, (SELECT string_agg(name, ',') FROM moved))",
+    let wrote = sqlx::query_scalar!(
+        r#"WITH moved AS (
+               UPDATE projection_checkpoints
+               SET transaction_id = $2::text::xid8, position = $3, updated_at = now(),
+                   failed_position = NULL, failed_error = NULL, failed_at = NULL
+               WHERE name = ANY($1)
+               RETURNING name),
+           told AS (SELECT pg_notify($4, (SELECT string_agg(name, ',') FROM moved)))
+           SELECT EXISTS (SELECT 1 FROM events WHERE transaction_id = pg_current_xact_id())
+                  AS "wrote!"
+           FROM told"#,
         &names,
         to.transaction_id.to_string(),
         to.position,
         CHECKPOINTS_CHANNEL
     )
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
-    Ok(())
+    Ok(wrote)
 }
 
 /// Locks the checkpoint row of `name` for the transaction and returns it.

@@ -593,9 +593,16 @@ impl Store {
                       octet_length(e.payload::text)::bigint, NULL
                FROM UNNEST($2::text[]) AS u(id)
                LEFT JOIN s ON s.aggregate_id = u.id
-               JOIN events e
-                 ON e.aggregate_type = $1 AND e.aggregate_id = u.id
-                AND e.sequence > coalesce(s.last_sequence, 0)
+               -- Per stream, through its index: a join the planner may turn into a scan of
+               -- every event of the type (a generic plan made while the log was small).
+               CROSS JOIN LATERAL (
+                   SELECT e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload,
+                          e.metadata, e.position, e.transaction_id
+                   FROM events e
+                   WHERE e.aggregate_type = $1 AND e.aggregate_id = u.id
+                     AND e.sequence > coalesce(s.last_sequence, 0)
+                   ORDER BY e.sequence
+               ) e
                UNION ALL
                SELECT 2, k.contact_id, k.generation, NULL, NULL, NULL, NULL, NULL, NULL,
                       0, k.wrapped_key

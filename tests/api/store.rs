@@ -415,3 +415,56 @@ async fn idempotency_records_older_than_the_retention_are_purged_and_newer_ones_
         .unwrap();
     assert_eq!(left, vec!["new".to_string()]);
 }
+
+#[tokio::test]
+async fn a_load_reads_only_its_own_streams_events_whatever_plan_the_database_keeps() {
+    let app = spawn_app_with(false).await;
+    let store = Store::default();
+    // The statistics say the log is tiny; then it grows without them knowing.
+    run(
+        &app.pool,
+        &store,
+        &Uuid::new_v4().to_string(),
+        create("first"),
+    )
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE events")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload)
+         SELECT 'campaign', gen_random_uuid()::text, 1, 'CampaignCreated', '1.0', '{}'
+         FROM generate_series(1, 3000)",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    // A plan made once and kept for every later execution, as a prepared statement may.
+    let mut conn = app.pool.acquire().await.unwrap();
+    sqlx::query("SET plan_cache_mode = force_generic_plan")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    let id = Uuid::new_v4().to_string();
+    let loaded: Loaded<Campaign> = store.load(&mut tx, &id).await.unwrap();
+    assert_eq!(loaded.version, 0);
+    let (fetched, scanned): (i64, i64) = sqlx::query_as(
+        "SELECT coalesce(idx_tup_fetch, 0), coalesce(seq_tup_read, 0)
+         FROM pg_stat_xact_user_tables WHERE relname = 'events'",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .unwrap();
+    assert!(
+        fetched + scanned < 10,
+        "loading an empty stream read {fetched} events by index and {scanned} by scan"
+    );
+    tx.rollback().await.unwrap();
+    sqlx::query("RESET plan_cache_mode")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+}

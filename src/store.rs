@@ -104,10 +104,12 @@ pub const SNAPSHOT_BYTES: u64 = 512 * 1024;
 
 impl StoreError {
     fn from_insert(e: sqlx::Error) -> Self {
+        // A clash on a stream's sequence, or on a data key made with the stream's next
+        // events: either way another writer appended first.
         let conflict = e.as_database_error().is_some_and(|d| {
             d.code().is_some_and(|c| c == "23505")
                 && d.constraint()
-                    .is_some_and(|c| c == "events_stream_sequence")
+                    .is_some_and(|c| c == "events_stream_sequence" || c == "contact_keys_pkey")
         });
         if conflict {
             Self::Conflict
@@ -127,6 +129,10 @@ pub struct Loaded<A> {
     pub last_position: Option<Position>,
     /// Bytes of the events since the last snapshot (replayed by every load).
     pub unsnapshotted_bytes: u64,
+    /// For a stream with personal data: its data key's generations, read by the load in
+    /// the same snapshot as its events, so that a write needs no second look. `None`: not
+    /// read (the write reads them).
+    pub keys: Option<pii::Generations>,
 }
 
 impl<A: Aggregate> AggregateContext<A> for Loaded<A> {
@@ -448,6 +454,7 @@ impl Store {
             .map(|(i, _)| streams[*i].0.id.clone())
             .collect();
         keyed.dedup();
+        let mut new_keys = pii::NewKeys::default();
         let data_keys = if keyed.is_empty() {
             HashMap::new()
         } else {
@@ -462,14 +469,33 @@ impl Store {
                 })
                 .map(|(l, _)| l.id.clone())
                 .collect();
+            let known: Option<Vec<(String, pii::Generations)>> = keyed
+                .iter()
+                .map(|id| {
+                    streams
+                        .iter()
+                        .find(|(l, _)| &l.id == id)
+                        .and_then(|(l, _)| l.keys.clone())
+                        .map(|g| (id.clone(), g))
+                })
+                .collect();
             // A destroyed key otherwise: the stream was erased by a writer that got there
             // first.
-            pii::keys_for_writing(conn, &keyed, &renew)
-                .await
-                .map_err(|e| match e {
-                    pii::PiiError::Destroyed => StoreError::Conflict,
-                    other => other.into(),
-                })?
+            let destroyed = |e| match e {
+                pii::PiiError::Destroyed => StoreError::Conflict,
+                other => other.into(),
+            };
+            match known {
+                // The load read the keys: new ones are stored by the insert of the events.
+                Some(known) => {
+                    let (chosen, made) = pii::plan_write_keys(&known, &renew).map_err(destroyed)?;
+                    new_keys = made;
+                    chosen
+                }
+                None => pii::keys_for_writing(conn, &keyed, &renew)
+                    .await
+                    .map_err(destroyed)?,
+            }
         };
         for (n, (i, mut value)) in values.into_iter().enumerate() {
             if let Some(key) = data_keys.get(&ids[n]) {
@@ -482,8 +508,15 @@ impl Store {
         let mut positions: HashMap<(String, i64), Position> = HashMap::with_capacity(total);
         if total > 0 {
             let metadata_json = serde_json::to_value(metadata)?;
+            // The data keys made for this write go in with its first events: a writer that
+            // made one first also appended at these sequences, so either clash is a
+            // conflict.
             let rows = sqlx::query!(
-                r#"INSERT INTO events
+                r#"WITH made AS (
+                       INSERT INTO contact_keys (contact_id, generation, wrapped_key)
+                       SELECT * FROM UNNEST($8::text[], $9::int4[], $10::bytea[])
+                   )
+                   INSERT INTO events
                        (aggregate_type, aggregate_id, sequence, event_type, event_version,
                         payload, metadata)
                    SELECT $1, u.aggregate_id, u.sequence, u.event_type, u.event_version,
@@ -499,7 +532,10 @@ impl Store {
                 &types,
                 &versions,
                 &payloads,
-                metadata_json
+                metadata_json,
+                &new_keys.ids,
+                &new_keys.generations,
+                &new_keys.wrapped
             )
             .fetch_all(&mut *conn)
             .await
@@ -528,6 +564,9 @@ impl Store {
                 written.push((sequence, position));
             }
             loaded.version = old_version + events.len() as u64;
+            if let (Some(generations), Some(key)) = (&loaded.keys, data_keys.get(&loaded.id)) {
+                loaded.keys = Some(generations.with_written(key));
+            }
             if let Some((_, last)) = written.last() {
                 loaded.last_position = Some(*last);
             }
@@ -564,6 +603,7 @@ impl Store {
                         version: 0,
                         last_position: None,
                         unsnapshotted_bytes: 0,
+                        keys: None,
                     },
                 )
             })
@@ -643,6 +683,11 @@ impl Store {
             }
         }
         let keys = pii::Keys::from_rows(key_rows)?;
+        if pii::is_personal(A::TYPE) {
+            for (id, l) in loaded.iter_mut() {
+                l.keys = Some(keys.generations(id));
+            }
+        }
         let after = |skip: &HashMap<&str, i64>| -> Vec<i64> {
             ids.iter()
                 .map(|id| skip.get(id.as_str()).copied().unwrap_or(0))
@@ -743,12 +788,22 @@ impl Store {
         let mut payload = serde_json::to_value(&loaded.aggregate)?;
         if pii::is_personal(A::TYPE) {
             // An erased stream keeps no snapshot (its key is gone; its state is empty).
-            let mut keys =
-                match pii::keys_for_writing(conn, std::slice::from_ref(&loaded.id), &[]).await {
+            // The key the write just used, as the load and the append left it; read only
+            // for a stream that has none yet.
+            let planned = loaded
+                .keys
+                .as_ref()
+                .map(|g| pii::plan_write_keys(&[(loaded.id.clone(), g.clone())], &[]));
+            let mut keys = match planned {
+                Some(Ok((keys, made))) if made.is_empty() => keys,
+                Some(Err(pii::PiiError::Destroyed)) => return Ok(()),
+                _ => match pii::keys_for_writing(conn, std::slice::from_ref(&loaded.id), &[]).await
+                {
                     Ok(keys) => keys,
                     Err(pii::PiiError::Destroyed) => return Ok(()),
                     Err(e) => return Err(e.into()),
-                };
+                },
+            };
             let Some(key) = keys.remove(&loaded.id) else {
                 return Ok(());
             };

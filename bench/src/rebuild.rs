@@ -107,6 +107,7 @@ fn fresh<A: Aggregate>(id: String, version: u64) -> Loaded<A> {
         version,
         last_position: None,
         unsnapshotted_bytes: 0,
+        keys: None,
     }
 }
 

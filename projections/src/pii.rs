@@ -120,7 +120,20 @@ pub enum DataKey {
 
 /// The generations of one stream's data key, oldest first (the last is current).
 #[derive(Clone, Default)]
-struct Generations(Vec<(i32, DataKey)>);
+pub struct Generations(Vec<(i32, DataKey)>);
+
+impl std::fmt::Debug for Generations {
+    /// The generations and whether each is destroyed; never a key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(
+                self.0
+                    .iter()
+                    .map(|(g, k)| (g, matches!(k, DataKey::Destroyed))),
+            )
+            .finish()
+    }
+}
 
 impl Generations {
     fn current(&self) -> Option<(i32, &DataKey)> {
@@ -166,6 +179,11 @@ impl Keys {
             keys.entry(id).or_default().0.push((generation, key));
         }
         Ok(Self(keys))
+    }
+
+    /// The generations of stream `id` as read (none: it never held sealed data).
+    pub fn generations(&self, id: &str) -> Generations {
+        self.0.get(id).cloned().unwrap_or_default()
     }
 
     /// The keys of one stream (for measurements and tests of sealing on its own).
@@ -292,12 +310,84 @@ pub async fn keys_for_writing(
     let mut ids: Vec<String> = ids.to_vec();
     ids.sort();
     ids.dedup();
-    let found = keys(conn, PERSONAL_TYPES[0], &ids).await?.0;
-    let mut chosen: HashMap<String, WriteKey> = HashMap::with_capacity(ids.len());
-    // The generation to make for each stream that needs one.
-    let mut make: Vec<(String, i32)> = Vec::new();
-    for id in &ids {
-        match found.get(id).and_then(Generations::current) {
+    let found = keys(conn, PERSONAL_TYPES[0], &ids).await?;
+    let known: Vec<(String, Generations)> = ids
+        .iter()
+        .map(|id| (id.clone(), found.generations(id)))
+        .collect();
+    let (mut chosen, made) = plan_write_keys(&known, renew)?;
+    if made.is_empty() {
+        return Ok(chosen);
+    }
+    // In id order, so two writers making keys for overlapping sets cannot deadlock.
+    let inserted = sqlx::query!(
+        "INSERT INTO contact_keys (contact_id, generation, wrapped_key)
+         SELECT * FROM UNNEST($1::text[], $2::int4[], $3::bytea[])
+         ON CONFLICT (contact_id, generation) DO NOTHING
+         RETURNING contact_id, generation",
+        &made.ids,
+        &made.generations,
+        &made.wrapped
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    // Another writer made some of them first (and committed): use theirs.
+    let raced: Vec<String> = made
+        .ids
+        .iter()
+        .filter(|id| !inserted.iter().any(|r| &r.contact_id == *id))
+        .cloned()
+        .collect();
+    if !raced.is_empty() {
+        let theirs = keys(conn, PERSONAL_TYPES[0], &raced).await?;
+        for id in raced {
+            match theirs.0.get(&id).and_then(Generations::current) {
+                Some((generation, DataKey::Open(cipher))) => {
+                    chosen.insert(
+                        id,
+                        WriteKey {
+                            generation,
+                            cipher: cipher.clone(),
+                        },
+                    );
+                }
+                Some((_, DataKey::Destroyed)) => return Err(PiiError::Destroyed),
+                None => return Err(PiiError::Corrupt("a data key was neither found nor made")),
+            }
+        }
+    }
+    Ok(chosen)
+}
+
+/// Keys made for writing, to be stored (in id order) in the writer's transaction:
+/// `contact_keys` rows as arrays, for one `UNNEST`.
+#[derive(Default)]
+pub struct NewKeys {
+    pub ids: Vec<String>,
+    pub generations: Vec<i32>,
+    pub wrapped: Vec<Vec<u8>>,
+}
+
+impl NewKeys {
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
+/// The keys to seal new events of the streams in `known` with (each given with its key's
+/// generations as read), and the keys to make for the streams that have none: a stream
+/// whose current key was destroyed gets its next generation if it is in `renew` (its write
+/// starts a new life), and [`PiiError::Destroyed`] if not. No database work: the caller
+/// stores the [`NewKeys`] with its write, where a writer that made the same key first
+/// shows as a conflict on `contact_keys`.
+pub fn plan_write_keys(
+    known: &[(String, Generations)],
+    renew: &[String],
+) -> Result<(HashMap<String, WriteKey>, NewKeys), PiiError> {
+    let mut chosen: HashMap<String, WriteKey> = HashMap::with_capacity(known.len());
+    let mut made = NewKeys::default();
+    for (id, generations) in known {
+        let generation = match generations.current() {
             Some((generation, DataKey::Open(cipher))) => {
                 chosen.insert(
                     id.clone(),
@@ -306,72 +396,39 @@ pub async fn keys_for_writing(
                         cipher: cipher.clone(),
                     },
                 );
+                continue;
             }
-            Some((generation, DataKey::Destroyed)) if renew.contains(id) => {
-                make.push((id.clone(), generation + 1));
-            }
+            Some((generation, DataKey::Destroyed)) if renew.contains(id) => generation + 1,
             Some((_, DataKey::Destroyed)) => return Err(PiiError::Destroyed),
-            None => make.push((id.clone(), 0)),
-        }
-    }
-    if !make.is_empty() {
+            None => 0,
+        };
         let keyring = keyring()?;
-        let mut fresh = HashMap::with_capacity(make.len());
-        let mut wrapped = Vec::with_capacity(make.len());
-        for (id, generation) in &make {
-            let raw: [u8; 32] = random();
-            fresh.insert((id.clone(), *generation), raw);
-            wrapped.push(seal_bytes(&keyring.cipher, &raw, &key_aad(id, *generation)));
-        }
-        let (make_ids, generations): (Vec<String>, Vec<i32>) = make.iter().cloned().unzip();
-        // In id order, so two writers making keys for overlapping sets cannot deadlock.
-        let inserted = sqlx::query!(
-            "INSERT INTO contact_keys (contact_id, generation, wrapped_key)
-             SELECT * FROM UNNEST($1::text[], $2::int4[], $3::bytea[])
-             ON CONFLICT (contact_id, generation) DO NOTHING
-             RETURNING contact_id, generation",
-            &make_ids,
-            &generations,
-            &wrapped
-        )
-        .fetch_all(&mut *conn)
-        .await?;
-        for row in inserted {
-            if let Some(raw) = fresh.get(&(row.contact_id.clone(), row.generation)) {
-                chosen.insert(
-                    row.contact_id,
-                    WriteKey {
-                        generation: row.generation,
-                        cipher: XChaCha20Poly1305::new(Key::from_slice(raw)),
-                    },
-                );
-            }
-        }
-        // Another writer made some of them first (and committed): use theirs.
-        let raced: Vec<String> = make_ids
-            .into_iter()
-            .filter(|id| !chosen.contains_key(id))
-            .collect();
-        if !raced.is_empty() {
-            let theirs = keys(conn, PERSONAL_TYPES[0], &raced).await?;
-            for id in raced {
-                match theirs.0.get(&id).and_then(Generations::current) {
-                    Some((generation, DataKey::Open(cipher))) => {
-                        chosen.insert(
-                            id,
-                            WriteKey {
-                                generation,
-                                cipher: cipher.clone(),
-                            },
-                        );
-                    }
-                    Some((_, DataKey::Destroyed)) => return Err(PiiError::Destroyed),
-                    None => return Err(PiiError::Corrupt("a data key was neither found nor made")),
-                }
-            }
-        }
+        let raw: [u8; 32] = random();
+        made.ids.push(id.clone());
+        made.generations.push(generation);
+        made.wrapped
+            .push(seal_bytes(&keyring.cipher, &raw, &key_aad(id, generation)));
+        chosen.insert(
+            id.clone(),
+            WriteKey {
+                generation,
+                cipher: XChaCha20Poly1305::new(Key::from_slice(&raw)),
+            },
+        );
     }
-    Ok(chosen)
+    Ok((chosen, made))
+}
+
+impl Generations {
+    /// These generations with `key` as the newest (a key this writer just made).
+    pub fn with_written(&self, key: &WriteKey) -> Self {
+        let mut next = self.clone();
+        if next.current().map(|(g, _)| g) != Some(key.generation) {
+            next.0
+                .push((key.generation, DataKey::Open(key.cipher.clone())));
+        }
+        next
+    }
 }
 
 fn aad(aggregate_type: &str, id: &str) -> Vec<u8> {

@@ -1080,6 +1080,7 @@ mod tests {
             version: 1,
             last_position: None,
             unsnapshotted_bytes: 0,
+            keys: None,
         }
     }
 

@@ -189,6 +189,7 @@ async fn several_aggregates_commit_in_one_transaction_or_not_at_all() {
         version: 0,
         last_position: None,
         unsnapshotted_bytes: 0,
+        keys: None,
     };
     let clash = store
         .append(&mut tx, &mut stale, &[created], &Metadata::default())

@@ -469,14 +469,18 @@ impl Store {
                 })
                 .map(|(l, _)| l.id.clone())
                 .collect();
+            let loaded_keys: HashMap<&str, Option<&pii::Generations>> = streams
+                .iter()
+                .map(|(l, _)| (l.id.as_str(), l.keys.as_ref()))
+                .collect();
             let known: Option<Vec<(String, pii::Generations)>> = keyed
                 .iter()
                 .map(|id| {
-                    streams
-                        .iter()
-                        .find(|(l, _)| &l.id == id)
-                        .and_then(|(l, _)| l.keys.clone())
-                        .map(|g| (id.clone(), g))
+                    loaded_keys
+                        .get(id.as_str())
+                        .copied()
+                        .flatten()
+                        .map(|g| (id.clone(), g.clone()))
                 })
                 .collect();
             // A destroyed key otherwise: the stream was erased by a writer that got there

@@ -332,10 +332,12 @@ pub async fn keys_for_writing(
     .fetch_all(&mut *conn)
     .await?;
     // Another writer made some of them first (and committed): use theirs.
+    let stored: std::collections::HashSet<&str> =
+        inserted.iter().map(|r| r.contact_id.as_str()).collect();
     let raced: Vec<String> = made
         .ids
         .iter()
-        .filter(|id| !inserted.iter().any(|r| &r.contact_id == *id))
+        .filter(|id| !stored.contains(id.as_str()))
         .cloned()
         .collect();
     if !raced.is_empty() {

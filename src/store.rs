@@ -450,7 +450,7 @@ impl Store {
         // Personal data is sealed under each stream's data key (made on its first write).
         let mut keyed: Vec<String> = values
             .iter()
-            .filter(|(_, v)| pii::event_needs_key(A::TYPE, v))
+            .filter(|(_, v)| pii::SEALING && pii::event_needs_key(A::TYPE, v))
             .map(|(i, _)| streams[*i].0.id.clone())
             .collect();
         keyed.dedup();
@@ -790,7 +790,7 @@ impl Store {
             return Ok(());
         };
         let mut payload = serde_json::to_value(&loaded.aggregate)?;
-        if pii::is_personal(A::TYPE) {
+        if pii::is_personal(A::TYPE) && pii::SEALING {
             // An erased stream keeps no snapshot (its key is gone; its state is empty).
             // The key the write just used, as the load and the append left it; read only
             // for a stream that has none yet.

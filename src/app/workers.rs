@@ -95,10 +95,19 @@ pub fn start(state: &App) -> Workers {
         }
     }));
     // Contact events an earlier release stored in the clear are sealed while serving.
+    if !projections::pii::SEALING {
+        tracing::warn!(
+            "built with the `unsealed` feature: contact data is written in the clear \
+             (for measuring what sealing costs, never for real data)"
+        );
+    }
     let pool = state.pool.clone();
     let stop = cancel.clone();
     tasks.push(tokio::spawn(async move {
         let quiet = |_| {};
+        if !projections::pii::SEALING {
+            return;
+        }
         tokio::select! {
             () = stop.cancelled() => {},
             done = crate::app::privacy::encrypt_plaintext(&pool, 500, &quiet) => match done {

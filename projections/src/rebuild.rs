@@ -752,9 +752,8 @@ async fn swap_in(
     sqlx::query!("SELECT leadledger_rebuild_swap($1)", tables)
         .execute(&mut *tx)
         .await?;
-    for name in &job.names {
-        advance(tx, name, target).await?;
-    }
+    let names: Vec<&str> = job.names.iter().map(String::as_str).collect();
+    advance(tx, &names, target).await?;
     Ok(Swap::Done {
         position: target,
         differences,

@@ -432,7 +432,7 @@ async fn run_batch(
             .filter(|&&i| !share(at(members, i)).is_empty())
             .map(|&i| members[i].name())
             .collect();
-        let wrote = advance_all(&mut tx, &moved, last).await?;
+        let wrote = advance(&mut tx, &moved, last).await?;
         tx.commit().await?;
         for &i in &active {
             let applied = share(at(members, i)).len();
@@ -497,14 +497,14 @@ async fn apply_alone(
 ) -> Result<Alone, sqlx::Error> {
     let name = projection.name();
     let mut tx = conn.begin().await?;
-    if lock_checkpoint(&mut tx, name).await? != after {
+    if lock_checkpoints(&mut tx, &[name]).await? != [after] {
         tx.rollback().await?;
         return Ok(Alone::Moved);
     }
     let error = match projection.apply_batch(&mut tx, events).await {
         Ok(()) => {
             let last = events.last().map(|e| e.at).unwrap_or(after);
-            advance(&mut tx, name, last).await?;
+            advance(&mut tx, &[name], last).await?;
             tx.commit().await?;
             return Ok(Alone::Applied(last));
         }
@@ -517,13 +517,13 @@ async fn apply_alone(
         return Err(sqlx::Error::Protocol(e.to_string()));
     }
     let mut tx = conn.begin().await?;
-    if lock_checkpoint(&mut tx, name).await? != after {
+    if lock_checkpoints(&mut tx, &[name]).await? != [after] {
         tx.rollback().await?;
         return Ok(Alone::Moved);
     }
     let (last_good, failure) = apply_until_failure(&mut tx, projection, events).await?;
     if let Some(last) = last_good {
-        advance(&mut tx, name, last).await?;
+        advance(&mut tx, &[name], last).await?;
     }
     let Some((failed_at, error)) = failure else {
         // The batch failed as a whole but every event applies on its own: a transient
@@ -557,7 +557,7 @@ async fn apply_alone(
 /// transaction and returns them in the order of `names`.
 async fn lock_checkpoints(
     conn: &mut PgConnection,
-    names: &[&'static str],
+    names: &[&str],
 ) -> Result<Vec<Position>, sqlx::Error> {
     let wanted: Vec<String> = names.iter().map(|n| n.to_string()).collect();
     let rows = sqlx::query!(
@@ -582,9 +582,9 @@ async fn lock_checkpoints(
 /// Moves the checkpoints of `names` to `to` and clears their recorded failures, telling
 /// the other processes, in one statement. Returns whether the transaction appended events
 /// (a reactor's commands did): only then are the runners woken for them.
-async fn advance_all(
+pub(crate) async fn advance(
     conn: &mut PgConnection,
-    names: &[&'static str],
+    names: &[&str],
     to: Position,
 ) -> Result<bool, sqlx::Error> {
     let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
@@ -607,24 +607,6 @@ async fn advance_all(
     .fetch_one(&mut *conn)
     .await?;
     Ok(wrote)
-}
-
-/// Locks the checkpoint row of `name` for the transaction and returns it.
-pub(crate) async fn lock_checkpoint(
-    conn: &mut PgConnection,
-    name: &str,
-) -> Result<Position, sqlx::Error> {
-    let row = sqlx::query!(
-        r#"SELECT transaction_id::text AS "transaction_id!", position
-           FROM projection_checkpoints WHERE name = $1 FOR UPDATE"#,
-        name
-    )
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(row
-        .map(|r| Position::stored(&r.transaction_id, r.position))
-        .transpose()?
-        .unwrap_or_default())
 }
 
 /// After a batch failed as a whole: applies its events one at a time, each under a
@@ -650,30 +632,6 @@ pub async fn apply_until_failure(
         }
     }
     Ok((last_good, None))
-}
-
-/// Moves the checkpoint of `name` to `to`, clears a recorded failure and tells the other
-/// processes (their runners waiting for the horizon, and observers of progress).
-pub(crate) async fn advance(
-    conn: &mut PgConnection,
-    name: &str,
-    to: Position,
-) -> Result<(), sqlx::Error> {
-    sqlx::query!(
-        "UPDATE projection_checkpoints
-         SET transaction_id = $2::text::xid8, position = $3, updated_at = now(),
-             failed_position = NULL, failed_error = NULL, failed_at = NULL
-         WHERE name = $1",
-        name,
-        to.transaction_id.to_string(),
-        to.position
-    )
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query!("SELECT pg_notify($1, $2)", CHECKPOINTS_CHANNEL, name)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
 }
 
 fn is_connection_error(e: &sqlx::Error) -> bool {

@@ -101,8 +101,20 @@ pub async fn read(
     after: Position,
     limit: i64,
 ) -> Result<Vec<FeedEvent>, sqlx::Error> {
+    read_opening(conn, after, limit, &|_, _| true).await
+}
+
+/// [`read`] for readers that need only some events' personal data: an event of a personal
+/// type is opened when `opens(aggregate_type, event_type)` says so, and is otherwise
+/// delivered as stored (its personal members sealed, its other members as they are).
+pub async fn read_opening(
+    conn: &mut PgConnection,
+    after: Position,
+    limit: i64,
+    opens: &(dyn Fn(&str, &str) -> bool + Sync),
+) -> Result<Vec<FeedEvent>, sqlx::Error> {
     let rows = read_sealed(conn, after, limit).await?;
-    open(conn, rows).await
+    upcast_all(conn, rows.0, opens).await
 }
 
 /// Events as stored: personal data still sealed, not yet upcast (see [`open`]).
@@ -153,7 +165,7 @@ pub async fn read_sealed(
 
 /// Events read by [`read_sealed`], opened and upcast.
 pub async fn open(conn: &mut PgConnection, rows: Sealed) -> Result<Vec<FeedEvent>, sqlx::Error> {
-    upcast_all(conn, rows.0).await
+    upcast_all(conn, rows.0, &|_, _| true).await
 }
 
 /// Up to `limit` events after `after` and up to `until` included, in commit order.
@@ -183,25 +195,37 @@ pub async fn read_until(
     )
     .fetch_all(&mut *conn)
     .await?;
-    upcast_all(conn, rows).await
+    upcast_all(conn, rows, &|_, _| true).await
 }
 
-/// Rows opened (personal data, through [`crate::pii`]) and upcast, in order.
+/// Rows opened (personal data, through [`crate::pii`], for the events `opens` names) and
+/// upcast, in order.
 async fn upcast_all(
     conn: &mut PgConnection,
     rows: Vec<Row>,
+    opens: &(dyn Fn(&str, &str) -> bool + Sync),
 ) -> Result<Vec<FeedEvent>, sqlx::Error> {
+    let opened: Vec<bool> = rows
+        .iter()
+        .map(|r| {
+            crate::pii::is_personal(&r.aggregate_type) && opens(&r.aggregate_type, &r.event_type)
+        })
+        .collect();
     let mut personal: Vec<String> = rows
         .iter()
-        .filter(|r| crate::pii::is_personal(&r.aggregate_type))
-        .map(|r| r.aggregate_id.clone())
+        .zip(&opened)
+        .filter(|(_, open)| **open)
+        .map(|(r, _)| r.aggregate_id.clone())
         .collect();
     personal.sort();
     personal.dedup();
     let keys = crate::pii::keys(conn, crate::pii::PERSONAL_TYPES[0], &personal)
         .await
         .map_err(pii_error)?;
-    rows.into_iter().map(|r| r.upcast(&keys)).collect()
+    rows.into_iter()
+        .zip(opened)
+        .map(|(r, open)| r.upcast(open.then_some(&keys)))
+        .collect()
 }
 
 fn pii_error(e: crate::pii::PiiError) -> sqlx::Error {
@@ -226,10 +250,13 @@ struct Row {
 }
 
 impl Row {
-    fn upcast(self, keys: &crate::pii::Keys) -> Result<FeedEvent, sqlx::Error> {
+    /// Opened with `keys` (`None`: delivered as stored) and upcast.
+    fn upcast(self, keys: Option<&crate::pii::Keys>) -> Result<FeedEvent, sqlx::Error> {
         let mut r = self;
-        r.payload = crate::pii::open_event(keys, &r.aggregate_type, &r.aggregate_id, r.payload)
-            .map_err(pii_error)?;
+        if let Some(keys) = keys {
+            r.payload = crate::pii::open_event(keys, &r.aggregate_type, &r.aggregate_id, r.payload)
+                .map_err(pii_error)?;
+        }
         let mut serialized = SerializedEvent::new(
             r.aggregate_id,
             r.sequence as usize,

@@ -66,6 +66,14 @@ pub trait Projection: Send + Sync + 'static {
     fn writes_events(&self) -> bool {
         false
     }
+
+    /// Whether it reads the personal data of events of this type (contact events are
+    /// sealed in the log). The runner opens an event only for a group that has a
+    /// projection saying so; the others may get it as stored (personal members sealed).
+    fn opens(&self, aggregate_type: &str, event_type: &str) -> bool {
+        let _ = (aggregate_type, event_type);
+        true
+    }
 }
 
 /// A side-effecting event handler: it answers events by running commands (writing events
@@ -84,6 +92,13 @@ pub trait Reactor: Send + Sync + 'static {
         conn: &mut PgConnection,
         events: &[FeedEvent],
     ) -> Result<(), ProjectionError>;
+
+    /// Whether it reads the personal data of events of this type: see
+    /// [`Projection::opens`].
+    fn opens(&self, aggregate_type: &str, event_type: &str) -> bool {
+        let _ = (aggregate_type, event_type);
+        true
+    }
 }
 
 /// Applies one event: a batch of one.

@@ -77,6 +77,10 @@ impl Projection for Reacting {
         true
     }
 
+    fn opens(&self, aggregate_type: &str, event_type: &str) -> bool {
+        self.0.opens(aggregate_type, event_type)
+    }
+
     async fn apply_batch(
         &self,
         conn: &mut PgConnection,
@@ -389,7 +393,15 @@ async fn run_batch(
         .map(|&i| at(members, i))
         .min()
         .unwrap_or_default();
-    let events = feed::read(conn, from, config.batch_size).await?;
+    // Personal data is opened only for the events a projection of the group reads it from.
+    let readers: Vec<&dyn Projection> = active
+        .iter()
+        .map(|&i| members[i].projection.as_ref())
+        .collect();
+    let opens = |aggregate_type: &str, event_type: &str| {
+        readers.iter().any(|p| p.opens(aggregate_type, event_type))
+    };
+    let events = feed::read_opening(conn, from, config.batch_size, &opens).await?;
     if events.is_empty() {
         return Ok(BatchOutcome::Applied(0, false));
     }

@@ -270,6 +270,12 @@ impl Reactor for SuppressionReactor {
         SUPPRESSION_REACTOR
     }
 
+    /// Of contact events it reads only consent (an erased contact's reads as redacted, and
+    /// is passed over).
+    fn opens(&self, _aggregate_type: &str, event_type: &str) -> bool {
+        event_type == "ConsentRecorded"
+    }
+
     async fn react(
         &self,
         conn: &mut PgConnection,

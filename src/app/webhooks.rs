@@ -898,6 +898,11 @@ impl Reactor for ParkingReactor {
         PARKING_REACTOR
     }
 
+    /// It reads enrollments only: no contact's personal data.
+    fn opens(&self, _aggregate_type: &str, _event_type: &str) -> bool {
+        false
+    }
+
     async fn react(
         &self,
         conn: &mut PgConnection,

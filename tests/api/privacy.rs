@@ -1001,3 +1001,57 @@ async fn serve_refuses_to_start_with_a_key_that_cannot_open_the_contact_keys() {
     let server = crate::lifecycle::serve(right);
     assert!(server.address.starts_with("http://127.0.0.1:"));
 }
+
+#[tokio::test]
+async fn the_feed_opens_a_contacts_personal_data_only_for_readers_of_it() {
+    let app = spawn_app().await;
+    let email = "feed.reader@example.org";
+    let created = app
+        .post(
+            "/v1/contacts",
+            &json!({"email": email, "first_name": "Ottilie"}),
+        )
+        .await;
+    assert_eq!(created.status().as_u16(), 201);
+    let created: Value = created.json().await.unwrap();
+    // Once a projection has applied it, the feed delivers it to every reader.
+    let position = created["position"].as_str().unwrap().parse().unwrap();
+    assert!(
+        projections::runner::wait_for(&app.pool, position, &["contacts"], Duration::from_secs(10))
+            .await
+            .unwrap()
+    );
+    let mut conn = app.pool.acquire().await.unwrap();
+    let start = projections::Position::default();
+    let contact_event = |events: Vec<projections::FeedEvent>| {
+        events
+            .into_iter()
+            .find(|e| e.aggregate_type == "contact" && e.event_type == "ContactCreated")
+            .expect("the contact's first event is in the feed")
+            .payload
+            .to_string()
+    };
+    let opened = projections::feed::read_opening(&mut conn, start, 100, &|_, _| true)
+        .await
+        .unwrap();
+    let opened = contact_event(opened);
+    assert!(
+        opened.contains(email) && opened.contains("Ottilie"),
+        "{opened}"
+    );
+    // A group whose projections read no contact data (the reactors, but for consent).
+    let as_stored = projections::feed::read_opening(&mut conn, start, 100, &|_, event| {
+        event == "ConsentRecorded"
+    })
+    .await
+    .unwrap();
+    let as_stored = contact_event(as_stored);
+    assert!(
+        !as_stored.contains(email) && !as_stored.contains("Ottilie"),
+        "delivered sealed: {as_stored}"
+    );
+    assert!(
+        as_stored.contains("created_at"),
+        "clear members stay: {as_stored}"
+    );
+}

@@ -419,14 +419,22 @@ async fn run_batch(
         }
         return Ok(BatchOutcome::Moved);
     }
-    // Each projection takes the events after its own checkpoint (a suffix of the batch).
-    let share = |after: Position| &events[events.partition_point(|e| e.at <= after)..];
+    // Each projection takes the events after its own checkpoint (a suffix of the batch);
+    // the ones already past the batch take none.
+    let shares: Vec<(usize, Position, &[FeedEvent])> = active
+        .iter()
+        .map(|&i| {
+            let after = at(members, i);
+            (
+                i,
+                after,
+                &events[events.partition_point(|e| e.at <= after)..],
+            )
+        })
+        .filter(|(_, _, mine)| !mine.is_empty())
+        .collect();
     let mut failed = false;
-    for &i in &active {
-        let mine = share(at(members, i));
-        if mine.is_empty() {
-            continue;
-        }
+    for &(i, _, mine) in &shares {
         if let Err(error) = members[i].projection.apply_batch(&mut tx, mine).await {
             if let ProjectionError::Database(e) = &error
                 && is_connection_error(e)
@@ -439,33 +447,21 @@ async fn run_batch(
     }
     let last = events.last().map(|e| e.at).unwrap_or(from);
     if !failed {
-        let moved: Vec<&'static str> = active
-            .iter()
-            .filter(|&&i| !share(at(members, i)).is_empty())
-            .map(|&i| members[i].name())
-            .collect();
+        let moved: Vec<&'static str> = shares.iter().map(|&(i, ..)| members[i].name()).collect();
         let wrote = advance(&mut tx, &moved, last).await?;
         tx.commit().await?;
-        for &i in &active {
-            let applied = share(at(members, i)).len();
+        for &(i, _, mine) in &shares {
             let m = &mut members[i];
-            if applied > 0 {
-                m.known = Some(last);
-                m.retry_at = None;
-                applied_metrics(m.name(), applied, last);
-            }
+            m.known = Some(last);
+            m.retry_at = None;
+            applied_metrics(m.name(), mine.len(), last);
         }
         return Ok(BatchOutcome::Applied(events.len(), wrote));
     }
     // A projection failed: the others must not wait for it. Each is applied alone, and the
     // failing one stops at its failing event.
     tx.rollback().await?;
-    for &i in &active {
-        let after = at(members, i);
-        let mine = share(after);
-        if mine.is_empty() {
-            continue;
-        }
+    for &(i, after, mine) in &shares {
         let m = &mut members[i];
         m.known = None;
         match apply_alone(conn, m.projection.as_ref(), after, mine).await? {

@@ -792,24 +792,26 @@ impl Store {
         let mut payload = serde_json::to_value(&loaded.aggregate)?;
         if pii::is_personal(A::TYPE) && pii::SEALING {
             // An erased stream keeps no snapshot (its key is gone; its state is empty).
-            // The key the write just used, as the load and the append left it; read only
-            // for a stream that has none yet.
-            let planned = loaded
-                .keys
-                .as_ref()
-                .map(|g| pii::plan_write_keys(&[(loaded.id.clone(), g.clone())], &[]));
-            let mut keys = match planned {
-                Some(Ok((keys, made))) if made.is_empty() => keys,
+            // The key the write just used, as the load and the append left it; read (or
+            // made) only for a stream loaded without its keys.
+            let known = match loaded.keys.as_ref().map(pii::Generations::write_key) {
+                Some(Ok(key)) => key,
                 Some(Err(pii::PiiError::Destroyed)) => return Ok(()),
-                _ => match pii::keys_for_writing(conn, std::slice::from_ref(&loaded.id), &[]).await
-                {
-                    Ok(keys) => keys,
-                    Err(pii::PiiError::Destroyed) => return Ok(()),
-                    Err(e) => return Err(e.into()),
-                },
+                Some(Err(e)) => return Err(e.into()),
+                None => None,
             };
-            let Some(key) = keys.remove(&loaded.id) else {
-                return Ok(());
+            let key = match known {
+                Some(key) => key,
+                None => {
+                    match pii::keys_for_writing(conn, std::slice::from_ref(&loaded.id), &[]).await {
+                        Ok(mut keys) => match keys.remove(&loaded.id) {
+                            Some(key) => key,
+                            None => return Ok(()),
+                        },
+                        Err(pii::PiiError::Destroyed) => return Ok(()),
+                        Err(e) => return Err(e.into()),
+                    }
+                }
             };
             pii::seal_state(&key, A::TYPE, &loaded.id, &mut payload);
         }

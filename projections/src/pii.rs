@@ -348,19 +348,11 @@ pub async fn keys_for_writing(
     if !raced.is_empty() {
         let theirs = keys(conn, PERSONAL_TYPES[0], &raced).await?;
         for id in raced {
-            match theirs.0.get(&id).and_then(Generations::current) {
-                Some((generation, DataKey::Open(cipher))) => {
-                    chosen.insert(
-                        id,
-                        WriteKey {
-                            generation,
-                            cipher: cipher.clone(),
-                        },
-                    );
-                }
-                Some((_, DataKey::Destroyed)) => return Err(PiiError::Destroyed),
-                None => return Err(PiiError::Corrupt("a data key was neither found nor made")),
-            }
+            let key = theirs
+                .generations(&id)
+                .write_key()?
+                .ok_or(PiiError::Corrupt("a data key was neither found nor made"))?;
+            chosen.insert(id, key);
         }
     }
     Ok(chosen)
@@ -394,20 +386,16 @@ pub fn plan_write_keys(
     let mut chosen: HashMap<String, WriteKey> = HashMap::with_capacity(known.len());
     let mut made = NewKeys::default();
     for (id, generations) in known {
-        let generation = match generations.current() {
-            Some((generation, DataKey::Open(cipher))) => {
-                chosen.insert(
-                    id.clone(),
-                    WriteKey {
-                        generation,
-                        cipher: cipher.clone(),
-                    },
-                );
+        let generation = match generations.write_key() {
+            Ok(Some(key)) => {
+                chosen.insert(id.clone(), key);
                 continue;
             }
-            Some((generation, DataKey::Destroyed)) if renew.contains(id) => generation + 1,
-            Some((_, DataKey::Destroyed)) => return Err(PiiError::Destroyed),
-            None => 0,
+            Ok(None) => 0,
+            Err(PiiError::Destroyed) if renew.contains(id) => {
+                generations.current().map_or(0, |(g, _)| g + 1)
+            }
+            Err(e) => return Err(e),
         };
         let keyring = keyring()?;
         let raw: [u8; 32] = random();
@@ -427,6 +415,19 @@ pub fn plan_write_keys(
 }
 
 impl Generations {
+    /// The key new data is sealed with: the current generation. `None`: the stream has no
+    /// key yet; [`PiiError::Destroyed`]: its last life was erased.
+    pub fn write_key(&self) -> Result<Option<WriteKey>, PiiError> {
+        match self.current() {
+            Some((generation, DataKey::Open(cipher))) => Ok(Some(WriteKey {
+                generation,
+                cipher: cipher.clone(),
+            })),
+            Some((_, DataKey::Destroyed)) => Err(PiiError::Destroyed),
+            None => Ok(None),
+        }
+    }
+
     /// These generations with `key` as the newest (a key this writer just made).
     pub fn with_written(&self, key: &WriteKey) -> Self {
         let mut next = self.clone();

@@ -1015,12 +1015,7 @@ async fn the_feed_opens_a_contacts_personal_data_only_for_readers_of_it() {
     assert_eq!(created.status().as_u16(), 201);
     let created: Value = created.json().await.unwrap();
     // Once a projection has applied it, the feed delivers it to every reader.
-    let position = created["position"].as_str().unwrap().parse().unwrap();
-    assert!(
-        projections::runner::wait_for(&app.pool, position, &["contacts"], Duration::from_secs(10))
-            .await
-            .unwrap()
-    );
+    wait_for_projections(&app, created["position"].as_str().unwrap()).await;
     let mut conn = app.pool.acquire().await.unwrap();
     let start = projections::Position::default();
     let contact_event = |events: Vec<projections::FeedEvent>| {

@@ -119,6 +119,26 @@ impl StoreError {
     }
 }
 
+/// An idempotency key to claim in the statement that loads a command's aggregate
+/// ([`Store::load_claiming`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Claim<'a> {
+    /// The API key the idempotency key belongs to.
+    pub api_key_id: uuid::Uuid,
+    pub key: &'a str,
+    /// The hash of the request that came with the key.
+    pub request_hash: &'a [u8],
+}
+
+/// How a [`Claim`] went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Claimed {
+    /// The key's transaction lock was taken (else another request with the key is running).
+    pub locked: bool,
+    /// No record had the key: this transaction holds a placeholder for its answer.
+    pub claimed: bool,
+}
+
 /// An aggregate as loaded: its state, its version (events so far) and where its last
 /// event stands in the feed.
 #[derive(Debug, Clone)]
@@ -596,6 +616,18 @@ impl Store {
         conn: &mut PgConnection,
         ids: &[String],
     ) -> Result<HashMap<String, Loaded<A>>, StoreError> {
+        Ok(self.load_claiming(conn, ids, None).await?.0)
+    }
+
+    /// [`Store::load_many`], taking `claim` (an idempotency key's lock and claim) in the
+    /// same statement: a command's first round trip after `BEGIN`. Says how the claim went
+    /// (`None` without one).
+    pub async fn load_claiming<A: Aggregate>(
+        &self,
+        conn: &mut PgConnection,
+        ids: &[String],
+        claim: Option<&Claim<'_>>,
+    ) -> Result<(HashMap<String, Loaded<A>>, Option<Claimed>), StoreError> {
         let mut loaded: HashMap<String, Loaded<A>> = ids
             .iter()
             .map(|id| {
@@ -612,13 +644,37 @@ impl Store {
                 )
             })
             .collect();
-        // One statement, so one round trip and one snapshot of the database: the latest
-        // snapshot of each stream, the events after it and (for personal data) the data
-        // keys. A key commits with the first event sealed under it, and an erasure's
-        // destroyed key with its `ContactErased`, so every sealed event read has its key
-        // as of the same moment.
+        // One statement, so one round trip and one snapshot of the database: the claim,
+        // the latest snapshot of each stream, the events after it and (for personal data)
+        // the data keys. A key commits with the first event sealed under it, and an
+        // erasure's destroyed key with its `ContactErased`, so every sealed event read has
+        // its key as of the same moment.
+        //
+        // The claim is `command::replay`'s: the key's transaction lock, then a placeholder
+        // record the answer fills. Its conflict check sees records committed after this
+        // statement's snapshot, so a record committed by the lock's previous holder is
+        // never missed (and the state loaded with it is then not used).
+        let (lock, key, api_key_id, request_hash) = match claim {
+            Some(c) => (
+                Some(format!("{}:{}", c.api_key_id, c.key)),
+                c.key,
+                c.api_key_id,
+                c.request_hash,
+            ),
+            None => (None, "", uuid::Uuid::nil(), &[][..]),
+        };
         let parts = sqlx::query!(
-            r#"WITH s AS (
+            r#"WITH gate AS (
+                   SELECT pg_try_advisory_xact_lock(hashtextextended($5, 0)) AS locked
+                   WHERE $5::text IS NOT NULL
+               ), claimed AS (
+                   INSERT INTO idempotency_records
+                       (api_key_id, idempotency_key, request_hash, response_status,
+                        response_body)
+                   SELECT $7, $6, $8, NULL, '' FROM gate WHERE gate.locked
+                   ON CONFLICT (api_key_id, idempotency_key) DO NOTHING
+                   RETURNING 1
+               ), s AS (
                    SELECT aggregate_id, last_sequence, last_position, last_transaction_id,
                           payload
                    FROM snapshots
@@ -631,6 +687,13 @@ impl Store {
                       s.last_transaction_id::text AS transaction_id,
                       0::bigint AS bytes, NULL::bytea AS wrapped_key
                FROM s
+               UNION ALL
+               -- The claim: whether the lock was taken (sequence 1 or 0) and the key
+               -- claimed (2).
+               SELECT 3, '', (CASE WHEN gate.locked THEN 1 ELSE 0 END)
+                             + (CASE WHEN EXISTS (SELECT 1 FROM claimed) THEN 2 ELSE 0 END),
+                      NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL
+               FROM gate
                UNION ALL
                SELECT 1, e.aggregate_id, e.sequence, e.event_type, e.event_version,
                       e.payload, e.metadata, e.position, e.transaction_id::text,
@@ -656,15 +719,26 @@ impl Store {
             A::TYPE,
             ids,
             self.snapshot_every > 0,
-            pii::is_personal(A::TYPE)
+            pii::is_personal(A::TYPE),
+            lock,
+            key,
+            api_key_id,
+            request_hash
         )
         .fetch_all(&mut *conn)
         .await?;
         let mut snapshot_rows = Vec::new();
         let mut rows = Vec::new();
         let mut key_rows = Vec::new();
+        let mut claimed = None;
         for part in parts {
             match part.kind {
+                3 => {
+                    claimed = Some(Claimed {
+                        locked: part.sequence & 1 != 0,
+                        claimed: part.sequence & 2 != 0,
+                    })
+                }
                 0 => snapshot_rows.push(SnapshotRow {
                     aggregate_id: part.aggregate_id,
                     last_sequence: part.sequence,
@@ -755,7 +829,7 @@ impl Store {
                 l.last_position = Some(Position::stored(&row.transaction_id, row.position)?);
             }
         }
-        Ok(loaded)
+        Ok((loaded, claimed.filter(|_| claim.is_some())))
     }
 
     /// The events of streams `ids` after the sequence `after` gives each, in order.

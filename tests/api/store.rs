@@ -6,7 +6,7 @@ use aggregates::campaign::{Campaign, CampaignCommand, CampaignName};
 use chrono::Utc;
 use cqrs_es::Aggregate;
 use cqrs_es::event_sink::EventSink;
-use leadledger::store::{Loaded, Metadata, Position, Store, StoreError};
+use leadledger::store::{Claim, Claimed, Loaded, Metadata, Position, Store, StoreError};
 use projections::feed;
 use proptest::prelude::*;
 use sqlx::{Connection, PgPool};
@@ -468,4 +468,60 @@ async fn a_load_reads_only_its_own_streams_events_whatever_plan_the_database_kee
         .execute(&mut *conn)
         .await
         .unwrap();
+}
+
+#[tokio::test]
+async fn a_load_claims_an_idempotency_key_in_its_own_statement_once_per_key() {
+    let app = crate::helpers::spawn_app().await;
+    let store = Store::default();
+    let api_key_id: Uuid = sqlx::query_scalar("SELECT id FROM api_keys LIMIT 1")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let claim = Claim {
+        api_key_id,
+        key: "k-1",
+        request_hash: b"hash",
+    };
+    let ids = [Uuid::new_v4().to_string()];
+    let claimed = |c: Option<Claimed>| c.map(|c| (c.locked, c.claimed));
+
+    // The first transaction takes the key's lock and claims it.
+    let mut first = app.pool.begin().await.unwrap();
+    let (_, got) = store
+        .load_claiming::<Campaign>(&mut first, &ids, Some(&claim))
+        .await
+        .unwrap();
+    assert_eq!(claimed(got), Some((true, true)));
+    // While it runs, another finds the key locked.
+    let mut second = app.pool.begin().await.unwrap();
+    let (_, got) = store
+        .load_claiming::<Campaign>(&mut second, &ids, Some(&claim))
+        .await
+        .unwrap();
+    assert_eq!(claimed(got), Some((false, false)));
+    second.rollback().await.unwrap();
+    // Once it has committed, the key is free but taken: its record answers.
+    first.commit().await.unwrap();
+    let mut third = app.pool.begin().await.unwrap();
+    let (loaded, got) = store
+        .load_claiming::<Campaign>(&mut third, &ids, Some(&claim))
+        .await
+        .unwrap();
+    assert_eq!(claimed(got), Some((true, false)));
+    assert_eq!(loaded[&ids[0]].version, 0);
+    // Without a key, a load claims nothing and says so.
+    let (_, got) = store
+        .load_claiming::<Campaign>(&mut third, &ids, None)
+        .await
+        .unwrap();
+    assert_eq!(claimed(got), None);
+    third.rollback().await.unwrap();
+    let records: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM idempotency_records WHERE idempotency_key = 'k-1' AND response_status IS NULL",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(records, 1, "one placeholder, from the committed claim");
 }

@@ -11,8 +11,10 @@
 //!   commits each batch with its own place (`projection_rebuild_positions`), so an
 //!   interrupted rebuild leaves the live tables untouched and a new run resumes each
 //!   projection where it stopped.
-//! - The copies are `UNLOGGED` while they fill (no WAL per row); each is made logged, then
-//!   given its secondary indexes, as soon as its projection has read to the head. The
+//! - The copies are `UNLOGGED` while they fill (no WAL per row); each is made logged and
+//!   analyzed, then given its secondary indexes, as soon as its projection has read to the
+//!   head. Autovacuum leaves them alone until they are swapped in (it would otherwise
+//!   analyze them just as the swap wants them, and the swap would wait for it). The
 //!   positions are unlogged too: a server crash empties them with the copies, and the next
 //!   run starts over.
 //! - Once it has caught up, one transaction locks the projections' checkpoint rows (the
@@ -750,6 +752,9 @@ async fn swap_in(
         observer.phase("swapping");
     }
     sqlx::query!("SELECT leadledger_rebuild_swap($1)", tables)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query!("SELECT leadledger_rebuild_settle($1)", tables)
         .execute(&mut *tx)
         .await?;
     let names: Vec<&str> = job.names.iter().map(String::as_str).collect();

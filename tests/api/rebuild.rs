@@ -394,6 +394,31 @@ async fn rebuilding_every_projection_while_writes_continue_equals_the_live_model
     );
     assert!(rounds_meanwhile >= 1, "writes went on during the rebuild");
     assert_eq!(index_names(&app.pool).await, indexes_before);
+    // Swapped in analyzed, and autovacuum's again like every other table.
+    let (reloptions, unanalyzed): (Vec<String>, Vec<String>) = sqlx::query_as(
+        "SELECT coalesce(array_agg(c.relname::text || ' ' || c.reloptions::text)
+                     FILTER (WHERE c.reloptions IS NOT NULL), '{}'),
+                coalesce(array_agg(c.relname::text)
+                     FILTER (WHERE NOT EXISTS (SELECT 1 FROM pg_stats s
+                                               WHERE s.schemaname = 'public'
+                                                 AND s.tablename = c.relname)), '{}')
+         FROM pg_class c
+         WHERE c.relnamespace = 'public'::regnamespace
+           AND c.relname = ANY(ARRAY['contacts_view', 'enrollments_view', 'campaigns_view'])",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        reloptions,
+        Vec::<String>::new(),
+        "storage options left behind"
+    );
+    assert_eq!(
+        unanalyzed,
+        Vec::<String>::new(),
+        "swapped in without statistics"
+    );
 
     let head = settle(&app.pool).await;
     assert!(head > report.position, "events arrived after the swap");

@@ -13,7 +13,9 @@
 //!   and one transaction, not one per projection.
 //! - It wakes when events are committed ([`Wakeup`]: at once in the writing process,
 //!   through one coalesced NOTIFY in the others) and when other checkpoints move, and falls
-//!   back to polling.
+//!   back to polling. After a batch of many events it waits a few milliseconds before the
+//!   next, so that under heavy writes each batch gathers more commands' events
+//!   (`RunnerConfig::min_batch_interval`); light traffic is read at once.
 //! - A failing event stops its projection there, and only it: the batch is applied again to
 //!   each projection alone, the failing one up to its last good event; the failure is
 //!   recorded on the checkpoint row, logged and exported as a metric, and the runner retries
@@ -33,6 +35,9 @@ use crate::{Projection, ProjectionError, Reactor};
 /// The first look again after a wake-up that found nothing (doubling from there).
 const RECHECK_AFTER_WAKE: Duration = Duration::from_millis(10);
 
+/// The smallest batch after which the runner waits out [`RunnerConfig::min_batch_interval`].
+pub const LINGER_FROM: usize = 8;
+
 /// First key of the two-key advisory locks the runner takes ("LL").
 pub const LOCK_CLASS: i32 = 0x4c4c;
 pub use crate::wake::{CHECKPOINTS_CHANNEL, EVENTS_CHANNEL};
@@ -44,6 +49,12 @@ pub struct RunnerConfig {
     pub poll_interval: Duration,
     /// How often a process without a projection's lock tries to take it over.
     pub standby_interval: Duration,
+    /// How long a batch of [`LINGER_FROM`] events or more waits, from its start, before the
+    /// next batch is read. Under a heavy stream of commands this gathers the events of more
+    /// of them into one batch: the group's feed read, checkpoint locks and moves, and each
+    /// projection's statements are shared by more events. Lighter traffic (smaller
+    /// batches) and a wake-up after an idle spell are read at once.
+    pub min_batch_interval: Duration,
     /// How long a failed projection waits before trying its failing event again.
     pub failure_retry: Duration,
 }
@@ -54,6 +65,7 @@ impl Default for RunnerConfig {
             batch_size: 500,
             poll_interval: Duration::from_millis(250),
             standby_interval: Duration::from_secs(1),
+            min_batch_interval: Duration::from_millis(10),
             failure_retry: Duration::from_secs(5),
         }
     }
@@ -247,6 +259,7 @@ async fn run_group(
             // makes the next wait return at once.
             wake.borrow_and_update();
             horizon.borrow_and_update();
+            let started = Instant::now();
             let outcome = run_batch(&mut conn, &mut members, &config).await;
             if matches!(outcome, Ok(BatchOutcome::Applied(n, _)) if n > 0)
                 || matches!(outcome, Ok(BatchOutcome::Moved))
@@ -258,12 +271,16 @@ async fn run_group(
                 // A reactor's batch committed events of its own.
                 wakeup.committed();
             }
+            let mut linger_until = None;
             match outcome {
                 Ok(BatchOutcome::Applied(n, _)) if n as i64 == config.batch_size => continue,
                 Ok(BatchOutcome::Moved) => continue,
                 Ok(BatchOutcome::Applied(n, _)) => {
                     if n > 0 {
                         recheck.found();
+                    }
+                    if n >= LINGER_FROM {
+                        linger_until = Some(started + config.min_batch_interval);
                     }
                 }
                 Err(e) => {
@@ -291,6 +308,12 @@ async fn run_group(
                 () = tokio::time::sleep(wait) => recheck.waited(config.poll_interval),
                 _ = wake.changed(), if !idle => recheck.woken(),
                 _ = horizon.changed(), if !idle && recheck.pending() => {}
+            }
+            if let Some(until) = linger_until {
+                let rest = until.saturating_duration_since(Instant::now());
+                if !rest.is_zero() {
+                    sleep_or_cancel(rest, &cancel).await;
+                }
             }
         }
         for m in &members {

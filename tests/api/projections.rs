@@ -18,6 +18,7 @@ fn fast() -> RunnerConfig {
         batch_size: 50,
         poll_interval: Duration::from_millis(50),
         standby_interval: Duration::from_millis(100),
+        min_batch_interval: Duration::from_millis(10),
         failure_retry: Duration::from_millis(100),
     }
 }

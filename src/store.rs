@@ -130,6 +130,14 @@ pub struct Claim<'a> {
     pub request_hash: &'a [u8],
 }
 
+impl Claim<'_> {
+    /// What the key's transaction-scoped advisory lock is taken on (hashed): the same
+    /// for every statement that claims the key.
+    pub fn lock_name(&self) -> String {
+        format!("{}:{}", self.api_key_id, self.key)
+    }
+}
+
 /// How a [`Claim`] went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Claimed {
@@ -655,12 +663,7 @@ impl Store {
         // statement's snapshot, so a record committed by the lock's previous holder is
         // never missed (and the state loaded with it is then not used).
         let (lock, key, api_key_id, request_hash) = match claim {
-            Some(c) => (
-                Some(format!("{}:{}", c.api_key_id, c.key)),
-                c.key,
-                c.api_key_id,
-                c.request_hash,
-            ),
+            Some(c) => (Some(c.lock_name()), c.key, c.api_key_id, c.request_hash),
             None => (None, "", uuid::Uuid::nil(), &[][..]),
         };
         let parts = sqlx::query!(

@@ -756,18 +756,16 @@ pub async fn replay(
     conn: &mut PgConnection,
     context: &CommandContext,
 ) -> Result<Option<Recorded>, AppError> {
-    let Some(idempotency) = &context.idempotency else {
+    let Some(claim) = claim_of(context) else {
         return Ok(None);
     };
-    let key = &idempotency.key;
-    let scope = idempotency.scope.to_string();
     // One round trip on the way of a new command: the key's lock, and a claim on the key
     // (a placeholder the answer fills). The claim's conflict check sees records committed
     // after this statement's snapshot, so a record committed by the lock's previous holder
     // is never missed. (A command's load takes the same claim: `Store::load_claiming`.)
     let gate = sqlx::query!(
         r#"WITH gate AS (
-               SELECT pg_try_advisory_xact_lock(hashtextextended($1 || ':' || $2, 0)) AS locked
+               SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0)) AS locked
            ), claimed AS (
                INSERT INTO idempotency_records
                    (api_key_id, idempotency_key, request_hash, response_status, response_body)
@@ -777,10 +775,10 @@ pub async fn replay(
            )
            SELECT (SELECT locked FROM gate) AS "locked!",
                   EXISTS (SELECT 1 FROM claimed) AS "claimed!""#,
-        scope,
-        key,
-        idempotency.scope,
-        &idempotency.request_hash
+        claim.lock_name(),
+        claim.key,
+        claim.api_key_id,
+        claim.request_hash
     )
     .fetch_one(&mut *conn)
     .await?;

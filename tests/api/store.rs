@@ -6,6 +6,8 @@ use aggregates::campaign::{Campaign, CampaignCommand, CampaignName};
 use chrono::Utc;
 use cqrs_es::Aggregate;
 use cqrs_es::event_sink::EventSink;
+use leadledger::app::command::{CommandContext, Idempotency};
+use leadledger::app::error::AppError;
 use leadledger::store::{Claim, Claimed, Loaded, Metadata, Position, Store, StoreError};
 use projections::feed;
 use proptest::prelude::*;
@@ -493,13 +495,32 @@ async fn a_load_claims_an_idempotency_key_in_its_own_statement_once_per_key() {
         .await
         .unwrap();
     assert_eq!(claimed(got), Some((true, true)));
-    // While it runs, another finds the key locked.
+    // While it runs, another finds the key locked, whether its load claims the key or a
+    // turn of a group does (a command that is not its group's first).
     let mut second = app.pool.begin().await.unwrap();
     let (_, got) = store
         .load_claiming::<Campaign>(&mut second, &ids, Some(&claim))
         .await
         .unwrap();
     assert_eq!(claimed(got), Some((false, false)));
+    let context = CommandContext {
+        idempotency: Some(Idempotency {
+            scope: api_key_id,
+            key: "k-1".into(),
+            request_hash: b"hash".to_vec(),
+        }),
+        ..Default::default()
+    };
+    // (Were the two claims' locks different, the turn would wait for the first
+    // transaction's placeholder instead.)
+    sqlx::query("SET LOCAL lock_timeout = '5s'")
+        .execute(&mut *second)
+        .await
+        .unwrap();
+    match leadledger::app::command::replay(&mut second, &context).await {
+        Err(AppError::Conflict { kind, .. }) => assert_eq!(kind, "idempotency-key-in-flight"),
+        other => panic!("the turn's claim was not refused: {other:?}"),
+    }
     second.rollback().await.unwrap();
     // Once it has committed, the key is free but taken: its record answers.
     first.commit().await.unwrap();

@@ -328,12 +328,13 @@ impl App {
     }
 }
 
-/// Begins a command's transaction. Its statements (the gate, the load, the append, the
-/// answer and the guards) look rows up by key, so one generic plan made once per
-/// connection serves every execution: re-planning each one with its values cost about a
-/// tenth of a command's time in the database. The setting lasts for this transaction only
-/// and costs no round trip of its own; the load reads each stream through its index
-/// whatever plan it runs (see `Store::load_many`).
+/// Begins a command's transaction. Its statements (the claim and load, the append, the
+/// answer, the guards and the claims of the group's later commands) look rows up by key,
+/// so one generic plan made once per connection serves every execution: planning each
+/// one again with its values cost about a tenth of a command's time in the database. The
+/// setting lasts for this transaction only and costs no round trip of its own; the load
+/// reads each stream through its index whatever plan it runs (see
+/// `Store::load_claiming`).
 async fn begin_command(pool: &sqlx::PgPool) -> Result<Tx, sqlx::Error> {
     pool.begin_with("BEGIN; SET LOCAL plan_cache_mode = force_generic_plan")
         .await

@@ -459,10 +459,8 @@ async fn run_batch(
     let mut failed = false;
     for &(i, _, mine) in &shares {
         if let Err(error) = members[i].projection.apply_batch(&mut tx, mine).await {
-            if let ProjectionError::Database(e) = &error
-                && is_connection_error(e)
-            {
-                return Err(sqlx::Error::Protocol(e.to_string()));
+            if let Some(lost) = connection_lost(&error) {
+                return Err(lost);
             }
             failed = true;
             break;
@@ -542,10 +540,8 @@ async fn apply_alone(
         Err(error) => error,
     };
     tx.rollback().await?;
-    if let ProjectionError::Database(e) = &error
-        && is_connection_error(e)
-    {
-        return Err(sqlx::Error::Protocol(e.to_string()));
+    if let Some(lost) = connection_lost(&error) {
+        return Err(lost);
     }
     let mut tx = conn.begin().await?;
     if lock_checkpoints(&mut tx, &[name]).await? != [after] {
@@ -663,6 +659,17 @@ pub async fn apply_until_failure(
         }
     }
     Ok((last_good, None))
+}
+
+/// A projection's failure that is the connection's, not the projection's: the task
+/// reconnects instead of recording the event as failing.
+fn connection_lost(error: &ProjectionError) -> Option<sqlx::Error> {
+    match error {
+        ProjectionError::Database(e) if is_connection_error(e) => {
+            Some(sqlx::Error::Protocol(e.to_string()))
+        }
+        _ => None,
+    }
 }
 
 fn is_connection_error(e: &sqlx::Error) -> bool {

@@ -151,6 +151,29 @@ impl Generations {
             .find(|(g, _)| *g == generation)
             .map(|(_, k)| k)
     }
+
+    /// The key new data is sealed with: the current generation. `None`: the stream has no
+    /// key yet; [`PiiError::Destroyed`]: its last life was erased.
+    pub fn write_key(&self) -> Result<Option<WriteKey>, PiiError> {
+        match self.current() {
+            Some((generation, DataKey::Open(cipher))) => Ok(Some(WriteKey {
+                generation,
+                cipher: cipher.clone(),
+            })),
+            Some((_, DataKey::Destroyed)) => Err(PiiError::Destroyed),
+            None => Ok(None),
+        }
+    }
+
+    /// These generations with `key` as the newest (a key this writer just made).
+    pub fn with_written(&self, key: &WriteKey) -> Self {
+        let mut next = self.clone();
+        if next.current().map(|(g, _)| g) != Some(key.generation) {
+            next.0
+                .push((key.generation, DataKey::Open(key.cipher.clone())));
+        }
+        next
+    }
 }
 
 /// Data keys of a set of streams; a stream without a row has never held sealed data.
@@ -385,6 +408,8 @@ pub fn plan_write_keys(
 ) -> Result<(HashMap<String, WriteKey>, NewKeys), PiiError> {
     let mut chosen: HashMap<String, WriteKey> = HashMap::with_capacity(known.len());
     let mut made = NewKeys::default();
+    // Read once, when the first key is to be made (a write that makes none needs none).
+    let mut sealing: Option<Keyring> = None;
     for (id, generations) in known {
         let generation = match generations.write_key() {
             Ok(Some(key)) => {
@@ -397,7 +422,10 @@ pub fn plan_write_keys(
             }
             Err(e) => return Err(e),
         };
-        let keyring = keyring()?;
+        let keyring = match &mut sealing {
+            Some(keyring) => keyring,
+            None => sealing.insert(keyring()?),
+        };
         let raw: [u8; 32] = random();
         made.ids.push(id.clone());
         made.generations.push(generation);
@@ -412,31 +440,6 @@ pub fn plan_write_keys(
         );
     }
     Ok((chosen, made))
-}
-
-impl Generations {
-    /// The key new data is sealed with: the current generation. `None`: the stream has no
-    /// key yet; [`PiiError::Destroyed`]: its last life was erased.
-    pub fn write_key(&self) -> Result<Option<WriteKey>, PiiError> {
-        match self.current() {
-            Some((generation, DataKey::Open(cipher))) => Ok(Some(WriteKey {
-                generation,
-                cipher: cipher.clone(),
-            })),
-            Some((_, DataKey::Destroyed)) => Err(PiiError::Destroyed),
-            None => Ok(None),
-        }
-    }
-
-    /// These generations with `key` as the newest (a key this writer just made).
-    pub fn with_written(&self, key: &WriteKey) -> Self {
-        let mut next = self.clone();
-        if next.current().map(|(g, _)| g) != Some(key.generation) {
-            next.0
-                .push((key.generation, DataKey::Open(key.cipher.clone())));
-        }
-        next
-    }
 }
 
 fn aad(aggregate_type: &str, id: &str) -> Vec<u8> {

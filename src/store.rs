@@ -832,7 +832,8 @@ impl Store {
                 l.last_position = Some(Position::stored(&row.transaction_id, row.position)?);
             }
         }
-        Ok((loaded, claimed.filter(|_| claim.is_some())))
+        // No claim, no gate row: `claimed` is `None`.
+        Ok((loaded, claimed))
     }
 
     /// The events of streams `ids` after the sequence `after` gives each, in order.

@@ -95,32 +95,30 @@ pub fn start(state: &App) -> Workers {
         }
     }));
     // Contact events an earlier release stored in the clear are sealed while serving.
-    if !projections::pii::SEALING {
+    if projections::pii::SEALING {
+        let pool = state.pool.clone();
+        let stop = cancel.clone();
+        tasks.push(tokio::spawn(async move {
+            let quiet = |_| {};
+            tokio::select! {
+                () = stop.cancelled() => {},
+                done = crate::app::privacy::encrypt_plaintext(&pool, 500, &quiet) => match done {
+                    Ok(done) if done.events + done.redacted > 0 => tracing::info!(
+                        events = done.events,
+                        redacted = done.redacted,
+                        "contact events stored in the clear were encrypted"
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "encrypting contact events failed"),
+                },
+            }
+        }));
+    } else {
         tracing::warn!(
             "built with the `unsealed` feature: contact data is written in the clear \
              (for measuring what sealing costs, never for real data)"
         );
     }
-    let pool = state.pool.clone();
-    let stop = cancel.clone();
-    tasks.push(tokio::spawn(async move {
-        let quiet = |_| {};
-        if !projections::pii::SEALING {
-            return;
-        }
-        tokio::select! {
-            () = stop.cancelled() => {},
-            done = crate::app::privacy::encrypt_plaintext(&pool, 500, &quiet) => match done {
-                Ok(done) if done.events + done.redacted > 0 => tracing::info!(
-                    events = done.events,
-                    redacted = done.redacted,
-                    "contact events stored in the clear were encrypted"
-                ),
-                Ok(_) => {}
-                Err(e) => tracing::warn!(error = %e, "encrypting contact events failed"),
-            },
-        }
-    }));
     // Expired budget holds are released by a command even if no one touches the budget.
     tasks.push(crate::app::budgets::spawn_expiry_worker(
         state.clone(),

@@ -106,10 +106,18 @@ impl StoreError {
     fn from_insert(e: sqlx::Error) -> Self {
         // A clash on a stream's sequence, or on a data key made with the stream's next
         // events: either way another writer appended first.
+        // An idempotency key answered by another request while this write was decided
+        // (see `leadledger_require_recorded`) is a clash of the same kind: the next attempt
+        // finds the answer. Two writes of overlapping streams and keys may also wait on
+        // each other; the one PostgreSQL picks to end tries again.
         let conflict = e.as_database_error().is_some_and(|d| {
-            d.code().is_some_and(|c| c == "23505")
-                && d.constraint()
-                    .is_some_and(|c| c == "events_stream_sequence" || c == "contact_keys_pkey")
+            d.code().is_some_and(|c| c == "40P01")
+                || (d.code().is_some_and(|c| c == "23505")
+                    && d.constraint().is_some_and(|c| {
+                        c == "events_stream_sequence"
+                            || c == "contact_keys_pkey"
+                            || c == "idempotency_records_pkey"
+                    }))
         });
         if conflict {
             Self::Conflict
@@ -119,8 +127,8 @@ impl StoreError {
     }
 }
 
-/// An idempotency key to claim in the statement that loads a command's aggregate
-/// ([`Store::load_claiming`]).
+/// An idempotency key with the request it came with: what a command's load looks its
+/// answer up by ([`Store::load_answering`]).
 #[derive(Debug, Clone, Copy)]
 pub struct Claim<'a> {
     /// The API key the idempotency key belongs to.
@@ -131,20 +139,81 @@ pub struct Claim<'a> {
 }
 
 impl Claim<'_> {
-    /// What the key's transaction-scoped advisory lock is taken on (hashed): the same
-    /// for every statement that claims the key.
+    /// What the key's transaction-scoped advisory lock is taken on (hashed), by the
+    /// writes that claim a key before they decide (`command::replay`).
     pub fn lock_name(&self) -> String {
         format!("{}:{}", self.api_key_id, self.key)
     }
 }
 
-/// How a [`Claim`] went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Claimed {
-    /// The key's transaction lock was taken (else another request with the key is running).
-    pub locked: bool,
-    /// No record had the key: this transaction holds a placeholder for its answer.
-    pub claimed: bool,
+/// An idempotency record as stored.
+#[derive(Debug, Clone)]
+pub struct StoredAnswer {
+    pub request_hash: Vec<u8>,
+    /// `None`: a claim committed without an answer (its command was refused before it
+    /// had one).
+    pub status: Option<i16>,
+    /// Sealed.
+    pub body: Vec<u8>,
+    pub headers: serde_json::Value,
+    /// The position the reply names, when it was recorded with the events it names (the
+    /// body then holds a placeholder in its `position`).
+    pub position: Option<Position>,
+}
+
+impl StoredAnswer {
+    /// The record of `key`, if any.
+    pub async fn read(
+        conn: &mut PgConnection,
+        api_key_id: uuid::Uuid,
+        key: &str,
+    ) -> Result<Option<Self>, StoreError> {
+        let row = sqlx::query!(
+            r#"SELECT request_hash, response_status, response_body, response_headers,
+                      response_position, response_transaction_id::text AS response_transaction_id
+               FROM idempotency_records WHERE api_key_id = $1 AND idempotency_key = $2"#,
+            api_key_id,
+            key
+        )
+        .fetch_optional(&mut *conn)
+        .await?;
+        row.map(|r| {
+            Ok(Self {
+                request_hash: r.request_hash,
+                status: r.response_status,
+                body: r.response_body,
+                headers: r.response_headers,
+                position: stored_position(r.response_transaction_id, r.response_position)?,
+            })
+        })
+        .transpose()
+    }
+}
+
+fn stored_position(
+    transaction_id: Option<String>,
+    position: Option<i64>,
+) -> Result<Option<Position>, StoreError> {
+    Ok(match (transaction_id, position) {
+        (Some(t), Some(p)) => Some(Position::stored(&t, p)?),
+        _ => None,
+    })
+}
+
+/// An answer recorded for an idempotency key by the statement that appends the events it
+/// answers for ([`Store::append_recorded`]).
+#[derive(Debug, Clone)]
+pub struct RecordRow {
+    pub api_key_id: uuid::Uuid,
+    pub key: String,
+    pub request_hash: Vec<u8>,
+    pub status: i16,
+    /// Sealed.
+    pub body: Vec<u8>,
+    pub headers: serde_json::Value,
+    /// The sequence (in the stream written) of the event whose position the reply names,
+    /// if it is one of this write's: the record stores that event's position.
+    pub names_sequence: Option<u64>,
 }
 
 /// An aggregate as loaded: its state, its version (events so far) and where its last
@@ -169,7 +238,6 @@ impl<A: Aggregate> AggregateContext<A> for Loaded<A> {
     }
 }
 
-/// A row of `events` as a load reads it.
 /// A stream's latest snapshot as stored.
 struct SnapshotRow {
     aggregate_id: String,
@@ -179,6 +247,24 @@ struct SnapshotRow {
     payload: serde_json::Value,
 }
 
+/// A row of a load's statement: a snapshot (kind 0), an event (1), a data key (2) or an
+/// idempotency record (3), in the columns they share.
+struct LoadPart {
+    kind: i32,
+    aggregate_id: String,
+    sequence: i64,
+    event_type: Option<String>,
+    event_version: Option<String>,
+    payload: Option<serde_json::Value>,
+    metadata: Option<serde_json::Value>,
+    position: Option<i64>,
+    transaction_id: Option<String>,
+    bytes: Option<i64>,
+    wrapped_key: Option<Vec<u8>>,
+    request_hash: Option<Vec<u8>>,
+}
+
+/// A row of `events` as a load reads it.
 struct EventRow {
     aggregate_id: String,
     sequence: i64,
@@ -449,6 +535,62 @@ impl Store {
         streams: &mut [(&mut Loaded<A>, &[A::Event])],
         metadata: &Metadata,
     ) -> Result<Vec<Appended>, StoreError> {
+        self.write(conn, streams, std::slice::from_ref(metadata), &[])
+            .await
+    }
+
+    /// Appends `events` to the loaded stream, each with its own metadata, and records
+    /// `records` (idempotency answers) in the same statement: a write that stands alone
+    /// needs no transaction around it. A record whose key was answered by another request
+    /// meanwhile fails the whole statement with [`StoreError::Conflict`]. Writes nothing
+    /// when given nothing.
+    pub async fn append_recorded<A: Aggregate>(
+        &self,
+        conn: &mut PgConnection,
+        loaded: &mut Loaded<A>,
+        events: &[A::Event],
+        metadata: &[Metadata],
+        records: &[RecordRow],
+    ) -> Result<Appended, StoreError> {
+        debug_assert_eq!(events.len(), metadata.len());
+        let mut written = self
+            .write(conn, &mut [(loaded, events)], metadata, records)
+            .await?;
+        Ok(written.pop().expect("one result per stream"))
+    }
+
+    /// Refuses an event larger than [`MAX_EVENT_BYTES`] before anything is written.
+    pub fn check_sizes<A: Aggregate>(events: &[A::Event]) -> Result<(), StoreError> {
+        for e in events {
+            let size = serde_json::to_string(e)?.len();
+            if size > MAX_EVENT_BYTES {
+                return Err(StoreError::EventTooLarge { bytes: size });
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Store::append_many`] and [`Store::append_recorded`]: `metadata` is one for every
+    /// event, or one per event in the order of `streams`.
+    async fn write<A: Aggregate>(
+        &self,
+        conn: &mut PgConnection,
+        streams: &mut [(&mut Loaded<A>, &[A::Event])],
+        metadata: &[Metadata],
+        records: &[RecordRow],
+    ) -> Result<Vec<Appended>, StoreError> {
+        // Where each stream's events start in the order given (for their metadata).
+        let mut offsets = Vec::with_capacity(streams.len());
+        let mut offset = 0;
+        for (_, events) in streams.iter() {
+            offsets.push(offset);
+            offset += events.len();
+        }
+        let metadata: Vec<serde_json::Value> = metadata
+            .iter()
+            .map(serde_json::to_value)
+            .collect::<Result<_, _>>()?;
+        let mut metadatas = Vec::new();
         let mut order: Vec<usize> = (0..streams.len()).collect();
         order.sort_by(|a, b| streams[*a].0.id.cmp(&streams[*b].0.id));
         let total: usize = streams.iter().map(|(_, e)| e.len()).sum();
@@ -464,6 +606,11 @@ impl Store {
             let (loaded, events) = &streams[i];
             for (k, e) in events.iter().enumerate() {
                 ids.push(loaded.id.clone());
+                metadatas.push(if metadata.len() == 1 {
+                    metadata[0].clone()
+                } else {
+                    metadata[offsets[i] + k].clone()
+                });
                 sequences.push((loaded.version + 1 + k as u64) as i64);
                 types.push(e.event_type());
                 versions.push(e.event_version());
@@ -538,45 +685,107 @@ impl Store {
             payloads.push(payload);
         }
         let mut positions: HashMap<(String, i64), Position> = HashMap::with_capacity(total);
-        if total > 0 {
-            let metadata_json = serde_json::to_value(metadata)?;
+        if total > 0 || !records.is_empty() {
+            let mut record_ids = Vec::with_capacity(records.len());
+            let mut record_sequences = Vec::with_capacity(records.len());
+            let mut record_headers = Vec::with_capacity(records.len());
+            for r in records {
+                // Records answer for the (one) stream this write appends to.
+                record_ids.push(
+                    streams
+                        .first()
+                        .map(|(l, _)| l.id.clone())
+                        .unwrap_or_default(),
+                );
+                record_sequences.push(r.names_sequence.map(|s| s as i64));
+                record_headers.push(r.headers.to_string());
+            }
             // The data keys made for this write go in with its first events: a writer that
             // made one first also appended at these sequences, so either clash is a
-            // conflict.
+            // conflict. The answers go in with the events they answer for, each naming
+            // the position of the event its reply names; a key answered meanwhile by
+            // another request fails the statement (`leadledger_require_recorded`).
             let rows = sqlx::query!(
                 r#"WITH made AS (
                        INSERT INTO contact_keys (contact_id, generation, wrapped_key)
                        SELECT * FROM UNNEST($8::text[], $9::int4[], $10::bytea[])
+                   ), ins AS (
+                       INSERT INTO events
+                           (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                            payload, metadata)
+                       SELECT $1, u.aggregate_id, u.sequence, u.event_type, u.event_version,
+                              u.payload, u.metadata
+                       FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::text[],
+                                   $6::text[]::jsonb[], $7::jsonb[])
+                            AS u(aggregate_id, sequence, event_type, event_version, payload,
+                                 metadata)
+                       RETURNING aggregate_id, sequence, position, transaction_id
+                   ), rec AS (
+                       INSERT INTO idempotency_records
+                           (api_key_id, idempotency_key, request_hash, response_status,
+                            response_body, response_headers, response_transaction_id,
+                            response_position)
+                       SELECT r.api_key_id, r.idempotency_key, r.request_hash, r.status,
+                              r.body, r.headers, i.transaction_id, i.position
+                       FROM UNNEST($11::uuid[], $12::text[], $13::bytea[], $14::int2[],
+                                   $15::bytea[], $16::text[]::jsonb[], $17::text[],
+                                   $18::bigint[])
+                            AS r(api_key_id, idempotency_key, request_hash, status, body,
+                                 headers, aggregate_id, sequence)
+                       LEFT JOIN ins i
+                         ON i.aggregate_id = r.aggregate_id AND i.sequence = r.sequence
+                       ON CONFLICT (api_key_id, idempotency_key) DO UPDATE
+                       SET request_hash = EXCLUDED.request_hash,
+                           response_status = EXCLUDED.response_status,
+                           response_body = EXCLUDED.response_body,
+                           response_headers = EXCLUDED.response_headers,
+                           response_transaction_id = EXCLUDED.response_transaction_id,
+                           response_position = EXCLUDED.response_position
+                       WHERE idempotency_records.response_status IS NULL
+                       RETURNING 1
                    )
-                   INSERT INTO events
-                       (aggregate_type, aggregate_id, sequence, event_type, event_version,
-                        payload, metadata)
-                   SELECT $1, u.aggregate_id, u.sequence, u.event_type, u.event_version,
-                          u.payload, $7
-                   FROM UNNEST($2::text[], $3::bigint[], $4::text[], $5::text[],
-                               $6::text[]::jsonb[])
-                        AS u(aggregate_id, sequence, event_type, event_version, payload)
-                   RETURNING aggregate_id, sequence, position,
-                             transaction_id::text AS "transaction_id!""#,
+                   SELECT i.aggregate_id AS "aggregate_id?", i.sequence AS "sequence?",
+                          i.position AS "position?",
+                          i.transaction_id::text AS "transaction_id?",
+                          leadledger_require_recorded(cardinality($11::uuid[]),
+                                                      (SELECT count(*) FROM rec))
+                              AS "recorded!"
+                   FROM (SELECT 1) AS one
+                   LEFT JOIN ins i ON true"#,
                 A::TYPE,
                 &ids,
                 &sequences,
                 &types,
                 &versions,
                 &payloads,
-                metadata_json,
+                &metadatas,
                 &new_keys.ids,
                 &new_keys.generations,
-                &new_keys.wrapped
+                &new_keys.wrapped,
+                &records.iter().map(|r| r.api_key_id).collect::<Vec<_>>(),
+                &records.iter().map(|r| r.key.clone()).collect::<Vec<_>>(),
+                &records
+                    .iter()
+                    .map(|r| r.request_hash.clone())
+                    .collect::<Vec<_>>(),
+                &records.iter().map(|r| r.status).collect::<Vec<_>>(),
+                &records.iter().map(|r| r.body.clone()).collect::<Vec<_>>(),
+                &record_headers,
+                &record_ids,
+                &record_sequences as &[Option<i64>]
             )
             .fetch_all(&mut *conn)
             .await
             .map_err(StoreError::from_insert)?;
             for row in rows {
-                positions.insert(
-                    (row.aggregate_id, row.sequence),
-                    Position::stored(&row.transaction_id, row.position)?,
-                );
+                if let (Some(id), Some(sequence), Some(position), Some(transaction_id)) = (
+                    row.aggregate_id,
+                    row.sequence,
+                    row.position,
+                    row.transaction_id,
+                ) {
+                    positions.insert((id, sequence), Position::stored(&transaction_id, position)?);
+                }
             }
         }
         let mut results = Vec::with_capacity(streams.len());
@@ -607,8 +816,16 @@ impl Store {
                 && (loaded.version / self.snapshot_every > old_version / self.snapshot_every
                     || (!events.is_empty() && loaded.unsnapshotted_bytes >= SNAPSHOT_BYTES))
             {
-                self.write_snapshot(conn, loaded).await?;
-                loaded.unsnapshotted_bytes = 0;
+                // A snapshot only saves later loads work: the events are written whether or
+                // not it is (in a transaction, a failed one fails the commit after it).
+                match self.write_snapshot(conn, loaded).await {
+                    Ok(()) => loaded.unsnapshotted_bytes = 0,
+                    Err(e) => tracing::warn!(
+                        aggregate_type = A::TYPE,
+                        error = %e,
+                        "snapshot not written; the next load replays further"
+                    ),
+                }
             }
             results.push(Appended {
                 version: loaded.version,
@@ -618,24 +835,138 @@ impl Store {
         Ok(results)
     }
 
-    /// Loads several streams at once: two queries however many (for bulk commands).
+    /// Loads several streams at once: one statement however many (for bulk commands).
     pub async fn load_many<A: Aggregate>(
         &self,
         conn: &mut PgConnection,
         ids: &[String],
     ) -> Result<HashMap<String, Loaded<A>>, StoreError> {
-        Ok(self.load_claiming(conn, ids, None).await?.0)
+        // One statement, so one round trip and one snapshot of the database: the latest
+        // snapshot of each stream, the events after it and (for personal data) the data
+        // keys. A key commits with the first event sealed under it, and an erasure's
+        // destroyed key with its `ContactErased`, so every sealed event read has its key
+        // as of the same moment.
+        let parts = sqlx::query_as!(
+            LoadPart,
+            r#"WITH s AS (
+                   SELECT aggregate_id, last_sequence, last_position, last_transaction_id,
+                          payload
+                   FROM snapshots
+                   WHERE $3 AND aggregate_type = $1 AND aggregate_id = ANY($2)
+               )
+               SELECT 0 AS "kind!", s.aggregate_id AS "aggregate_id!",
+                      s.last_sequence AS "sequence!", NULL::text AS event_type,
+                      NULL::text AS event_version, s.payload, NULL::jsonb AS metadata,
+                      s.last_position AS position,
+                      s.last_transaction_id::text AS transaction_id,
+                      0::bigint AS bytes, NULL::bytea AS wrapped_key,
+                      NULL::bytea AS request_hash
+               FROM s
+               UNION ALL
+               SELECT 1, e.aggregate_id, e.sequence, e.event_type, e.event_version,
+                      e.payload, e.metadata, e.position, e.transaction_id::text,
+                      octet_length(e.payload::text)::bigint, NULL, NULL
+               FROM UNNEST($2::text[]) AS u(id)
+               LEFT JOIN s ON s.aggregate_id = u.id
+               -- Per stream, through its index: a join the planner may turn into a scan of
+               -- every event of the type (a generic plan made while the log was small).
+               CROSS JOIN LATERAL (
+                   SELECT e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload,
+                          e.metadata, e.position, e.transaction_id
+                   FROM events e
+                   WHERE e.aggregate_type = $1 AND e.aggregate_id = u.id
+                     AND e.sequence > coalesce(s.last_sequence, 0)
+                   ORDER BY e.sequence
+               ) e
+               UNION ALL
+               SELECT 2, k.contact_id, k.generation, NULL, NULL, NULL, NULL, NULL, NULL,
+                      0, k.wrapped_key, NULL
+               FROM contact_keys k
+               WHERE $4 AND k.contact_id = ANY($2)
+               ORDER BY 1, 2, 3"#,
+            A::TYPE,
+            ids,
+            self.snapshot_every > 0,
+            pii::is_personal(A::TYPE),
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        Ok(self.assemble(conn, ids, parts).await?.0)
     }
 
-    /// [`Store::load_many`], taking `claim` (an idempotency key's lock and claim) in the
-    /// same statement: a command's first round trip after `BEGIN`. Says how the claim went
-    /// (`None` without one).
-    pub async fn load_claiming<A: Aggregate>(
+    /// One stream, as [`Store::load_many`] loads it, with the answer recorded for `key`
+    /// (an idempotency key) read in the same statement: a command's first round trip.
+    /// `None` for the answer: no key given, or no record of it. (Of one stream, so that
+    /// the statement's generic plan costs what a plan for its values would: planned once
+    /// per connection, not at every execution.)
+    pub async fn load_answering<A: Aggregate>(
+        &self,
+        conn: &mut PgConnection,
+        id: &str,
+        key: Option<&Claim<'_>>,
+    ) -> Result<(Loaded<A>, Option<StoredAnswer>), StoreError> {
+        let (key, api_key_id) = match key {
+            Some(c) => (Some(c.key), c.api_key_id),
+            None => (None, uuid::Uuid::nil()),
+        };
+        let parts = sqlx::query_as!(
+            LoadPart,
+            r#"WITH s AS (
+                   SELECT aggregate_id, last_sequence, last_position, last_transaction_id,
+                          payload
+                   FROM snapshots
+                   WHERE $3 AND aggregate_type = $1 AND aggregate_id = $2
+               )
+               SELECT 0 AS "kind!", s.aggregate_id AS "aggregate_id!",
+                      s.last_sequence AS "sequence!", NULL::text AS event_type,
+                      NULL::text AS event_version, s.payload, NULL::jsonb AS metadata,
+                      s.last_position AS position,
+                      s.last_transaction_id::text AS transaction_id,
+                      0::bigint AS bytes, NULL::bytea AS wrapped_key,
+                      NULL::bytea AS request_hash
+               FROM s
+               UNION ALL
+               -- The key's record: its status (-1: a claim without an answer), headers,
+               -- position, sealed body and request hash.
+               SELECT 3, '', coalesce(r.response_status, -1)::bigint, NULL, NULL,
+                      r.response_headers, NULL, r.response_position,
+                      r.response_transaction_id::text, 0, r.response_body, r.request_hash
+               FROM idempotency_records r
+               WHERE r.api_key_id = $6 AND r.idempotency_key = $5
+               UNION ALL
+               SELECT 1, e.aggregate_id, e.sequence, e.event_type, e.event_version,
+                      e.payload, e.metadata, e.position, e.transaction_id::text,
+                      octet_length(e.payload::text)::bigint, NULL, NULL
+               FROM events e
+               WHERE e.aggregate_type = $1 AND e.aggregate_id = $2
+                 AND e.sequence > coalesce((SELECT last_sequence FROM s), 0)
+               UNION ALL
+               SELECT 2, k.contact_id, k.generation, NULL, NULL, NULL, NULL, NULL, NULL,
+                      0, k.wrapped_key, NULL
+               FROM contact_keys k
+               WHERE $4 AND k.contact_id = $2
+               ORDER BY 1, 2, 3"#,
+            A::TYPE,
+            id,
+            self.snapshot_every > 0,
+            pii::is_personal(A::TYPE),
+            key,
+            api_key_id
+        )
+        .fetch_all(&mut *conn)
+        .await?;
+        let ids = [id.to_string()];
+        let (mut loaded, answer) = self.assemble(conn, &ids, parts).await?;
+        Ok((loaded.remove(id).expect("one result per id"), answer))
+    }
+
+    /// The streams `ids` from the rows of a load's statement (and the answer it read).
+    async fn assemble<A: Aggregate>(
         &self,
         conn: &mut PgConnection,
         ids: &[String],
-        claim: Option<&Claim<'_>>,
-    ) -> Result<(HashMap<String, Loaded<A>>, Option<Claimed>), StoreError> {
+        parts: Vec<LoadPart>,
+    ) -> Result<(HashMap<String, Loaded<A>>, Option<StoredAnswer>), StoreError> {
         let mut loaded: HashMap<String, Loaded<A>> = ids
             .iter()
             .map(|id| {
@@ -652,94 +983,19 @@ impl Store {
                 )
             })
             .collect();
-        // One statement, so one round trip and one snapshot of the database: the claim,
-        // the latest snapshot of each stream, the events after it and (for personal data)
-        // the data keys. A key commits with the first event sealed under it, and an
-        // erasure's destroyed key with its `ContactErased`, so every sealed event read has
-        // its key as of the same moment.
-        //
-        // The claim is `command::replay`'s: the key's transaction lock, then a placeholder
-        // record the answer fills. Its conflict check sees records committed after this
-        // statement's snapshot, so a record committed by the lock's previous holder is
-        // never missed (and the state loaded with it is then not used).
-        let (lock, key, api_key_id, request_hash) = match claim {
-            Some(c) => (Some(c.lock_name()), c.key, c.api_key_id, c.request_hash),
-            None => (None, "", uuid::Uuid::nil(), &[][..]),
-        };
-        let parts = sqlx::query!(
-            r#"WITH gate AS (
-                   SELECT pg_try_advisory_xact_lock(hashtextextended($5, 0)) AS locked
-                   WHERE $5::text IS NOT NULL
-               ), claimed AS (
-                   INSERT INTO idempotency_records
-                       (api_key_id, idempotency_key, request_hash, response_status,
-                        response_body)
-                   SELECT $7, $6, $8, NULL, '' FROM gate WHERE gate.locked
-                   ON CONFLICT (api_key_id, idempotency_key) DO NOTHING
-                   RETURNING 1
-               ), s AS (
-                   SELECT aggregate_id, last_sequence, last_position, last_transaction_id,
-                          payload
-                   FROM snapshots
-                   WHERE $3 AND aggregate_type = $1 AND aggregate_id = ANY($2)
-               )
-               SELECT 0 AS "kind!", s.aggregate_id AS "aggregate_id!",
-                      s.last_sequence AS "sequence!", NULL::text AS event_type,
-                      NULL::text AS event_version, s.payload, NULL::jsonb AS metadata,
-                      s.last_position AS position,
-                      s.last_transaction_id::text AS transaction_id,
-                      0::bigint AS bytes, NULL::bytea AS wrapped_key
-               FROM s
-               UNION ALL
-               -- The claim: whether the lock was taken (sequence 1 or 0) and the key
-               -- claimed (2).
-               SELECT 3, '', (CASE WHEN gate.locked THEN 1 ELSE 0 END)
-                             + (CASE WHEN EXISTS (SELECT 1 FROM claimed) THEN 2 ELSE 0 END),
-                      NULL, NULL, NULL, NULL, NULL, NULL, 0, NULL
-               FROM gate
-               UNION ALL
-               SELECT 1, e.aggregate_id, e.sequence, e.event_type, e.event_version,
-                      e.payload, e.metadata, e.position, e.transaction_id::text,
-                      octet_length(e.payload::text)::bigint, NULL
-               FROM UNNEST($2::text[]) AS u(id)
-               LEFT JOIN s ON s.aggregate_id = u.id
-               -- Per stream, through its index: a join the planner may turn into a scan of
-               -- every event of the type (a generic plan made while the log was small).
-               CROSS JOIN LATERAL (
-                   SELECT e.aggregate_id, e.sequence, e.event_type, e.event_version, e.payload,
-                          e.metadata, e.position, e.transaction_id
-                   FROM events e
-                   WHERE e.aggregate_type = $1 AND e.aggregate_id = u.id
-                     AND e.sequence > coalesce(s.last_sequence, 0)
-                   ORDER BY e.sequence
-               ) e
-               UNION ALL
-               SELECT 2, k.contact_id, k.generation, NULL, NULL, NULL, NULL, NULL, NULL,
-                      0, k.wrapped_key
-               FROM contact_keys k
-               WHERE $4 AND k.contact_id = ANY($2)
-               ORDER BY 1, 2, 3"#,
-            A::TYPE,
-            ids,
-            self.snapshot_every > 0,
-            pii::is_personal(A::TYPE),
-            lock,
-            key,
-            api_key_id,
-            request_hash
-        )
-        .fetch_all(&mut *conn)
-        .await?;
         let mut snapshot_rows = Vec::new();
         let mut rows = Vec::new();
         let mut key_rows = Vec::new();
-        let mut claimed = None;
+        let mut answer = None;
         for part in parts {
             match part.kind {
                 3 => {
-                    claimed = Some(Claimed {
-                        locked: part.sequence & 1 != 0,
-                        claimed: part.sequence & 2 != 0,
+                    answer = Some(StoredAnswer {
+                        request_hash: part.request_hash.unwrap_or_default(),
+                        status: (part.sequence >= 0).then_some(part.sequence as i16),
+                        body: part.wrapped_key.unwrap_or_default(),
+                        headers: part.payload.unwrap_or_default(),
+                        position: stored_position(part.transaction_id, part.position)?,
                     })
                 }
                 0 => snapshot_rows.push(SnapshotRow {
@@ -832,8 +1088,7 @@ impl Store {
                 l.last_position = Some(Position::stored(&row.transaction_id, row.position)?);
             }
         }
-        // No claim, no gate row: `claimed` is `None`.
-        Ok((loaded, claimed))
+        Ok((loaded, answer))
     }
 
     /// The events of streams `ids` after the sequence `after` gives each, in order.

@@ -5,15 +5,20 @@
 //! a response.
 //!
 //! A command on one aggregate ([`execute`]) takes a turn in a group ([`super::group`]):
-//! commands for the aggregate arriving together in this process share one transaction.
-//! A turn takes the idempotency key's lock (a transaction-scoped advisory lock: a second
-//! request with the key while the first runs in another transaction gets 409), replays a
-//! recorded response if there is one, checks `If-Match`, handles the command on the state
-//! the turns before left, appends the events and records the response; the group commits
-//! them all together. Writes of several aggregates go through [`App::retrying`]. A conflict
-//! with another writer rolls the attempt back and tries again after a jittered, growing
-//! pause; only when attempts run out does the client see 409.
+//! commands for the aggregate arriving together in this process share one write. The
+//! group's leader loads the aggregate together with the answer recorded for its
+//! idempotency key; a turn replays a recorded answer if there is one, checks `If-Match`,
+//! handles the command on the state the turns before left and adds its events and its
+//! answer to the group's write. The leader then writes them all in one statement: the
+//! events, and each answer with the position its reply names (see [`pending`]). So a
+//! command alone is two round trips, its load and its write, and needs no transaction
+//! around them: the write checks the stream's version and that no other request answered
+//! the key meanwhile, and fails whole if either moved. Writes of several aggregates go
+//! through [`App::retrying`], in a transaction that claims the key first ([`replay`]). A
+//! conflict with another writer rolls the attempt back and tries again after a jittered,
+//! growing pause; only when attempts run out does the client see 409.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use std::future::Future;
@@ -28,10 +33,13 @@ use sqlx::PgConnection;
 use std::sync::Arc;
 
 use crate::app::error::AppError;
+use crate::app::group::{Conn, Work};
 use crate::app::{App, group};
 use aggregates::campaign::Campaign;
 
-use crate::store::{Appended, Claim, Claimed, Hold, Loaded, Metadata, Position, StoreError};
+use crate::store::{
+    Appended, Claim, Hold, Loaded, Metadata, Position, RecordRow, Store, StoreError, StoredAnswer,
+};
 
 /// What a command needs of whoever sends it, whatever the transport.
 #[derive(Debug, Clone, Default)]
@@ -328,13 +336,12 @@ impl App {
     }
 }
 
-/// Begins a command's transaction. Its statements (the claim and load, the append, the
-/// answer, the guards and the claims of the group's later commands) look rows up by key,
-/// so one generic plan made once per connection serves every execution: planning each
-/// one again with its values cost about a tenth of a command's time in the database. The
-/// setting lasts for this transaction only and costs no round trip of its own; the load
-/// reads each stream through its index whatever plan it runs (see
-/// `Store::load_claiming`).
+/// Begins a command's transaction (for an aggregate whose group needs one). Its statements
+/// (the load, the guards, the write) look rows up by key, so one generic plan made once
+/// per connection serves every execution: planning each one again with its values cost
+/// about a tenth of a command's time in the database. The setting lasts for this
+/// transaction only and costs no round trip of its own; the load reads each stream
+/// through its index whatever plan it runs (see `Store::load_answering`).
 async fn begin_command(pool: &sqlx::PgPool) -> Result<Tx, sqlx::Error> {
     pool.begin_with("BEGIN; SET LOCAL plan_cache_mode = force_generic_plan")
         .await
@@ -474,13 +481,13 @@ struct Grouped<'a, A: Aggregate, M, G, R, F> {
 
 /// Ends a group rolled back if its leader goes away before ending it (its request was
 /// dropped), so that members do not wait for nothing and new commands do not join it.
-struct Leading<'a, A> {
+struct Leading<'a, A: Aggregate> {
     stream: &'a group::Stream,
     group: Arc<group::Group<A>>,
     ended: bool,
 }
 
-impl<A> Drop for Leading<'_, A> {
+impl<A: Aggregate> Drop for Leading<'_, A> {
     fn drop(&mut self) {
         if !self.ended {
             self.stream.abandon();
@@ -518,6 +525,7 @@ where
                             // group rolls back; try again in the next one.
                             Some(_) if group.is_poisoned() => TurnOutcome::Failed(None),
                             Some(work) => self.take_turn(work, None).await,
+                            // The leader could not load (or went away): try again.
                             None => TurnOutcome::Failed(None),
                         }
                     };
@@ -538,7 +546,9 @@ where
                         TurnOutcome::Answer(answer) => {
                             turn.done();
                             match group.ended().await {
-                                group::Ended::Committed => return Ok(Retried::Done(answer)),
+                                group::Ended::Committed => {
+                                    return Ok(Retried::Done(written(answer, &group)));
+                                }
                                 group::Ended::RolledBack => true,
                             }
                         }
@@ -567,100 +577,150 @@ where
         }
     }
 
-    /// Leads a group (the caller holds the stream's turn): begins its transaction, loads
-    /// the aggregate, takes the first turn,
-    /// lets the members who join take theirs, and commits (or rolls back) them all.
-    /// `None`: rolled back, try again.
+    /// Leads a group (the caller holds the stream's turn): loads the aggregate with the
+    /// answer recorded for its own key, takes the first turn, lets the members who join
+    /// take theirs, and writes (or drops) what they all decided. `None`: rolled back, try
+    /// again.
     async fn lead(&self, stream: &group::Stream) -> Result<Option<Answer>, E> {
         let app = self.app;
         let database = |e: sqlx::Error| E::from(AppError::from(e));
-        let mut tx = begin_command(&app.pool).await.map_err(database)?;
-        if A::TYPE == Campaign::TYPE {
-            // A campaign's lifecycle decides whether it takes enrollments: hold it against
-            // bulk enrollment, which holds it shared while it decides, so no enrollment
-            // commits after the campaign's completion.
-            app.store
-                .hold_stream::<A>(&mut tx, self.id, Hold::Exclusive)
-                .await
-                .map_err(|e| E::from(AppError::from(e)))?;
-        }
-        // The leader's idempotency key is claimed by the load's statement.
-        let (mut loaded, claimed) = app
-            .store
-            .load_claiming::<A>(
-                &mut tx,
-                &[self.id.to_string()],
-                claim_of(self.context).as_ref(),
-            )
-            .await
-            .map_err(|e| E::from(AppError::from(e)))?;
-        let loaded = loaded.remove(self.id).expect("one result per id");
-        let group = stream.open::<A>(tx, loaded);
+        let stored = |e: StoreError| E::from(AppError::from(e));
+        // Open from the start, so that the commands that came while the group before was
+        // being written join this one while it loads. The leader holds the work until it
+        // has loaded it: members take their turns after its own.
+        let group = Arc::new(group::Group::<A>::new());
+        let mut slot = group.work.lock().await;
+        stream.open(&group);
         let mut leading = Leading {
             stream,
             group: group.clone(),
             ended: false,
         };
-        let own = {
-            let mut work = group.work.lock().await;
-            match work.as_mut() {
-                Some(work) => self.take_turn(work, claimed).await,
-                None => TurnOutcome::Failed(None),
-            }
+        // A campaign's turns write beside its events (their guards) and its lifecycle is
+        // held against bulk enrollment, which holds it shared while it decides, so that no
+        // enrollment commits after the campaign's completion: its group runs in a
+        // transaction. Any other group's write is one statement, which commits by itself.
+        let mut conn = if A::TYPE == Campaign::TYPE {
+            let mut tx = begin_command(&app.pool).await.map_err(database)?;
+            app.store
+                .hold_stream::<A>(&mut tx, self.id, Hold::Exclusive)
+                .await
+                .map_err(stored)?;
+            Conn::Tx(tx)
+        } else {
+            Conn::Plain(app.pool.acquire().await.map_err(database)?)
         };
+        let (loaded, answer) = app
+            .store
+            .load_answering::<A>(&mut conn, self.id, claim_of(self.context).as_ref())
+            .await
+            .map_err(stored)?;
+        let work = slot.insert(Work::new(conn, loaded));
+        let own = self.take_turn(work, Some(answer)).await;
+        drop(slot);
         if matches!(own, TurnOutcome::Failed(_)) {
             group.poison();
         }
         stream.close(&group).await;
         let work = group.work.lock().await.take();
         let ended = match work {
-            Some(work) if !group.is_poisoned() => match work.tx.commit().await {
-                Ok(()) => {
+            Some(work) if !group.is_poisoned() => match self.write(work).await {
+                Ok(positions) => {
+                    let _ = group.positions.set(positions);
                     app.wakeup.committed();
                     group::Ended::Committed
                 }
-                Err(e) => {
+                Err(Abort::Conflict) => group::Ended::RolledBack,
+                Err(Abort::Fail(e)) => {
                     group.end(group::Ended::RolledBack);
                     leading.ended = true;
-                    return Err(database(e));
+                    return Err(e);
                 }
             },
-            Some(work) => {
-                let _ = work.tx.rollback().await;
-                group::Ended::RolledBack
-            }
-            None => group::Ended::RolledBack,
+            // Dropping a transaction rolls it back.
+            Some(_) | None => group::Ended::RolledBack,
         };
         group.end(ended);
         leading.ended = true;
         match (ended, own) {
             (_, TurnOutcome::Refused(e)) | (_, TurnOutcome::Failed(Some(e))) => Err(e),
-            (group::Ended::Committed, TurnOutcome::Answer(answer)) => Ok(Some(answer)),
+            (group::Ended::Committed, TurnOutcome::Answer(answer)) => {
+                Ok(Some(written(answer, &group)))
+            }
             _ => Ok(None),
         }
     }
 
-    /// One command's turn on the group's transaction and the aggregate as the turns
-    /// before it left it: replay a recorded answer, or check `If-Match`, decide, append
-    /// and record. `claimed`: how the load's claim of this command's key went (the
-    /// leader's), else the turn claims it.
+    /// Writes what a group's turns decided, in one statement (and commits the group's
+    /// transaction, if it has one): the positions its events landed at, by sequence.
+    async fn write(&self, work: Work<A>) -> Result<HashMap<u64, Position>, Abort<E>> {
+        let Work {
+            mut conn,
+            mut loaded,
+            base,
+            events,
+            metadata,
+            records,
+        } = work;
+        // The write starts from the stream as loaded; the state already holds the events.
+        (loaded.version, loaded.last_position) = base;
+        let appended = self
+            .app
+            .store
+            .append_recorded(&mut conn, &mut loaded, &events, &metadata, &records)
+            .await
+            .map_err(|e| match e {
+                StoreError::Conflict => Abort::Conflict,
+                other => Abort::Fail(AppError::from(other).into()),
+            })?;
+        if let Conn::Tx(tx) = conn {
+            tx.commit()
+                .await
+                .map_err(|e| Abort::Fail(AppError::from(e).into()))?;
+        }
+        Ok(appended.events.into_iter().collect())
+    }
+
+    /// One command's turn on the aggregate as the turns before it left it: replay a
+    /// recorded answer, or check `If-Match`, decide, and add the events and the answer
+    /// to the group's write. `answer`: the record of this command's key as the leader's
+    /// load read it (`None`: a member, which reads it now).
     async fn take_turn(
         &self,
-        work: &mut group::Work<A>,
-        claimed: Option<Claimed>,
+        work: &mut Work<A>,
+        answer: Option<Option<StoredAnswer>>,
     ) -> TurnOutcome<E> {
-        let (tx, loaded) = (&mut work.tx, &mut work.loaded);
-        let replayed = match claimed {
-            Some(claimed) => replay_claimed(tx, self.context, claimed).await,
-            None => replay(tx, self.context).await,
+        let recorded = match (answer, &self.context.idempotency) {
+            (Some(answer), _) => Ok(answer),
+            (None, Some(i)) => StoredAnswer::read(&mut work.conn, i.scope, &i.key)
+                .await
+                .map_err(AppError::from),
+            (None, None) => Ok(None),
         };
-        match replayed {
+        match recorded.and_then(|r| replay_answer(self.context, r)) {
             Ok(Some(recorded)) => return TurnOutcome::Answer(Answer::Replayed(recorded)),
             Ok(None) => {}
-            // The transaction is unusable after a database error.
+            // The transaction (if any) is unusable after a database error.
             Err(e @ AppError::Database(_)) => return TurnOutcome::Failed(Some(e.into())),
             Err(e) => return TurnOutcome::Refused(e.into()),
         }
+        // The key is answered by an earlier turn of this group, not yet written.
+        if let Some(i) = &self.context.idempotency
+            && work
+                .records
+                .iter()
+                .any(|r| r.api_key_id == i.scope && r.key == i.key)
+        {
+            return TurnOutcome::Refused(E::from(in_flight()));
+        }
+        let Work {
+            conn,
+            loaded,
+            events: decided,
+            metadata,
+            records,
+            ..
+        } = work;
         if let Some(expected) = &self.context.if_match
             && !expected.matches(loaded.version)
         {
@@ -696,33 +756,80 @@ where
             }
             Ok(()) => {
                 let events = sink.collect().await;
-                match (self.guard)(tx, &events).await {
+                if let Err(e) = Store::check_sizes::<A>(&events) {
+                    loaded.aggregate = before;
+                    return TurnOutcome::Refused(E::from(AppError::from(e)));
+                }
+                match (self.guard)(conn, &events).await {
                     Ok(()) => {}
                     Err(Abort::Conflict) => return TurnOutcome::Failed(None),
                     Err(Abort::Fail(e)) => return TurnOutcome::Failed(Some(e)),
                 }
-                let appended = match self
-                    .app
-                    .store
-                    .append(tx, loaded, &events, self.metadata)
-                    .await
-                {
-                    Ok(appended) => appended,
-                    Err(StoreError::Conflict) => return TurnOutcome::Failed(None),
-                    Err(e) => return TurnOutcome::Failed(Some(AppError::from(e).into())),
-                };
+                let first = loaded.version + 1;
+                let appended: Vec<(u64, Position)> = (first..first + events.len() as u64)
+                    .map(|sequence| (sequence, pending(sequence)))
+                    .collect();
+                if let Some((_, last)) = appended.last() {
+                    loaded.version += events.len() as u64;
+                    loaded.last_position = Some(*last);
+                }
+                metadata.extend(std::iter::repeat_n(self.metadata.clone(), events.len()));
+                decided.extend(events);
                 (self.render)(&Written {
                     loaded: loaded.clone(),
                     existed_before,
-                    appended,
+                    appended: Appended {
+                        version: loaded.version,
+                        events: appended,
+                    },
                 })
             }
         };
-        match record(tx, self.context, &reply).await {
-            Ok(()) => TurnOutcome::Answer(Answer::Fresh(reply)),
-            Err(e) => TurnOutcome::Failed(Some(e.into())),
+        if let Some(i) = &self.context.idempotency {
+            records.push(record_row(i, &reply));
         }
+        TurnOutcome::Answer(Answer::Fresh(reply))
     }
+}
+
+/// The placeholder position of a group's event at `sequence`: replies are made before
+/// their events are written (with the rest of the group's), so a reply names this, and is
+/// given out ([`written`]) and replayed ([`replay_answer`]) with the event's position put
+/// in. No written event has transaction 0.
+fn pending(sequence: u64) -> Position {
+    Position {
+        transaction_id: 0,
+        position: sequence as i64,
+    }
+}
+
+/// The sequence of the event a reply's `position` names, when that is a placeholder.
+fn pending_in(body: &Value) -> Option<u64> {
+    let position: Position = body.get("position")?.as_str()?.parse().ok()?;
+    (position.transaction_id == 0 && position.position > 0).then_some(position.position as u64)
+}
+
+/// A member's answer once its group committed: its reply with the position it names put
+/// in.
+fn written<A: Aggregate>(answer: Answer, group: &group::Group<A>) -> Answer {
+    match answer {
+        Answer::Fresh(mut reply) => {
+            if let Some(position) = pending_in(&reply.body)
+                .and_then(|sequence| group.positions.get()?.get(&sequence).copied())
+            {
+                reply.body["position"] = Value::String(position.to_string());
+            }
+            Answer::Fresh(reply)
+        }
+        replayed => replayed,
+    }
+}
+
+fn in_flight() -> AppError {
+    AppError::conflict(
+        "idempotency-key-in-flight",
+        "a request with this Idempotency-Key is still being processed; retry shortly",
+    )
 }
 
 /// The aggregate `id` as its stream says, or 404 with `missing` when `exists` says it was
@@ -750,9 +857,10 @@ pub struct Recorded {
     pub body: Vec<u8>,
 }
 
-/// The context's idempotency key, checked inside the attempt's transaction: the reply
-/// recorded for it, if any (`None` also when there is no key). The key is locked for the
-/// transaction, so a second request with it while the first runs gets 409.
+/// The context's idempotency key, checked inside the attempt's transaction of a write
+/// that spans several aggregates: the reply recorded for it, if any (`None` also when
+/// there is no key). The key is locked for the transaction, so a second such request with
+/// it while the first runs gets 409.
 pub async fn replay(
     conn: &mut PgConnection,
     context: &CommandContext,
@@ -763,7 +871,7 @@ pub async fn replay(
     // One round trip on the way of a new command: the key's lock, and a claim on the key
     // (a placeholder the answer fills). The claim's conflict check sees records committed
     // after this statement's snapshot, so a record committed by the lock's previous holder
-    // is never missed. (A command's load takes the same claim: `Store::load_claiming`.)
+    // is never missed.
     let gate = sqlx::query!(
         r#"WITH gate AS (
                SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0)) AS locked
@@ -783,19 +891,18 @@ pub async fn replay(
     )
     .fetch_one(&mut *conn)
     .await?;
-    replay_claimed(
-        conn,
-        context,
-        Claimed {
-            locked: gate.locked,
-            claimed: gate.claimed,
-        },
-    )
-    .await
+    if !gate.locked {
+        return Err(in_flight());
+    }
+    if gate.claimed {
+        return Ok(None);
+    }
+    let record = StoredAnswer::read(conn, claim.api_key_id, claim.key).await?;
+    replay_answer(context, record)
 }
 
-/// The context's idempotency key as a claim for the statement that loads the command's
-/// aggregate (`None` without a key).
+/// The context's idempotency key, as the load of a command's aggregate looks its answer
+/// up and as [`replay`] claims it (`None` without a key).
 fn claim_of(context: &CommandContext) -> Option<Claim<'_>> {
     context.idempotency.as_ref().map(|i| Claim {
         api_key_id: i.scope,
@@ -804,39 +911,18 @@ fn claim_of(context: &CommandContext) -> Option<Claim<'_>> {
     })
 }
 
-/// [`replay`] once the key's claim has been taken (by [`replay`] or by the load).
-async fn replay_claimed(
-    conn: &mut PgConnection,
+/// The answer to give again from the context's key's record, if it has one: refused when
+/// the key came with another request. `None` without a key, a record, or an answer in it
+/// (a claim committed without one: its command was refused before it had one, and this
+/// request runs the command and fills it).
+fn replay_answer(
     context: &CommandContext,
-    gate: Claimed,
+    record: Option<StoredAnswer>,
 ) -> Result<Option<Recorded>, AppError> {
-    let Some(idempotency) = &context.idempotency else {
+    let (Some(idempotency), Some(record)) = (&context.idempotency, record) else {
         return Ok(None);
     };
-    let key = &idempotency.key;
-    if !gate.locked {
-        return Err(AppError::conflict(
-            "idempotency-key-in-flight",
-            "a request with this Idempotency-Key is still being processed; retry shortly",
-        ));
-    }
-    if gate.claimed {
-        return Ok(None);
-    }
-    let record = sqlx::query!(
-        "SELECT request_hash, response_status, response_body, response_headers
-         FROM idempotency_records WHERE api_key_id = $1 AND idempotency_key = $2",
-        idempotency.scope,
-        key
-    )
-    .fetch_optional(&mut *conn)
-    .await?;
-    let Some(record) = record else {
-        return Ok(None);
-    };
-    // A claim committed without an answer (its command was refused before it had one):
-    // no record; this request runs the command and fills it.
-    let Some(status) = record.response_status else {
+    let Some(status) = record.status else {
         return Ok(None);
     };
     if record.request_hash != idempotency.request_hash {
@@ -847,7 +933,7 @@ async fn replay_claimed(
     }
     let status = StatusCode::from_u16(status as u16).unwrap_or(StatusCode::OK);
     let mut headers = HeaderMap::new();
-    if let Some(map) = record.response_headers.as_object() {
+    if let Some(map) = record.headers.as_object() {
         for (name, value) in map {
             if let (Ok(name), Some(Ok(value))) = (
                 header::HeaderName::from_bytes(name.as_bytes()),
@@ -857,15 +943,57 @@ async fn replay_claimed(
             }
         }
     }
+    let mut body = projections::pii::open_record(
+        &record_aad(idempotency.scope, &idempotency.key),
+        &record.body,
+    )
+    .map_err(|e| AppError::Internal(e.to_string()))?;
+    // Recorded with its events: the reply names a placeholder, the record the position.
+    if let Some(position) = record.position {
+        let mut reply: Value =
+            serde_json::from_slice(&body).map_err(|e| AppError::Internal(e.to_string()))?;
+        reply["position"] = Value::String(position.to_string());
+        body = serde_json::to_vec(&reply).map_err(|e| AppError::Internal(e.to_string()))?;
+    }
     Ok(Some(Recorded {
         status,
         headers,
-        body: projections::pii::open_record(
-            &record_aad(idempotency.scope, key),
-            &record.response_body,
-        )
-        .map_err(|e| AppError::Internal(e.to_string()))?,
+        body,
     }))
+}
+
+/// A reply as recorded: sealed (a reply can name a person, a contact's answer, or hold a
+/// secret), with its headers.
+fn sealed_reply(scope: uuid::Uuid, key: &str, reply: &Reply) -> (Vec<u8>, Value) {
+    let headers: serde_json::Map<String, Value> = reply
+        .headers()
+        .iter()
+        .filter_map(|(k, v)| {
+            Some((
+                k.as_str().to_string(),
+                Value::String(v.to_str().ok()?.to_string()),
+            ))
+        })
+        .collect();
+    let body = projections::pii::seal_record(
+        &record_aad(scope, key),
+        &serde_json::to_vec(&reply.body).unwrap_or_default(),
+    );
+    (body, Value::Object(headers))
+}
+
+/// `reply` as a record for a group's write, naming the event its position stands for.
+fn record_row(idempotency: &Idempotency, reply: &Reply) -> RecordRow {
+    let (body, headers) = sealed_reply(idempotency.scope, &idempotency.key, reply);
+    RecordRow {
+        api_key_id: idempotency.scope,
+        key: idempotency.key.clone(),
+        request_hash: idempotency.request_hash.clone(),
+        status: reply.status.as_u16() as i16,
+        body,
+        headers,
+        names_sequence: pending_in(&reply.body),
+    }
 }
 
 /// Records `reply` for the context's idempotency key, in the caller's transaction (no-op
@@ -883,21 +1011,7 @@ pub async fn record(
     else {
         return Ok(());
     };
-    let headers: serde_json::Map<String, Value> = reply
-        .headers()
-        .iter()
-        .filter_map(|(k, v)| {
-            Some((
-                k.as_str().to_string(),
-                Value::String(v.to_str().ok()?.to_string()),
-            ))
-        })
-        .collect();
-    // Sealed: a reply can name a person (a contact's answer) or hold a secret.
-    let body = projections::pii::seal_record(
-        &record_aad(*scope, key),
-        &serde_json::to_vec(&reply.body).unwrap_or_default(),
-    );
+    let (body, headers) = sealed_reply(*scope, key, reply);
     let recorded = sqlx::query!(
         "INSERT INTO idempotency_records
              (api_key_id, idempotency_key, request_hash,
@@ -914,7 +1028,7 @@ pub async fn record(
         request_hash,
         reply.status.as_u16() as i16,
         body,
-        Value::Object(headers)
+        headers
     )
     .execute(&mut *conn)
     .await?;

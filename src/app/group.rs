@@ -1,10 +1,13 @@
 //! Group commit: commands for one aggregate that arrive together in one process share one
-//! transaction. The first to come leads a group: it begins the transaction and loads the
-//! aggregate once; the others join while it is open and each takes its turn deciding its
-//! command on the state the earlier ones left, appending its events and recording its own
-//! answer; then the leader commits them all at once. On a hot aggregate (one budget taking
-//! many spends) this replaces a storm of whole-transaction retries against itself with one
-//! commit for many commands.
+//! write. The first to come leads a group: it opens it and loads the aggregate once; the
+//! others join while it is open (from its start until the turns are done, so at least for
+//! the load's round trip: the commands that came while the group before was writing) and
+//! each takes its turn deciding its command on the state the earlier
+//! ones left, adding its events and its own answer to the group's write; then the leader
+//! writes them all in one statement (which commits on its own, or with the transaction an
+//! aggregate that needs one holds). On a hot aggregate (one budget taking many spends) this
+//! replaces a storm of whole-transaction retries against itself with one commit for many
+//! commands; for a command alone it is the whole write.
 //!
 //! Each member keeps its own idempotency record and answer, and a refusal (of the domain,
 //! or of `If-Match`) is that member's alone. A member that fails after it wrote, or a
@@ -15,18 +18,70 @@
 
 use std::any::Any;
 use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::{Arc, Mutex as StdMutex, OnceLock};
 
+use cqrs_es::Aggregate;
+use sqlx::PgConnection;
 use tokio::sync::{Mutex, Notify, watch};
 
 use crate::app::command::Tx;
-use crate::store::Loaded;
+use crate::store::{Loaded, Metadata, Position, RecordRow};
 
-/// The open transaction of a group and the aggregate as its members have left it.
-pub(crate) struct Work<A> {
-    pub tx: Tx,
+/// The connection a group works on: a plain one, whose write commits by itself, or the
+/// transaction of an aggregate whose turns also write (or lock) beside the events.
+pub(crate) enum Conn {
+    Plain(sqlx::pool::PoolConnection<sqlx::Postgres>),
+    Tx(Tx),
+}
+
+impl Deref for Conn {
+    type Target = PgConnection;
+    fn deref(&self) -> &PgConnection {
+        match self {
+            Self::Plain(c) => c,
+            Self::Tx(t) => t,
+        }
+    }
+}
+
+impl DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut PgConnection {
+        match self {
+            Self::Plain(c) => c,
+            Self::Tx(t) => t,
+        }
+    }
+}
+
+/// A group's connection, the aggregate as its members have left it and what they decided
+/// to write.
+pub(crate) struct Work<A: Aggregate> {
+    pub conn: Conn,
+    /// The state after the turns so far, its version counting their events, and its last
+    /// position a placeholder when that is one of theirs (see `command::pending`).
     pub loaded: Loaded<A>,
+    /// The version and last position as loaded: where the group's events go.
+    pub base: (u64, Option<Position>),
+    pub events: Vec<A::Event>,
+    /// One per event.
+    pub metadata: Vec<Metadata>,
+    /// The members' answers, for their idempotency keys.
+    pub records: Vec<RecordRow>,
+}
+
+impl<A: Aggregate> Work<A> {
+    pub fn new(conn: Conn, loaded: Loaded<A>) -> Self {
+        Self {
+            conn,
+            base: (loaded.version, loaded.last_position),
+            loaded,
+            events: Vec::new(),
+            metadata: Vec::new(),
+            records: Vec::new(),
+        }
+    }
 }
 
 /// How a group ended, as its members learn it.
@@ -37,8 +92,10 @@ pub(crate) enum Ended {
     RolledBack,
 }
 
-pub(crate) struct Group<A> {
+pub(crate) struct Group<A: Aggregate> {
     pub work: Mutex<Option<Work<A>>>,
+    /// Where the group's events landed, by sequence, once it committed.
+    pub positions: OnceLock<HashMap<u64, Position>>,
     /// Members that joined and have not finished their turn.
     joined: AtomicUsize,
     turn_done: Notify,
@@ -46,10 +103,13 @@ pub(crate) struct Group<A> {
     ended: watch::Sender<Option<Ended>>,
 }
 
-impl<A> Group<A> {
-    fn new(work: Work<A>) -> Self {
+impl<A: Aggregate> Group<A> {
+    /// A group whose work its leader has yet to load (it holds `work`'s lock until it has,
+    /// and members take their turns after it).
+    pub fn new() -> Self {
         Self {
-            work: Mutex::new(Some(work)),
+            work: Mutex::new(None),
+            positions: OnceLock::new(),
             joined: AtomicUsize::new(0),
             turn_done: Notify::new(),
             poisoned: AtomicBool::new(false),
@@ -82,18 +142,18 @@ impl<A> Group<A> {
 
 /// A member's turn: when dropped (finished, or its request dropped midway), the leader
 /// is told; dropped before [`Turn::done`], it poisons the group.
-pub(crate) struct Turn<A: Send + 'static> {
+pub(crate) struct Turn<A: Aggregate + 'static> {
     group: Arc<Group<A>>,
     done: bool,
 }
 
-impl<A: Send + 'static> Turn<A> {
+impl<A: Aggregate + 'static> Turn<A> {
     pub fn done(mut self) {
         self.done = true;
     }
 }
 
-impl<A: Send + 'static> Drop for Turn<A> {
+impl<A: Aggregate + 'static> Drop for Turn<A> {
     fn drop(&mut self) {
         if !self.done {
             self.group.poison();
@@ -116,7 +176,7 @@ pub(crate) struct Stream {
 
 impl Stream {
     /// Joins the group taking members, if there is one.
-    pub fn join<A: Send + Sync + 'static>(&self) -> Option<(Arc<Group<A>>, Turn<A>)> {
+    pub fn join<A: Aggregate + 'static>(&self) -> Option<(Arc<Group<A>>, Turn<A>)> {
         let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         let group = open.as_ref()?.clone().downcast::<Group<A>>().ok()?;
         group.joined.fetch_add(1, Ordering::AcqRel);
@@ -127,17 +187,15 @@ impl Stream {
         Some((group, turn))
     }
 
-    /// Opens a group for members (the caller holds `turn`).
-    pub fn open<A: Send + Sync + 'static>(&self, tx: Tx, loaded: Loaded<A>) -> Arc<Group<A>> {
-        let group = Arc::new(Group::new(Work { tx, loaded }));
+    /// Opens `group` for members (the caller holds `turn`).
+    pub fn open<A: Aggregate + 'static>(&self, group: &Arc<Group<A>>) {
         *self.open.lock().unwrap_or_else(|e| e.into_inner()) = Some(group.clone());
         self.changed.notify_waiters();
-        group
     }
 
     /// Waits until every member that joined has taken its turn, and closes the group to
     /// new members at that moment (a member joins under the same lock).
-    pub async fn close<A: Send + Sync + 'static>(&self, group: &Arc<Group<A>>) {
+    pub async fn close<A: Aggregate + 'static>(&self, group: &Arc<Group<A>>) {
         loop {
             let notified = group.turn_done.notified();
             {

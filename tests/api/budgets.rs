@@ -410,6 +410,15 @@ async fn an_idempotent_spend_retried_five_times_at_once_is_spent_once() {
     assert_eq!(&again.json::<Value>().await.unwrap(), created[0]);
 
     assert_eq!(count_events(&app, &id, "SpendRecorded").await, 1);
+    // The answer, given and replayed, names the event written with it.
+    let written: String = sqlx::query_scalar(
+        "SELECT transaction_id::text || '-' || position FROM events
+         WHERE event_type = 'SpendRecorded'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(created[0]["position"], written.as_str());
     assert_eq!(get_budget(&app, &id).await["spent"], "12.50");
 }
 

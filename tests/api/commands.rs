@@ -177,6 +177,13 @@ async fn the_same_idempotency_key_twice_gives_one_effect_and_the_same_response()
     let second_body: Value = second.json().await.unwrap();
     assert_eq!(first_body, second_body);
     assert_eq!(app.count("events").await, 1, "one campaign created");
+    // Both name the event written, though the answer was recorded with it.
+    let written: String =
+        sqlx::query_scalar("SELECT transaction_id::text || '-' || position FROM events")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(first_body["position"], written.as_str());
 }
 
 #[tokio::test]

@@ -8,7 +8,7 @@ use cqrs_es::Aggregate;
 use cqrs_es::event_sink::EventSink;
 use leadledger::app::command::{CommandContext, Idempotency};
 use leadledger::app::error::AppError;
-use leadledger::store::{Claim, Claimed, Loaded, Metadata, Position, Store, StoreError};
+use leadledger::store::{Claim, Loaded, Metadata, Position, RecordRow, Store, StoreError};
 use projections::feed;
 use proptest::prelude::*;
 use sqlx::{Connection, PgPool};
@@ -473,7 +473,8 @@ async fn a_load_reads_only_its_own_streams_events_whatever_plan_the_database_kee
 }
 
 #[tokio::test]
-async fn a_load_claims_an_idempotency_key_in_its_own_statement_once_per_key() {
+async fn a_write_records_its_answer_with_its_events_and_fails_whole_when_the_key_was_answered_first()
+ {
     let app = crate::helpers::spawn_app().await;
     let store = Store::default();
     let api_key_id: Uuid = sqlx::query_scalar("SELECT id FROM api_keys LIMIT 1")
@@ -485,24 +486,133 @@ async fn a_load_claims_an_idempotency_key_in_its_own_statement_once_per_key() {
         key: "k-1",
         request_hash: b"hash",
     };
-    let ids = [Uuid::new_v4().to_string()];
-    let claimed = |c: Option<Claimed>| c.map(|c| (c.locked, c.claimed));
+    let record = |status: i16, names_sequence: Option<u64>| RecordRow {
+        api_key_id,
+        key: "k-1".into(),
+        request_hash: b"hash".to_vec(),
+        status,
+        body: b"sealed".to_vec(),
+        headers: serde_json::json!({"etag": "\"1\""}),
+        names_sequence,
+    };
+    let created = aggregates::CampaignEvent::CampaignCreated {
+        name: CampaignName::parse("new").unwrap(),
+        stop_on_reply: true,
+        created_at: Utc::now(),
+    };
+    let metadata = [Metadata::default()];
+    let mut conn = app.pool.acquire().await.unwrap();
 
-    // The first transaction takes the key's lock and claims it.
-    let mut first = app.pool.begin().await.unwrap();
-    let (_, got) = store
-        .load_claiming::<Campaign>(&mut first, &ids, Some(&claim))
+    // Before anything is written, the load finds no answer for the key.
+    let id = Uuid::new_v4().to_string();
+    let (mut loaded, answer) = store
+        .load_answering::<Campaign>(&mut conn, &id, Some(&claim))
         .await
         .unwrap();
-    assert_eq!(claimed(got), Some((true, true)));
-    // While it runs, another finds the key locked, whether its load claims the key or a
-    // turn of a group does (a command that is not its group's first).
-    let mut second = app.pool.begin().await.unwrap();
-    let (_, got) = store
-        .load_claiming::<Campaign>(&mut second, &ids, Some(&claim))
+    assert!(answer.is_none());
+    // The write (no transaction around it) appends the event and records the answer,
+    // with the position of the event the reply names.
+    let appended = store
+        .append_recorded(
+            &mut conn,
+            &mut loaded,
+            std::slice::from_ref(&created),
+            &metadata,
+            &[record(201, Some(1))],
+        )
         .await
         .unwrap();
-    assert_eq!(claimed(got), Some((false, false)));
+    let (loaded, answer) = store
+        .load_answering::<Campaign>(&mut conn, &id, Some(&claim))
+        .await
+        .unwrap();
+    assert_eq!(loaded.version, 1);
+    let answer = answer.expect("the answer, read with the stream");
+    assert_eq!(answer.status, Some(201));
+    assert_eq!(answer.body, b"sealed");
+    assert_eq!(answer.request_hash, b"hash");
+    assert_eq!(answer.headers, serde_json::json!({"etag": "\"1\""}));
+    assert_eq!(answer.position, appended.last_position());
+
+    // Another write with the key, to another stream: the key was answered first, so
+    // nothing of it stays (neither its event nor its answer).
+    let other = Uuid::new_v4().to_string();
+    let (mut second, _) = store
+        .load_answering::<Campaign>(&mut conn, &other, None)
+        .await
+        .unwrap();
+    match store
+        .append_recorded(
+            &mut conn,
+            &mut second,
+            std::slice::from_ref(&created),
+            &metadata,
+            &[record(200, None)],
+        )
+        .await
+    {
+        Err(StoreError::Conflict) => {}
+        other => panic!("a second answer for the key was not refused: {other:?}"),
+    }
+    let (after, _) = store
+        .load_answering::<Campaign>(&mut conn, &other, None)
+        .await
+        .unwrap();
+    assert_eq!(after.version, 0, "its event was not written");
+    let (_, answer) = store
+        .load_answering::<Campaign>(&mut conn, &id, Some(&claim))
+        .await
+        .unwrap();
+    assert_eq!(answer.unwrap().status, Some(201), "the first answer stands");
+
+    // A claim committed without an answer (by a write over several aggregates whose
+    // command was refused) is filled; an answer naming no event of the write has no
+    // position of its own.
+    sqlx::query(
+        "INSERT INTO idempotency_records
+             (api_key_id, idempotency_key, request_hash, response_status, response_body)
+         VALUES ($1, 'k-2', 'hash', NULL, '')",
+    )
+    .bind(api_key_id)
+    .execute(&mut *conn)
+    .await
+    .unwrap();
+    let claim_2 = Claim {
+        key: "k-2",
+        ..claim
+    };
+    let (_, answer) = store
+        .load_answering::<Campaign>(&mut conn, &other, Some(&claim_2))
+        .await
+        .unwrap();
+    assert_eq!(answer.unwrap().status, None, "a claim, not an answer");
+    let mut filled = record(422, None);
+    filled.key = "k-2".into();
+    store
+        .append_recorded::<Campaign>(&mut conn, &mut second, &[], &[], &[filled])
+        .await
+        .unwrap();
+    let (_, answer) = store
+        .load_answering::<Campaign>(&mut conn, &other, Some(&claim_2))
+        .await
+        .unwrap();
+    let answer = answer.unwrap();
+    assert_eq!((answer.status, answer.position), (Some(422), None));
+    // Without a key, a load reads no answer.
+    let (_, answer) = store
+        .load_answering::<Campaign>(&mut conn, &id, None)
+        .await
+        .unwrap();
+    assert!(answer.is_none());
+}
+
+#[tokio::test]
+async fn a_write_over_several_aggregates_holds_its_key_against_a_second_one_until_it_ends() {
+    let app = crate::helpers::spawn_app().await;
+    let api_key_id: Uuid = sqlx::query_scalar("SELECT id FROM api_keys LIMIT 1")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
     let context = CommandContext {
         idempotency: Some(Idempotency {
             scope: api_key_id,
@@ -511,32 +621,25 @@ async fn a_load_claims_an_idempotency_key_in_its_own_statement_once_per_key() {
         }),
         ..Default::default()
     };
-    // (Were the two claims' locks different, the turn would wait for the first
-    // transaction's placeholder instead.)
+    let replay = leadledger::app::command::replay;
+    // The first transaction takes the key's lock and claims it.
+    let mut first = app.pool.begin().await.unwrap();
+    assert!(replay(&mut first, &context).await.unwrap().is_none());
+    // While it runs, a second is refused at once.
+    let mut second = app.pool.begin().await.unwrap();
     sqlx::query("SET LOCAL lock_timeout = '5s'")
         .execute(&mut *second)
         .await
         .unwrap();
-    match leadledger::app::command::replay(&mut second, &context).await {
+    match replay(&mut second, &context).await {
         Err(AppError::Conflict { kind, .. }) => assert_eq!(kind, "idempotency-key-in-flight"),
-        other => panic!("the turn's claim was not refused: {other:?}"),
+        other => panic!("the second claim was not refused: {other:?}"),
     }
     second.rollback().await.unwrap();
-    // Once it has committed, the key is free but taken: its record answers.
+    // Once it has committed (refused, without an answer), the key is free again.
     first.commit().await.unwrap();
     let mut third = app.pool.begin().await.unwrap();
-    let (loaded, got) = store
-        .load_claiming::<Campaign>(&mut third, &ids, Some(&claim))
-        .await
-        .unwrap();
-    assert_eq!(claimed(got), Some((true, false)));
-    assert_eq!(loaded[&ids[0]].version, 0);
-    // Without a key, a load claims nothing and says so.
-    let (_, got) = store
-        .load_claiming::<Campaign>(&mut third, &ids, None)
-        .await
-        .unwrap();
-    assert_eq!(claimed(got), None);
+    assert!(replay(&mut third, &context).await.unwrap().is_none());
     third.rollback().await.unwrap();
     let records: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM idempotency_records WHERE idempotency_key = 'k-1' AND response_status IS NULL",

@@ -5,8 +5,10 @@
 //!
 //! Instead the writer calls [`Wakeup::committed`] after its commit. That wakes this
 //! process's runners at once and asks the sender for one `NOTIFY`, sent in a transaction of
-//! its own; commits that come while one is in flight share the next, so a process has at
-//! most one notification in flight whatever its write rate. Other processes' listeners turn
+//! its own; commits that come while one is in flight, or within [`NOTIFY_INTERVAL`] of the
+//! last, share the next, so a process sends at most one notification per interval whatever
+//! its write rate (each one is a commit, and a wake-up of every listening connection and
+//! process, this one's included). A commit after a quiet spell is notified at once. Other processes' listeners turn
 //! it into their own wake-ups; a process ignores its own (its payload is the process's
 //! token), since its runners were woken at the commit already and a second wake-up per
 //! commit would double every runner's feed reads. Runners still poll as a fallback, so a
@@ -31,6 +33,11 @@ use tokio_util::sync::CancellationToken;
 pub const EVENTS_CHANNEL: &str = "leadledger_events";
 /// Channel notified at the commit of a checkpoint move: the horizon may have moved.
 pub const CHECKPOINTS_CHANNEL: &str = "leadledger_checkpoints";
+
+/// The least time between two notifications of one process: what busy writing adds at
+/// most to the other processes' read-model lag (their runners batch busy traffic over
+/// longer than this anyway).
+pub const NOTIFY_INTERVAL: Duration = Duration::from_millis(5);
 
 /// A process's wake-ups of its runners, and its notifications to the others. Cheap to
 /// clone; every clone is the same.
@@ -115,12 +122,16 @@ impl Wakeup {
             if !self.pending.swap(false, Ordering::AcqRel) {
                 continue;
             }
-            if let Err(e) = notify(&pool, &self.token).await {
-                // The others' runners poll meanwhile; try again shortly.
-                tracing::warn!(error = %e, "notifying other processes of new events failed");
-                self.pending.store(true, Ordering::Release);
-                self.send.notify_one();
-                sleep_or_cancel(Duration::from_millis(100), &cancel).await;
+            match notify(&pool, &self.token).await {
+                // Commits meanwhile wait for the next, after the interval.
+                Ok(()) => sleep_or_cancel(NOTIFY_INTERVAL, &cancel).await,
+                Err(e) => {
+                    // The others' runners poll meanwhile; try again shortly.
+                    tracing::warn!(error = %e, "notifying other processes of new events failed");
+                    self.pending.store(true, Ordering::Release);
+                    self.send.notify_one();
+                    sleep_or_cancel(Duration::from_millis(100), &cancel).await;
+                }
             }
         }
     }

@@ -377,7 +377,7 @@ where
     R: Fn(&Written<A>) -> Reply,
     F: Fn(&E) -> Reply,
 {
-    execute_guarded(
+    execute_grouped(
         app,
         context,
         id,
@@ -394,11 +394,47 @@ where
 /// transaction and stays `Send`.
 pub type Guarded<'c, E> = std::pin::Pin<Box<dyn Future<Output = Result<(), Abort<E>>> + Send + 'c>>;
 
-/// [`execute`], with `guard` run on the events decided, in the command's transaction and
-/// before they are appended: it keeps what must be unique across streams (a table written
-/// with the events) and may refuse, which rolls everything back and records nothing.
+/// [`execute`], with `guard` run on the events decided, in the group's transaction and
+/// before they are written: it keeps what must be unique across streams (a table written
+/// with the events) and may refuse, which rolls everything back and records nothing. Only
+/// the groups of an aggregate that [`in_transaction`] names have a transaction.
 #[allow(clippy::too_many_arguments)]
 pub async fn execute_guarded<A, E, M, G, R, F>(
+    app: &App,
+    context: &CommandContext,
+    id: &str,
+    services: &A::Services,
+    make: M,
+    guard: G,
+    render: R,
+    refusal: F,
+) -> Result<Answer, E>
+where
+    A: Aggregate + Clone + 'static,
+    A::Error: Into<E>,
+    E: From<AppError>,
+    M: Fn(&Loaded<A>) -> Result<A::Command, E>,
+    G: for<'c> Fn(&'c mut PgConnection, &'c [A::Event]) -> Guarded<'c, E>,
+    R: Fn(&Written<A>) -> Reply,
+    F: Fn(&E) -> Reply,
+{
+    debug_assert!(
+        in_transaction(A::TYPE),
+        "a guard writes beside the events: its groups need a transaction"
+    );
+    execute_grouped(app, context, id, services, make, guard, render, refusal).await
+}
+
+/// Whether the groups of an aggregate type run in a transaction: a campaign's commands
+/// take its lock against bulk enrollment, which holds it shared while it decides, so that
+/// no enrollment commits after the campaign's completion, and its guards write beside its
+/// events. Any other group's write is one statement, which commits by itself.
+fn in_transaction(aggregate_type: &str) -> bool {
+    aggregate_type == Campaign::TYPE
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn execute_grouped<A, E, M, G, R, F>(
     app: &App,
     context: &CommandContext,
     id: &str,
@@ -457,7 +493,7 @@ where
 
 /// How one command's turn in a group ended.
 enum TurnOutcome<E> {
-    /// Its answer, recorded in the group's transaction: given once the group commits.
+    /// Its answer, added to the group's write: given once the group commits.
     Answer(Answer),
     /// Refused before it wrote anything: its answer, whatever becomes of the group.
     Refused(E),
@@ -596,11 +632,7 @@ where
             group: group.clone(),
             ended: false,
         };
-        // A campaign's turns write beside its events (their guards) and its lifecycle is
-        // held against bulk enrollment, which holds it shared while it decides, so that no
-        // enrollment commits after the campaign's completion: its group runs in a
-        // transaction. Any other group's write is one statement, which commits by itself.
-        let mut conn = if A::TYPE == Campaign::TYPE {
+        let mut conn = if in_transaction(A::TYPE) {
             let mut tx = begin_command(&app.pool).await.map_err(database)?;
             app.store
                 .hold_stream::<A>(&mut tx, self.id, Hold::Exclusive)
@@ -623,25 +655,36 @@ where
         }
         stream.close(&group).await;
         let work = group.work.lock().await.take();
-        let ended = match work {
-            Some(work) if !group.is_poisoned() => match self.write(work).await {
-                Ok(positions) => {
-                    let _ = group.positions.set(positions);
-                    app.wakeup.committed();
-                    group::Ended::Committed
-                }
-                Err(Abort::Conflict) => group::Ended::RolledBack,
-                Err(Abort::Fail(e)) => {
-                    group.end(group::Ended::RolledBack);
-                    leading.ended = true;
-                    return Err(e);
-                }
-            },
-            // Dropping a transaction rolls it back.
-            Some(_) | None => group::Ended::RolledBack,
-        };
-        group.end(ended);
+        // The write runs to its end, and tells the members how it ended, even if this
+        // request goes away meanwhile: a member told "rolled back" of a write that had in
+        // fact committed would run its command a second time.
+        let poisoned = group.is_poisoned();
+        let finish = tokio::spawn({
+            let (app, group) = (app.clone(), group.clone());
+            async move {
+                let written = match work {
+                    Some(work) if !poisoned => write_group(&app, work).await,
+                    // Dropping a transaction rolls it back.
+                    _ => Err(Abort::Conflict),
+                };
+                let ended = match written {
+                    Ok(positions) => {
+                        let _ = group.positions.set(positions);
+                        app.wakeup.committed();
+                        Ok(group::Ended::Committed)
+                    }
+                    Err(Abort::Conflict) => Ok(group::Ended::RolledBack),
+                    Err(Abort::Fail(e)) => Err(e),
+                };
+                group.end(*ended.as_ref().unwrap_or(&group::Ended::RolledBack));
+                ended
+            }
+        });
         leading.ended = true;
+        let ended = match finish.await {
+            Ok(ended) => ended.map_err(E::from)?,
+            Err(e) => return Err(E::from(AppError::Internal(e.to_string()))),
+        };
         match (ended, own) {
             (_, TurnOutcome::Refused(e)) | (_, TurnOutcome::Failed(Some(e))) => Err(e),
             (group::Ended::Committed, TurnOutcome::Answer(answer)) => {
@@ -649,36 +692,6 @@ where
             }
             _ => Ok(None),
         }
-    }
-
-    /// Writes what a group's turns decided, in one statement (and commits the group's
-    /// transaction, if it has one): the positions its events landed at, by sequence.
-    async fn write(&self, work: Work<A>) -> Result<HashMap<u64, Position>, Abort<E>> {
-        let Work {
-            mut conn,
-            mut loaded,
-            base,
-            events,
-            metadata,
-            records,
-        } = work;
-        // The write starts from the stream as loaded; the state already holds the events.
-        (loaded.version, loaded.last_position) = base;
-        let appended = self
-            .app
-            .store
-            .append_recorded(&mut conn, &mut loaded, &events, &metadata, &records)
-            .await
-            .map_err(|e| match e {
-                StoreError::Conflict => Abort::Conflict,
-                other => Abort::Fail(AppError::from(other).into()),
-            })?;
-        if let Conn::Tx(tx) = conn {
-            tx.commit()
-                .await
-                .map_err(|e| Abort::Fail(AppError::from(e).into()))?;
-        }
-        Ok(appended.events.into_iter().collect())
     }
 
     /// One command's turn on the aggregate as the turns before it left it: replay a
@@ -790,6 +803,32 @@ where
         }
         TurnOutcome::Answer(Answer::Fresh(reply))
     }
+}
+
+/// Writes what a group's turns decided, in one statement (and commits the group's
+/// transaction, if it has one): the positions its events landed at, by sequence.
+async fn write_group<A: Aggregate>(
+    app: &App,
+    work: Work<A>,
+) -> Result<HashMap<u64, Position>, Abort<AppError>> {
+    let Work {
+        mut conn,
+        mut loaded,
+        base,
+        events,
+        metadata,
+        records,
+    } = work;
+    // The write starts from the stream as loaded; the state already holds the events.
+    (loaded.version, loaded.last_position) = base;
+    let appended = app
+        .store
+        .append_recorded(&mut conn, &mut loaded, &events, &metadata, &records)
+        .await?;
+    if let Conn::Tx(tx) = conn {
+        tx.commit().await?;
+    }
+    Ok(appended.events.into_iter().collect())
 }
 
 /// The placeholder position of a group's event at `sequence`: replies are made before

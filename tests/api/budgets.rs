@@ -1163,3 +1163,91 @@ async fn concurrent_spends_on_one_budget_commit_in_groups_each_keeping_its_own_a
     }
     assert_eq!(count_events(&app, &id, "SpendRecorded").await, 40);
 }
+
+#[tokio::test]
+async fn a_group_whose_leader_goes_away_while_it_writes_still_answers_its_members_once() {
+    use aggregates::budget::{Budget, BudgetCommand, SpendCategory};
+    use aggregates::money::{Money, PositiveAmount};
+    use leadledger::app::command::{self, CommandContext, Reply};
+    use leadledger::app::error::AppError;
+    use uuid::Uuid;
+
+    let app = spawn_app().await;
+    let id = create_budget(&app, json!("100")).await;
+    let spend = |state: leadledger::app::App, id: String| async move {
+        command::execute::<Budget, AppError, _, _, _>(
+            &state,
+            &CommandContext::default(),
+            &id,
+            &(),
+            |_| {
+                Ok(BudgetCommand::Spend {
+                    spend_id: Uuid::now_v7(),
+                    amount: PositiveAmount::new(Money::parse_str("1").unwrap()).unwrap(),
+                    category: SpendCategory::Ai,
+                    description: None,
+                    model: None,
+                    input_tokens: None,
+                    output_tokens: None,
+                    at: chrono::Utc::now(),
+                })
+            },
+            |_| Reply::ok(json!({})),
+            |e| Reply::ok(json!({"refused": e.to_string()})),
+        )
+        .await
+    };
+    // Until a statement starting with `start` waits on a lock.
+    let wait_for = |start: &'static str| {
+        let pool = app.pool.clone();
+        async move {
+            for _ in 0..500 {
+                let waiting: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE wait_event_type = 'Lock' AND query LIKE $1 || '%'",
+                )
+                .bind(start)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+                if waiting > 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("no statement came to wait on the lock");
+        }
+    };
+    // Hold the load back while two spends gather in one group: the leader, then a member.
+    let mut loads = app.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE snapshots IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *loads)
+        .await
+        .unwrap();
+    let leader = tokio::spawn(spend(app.state.clone(), id.clone()));
+    wait_for("WITH s AS").await;
+    let member = tokio::spawn(spend(app.state.clone(), id.clone()));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Then hold back the group's write, let the load go, and drop the leader's request
+    // while its write waits.
+    let mut writes = app.pool.begin().await.unwrap();
+    sqlx::query("LOCK TABLE idempotency_records IN EXCLUSIVE MODE")
+        .execute(&mut *writes)
+        .await
+        .unwrap();
+    loads.commit().await.unwrap();
+    wait_for("WITH made AS").await;
+    leader.abort();
+    let _ = leader.await;
+    writes.commit().await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), member)
+        .await
+        .expect("the member was answered")
+        .unwrap();
+    assert!(answer.is_ok(), "{answer:?}");
+    assert_eq!(
+        count_events(&app, &id, "SpendRecorded").await,
+        2,
+        "the group's write committed once, and the member did not run again"
+    );
+}

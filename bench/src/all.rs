@@ -170,7 +170,7 @@ pub async fn run(plan: Plan, json_path: Option<PathBuf>) -> anyhow::Result<()> {
             report.record(
                 RATIOS,
                 &row,
-                "÷ floor, quiet db (target ≥ 0.5)",
+                "÷ floor, quiet db (target ≥ 0.6)",
                 ours.per_second() / base.tps,
             );
             report.record(

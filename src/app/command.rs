@@ -377,7 +377,7 @@ where
     R: Fn(&Written<A>) -> Reply,
     F: Fn(&E) -> Reply,
 {
-    execute_grouped(
+    execute_guarded(
         app,
         context,
         id,
@@ -400,41 +400,6 @@ pub type Guarded<'c, E> = std::pin::Pin<Box<dyn Future<Output = Result<(), Abort
 /// the groups of an aggregate that [`in_transaction`] names have a transaction.
 #[allow(clippy::too_many_arguments)]
 pub async fn execute_guarded<A, E, M, G, R, F>(
-    app: &App,
-    context: &CommandContext,
-    id: &str,
-    services: &A::Services,
-    make: M,
-    guard: G,
-    render: R,
-    refusal: F,
-) -> Result<Answer, E>
-where
-    A: Aggregate + Clone + 'static,
-    A::Error: Into<E>,
-    E: From<AppError>,
-    M: Fn(&Loaded<A>) -> Result<A::Command, E>,
-    G: for<'c> Fn(&'c mut PgConnection, &'c [A::Event]) -> Guarded<'c, E>,
-    R: Fn(&Written<A>) -> Reply,
-    F: Fn(&E) -> Reply,
-{
-    debug_assert!(
-        in_transaction(A::TYPE),
-        "a guard writes beside the events: its groups need a transaction"
-    );
-    execute_grouped(app, context, id, services, make, guard, render, refusal).await
-}
-
-/// Whether the groups of an aggregate type run in a transaction: a campaign's commands
-/// take its lock against bulk enrollment, which holds it shared while it decides, so that
-/// no enrollment commits after the campaign's completion, and its guards write beside its
-/// events. Any other group's write is one statement, which commits by itself.
-fn in_transaction(aggregate_type: &str) -> bool {
-    aggregate_type == Campaign::TYPE
-}
-
-#[allow(clippy::too_many_arguments)]
-async fn execute_grouped<A, E, M, G, R, F>(
     app: &App,
     context: &CommandContext,
     id: &str,
@@ -489,6 +454,15 @@ where
         }
         Err(e) => Err(e),
     }
+}
+
+/// Whether the groups of an aggregate type run in a transaction: a campaign's commands
+/// take its lock against bulk enrollment, which holds it shared while it decides, so that
+/// no enrollment commits after the campaign's completion, and its guards write beside its
+/// events. Any other group's write is one statement, which commits by itself (so a guard,
+/// which writes beside the events, is for these aggregates only).
+fn in_transaction(aggregate_type: &str) -> bool {
+    aggregate_type == Campaign::TYPE
 }
 
 /// How one command's turn in a group ended.

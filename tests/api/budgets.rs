@@ -1164,82 +1164,112 @@ async fn concurrent_spends_on_one_budget_commit_in_groups_each_keeping_its_own_a
     assert_eq!(count_events(&app, &id, "SpendRecorded").await, 40);
 }
 
-#[tokio::test]
-async fn a_group_whose_leader_goes_away_while_it_writes_still_answers_its_members_once() {
+/// A spend of 1 on budget `id` through the command path in-process (not over HTTP), so
+/// that a test can drop its request midway or give it any idempotency key.
+async fn spend_in_process(
+    state: leadledger::app::App,
+    id: String,
+    context: leadledger::app::command::CommandContext,
+) -> Result<leadledger::app::command::Answer, leadledger::app::error::AppError> {
     use aggregates::budget::{Budget, BudgetCommand, SpendCategory};
     use aggregates::money::{Money, PositiveAmount};
-    use leadledger::app::command::{self, CommandContext, Reply};
-    use leadledger::app::error::AppError;
-    use uuid::Uuid;
+    use leadledger::app::command::{self, Reply};
+    command::execute::<Budget, _, _, _, _>(
+        &state,
+        &context,
+        &id,
+        &(),
+        |_| {
+            Ok(BudgetCommand::Spend {
+                spend_id: uuid::Uuid::now_v7(),
+                amount: PositiveAmount::new(Money::parse_str("1").unwrap()).unwrap(),
+                category: SpendCategory::Ai,
+                description: None,
+                model: None,
+                input_tokens: None,
+                output_tokens: None,
+                at: chrono::Utc::now(),
+            })
+        },
+        |_| Reply::ok(json!({})),
+        |e: &leadledger::app::error::AppError| Reply::ok(json!({"refused": e.to_string()})),
+    )
+    .await
+}
 
-    let app = spawn_app().await;
-    let id = create_budget(&app, json!("100")).await;
-    let spend = |state: leadledger::app::App, id: String| async move {
-        command::execute::<Budget, AppError, _, _, _>(
-            &state,
-            &CommandContext::default(),
-            &id,
-            &(),
-            |_| {
-                Ok(BudgetCommand::Spend {
-                    spend_id: Uuid::now_v7(),
-                    amount: PositiveAmount::new(Money::parse_str("1").unwrap()).unwrap(),
-                    category: SpendCategory::Ai,
-                    description: None,
-                    model: None,
-                    input_tokens: None,
-                    output_tokens: None,
-                    at: chrono::Utc::now(),
-                })
-            },
-            |_| Reply::ok(json!({})),
-            |e| Reply::ok(json!({"refused": e.to_string()})),
+/// Waits until a statement starting with `start` waits on a lock.
+async fn until_waiting_on_lock(pool: &sqlx::PgPool, start: &str) {
+    for _ in 0..500 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE wait_event_type = 'Lock' AND query LIKE $1 || '%'",
         )
+        .bind(start)
+        .fetch_one(pool)
         .await
-    };
-    // Until a statement starting with `start` waits on a lock.
-    let wait_for = |start: &'static str| {
-        let pool = app.pool.clone();
-        async move {
-            for _ in 0..500 {
-                let waiting: i64 = sqlx::query_scalar(
-                    "SELECT count(*) FROM pg_stat_activity
-                     WHERE wait_event_type = 'Lock' AND query LIKE $1 || '%'",
-                )
-                .bind(start)
-                .fetch_one(&pool)
-                .await
-                .unwrap();
-                if waiting > 0 {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-            panic!("no statement came to wait on the lock");
+        .unwrap();
+        if waiting > 0 {
+            return;
         }
-    };
-    // Hold the load back while two spends gather in one group: the leader, then a member.
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("no statement came to wait on the lock");
+}
+
+/// Starts `first` and then `second` on one budget, so that the second joins the group the
+/// first leads (the first's load is held back by a lock meanwhile); returns with the
+/// group's load let go and, if `hold_write`, its write held back by a lock (the
+/// transaction holding it).
+async fn gather_two<A, B>(
+    app: &TestApp,
+    first: A,
+    second: B,
+    hold_write: bool,
+) -> (
+    tokio::task::JoinHandle<A::Output>,
+    tokio::task::JoinHandle<B::Output>,
+    Option<sqlx::Transaction<'static, sqlx::Postgres>>,
+)
+where
+    A: std::future::Future + Send + 'static,
+    A::Output: Send + 'static,
+    B: std::future::Future + Send + 'static,
+    B::Output: Send + 'static,
+{
     let mut loads = app.pool.begin().await.unwrap();
     sqlx::query("LOCK TABLE snapshots IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *loads)
         .await
         .unwrap();
-    let leader = tokio::spawn(spend(app.state.clone(), id.clone()));
-    wait_for("WITH s AS").await;
-    let member = tokio::spawn(spend(app.state.clone(), id.clone()));
+    let first = tokio::spawn(first);
+    until_waiting_on_lock(&app.pool, "WITH s AS").await;
+    let second = tokio::spawn(second);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    // Then hold back the group's write, let the load go, and drop the leader's request
-    // while its write waits.
-    let mut writes = app.pool.begin().await.unwrap();
-    sqlx::query("LOCK TABLE idempotency_records IN EXCLUSIVE MODE")
-        .execute(&mut *writes)
-        .await
-        .unwrap();
+    let writes = if hold_write {
+        let mut writes = app.pool.begin().await.unwrap();
+        sqlx::query("LOCK TABLE idempotency_records IN EXCLUSIVE MODE")
+            .execute(&mut *writes)
+            .await
+            .unwrap();
+        Some(writes)
+    } else {
+        None
+    };
     loads.commit().await.unwrap();
-    wait_for("WITH made AS").await;
+    (first, second, writes)
+}
+
+#[tokio::test]
+async fn a_group_whose_leader_goes_away_while_it_writes_still_answers_its_members_once() {
+    let app = spawn_app().await;
+    let id = create_budget(&app, json!("100")).await;
+    let spend = || spend_in_process(app.state.clone(), id.clone(), Default::default());
+    let (leader, member, writes) = gather_two(&app, spend(), spend(), true).await;
+    // Drop the leader's request while the group's write waits.
+    until_waiting_on_lock(&app.pool, "WITH made AS").await;
     leader.abort();
     let _ = leader.await;
-    writes.commit().await.unwrap();
+    writes.unwrap().commit().await.unwrap();
     let answer = tokio::time::timeout(Duration::from_secs(10), member)
         .await
         .expect("the member was answered")
@@ -1250,4 +1280,35 @@ async fn a_group_whose_leader_goes_away_while_it_writes_still_answers_its_member
         2,
         "the group's write committed once, and the member did not run again"
     );
+}
+
+#[tokio::test]
+async fn a_second_request_with_a_key_in_the_same_group_is_told_the_first_is_in_flight() {
+    use leadledger::app::command::{Answer, CommandContext, Idempotency};
+    use leadledger::app::error::AppError;
+
+    let app = spawn_app().await;
+    let id = create_budget(&app, json!("100")).await;
+    let scope: uuid::Uuid = sqlx::query_scalar("SELECT id FROM api_keys LIMIT 1")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let keyed = CommandContext {
+        idempotency: Some(Idempotency {
+            scope,
+            key: "spend-once".into(),
+            request_hash: b"the same request".to_vec(),
+        }),
+        ..Default::default()
+    };
+    let spend = || spend_in_process(app.state.clone(), id.clone(), keyed.clone());
+    let (first, second, _) = gather_two(&app, spend(), spend(), false).await;
+    assert!(matches!(first.await.unwrap(), Ok(Answer::Fresh(_))));
+    match second.await.unwrap() {
+        Err(AppError::Conflict { kind, .. }) => assert_eq!(kind, "idempotency-key-in-flight"),
+        other => panic!("the second was not told the first is in flight: {other:?}"),
+    }
+    // Once the group is written, the key's answer is replayed.
+    assert!(matches!(spend().await, Ok(Answer::Replayed(_))));
+    assert_eq!(count_events(&app, &id, "SpendRecorded").await, 1);
 }

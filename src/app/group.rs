@@ -26,14 +26,13 @@ use cqrs_es::Aggregate;
 use sqlx::PgConnection;
 use tokio::sync::{Mutex, Notify, watch};
 
-use crate::app::command::Tx;
 use crate::store::{Loaded, Metadata, Position, RecordRow};
 
 /// The connection a group works on: a plain one, whose write commits by itself, or the
 /// transaction of an aggregate whose turns also write (or lock) beside the events.
 pub(crate) enum Conn {
     Plain(sqlx::pool::PoolConnection<sqlx::Postgres>),
-    Tx(Tx),
+    Tx(sqlx::Transaction<'static, sqlx::Postgres>),
 }
 
 impl Deref for Conn {

@@ -127,6 +127,14 @@ impl StoreError {
     }
 }
 
+/// Refuses an event of `bytes` (as JSON text) over [`MAX_EVENT_BYTES`].
+fn check_size(bytes: usize) -> Result<(), StoreError> {
+    if bytes > MAX_EVENT_BYTES {
+        return Err(StoreError::EventTooLarge { bytes });
+    }
+    Ok(())
+}
+
 /// An idempotency key with the request it came with: what a command's load looks its
 /// answer up by ([`Store::load_answering`]).
 #[derive(Debug, Clone, Copy)]
@@ -562,10 +570,7 @@ impl Store {
     /// Refuses an event larger than [`MAX_EVENT_BYTES`] before anything is written.
     pub fn check_sizes<A: Aggregate>(events: &[A::Event]) -> Result<(), StoreError> {
         for e in events {
-            let size = serde_json::to_string(e)?.len();
-            if size > MAX_EVENT_BYTES {
-                return Err(StoreError::EventTooLarge { bytes: size });
-            }
+            check_size(serde_json::to_string(e)?.len())?;
         }
         Ok(())
     }
@@ -615,10 +620,7 @@ impl Store {
                 types.push(e.event_type());
                 versions.push(e.event_version());
                 let value = serde_json::to_value(e)?;
-                let size = serde_json::to_string(&value)?.len();
-                if size > MAX_EVENT_BYTES {
-                    return Err(StoreError::EventTooLarge { bytes: size });
-                }
+                check_size(serde_json::to_string(&value)?.len())?;
                 values.push((i, value));
             }
         }

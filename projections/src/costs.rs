@@ -11,7 +11,7 @@ use sqlx::PgConnection;
 use sqlx::types::Decimal;
 use uuid::Uuid;
 
-use crate::{FeedEvent, Projection, ProjectionError, events_of, utc_day};
+use crate::{FeedEvent, Projection, ProjectionError, Totals, events_of, utc_day};
 
 /// The read model's name: its checkpoint, its advisory lock, what `min_position` waits for.
 pub const NAME: &str = "costs";
@@ -42,154 +42,206 @@ impl Projection for CostsProjection {
         &["costs_view", "cost_days_view", "cost_groups_view"]
     }
 
+    fn totals(&self) -> &'static [&'static str] {
+        &["cost_days_view", "cost_groups_view"]
+    }
+
     /// Every cost of the batch in one insert, and each day's sums moved once.
     async fn apply_batch(
         &self,
         conn: &mut PgConnection,
         events: &[FeedEvent],
     ) -> Result<(), ProjectionError> {
-        // The aggregate bounds token counts far below i64::MAX (MAX_TOKENS).
-        let tokens = |n: Option<u64>| n.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
-        let mut costs = Vec::new();
-        for (event, budget_id, decoded) in events_of::<BudgetEvent>(events, Budget::TYPE)? {
-            let position = event.at.position;
-            match decoded {
-                BudgetEvent::SpendRecorded {
-                    spend_id,
-                    amount,
-                    category,
-                    model,
-                    input_tokens,
-                    output_tokens,
-                    spent_at,
-                    ..
-                } => costs.push(Cost {
-                    id: spend_id,
-                    kind: "spend",
-                    budget_id,
-                    category: category.as_str().to_string(),
-                    model,
-                    input_tokens: tokens(input_tokens),
-                    output_tokens: tokens(output_tokens),
-                    amount: amount.money().as_decimal(),
-                    spent_at,
-                    position,
-                }),
-                BudgetEvent::ReservationCaptured {
-                    reservation_id,
-                    amount,
-                    category,
-                    captured_at,
-                    ..
-                } => costs.push(Cost {
-                    id: reservation_id,
-                    kind: "capture",
-                    budget_id,
-                    category: category.as_str().to_string(),
-                    model: None,
-                    input_tokens: None,
-                    output_tokens: None,
-                    amount: amount.money().as_decimal(),
-                    spent_at: captured_at,
-                    position,
-                }),
-                BudgetEvent::BudgetCreated { .. }
-                | BudgetEvent::ReservationMade { .. }
-                | BudgetEvent::ReservationReleased { .. }
-                | BudgetEvent::ReservationExpired { .. }
-                | BudgetEvent::BudgetLimitSet { .. }
-                | BudgetEvent::BudgetThresholdCrossed { .. } => {}
-            }
-        }
-        if costs.is_empty() {
-            return Ok(());
-        }
-        sqlx::query!(
-            "INSERT INTO costs_view
-                 (id, kind, budget_id, category, model, input_tokens, output_tokens, amount,
-                  spent_at, day, position)
-             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[],
-                                  $6::int8[], $7::int8[], $8::numeric[], $9::timestamptz[],
-                                  $10::date[], $11::int8[])",
-            &costs.iter().map(|c| c.id).collect::<Vec<_>>(),
-            &costs.iter().map(|c| c.kind.to_string()).collect::<Vec<_>>(),
-            &costs.iter().map(|c| c.budget_id).collect::<Vec<_>>(),
-            &costs.iter().map(|c| c.category.clone()).collect::<Vec<_>>(),
-            &costs.iter().map(|c| c.model.clone()).collect::<Vec<_>>() as _,
-            &costs.iter().map(|c| c.input_tokens).collect::<Vec<_>>() as _,
-            &costs.iter().map(|c| c.output_tokens).collect::<Vec<_>>() as _,
-            &costs.iter().map(|c| c.amount).collect::<Vec<_>>(),
-            &costs.iter().map(|c| c.spent_at).collect::<Vec<_>>(),
-            &costs
-                .iter()
-                .map(|c| utc_day(c.spent_at))
-                .collect::<Vec<_>>(),
-            &costs.iter().map(|c| c.position).collect::<Vec<_>>(),
-        )
-        .execute(&mut *conn)
-        .await?;
-        // Each (day, budget, category, model)'s sums, moved once per batch.
-        type GroupKey = (NaiveDate, Uuid, String, Option<String>);
-        let mut groups: BTreeMap<GroupKey, (Decimal, Decimal, Decimal, i64)> = BTreeMap::new();
-        for c in &costs {
-            let key = (
-                utc_day(c.spent_at),
-                c.budget_id,
-                c.category.clone(),
-                c.model.clone(),
-            );
-            let group = groups.entry(key).or_default();
-            group.0 += c.amount;
-            group.1 += Decimal::from(c.input_tokens.unwrap_or(0));
-            group.2 += Decimal::from(c.output_tokens.unwrap_or(0));
-            group.3 += 1;
-        }
+        apply(conn, events, Totals::Move).await
+    }
+
+    async fn apply_rows(
+        &self,
+        conn: &mut PgConnection,
+        events: &[FeedEvent],
+    ) -> Result<(), ProjectionError> {
+        apply(conn, events, Totals::Leave).await
+    }
+
+    /// Each day's and each (day, budget, category, model)'s sums of the costs.
+    async fn fill_totals(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        sqlx::query!("DELETE FROM cost_groups_view")
+            .execute(&mut *conn)
+            .await?;
         sqlx::query!(
             "INSERT INTO cost_groups_view
                  (day, budget_id, category, model_key, model, cost, input_tokens,
                   output_tokens, requests)
-             SELECT u.day, u.budget_id, u.category,
-                    CASE WHEN u.model IS NULL THEN '-' ELSE 'm:' || u.model END, u.model,
-                    u.cost, u.input_tokens, u.output_tokens, u.requests
-             FROM UNNEST($1::date[], $2::uuid[], $3::text[], $4::text[], $5::numeric[],
-                         $6::numeric[], $7::numeric[], $8::int8[])
-                  AS u(day, budget_id, category, model, cost, input_tokens, output_tokens,
-                       requests)
-             ON CONFLICT (day, budget_id, category, model_key) DO UPDATE SET
-                 cost = cost_groups_view.cost + EXCLUDED.cost,
-                 input_tokens = cost_groups_view.input_tokens + EXCLUDED.input_tokens,
-                 output_tokens = cost_groups_view.output_tokens + EXCLUDED.output_tokens,
-                 requests = cost_groups_view.requests + EXCLUDED.requests",
-            &groups.keys().map(|k| k.0).collect::<Vec<_>>(),
-            &groups.keys().map(|k| k.1).collect::<Vec<_>>(),
-            &groups.keys().map(|k| k.2.clone()).collect::<Vec<_>>(),
-            &groups.keys().map(|k| k.3.clone()).collect::<Vec<_>>() as _,
-            &groups.values().map(|g| g.0).collect::<Vec<_>>(),
-            &groups.values().map(|g| g.1).collect::<Vec<_>>(),
-            &groups.values().map(|g| g.2).collect::<Vec<_>>(),
-            &groups.values().map(|g| g.3).collect::<Vec<_>>(),
+             SELECT day, budget_id, category,
+                    CASE WHEN model IS NULL THEN '-' ELSE 'm:' || model END, model,
+                    sum(amount), sum(coalesce(input_tokens, 0)),
+                    sum(coalesce(output_tokens, 0)), count(*)
+             FROM costs_view GROUP BY day, budget_id, category, model"
         )
         .execute(&mut *conn)
         .await?;
-        let mut days: BTreeMap<NaiveDate, (Decimal, i64)> = BTreeMap::new();
-        for c in &costs {
-            let day = days.entry(utc_day(c.spent_at)).or_default();
-            day.0 += c.amount;
-            day.1 += 1;
-        }
+        sqlx::query!("DELETE FROM cost_days_view")
+            .execute(&mut *conn)
+            .await?;
         sqlx::query!(
             "INSERT INTO cost_days_view (day, cost, requests)
-             SELECT * FROM UNNEST($1::date[], $2::numeric[], $3::int8[])
-             ON CONFLICT (day) DO UPDATE SET cost = cost_days_view.cost + EXCLUDED.cost,
-                 requests = cost_days_view.requests + EXCLUDED.requests",
-            &days.keys().copied().collect::<Vec<_>>(),
-            &days.values().map(|d| d.0).collect::<Vec<_>>(),
-            &days.values().map(|d| d.1).collect::<Vec<_>>(),
+             SELECT day, sum(amount), count(*) FROM costs_view GROUP BY day"
         )
         .execute(&mut *conn)
         .await?;
         Ok(())
     }
+}
+
+async fn apply(
+    conn: &mut PgConnection,
+    events: &[FeedEvent],
+    totals: Totals,
+) -> Result<(), ProjectionError> {
+    // The aggregate bounds token counts far below i64::MAX (MAX_TOKENS).
+    let tokens = |n: Option<u64>| n.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
+    let mut costs = Vec::new();
+    for (event, budget_id, decoded) in events_of::<BudgetEvent>(events, Budget::TYPE)? {
+        let position = event.at.position;
+        match decoded {
+            BudgetEvent::SpendRecorded {
+                spend_id,
+                amount,
+                category,
+                model,
+                input_tokens,
+                output_tokens,
+                spent_at,
+                ..
+            } => costs.push(Cost {
+                id: spend_id,
+                kind: "spend",
+                budget_id,
+                category: category.as_str().to_string(),
+                model,
+                input_tokens: tokens(input_tokens),
+                output_tokens: tokens(output_tokens),
+                amount: amount.money().as_decimal(),
+                spent_at,
+                position,
+            }),
+            BudgetEvent::ReservationCaptured {
+                reservation_id,
+                amount,
+                category,
+                captured_at,
+                ..
+            } => costs.push(Cost {
+                id: reservation_id,
+                kind: "capture",
+                budget_id,
+                category: category.as_str().to_string(),
+                model: None,
+                input_tokens: None,
+                output_tokens: None,
+                amount: amount.money().as_decimal(),
+                spent_at: captured_at,
+                position,
+            }),
+            BudgetEvent::BudgetCreated { .. }
+            | BudgetEvent::ReservationMade { .. }
+            | BudgetEvent::ReservationReleased { .. }
+            | BudgetEvent::ReservationExpired { .. }
+            | BudgetEvent::BudgetLimitSet { .. }
+            | BudgetEvent::BudgetThresholdCrossed { .. } => {}
+        }
+    }
+    if costs.is_empty() {
+        return Ok(());
+    }
+    sqlx::query!(
+        "INSERT INTO costs_view
+             (id, kind, budget_id, category, model, input_tokens, output_tokens, amount,
+              spent_at, day, position)
+         SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[],
+                              $6::int8[], $7::int8[], $8::numeric[], $9::timestamptz[],
+                              $10::date[], $11::int8[])",
+        &costs.iter().map(|c| c.id).collect::<Vec<_>>(),
+        &costs.iter().map(|c| c.kind.to_string()).collect::<Vec<_>>(),
+        &costs.iter().map(|c| c.budget_id).collect::<Vec<_>>(),
+        &costs.iter().map(|c| c.category.clone()).collect::<Vec<_>>(),
+        &costs.iter().map(|c| c.model.clone()).collect::<Vec<_>>() as _,
+        &costs.iter().map(|c| c.input_tokens).collect::<Vec<_>>() as _,
+        &costs.iter().map(|c| c.output_tokens).collect::<Vec<_>>() as _,
+        &costs.iter().map(|c| c.amount).collect::<Vec<_>>(),
+        &costs.iter().map(|c| c.spent_at).collect::<Vec<_>>(),
+        &costs
+            .iter()
+            .map(|c| utc_day(c.spent_at))
+            .collect::<Vec<_>>(),
+        &costs.iter().map(|c| c.position).collect::<Vec<_>>(),
+    )
+    .execute(&mut *conn)
+    .await?;
+    if totals == Totals::Leave {
+        return Ok(());
+    }
+    // Each (day, budget, category, model)'s sums, moved once per batch.
+    type GroupKey = (NaiveDate, Uuid, String, Option<String>);
+    let mut groups: BTreeMap<GroupKey, (Decimal, Decimal, Decimal, i64)> = BTreeMap::new();
+    for c in &costs {
+        let key = (
+            utc_day(c.spent_at),
+            c.budget_id,
+            c.category.clone(),
+            c.model.clone(),
+        );
+        let group = groups.entry(key).or_default();
+        group.0 += c.amount;
+        group.1 += Decimal::from(c.input_tokens.unwrap_or(0));
+        group.2 += Decimal::from(c.output_tokens.unwrap_or(0));
+        group.3 += 1;
+    }
+    sqlx::query!(
+        "INSERT INTO cost_groups_view
+             (day, budget_id, category, model_key, model, cost, input_tokens,
+              output_tokens, requests)
+         SELECT u.day, u.budget_id, u.category,
+                CASE WHEN u.model IS NULL THEN '-' ELSE 'm:' || u.model END, u.model,
+                u.cost, u.input_tokens, u.output_tokens, u.requests
+         FROM UNNEST($1::date[], $2::uuid[], $3::text[], $4::text[], $5::numeric[],
+                     $6::numeric[], $7::numeric[], $8::int8[])
+              AS u(day, budget_id, category, model, cost, input_tokens, output_tokens,
+                   requests)
+         ON CONFLICT (day, budget_id, category, model_key) DO UPDATE SET
+             cost = cost_groups_view.cost + EXCLUDED.cost,
+             input_tokens = cost_groups_view.input_tokens + EXCLUDED.input_tokens,
+             output_tokens = cost_groups_view.output_tokens + EXCLUDED.output_tokens,
+             requests = cost_groups_view.requests + EXCLUDED.requests",
+        &groups.keys().map(|k| k.0).collect::<Vec<_>>(),
+        &groups.keys().map(|k| k.1).collect::<Vec<_>>(),
+        &groups.keys().map(|k| k.2.clone()).collect::<Vec<_>>(),
+        &groups.keys().map(|k| k.3.clone()).collect::<Vec<_>>() as _,
+        &groups.values().map(|g| g.0).collect::<Vec<_>>(),
+        &groups.values().map(|g| g.1).collect::<Vec<_>>(),
+        &groups.values().map(|g| g.2).collect::<Vec<_>>(),
+        &groups.values().map(|g| g.3).collect::<Vec<_>>(),
+    )
+    .execute(&mut *conn)
+    .await?;
+    let mut days: BTreeMap<NaiveDate, (Decimal, i64)> = BTreeMap::new();
+    for c in &costs {
+        let day = days.entry(utc_day(c.spent_at)).or_default();
+        day.0 += c.amount;
+        day.1 += 1;
+    }
+    sqlx::query!(
+        "INSERT INTO cost_days_view (day, cost, requests)
+         SELECT * FROM UNNEST($1::date[], $2::numeric[], $3::int8[])
+         ON CONFLICT (day) DO UPDATE SET cost = cost_days_view.cost + EXCLUDED.cost,
+             requests = cost_days_view.requests + EXCLUDED.requests",
+        &days.keys().copied().collect::<Vec<_>>(),
+        &days.values().map(|d| d.0).collect::<Vec<_>>(),
+        &days.values().map(|d| d.1).collect::<Vec<_>>(),
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// The cost recorded on the UTC days `from..=to`, and how many spends and captures.

@@ -19,7 +19,7 @@ use cqrs_es::Aggregate;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{FeedEvent, Projection, ProjectionError, column, events_of, ids, utc_day};
+use crate::{FeedEvent, Projection, ProjectionError, Totals, column, events_of, ids, utc_day};
 
 /// The read model's name: its checkpoint, its advisory lock, what `min_position` waits for.
 pub const NAME: &str = "enrollments";
@@ -80,6 +80,10 @@ impl Projection for EnrollmentsProjection {
         ]
     }
 
+    fn totals(&self) -> &'static [&'static str] {
+        &["campaign_metrics_view", "campaign_days_view"]
+    }
+
     /// Loads the enrollments the batch changes in one query, folds the batch in memory,
     /// then writes new rows, changed rows, campaign counts and day counts with one
     /// statement each.
@@ -88,76 +92,135 @@ impl Projection for EnrollmentsProjection {
         conn: &mut PgConnection,
         events: &[FeedEvent],
     ) -> Result<(), ProjectionError> {
-        let events = events_of::<EnrollmentEvent>(events, Enrollment::TYPE)?;
-        if events.is_empty() {
-            return Ok(());
-        }
-        let mut enrolled_here = HashSet::new();
-        let mut wanted = Vec::new();
-        for (_, id, event) in &events {
-            match event {
-                EnrollmentEvent::ContactEnrolled { .. } => {
-                    enrolled_here.insert(*id);
-                }
-                EnrollmentEvent::ProviderEventRecorded { .. } => {
-                    if !enrolled_here.contains(id) {
-                        wanted.push(*id);
-                    }
+        apply(conn, events, Totals::Move).await
+    }
+
+    async fn apply_rows(
+        &self,
+        conn: &mut PgConnection,
+        events: &[FeedEvent],
+    ) -> Result<(), ProjectionError> {
+        apply(conn, events, Totals::Leave).await
+    }
+
+    /// Counts each campaign's enrollments that reached each step, and each campaign's
+    /// steps by the UTC day of their effective time: the counts every enrollment's first
+    /// reaching of a step, and every move of a step to another day, add up to.
+    async fn fill_totals(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        sqlx::query!("DELETE FROM campaign_metrics_view")
+            .execute(&mut *conn)
+            .await?;
+        sqlx::query!(
+            "INSERT INTO campaign_metrics_view
+                 (campaign_id, enrolled, sent, delivered, opened, clicked, replied, bounced,
+                  unsubscribed, complained)
+             SELECT campaign_id, count(*), count(sent_at), count(delivered_at),
+                    count(opened_at), count(clicked_at), count(replied_at), count(bounced_at),
+                    count(unsubscribed_at), count(complained_at)
+             FROM enrollments_view GROUP BY campaign_id"
+        )
+        .execute(&mut *conn)
+        .await?;
+        sqlx::query!("DELETE FROM campaign_days_view")
+            .execute(&mut *conn)
+            .await?;
+        // The steps in the order of `Row::steps`, each on the UTC day of its time.
+        sqlx::query!(
+            "INSERT INTO campaign_days_view
+                 (campaign_id, day, enrolled, sent, delivered, opened, clicked, replied,
+                  bounced, unsubscribed, complained)
+             SELECT e.campaign_id, (s.at AT TIME ZONE 'UTC')::date,
+                    count(*) FILTER (WHERE s.step = 0), count(*) FILTER (WHERE s.step = 1),
+                    count(*) FILTER (WHERE s.step = 2), count(*) FILTER (WHERE s.step = 3),
+                    count(*) FILTER (WHERE s.step = 4), count(*) FILTER (WHERE s.step = 5),
+                    count(*) FILTER (WHERE s.step = 6), count(*) FILTER (WHERE s.step = 7),
+                    count(*) FILTER (WHERE s.step = 8)
+             FROM enrollments_view e
+             CROSS JOIN LATERAL (VALUES (0, e.enrolled_at), (1, e.sent_at),
+                 (2, e.delivered_at), (3, e.opened_at), (4, e.clicked_at), (5, e.replied_at),
+                 (6, e.bounced_at), (7, e.unsubscribed_at), (8, e.complained_at)) AS s(step, at)
+             WHERE s.at IS NOT NULL
+             GROUP BY 1, 2"
+        )
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+}
+
+async fn apply(
+    conn: &mut PgConnection,
+    events: &[FeedEvent],
+    totals: Totals,
+) -> Result<(), ProjectionError> {
+    let events = events_of::<EnrollmentEvent>(events, Enrollment::TYPE)?;
+    if events.is_empty() {
+        return Ok(());
+    }
+    let mut enrolled_here = HashSet::new();
+    let mut wanted = Vec::new();
+    for (_, id, event) in &events {
+        match event {
+            EnrollmentEvent::ContactEnrolled { .. } => {
+                enrolled_here.insert(*id);
+            }
+            EnrollmentEvent::ProviderEventRecorded { .. } => {
+                if !enrolled_here.contains(id) {
+                    wanted.push(*id);
                 }
             }
         }
-        let mut changes = load(conn, &wanted).await?;
-        for (event, id, decoded) in events {
-            match decoded {
-                EnrollmentEvent::ContactEnrolled {
+    }
+    let mut changes = load(conn, &wanted).await?;
+    for (event, id, decoded) in events {
+        match decoded {
+            EnrollmentEvent::ContactEnrolled {
+                campaign_id,
+                contact_id,
+                stop_on_reply,
+                enrolled_at,
+            } => {
+                if changes.contains_key(&id) {
+                    return Err(ProjectionError::Inconsistent {
+                        position: event.at,
+                        message: "an enrollment enrolled twice".into(),
+                    });
+                }
+                let after = Row {
                     campaign_id,
                     contact_id,
                     stop_on_reply,
                     enrolled_at,
-                } => {
-                    if changes.contains_key(&id) {
-                        return Err(ProjectionError::Inconsistent {
-                            position: event.at,
-                            message: "an enrollment enrolled twice".into(),
-                        });
-                    }
-                    let after = Row {
-                        campaign_id,
-                        contact_id,
-                        stop_on_reply,
-                        enrolled_at,
-                        milestones: Milestones::default(),
-                        version: 1,
-                    };
-                    changes.insert(
-                        id,
-                        Change {
-                            before: None,
-                            after,
-                        },
-                    );
-                }
-                EnrollmentEvent::ProviderEventRecorded {
-                    kind, occurred_at, ..
-                } => {
-                    let change =
-                        changes
-                            .get_mut(&id)
-                            .ok_or_else(|| ProjectionError::Inconsistent {
-                                position: event.at,
-                                message: "a provider event for an enrollment the read model \
-                                          does not have"
-                                    .into(),
-                            })?;
-                    let mut m = change.after.milestones;
-                    m.record(kind, occurred_at);
-                    change.after.milestones = m.implied();
-                    change.after.version += 1;
-                }
+                    milestones: Milestones::default(),
+                    version: 1,
+                };
+                changes.insert(
+                    id,
+                    Change {
+                        before: None,
+                        after,
+                    },
+                );
+            }
+            EnrollmentEvent::ProviderEventRecorded {
+                kind, occurred_at, ..
+            } => {
+                let change = changes
+                    .get_mut(&id)
+                    .ok_or_else(|| ProjectionError::Inconsistent {
+                        position: event.at,
+                        message: "a provider event for an enrollment the read model \
+                                      does not have"
+                            .into(),
+                    })?;
+                let mut m = change.after.milestones;
+                m.record(kind, occurred_at);
+                change.after.milestones = m.implied();
+                change.after.version += 1;
             }
         }
-        write(conn, changes).await
     }
+    write(conn, changes, totals).await
 }
 
 /// The enrollments `ids` as the read model has them.
@@ -211,6 +274,7 @@ async fn load(
 async fn write(
     conn: &mut PgConnection,
     changes: BTreeMap<Uuid, Change>,
+    totals: Totals,
 ) -> Result<(), ProjectionError> {
     // A campaign count moves when an enrollment first reaches a step; a day count moves
     // when a step's day changes.
@@ -219,6 +283,14 @@ async fn write(
     let mut new = Vec::new();
     let mut changed = Vec::new();
     for (id, change) in changes {
+        if change.before.is_none() {
+            new.push((id, change.after));
+        } else {
+            changed.push((id, change.after));
+        }
+        if totals == Totals::Leave {
+            continue;
+        }
         let campaign = change.after.campaign_id;
         let before = change.before.map_or([None; 9], |b| b.steps());
         for (k, (old, now)) in before.into_iter().zip(change.after.steps()).enumerate() {
@@ -234,11 +306,6 @@ async fn write(
                     days.entry((campaign, day)).or_default()[k] += 1;
                 }
             }
-        }
-        if change.before.is_none() {
-            new.push((id, change.after));
-        } else {
-            changed.push((id, change.after));
         }
     }
     if !new.is_empty() {

@@ -61,6 +61,31 @@ pub trait Projection: Send + Sync + 'static {
         events: &[FeedEvent],
     ) -> Result<(), ProjectionError>;
 
+    /// The tables among [`Projection::tables`] that only hold totals of the projection's
+    /// other tables (counts a read model keeps so that its readers need not add up rows).
+    /// Every batch moves them; a rebuild instead leaves them alone while it applies the
+    /// feed ([`Projection::apply_rows`]) and fills them once at the end
+    /// ([`Projection::fill_totals`]).
+    fn totals(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    /// [`Projection::apply_batch`] without moving the totals.
+    async fn apply_rows(
+        &self,
+        conn: &mut PgConnection,
+        events: &[FeedEvent],
+    ) -> Result<(), ProjectionError> {
+        self.apply_batch(conn, events).await
+    }
+
+    /// Sets the totals from the other tables, as applying every event that built them
+    /// would have moved them, inside the caller's transaction.
+    async fn fill_totals(&self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        let _ = conn;
+        Ok(())
+    }
+
     /// Whether applying a batch may append events (reactors do): the runner then wakes the
     /// process's runners after the batch commits.
     fn writes_events(&self) -> bool {
@@ -74,6 +99,14 @@ pub trait Projection: Send + Sync + 'static {
         let _ = (aggregate_type, event_type);
         true
     }
+}
+
+/// Whether applying a batch moves a projection's totals ([`Projection::totals`]): every
+/// live batch does; a rebuild's do not until it fills them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Totals {
+    Move,
+    Leave,
 }
 
 /// A side-effecting event handler: it answers events by running commands (writing events

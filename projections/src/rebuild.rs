@@ -11,6 +11,11 @@
 //!   commits each batch with its own place (`projection_rebuild_positions`), so an
 //!   interrupted rebuild leaves the live tables untouched and a new run resumes each
 //!   projection where it stopped.
+//! - Totals ([`Projection::totals`]: counts and sums of a projection's rows) are left
+//!   alone while the copies fill ([`Projection::apply_rows`]), as every batch would rewrite
+//!   most of their rows; each projection fills them from its rows once it has read to the
+//!   head ([`Projection::fill_totals`]). The swap's last catch-up moves them like a live
+//!   batch.
 //! - The copies are `UNLOGGED` while they fill (no WAL per row); each is made logged and
 //!   analyzed, then given its secondary indexes, as soon as its projection has read to the
 //!   head. Autovacuum leaves them alone until they are swapped in (it would otherwise
@@ -35,7 +40,7 @@ use sqlx::{ConnectOptions, Connection, PgConnection};
 
 use crate::feed::{self, FeedEvent, Position};
 use crate::runner::{advance, apply_until_failure};
-use crate::{Projection, ProjectionError};
+use crate::{Projection, ProjectionError, Totals};
 
 /// Advisory lock class of the rebuild ("LR"): one rebuild at a time per database.
 const REBUILD_LOCK_CLASS: i32 = 0x4c52;
@@ -526,6 +531,7 @@ async fn build(
                 &mut tx,
                 std::slice::from_ref(&projection),
                 &batch.events[start..],
+                Totals::Leave,
             )
             .await?;
             sqlx::query!(
@@ -548,6 +554,19 @@ async fn build(
             events: batch.events.len() as u64,
         });
     }
+    // The feed is read to its head: the totals are filled from the rows once.
+    if !projection.totals().is_empty() {
+        let mut tx = conn.begin().await?;
+        projection
+            .fill_totals(&mut tx)
+            .await
+            .map_err(|e| RebuildError::Failed {
+                projection: projection.name().to_string(),
+                position: place,
+                error: e.to_string(),
+            })?;
+        tx.commit().await?;
+    }
     let tables: Vec<String> = projection.tables().iter().map(|t| t.to_string()).collect();
     sqlx::query!("SELECT leadledger_rebuild_log($1)", &tables)
         .execute(&mut conn)
@@ -565,12 +584,17 @@ async fn apply(
     conn: &mut PgConnection,
     projections: &[Arc<dyn Projection>],
     events: &[FeedEvent],
+    totals: Totals,
 ) -> Result<(), RebuildError> {
     for projection in projections {
         // A savepoint, so that a failure can be located event by event in the same
         // transaction.
         let mut savepoint = conn.begin().await?;
-        match projection.apply_batch(&mut savepoint, events).await {
+        let applied = match totals {
+            Totals::Leave => projection.apply_rows(&mut savepoint, events).await,
+            Totals::Move => projection.apply_batch(&mut savepoint, events).await,
+        };
+        match applied {
             Ok(()) => savepoint.commit().await?,
             Err(batch_error) => {
                 savepoint.rollback().await?;
@@ -607,7 +631,7 @@ async fn apply_until(
         let events = feed::read_until(conn, after, until, batch_size).await?;
         let Some(last) = events.last() else { break };
         let last = last.at;
-        apply(conn, projections, &events).await?;
+        apply(conn, projections, &events, Totals::Move).await?;
         applied += events.len() as u64;
         after = last;
     }

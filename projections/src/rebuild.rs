@@ -16,12 +16,11 @@
 //!   most of their rows; each projection fills them from its rows once it has read to the
 //!   head ([`Projection::fill_totals`]). The swap's last catch-up moves them like a live
 //!   batch.
-//! - The copies are `UNLOGGED` while they fill (no WAL per row); each is made logged and
-//!   analyzed, then given its secondary indexes, as soon as its projection has read to the
-//!   head. Autovacuum leaves them alone until they are swapped in (it would otherwise
-//!   analyze them just as the swap wants them, and the swap would wait for it). The
-//!   positions are unlogged too: a server crash empties them with the copies, and the next
-//!   run starts over.
+//! - The copies are logged tables with only their keys while they fill; each is analyzed,
+//!   then given its secondary indexes, as soon as its projection has read to the head
+//!   (building an index once costs far less than keeping it row by row). Autovacuum leaves
+//!   them alone until they are swapped in (it would otherwise analyze them just as the swap
+//!   wants them, and the swap would wait for it).
 //! - Once it has caught up, one transaction locks the projections' checkpoint rows (the
 //!   live runner's batches take the same lock first, so they wait), brings the rebuilt
 //!   tables to the live checkpoint (or further), optionally compares them row by row with
@@ -217,7 +216,7 @@ pub async fn rebuild(
         .await?;
         observer.phase("indexing");
         // Each projection did this as it finished; this makes sure of it (no-ops then).
-        sqlx::query!("SELECT leadledger_rebuild_log($1)", &job.tables)
+        sqlx::query!("SELECT leadledger_rebuild_analyze($1)", &job.tables)
             .execute(&mut conn)
             .await?;
         sqlx::query!("SELECT leadledger_rebuild_index($1)", &job.tables)
@@ -313,7 +312,8 @@ async fn prepare(
         && state.projections == names
         && state.migration == migration
         && ready
-        // A crash of the server empties the unlogged positions with the unlogged copies.
+        // Resumes only a projection whose place is known (each is written with the
+        // rebuild's row, and committed with its copies' rows).
         && names.iter().all(|n| places.contains_key(n))
     {
         let at = Position::stored(&state.transaction_id, state.position)?;
@@ -568,7 +568,7 @@ async fn build(
         tx.commit().await?;
     }
     let tables: Vec<String> = projection.tables().iter().map(|t| t.to_string()).collect();
-    sqlx::query!("SELECT leadledger_rebuild_log($1)", &tables)
+    sqlx::query!("SELECT leadledger_rebuild_analyze($1)", &tables)
         .execute(&mut conn)
         .await?;
     sqlx::query!("SELECT leadledger_rebuild_index($1)", &tables)

@@ -41,7 +41,9 @@ pub enum ProjectionError {
 }
 
 /// A read model, fed by the runner as events commit and by a rebuild from the start of
-/// the feed: both call the same [`Projection::apply_batch`].
+/// the feed: both call the same [`Projection::apply_batch`], except that a rebuild fills its
+/// copies with [`Projection::apply_rows`] and then their totals with
+/// [`Projection::fill_totals`].
 #[async_trait::async_trait]
 pub trait Projection: Send + Sync + 'static {
     /// Stable name: the checkpoint's key and the advisory lock's.

@@ -63,11 +63,14 @@ pub const LOG_RETENTION: chrono::Duration = chrono::Duration::days(14);
 pub fn message_for(event: &FeedEvent) -> Value {
     // Events are stored as their enum (`{"ContactCreated": {...}}`): the message carries
     // the variant's fields, its name being `type`.
-    let inner = match &event.payload {
-        Value::Object(m) if m.len() == 1 && m.contains_key(&event.event_type) => {
-            m[&event.event_type].clone()
+    // The feed read this text as JSON, so it parses again (within serde_json's nesting
+    // limit, which request bodies are parsed under too).
+    let payload = event.payload.to_value().unwrap_or_default();
+    let inner = match payload {
+        Value::Object(mut m) if m.len() == 1 && m.contains_key(&event.event_type) => {
+            m.remove(&event.event_type).unwrap_or_default()
         }
-        other => other.clone(),
+        other => other,
     };
     json!({
         "type": event.event_type,

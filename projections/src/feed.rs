@@ -319,40 +319,39 @@ struct Row {
 impl Row {
     /// Opened with `keys` (`None`: delivered as stored) and upcast.
     fn upcast(self, keys: Option<&crate::pii::Keys>) -> Result<FeedEvent, sqlx::Error> {
-        let r = self;
-        let at = Position::stored(&r.transaction_id, r.position)?;
+        let at = Position::stored(&self.transaction_id, self.position)?;
         // An upcaster that takes the stored type and version starts the chain; without
         // one, and with nothing to open, the payload goes on as stored.
         let upcast = upcasters()
             .iter()
-            .any(|u| u.can_upcast(&r.event_type, &r.event_version));
+            .any(|u| u.can_upcast(&self.event_type, &self.event_version));
         if keys.is_none() && !upcast {
             return Ok(FeedEvent {
                 at,
-                aggregate_type: r.aggregate_type,
-                aggregate_id: r.aggregate_id,
-                sequence: r.sequence,
-                event_type: r.event_type,
-                event_version: r.event_version,
-                payload: Payload(Form::Text(r.payload.0)),
-                metadata: r.metadata,
-                recorded_at: r.recorded_at,
+                aggregate_type: self.aggregate_type,
+                aggregate_id: self.aggregate_id,
+                sequence: self.sequence,
+                event_type: self.event_type,
+                event_version: self.event_version,
+                payload: Payload(Form::Text(self.payload.0)),
+                metadata: self.metadata,
+                recorded_at: self.recorded_at,
             });
         }
-        let mut tree: Value = serde_json::from_str(r.payload.0.get())
+        let mut tree: Value = serde_json::from_str(self.payload.0.get())
             .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
         if let Some(keys) = keys {
-            tree = crate::pii::open_event(keys, &r.aggregate_type, &r.aggregate_id, tree)
+            tree = crate::pii::open_event(keys, &self.aggregate_type, &self.aggregate_id, tree)
                 .map_err(pii_error)?;
         }
         let mut serialized = SerializedEvent::new(
-            r.aggregate_id,
-            r.sequence as usize,
-            r.aggregate_type,
-            r.event_type,
-            r.event_version,
+            self.aggregate_id,
+            self.sequence as usize,
+            self.aggregate_type,
+            self.event_type,
+            self.event_version,
             tree,
-            r.metadata,
+            self.metadata,
         );
         for u in upcasters().iter() {
             if u.can_upcast(&serialized.event_type, &serialized.event_version) {
@@ -363,12 +362,12 @@ impl Row {
             at,
             aggregate_type: serialized.aggregate_type,
             aggregate_id: serialized.aggregate_id,
-            sequence: r.sequence,
+            sequence: self.sequence,
             event_type: serialized.event_type,
             event_version: serialized.event_version,
             payload: serialized.payload.into(),
             metadata: serialized.metadata,
-            recorded_at: r.recorded_at,
+            recorded_at: self.recorded_at,
         })
     }
 }

@@ -364,7 +364,7 @@ struct WriteBeforeSwap<'a> {
     app: &'a TestApp,
     hooks: &'a Source,
     written: Option<Position>,
-    differences: Vec<Difference>,
+    seen: Collect,
 }
 
 impl Observer for WriteBeforeSwap<'_> {
@@ -380,7 +380,7 @@ impl Observer for WriteBeforeSwap<'_> {
         }
     }
     fn difference(&mut self, d: &Difference) {
-        self.differences.push(d.clone());
+        self.seen.difference(d);
     }
 }
 
@@ -397,7 +397,7 @@ async fn a_rebuild_fills_its_counts_from_the_rows_and_its_last_catch_up_moves_th
         app: &app,
         hooks: &hooks,
         written: None,
-        differences: Vec::new(),
+        seen: Collect::default(),
     };
     let report = verified_rebuild(&app.pool, &mut observer).await;
     let written = observer
@@ -406,7 +406,7 @@ async fn a_rebuild_fills_its_counts_from_the_rows_and_its_last_catch_up_moves_th
     assert!(
         report.swapped && report.differences == 0,
         "the copies' counts equal the live ones: {:?}",
-        observer.differences
+        observer.seen.differences
     );
     assert!(
         report.position >= written,

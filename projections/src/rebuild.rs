@@ -39,10 +39,15 @@ use sqlx::{ConnectOptions, Connection, PgConnection};
 
 use crate::feed::{self, FeedEvent, Position};
 use crate::runner::{advance, apply_until_failure};
-use crate::{Projection, ProjectionError, Totals};
+use crate::{Projection, ProjectionError};
 
 /// Advisory lock class of the rebuild ("LR"): one rebuild at a time per database.
 const REBUILD_LOCK_CLASS: i32 = 0x4c52;
+
+/// Events per batch unless told otherwise: each batch costs every projection a transaction
+/// and each of its statements, so larger batches spend less per event, while memory holds
+/// a few of them at a time.
+pub const DEFAULT_BATCH_SIZE: i64 = 10_000;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -58,7 +63,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
-            batch_size: 5_000,
+            batch_size: DEFAULT_BATCH_SIZE,
             verify: false,
             swap_attempts: 10,
         }
@@ -198,12 +203,10 @@ pub async fn rebuild(
         .fetch_optional(&mut conn)
         .await?
         .unwrap_or(0);
-    let remaining = feed::count_after(&mut conn, at).await?;
-    observer.started(already as u64, remaining as u64);
 
     let mut applied = 0u64;
+    let mut starting = Some(already as u64);
     for _ in 0..options.swap_attempts.max(1) {
-        observer.phase("catching up");
         applied += catch_up(
             pool,
             &mut conn,
@@ -211,6 +214,7 @@ pub async fn rebuild(
             &mut at,
             &mut places,
             options,
+            starting.take(),
             observer,
         )
         .await?;
@@ -262,6 +266,21 @@ async fn connect(pool: &PgPool) -> Result<PgConnection, sqlx::Error> {
         .application_name("leadledger-rebuild")
         .connect()
         .await
+}
+
+/// `n` connections for the projections' tasks of [`catch_up`], opened side by side, each
+/// holding the shared lock until its server process ends (see `take_rebuild_lock`) and
+/// pointed at the rebuilt tables.
+async fn open_builders(pool: &PgPool, n: usize) -> Result<Vec<PgConnection>, sqlx::Error> {
+    futures::future::try_join_all((0..n).map(|_| async {
+        let mut conn = connect(pool).await?;
+        sqlx::query!("SELECT pg_advisory_lock_shared($1, 1)", REBUILD_LOCK_CLASS)
+            .execute(&mut conn)
+            .await?;
+        point_at_build(&mut conn).await?;
+        Ok(conn)
+    }))
+    .await
 }
 
 /// Points the projections' unqualified statements on `conn` at the rebuilt tables. Done
@@ -350,9 +369,12 @@ async fn prepare(
 /// Applies the feed after `at` until a read comes back short (the rebuild is at the head).
 /// One task reads the feed and hands every batch to each projection's task, which applies
 /// it on a connection of its own and commits it with its own place; once the feed is
-/// read, each makes its tables logged and indexes them. A batch counts as applied (and the
-/// rebuild's position moves past it) once every projection has committed it. Returns the
-/// events applied.
+/// read, each fills its totals, then analyzes and indexes its tables. A batch counts as
+/// applied (and the rebuild's position moves past it) once every projection has committed
+/// it. With `starting` (the events an interrupted run applied), it first tells the
+/// observer how many are left, counted while the projections' connections open. Returns
+/// the events applied.
+#[allow(clippy::too_many_arguments)]
 async fn catch_up(
     pool: &PgPool,
     conn: &mut PgConnection,
@@ -360,23 +382,30 @@ async fn catch_up(
     at: &mut Position,
     places: &mut HashMap<String, Position>,
     options: &Options,
+    starting: Option<u64>,
     observer: &mut dyn Observer,
 ) -> Result<u64, RebuildError> {
     let batch_size = options.batch_size.max(1);
+    let from = *at;
+    let count = async {
+        match starting {
+            Some(_) => feed::count_after(&mut *conn, from).await.map(Some),
+            None => Ok(None),
+        }
+    };
+    let (conns, remaining) = tokio::try_join!(open_builders(pool, projections.len()), count)?;
+    if let (Some(already), Some(remaining)) = (starting, remaining) {
+        observer.started(already, remaining as u64);
+    }
+    observer.phase("catching up");
     // Dropping this future (an interrupted rebuild) stops every task it started.
     let mut tasks = Tasks::default();
     let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel::<Done>();
     let mut senders = Vec::with_capacity(projections.len());
     let mut workers = Vec::with_capacity(projections.len());
-    for projection in projections {
+    for (projection, conn) in projections.iter().zip(conns) {
         let (sender, batches) = tokio::sync::mpsc::channel::<Batch>(1);
         senders.push(sender);
-        let mut conn = connect(pool).await?;
-        // Held until this connection's server process ends (see `take_rebuild_lock`).
-        sqlx::query!("SELECT pg_advisory_lock_shared($1, 1)", REBUILD_LOCK_CLASS)
-            .execute(&mut conn)
-            .await?;
-        point_at_build(&mut conn).await?;
         let place = places.get(projection.name()).copied().unwrap_or_default();
         workers.push(tasks.spawn(build(
             conn,
@@ -526,14 +555,14 @@ async fn build(
         // A resumed projection may have applied part of the feed the others had not.
         let start = batch.events.partition_point(|e| e.at <= place);
         if start < batch.events.len() {
+            let events = &batch.events[start..];
+            // No savepoint: a failed batch is rolled back whole and located from where
+            // this projection's committed place left its tables.
             let mut tx = conn.begin().await?;
-            apply(
-                &mut tx,
-                std::slice::from_ref(&projection),
-                &batch.events[start..],
-                Totals::Leave,
-            )
-            .await?;
+            if let Err(error) = projection.apply_rows(&mut tx, events).await {
+                tx.rollback().await?;
+                return Err(locate(&mut conn, projection.as_ref(), events, error).await);
+            }
             sqlx::query!(
                 "UPDATE projection_rebuild_positions
                  SET transaction_id = $1::text::xid8, position = $2 WHERE name = $3",
@@ -578,43 +607,55 @@ async fn build(
     Ok(())
 }
 
-/// Applies `events` to every projection in the caller's transaction; a failure names the
-/// projection and the exact event.
-async fn apply(
+/// Applies `events` to every projection as live batches (moving their totals) in the
+/// caller's transaction; a failure names the projection and the exact event.
+async fn apply_live(
     conn: &mut PgConnection,
     projections: &[Arc<dyn Projection>],
     events: &[FeedEvent],
-    totals: Totals,
 ) -> Result<(), RebuildError> {
     for projection in projections {
         // A savepoint, so that a failure can be located event by event in the same
-        // transaction.
+        // transaction (which holds the swap's locks and this catch-up's earlier batches).
         let mut savepoint = conn.begin().await?;
-        let applied = match totals {
-            Totals::Leave => projection.apply_rows(&mut savepoint, events).await,
-            Totals::Move => projection.apply_batch(&mut savepoint, events).await,
-        };
-        match applied {
+        match projection.apply_batch(&mut savepoint, events).await {
             Ok(()) => savepoint.commit().await?,
             Err(batch_error) => {
                 savepoint.rollback().await?;
-                let mut probe = conn.begin().await?;
-                let (_, failure) =
-                    apply_until_failure(&mut probe, projection.as_ref(), events).await?;
-                probe.rollback().await?;
-                let (position, error) = failure.unwrap_or((
-                    events.first().map(|e| e.at).unwrap_or_default(),
-                    batch_error,
-                ));
-                return Err(RebuildError::Failed {
-                    projection: projection.name().to_string(),
-                    position,
-                    error: error.to_string(),
-                });
+                return Err(locate(conn, projection.as_ref(), events, batch_error).await);
             }
         }
     }
     Ok(())
+}
+
+/// The failure of `projection` on `events` (which failed as a batch with `batch_error`),
+/// located at its event by applying them one by one in a transaction (or savepoint) that
+/// is rolled back.
+async fn locate(
+    conn: &mut PgConnection,
+    projection: &dyn Projection,
+    events: &[FeedEvent],
+    batch_error: ProjectionError,
+) -> RebuildError {
+    let failure = async {
+        let mut probe = conn.begin().await?;
+        let (_, failure) = apply_until_failure(&mut probe, projection, events).await?;
+        probe.rollback().await?;
+        Ok::<_, sqlx::Error>(failure)
+    };
+    let (position, error) = match failure.await {
+        Ok(failure) => failure.unwrap_or((
+            events.first().map(|e| e.at).unwrap_or_default(),
+            batch_error,
+        )),
+        Err(e) => return e.into(),
+    };
+    RebuildError::Failed {
+        projection: projection.name().to_string(),
+        position,
+        error: error.to_string(),
+    }
 }
 
 /// Applies the feed from `after` to `until` (a delivered position) in the caller's
@@ -631,7 +672,7 @@ async fn apply_until(
         let events = feed::read_until(conn, after, until, batch_size).await?;
         let Some(last) = events.last() else { break };
         let last = last.at;
-        apply(conn, projections, &events, Totals::Move).await?;
+        apply_live(conn, projections, &events).await?;
         applied += events.len() as u64;
         after = last;
     }

@@ -235,7 +235,7 @@ pub enum ProjectionsCommand {
         #[arg(long)]
         verify: bool,
         /// Events per batch.
-        #[arg(long, default_value_t = 5_000, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+        #[arg(long, default_value_t = projections::rebuild::DEFAULT_BATCH_SIZE, value_parser = clap::value_parser!(i64).range(1..=100_000))]
         batch_size: i64,
         /// Drop an unfinished rebuild instead of resuming it, then exit.
         #[arg(long, conflicts_with_all = ["names", "all", "verify"])]

@@ -12,7 +12,7 @@ use projections::rebuild::{self, Difference, Observer, Options, RebuildError};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection, PgPool};
 
-use crate::helpers::{TestApp, spawn_app};
+use crate::helpers::{TestApp, spawn_app, spawn_app_with};
 use crate::webhooks::{Source, deliver, event, source};
 
 /// Every table of every rebuildable projection.
@@ -739,6 +739,56 @@ async fn verify_reports_every_difference_keeps_the_live_tables_and_a_plain_rebui
     .unwrap();
     assert!(repaired.swapped && repaired.resumed);
     assert_eq!(replay_in_stream_order(&app.pool).await, Vec::new());
+}
+
+#[tokio::test]
+async fn a_rebuild_meeting_an_event_its_projection_cannot_apply_names_that_event_and_swaps_nothing()
+{
+    // No live runner: the live tables stay as they are while the rebuild runs.
+    let app = spawn_app_with(false).await;
+    app.create_campaign("first").await;
+    app.create_campaign("second").await;
+    // Third in a batch of three: the batch fails as a whole and is located event by event.
+    let bad_id = uuid::Uuid::now_v7().to_string();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload)
+         VALUES ('campaign', $1, 1, 'CampaignCreated', '1.0', '{\"CampaignCreated\": {\"name\": 42}}')",
+    )
+    .bind(&bad_id)
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let bad: i64 = sqlx::query_scalar("SELECT position FROM events WHERE aggregate_id = $1")
+        .bind(&bad_id)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    app.create_campaign("after").await;
+    let live = digest(&app.pool).await;
+
+    let outcome = rebuild::rebuild(
+        &app.pool,
+        &rebuild::select(&["campaigns".into()]).unwrap(),
+        &Options {
+            batch_size: 3,
+            ..options(false)
+        },
+        &mut Collect::default(),
+    )
+    .await;
+    match outcome {
+        Err(RebuildError::Failed {
+            projection,
+            position,
+            error,
+        }) => {
+            assert_eq!(projection, "campaigns");
+            assert_eq!(position.position, bad, "{error}");
+            assert!(error.contains("CampaignCreated"), "{error}");
+        }
+        other => panic!("the rebuild should have failed at the bad event: {other:?}"),
+    }
+    assert_eq!(digest(&app.pool).await, live);
 }
 
 #[tokio::test]

@@ -126,10 +126,8 @@ impl ServeConfig {
         Duration::from_secs(self.shutdown_grace_secs)
     }
 
-    pub fn limits(&self) -> crate::app::Limits {
-        crate::app::Limits::new(
-            Duration::from_secs(self.request_timeout_secs.max(1)),
-            self.large_body_concurrency,
-        )
+    /// The longest one request may run (at least a second).
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_secs(self.request_timeout_secs.max(1))
     }
 }

@@ -28,8 +28,6 @@ use crate::store::Loaded;
 
 /// The purpose (see `SecretBox::derive`) of the key that seals contacts' data keys.
 pub const DATA_KEYS_PURPOSE: &str = "contact-data-keys";
-/// The purpose of the key of the suppression list's email hashes.
-pub const SUPPRESSION_PURPOSE: &str = "suppression-email-hash";
 
 /// What `DELETE /v1/contacts/{id}` answers.
 #[derive(Debug, Clone, Serialize, ToSchema)]

@@ -53,9 +53,12 @@ pub fn hash_with(key: &[u8; 32], email: &ContactEmail) -> Vec<u8> {
     mac.finalize().into_bytes().to_vec()
 }
 
+/// The purpose (see `SecretBox::derive`) of the key of the list's email hashes.
+pub const SUPPRESSION_PURPOSE: &str = "suppression-email-hash";
+
 /// The key of the list's hashes.
 pub fn hash_key(app: &App) -> [u8; 32] {
-    app.secrets.derive(crate::app::privacy::SUPPRESSION_PURPOSE)
+    app.secrets.derive(SUPPRESSION_PURPOSE)
 }
 
 fn parse_email(raw: &str) -> Result<ContactEmail, AppError> {

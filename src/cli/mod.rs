@@ -1272,7 +1272,11 @@ async fn run_serve(config: &Config, serve: &ServeConfig) -> anyhow::Result<()> {
             return Err(e).context("creating the first admin key");
         }
     }
-    let mut state = App::build(db.pool.clone(), config, serve.limits())?;
+    let mut state = App::build(
+        db.pool.clone(),
+        config,
+        Limits::new(serve.request_timeout(), serve.large_body_concurrency),
+    )?;
     if let Err(e) = crate::app::privacy::check_secret_key(&db.pool).await {
         db.close().await?;
         return Err(e).context("checking the secret key against the stored contact data keys");

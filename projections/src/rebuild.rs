@@ -8,9 +8,10 @@
 //!   last on another) and hands each batch to every projection, each applying on a
 //!   connection of its own, so the projections are built side by side while the next
 //!   batch is read; memory holds a few batches whatever the log size. Each projection
-//!   commits each batch with its own place (`projection_rebuild_positions`), so an
-//!   interrupted rebuild leaves the live tables untouched and a new run resumes each
-//!   projection where it stopped.
+//!   commits each batch with its own place (`projection_rebuild_positions`) in one
+//!   transaction without a savepoint (a failed batch is located event by event in a
+//!   transaction of its own, rolled back), so an interrupted rebuild leaves the live
+//!   tables untouched and a new run resumes each projection where it stopped.
 //! - Totals ([`Projection::totals`]: counts and sums of a projection's rows) are left
 //!   alone while the copies fill ([`Projection::apply_rows`]), as every batch would rewrite
 //!   most of their rows; each projection fills them from its rows once it has read to the

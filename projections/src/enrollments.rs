@@ -80,6 +80,10 @@ impl Projection for EnrollmentsProjection {
         ]
     }
 
+    fn rewritten(&self) -> &'static [&'static str] {
+        &["enrollments_view"]
+    }
+
     fn totals(&self) -> &'static [&'static str] {
         &["campaign_metrics_view", "campaign_days_view"]
     }

@@ -72,6 +72,14 @@ pub trait Projection: Send + Sync + 'static {
         &[]
     }
 
+    /// The tables among [`Projection::tables`] whose rows later events rewrite, most of
+    /// them soon after (an enrollment's reports): a rebuild fills their copies with
+    /// half-empty pages, so that a rewrite stays on its row's page without a new index
+    /// entry.
+    fn rewritten(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     /// [`Projection::apply_batch`] without moving the totals.
     async fn apply_rows(
         &self,

@@ -188,6 +188,10 @@ pub async fn rebuild(
         .iter()
         .flat_map(|p| p.tables().iter().map(|t| t.to_string()))
         .collect();
+    let rewritten: Vec<String> = projections
+        .iter()
+        .flat_map(|p| p.rewritten().iter().map(|t| t.to_string()))
+        .collect();
 
     let mut conn = connect(pool).await?;
     take_rebuild_lock(&mut conn).await?;
@@ -198,7 +202,8 @@ pub async fn rebuild(
         names,
         tables,
     };
-    let (mut at, mut places, resumed) = prepare(&mut conn, &job.names, &job.tables).await?;
+    let (mut at, mut places, resumed) =
+        prepare(&mut conn, &job.names, &job.tables, &rewritten).await?;
     point_at_build(&mut conn).await?;
     let already = sqlx::query_scalar!("SELECT events FROM projection_rebuilds")
         .fetch_optional(&mut conn)
@@ -305,6 +310,7 @@ async fn prepare(
     conn: &mut PgConnection,
     names: &[String],
     tables: &[String],
+    rewritten: &[String],
 ) -> Result<(Position, HashMap<String, Position>, bool), RebuildError> {
     let migration = sqlx::query_scalar!("SELECT max(version) FROM _sqlx_migrations")
         .fetch_one(&mut *conn)
@@ -343,9 +349,13 @@ async fn prepare(
     sqlx::query!("SELECT leadledger_rebuild_discard()")
         .execute(&mut *tx)
         .await?;
-    sqlx::query!("SELECT leadledger_rebuild_prepare($1)", tables)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query!(
+        "SELECT leadledger_rebuild_prepare($1, $2)",
+        tables,
+        rewritten
+    )
+    .execute(&mut *tx)
+    .await?;
     sqlx::query!(
         "INSERT INTO projection_rebuilds (projections, migration) VALUES ($1, $2)",
         names,

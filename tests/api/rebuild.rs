@@ -273,7 +273,7 @@ async fn replay_in_stream_order(pool: &PgPool) -> Vec<(String, Value)> {
             .cmp(&(&a.aggregate_id, &b.aggregate_type))
             .then(a.sequence.cmp(&b.sequence))
     });
-    sqlx::query("SELECT leadledger_rebuild_prepare($1)")
+    sqlx::query("SELECT leadledger_rebuild_prepare($1, '{}')")
         .bind(tables())
         .execute(&mut conn)
         .await
@@ -542,6 +542,21 @@ async fn persistence(pool: &PgPool, schema: &str) -> Vec<String> {
     .unwrap()
 }
 
+/// The storage options of the projections' tables in `schema` that have any, by table.
+async fn storage_options(pool: &PgPool, schema: &str) -> Vec<(String, Vec<String>)> {
+    sqlx::query_as(
+        "SELECT c.relname::text, c.reloptions FROM pg_class c
+         JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = $1 AND c.relname = ANY($2) AND c.reloptions IS NOT NULL
+         ORDER BY 1",
+    )
+    .bind(schema)
+    .bind(tables())
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
 /// Starts a rebuild of every projection in batches of 5 and drops it after three batches.
 async fn interrupt_a_rebuild(app: &TestApp) {
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -630,6 +645,16 @@ async fn an_interrupted_rebuild_leaves_the_live_models_untouched_and_the_next_ru
         ["p"],
         "the tables being built are logged"
     );
+    let building = storage_options(&app.pool, "leadledger_rebuild").await;
+    assert_eq!(
+        building
+            .iter()
+            .filter(|(_, options)| options.contains(&"fillfactor=50".to_string()))
+            .map(|(table, _)| table.as_str())
+            .collect::<Vec<_>>(),
+        ["enrollments_view"],
+        "only the copy whose rows are rewritten leaves room on its pages: {building:?}"
+    );
 
     // The next run resumes (once the server has seen the old connections go).
     let report = rebuild_when_free(&app).await;
@@ -648,6 +673,11 @@ async fn an_interrupted_rebuild_leaves_the_live_models_untouched_and_the_next_ru
         persistence(&app.pool, "public").await,
         ["p"],
         "the tables swapped in and their indexes are logged"
+    );
+    assert_eq!(
+        storage_options(&app.pool, "public").await,
+        [],
+        "the tables swapped in keep no option of the build (autovacuum, fillfactor)"
     );
     let left: i64 = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM projection_rebuilds)

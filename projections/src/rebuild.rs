@@ -73,8 +73,9 @@ impl Default for Options {
 
 /// What a rebuild tells as it goes (the command line draws a progress bar from it).
 pub trait Observer: Send {
-    /// Before the first batch: events already applied by an interrupted run that this one
-    /// resumes, and events left to apply (more may arrive meanwhile).
+    /// Once, as soon as they are counted (the first batches may have been applied by
+    /// then): events already applied by an interrupted run that this one resumes, and
+    /// events left to apply when it started (more may arrive meanwhile).
     fn started(&mut self, _already_applied: u64, _remaining: u64) {}
     /// A batch of `events` committed to the rebuilt tables.
     fn applied(&mut self, _events: u64) {}
@@ -382,9 +383,9 @@ async fn prepare(
 /// it on a connection of its own and commits it with its own place; once the feed is
 /// read, each fills its totals, then analyzes and indexes its tables. A batch counts as
 /// applied (and the rebuild's position moves past it) once every projection has committed
-/// it. With `starting` (the events an interrupted run applied), it first tells the
-/// observer how many are left, counted while the projections' connections open. Returns
-/// the events applied.
+/// it. With `starting` (the events an interrupted run applied), it tells the observer how
+/// many are left as soon as they are counted, beside the first batches. Returns the
+/// events applied.
 #[allow(clippy::too_many_arguments)]
 async fn catch_up(
     pool: &PgPool,
@@ -397,20 +398,21 @@ async fn catch_up(
     observer: &mut dyn Observer,
 ) -> Result<u64, RebuildError> {
     let batch_size = options.batch_size.max(1);
-    let from = *at;
-    let count = async {
-        match starting {
-            Some(_) => feed::count_after(&mut *conn, from).await.map(Some),
-            None => Ok(None),
-        }
-    };
-    let (conns, remaining) = tokio::try_join!(open_builders(pool, projections.len()), count)?;
-    if let (Some(already), Some(remaining)) = (starting, remaining) {
-        observer.started(already, remaining as u64);
-    }
-    observer.phase("catching up");
     // Dropping this future (an interrupted rebuild) stops every task it started.
     let mut tasks = Tasks::default();
+    // The events left are counted on a connection of their own while the projections
+    // apply the first batches: counting a log of a million events takes a core a few
+    // tenths of a second, which the fill would otherwise wait for.
+    let mut counting = starting.map(|already| {
+        let (pool, from) = (pool.clone(), *at);
+        let count = tasks.spawn(async move {
+            let mut conn = pool.acquire().await?;
+            feed::count_after(&mut conn, from).await
+        });
+        (already, count)
+    });
+    let conns = open_builders(pool, projections.len()).await?;
+    observer.phase("catching up");
     let (done_tx, mut done) = tokio::sync::mpsc::unbounded_channel::<Done>();
     let mut senders = Vec::with_capacity(projections.len());
     let mut workers = Vec::with_capacity(projections.len());
@@ -435,7 +437,8 @@ async fn catch_up(
     let mut after = *at;
     let fetcher = tasks.spawn(async move {
         loop {
-            let rows = feed::read_sealed(&mut fetch_conn, after, batch_size).await?;
+            let rows =
+                feed::read_sealed(&mut fetch_conn, after, batch_size).await?;
             let short = (rows.len() as i64) < batch_size;
             if let Some(last) = rows.last()? {
                 after = last;
@@ -473,7 +476,21 @@ async fn catch_up(
     let mut pending: BTreeMap<u64, (usize, Position, u64)> = BTreeMap::new();
     let mut next = 0u64;
     let mut applied = 0u64;
-    while let Some(d) = done.recv().await {
+    loop {
+        let d = tokio::select! {
+            d = done.recv() => match d {
+                Some(d) => d,
+                None => break,
+            },
+            counted = async { (&mut counting.as_mut().expect("checked").1).await },
+                if counting.is_some() =>
+            {
+                if let Some((already, _)) = counting.take() {
+                    observer.started(already, remaining(counted)?);
+                }
+                continue;
+            }
+        };
         places.insert(d.projection.to_string(), d.place);
         let entry = pending.entry(d.sequence).or_insert((0, d.last, d.events));
         entry.0 += 1;
@@ -497,6 +514,10 @@ async fn catch_up(
             observer.applied(events);
         }
     }
+    // A feed read in fewer batches than the count took.
+    if let Some((already, count)) = counting.take() {
+        observer.started(already, remaining(count.await)?);
+    }
     let mut outcome = Ok(());
     for worker in workers.into_iter().chain([opener, fetcher]) {
         let result = worker.await.unwrap_or_else(|e| {
@@ -507,6 +528,15 @@ async fn catch_up(
         }
     }
     outcome.map(|()| applied)
+}
+
+/// The events left to apply, from the counting task of [`catch_up`].
+fn remaining(
+    counted: Result<Result<i64, sqlx::Error>, tokio::task::JoinError>,
+) -> Result<u64, RebuildError> {
+    let n = counted
+        .map_err(|e| sqlx::Error::Protocol(format!("counting the events left stopped: {e}")))??;
+    Ok(n.max(0) as u64)
 }
 
 /// A batch of the feed, shared by every projection's task.

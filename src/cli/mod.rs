@@ -1202,8 +1202,11 @@ impl RebuildProgress {
 
 impl projections::rebuild::Observer for RebuildProgress {
     fn started(&mut self, already_applied: u64, remaining: u64) {
-        self.bar.set_length(already_applied + remaining);
-        self.bar.set_position(already_applied);
+        // Batches applied before the count came in are part of `remaining`.
+        let applied = self.bar.position();
+        self.bar
+            .set_length(already_applied + remaining.max(applied));
+        self.bar.set_position(already_applied + applied);
         self.bar.reset_eta();
         if already_applied > 0 {
             self.bar

@@ -315,9 +315,14 @@ async fn replay_in_stream_order(pool: &PgPool) -> Vec<(String, Value)> {
 struct Collect {
     batches: u64,
     differences: Vec<Difference>,
+    /// What each `started` said: events already applied, events left.
+    started: Vec<(u64, u64)>,
 }
 
 impl Observer for Collect {
+    fn started(&mut self, already_applied: u64, remaining: u64) {
+        self.started.push((already_applied, remaining));
+    }
     fn applied(&mut self, _: u64) {
         self.batches += 1;
     }
@@ -580,22 +585,16 @@ async fn interrupt_a_rebuild(app: &TestApp) {
 
 /// Rebuilds every projection with `--verify`, waiting while an interrupted run's
 /// connections are still going away.
-async fn rebuild_when_free(app: &TestApp) -> rebuild::Report {
+async fn rebuild_when_free(app: &TestApp) -> (rebuild::Report, Collect) {
     let selected = rebuild::select(&[]).unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
-        match rebuild::rebuild(
-            &app.pool,
-            &selected,
-            &options(true),
-            &mut Collect::default(),
-        )
-        .await
-        {
+        let mut observer = Collect::default();
+        match rebuild::rebuild(&app.pool, &selected, &options(true), &mut observer).await {
             Err(RebuildError::Busy) if tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await
             }
-            other => break other.unwrap(),
+            other => break (other.unwrap(), observer),
         }
     }
 }
@@ -657,7 +656,7 @@ async fn an_interrupted_rebuild_leaves_the_live_models_untouched_and_the_next_ru
     );
 
     // The next run resumes (once the server has seen the old connections go).
-    let report = rebuild_when_free(&app).await;
+    let (report, observer) = rebuild_when_free(&app).await;
     assert!(
         report.resumed && report.swapped && report.differences == 0,
         "{report:?}"
@@ -666,6 +665,11 @@ async fn an_interrupted_rebuild_leaves_the_live_models_untouched_and_the_next_ru
         report.events as i64,
         total - done,
         "only the rest was applied"
+    );
+    assert_eq!(
+        observer.started,
+        [(done as u64, (total - done) as u64)],
+        "the observer heard once what was applied before and what was left"
     );
     assert_eq!(report.position, head);
     assert_eq!(digest(&app.pool).await, before, "rebuilt equals live");

@@ -210,11 +210,33 @@ pub async fn read_sealed(
     after: Position,
     limit: i64,
 ) -> Result<Sealed, sqlx::Error> {
+    fetch_sealed(conn, after, limit, true).await
+}
+
+/// [`read_sealed`] for a rebuild: the events without their metadata (`null`), which no
+/// projection reads (who acted and why is for the log's other readers). Producing it as
+/// text and parsing it into a tree is work a rebuild would do for every event.
+pub async fn read_sealed_without_metadata(
+    conn: &mut PgConnection,
+    after: Position,
+    limit: i64,
+) -> Result<Sealed, sqlx::Error> {
+    fetch_sealed(conn, after, limit, false).await
+}
+
+async fn fetch_sealed(
+    conn: &mut PgConnection,
+    after: Position,
+    limit: i64,
+    metadata: bool,
+) -> Result<Sealed, sqlx::Error> {
     let rows = sqlx::query_as!(
         Row,
         r#"SELECT position, transaction_id::text AS "transaction_id!", aggregate_type, aggregate_id,
                   sequence, event_type, event_version,
-                  payload AS "payload: Json<Box<RawValue>>", metadata, recorded_at
+                  payload AS "payload: Json<Box<RawValue>>",
+                  CASE WHEN $4 THEN metadata ELSE 'null'::jsonb END AS "metadata!",
+                  recorded_at
            FROM events
            WHERE (transaction_id, position) > ($1::text::xid8, $2)
              AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
@@ -222,7 +244,8 @@ pub async fn read_sealed(
            LIMIT $3"#,
         after.transaction_id.to_string(),
         after.position,
-        limit
+        limit,
+        metadata
     )
     .fetch_all(&mut *conn)
     .await?;

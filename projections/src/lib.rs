@@ -56,7 +56,8 @@ pub trait Projection: Send + Sync + 'static {
 
     /// Applies `events`, in feed order, inside the caller's transaction. Events of other
     /// aggregates are ignored. The result must equal applying the events one at a time,
-    /// whatever the batch boundaries.
+    /// whatever the batch boundaries. A projection reads the events' payloads and places,
+    /// never their metadata: a rebuild feeds them without it.
     async fn apply_batch(
         &self,
         conn: &mut PgConnection,

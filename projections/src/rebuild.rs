@@ -438,7 +438,7 @@ async fn catch_up(
     let fetcher = tasks.spawn(async move {
         loop {
             let rows =
-                feed::read_sealed(&mut fetch_conn, after, batch_size).await?;
+                feed::read_sealed_without_metadata(&mut fetch_conn, after, batch_size).await?;
             let short = (rows.len() as i64) < batch_size;
             if let Some(last) = rows.last()? {
                 after = last;

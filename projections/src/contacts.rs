@@ -10,8 +10,9 @@ use serde_json::json;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::copy::Rows;
 use crate::{
-    FeedEvent, Position, Projection, ProjectionError, column, events_of, ids, missing_row,
+    FeedEvent, Mode, Position, Projection, ProjectionError, column, events_of, ids, missing_row,
 };
 
 /// The read model's name: its checkpoint, its advisory lock, what `min_position` waits for.
@@ -97,116 +98,135 @@ impl Projection for ContactsProjection {
         conn: &mut PgConnection,
         events: &[FeedEvent],
     ) -> Result<(), ProjectionError> {
-        let mut changes: BTreeMap<Uuid, Change> = BTreeMap::new();
-        // Contacts erased in this batch: their rows go, whatever the batch did to them.
-        let mut erased: Vec<Uuid> = Vec::new();
-        for (event, id, decoded) in events_of::<ContactEvent>(events, Contact::TYPE)? {
-            let (columns, enrichment, at) = match decoded {
-                // Personal data already shredded: nothing of it may reach the table.
-                ContactEvent::ContactRedacted {} => continue,
-                // An erased contact has no row; its email may now be created again.
-                ContactEvent::ErasureReleased { .. } => continue,
-                ContactEvent::ContactErased { .. } => {
-                    changes.remove(&id);
-                    erased.push(id);
-                    continue;
-                }
-                ContactEvent::ContactCreated {
-                    email,
-                    fields,
-                    created_at,
-                } => {
-                    if changes.contains_key(&id) {
-                        return Err(ProjectionError::Inconsistent {
-                            position: event.at,
-                            message: "a contact created twice".into(),
-                        });
-                    }
-                    let mut columns = Columns::of(&fields);
-                    columns.custom.get_or_insert_with(|| json!({}));
-                    changes.insert(
-                        id,
-                        Change {
-                            created: Some((email.as_str().to_string(), created_at)),
-                            columns,
-                            enrichment: None,
-                            updated_at: created_at,
-                            version: event.sequence,
-                            first: event.at,
-                        },
-                    );
-                    continue;
-                }
-                ContactEvent::ContactUpdated {
-                    changes,
-                    updated_at,
-                } => (Columns::of(&changes), None, updated_at),
-                ContactEvent::ConsentRecorded { recorded_at, .. } => {
-                    (Columns::default(), None, recorded_at)
-                }
-                ContactEvent::EnrichmentRecorded {
-                    data,
-                    quality_score,
-                    sources,
-                    enriched_at,
-                } => (
-                    Columns::default(),
-                    Some(json!({
-                        "data": data,
-                        "quality_score": quality_score.value(),
-                        "sources": sources,
-                        "enriched_at": enriched_at,
-                    })),
-                    enriched_at,
-                ),
-            };
-            let change = changes.entry(id).or_insert_with(|| Change {
-                created: None,
-                columns: Columns::default(),
-                enrichment: None,
-                updated_at: at,
-                version: event.sequence,
-                first: event.at,
-            });
-            change.columns.overwrite(columns);
-            if enrichment.is_some() {
-                change.enrichment = enrichment;
+        apply(conn, events, Mode::Live).await
+    }
+
+    async fn apply_rows(
+        &self,
+        conn: &mut PgConnection,
+        events: &[FeedEvent],
+    ) -> Result<(), ProjectionError> {
+        apply(conn, events, Mode::Fill).await
+    }
+}
+
+async fn apply(
+    conn: &mut PgConnection,
+    events: &[FeedEvent],
+    mode: Mode,
+) -> Result<(), ProjectionError> {
+    let mut changes: BTreeMap<Uuid, Change> = BTreeMap::new();
+    // Contacts erased in this batch: their rows go, whatever the batch did to them.
+    let mut erased: Vec<Uuid> = Vec::new();
+    for (event, id, decoded) in events_of::<ContactEvent>(events, Contact::TYPE)? {
+        let (columns, enrichment, at) = match decoded {
+            // Personal data already shredded: nothing of it may reach the table.
+            ContactEvent::ContactRedacted {} => continue,
+            // An erased contact has no row; its email may now be created again.
+            ContactEvent::ErasureReleased { .. } => continue,
+            ContactEvent::ContactErased { .. } => {
+                changes.remove(&id);
+                erased.push(id);
+                continue;
             }
-            change.updated_at = at;
-            change.version = event.sequence;
-        }
-        if !erased.is_empty() {
-            let gone = sqlx::query!("DELETE FROM contacts_view WHERE id = ANY($1)", &erased)
-                .execute(&mut *conn)
-                .await?
-                .rows_affected();
-            if gone > 0 {
-                sqlx::query!(
-                    "UPDATE contact_totals_view SET contacts = contacts - $1",
-                    gone as i64
-                )
-                .execute(&mut *conn)
-                .await?;
+            ContactEvent::ContactCreated {
+                email,
+                fields,
+                created_at,
+            } => {
+                if changes.contains_key(&id) {
+                    return Err(ProjectionError::Inconsistent {
+                        position: event.at,
+                        message: "a contact created twice".into(),
+                    });
+                }
+                let mut columns = Columns::of(&fields);
+                columns.custom.get_or_insert_with(|| json!({}));
+                changes.insert(
+                    id,
+                    Change {
+                        created: Some((email.as_str().to_string(), created_at)),
+                        columns,
+                        enrichment: None,
+                        updated_at: created_at,
+                        version: event.sequence,
+                        first: event.at,
+                    },
+                );
+                continue;
             }
+            ContactEvent::ContactUpdated {
+                changes,
+                updated_at,
+            } => (Columns::of(&changes), None, updated_at),
+            ContactEvent::ConsentRecorded { recorded_at, .. } => {
+                (Columns::default(), None, recorded_at)
+            }
+            ContactEvent::EnrichmentRecorded {
+                data,
+                quality_score,
+                sources,
+                enriched_at,
+            } => (
+                Columns::default(),
+                Some(json!({
+                    "data": data,
+                    "quality_score": quality_score.value(),
+                    "sources": sources,
+                    "enriched_at": enriched_at,
+                })),
+                enriched_at,
+            ),
+        };
+        let change = changes.entry(id).or_insert_with(|| Change {
+            created: None,
+            columns: Columns::default(),
+            enrichment: None,
+            updated_at: at,
+            version: event.sequence,
+            first: event.at,
+        });
+        change.columns.overwrite(columns);
+        if enrichment.is_some() {
+            change.enrichment = enrichment;
         }
-        let (created, changed): (Vec<_>, Vec<_>) =
-            changes.into_iter().partition(|(_, c)| c.created.is_some());
-        if !created.is_empty() {
-            insert(conn, &created).await?;
+        change.updated_at = at;
+        change.version = event.sequence;
+    }
+    if !erased.is_empty() {
+        let gone = sqlx::query!("DELETE FROM contacts_view WHERE id = ANY($1)", &erased)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
+        if gone > 0 {
             sqlx::query!(
-                "INSERT INTO contact_totals_view (singleton, contacts) VALUES (true, $1)
-                 ON CONFLICT (singleton)
-                 DO UPDATE SET contacts = contact_totals_view.contacts + EXCLUDED.contacts",
-                created.len() as i64
+                "UPDATE contact_totals_view SET contacts = contacts - $1",
+                gone as i64
             )
             .execute(&mut *conn)
             .await?;
         }
-        if !changed.is_empty() {
-            update(conn, &changed).await?;
-        }
-        Ok(())
     }
+    let (created, changed): (Vec<_>, Vec<_>) =
+        changes.into_iter().partition(|(_, c)| c.created.is_some());
+    if !created.is_empty() {
+        match mode {
+            Mode::Live => insert(conn, &created).await?,
+            Mode::Fill => copy_in(conn, &created).await?,
+        }
+        sqlx::query!(
+            "INSERT INTO contact_totals_view (singleton, contacts) VALUES (true, $1)
+             ON CONFLICT (singleton)
+             DO UPDATE SET contacts = contact_totals_view.contacts + EXCLUDED.contacts",
+            created.len() as i64
+        )
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !changed.is_empty() {
+        update(conn, &changed).await?;
+    }
+    Ok(())
 }
 
 async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), ProjectionError> {
@@ -238,6 +258,40 @@ async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), 
         &column(rows, |c| c.version),
     )
     .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// [`insert`] by binary `COPY`, for a rebuild's fill.
+async fn copy_in(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(), ProjectionError> {
+    let empty = json!({});
+    let mut copy = Rows::new();
+    for (id, c) in rows {
+        let (email, created_at) = c.created.as_ref().map(|(e, at)| (e.as_str(), *at)).unzip();
+        let columns = &c.columns;
+        copy.push(&[
+            id,
+            &email.unwrap_or_default(),
+            &columns.first_name,
+            &columns.last_name,
+            &columns.company,
+            &columns.company_domain,
+            &columns.title,
+            &columns.phone,
+            &columns.linkedin_url,
+            &columns.custom.as_ref().unwrap_or(&empty),
+            &c.enrichment,
+            &created_at.unwrap_or_default(),
+            &c.updated_at,
+            &c.version,
+        ]);
+    }
+    copy.copy(
+        conn,
+        "COPY contacts_view (id, email, first_name, last_name, company, company_domain, title,
+             phone, linkedin_url, custom, enrichment, created_at, updated_at, version)
+         FROM STDIN (FORMAT binary)",
+    )
     .await?;
     Ok(())
 }

@@ -11,7 +11,7 @@ use sqlx::PgConnection;
 use sqlx::types::Decimal;
 use uuid::Uuid;
 
-use crate::{FeedEvent, Projection, ProjectionError, Totals, events_of, utc_day};
+use crate::{FeedEvent, Mode, Projection, ProjectionError, events_of, utc_day};
 
 /// The read model's name: its checkpoint, its advisory lock, what `min_position` waits for.
 pub const NAME: &str = "costs";
@@ -52,7 +52,7 @@ impl Projection for CostsProjection {
         conn: &mut PgConnection,
         events: &[FeedEvent],
     ) -> Result<(), ProjectionError> {
-        apply(conn, events, Totals::Move).await
+        apply(conn, events, Mode::Live).await
     }
 
     async fn apply_rows(
@@ -60,7 +60,7 @@ impl Projection for CostsProjection {
         conn: &mut PgConnection,
         events: &[FeedEvent],
     ) -> Result<(), ProjectionError> {
-        apply(conn, events, Totals::Leave).await
+        apply(conn, events, Mode::Fill).await
     }
 
     /// Each day's and each (day, budget, category, model)'s sums of the costs.
@@ -96,7 +96,7 @@ impl Projection for CostsProjection {
 async fn apply(
     conn: &mut PgConnection,
     events: &[FeedEvent],
-    totals: Totals,
+    mode: Mode,
 ) -> Result<(), ProjectionError> {
     // The aggregate bounds token counts far below i64::MAX (MAX_TOKENS).
     let tokens = |n: Option<u64>| n.map(|n| i64::try_from(n).unwrap_or(i64::MAX));
@@ -178,7 +178,7 @@ async fn apply(
     )
     .execute(&mut *conn)
     .await?;
-    if totals == Totals::Leave {
+    if mode == Mode::Fill {
         return Ok(());
     }
     // Each (day, budget, category, model)'s sums, moved once per batch.

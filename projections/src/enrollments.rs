@@ -19,7 +19,8 @@ use cqrs_es::Aggregate;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{FeedEvent, Projection, ProjectionError, Totals, column, events_of, ids, utc_day};
+use crate::copy::Rows;
+use crate::{FeedEvent, Mode, Projection, ProjectionError, column, events_of, ids, utc_day};
 
 /// The read model's name: its checkpoint, its advisory lock, what `min_position` waits for.
 pub const NAME: &str = "enrollments";
@@ -96,7 +97,7 @@ impl Projection for EnrollmentsProjection {
         conn: &mut PgConnection,
         events: &[FeedEvent],
     ) -> Result<(), ProjectionError> {
-        apply(conn, events, Totals::Move).await
+        apply(conn, events, Mode::Live).await
     }
 
     async fn apply_rows(
@@ -104,7 +105,7 @@ impl Projection for EnrollmentsProjection {
         conn: &mut PgConnection,
         events: &[FeedEvent],
     ) -> Result<(), ProjectionError> {
-        apply(conn, events, Totals::Leave).await
+        apply(conn, events, Mode::Fill).await
     }
 
     /// Counts each campaign's enrollments that reached each step, and each campaign's
@@ -155,7 +156,7 @@ impl Projection for EnrollmentsProjection {
 async fn apply(
     conn: &mut PgConnection,
     events: &[FeedEvent],
-    totals: Totals,
+    mode: Mode,
 ) -> Result<(), ProjectionError> {
     let events = events_of::<EnrollmentEvent>(events, Enrollment::TYPE)?;
     if events.is_empty() {
@@ -224,7 +225,7 @@ async fn apply(
             }
         }
     }
-    write(conn, changes, totals).await
+    write(conn, changes, mode).await
 }
 
 /// The enrollments `ids` as the read model has them.
@@ -278,7 +279,7 @@ async fn load(
 async fn write(
     conn: &mut PgConnection,
     changes: BTreeMap<Uuid, Change>,
-    totals: Totals,
+    mode: Mode,
 ) -> Result<(), ProjectionError> {
     // A campaign count moves when an enrollment first reaches a step; a day count moves
     // when a step's day changes.
@@ -292,7 +293,7 @@ async fn write(
         } else {
             changed.push((id, change.after));
         }
-        if totals == Totals::Leave {
+        if mode == Mode::Fill {
             continue;
         }
         let campaign = change.after.campaign_id;
@@ -313,7 +314,10 @@ async fn write(
         }
     }
     if !new.is_empty() {
-        insert(conn, &new).await?;
+        match mode {
+            Mode::Live => insert(conn, &new).await?,
+            Mode::Fill => copy_in(conn, &new).await?,
+        }
     }
     if !changed.is_empty() {
         update(conn, &changed).await?;
@@ -450,6 +454,42 @@ async fn insert(conn: &mut PgConnection, rows: &[(Uuid, Row)]) -> Result<(), Pro
         &column(rows, |r| r.version),
     )
     .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// [`insert`] by binary `COPY`, for a rebuild's fill.
+async fn copy_in(conn: &mut PgConnection, rows: &[(Uuid, Row)]) -> Result<(), ProjectionError> {
+    let mut copy = Rows::new();
+    for (id, r) in rows {
+        let m = &r.milestones;
+        copy.push(&[
+            id,
+            &r.campaign_id,
+            &r.contact_id,
+            &m.status().as_str(),
+            &r.stop_on_reply,
+            &r.enrolled_at,
+            &m.sent_at,
+            &m.delivered_at,
+            &m.opened_at,
+            &m.clicked_at,
+            &m.replied_at,
+            &m.bounced_at,
+            &m.unsubscribed_at,
+            &m.complained_at,
+            &sequence_end(m, r.stop_on_reply),
+            &r.version,
+        ]);
+    }
+    copy.copy(
+        conn,
+        "COPY enrollments_view
+            (id, campaign_id, contact_id, status, stop_on_reply, enrolled_at,
+             sent_at, delivered_at, opened_at, clicked_at, replied_at, bounced_at, unsubscribed_at,
+             complained_at, sequence_ended_at, version)
+         FROM STDIN (FORMAT binary)",
+    )
     .await?;
     Ok(())
 }

@@ -9,6 +9,7 @@ pub mod budget_holds;
 pub mod budgets;
 pub mod campaigns;
 pub mod contacts;
+mod copy;
 pub mod costs;
 pub mod enrollments;
 pub mod feed;
@@ -112,12 +113,14 @@ pub trait Projection: Send + Sync + 'static {
     }
 }
 
-/// Whether applying a batch moves a projection's totals ([`Projection::totals`]): every
-/// live batch does; a rebuild's do not until it fills them.
+/// How a batch is applied: live ([`Projection::apply_batch`]), moving the projection's
+/// totals ([`Projection::totals`]) with every batch, or in a rebuild's fill
+/// ([`Projection::apply_rows`]), which leaves the totals until it fills them and inserts
+/// a batch's new rows by binary `COPY` ([`copy`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Totals {
-    Move,
-    Leave,
+pub(crate) enum Mode {
+    Live,
+    Fill,
 }
 
 /// A side-effecting event handler: it answers events by running commands (writing events

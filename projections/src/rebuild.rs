@@ -2,8 +2,11 @@
 //! (`leadledger projections rebuild NAME|--all [--verify]`).
 //!
 //! - The rebuild builds into schema `leadledger_rebuild`: empty copies of the projections'
-//!   tables, filled by the projections' own `apply_batch` with `search_path` pointing there
-//!   first. The server and the rebuild run the same code on the same feed.
+//!   tables, filled by the projections' own `apply_rows` with `search_path` pointing there
+//!   first. The server and the rebuild run the same code on the same feed, except that the
+//!   fill leaves the totals for later and inserts a batch's new rows by binary `COPY`
+//!   (`copy.rs`); the feed comes without the events' metadata, which no projection
+//!   reads.
 //! - It reads the feed in batches (fetching the next on one connection while it opens the
 //!   last on another) and hands each batch to every projection, each applying on a
 //!   connection of its own, so the projections are built side by side while the next
@@ -17,7 +20,9 @@
 //!   most of their rows; each projection fills them from its rows once it has read to the
 //!   head ([`Projection::fill_totals`]). The swap's last catch-up moves them like a live
 //!   batch.
-//! - The copies are logged tables with only their keys while they fill; each is analyzed,
+//! - The copies are logged tables with only their keys while they fill (those of tables
+//!   whose rows are rewritten, [`Projection::rewritten`], with half-empty pages, so that a
+//!   rewrite is a heap-only tuple); each is analyzed,
 //!   then given its secondary indexes, as soon as its projection has read to the head
 //!   (building an index once costs far less than keeping it row by row). Autovacuum leaves
 //!   them alone until they are swapped in (it would otherwise analyze them just as the swap

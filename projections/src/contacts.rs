@@ -267,11 +267,15 @@ async fn copy_in(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(),
     let empty = json!({});
     let mut copy = Rows::new();
     for (id, c) in rows {
-        let (email, created_at) = c.created.as_ref().map(|(e, at)| (e.as_str(), *at)).unzip();
+        let (email, created_at) = c
+            .created
+            .as_ref()
+            .map(|(e, at)| (e.as_str(), *at))
+            .unwrap_or_default();
         let columns = &c.columns;
         copy.push(&[
             id,
-            &email.unwrap_or_default(),
+            &email,
             &columns.first_name,
             &columns.last_name,
             &columns.company,
@@ -281,7 +285,7 @@ async fn copy_in(conn: &mut PgConnection, rows: &[(Uuid, Change)]) -> Result<(),
             &columns.linkedin_url,
             &columns.custom.as_ref().unwrap_or(&empty),
             &c.enrichment,
-            &created_at.unwrap_or_default(),
+            &created_at,
             &c.updated_at,
             &c.version,
         ]);

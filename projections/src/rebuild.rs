@@ -408,13 +408,13 @@ async fn catch_up(
     // The events left are counted on a connection of their own while the projections
     // apply the first batches: counting a log of a million events takes a core a few
     // tenths of a second, which the fill would otherwise wait for.
-    let mut counting = starting.map(|already| {
+    let already = starting.unwrap_or_default();
+    let mut counting = starting.map(|_| {
         let (pool, from) = (pool.clone(), *at);
-        let count = tasks.spawn(async move {
+        tasks.spawn(async move {
             let mut conn = pool.acquire().await?;
             feed::count_after(&mut conn, from).await
-        });
-        (already, count)
+        })
     });
     let conns = open_builders(pool, projections.len()).await?;
     observer.phase("catching up");
@@ -487,12 +487,11 @@ async fn catch_up(
                 Some(d) => d,
                 None => break,
             },
-            counted = async { (&mut counting.as_mut().expect("checked").1).await },
+            counted = async { counting.as_mut().expect("checked").await },
                 if counting.is_some() =>
             {
-                if let Some((already, _)) = counting.take() {
-                    observer.started(already, remaining(counted)?);
-                }
+                counting = None;
+                observer.started(already, remaining(counted)?);
                 continue;
             }
         };
@@ -520,7 +519,7 @@ async fn catch_up(
         }
     }
     // A feed read in fewer batches than the count took.
-    if let Some((already, count)) = counting.take() {
+    if let Some(count) = counting.take() {
         observer.started(already, remaining(count.await)?);
     }
     let mut outcome = Ok(());

@@ -898,9 +898,10 @@ impl Store {
 
     /// One stream, as [`Store::load_many`] loads it, with the answer recorded for `key`
     /// (an idempotency key) read in the same statement: a command's first round trip.
-    /// `None` for the answer: no key given, or no record of it. (Of one stream, so that
-    /// the statement's generic plan costs what a plan for its values would: planned once
-    /// per connection, not at every execution.)
+    /// `None` for the answer: no key given, or no record of it. The statement is the
+    /// function `leadledger_load_answering`, which keeps one generic plan per connection:
+    /// as a prepared statement of its own, skewed statistics made PostgreSQL plan it again
+    /// for every execution's values, which took longer than running it.
     pub async fn load_answering<A: Aggregate>(
         &self,
         conn: &mut PgConnection,
@@ -913,40 +914,10 @@ impl Store {
         };
         let parts = sqlx::query_as!(
             LoadPart,
-            r#"WITH s AS (
-                   SELECT aggregate_id, last_sequence, last_position, last_transaction_id,
-                          payload
-                   FROM snapshots
-                   WHERE $3 AND aggregate_type = $1 AND aggregate_id = $2
-               )
-               SELECT 0 AS "kind!", s.aggregate_id AS "aggregate_id!",
-                      s.last_sequence AS "sequence!", NULL::text AS event_type,
-                      NULL::text AS event_version, s.payload, NULL::jsonb AS metadata,
-                      s.last_position AS position,
-                      s.last_transaction_id::text AS transaction_id,
-                      0::bigint AS bytes, NULL::bytea AS wrapped_key,
-                      NULL::bytea AS request_hash
-               FROM s
-               UNION ALL
-               -- The key's record: its status (-1: a claim without an answer), headers,
-               -- position, sealed body and request hash.
-               SELECT 3, '', coalesce(r.response_status, -1)::bigint, NULL, NULL,
-                      r.response_headers, NULL, r.response_position,
-                      r.response_transaction_id::text, 0, r.response_body, r.request_hash
-               FROM idempotency_records r
-               WHERE r.api_key_id = $6 AND r.idempotency_key = $5
-               UNION ALL
-               SELECT 1, e.aggregate_id, e.sequence, e.event_type, e.event_version,
-                      e.payload, e.metadata, e.position, e.transaction_id::text,
-                      octet_length(e.payload::text)::bigint, NULL, NULL
-               FROM events e
-               WHERE e.aggregate_type = $1 AND e.aggregate_id = $2
-                 AND e.sequence > coalesce((SELECT last_sequence FROM s), 0)
-               UNION ALL
-               SELECT 2, k.contact_id, k.generation, NULL, NULL, NULL, NULL, NULL, NULL,
-                      0, k.wrapped_key, NULL
-               FROM contact_keys k
-               WHERE $4 AND k.contact_id = $2
+            r#"SELECT kind AS "kind!", aggregate_id AS "aggregate_id!", sequence AS "sequence!",
+                      event_type, event_version, payload, metadata, position, transaction_id,
+                      bytes, wrapped_key, request_hash
+               FROM leadledger_load_answering($1, $2, $3, $4, $5, $6)
                ORDER BY 1, 2, 3"#,
             A::TYPE,
             id,

@@ -473,6 +473,62 @@ async fn a_load_reads_only_its_own_streams_events_whatever_plan_the_database_kee
 }
 
 #[tokio::test]
+async fn a_commands_load_is_planned_once_per_connection_however_skewed_the_statistics() {
+    let app = spawn_app_with(false).await;
+    let store = Store::default();
+    // One stream holds most of the log: a plan for a given (new) stream then looks far
+    // cheaper than the generic one, and the database would plan every load again.
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload)
+         SELECT 'campaign', 'hot', n, 'CampaignRenamed', '1.0', '{}'
+         FROM generate_series(1, 20000) AS n",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE events")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    let api_key_id = Uuid::new_v4();
+    let mut conn = app.pool.acquire().await.unwrap();
+    for n in 0..30 {
+        let id = Uuid::new_v4().to_string();
+        let key = format!("k-{n}");
+        let claim = Claim {
+            api_key_id,
+            key: &key,
+            request_hash: b"hash",
+        };
+        let (loaded, answer) = store
+            .load_answering::<Campaign>(&mut conn, &id, Some(&claim))
+            .await
+            .unwrap();
+        assert_eq!((loaded.version, answer.is_none()), (0, true));
+    }
+    let (statement, custom): (String, i64) = sqlx::query_as(
+        "SELECT statement, custom_plans FROM pg_prepared_statements
+         ORDER BY custom_plans DESC LIMIT 1",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert!(
+        custom <= 5,
+        "30 loads made {custom} plans for their values of:\n{statement}"
+    );
+    // The statement inside the load's function keeps its generic plan by the function's
+    // own setting (plans made inside a function are not listed above).
+    let config: Vec<String> = sqlx::query_scalar(
+        "SELECT coalesce(proconfig, '{}') FROM pg_proc WHERE proname = 'leadledger_load_answering'",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .unwrap();
+    assert_eq!(config, ["plan_cache_mode=force_generic_plan"]);
+}
+
+#[tokio::test]
 async fn a_write_records_its_answer_with_its_events_and_fails_whole_when_the_key_was_answered_first()
  {
     let app = crate::helpers::spawn_app().await;

@@ -24,7 +24,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPool};
 use sqlx::{ConnectOptions, Connection, PgConnection};
 use tokio_util::sync::CancellationToken;
 
@@ -342,15 +342,28 @@ async fn claim(conn: &mut PgConnection, members: &mut [Member]) -> Result<(), sq
 /// A projection's own connection. Its commits do not wait for the disk: a batch and its
 /// checkpoint commit together, so a commit lost in a crash loses both, and the batch is
 /// simply applied again. This keeps the runners' flushes off the writers' commit path.
+///
+/// Its statements keep their generic plans: each reads the feed after a checkpoint, or
+/// looks its rows up by key or by a batch's arrays, so the generic plan is right for any
+/// values. PostgreSQL would otherwise plan the feed's read and the checkpoints' statements
+/// again at every wake-up, as plans for a position near the head look cheaper than the
+/// generic one: at one command at a time, that planning took more of the database than
+/// running them.
 async fn connect(pool: &PgPool, name: &str) -> Result<PgConnection, sqlx::Error> {
+    connect_options(pool, name).connect().await
+}
+
+/// The options of the connection of the group `name` (see [`connect`]).
+pub fn connect_options(pool: &PgPool, name: &str) -> PgConnectOptions {
     let host = std::process::id();
     pool.connect_options()
         .as_ref()
         .clone()
         .application_name(&format!("leadledger-projection:{name}:pid{host}"))
-        .options([("synchronous_commit", "off")])
-        .connect()
-        .await
+        .options([
+            ("synchronous_commit", "off"),
+            ("plan_cache_mode", "force_generic_plan"),
+        ])
 }
 
 async fn try_lock(conn: &mut PgConnection, name: &str) -> Result<bool, sqlx::Error> {

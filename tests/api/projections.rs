@@ -8,7 +8,7 @@ use std::time::Duration;
 use projections::runner::{Runner, RunnerConfig, wait_for};
 use projections::{FeedEvent, Projection, ProjectionError};
 use serde_json::{Value, json};
-use sqlx::{PgConnection, PgPool};
+use sqlx::{ConnectOptions, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{TestApp, assert_problem, spawn_app, spawn_app_with};
@@ -460,4 +460,44 @@ async fn a_commit_wakes_its_own_runners_once_and_the_other_processes_through_one
         "woken by its commit, not a second time by its own notification"
     );
     assert_eq!(*there_woken.borrow(), there_before + 1);
+}
+
+#[tokio::test]
+async fn a_runners_reads_of_the_feed_head_keep_one_generic_plan() {
+    let app = spawn_app_with(false).await;
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload)
+         SELECT 'campaign', gen_random_uuid()::text, 1, 'CampaignCreated', '1.0', '{}'
+         FROM generate_series(1, 5000)",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE events")
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    // A runner reads after a checkpoint at the head, where a plan for that position
+    // looks far cheaper than the generic one.
+    let mut conn: PgConnection = projections::runner::connect_options(&app.pool, "test")
+        .connect()
+        .await
+        .unwrap();
+    let head = projections::feed::head(&mut conn).await.unwrap().unwrap();
+    for _ in 0..20 {
+        projections::feed::read_sealed(&mut conn, head, 500)
+            .await
+            .unwrap();
+    }
+    let (statement, custom): (String, i64) = sqlx::query_as(
+        "SELECT statement, custom_plans FROM pg_prepared_statements
+         ORDER BY custom_plans DESC LIMIT 1",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert!(
+        custom <= 5,
+        "20 reads made {custom} plans for their values of:\n{statement}"
+    );
 }

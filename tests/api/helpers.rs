@@ -446,3 +446,22 @@ pub async fn assert_problem(response: reqwest::Response, status: u16) -> serde_j
     assert!(body["title"].as_str().is_some_and(|t| !t.is_empty()));
     body
 }
+
+/// Writes raw rows with `insert` (one statement, no parameters), then analyzes `events`: for
+/// tests that shape the log's statistics.
+pub async fn insert_then_analyze_events(pool: &sqlx::PgPool, insert: &str) {
+    sqlx::query(insert).execute(pool).await.unwrap();
+    sqlx::query("ANALYZE events").execute(pool).await.unwrap();
+}
+
+/// The statement `conn` has prepared that PostgreSQL planned most often for its values,
+/// and how many times.
+pub async fn most_value_plans(conn: &mut sqlx::PgConnection) -> (String, i64) {
+    sqlx::query_as(
+        "SELECT statement, custom_plans FROM pg_prepared_statements
+         ORDER BY custom_plans DESC LIMIT 1",
+    )
+    .fetch_one(conn)
+    .await
+    .unwrap()
+}

@@ -11,7 +11,10 @@ use serde_json::{Value, json};
 use sqlx::{ConnectOptions, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
-use crate::helpers::{TestApp, assert_problem, spawn_app, spawn_app_with};
+use crate::helpers::{
+    TestApp, assert_problem, insert_then_analyze_events, most_value_plans, spawn_app,
+    spawn_app_with,
+};
 
 fn fast() -> RunnerConfig {
     RunnerConfig {
@@ -465,18 +468,13 @@ async fn a_commit_wakes_its_own_runners_once_and_the_other_processes_through_one
 #[tokio::test]
 async fn a_runners_reads_of_the_feed_head_keep_one_generic_plan() {
     let app = spawn_app_with(false).await;
-    sqlx::query(
+    insert_then_analyze_events(
+        &app.pool,
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload)
          SELECT 'campaign', gen_random_uuid()::text, 1, 'CampaignCreated', '1.0', '{}'
          FROM generate_series(1, 5000)",
     )
-    .execute(&app.pool)
-    .await
-    .unwrap();
-    sqlx::query("ANALYZE events")
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    .await;
     // A runner reads after a checkpoint at the head, where a plan for that position
     // looks far cheaper than the generic one.
     let mut conn: PgConnection = projections::runner::connect_options(&app.pool, "test")
@@ -489,13 +487,7 @@ async fn a_runners_reads_of_the_feed_head_keep_one_generic_plan() {
             .await
             .unwrap();
     }
-    let (statement, custom): (String, i64) = sqlx::query_as(
-        "SELECT statement, custom_plans FROM pg_prepared_statements
-         ORDER BY custom_plans DESC LIMIT 1",
-    )
-    .fetch_one(&mut conn)
-    .await
-    .unwrap();
+    let (statement, custom) = most_value_plans(&mut conn).await;
     assert!(
         custom <= 5,
         "20 reads made {custom} plans for their values of:\n{statement}"

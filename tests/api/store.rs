@@ -14,7 +14,7 @@ use proptest::prelude::*;
 use sqlx::{Connection, PgPool};
 use uuid::Uuid;
 
-use crate::helpers::spawn_app_with;
+use crate::helpers::{insert_then_analyze_events, most_value_plans, spawn_app_with};
 
 /// Handles `command` on the stored aggregate and appends what it decides, in one transaction.
 async fn run(
@@ -478,18 +478,13 @@ async fn a_commands_load_is_planned_once_per_connection_however_skewed_the_stati
     let store = Store::default();
     // One stream holds most of the log: a plan for a given (new) stream then looks far
     // cheaper than the generic one, and the database would plan every load again.
-    sqlx::query(
+    insert_then_analyze_events(
+        &app.pool,
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload)
          SELECT 'campaign', 'hot', n, 'CampaignRenamed', '1.0', '{}'
          FROM generate_series(1, 20000) AS n",
     )
-    .execute(&app.pool)
-    .await
-    .unwrap();
-    sqlx::query("ANALYZE events")
-        .execute(&app.pool)
-        .await
-        .unwrap();
+    .await;
     let api_key_id = Uuid::new_v4();
     let mut conn = app.pool.acquire().await.unwrap();
     for n in 0..30 {
@@ -506,13 +501,7 @@ async fn a_commands_load_is_planned_once_per_connection_however_skewed_the_stati
             .unwrap();
         assert_eq!((loaded.version, answer.is_none()), (0, true));
     }
-    let (statement, custom): (String, i64) = sqlx::query_as(
-        "SELECT statement, custom_plans FROM pg_prepared_statements
-         ORDER BY custom_plans DESC LIMIT 1",
-    )
-    .fetch_one(&mut *conn)
-    .await
-    .unwrap();
+    let (statement, custom) = most_value_plans(&mut conn).await;
     assert!(
         custom <= 5,
         "30 loads made {custom} plans for their values of:\n{statement}"

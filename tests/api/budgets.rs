@@ -1242,7 +1242,7 @@ where
         .await
         .unwrap();
     let first = tokio::spawn(first);
-    until_waiting_on_lock(&app.pool, "WITH s AS").await;
+    until_waiting_on_lock(&app.pool, "SELECT kind").await;
     let second = tokio::spawn(second);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let writes = if hold_write {

@@ -99,13 +99,13 @@ impl FeedEvent {
 
 /// An event's payload as the feed delivers it: its JSON text as stored, decoded straight
 /// into the type each reader wants (no `serde_json::Value` tree to build and drop for
-/// every event), or the tree that opening its personal data or upcasting it made.
+/// every event; personal data opened into the text), or the tree that upcasting it made.
 #[derive(Clone)]
 pub struct Payload(Form);
 
 #[derive(Clone)]
 enum Form {
-    Text(Box<RawValue>),
+    Text(Box<str>),
     Tree(Value),
 }
 
@@ -113,7 +113,7 @@ impl Payload {
     /// The payload as `E`.
     pub fn decode<E: DeserializeOwned>(&self) -> Result<E, serde_json::Error> {
         match &self.0 {
-            Form::Text(text) => serde_json::from_str(text.get()),
+            Form::Text(text) => serde_json::from_str(text),
             // Straight from the borrowed tree: copying it first cost more than decoding.
             Form::Tree(tree) => E::deserialize(tree),
         }
@@ -122,7 +122,7 @@ impl Payload {
     /// The payload as a JSON tree.
     pub fn to_value(&self) -> Result<Value, serde_json::Error> {
         match &self.0 {
-            Form::Text(text) => serde_json::from_str(text.get()),
+            Form::Text(text) => serde_json::from_str(text),
             Form::Tree(tree) => Ok(tree.clone()),
         }
     }
@@ -348,21 +348,38 @@ impl Row {
         let upcast = upcasters()
             .iter()
             .any(|u| u.can_upcast(&self.event_type, &self.event_version));
-        if keys.is_none() && !upcast {
-            return Ok(FeedEvent {
-                at,
-                aggregate_type: self.aggregate_type,
-                aggregate_id: self.aggregate_id,
-                sequence: self.sequence,
-                event_type: self.event_type,
-                event_version: self.event_version,
-                payload: Payload(Form::Text(self.payload.0)),
-                metadata: self.metadata,
-                recorded_at: self.recorded_at,
-            });
-        }
-        let mut tree: Value = serde_json::from_str(self.payload.0.get())
-            .map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+        // Opened in its text when it can be (see `pii::open_event_text`); otherwise as a tree.
+        let stored = match keys {
+            None if !upcast => Ok(self.payload.0.into()),
+            Some(keys) if !upcast => crate::pii::open_event_text(
+                keys,
+                &self.aggregate_type,
+                &self.aggregate_id,
+                self.payload.0.get(),
+            )
+            .map_err(pii_error)?
+            .map(String::into_boxed_str)
+            .ok_or(self.payload.0),
+            _ => Err(self.payload.0),
+        };
+        let stored = match stored {
+            Ok(text) => {
+                return Ok(FeedEvent {
+                    at,
+                    aggregate_type: self.aggregate_type,
+                    aggregate_id: self.aggregate_id,
+                    sequence: self.sequence,
+                    event_type: self.event_type,
+                    event_version: self.event_version,
+                    payload: Payload(Form::Text(text)),
+                    metadata: self.metadata,
+                    recorded_at: self.recorded_at,
+                });
+            }
+            Err(stored) => stored,
+        };
+        let mut tree: Value =
+            serde_json::from_str(stored.get()).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
         if let Some(keys) = keys {
             tree = crate::pii::open_event(keys, &self.aggregate_type, &self.aggregate_id, tree)
                 .map_err(pii_error)?;
@@ -437,7 +454,7 @@ mod tests {
     fn a_payload_reads_the_same_from_its_stored_text_as_from_a_tree() {
         // PostgreSQL's text form of a jsonb value, spaces and all.
         let text = r#"{"SpendRecorded": {"amount": "1.50", "tags": [1, 2], "note": null}}"#;
-        let stored = Payload(Form::Text(RawValue::from_string(text.into()).unwrap()));
+        let stored = Payload(Form::Text(text.into()));
         let tree = Payload::from(serde_json::from_str::<Value>(text).unwrap());
         assert_eq!(stored, tree);
         assert_eq!(

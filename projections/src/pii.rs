@@ -2,7 +2,9 @@
 //! own data key, and each data key under a key derived from the server's secret key. The
 //! one way to read a stored payload of a personal aggregate is [`open_event`] /
 //! [`open_state`]: the event store's loads, its snapshots and the feed of the projections
-//! all go through them, so an event reads the same everywhere.
+//! all go through them, so an event reads the same everywhere. The feed opens an event's
+//! text in place with [`open_event_text`], which shares the decryption and gives the same
+//! JSON value (a test holds the two to it).
 //!
 //! Sealed form: the personal members of an event (inside its variant object) or of a
 //! snapshot are taken out and replaced by one member, `"pii"`, the base64 of a 24-byte
@@ -30,6 +32,7 @@ use base64::engine::general_purpose::STANDARD;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{Key, XChaCha20Poly1305, XNonce};
 use rand::RngCore;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use sqlx::PgConnection;
 
@@ -540,8 +543,25 @@ fn open_object(
     let text = sealed
         .as_str()
         .ok_or(PiiError::Corrupt("the sealed member is not a string"))?;
-    if text.is_empty() {
+    let Some(plaintext) = unseal(keys, aggregate_type, id, text)? else {
         return Ok(Opened::Redacted);
+    };
+    let personal: Map<String, Value> = serde_json::from_slice(&plaintext)
+        .map_err(|_| PiiError::Corrupt("sealed data is not a JSON object"))?;
+    object.extend(personal);
+    Ok(Opened::Clear)
+}
+
+/// The plaintext of a sealed member's text, `None` when it is redacted: emptied, or its
+/// key's generation destroyed.
+fn unseal(
+    keys: &Keys,
+    aggregate_type: &str,
+    id: &str,
+    text: &str,
+) -> Result<Option<Vec<u8>>, PiiError> {
+    if text.is_empty() {
+        return Ok(None);
     }
     let (generation, text) = match text.split_once(':') {
         Some((generation, rest)) => (
@@ -554,7 +574,7 @@ fn open_object(
     };
     let cipher = match keys.of(id, generation) {
         Some(DataKey::Open(cipher)) => cipher,
-        Some(DataKey::Destroyed) => return Ok(Opened::Redacted),
+        Some(DataKey::Destroyed) => return Ok(None),
         None => {
             return Err(PiiError::Corrupt(
                 "sealed data of a stream without that data key",
@@ -564,13 +584,77 @@ fn open_object(
     let bytes = STANDARD
         .decode(text)
         .map_err(|_| PiiError::Corrupt("the sealed member is not base64"))?;
-    let plaintext = open_bytes(cipher, &bytes, &aad(aggregate_type, id)).ok_or(
-        PiiError::Corrupt("sealed data does not open with its stream's key"),
-    )?;
-    let personal: Map<String, Value> = serde_json::from_slice(&plaintext)
+    open_bytes(cipher, &bytes, &aad(aggregate_type, id))
+        .map(Some)
+        .ok_or(PiiError::Corrupt(
+            "sealed data does not open with its stream's key",
+        ))
+}
+
+/// The members of a JSON object as written, borrowed from its text (a key with escapes
+/// is unescaped into its own string). A member written twice keeps its last value, as in
+/// a [`Map`].
+type RawMembers<'a> = std::collections::BTreeMap<std::borrow::Cow<'a, str>, &'a RawValue>;
+
+/// [`open_event`] on an event payload's text, giving text: the personal members are
+/// opened into the variant object beside its clear members, without building the JSON
+/// tree (which costs more than the decryption). The result reads as the same JSON value
+/// as [`open_event`]'s. `None` when the payload does not have the sealed form this reads
+/// (no sealed member, not an object of one variant object): [`open_event`] decides those.
+pub fn open_event_text(
+    keys: &Keys,
+    aggregate_type: &str,
+    id: &str,
+    payload: &str,
+) -> Result<Option<String>, PiiError> {
+    if !is_personal(aggregate_type) {
+        return Ok(None);
+    }
+    let Ok(outer) = serde_json::from_str::<RawMembers<'_>>(payload) else {
+        return Ok(None);
+    };
+    let mut variants = outer.iter();
+    let (Some((variant, inner)), None) = (variants.next(), variants.next()) else {
+        return Ok(None);
+    };
+    let Ok(object) = serde_json::from_str::<RawMembers<'_>>(inner.get()) else {
+        return Ok(None);
+    };
+    let Some(Ok(sealed)) = object
+        .get(SEALED_MEMBER)
+        .map(|raw| serde_json::from_str::<std::borrow::Cow<'_, str>>(raw.get()))
+    else {
+        return Ok(None);
+    };
+    let Some(plaintext) = unseal(keys, aggregate_type, id, &sealed)? else {
+        return Ok(Some(format!("{{\"{REDACTED_VARIANT}\":{{}}}}")));
+    };
+    let personal: RawMembers<'_> = serde_json::from_slice(&plaintext)
         .map_err(|_| PiiError::Corrupt("sealed data is not a JSON object"))?;
-    object.extend(personal);
-    Ok(Opened::Clear)
+    let mut text = Vec::with_capacity(payload.len() + plaintext.len());
+    text.push(b'{');
+    write_key(&mut text, variant);
+    text.extend_from_slice(b":{");
+    let clear = object
+        .iter()
+        .filter(|(k, _)| *k != SEALED_MEMBER && !personal.contains_key(*k));
+    for (i, (k, v)) in clear.chain(personal.iter()).enumerate() {
+        if i > 0 {
+            text.push(b',');
+        }
+        write_key(&mut text, k);
+        text.push(b':');
+        text.extend_from_slice(v.get().as_bytes());
+    }
+    text.extend_from_slice(b"}}");
+    // Keys written by serde_json and values copied from valid text: valid UTF-8.
+    String::from_utf8(text)
+        .map(Some)
+        .map_err(|_| PiiError::Corrupt("sealed data is not UTF-8"))
+}
+
+fn write_key(text: &mut Vec<u8>, key: &str) {
+    serde_json::to_writer(text, key).expect("a string serializes");
 }
 
 /// An event payload of stream `id` as the aggregate reads it: its personal members opened,
@@ -720,6 +804,81 @@ mod tests {
         assert_eq!(
             open_event(&destroyed, "contact", "c1", sealed).unwrap(),
             json!({"ContactRedacted": {}})
+        );
+    }
+
+    #[test]
+    fn an_event_opens_from_its_text_to_the_same_value_as_from_its_tree() {
+        let key = WriteKey::first(cipher());
+        let later = WriteKey {
+            generation: 2,
+            cipher: cipher(),
+        };
+        let keys = keys_of(
+            "c1",
+            vec![
+                (0, DataKey::Open(key.cipher.clone())),
+                (2, DataKey::Open(later.cipher.clone())),
+            ],
+        );
+        let original = json!({"ContactUpdated": {
+            "email": "ada@example.com", "fields": {"first_name": "Ada \"A\" é"},
+            "updated_at": "2026-01-01T00:00:00Z", "quality_score": 0.5}});
+        for key in [&key, &later] {
+            let mut sealed = original.clone();
+            seal_event(key, "contact", "c1", &mut sealed);
+            // A clear member that the sealed members also name (they win in both forms), and
+            // one whose name needs escaping.
+            let inner = sealed["ContactUpdated"].as_object_mut().unwrap();
+            inner.insert("email".into(), json!("stale@example.com"));
+            inner.insert("status\"x".into(), json!([1, {"a": null}]));
+            let mut expected = original.clone();
+            expected["ContactUpdated"]["status\"x"] = json!([1, {"a": null}]);
+            // As PostgreSQL prints jsonb (spaces), and compact.
+            for stored in [
+                serde_json::to_string_pretty(&sealed).unwrap(),
+                sealed.to_string(),
+            ] {
+                let text = open_event_text(&keys, "contact", "c1", &stored)
+                    .unwrap()
+                    .expect("the sealed form reads as text");
+                assert_eq!(text.matches("\"email\"").count(), 1, "{text}");
+                let from_text: Value = serde_json::from_str(&text).unwrap();
+                assert_eq!(from_text, expected);
+                assert_eq!(
+                    open_event(&keys, "contact", "c1", sealed.clone()).unwrap(),
+                    expected
+                );
+            }
+        }
+
+        let mut sealed = original.clone();
+        seal_event(&key, "contact", "c1", &mut sealed);
+        let stored = sealed.to_string();
+        let destroyed = keys_of("c1", vec![(0, DataKey::Destroyed)]);
+        assert_eq!(
+            open_event_text(&destroyed, "contact", "c1", &stored)
+                .unwrap()
+                .unwrap(),
+            r#"{"ContactRedacted":{}}"#
+        );
+        let moved = keys_of("c2", vec![(0, keys.get("c1").unwrap().clone())]);
+        assert!(open_event_text(&moved, "contact", "c2", &stored).is_err());
+        // Forms this does not read are left to the tree.
+        for other in [
+            original.to_string(),
+            r#"{"A": {"pii": 1}}"#.to_string(),
+            r#"{"A": {}, "B": {}}"#.to_string(),
+            r#"{"A": []}"#.to_string(),
+        ] {
+            assert_eq!(
+                open_event_text(&keys, "contact", "c1", &other).unwrap(),
+                None
+            );
+        }
+        assert_eq!(
+            open_event_text(&keys, "budget", "c1", &stored).unwrap(),
+            None
         );
     }
 

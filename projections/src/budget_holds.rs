@@ -7,10 +7,19 @@ use cqrs_es::Aggregate;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{FeedEvent, Projection, ProjectionError, events_of};
+use crate::{FeedEvent, Projection, ProjectionError, events_of_types};
 
 /// The read model's name: its checkpoint, its advisory lock, what `min_position` waits for.
 pub const NAME: &str = "budget_holds";
+
+/// The budget events that make or settle a hold; the others (spends above all) are not
+/// decoded.
+const HOLD_EVENTS: &[&str] = &[
+    "ReservationMade",
+    "ReservationCaptured",
+    "ReservationReleased",
+    "ReservationExpired",
+];
 
 pub struct BudgetHoldsProjection;
 
@@ -30,7 +39,9 @@ impl Projection for BudgetHoldsProjection {
         conn: &mut PgConnection,
         events: &[FeedEvent],
     ) -> Result<(), ProjectionError> {
-        for (event, budget_id, decoded) in events_of::<BudgetEvent>(events, Budget::TYPE)? {
+        for (event, budget_id, decoded) in
+            events_of_types::<BudgetEvent>(events, Budget::TYPE, HOLD_EVENTS)?
+        {
             apply_one(conn, event, budget_id, decoded).await?;
         }
         Ok(())

@@ -8,7 +8,7 @@ use cqrs_es::Aggregate;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::{FeedEvent, Projection, ProjectionError, events_of};
+use crate::{FeedEvent, Projection, ProjectionError, events_of_types};
 
 /// The read model's name: its checkpoint, its advisory lock, what `min_position` waits for.
 pub const NAME: &str = "budgets";
@@ -35,7 +35,9 @@ impl Projection for BudgetsProjection {
         let mut names: Vec<String> = Vec::new();
         let mut created: Vec<DateTime<Utc>> = Vec::new();
         let mut positions: Vec<i64> = Vec::new();
-        for (event, id, decoded) in events_of::<BudgetEvent>(events, Budget::TYPE)? {
+        for (event, id, decoded) in
+            events_of_types::<BudgetEvent>(events, Budget::TYPE, &["BudgetCreated"])?
+        {
             if let BudgetEvent::BudgetCreated {
                 name, created_at, ..
             } = decoded

@@ -186,9 +186,30 @@ fn events_of<'a, E: serde::de::DeserializeOwned>(
     batch: &'a [FeedEvent],
     aggregate_type: &str,
 ) -> Result<Vec<(&'a FeedEvent, uuid::Uuid, E)>, ProjectionError> {
+    events_typed(batch, aggregate_type, |_| true)
+}
+
+/// [`events_of`] for a projection that reads only the event types `event_types`: the
+/// others are not decoded (an aggregate's events are shared by several projections, and
+/// most of them are of types a projection skips).
+fn events_of_types<'a, E: serde::de::DeserializeOwned>(
+    batch: &'a [FeedEvent],
+    aggregate_type: &str,
+    event_types: &[&str],
+) -> Result<Vec<(&'a FeedEvent, uuid::Uuid, E)>, ProjectionError> {
+    events_typed(batch, aggregate_type, |e| {
+        event_types.contains(&e.event_type.as_str())
+    })
+}
+
+fn events_typed<'a, E: serde::de::DeserializeOwned>(
+    batch: &'a [FeedEvent],
+    aggregate_type: &str,
+    wanted: impl Fn(&FeedEvent) -> bool,
+) -> Result<Vec<(&'a FeedEvent, uuid::Uuid, E)>, ProjectionError> {
     batch
         .iter()
-        .filter(|e| e.aggregate_type == aggregate_type)
+        .filter(|e| e.aggregate_type == aggregate_type && wanted(e))
         .map(|e| Ok((e, uuid_of(e)?, decode(e)?)))
         .collect()
 }

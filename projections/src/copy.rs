@@ -1,5 +1,6 @@
 //! Rows for PostgreSQL's binary `COPY … FROM STDIN (FORMAT binary)`: how a rebuild's fill
-//! inserts the new rows of a batch (`Projection::apply_rows`).
+//! inserts the new rows of a batch (`Projection::apply_rows`); and [`Tuples`], which reads
+//! the rows of a `COPY … TO STDOUT (FORMAT binary)`: how a rebuild reads the feed.
 //!
 //! A batch's new rows as `INSERT … SELECT * FROM UNNEST($1, $2, …)` make PostgreSQL decode
 //! one array per column, build a set of rows from them and insert those; `COPY` in binary
@@ -100,7 +101,7 @@ impl Rows {
     pub fn new() -> Self {
         let mut data = Vec::with_capacity(1 << 16);
         // The signature, no flags, no header extension.
-        data.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+        data.extend_from_slice(SIGNATURE);
         data.extend_from_slice(&0i32.to_be_bytes());
         data.extend_from_slice(&0i32.to_be_bytes());
         Self { data }
@@ -129,6 +130,113 @@ impl Rows {
     }
 }
 
+/// The binary `COPY` signature, which starts the data in both directions.
+const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
+
+/// Reads the rows of a binary `COPY … TO STDOUT`, all of whose data is in memory: a
+/// constant statement's output, read row by row and field by field in the statement's
+/// column order. Any data that is not that form is a protocol error, never a panic.
+pub(crate) struct Tuples<'a> {
+    data: &'a [u8],
+    /// Fields left in the current row.
+    fields: i16,
+}
+
+impl<'a> Tuples<'a> {
+    /// The rows after the header.
+    pub fn new(data: &'a [u8]) -> Result<Self, sqlx::Error> {
+        let mut tuples = Self { data, fields: 0 };
+        if tuples.take(SIGNATURE.len())? != SIGNATURE {
+            return Err(malformed("no binary COPY signature"));
+        }
+        let _flags = tuples.take(4)?;
+        let extension = i32::from_be_bytes(tuples.array()?);
+        let extension =
+            usize::try_from(extension).map_err(|_| malformed("a negative header extension"))?;
+        tuples.take(extension)?;
+        Ok(tuples)
+    }
+
+    /// Starts the next row, which must have `fields` fields; `false` after the last row.
+    pub fn next_row(&mut self, fields: i16) -> Result<bool, sqlx::Error> {
+        if self.fields != 0 {
+            return Err(malformed("a row was not read to its end"));
+        }
+        match i16::from_be_bytes(self.array()?) {
+            -1 if self.data.is_empty() => Ok(false),
+            -1 => Err(malformed("data after the trailer")),
+            n if n == fields => {
+                self.fields = n;
+                Ok(true)
+            }
+            n => Err(malformed(&format!("a row of {n} fields, not {fields}"))),
+        }
+    }
+
+    /// The next field's bytes (a NULL is an error: the statements read here have none).
+    fn field(&mut self) -> Result<&'a [u8], sqlx::Error> {
+        if self.fields == 0 {
+            return Err(malformed("more fields read than the row has"));
+        }
+        self.fields -= 1;
+        let len = i32::from_be_bytes(self.array()?);
+        let len = usize::try_from(len).map_err(|_| malformed("a NULL field"))?;
+        self.take(len)
+    }
+
+    pub fn text(&mut self) -> Result<String, sqlx::Error> {
+        String::from_utf8(self.field()?.to_vec()).map_err(|_| malformed("text that is not UTF-8"))
+    }
+
+    pub fn int8(&mut self) -> Result<i64, sqlx::Error> {
+        let bytes: [u8; 8] = self
+            .field()?
+            .try_into()
+            .map_err(|_| malformed("an int8 not of 8 bytes"))?;
+        Ok(i64::from_be_bytes(bytes))
+    }
+
+    pub fn timestamptz(&mut self) -> Result<DateTime<Utc>, sqlx::Error> {
+        let micros = self.int8()?;
+        micros
+            .checked_add(POSTGRES_EPOCH_MICROS)
+            .and_then(DateTime::from_timestamp_micros)
+            .ok_or_else(|| malformed("a timestamptz out of range"))
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], sqlx::Error> {
+        if self.data.len() < n {
+            return Err(malformed("the data ends inside a row"));
+        }
+        let (taken, rest) = self.data.split_at(n);
+        self.data = rest;
+        Ok(taken)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], sqlx::Error> {
+        Ok(self.take(N)?.try_into().expect("took N bytes"))
+    }
+}
+
+fn malformed(what: &str) -> sqlx::Error {
+    sqlx::Error::Protocol(format!("binary COPY data: {what}"))
+}
+
+/// Runs `statement` (`COPY (…) TO STDOUT (FORMAT binary)`) on `conn` and returns all of
+/// its data, for [`Tuples`].
+pub(crate) async fn copy_out(
+    conn: &mut PgConnection,
+    statement: &str,
+) -> Result<Vec<u8>, sqlx::Error> {
+    use futures::TryStreamExt;
+    let mut stream = conn.copy_out_raw(statement).await?;
+    let mut data = Vec::with_capacity(1 << 20);
+    while let Some(chunk) = stream.try_next().await? {
+        data.extend_from_slice(&chunk);
+    }
+    Ok(data)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,5 +254,79 @@ mod tests {
         assert_eq!(&data[15..23], &1_000_000i64.to_be_bytes());
         assert_eq!(&data[23..27], &8i32.to_be_bytes());
         assert_eq!(&data[27..], b"\x01{\"a\":1}");
+    }
+
+    fn two_rows() -> Vec<u8> {
+        let mut rows = Rows::new();
+        let at = DateTime::<Utc>::from_timestamp_micros(1_764_000_000_123_456).unwrap();
+        rows.push(&[&7i64, &"contact", &at]);
+        rows.push(&[&-1i64, &"é \" \\ ✓", &at]);
+        let mut data = rows.data;
+        data.extend_from_slice(&(-1i16).to_be_bytes());
+        data
+    }
+
+    #[test]
+    fn rows_written_in_the_binary_form_read_back_field_by_field() {
+        let data = two_rows();
+        let mut tuples = Tuples::new(&data).unwrap();
+        let at = DateTime::<Utc>::from_timestamp_micros(1_764_000_000_123_456).unwrap();
+        assert!(tuples.next_row(3).unwrap());
+        assert_eq!(tuples.int8().unwrap(), 7);
+        assert_eq!(tuples.text().unwrap(), "contact");
+        assert_eq!(tuples.timestamptz().unwrap(), at);
+        assert!(tuples.next_row(3).unwrap());
+        assert_eq!(tuples.int8().unwrap(), -1);
+        assert_eq!(tuples.text().unwrap(), "é \" \\ ✓");
+        assert_eq!(tuples.timestamptz().unwrap(), at);
+        assert!(!tuples.next_row(3).unwrap());
+    }
+
+    /// Reads every row of `data` as the rows of `two_rows`.
+    fn read_all(data: &[u8]) -> Result<usize, sqlx::Error> {
+        let mut tuples = Tuples::new(data)?;
+        let mut n = 0;
+        while tuples.next_row(3)? {
+            tuples.int8()?;
+            tuples.text()?;
+            tuples.timestamptz()?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    #[test]
+    fn data_cut_short_or_of_another_shape_is_an_error_and_never_a_panic() {
+        let data = two_rows();
+        assert_eq!(read_all(&data).unwrap(), 2);
+        for end in 0..data.len() {
+            assert!(read_all(&data[..end]).is_err(), "cut at {end}");
+        }
+        let mut after_trailer = data.clone();
+        after_trailer.push(0);
+        assert!(read_all(&after_trailer).is_err());
+        let mut signature = data.clone();
+        signature[0] = b'X';
+        assert!(read_all(&signature).is_err());
+        let mut tuples = Tuples::new(&data).unwrap();
+        assert!(tuples.next_row(4).is_err(), "a row of another width");
+        let mut tuples = Tuples::new(&data).unwrap();
+        assert!(tuples.next_row(3).unwrap());
+        tuples.int8().unwrap();
+        assert!(tuples.int8().is_err(), "a text of 7 bytes read as an int8");
+        // A NULL, an invalid UTF-8 text, a row left half read.
+        let mut rows = Rows::new();
+        rows.push(&[&None::<i64>, &"x", &DateTime::<Utc>::UNIX_EPOCH]);
+        let mut null = rows.data;
+        null.extend_from_slice(&(-1i16).to_be_bytes());
+        assert!(read_all(&null).is_err());
+        let mut bad_utf8 = data.clone();
+        let at = bad_utf8.windows(7).position(|w| w == b"contact").unwrap();
+        bad_utf8[at] = 0xff;
+        assert!(read_all(&bad_utf8).is_err());
+        let mut tuples = Tuples::new(&data).unwrap();
+        assert!(tuples.next_row(3).unwrap());
+        tuples.int8().unwrap();
+        assert!(tuples.next_row(3).is_err());
     }
 }

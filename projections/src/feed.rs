@@ -208,33 +208,11 @@ pub async fn read_sealed(
     after: Position,
     limit: i64,
 ) -> Result<Sealed, sqlx::Error> {
-    fetch_sealed(conn, after, limit, true).await
-}
-
-/// [`read_sealed`] for a rebuild: the events without their metadata (`null`), which no
-/// projection reads (who acted and why is for the log's other readers). Producing it as
-/// text and parsing it into a tree is work a rebuild would do for every event.
-pub async fn read_sealed_without_metadata(
-    conn: &mut PgConnection,
-    after: Position,
-    limit: i64,
-) -> Result<Sealed, sqlx::Error> {
-    fetch_sealed(conn, after, limit, false).await
-}
-
-async fn fetch_sealed(
-    conn: &mut PgConnection,
-    after: Position,
-    limit: i64,
-    metadata: bool,
-) -> Result<Sealed, sqlx::Error> {
     let rows = sqlx::query_as!(
         Row,
         r#"SELECT position, transaction_id::text AS "transaction_id!", aggregate_type, aggregate_id,
                   sequence, event_type, event_version,
-                  payload::text AS "payload!",
-                  CASE WHEN $4 THEN metadata ELSE 'null'::jsonb END AS "metadata!",
-                  recorded_at
+                  payload::text AS "payload!", metadata, recorded_at
            FROM events
            WHERE (transaction_id, position) > ($1::text::xid8, $2)
              AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
@@ -242,11 +220,65 @@ async fn fetch_sealed(
            LIMIT $3"#,
         after.transaction_id.to_string(),
         after.position,
-        limit,
-        metadata
+        limit
     )
     .fetch_all(&mut *conn)
     .await?;
+    Ok(Sealed(rows))
+}
+
+/// [`read_sealed`]'s statement as a binary `COPY`. `COPY` takes no parameters, so the
+/// statement is constant and reads its bounds from settings of the session, which
+/// [`copy_sealed_without_metadata`] sets first. The output's transaction id is named `xid`:
+/// under its own name the `ORDER BY` would sort its text instead of the `xid8`.
+const FEED_COPY: &str = "COPY (
+    SELECT position, transaction_id::text AS xid, aggregate_type, aggregate_id, sequence,
+           event_type, event_version, payload::text, recorded_at
+    FROM events
+    WHERE (transaction_id, position) > (current_setting('leadledger.feed_after_transaction')::xid8,
+                                        current_setting('leadledger.feed_after_position')::bigint)
+      AND transaction_id < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY transaction_id, position
+    LIMIT current_setting('leadledger.feed_limit')::bigint
+) TO STDOUT (FORMAT binary)";
+
+/// [`read_sealed`] for a rebuild: the events without their metadata (`null`), which no
+/// projection reads (who acted and why is for the log's other readers; producing it as
+/// text and parsing it into a tree is work a rebuild would do for every event), read by a
+/// binary `COPY`: its rows come as one stream of fields instead of a result row each to
+/// decode column by column, about half of the rebuild's cost of reading the feed.
+pub async fn copy_sealed_without_metadata(
+    conn: &mut PgConnection,
+    after: Position,
+    limit: i64,
+) -> Result<Sealed, sqlx::Error> {
+    sqlx::query!(
+        "SELECT set_config('leadledger.feed_after_transaction', $1, false) AS after_transaction,
+                set_config('leadledger.feed_after_position', $2, false) AS after_position,
+                set_config('leadledger.feed_limit', $3, false) AS limit",
+        after.transaction_id.to_string(),
+        after.position.to_string(),
+        limit.to_string()
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let data = crate::copy::copy_out(conn, FEED_COPY).await?;
+    let mut tuples = crate::copy::Tuples::new(&data)?;
+    let mut rows = Vec::with_capacity(usize::try_from(limit).unwrap_or(0).min(1 << 16));
+    while tuples.next_row(9)? {
+        rows.push(Row {
+            position: tuples.int8()?,
+            transaction_id: tuples.text()?,
+            aggregate_type: tuples.text()?,
+            aggregate_id: tuples.text()?,
+            sequence: tuples.int8()?,
+            event_type: tuples.text()?,
+            event_version: tuples.text()?,
+            payload: tuples.text()?,
+            metadata: Value::Null,
+            recorded_at: tuples.timestamptz()?,
+        });
+    }
     Ok(Sealed(rows))
 }
 

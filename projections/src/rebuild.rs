@@ -6,7 +6,7 @@
 //!   first. The server and the rebuild run the same code on the same feed, except that the
 //!   fill leaves the totals for later and inserts a batch's new rows by binary `COPY`
 //!   (`copy.rs`); the feed comes without the events' metadata, which no projection
-//!   reads.
+//!   reads, by a binary `COPY` out (`feed::copy_sealed_without_metadata`).
 //! - It reads the feed in batches (fetching the next on one connection while it opens the
 //!   last on another) and hands each batch to every projection, each applying on a
 //!   connection of its own, so the projections are built side by side while the next
@@ -443,7 +443,7 @@ async fn catch_up(
     let fetcher = tasks.spawn(async move {
         loop {
             let rows =
-                feed::read_sealed_without_metadata(&mut fetch_conn, after, batch_size).await?;
+                feed::copy_sealed_without_metadata(&mut fetch_conn, after, batch_size).await?;
             let short = (rows.len() as i64) < batch_size;
             if let Some(last) = rows.last()? {
                 after = last;

@@ -223,7 +223,8 @@ fn malformed(what: &str) -> sqlx::Error {
 }
 
 /// Runs `statement` (`COPY (…) TO STDOUT (FORMAT binary)`) on `conn` and returns all of
-/// its data, for [`Tuples`].
+/// its data, for [`Tuples`]. Dropped before the end, it leaves `conn` in the middle of the
+/// copy: `conn` must then be closed, so it should not be a pool's.
 pub(crate) async fn copy_out(
     conn: &mut PgConnection,
     statement: &str,

@@ -438,7 +438,9 @@ async fn catch_up(
     // Fetching and opening (decrypting, decoding, upcasting) take turns on two tasks and
     // two connections: the next batch is fetched while this one is opened.
     let (sealed_tx, mut sealed) = tokio::sync::mpsc::channel::<feed::Sealed>(1);
-    let mut fetch_conn = pool.acquire().await?;
+    // A connection of its own, not the pool's: a `COPY` cut off by an interrupted rebuild
+    // leaves its connection in the middle of the copy, so it must close, not be reused.
+    let mut fetch_conn = connect(pool).await?;
     let mut after = *at;
     let fetcher = tasks.spawn(async move {
         loop {

@@ -627,7 +627,7 @@ pub fn open_event_text(
         return Ok(None);
     };
     let Some(plaintext) = unseal(keys, aggregate_type, id, &sealed)? else {
-        return Ok(Some(format!("{{\"{REDACTED_VARIANT}\":{{}}}}")));
+        return Ok(Some(redacted_event().to_string()));
     };
     let personal: RawMembers<'_> = serde_json::from_slice(&plaintext)
         .map_err(|_| PiiError::Corrupt("sealed data is not a JSON object"))?;
@@ -657,6 +657,11 @@ fn write_key(text: &mut Vec<u8>, key: &str) {
     serde_json::to_writer(text, key).expect("a string serializes");
 }
 
+/// What an event of an erased contact reads as, in both of [`open_event`]'s forms.
+fn redacted_event() -> Value {
+    serde_json::json!({ REDACTED_VARIANT: {} })
+}
+
 /// An event payload of stream `id` as the aggregate reads it: its personal members opened,
 /// or `{"ContactRedacted": {}}` when its key was destroyed. Payloads of aggregates
 /// without personal data come back as they are.
@@ -674,7 +679,7 @@ pub fn open_event(
     };
     match open_object(keys, aggregate_type, id, object)? {
         Opened::Clear => Ok(payload),
-        Opened::Redacted => Ok(serde_json::json!({ REDACTED_VARIANT: {} })),
+        Opened::Redacted => Ok(redacted_event()),
     }
 }
 

@@ -20,7 +20,7 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::copy::Rows;
-use crate::{FeedEvent, Mode, Projection, ProjectionError, column, events_of, ids, utc_day};
+use crate::{FeedEvent, Projection, ProjectionError, column, events_of, ids, utc_day};
 
 /// The read model's name: its checkpoint, its advisory lock, what `min_position` waits for.
 pub const NAME: &str = "enrollments";
@@ -60,8 +60,8 @@ impl Row {
     }
 }
 
-/// An enrollment the batch touches: as it was before the batch (`None`: enrolled in it)
-/// and as it is after.
+/// An enrollment the batch touches: as the read model has it before the batch (`None`:
+/// it has no row yet) and as it is after.
 struct Change {
     before: Option<Row>,
     after: Row,
@@ -97,15 +97,11 @@ impl Projection for EnrollmentsProjection {
         conn: &mut PgConnection,
         events: &[FeedEvent],
     ) -> Result<(), ProjectionError> {
-        apply(conn, events, Mode::Live).await
+        apply(conn, events).await
     }
 
-    async fn apply_rows(
-        &self,
-        conn: &mut PgConnection,
-        events: &[FeedEvent],
-    ) -> Result<(), ProjectionError> {
-        apply(conn, events, Mode::Fill).await
+    fn fill(&self) -> Box<dyn crate::Fill + '_> {
+        Box::new(Filling::default())
     }
 
     /// Counts each campaign's enrollments that reached each step, and each campaign's
@@ -153,30 +149,87 @@ impl Projection for EnrollmentsProjection {
     }
 }
 
-async fn apply(
+async fn apply(conn: &mut PgConnection, events: &[FeedEvent]) -> Result<(), ProjectionError> {
+    let changes = fold(conn, events, &mut BTreeMap::new()).await?;
+    write(conn, changes).await
+}
+
+/// A rebuild's fill ([`crate::Fill`]): the enrollments enrolled since the last commit are
+/// held in memory, with the reports that follow them (closely, as a rule) folded on
+/// them, and written once, by `COPY`, just before the commit, instead of being inserted
+/// and then rewritten by each later batch. Memory holds the rows of one commit's batches.
+#[derive(Default)]
+struct Filling {
+    held: BTreeMap<Uuid, Row>,
+}
+
+#[async_trait::async_trait]
+impl crate::Fill for Filling {
+    async fn apply(
+        &mut self,
+        conn: &mut PgConnection,
+        events: &[FeedEvent],
+    ) -> Result<(), ProjectionError> {
+        let mut changed = Vec::new();
+        for (id, change) in fold(conn, events, &mut self.held).await? {
+            match change.before {
+                None => {
+                    self.held.insert(id, change.after);
+                }
+                Some(_) => changed.push((id, change.after)),
+            }
+        }
+        if !changed.is_empty() {
+            update(conn, &changed).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        let held: Vec<(Uuid, Row)> = std::mem::take(&mut self.held).into_iter().collect();
+        if !held.is_empty() {
+            copy_in(conn, &held).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Folds the enrollment events of `events` on the enrollments they touch: those `held`
+/// (enrolled earlier, not yet written; the ones touched are taken out of it), those the
+/// batch enrolls, and the others as the read model has them.
+async fn fold(
     conn: &mut PgConnection,
     events: &[FeedEvent],
-    mode: Mode,
-) -> Result<(), ProjectionError> {
+    held: &mut BTreeMap<Uuid, Row>,
+) -> Result<BTreeMap<Uuid, Change>, ProjectionError> {
     let events = events_of::<EnrollmentEvent>(events, Enrollment::TYPE)?;
     if events.is_empty() {
-        return Ok(());
+        return Ok(BTreeMap::new());
     }
     let mut enrolled_here = HashSet::new();
     let mut wanted = Vec::new();
+    let mut changes = BTreeMap::new();
     for (_, id, event) in &events {
         match event {
             EnrollmentEvent::ContactEnrolled { .. } => {
                 enrolled_here.insert(*id);
             }
             EnrollmentEvent::ProviderEventRecorded { .. } => {
-                if !enrolled_here.contains(id) {
+                if let Some(row) = held.remove(id) {
+                    changes.insert(
+                        *id,
+                        Change {
+                            before: None,
+                            after: row,
+                        },
+                    );
+                } else if !enrolled_here.contains(id) && !changes.contains_key(id) {
                     wanted.push(*id);
                 }
             }
         }
     }
-    let mut changes = load(conn, &wanted).await?;
+    changes.extend(load(conn, &wanted).await?);
     for (event, id, decoded) in events {
         match decoded {
             EnrollmentEvent::ContactEnrolled {
@@ -185,7 +238,7 @@ async fn apply(
                 stop_on_reply,
                 enrolled_at,
             } => {
-                if changes.contains_key(&id) {
+                if changes.contains_key(&id) || held.contains_key(&id) {
                     return Err(ProjectionError::Inconsistent {
                         position: event.at,
                         message: "an enrollment enrolled twice".into(),
@@ -225,7 +278,7 @@ async fn apply(
             }
         }
     }
-    write(conn, changes, mode).await
+    Ok(changes)
 }
 
 /// The enrollments `ids` as the read model has them.
@@ -279,7 +332,6 @@ async fn load(
 async fn write(
     conn: &mut PgConnection,
     changes: BTreeMap<Uuid, Change>,
-    mode: Mode,
 ) -> Result<(), ProjectionError> {
     // A campaign count moves when an enrollment first reaches a step; a day count moves
     // when a step's day changes.
@@ -292,9 +344,6 @@ async fn write(
             new.push((id, change.after));
         } else {
             changed.push((id, change.after));
-        }
-        if mode == Mode::Fill {
-            continue;
         }
         let campaign = change.after.campaign_id;
         let before = change.before.map_or([None; 9], |b| b.steps());
@@ -314,10 +363,7 @@ async fn write(
         }
     }
     if !new.is_empty() {
-        match mode {
-            Mode::Live => insert(conn, &new).await?,
-            Mode::Fill => copy_in(conn, &new).await?,
-        }
+        insert(conn, &new).await?;
     }
     if !changed.is_empty() {
         update(conn, &changed).await?;

@@ -82,13 +82,21 @@ pub trait Projection: Send + Sync + 'static {
         &[]
     }
 
-    /// [`Projection::apply_batch`] without moving the totals.
+    /// [`Projection::apply_batch`] without moving the totals: what a rebuild's [`Fill`]
+    /// runs on each batch unless the projection has a fill of its own
+    /// ([`Projection::fill`]).
     async fn apply_rows(
         &self,
         conn: &mut PgConnection,
         events: &[FeedEvent],
     ) -> Result<(), ProjectionError> {
         self.apply_batch(conn, events).await
+    }
+
+    /// How a rebuild fills this projection's copies: [`Projection::apply_rows`] on each
+    /// batch, unless the projection keeps rows between batches to write each of them once.
+    fn fill(&self) -> Box<dyn Fill + '_> {
+        Box::new(ByBatch(self))
     }
 
     /// Sets the totals from the other tables, as applying every event that built them
@@ -110,6 +118,44 @@ pub trait Projection: Send + Sync + 'static {
     fn opens(&self, aggregate_type: &str, event_type: &str) -> bool {
         let _ = (aggregate_type, event_type);
         true
+    }
+}
+
+/// A rebuild's fill of one projection's copies. The rebuild gives it the feed batch after
+/// batch and commits every few batches in one transaction, each commit with the place the
+/// projection has reached; before each commit it calls [`Fill::flush`]. Between batches a
+/// fill may hold rows a batch made and write them with a later batch of the same
+/// transaction, when later events are likely to change them soon (an enrollment's reports
+/// follow it): each is then written once. What is committed is always every event up to
+/// the committed place, applied.
+#[async_trait::async_trait]
+pub trait Fill: Send {
+    /// Applies `events`, in feed order, in the caller's transaction, leaving the totals
+    /// alone (as [`Projection::apply_rows`]).
+    async fn apply(
+        &mut self,
+        conn: &mut PgConnection,
+        events: &[FeedEvent],
+    ) -> Result<(), ProjectionError>;
+
+    /// Writes every row it holds, in the caller's transaction, which commits next.
+    async fn flush(&mut self, conn: &mut PgConnection) -> Result<(), ProjectionError> {
+        let _ = conn;
+        Ok(())
+    }
+}
+
+/// The fill that holds nothing: [`Projection::apply_rows`] on each batch.
+struct ByBatch<'a, P: ?Sized>(&'a P);
+
+#[async_trait::async_trait]
+impl<P: Projection + ?Sized> Fill for ByBatch<'_, P> {
+    async fn apply(
+        &mut self,
+        conn: &mut PgConnection,
+        events: &[FeedEvent],
+    ) -> Result<(), ProjectionError> {
+        self.0.apply_rows(conn, events).await
     }
 }
 

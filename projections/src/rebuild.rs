@@ -11,10 +11,11 @@
 //!   last on another) and hands each batch to every projection, each applying on a
 //!   connection of its own, so the projections are built side by side while the next
 //!   batch is read; memory holds a few batches whatever the log size. Each projection
-//!   commits each batch with its own place (`projection_rebuild_positions`) in one
-//!   transaction without a savepoint (a failed batch is located event by event in a
-//!   transaction of its own, rolled back), so an interrupted rebuild leaves the live
-//!   tables untouched and a new run resumes each projection where it stopped.
+//!   applies a few batches in one transaction through its [`crate::Fill`] (which may hold
+//!   rows until the commit, to write them once) and commits them with its own place
+//!   (`projection_rebuild_positions`), without a savepoint (a failure is located event by
+//!   event in a transaction of its own, rolled back), so an interrupted rebuild leaves
+//!   the live tables untouched and a new run resumes each projection where it stopped.
 //! - Totals ([`Projection::totals`]: counts and sums of a projection's rows) are left
 //!   alone while the copies fill ([`Projection::apply_rows`]), as every batch would rewrite
 //!   most of their rows; each projection fills them from its rows once it has read to the
@@ -55,10 +56,20 @@ const REBUILD_LOCK_CLASS: i32 = 0x4c52;
 /// a few of them at a time.
 pub const DEFAULT_BATCH_SIZE: i64 = 10_000;
 
+/// Batches a projection applies in one transaction unless told otherwise, before it
+/// commits them with its new place (and flushes what its [`crate::Fill`] holds first):
+/// rows made and changed again within one transaction are written once, and each commit
+/// costs every projection a round of its own. An interrupted rebuild applies the batches
+/// of an uncommitted transaction again.
+pub const DEFAULT_BATCHES_PER_COMMIT: usize = 8;
+
 #[derive(Debug, Clone)]
 pub struct Options {
     /// Events per batch read and applied.
     pub batch_size: i64,
+    /// Batches each projection applies in one transaction before it commits them with its
+    /// place (see [`DEFAULT_BATCHES_PER_COMMIT`]).
+    pub batches_per_commit: usize,
     /// Compare the rebuilt tables with the live ones before swapping; on any difference,
     /// report them all and leave the live tables in place.
     pub verify: bool,
@@ -70,6 +81,7 @@ impl Default for Options {
     fn default() -> Self {
         Self {
             batch_size: DEFAULT_BATCH_SIZE,
+            batches_per_commit: DEFAULT_BATCHES_PER_COMMIT,
             verify: false,
             swap_attempts: 10,
         }
@@ -430,6 +442,7 @@ async fn catch_up(
             projection.clone(),
             place,
             batches,
+            options.batches_per_commit,
             done_tx.clone(),
         )));
     }
@@ -586,49 +599,78 @@ impl Drop for Tasks {
     }
 }
 
-/// One projection's part of [`catch_up`]: applies each batch after `place`, commits it
-/// with its new place, then makes its tables logged and indexes them.
+/// One projection's part of [`catch_up`]: applies the batches after `place` through the
+/// projection's [`crate::Fill`], commits every `per_commit` of them with its new place,
+/// then makes its tables logged and indexes them.
 async fn build(
     mut conn: PgConnection,
     projection: Arc<dyn Projection>,
     mut place: Position,
     mut batches: tokio::sync::mpsc::Receiver<Batch>,
+    per_commit: usize,
     done: tokio::sync::mpsc::UnboundedSender<Done>,
 ) -> Result<(), RebuildError> {
-    while let Some(batch) = batches.recv().await {
-        let Some(last) = batch.events.last().map(|e| e.at) else {
-            continue;
-        };
-        // A resumed projection may have applied part of the feed the others had not.
-        let start = batch.events.partition_point(|e| e.at <= place);
-        if start < batch.events.len() {
-            let events = &batch.events[start..];
-            // No savepoint: a failed batch is rolled back whole and located from where
-            // this projection's committed place left its tables.
-            let mut tx = conn.begin().await?;
-            if let Err(error) = projection.apply_rows(&mut tx, events).await {
-                tx.rollback().await?;
-                return Err(locate(&mut conn, projection.as_ref(), events, error).await);
+    let per_commit = per_commit.max(1);
+    let mut fill = projection.fill();
+    let mut read_all = false;
+    while !read_all {
+        // No savepoint: a failed batch is rolled back with its transaction and located
+        // from where this projection's committed place left its tables.
+        let mut tx = conn.begin().await?;
+        let mut applied: Vec<Done> = Vec::with_capacity(per_commit);
+        let mut reached = place;
+        let mut failure = None;
+        while applied.len() < per_commit {
+            let Some(batch) = batches.recv().await else {
+                read_all = true;
+                break;
+            };
+            let Some(last) = batch.events.last().map(|e| e.at) else {
+                continue;
+            };
+            // A resumed projection may have applied part of the feed the others had not.
+            let start = batch.events.partition_point(|e| e.at <= reached);
+            if start < batch.events.len() {
+                if let Err(error) = fill.apply(&mut tx, &batch.events[start..]).await {
+                    failure = Some((error, last));
+                    break;
+                }
+                reached = last;
             }
+            applied.push(Done {
+                projection: projection.name(),
+                place: reached,
+                sequence: batch.sequence,
+                last,
+                events: batch.events.len() as u64,
+            });
+        }
+        let flushed = match failure {
+            Some(failure) => Err(failure),
+            None => fill.flush(&mut tx).await.map_err(|e| (e, reached)),
+        };
+        if let Err((error, last)) = flushed {
+            tx.rollback().await?;
+            // The uncommitted batches again, to find the event that fails.
+            let events = feed::read_until(&mut conn, place, last, i64::MAX).await?;
+            return Err(locate(&mut conn, projection.as_ref(), &events, error).await);
+        }
+        if reached != place {
             sqlx::query!(
                 "UPDATE projection_rebuild_positions
                  SET transaction_id = $1::text::xid8, position = $2 WHERE name = $3",
-                last.transaction_id.to_string(),
-                last.position,
+                reached.transaction_id.to_string(),
+                reached.position,
                 projection.name()
             )
             .execute(&mut *tx)
             .await?;
-            tx.commit().await?;
-            place = last;
         }
-        let _ = done.send(Done {
-            projection: projection.name(),
-            place,
-            sequence: batch.sequence,
-            last,
-            events: batch.events.len() as u64,
-        });
+        tx.commit().await?;
+        place = reached;
+        for d in applied {
+            let _ = done.send(d);
+        }
     }
     // The feed is read to its head: the totals are filled from the rows once.
     if !projection.totals().is_empty() {

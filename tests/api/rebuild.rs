@@ -517,6 +517,40 @@ async fn rebuilding_every_projection_while_writes_continue_equals_the_live_model
     }
 }
 
+#[tokio::test]
+async fn rows_a_fill_holds_for_the_next_batch_equal_the_live_ones_whatever_the_batches_and_commits()
+{
+    let app = spawn_app().await;
+    let hooks = source(&app, "esp").await;
+    for round in 0..2 {
+        write_round(&app, &hooks, round).await;
+    }
+    settle(&app.pool).await;
+    // An enrollment's reports fall in its own batch, the next one, or later; the batch
+    // that enrolls it may end a transaction (its rows then written before the commit).
+    for (batch_size, batches_per_commit) in [(1, 1), (2, 3), (3, 1), (5, 2), (7, 4), (10, 8)] {
+        let mut observer = Collect::default();
+        let report = rebuild::rebuild(
+            &app.pool,
+            &rebuild::select(&["enrollments".into()]).unwrap(),
+            &Options {
+                batch_size,
+                batches_per_commit,
+                verify: true,
+                ..Options::default()
+            },
+            &mut observer,
+        )
+        .await
+        .unwrap();
+        assert!(
+            report.swapped && report.differences == 0,
+            "batches of {batch_size}, {batches_per_commit} a commit: {:?}",
+            observer.differences
+        );
+    }
+}
+
 /// A digest of every live table, to show a rebuild left them alone.
 async fn digest(pool: &PgPool) -> Vec<String> {
     let mut out = Vec::new();

@@ -123,10 +123,10 @@ pub trait Projection: Send + Sync + 'static {
 
 /// A rebuild's fill of one projection's copies. The rebuild gives it the feed batch after
 /// batch and commits every few batches in one transaction, each commit with the place the
-/// projection has reached; before each commit it calls [`Fill::flush`]. Between batches a
-/// fill may hold rows a batch made and write them with a later batch of the same
-/// transaction, when later events are likely to change them soon (an enrollment's reports
-/// follow it): each is then written once. What is committed is always every event up to
+/// projection has reached; before each commit it calls [`Fill::flush`]. A fill may hold
+/// rows a batch made until a later batch of the same transaction, or until the flush,
+/// when later events are likely to change them soon (an enrollment's reports follow it):
+/// each is then written once. What is committed is always every event up to
 /// the committed place, applied.
 #[async_trait::async_trait]
 pub trait Fill: Send {

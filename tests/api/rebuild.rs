@@ -518,8 +518,7 @@ async fn rebuilding_every_projection_while_writes_continue_equals_the_live_model
 }
 
 #[tokio::test]
-async fn rows_a_fill_holds_for_the_next_batch_equal_the_live_ones_whatever_the_batches_and_commits()
-{
+async fn rows_a_fill_holds_until_its_commit_equal_the_live_ones_whatever_the_batches_and_commits() {
     let app = spawn_app().await;
     let hooks = source(&app, "esp").await;
     for round in 0..2 {

@@ -51,6 +51,8 @@ pub struct Plan {
     pub samples: usize,
     /// Events in the log the rebuild is measured on.
     pub rebuild_events: u64,
+    /// Contact upserts with their floor and peer only (`--upserts-only`).
+    pub upserts_only: bool,
 }
 
 impl Plan {
@@ -66,6 +68,7 @@ impl Plan {
             long_stream: 100_000,
             samples: 400,
             rebuild_events: 1_000_000,
+            upserts_only: false,
         }
     }
 
@@ -82,6 +85,7 @@ impl Plan {
             long_stream: 100_000,
             samples: 100,
             rebuild_events: 50_000,
+            upserts_only: false,
         }
     }
 }
@@ -125,7 +129,11 @@ pub async fn run(plan: Plan, json_path: Option<PathBuf>) -> anyhow::Result<()> {
     let quiet = Target::quiet(&server).await?;
     let busy = Target::server(&server);
     let peer = Peer::prepare(&server, POOL_SIZE).await?;
-    let streams = store::prepare(&server, plan.long_stream).await?;
+    let streams = if plan.upserts_only {
+        None
+    } else {
+        Some(store::prepare(&server, plan.long_stream).await?)
+    };
 
     let mut report = Report::default();
     for run in 0..plan.runs {
@@ -186,6 +194,9 @@ pub async fn run(plan: Plan, json_path: Option<PathBuf>) -> anyhow::Result<()> {
                 ours.per_second() / theirs.per_second().max(f64::EPSILON),
             );
         }
+        let Some(streams) = &streams else {
+            continue;
+        };
 
         for batch in [1usize, 100] {
             for &c in &plan.clients {
@@ -231,8 +242,8 @@ pub async fn run(plan: Plan, json_path: Option<PathBuf>) -> anyhow::Result<()> {
         );
 
         settle(&server).await?;
-        let loads = store::load_latency(&server, &streams, plan.samples).await?;
-        let commands = store::command_latency(&server, &streams, plan.samples).await?;
+        let loads = store::load_latency(&server, streams, plan.samples).await?;
+        let commands = store::command_latency(&server, streams, plan.samples).await?;
         for (row, times) in [
             ("Store::load, in-process", &loads),
             ("PATCH /v1/campaigns/{id} over HTTP, sequential", &commands),

@@ -70,6 +70,9 @@ enum Bench {
         /// Also write the figures as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Measure only the contact upserts with their floor and peer.
+        #[arg(long)]
+        upserts_only: bool,
     },
     /// Contact upserts/s through a running load balancer (`scripts/cluster-bench`), with
     /// the read replica's largest lag seen in the processes' /metrics meanwhile.
@@ -346,12 +349,14 @@ fn main() -> anyhow::Result<()> {
                 seconds,
                 clients,
                 json,
+                upserts_only,
             } => {
-                let plan = if quick {
+                let mut plan = if quick {
                     all::Plan::quick(clients)
                 } else {
                     all::Plan::full(runs, seconds, clients)
                 };
+                plan.upserts_only = upserts_only;
                 all::run(plan, json).await
             }
         }

@@ -154,6 +154,15 @@ impl Claim<'_> {
     }
 }
 
+/// One stream's part of [`Store::append_recorded_many`]: the stream as loaded, its events,
+/// their metadata (one per event) and the records that answer for it.
+pub type RecordedWrite<'a, A> = (
+    &'a mut Loaded<A>,
+    &'a [<A as Aggregate>::Event],
+    &'a [Metadata],
+    &'a [RecordRow],
+);
+
 /// An idempotency record as stored.
 #[derive(Debug, Clone)]
 pub struct StoredAnswer {
@@ -560,11 +569,38 @@ impl Store {
         metadata: &[Metadata],
         records: &[RecordRow],
     ) -> Result<Appended, StoreError> {
-        debug_assert_eq!(events.len(), metadata.len());
         let mut written = self
-            .write(conn, &mut [(loaded, events)], metadata, records)
+            .append_recorded_many(conn, &mut [(loaded, events, metadata, records)])
             .await?;
         Ok(written.pop().expect("one result per stream"))
+    }
+
+    /// [`Store::append_recorded`] for several streams in one statement: each stream's
+    /// events with their metadata (one per event) and the records that answer for it. The
+    /// statement fails whole (a conflict on any stream or record fails them all).
+    pub async fn append_recorded_many<A: Aggregate>(
+        &self,
+        conn: &mut PgConnection,
+        writes: &mut [RecordedWrite<'_, A>],
+    ) -> Result<Vec<Appended>, StoreError> {
+        let metadata: Vec<Metadata> = writes
+            .iter()
+            .flat_map(|(_, events, metadata, _)| {
+                debug_assert_eq!(events.len(), metadata.len());
+                metadata.iter().cloned()
+            })
+            .collect();
+        let answers: Vec<&[RecordRow]> = writes.iter().map(|(_, _, _, r)| *r).collect();
+        let records: Vec<(usize, &RecordRow)> = answers
+            .iter()
+            .enumerate()
+            .flat_map(|(i, records)| records.iter().map(move |r| (i, r)))
+            .collect();
+        let mut streams: Vec<(&mut Loaded<A>, &[A::Event])> = writes
+            .iter_mut()
+            .map(|(loaded, events, _, _)| (&mut **loaded, *events))
+            .collect();
+        self.write(conn, &mut streams, &metadata, &records).await
     }
 
     /// Refuses an event larger than [`MAX_EVENT_BYTES`] before anything is written.
@@ -575,14 +611,15 @@ impl Store {
         Ok(())
     }
 
-    /// [`Store::append_many`] and [`Store::append_recorded`]: `metadata` is one for every
-    /// event, or one per event in the order of `streams`.
+    /// [`Store::append_many`] and [`Store::append_recorded_many`]: `metadata` is one for
+    /// every event, or one per event in the order of `streams`; each record with the index
+    /// in `streams` of the stream it answers for.
     async fn write<A: Aggregate>(
         &self,
         conn: &mut PgConnection,
         streams: &mut [(&mut Loaded<A>, &[A::Event])],
         metadata: &[Metadata],
-        records: &[RecordRow],
+        records: &[(usize, &RecordRow)],
     ) -> Result<Vec<Appended>, StoreError> {
         // Where each stream's events start in the order given (for their metadata).
         let mut offsets = Vec::with_capacity(streams.len());
@@ -691,17 +728,17 @@ impl Store {
             let mut record_ids = Vec::with_capacity(records.len());
             let mut record_sequences = Vec::with_capacity(records.len());
             let mut record_headers = Vec::with_capacity(records.len());
-            for r in records {
-                // Records answer for the (one) stream this write appends to.
+            for (stream, r) in records {
                 record_ids.push(
                     streams
-                        .first()
+                        .get(*stream)
                         .map(|(l, _)| l.id.clone())
                         .unwrap_or_default(),
                 );
                 record_sequences.push(r.names_sequence.map(|s| s as i64));
                 record_headers.push(r.headers.to_string());
             }
+            let records: Vec<&RecordRow> = records.iter().map(|(_, r)| *r).collect();
             // The data keys made for this write go in with its first events: a writer that
             // made one first also appended at these sequences, so either clash is a
             // conflict. The answers go in with the events they answer for, each naming
@@ -898,20 +935,36 @@ impl Store {
 
     /// One stream, as [`Store::load_many`] loads it, with the answer recorded for `key`
     /// (an idempotency key) read in the same statement: a command's first round trip.
-    /// `None` for the answer: no key given, or no record of it. The statement is the
-    /// function `leadledger_load_answering`, which keeps one generic plan per connection:
-    /// as a prepared statement of its own, skewed statistics made PostgreSQL plan it again
-    /// for every execution's values, which took longer than running it.
+    /// `None` for the answer: no key given, or no record of it.
     pub async fn load_answering<A: Aggregate>(
         &self,
         conn: &mut PgConnection,
         id: &str,
         key: Option<&Claim<'_>>,
     ) -> Result<(Loaded<A>, Option<StoredAnswer>), StoreError> {
-        let (key, api_key_id) = match key {
-            Some(c) => (Some(c.key), c.api_key_id),
-            None => (None, uuid::Uuid::nil()),
-        };
+        let mut loaded = self.load_answering_many::<A>(conn, &[(id, key)]).await?;
+        Ok(loaded.remove(id).expect("one result per id"))
+    }
+
+    /// [`Store::load_answering`] for several streams (each named once) in one statement,
+    /// each with the answer recorded for its own key. The statement is the function
+    /// `leadledger_load_answering`, which keeps one generic plan per connection: as a
+    /// prepared statement of its own, skewed statistics made PostgreSQL plan it again for
+    /// every execution's values, which took longer than running it.
+    pub async fn load_answering_many<A: Aggregate>(
+        &self,
+        conn: &mut PgConnection,
+        streams: &[(&str, Option<&Claim<'_>>)],
+    ) -> Result<HashMap<String, (Loaded<A>, Option<StoredAnswer>)>, StoreError> {
+        let ids: Vec<String> = streams.iter().map(|(id, _)| id.to_string()).collect();
+        let keys: Vec<Option<String>> = streams
+            .iter()
+            .map(|(_, c)| c.map(|c| c.key.to_string()))
+            .collect();
+        let owners: Vec<Option<uuid::Uuid>> = streams
+            .iter()
+            .map(|(_, c)| c.map(|c| c.api_key_id))
+            .collect();
         let parts = sqlx::query_as!(
             LoadPart,
             r#"SELECT kind AS "kind!", aggregate_id AS "aggregate_id!", sequence AS "sequence!",
@@ -920,26 +973,32 @@ impl Store {
                FROM leadledger_load_answering($1, $2, $3, $4, $5, $6)
                ORDER BY 1, 2, 3"#,
             A::TYPE,
-            id,
+            &ids,
             self.snapshot_every > 0,
             pii::is_personal(A::TYPE),
-            key,
-            api_key_id
+            &keys as &[Option<String>],
+            &owners as &[Option<uuid::Uuid>]
         )
         .fetch_all(&mut *conn)
         .await?;
-        let ids = [id.to_string()];
-        let (mut loaded, answer) = self.assemble(conn, &ids, parts).await?;
-        Ok((loaded.remove(id).expect("one result per id"), answer))
+        let (loaded, mut answers) = self.assemble(conn, &ids, parts).await?;
+        Ok(loaded
+            .into_iter()
+            .map(|(id, l)| {
+                let answer = answers.remove(&id);
+                (id, (l, answer))
+            })
+            .collect())
     }
 
-    /// The streams `ids` from the rows of a load's statement (and the answer it read).
+    /// The streams `ids` from the rows of a load's statement (and the answers it read, by
+    /// stream).
     async fn assemble<A: Aggregate>(
         &self,
         conn: &mut PgConnection,
         ids: &[String],
         parts: Vec<LoadPart>,
-    ) -> Result<(HashMap<String, Loaded<A>>, Option<StoredAnswer>), StoreError> {
+    ) -> Result<(HashMap<String, Loaded<A>>, HashMap<String, StoredAnswer>), StoreError> {
         let mut loaded: HashMap<String, Loaded<A>> = ids
             .iter()
             .map(|id| {
@@ -959,17 +1018,18 @@ impl Store {
         let mut snapshot_rows = Vec::new();
         let mut rows = Vec::new();
         let mut key_rows = Vec::new();
-        let mut answer = None;
+        let mut answers = HashMap::new();
         for part in parts {
             match part.kind {
                 3 => {
-                    answer = Some(StoredAnswer {
+                    let answer = StoredAnswer {
                         request_hash: part.request_hash.unwrap_or_default(),
                         status: (part.sequence >= 0).then_some(part.sequence as i16),
                         body: part.wrapped_key.unwrap_or_default(),
                         headers: part.payload.unwrap_or_default(),
                         position: stored_position(part.transaction_id, part.position)?,
-                    })
+                    };
+                    answers.insert(part.aggregate_id, answer);
                 }
                 0 => snapshot_rows.push(SnapshotRow {
                     aggregate_id: part.aggregate_id,
@@ -1061,7 +1121,7 @@ impl Store {
                 l.last_position = Some(Position::stored(&row.transaction_id, row.position)?);
             }
         }
-        Ok((loaded, answer))
+        Ok((loaded, answers))
     }
 
     /// The events of streams `ids` after the sequence `after` gives each, in order.

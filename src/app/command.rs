@@ -18,7 +18,6 @@
 //! conflict with another writer rolls the attempt back and tries again after a jittered,
 //! growing pause; only when attempts run out does the client see 409.
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use std::future::Future;
@@ -606,7 +605,7 @@ where
             group: group.clone(),
             ended: false,
         };
-        let mut conn = if in_transaction(A::TYPE) {
+        let conn = if in_transaction(A::TYPE) {
             let mut tx = begin_command(&app.pool).await.map_err(database)?;
             app.store
                 .hold_stream::<A>(&mut tx, self.id, Hold::Exclusive)
@@ -616,11 +615,20 @@ where
         } else {
             Conn::Plain(app.pool.acquire().await.map_err(database)?)
         };
-        let (loaded, answer) = app
-            .store
-            .load_answering::<A>(&mut conn, self.id, claim_of(self.context).as_ref())
-            .await
-            .map_err(stored)?;
+        let load = group::Load {
+            conn,
+            id: self.id.to_string(),
+            key: self
+                .context
+                .idempotency
+                .as_ref()
+                .map(|i| (i.scope, i.key.clone())),
+        };
+        // The load that took this one went away before it told it: try again.
+        let Some((conn, loaded)) = load_group::<A>(app, load).await else {
+            return Ok(None);
+        };
+        let (loaded, answer) = loaded.map_err(stored)?;
         let work = slot.insert(Work::new(conn, loaded));
         let own = self.take_turn(work, Some(answer)).await;
         drop(slot);
@@ -780,11 +788,176 @@ where
 }
 
 /// Writes what a group's turns decided, in one statement (and commits the group's
-/// transaction, if it has one): the positions its events landed at, by sequence.
-async fn write_group<A: Aggregate>(
+/// transaction, if it has one): the positions its events landed at, by sequence. A group
+/// without a transaction is written together with the other groups of its aggregate type
+/// that are ready while a write of that type is under way ([`group::Batch`]): one
+/// statement and one commit for all of them, as a group does for its members.
+async fn write_group<A: Aggregate + 'static>(app: &App, work: Work<A>) -> group::Written {
+    if matches!(work.conn, Conn::Tx(_)) {
+        return write_alone(app, work).await;
+    }
+    let batches = app.groups.batches::<A>();
+    batches
+        .writes
+        .run(work, |ready| write_together(app, ready))
+        .await
+        .unwrap_or(Err(Abort::Conflict))
+}
+
+/// Loads a group's aggregate with the answer recorded for its leader's key. A group
+/// without a transaction is loaded together with the other groups of its aggregate type
+/// whose loads come while one of that type is under way ([`group::Batch`]).
+async fn load_group<A: Aggregate + 'static>(
     app: &App,
-    work: Work<A>,
-) -> Result<HashMap<u64, Position>, Abort<AppError>> {
+    load: group::Load,
+) -> Option<group::Loading<A>> {
+    if matches!(load.conn, Conn::Tx(_)) {
+        return Some(load_alone(app, load).await);
+    }
+    let batches = app.groups.batches::<A>();
+    batches
+        .loads
+        .run(load, |ready| load_together(app, ready))
+        .await
+}
+
+/// Loads the groups `ready` in one statement, each told what it loaded. If that statement
+/// fails, each is loaded alone, so that each learns its own outcome.
+async fn load_together<A: Aggregate>(
+    app: &App,
+    ready: Vec<(group::Load, tokio::sync::oneshot::Sender<group::Loading<A>>)>,
+) {
+    if ready.len() <= 1 {
+        for (load, sender) in ready {
+            let _ = sender.send(load_alone(app, load).await);
+        }
+        return;
+    }
+    let (mut loads, senders): (Vec<_>, Vec<_>) = ready.into_iter().unzip();
+    let ids: Vec<String> = loads.iter().map(|l| l.id.clone()).collect();
+    let keys: Vec<Option<(uuid::Uuid, String)>> = loads.iter().map(|l| l.key.clone()).collect();
+    let claims: Vec<Option<Claim>> = keys.iter().map(claim_for_load).collect();
+    let streams: Vec<(&str, Option<&Claim>)> = ids
+        .iter()
+        .zip(&claims)
+        .map(|(id, c)| (id.as_str(), c.as_ref()))
+        .collect();
+    let together = app
+        .store
+        .load_answering_many::<A>(&mut loads[0].conn, &streams)
+        .await;
+    match together {
+        Ok(mut loaded) => {
+            for (load, sender) in loads.into_iter().zip(senders) {
+                let outcome = loaded
+                    .remove(&load.id)
+                    .ok_or_else(|| StoreError::Database(sqlx::Error::RowNotFound));
+                let _ = sender.send((load.conn, outcome));
+            }
+        }
+        Err(_) => {
+            for (load, sender) in loads.into_iter().zip(senders) {
+                let _ = sender.send(load_alone(app, load).await);
+            }
+        }
+    }
+}
+
+/// An idempotency key as a load looks its answer up by (the request's hash is compared
+/// after, by [`replay_answer`]).
+fn claim_for_load(key: &Option<(uuid::Uuid, String)>) -> Option<Claim<'_>> {
+    key.as_ref().map(|(owner, key)| Claim {
+        api_key_id: *owner,
+        key,
+        request_hash: &[],
+    })
+}
+
+/// [`load_group`] for one group, on its own connection.
+async fn load_alone<A: Aggregate>(app: &App, load: group::Load) -> group::Loading<A> {
+    let group::Load { mut conn, id, key } = load;
+    let claim = claim_for_load(&key);
+    let loaded = app
+        .store
+        .load_answering::<A>(&mut conn, &id, claim.as_ref())
+        .await;
+    (conn, loaded)
+}
+
+/// Writes the groups `ready` in one statement, each told how its write ended. If that
+/// statement fails (a conflict on one group's stream or key fails it whole), each group
+/// is written alone, so that the others commit and each learns its own outcome.
+async fn write_together<A: Aggregate>(
+    app: &App,
+    ready: Vec<(Work<A>, tokio::sync::oneshot::Sender<group::Written>)>,
+) {
+    if ready.len() <= 1 {
+        for (work, sender) in ready {
+            let _ = sender.send(write_alone(app, work).await);
+        }
+        return;
+    }
+    let mut conns = Vec::with_capacity(ready.len());
+    let mut parts = Vec::with_capacity(ready.len());
+    let mut senders = Vec::with_capacity(ready.len());
+    for (work, sender) in ready {
+        let Work {
+            conn,
+            mut loaded,
+            base,
+            events,
+            metadata,
+            records,
+        } = work;
+        // Each write starts from its stream as loaded; the state already holds the events.
+        (loaded.version, loaded.last_position) = base;
+        conns.push(conn);
+        parts.push((loaded, base, events, metadata, records));
+        senders.push(sender);
+    }
+    let together = {
+        let mut writes: Vec<_> = parts
+            .iter_mut()
+            .map(|(loaded, _, events, metadata, records)| {
+                (
+                    loaded,
+                    events.as_slice(),
+                    metadata.as_slice(),
+                    records.as_slice(),
+                )
+            })
+            .collect();
+        app.store
+            .append_recorded_many(&mut conns[0], &mut writes)
+            .await
+    };
+    match together {
+        Ok(appended) => {
+            for (appended, sender) in appended.into_iter().zip(senders) {
+                let _ = sender.send(Ok(appended.events.into_iter().collect()));
+            }
+        }
+        // The statement wrote nothing, and left each state as loaded.
+        Err(_) => {
+            for ((conn, (loaded, base, events, metadata, records)), sender) in
+                conns.into_iter().zip(parts).zip(senders)
+            {
+                let work = Work {
+                    conn,
+                    loaded,
+                    base,
+                    events,
+                    metadata,
+                    records,
+                };
+                let _ = sender.send(write_alone(app, work).await);
+            }
+        }
+    }
+}
+
+/// [`write_group`] for one group, on its own connection.
+async fn write_alone<A: Aggregate>(app: &App, work: Work<A>) -> group::Written {
     let Work {
         mut conn,
         mut loaded,

@@ -18,15 +18,16 @@
 
 use std::any::Any;
 use std::collections::HashMap;
+use std::future::Future;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, OnceLock};
 
 use cqrs_es::Aggregate;
 use sqlx::PgConnection;
-use tokio::sync::{Mutex, Notify, watch};
+use tokio::sync::{Mutex, Notify, oneshot, watch};
 
-use crate::store::{Loaded, Metadata, Position, RecordRow};
+use crate::store::{Loaded, Metadata, Position, RecordRow, StoreError, StoredAnswer};
 
 /// The connection a group works on: a plain one, whose write commits by itself, or the
 /// transaction of an aggregate whose turns also write (or lock) beside the events.
@@ -217,13 +218,103 @@ impl Stream {
 /// A stream's key: its aggregate type and id.
 type StreamKey = (&'static str, String);
 
-/// Every aggregate's [`Stream`] in this process, while one is in use.
+/// What a group's write ended with: where its events landed, by sequence.
+pub(crate) type Written = Result<HashMap<u64, Position>, crate::app::command::Abort>;
+
+/// What a group's leader hands in to be loaded: its connection, the stream and its
+/// command's idempotency key (its owner and the key).
+pub(crate) struct Load {
+    pub conn: Conn,
+    pub id: String,
+    pub key: Option<(uuid::Uuid, String)>,
+}
+
+/// A [`Load`] done: the connection back, with the stream and the answer recorded for the
+/// key.
+pub(crate) type Loading<A> = (Conn, Result<(Loaded<A>, Option<StoredAnswer>), StoreError>);
+
+/// Requests of one kind to the database that come while another of them is under way, done
+/// together by the next: the first to come runs at once; those that come while it runs
+/// queue, and when it ends one of them runs every queued request in one go (one statement,
+/// one round trip for all) while the next ones queue. Each gets its own outcome.
+pub(crate) struct Batch<T, R> {
+    queue: StdMutex<Vec<(T, oneshot::Sender<R>)>>,
+    /// Held by the one running.
+    running: Mutex<()>,
+}
+
+impl<T, R> Default for Batch<T, R> {
+    fn default() -> Self {
+        Self {
+            queue: StdMutex::new(Vec::new()),
+            running: Mutex::new(()),
+        }
+    }
+}
+
+impl<T, R> Batch<T, R> {
+    /// `item`'s outcome, from this caller's `run` over every request queued when its turn
+    /// came, or from another caller's that took it. `run` tells each request how it ended.
+    /// `None`: the caller that took it went away before it had told it.
+    pub async fn run<F, Fut>(&self, item: T, run: F) -> Option<R>
+    where
+        F: FnOnce(Vec<(T, oneshot::Sender<R>)>) -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        let (sender, mut done) = oneshot::channel();
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((item, sender));
+        tokio::select! {
+            biased;
+            // Another caller took it.
+            outcome = &mut done => return outcome.ok(),
+            _running = self.running.lock() => {
+                let ready =
+                    std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
+                run(ready).await;
+            }
+        }
+        done.await.ok()
+    }
+}
+
+/// The loads and the writes of an aggregate type's groups (of different aggregates),
+/// each batched.
+pub(crate) struct Batches<A: Aggregate> {
+    pub loads: Batch<Load, Loading<A>>,
+    pub writes: Batch<Work<A>, Written>,
+}
+
+impl<A: Aggregate> Default for Batches<A> {
+    fn default() -> Self {
+        Self {
+            loads: Batch::default(),
+            writes: Batch::default(),
+        }
+    }
+}
+
+/// Every aggregate's [`Stream`] in this process, while one is in use, and each aggregate
+/// type's [`Batches`].
 #[derive(Clone, Default)]
 pub struct Groups {
     streams: Arc<StdMutex<HashMap<StreamKey, Arc<Stream>>>>,
+    batches: Arc<StdMutex<HashMap<&'static str, Arc<dyn Any + Send + Sync>>>>,
 }
 
 impl Groups {
+    pub(crate) fn batches<A: Aggregate + 'static>(&self) -> Arc<Batches<A>> {
+        let mut batches = self.batches.lock().unwrap_or_else(|e| e.into_inner());
+        batches
+            .entry(A::TYPE)
+            .or_insert_with(|| Arc::new(Batches::<A>::default()))
+            .clone()
+            .downcast::<Batches<A>>()
+            .expect("one aggregate type per name")
+    }
+
     pub(crate) fn stream(&self, aggregate: &'static str, id: &str) -> Arc<Stream> {
         let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
         streams

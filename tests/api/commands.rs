@@ -486,3 +486,109 @@ async fn a_database_outage_is_503_with_retry_after_not_500() {
     assert_eq!(response.headers()["retry-after"], "1");
     assert_problem(response, 503).await;
 }
+
+/// Sends `bodies` to `POST /v1/contacts` at once, each with its idempotency key.
+async fn upsert_at_once(
+    app: &crate::helpers::TestApp,
+    bodies: Vec<(String, Value)>,
+) -> Vec<(u16, Value)> {
+    let requests = bodies.into_iter().map(|(key, body)| {
+        let request = app
+            .client
+            .post(app.url("/v1/contacts"))
+            .bearer_auth(&app.write_key)
+            .header("idempotency-key", key)
+            .json(&body);
+        tokio::spawn(async move {
+            let r = request.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        })
+    });
+    futures::future::join_all(requests)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect()
+}
+
+#[tokio::test]
+async fn commands_on_different_contacts_ready_together_commit_together_and_one_that_conflicts_leaves_the_others_committed()
+ {
+    let app = spawn_app().await;
+    let mut together = false;
+    for round in 0..20 {
+        // Sixteen contacts, and two more under one key: the second of those conflicts
+        // with the first's record, in the same write or after it.
+        let mut bodies: Vec<(String, Value)> = (0..16)
+            .map(|i| {
+                (
+                    format!("r{round}-k{i}"),
+                    json!({"email": format!("r{round}-c{i}@example.com")}),
+                )
+            })
+            .collect();
+        for twin in ["a", "b"] {
+            bodies.push((
+                format!("r{round}-shared"),
+                json!({"email": format!("r{round}-{twin}@example.com")}),
+            ));
+        }
+        let results = upsert_at_once(&app, bodies).await;
+        for (status, body) in &results[..16] {
+            assert_eq!(*status, 201, "{body}");
+        }
+        let twins: Vec<u16> = results[16..].iter().map(|(s, _)| *s).collect();
+        assert_eq!(
+            twins.iter().filter(|s| **s == 201).count(),
+            1,
+            "one of the requests sharing a key creates its contact: {:?}",
+            &results[16..]
+        );
+        assert!(
+            twins.iter().all(|s| [201, 409, 422].contains(s)),
+            "{:?}",
+            &results[16..]
+        );
+        let created: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM idempotency_records
+             WHERE idempotency_key LIKE $1 AND response_status = 201",
+        )
+        .bind(format!("r{round}-%"))
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        assert_eq!(created, 17, "each created contact answered once");
+        // Several contacts' events in one transaction: their groups were written together.
+        let shared: Option<i64> = sqlx::query_scalar(
+            "SELECT max(n) FROM (SELECT count(DISTINCT aggregate_id) AS n FROM events
+                                 WHERE aggregate_type = 'contact'
+                                 GROUP BY transaction_id) t",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        if shared.unwrap_or(0) > 1 {
+            together = true;
+            if round >= 2 {
+                break;
+            }
+        }
+    }
+    assert!(together, "no two contacts were ever written together");
+    let contacts: i64 = sqlx::query_scalar(
+        "SELECT count(DISTINCT aggregate_id) FROM events WHERE aggregate_type = 'contact'",
+    )
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    let answered: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM idempotency_records WHERE response_status = 201")
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        contacts, answered,
+        "every contact written was answered, once"
+    );
+}

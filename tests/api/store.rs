@@ -8,7 +8,9 @@ use cqrs_es::Aggregate;
 use cqrs_es::event_sink::EventSink;
 use leadledger::app::command::{CommandContext, Idempotency};
 use leadledger::app::error::AppError;
-use leadledger::store::{Claim, Loaded, Metadata, Position, RecordRow, Store, StoreError};
+use leadledger::store::{
+    Claim, Loaded, Metadata, Position, RecordRow, Store, StoreError, StoredAnswer,
+};
 use projections::feed;
 use proptest::prelude::*;
 use sqlx::{Connection, PgPool};
@@ -693,4 +695,152 @@ async fn a_write_over_several_aggregates_holds_its_key_against_a_second_one_unti
     .await
     .unwrap();
     assert_eq!(records, 1, "one placeholder, from the committed claim");
+}
+
+#[tokio::test]
+async fn streams_loaded_together_each_get_their_own_state_and_their_own_keys_answer_and_written_together_fail_whole()
+ {
+    let app = crate::helpers::spawn_app().await;
+    let store = Store::default();
+    let api_key_id: Uuid = sqlx::query_scalar("SELECT id FROM api_keys LIMIT 1")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    let claim = |key: &'static str| Claim {
+        api_key_id,
+        key,
+        request_hash: b"hash",
+    };
+    let record = |key: &str, status: i16| RecordRow {
+        api_key_id,
+        key: key.into(),
+        request_hash: b"hash".to_vec(),
+        status,
+        body: key.as_bytes().to_vec(),
+        headers: serde_json::json!({}),
+        names_sequence: Some(1),
+    };
+    let created = |name: &str| aggregates::CampaignEvent::CampaignCreated {
+        name: CampaignName::parse(name).unwrap(),
+        stop_on_reply: true,
+        created_at: Utc::now(),
+    };
+    let metadata = [Metadata::default()];
+    let mut conn = app.pool.acquire().await.unwrap();
+    let (a, b, fresh) = (
+        Uuid::new_v4().to_string(),
+        Uuid::new_v4().to_string(),
+        Uuid::new_v4().to_string(),
+    );
+
+    // Two streams written together, each with its own answer.
+    let mut loaded = store
+        .load_answering_many::<Campaign>(&mut conn, &[(&a, None), (&b, None)])
+        .await
+        .unwrap();
+    let (mut la, _) = loaded.remove(&a).unwrap();
+    let (mut lb, _) = loaded.remove(&b).unwrap();
+    let (ea, eb) = ([created("a")], [created("b")]);
+    let (ra, rb) = ([record("k-a", 201)], [record("k-b", 202)]);
+    let appended = store
+        .append_recorded_many(
+            &mut conn,
+            &mut [
+                (&mut la, &ea[..], &metadata[..], &ra[..]),
+                (&mut lb, &eb[..], &metadata[..], &rb[..]),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(appended.len(), 2);
+
+    // Loaded together, each stream gets its own state and the answer to its own key
+    // (a key is not tied to a stream: the third asks for the first's key).
+    let (ka, kb) = (claim("k-a"), claim("k-b"));
+    let mut together = store
+        .load_answering_many::<Campaign>(
+            &mut conn,
+            &[(&a, Some(&kb)), (&b, None), (&fresh, Some(&ka))],
+        )
+        .await
+        .unwrap();
+    for (id, key) in [(&a, Some(&kb)), (&b, None), (&fresh, Some(&ka))] {
+        let (alone, alone_answer) = store
+            .load_answering::<Campaign>(&mut conn, id, key)
+            .await
+            .unwrap();
+        let (loaded, answer) = together.remove(id).unwrap();
+        assert_eq!(loaded.version, alone.version, "{id}");
+        assert_eq!(loaded.last_position, alone.last_position, "{id}");
+        assert_eq!(
+            answer
+                .as_ref()
+                .map(|r| (r.status, r.body.clone(), r.position)),
+            alone_answer.map(|r| (r.status, r.body, r.position)),
+            "{id}"
+        );
+    }
+    let mut together = store
+        .load_answering_many::<Campaign>(
+            &mut conn,
+            &[(&a, Some(&kb)), (&b, None), (&fresh, Some(&ka))],
+        )
+        .await
+        .unwrap();
+    let answer = |r: Option<StoredAnswer>| r.map(|r| (r.status, r.body));
+    assert_eq!(
+        answer(together.remove(&a).unwrap().1),
+        Some((Some(202), b"k-b".to_vec()))
+    );
+    assert_eq!(answer(together.remove(&b).unwrap().1), None);
+    let (new, new_answer) = together.remove(&fresh).unwrap();
+    assert_eq!(new.version, 0);
+    assert_eq!(answer(new_answer), Some((Some(201), b"k-a".to_vec())));
+
+    // Written together, a stream that moved on meanwhile fails the whole write: neither
+    // the other stream's events nor any answer is kept.
+    let (mut stale, _) = store
+        .load_answering::<Campaign>(&mut conn, &fresh, None)
+        .await
+        .unwrap();
+    let (mut on_b, _) = store
+        .load_answering::<Campaign>(&mut conn, &b, None)
+        .await
+        .unwrap();
+    let mut first = store
+        .load_answering::<Campaign>(&mut conn, &fresh, None)
+        .await
+        .unwrap()
+        .0;
+    store
+        .append(&mut conn, &mut first, &[created("first")], &metadata[0])
+        .await
+        .unwrap();
+    let renamed = aggregates::CampaignEvent::CampaignRenamed {
+        name: CampaignName::parse("b2").unwrap(),
+        renamed_at: Utc::now(),
+    };
+    let (es, eb2) = ([created("late")], [renamed]);
+    let (rs, rb2) = ([record("k-s", 201)], [record("k-b2", 200)]);
+    match store
+        .append_recorded_many(
+            &mut conn,
+            &mut [
+                (&mut stale, &es[..], &metadata[..], &rs[..]),
+                (&mut on_b, &eb2[..], &metadata[..], &rb2[..]),
+            ],
+        )
+        .await
+    {
+        Err(StoreError::Conflict) => {}
+        other => panic!("a write with a stale stream was not refused: {other:?}"),
+    }
+    let after = store
+        .load_answering_many::<Campaign>(&mut conn, &[(&b, Some(&claim("k-b2")))])
+        .await
+        .unwrap()
+        .remove(&b)
+        .unwrap();
+    assert_eq!(after.0.version, 1, "the other stream's event was not kept");
+    assert!(after.1.is_none(), "nor its answer");
 }

@@ -70,6 +70,8 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
+
 /// The process-wide recorder; installed once, whatever number of servers the process runs.
 pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
     static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
@@ -82,6 +84,11 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
                     LATENCY_BUCKETS,
                 )
                 .expect("bucket list is not empty")
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Full("command_batch_size".into()),
+                    BATCH_BUCKETS,
+                )
+                .expect("bucket list is not empty")
                 .build_recorder();
             let handle = recorder.handle();
             // Another recorder may already be installed (an embedding program); then the
@@ -92,6 +99,10 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
                 "http_request_duration_seconds",
                 metrics::Unit::Seconds,
                 "HTTP request latency"
+            );
+            metrics::describe_histogram!(
+                "command_batch_size",
+                "Groups of commands loaded, or written, in one statement"
             );
             handle
         })

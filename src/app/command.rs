@@ -13,7 +13,9 @@
 //! events, and each answer with the position its reply names (see [`pending`]). So a
 //! command alone is two round trips, its load and its write, and needs no transaction
 //! around them: the write checks the stream's version and that no other request answered
-//! the key meanwhile, and fails whole if either moved. Writes of several aggregates go
+//! the key meanwhile, and fails whole if either moved. Under load, the loads and the
+//! writes of groups of different aggregates of one type are batched ([`load_group`],
+//! [`write_group`]). Writes of several aggregates go
 //! through [`App::retrying`], in a transaction that claims the key first ([`replay`]). A
 //! conflict with another writer rolls the attempt back and tries again after a jittered,
 //! growing pause; only when attempts run out does the client see 409.
@@ -821,12 +823,19 @@ async fn load_group<A: Aggregate + 'static>(
         .await
 }
 
+/// Counts a batch of `size` groups' loads or writes (`command_batch_size`).
+fn batch_size<A: Aggregate>(step: &'static str, size: usize) {
+    metrics::histogram!("command_batch_size", "aggregate" => A::TYPE, "step" => step)
+        .record(size as f64);
+}
+
 /// Loads the groups `ready` in one statement, each told what it loaded. If that statement
 /// fails, each is loaded alone, so that each learns its own outcome.
 async fn load_together<A: Aggregate>(
     app: &App,
     ready: Vec<(group::Load, tokio::sync::oneshot::Sender<group::Loading<A>>)>,
 ) {
+    batch_size::<A>("load", ready.len());
     if ready.len() <= 1 {
         for (load, sender) in ready {
             let _ = sender.send(load_alone(app, load).await);
@@ -891,44 +900,39 @@ async fn write_together<A: Aggregate>(
     app: &App,
     ready: Vec<(Work<A>, tokio::sync::oneshot::Sender<group::Written>)>,
 ) {
+    batch_size::<A>("write", ready.len());
     if ready.len() <= 1 {
         for (work, sender) in ready {
             let _ = sender.send(write_alone(app, work).await);
         }
         return;
     }
-    let mut conns = Vec::with_capacity(ready.len());
-    let mut parts = Vec::with_capacity(ready.len());
-    let mut senders = Vec::with_capacity(ready.len());
-    for (work, sender) in ready {
-        let Work {
-            conn,
-            mut loaded,
-            base,
-            events,
-            metadata,
-            records,
-        } = work;
-        // Each write starts from its stream as loaded; the state already holds the events.
-        (loaded.version, loaded.last_position) = base;
-        conns.push(conn);
-        parts.push((loaded, base, events, metadata, records));
-        senders.push(sender);
-    }
+    let (mut works, senders): (Vec<Work<A>>, Vec<_>) = ready.into_iter().unzip();
     let together = {
-        let mut writes: Vec<_> = parts
-            .iter_mut()
-            .map(|(loaded, _, events, metadata, records)| {
-                (
-                    loaded,
-                    events.as_slice(),
-                    metadata.as_slice(),
-                    records.as_slice(),
-                )
-            })
-            .collect();
+        let mut conns = Vec::with_capacity(works.len());
+        let mut writes = Vec::with_capacity(works.len());
+        for work in works.iter_mut() {
+            let Work {
+                conn,
+                loaded,
+                base,
+                events,
+                metadata,
+                records,
+            } = work;
+            // Each write starts from its stream as loaded; the state already holds the
+            // events.
+            (loaded.version, loaded.last_position) = *base;
+            conns.push(conn);
+            writes.push((
+                loaded,
+                events.as_slice(),
+                metadata.as_slice(),
+                records.as_slice(),
+            ));
+        }
         app.store
-            .append_recorded_many(&mut conns[0], &mut writes)
+            .append_recorded_many(conns.swap_remove(0), &mut writes)
             .await
     };
     match together {
@@ -939,17 +943,7 @@ async fn write_together<A: Aggregate>(
         }
         // The statement wrote nothing, and left each state as loaded.
         Err(_) => {
-            for ((conn, (loaded, base, events, metadata, records)), sender) in
-                conns.into_iter().zip(parts).zip(senders)
-            {
-                let work = Work {
-                    conn,
-                    loaded,
-                    base,
-                    events,
-                    metadata,
-                    records,
-                };
+            for (work, sender) in works.into_iter().zip(senders) {
                 let _ = sender.send(write_alone(app, work).await);
             }
         }

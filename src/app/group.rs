@@ -15,6 +15,10 @@
 //! rolls the whole group back, and every member tries again in a new group. A member whose
 //! request is dropped mid-turn poisons the group for the same reason: its events must not
 //! commit without its idempotency record.
+//!
+//! Across aggregates of one type, the groups' loads and writes are batched ([`Batch`]):
+//! those that come while another of that type is under way are done together by the
+//! next, in one statement, and each group gets its own outcome.
 
 use std::any::Any;
 use std::collections::HashMap;

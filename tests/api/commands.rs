@@ -576,6 +576,11 @@ async fn commands_on_different_contacts_ready_together_commit_together_and_one_t
         }
     }
     assert!(together, "no two contacts were ever written together");
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains(r#"command_batch_size_bucket{aggregate="contact",step="write",le="2"}"#),
+        "the batches are counted: {metrics}"
+    );
     let contacts: i64 = sqlx::query_scalar(
         "SELECT count(DISTINCT aggregate_id) FROM events WHERE aggregate_type = 'contact'",
     )

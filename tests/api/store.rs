@@ -519,34 +519,50 @@ async fn a_commands_load_is_planned_once_per_connection_however_skewed_the_stati
     assert_eq!(config, ["plan_cache_mode=force_generic_plan"]);
 }
 
+/// The id of an API key of `app`'s, for the records a test writes.
+async fn an_api_key(app: &crate::helpers::TestApp) -> Uuid {
+    sqlx::query_scalar("SELECT id FROM api_keys LIMIT 1")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+}
+
+/// An answer recorded for `key`, of `status`, naming the event at `names_sequence`.
+fn answer_row(api_key_id: Uuid, key: &str, status: i16, names_sequence: Option<u64>) -> RecordRow {
+    RecordRow {
+        api_key_id,
+        key: key.into(),
+        request_hash: b"hash".to_vec(),
+        status,
+        body: key.as_bytes().to_vec(),
+        headers: serde_json::json!({"etag": "\"1\""}),
+        names_sequence,
+    }
+}
+
+fn campaign_created(name: &str) -> aggregates::CampaignEvent {
+    aggregates::CampaignEvent::CampaignCreated {
+        name: CampaignName::parse(name).unwrap(),
+        stop_on_reply: true,
+        created_at: Utc::now(),
+    }
+}
+
 #[tokio::test]
 async fn a_write_records_its_answer_with_its_events_and_fails_whole_when_the_key_was_answered_first()
  {
     let app = crate::helpers::spawn_app().await;
     let store = Store::default();
-    let api_key_id: Uuid = sqlx::query_scalar("SELECT id FROM api_keys LIMIT 1")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let api_key_id = an_api_key(&app).await;
     let claim = Claim {
         api_key_id,
         key: "k-1",
         request_hash: b"hash",
     };
-    let record = |status: i16, names_sequence: Option<u64>| RecordRow {
-        api_key_id,
-        key: "k-1".into(),
-        request_hash: b"hash".to_vec(),
-        status,
-        body: b"sealed".to_vec(),
-        headers: serde_json::json!({"etag": "\"1\""}),
-        names_sequence,
+    let record = |status: i16, names_sequence: Option<u64>| {
+        answer_row(api_key_id, "k-1", status, names_sequence)
     };
-    let created = aggregates::CampaignEvent::CampaignCreated {
-        name: CampaignName::parse("new").unwrap(),
-        stop_on_reply: true,
-        created_at: Utc::now(),
-    };
+    let created = campaign_created("new");
     let metadata = [Metadata::default()];
     let mut conn = app.pool.acquire().await.unwrap();
 
@@ -576,7 +592,7 @@ async fn a_write_records_its_answer_with_its_events_and_fails_whole_when_the_key
     assert_eq!(loaded.version, 1);
     let answer = answer.expect("the answer, read with the stream");
     assert_eq!(answer.status, Some(201));
-    assert_eq!(answer.body, b"sealed");
+    assert_eq!(answer.body, b"k-1");
     assert_eq!(answer.request_hash, b"hash");
     assert_eq!(answer.headers, serde_json::json!({"etag": "\"1\""}));
     assert_eq!(answer.position, appended.last_position());
@@ -702,29 +718,14 @@ async fn streams_loaded_together_each_get_their_own_state_and_their_own_keys_ans
  {
     let app = crate::helpers::spawn_app().await;
     let store = Store::default();
-    let api_key_id: Uuid = sqlx::query_scalar("SELECT id FROM api_keys LIMIT 1")
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
+    let api_key_id = an_api_key(&app).await;
     let claim = |key: &'static str| Claim {
         api_key_id,
         key,
         request_hash: b"hash",
     };
-    let record = |key: &str, status: i16| RecordRow {
-        api_key_id,
-        key: key.into(),
-        request_hash: b"hash".to_vec(),
-        status,
-        body: key.as_bytes().to_vec(),
-        headers: serde_json::json!({}),
-        names_sequence: Some(1),
-    };
-    let created = |name: &str| aggregates::CampaignEvent::CampaignCreated {
-        name: CampaignName::parse(name).unwrap(),
-        stop_on_reply: true,
-        created_at: Utc::now(),
-    };
+    let record = |key: &str, status: i16| answer_row(api_key_id, key, status, Some(1));
+    let created = campaign_created;
     let metadata = [Metadata::default()];
     let mut conn = app.pool.acquire().await.unwrap();
     let (a, b, fresh) = (

@@ -808,7 +808,9 @@ async fn write_group<A: Aggregate + 'static>(app: &App, work: Work<A>) -> group:
 
 /// Loads a group's aggregate with the answer recorded for its leader's key. A group
 /// without a transaction is loaded together with the other groups of its aggregate type
-/// whose loads come while one of that type is under way ([`group::Batch`]).
+/// whose loads come while one of that type is under way ([`group::Batch`]). A batch runs
+/// to its end in a task of its own, so that the others in it are loaded even if the
+/// request that took them goes away.
 async fn load_group<A: Aggregate + 'static>(
     app: &App,
     load: group::Load,
@@ -819,7 +821,12 @@ async fn load_group<A: Aggregate + 'static>(
     let batches = app.groups.batches::<A>();
     batches
         .loads
-        .run(load, |ready| load_together(app, ready))
+        .run(load, |ready| {
+            let app = app.clone();
+            async move {
+                let _ = tokio::spawn(async move { load_together(&app, ready).await }).await;
+            }
+        })
         .await
 }
 

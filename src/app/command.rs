@@ -798,19 +798,22 @@ async fn write_group<A: Aggregate + 'static>(app: &App, work: Work<A>) -> group:
     if matches!(work.conn, Conn::Tx(_)) {
         return write_alone(app, work).await;
     }
-    let batches = app.groups.batches::<A>();
-    batches
+    app.groups
+        .batches::<A>()
         .writes
-        .run(work, |ready| write_together(app, ready))
+        .run(
+            work,
+            app.clone(),
+            |app, work| async move { write_alone(&app, work).await },
+            |app, works| async move { write_together(&app, works).await },
+        )
         .await
         .unwrap_or(Err(Abort::Conflict))
 }
 
 /// Loads a group's aggregate with the answer recorded for its leader's key. A group
 /// without a transaction is loaded together with the other groups of its aggregate type
-/// whose loads come while one of that type is under way ([`group::Batch`]). A batch runs
-/// to its end in a task of its own, so that the others in it are loaded even if the
-/// request that took them goes away.
+/// whose loads come while one of that type is under way ([`group::Batch`]).
 async fn load_group<A: Aggregate + 'static>(
     app: &App,
     load: group::Load,
@@ -818,38 +821,24 @@ async fn load_group<A: Aggregate + 'static>(
     if matches!(load.conn, Conn::Tx(_)) {
         return Some(load_alone(app, load).await);
     }
-    let batches = app.groups.batches::<A>();
-    batches
+    app.groups
+        .batches::<A>()
         .loads
-        .run(load, |ready| {
-            let app = app.clone();
-            async move {
-                let _ = tokio::spawn(async move { load_together(&app, ready).await }).await;
-            }
-        })
+        .run(
+            load,
+            app.clone(),
+            |app, load| async move { load_alone(&app, load).await },
+            |app, loads| async move { load_together(&app, loads).await },
+        )
         .await
 }
 
-/// Counts a batch of `size` groups' loads or writes (`command_batch_size`).
-fn batch_size<A: Aggregate>(step: &'static str, size: usize) {
-    metrics::histogram!("command_batch_size", "aggregate" => A::TYPE, "step" => step)
-        .record(size as f64);
-}
-
-/// Loads the groups `ready` in one statement, each told what it loaded. If that statement
-/// fails, each is loaded alone, so that each learns its own outcome.
+/// Loads the groups `loads` in one statement: what each loaded, in order, or the loads
+/// back if the statement failed.
 async fn load_together<A: Aggregate>(
     app: &App,
-    ready: Vec<(group::Load, tokio::sync::oneshot::Sender<group::Loading<A>>)>,
-) {
-    batch_size::<A>("load", ready.len());
-    if ready.len() <= 1 {
-        for (load, sender) in ready {
-            let _ = sender.send(load_alone(app, load).await);
-        }
-        return;
-    }
-    let (mut loads, senders): (Vec<_>, Vec<_>) = ready.into_iter().unzip();
+    mut loads: Vec<group::Load>,
+) -> Result<Vec<group::Loading<A>>, Vec<group::Load>> {
     let ids: Vec<String> = loads.iter().map(|l| l.id.clone()).collect();
     let keys: Vec<Option<(uuid::Uuid, String)>> = loads.iter().map(|l| l.key.clone()).collect();
     let claims: Vec<Option<Claim>> = keys.iter().map(claim_for_load).collect();
@@ -863,19 +852,16 @@ async fn load_together<A: Aggregate>(
         .load_answering_many::<A>(&mut loads[0].conn, &streams)
         .await;
     match together {
-        Ok(mut loaded) => {
-            for (load, sender) in loads.into_iter().zip(senders) {
+        Ok(mut loaded) => Ok(loads
+            .into_iter()
+            .map(|load| {
                 let outcome = loaded
                     .remove(&load.id)
                     .ok_or_else(|| StoreError::Database(sqlx::Error::RowNotFound));
-                let _ = sender.send((load.conn, outcome));
-            }
-        }
-        Err(_) => {
-            for (load, sender) in loads.into_iter().zip(senders) {
-                let _ = sender.send(load_alone(app, load).await);
-            }
-        }
+                (load.conn, outcome)
+            })
+            .collect()),
+        Err(_) => Err(loads),
     }
 }
 
@@ -900,21 +886,13 @@ async fn load_alone<A: Aggregate>(app: &App, load: group::Load) -> group::Loadin
     (conn, loaded)
 }
 
-/// Writes the groups `ready` in one statement, each told how its write ended. If that
-/// statement fails (a conflict on one group's stream or key fails it whole), each group
-/// is written alone, so that the others commit and each learns its own outcome.
+/// Writes the groups `works` in one statement: how each write ended, in order, or the
+/// works back if the statement failed (a conflict on one group's stream or key fails it
+/// whole, and it wrote nothing and left each state as loaded).
 async fn write_together<A: Aggregate>(
     app: &App,
-    ready: Vec<(Work<A>, tokio::sync::oneshot::Sender<group::Written>)>,
-) {
-    batch_size::<A>("write", ready.len());
-    if ready.len() <= 1 {
-        for (work, sender) in ready {
-            let _ = sender.send(write_alone(app, work).await);
-        }
-        return;
-    }
-    let (mut works, senders): (Vec<Work<A>>, Vec<_>) = ready.into_iter().unzip();
+    mut works: Vec<Work<A>>,
+) -> Result<Vec<group::Written>, Vec<Work<A>>> {
     let together = {
         let mut conns = Vec::with_capacity(works.len());
         let mut writes = Vec::with_capacity(works.len());
@@ -943,17 +921,11 @@ async fn write_together<A: Aggregate>(
             .await
     };
     match together {
-        Ok(appended) => {
-            for (appended, sender) in appended.into_iter().zip(senders) {
-                let _ = sender.send(Ok(appended.events.into_iter().collect()));
-            }
-        }
-        // The statement wrote nothing, and left each state as loaded.
-        Err(_) => {
-            for (work, sender) in works.into_iter().zip(senders) {
-                let _ = sender.send(write_alone(app, work).await);
-            }
-        }
+        Ok(appended) => Ok(appended
+            .into_iter()
+            .map(|appended| Ok(appended.events.into_iter().collect()))
+            .collect()),
+        Err(_) => Err(works),
     }
 }
 

@@ -240,30 +240,40 @@ pub(crate) type Loading<A> = (Conn, Result<(Loaded<A>, Option<StoredAnswer>), St
 /// Requests of one kind to the database that come while another of them is under way, done
 /// together by the next: the first to come runs at once; those that come while it runs
 /// queue, and when it ends one of them runs every queued request in one go (one statement,
-/// one round trip for all) while the next ones queue. Each gets its own outcome.
+/// one round trip for all) while the next ones queue. Each gets its own outcome: when
+/// requests run together fail, each runs again alone. A batch runs to its end in a task of
+/// its own, so that every request in it is told even if the caller that took them goes
+/// away (the next batch may then start before it ends). Each batch's size is counted in `command_batch_size{aggregate, step}`.
 pub(crate) struct Batch<T, R> {
+    aggregate: &'static str,
+    step: &'static str,
     queue: StdMutex<Vec<(T, oneshot::Sender<R>)>>,
     /// Held by the one running.
     running: Mutex<()>,
 }
 
-impl<T, R> Default for Batch<T, R> {
-    fn default() -> Self {
+impl<T: Send + 'static, R: Send + 'static> Batch<T, R> {
+    fn new(aggregate: &'static str, step: &'static str) -> Self {
         Self {
+            aggregate,
+            step,
             queue: StdMutex::new(Vec::new()),
             running: Mutex::new(()),
         }
     }
-}
 
-impl<T, R> Batch<T, R> {
-    /// `item`'s outcome, from this caller's `run` over every request queued when its turn
-    /// came, or from another caller's that took it. `run` tells each request how it ended.
-    /// `None`: the caller that took it went away before it had told it.
-    pub async fn run<F, Fut>(&self, item: T, run: F) -> Option<R>
+    /// `item`'s outcome, from this caller's batch of every request queued when its turn
+    /// came, or from another caller's that took it. `together` runs several requests and
+    /// gives an outcome for each, in order, or the requests back when it failed; `alone`
+    /// runs one. Each is handed `with` (the application, say). `None`: the batch that took
+    /// it ended without telling it.
+    pub async fn run<C, F, FF, G, GF>(&self, item: T, with: C, alone: F, together: G) -> Option<R>
     where
-        F: FnOnce(Vec<(T, oneshot::Sender<R>)>) -> Fut,
-        Fut: Future<Output = ()>,
+        C: Clone + Send + 'static,
+        F: Fn(C, T) -> FF + Send + 'static,
+        FF: Future<Output = R> + Send + 'static,
+        G: FnOnce(C, Vec<T>) -> GF + Send + 'static,
+        GF: Future<Output = Result<Vec<R>, Vec<T>>> + Send + 'static,
     {
         let (sender, mut done) = oneshot::channel();
         self.queue
@@ -277,10 +287,48 @@ impl<T, R> Batch<T, R> {
             _running = self.running.lock() => {
                 let ready =
                     std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
-                run(ready).await;
+                metrics::histogram!(
+                    "command_batch_size", "aggregate" => self.aggregate, "step" => self.step
+                )
+                .record(ready.len() as f64);
+                let _ = tokio::spawn(Self::run_batch(ready, with, alone, together)).await;
             }
         }
         done.await.ok()
+    }
+
+    /// Runs `ready` together (or the one alone) and tells each how it ended; if together
+    /// failed, runs each alone.
+    async fn run_batch<C, F, FF, G, GF>(
+        ready: Vec<(T, oneshot::Sender<R>)>,
+        with: C,
+        alone: F,
+        together: G,
+    ) where
+        C: Clone,
+        F: Fn(C, T) -> FF,
+        FF: Future<Output = R>,
+        G: FnOnce(C, Vec<T>) -> GF,
+        GF: Future<Output = Result<Vec<R>, Vec<T>>>,
+    {
+        let (items, senders): (Vec<T>, Vec<_>) = ready.into_iter().unzip();
+        let outcomes = if items.len() > 1 {
+            together(with.clone(), items).await
+        } else {
+            Err(items)
+        };
+        match outcomes {
+            Ok(outcomes) => {
+                for (outcome, sender) in outcomes.into_iter().zip(senders) {
+                    let _ = sender.send(outcome);
+                }
+            }
+            Err(items) => {
+                for (item, sender) in items.into_iter().zip(senders) {
+                    let _ = sender.send(alone(with.clone(), item).await);
+                }
+            }
+        }
     }
 }
 
@@ -291,11 +339,11 @@ pub(crate) struct Batches<A: Aggregate> {
     pub writes: Batch<Work<A>, Written>,
 }
 
-impl<A: Aggregate> Default for Batches<A> {
-    fn default() -> Self {
+impl<A: Aggregate + 'static> Batches<A> {
+    fn new() -> Self {
         Self {
-            loads: Batch::default(),
-            writes: Batch::default(),
+            loads: Batch::new(A::TYPE, "load"),
+            writes: Batch::new(A::TYPE, "write"),
         }
     }
 }
@@ -313,7 +361,7 @@ impl Groups {
         let mut batches = self.batches.lock().unwrap_or_else(|e| e.into_inner());
         batches
             .entry(A::TYPE)
-            .or_insert_with(|| Arc::new(Batches::<A>::default()))
+            .or_insert_with(|| Arc::new(Batches::<A>::new()))
             .clone()
             .downcast::<Batches<A>>()
             .expect("one aggregate type per name")

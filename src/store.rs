@@ -249,6 +249,21 @@ pub struct Loaded<A> {
     pub keys: Option<pii::Generations>,
 }
 
+impl<A: Aggregate> Loaded<A> {
+    /// A stream nobody has written, as a load finds it: no events and, for a type with
+    /// personal data, no data key yet.
+    pub fn unwritten(id: &str) -> Self {
+        Self {
+            id: id.to_string(),
+            aggregate: A::default(),
+            version: 0,
+            last_position: None,
+            unsnapshotted_bytes: 0,
+            keys: pii::is_personal(A::TYPE).then(pii::Generations::default),
+        }
+    }
+}
+
 impl<A: Aggregate> AggregateContext<A> for Loaded<A> {
     fn aggregate(&mut self) -> &mut A {
         &mut self.aggregate
@@ -1001,19 +1016,7 @@ impl Store {
     ) -> Result<(HashMap<String, Loaded<A>>, HashMap<String, StoredAnswer>), StoreError> {
         let mut loaded: HashMap<String, Loaded<A>> = ids
             .iter()
-            .map(|id| {
-                (
-                    id.clone(),
-                    Loaded {
-                        id: id.clone(),
-                        aggregate: A::default(),
-                        version: 0,
-                        last_position: None,
-                        unsnapshotted_bytes: 0,
-                        keys: None,
-                    },
-                )
-            })
+            .map(|id| (id.clone(), Loaded::unwritten(id)))
             .collect();
         let mut snapshot_rows = Vec::new();
         let mut rows = Vec::new();

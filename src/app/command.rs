@@ -15,7 +15,10 @@
 //! around them: the write checks the stream's version and that no other request answered
 //! the key meanwhile, and fails whole if either moved. Under load, the loads and the
 //! writes of groups of different aggregates of one type are batched ([`load_group`],
-//! [`write_group`]). Writes of several aggregates go
+//! [`write_group`]). While nearly all of a type's groups lately found their aggregate
+//! new, a leader guesses that its own is new and skips the load: its write tests the
+//! guess, and one that does not hold is led again with a load (see [`group::Newness`]).
+//! Writes of several aggregates go
 //! through [`App::retrying`], in a transaction that claims the key first ([`replay`]). A
 //! conflict with another writer rolls the attempt back and tries again after a jittered,
 //! growing pause; only when attempts run out does the client see 409.
@@ -466,6 +469,16 @@ fn in_transaction(aggregate_type: &str) -> bool {
     aggregate_type == Campaign::TYPE
 }
 
+/// How a leader's group ended for its own command.
+enum Led {
+    Answered(Answer),
+    /// Rolled back: try again after a pause, as after any conflict.
+    RolledBack,
+    /// Its guess that the aggregate was new did not hold, or nothing tested it: load it
+    /// and lead again.
+    Misguessed,
+}
+
 /// How one command's turn in a group ended.
 enum TurnOutcome<E> {
     /// Its answer, added to the group's write: given once the group commits.
@@ -521,6 +534,8 @@ where
     /// rollback, up to the retry policy's attempts.
     async fn run(&self, stream: &group::Stream) -> Result<Retried<Answer>, E> {
         let mut attempts = 0;
+        // Until a guess did not hold: after one, this command's groups load.
+        let mut may_guess = !in_transaction(A::TYPE) && self.context.if_match.is_none();
         loop {
             // Registered before looking, so that a group opening or a leader finishing
             // in between is not missed.
@@ -541,6 +556,14 @@ where
                         }
                     };
                     match outcome {
+                        // Refused on a guessed state: true only if the guess held.
+                        TurnOutcome::Refused(e) if group.guessed => {
+                            turn.done();
+                            match group.ended().await {
+                                group::Ended::Committed => return Err(e),
+                                group::Ended::RolledBack => true,
+                            }
+                        }
                         TurnOutcome::Refused(e) => {
                             turn.done();
                             return Err(e);
@@ -567,12 +590,18 @@ where
                 }
                 None => match stream.turn.try_lock() {
                     Ok(turn) => {
-                        let led = self.lead(stream).await;
+                        let guess = may_guess && self.app.groups.batches::<A>().newness.likely();
+                        let led = self.lead(stream, guess).await;
                         drop(turn);
                         stream.changed.notify_waiters();
                         match led? {
-                            Some(answer) => return Ok(Retried::Done(answer)),
-                            None => true,
+                            Led::Answered(answer) => return Ok(Retried::Done(answer)),
+                            Led::RolledBack => true,
+                            // Not a conflict: load and lead again at once.
+                            Led::Misguessed => {
+                                may_guess = false;
+                                false
+                            }
                         }
                     }
                     // A group is being opened or committed: wait for either.
@@ -589,17 +618,17 @@ where
     }
 
     /// Leads a group (the caller holds the stream's turn): loads the aggregate with the
-    /// answer recorded for its own key, takes the first turn, lets the members who join
-    /// take theirs, and writes (or drops) what they all decided. `None`: rolled back, try
-    /// again.
-    async fn lead(&self, stream: &group::Stream) -> Result<Option<Answer>, E> {
+    /// answer recorded for its own key (or, when `guess`, takes it to be new and its key
+    /// unanswered), takes the first turn, lets the members who join take theirs, and
+    /// writes (or drops) what they all decided.
+    async fn lead(&self, stream: &group::Stream, guess: bool) -> Result<Led, E> {
         let app = self.app;
         let database = |e: sqlx::Error| E::from(AppError::from(e));
         let stored = |e: StoreError| E::from(AppError::from(e));
         // Open from the start, so that the commands that came while the group before was
         // being written join this one while it loads. The leader holds the work until it
         // has loaded it: members take their turns after its own.
-        let group = Arc::new(group::Group::<A>::new());
+        let group = Arc::new(group::Group::<A>::new(guess));
         let mut slot = group.work.lock().await;
         stream.open(&group);
         let mut leading = Leading {
@@ -626,17 +655,29 @@ where
                 .as_ref()
                 .map(|i| (i.scope, i.key.clone())),
         };
-        // The load that took this one went away before it told it: try again.
-        let Some((conn, loaded)) = load_group::<A>(app, load).await else {
-            return Ok(None);
+        let newness = &app.groups.batches::<A>().newness;
+        let (conn, loaded, answer) = if guess {
+            (load.conn, Loaded::unwritten(self.id), None)
+        } else {
+            // The load that took this one went away before it told it: try again.
+            let Some((conn, loaded)) = load_group::<A>(app, load).await else {
+                return Ok(Led::RolledBack);
+            };
+            let (loaded, answer) = loaded.map_err(stored)?;
+            newness.learn(loaded.version == 0);
+            (conn, loaded, answer)
         };
-        let (loaded, answer) = loaded.map_err(stored)?;
         let work = slot.insert(Work::new(conn, loaded));
         let own = self.take_turn(work, Some(answer)).await;
-        drop(slot);
-        if matches!(own, TurnOutcome::Failed(_)) {
+        // A guess is tested by the write of the events the leader's command decided on
+        // it; without any (a refusal, a command that changed nothing) nothing would test
+        // what was said of a stream nobody read.
+        let untested = guess && (work.events.is_empty() || !matches!(own, TurnOutcome::Answer(_)));
+        // Before the members take their turns: they would only be rolled back.
+        if untested || matches!(own, TurnOutcome::Failed(_)) {
             group.poison();
         }
+        drop(slot);
         stream.close(&group).await;
         let work = group.work.lock().await.take();
         // The write runs to its end, and tells the members how it ended, even if this
@@ -669,12 +710,27 @@ where
             Ok(ended) => ended.map_err(E::from)?,
             Err(e) => return Err(E::from(AppError::Internal(e.to_string()))),
         };
+        if guess {
+            let held = ended == group::Ended::Committed;
+            if held {
+                newness.learn(true);
+            }
+            metrics::counter!(
+                "command_guesses_total",
+                "aggregate" => A::TYPE,
+                "outcome" => if untested { "untested" } else if held { "held" } else { "wrong" }
+            )
+            .increment(1);
+            if !held {
+                return Ok(Led::Misguessed);
+            }
+        }
         match (ended, own) {
             (_, TurnOutcome::Refused(e)) | (_, TurnOutcome::Failed(Some(e))) => Err(e),
             (group::Ended::Committed, TurnOutcome::Answer(answer)) => {
-                Ok(Some(written(answer, &group)))
+                Ok(Led::Answered(written(answer, &group)))
             }
-            _ => Ok(None),
+            _ => Ok(Led::RolledBack),
         }
     }
 

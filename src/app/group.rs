@@ -19,12 +19,19 @@
 //! Across aggregates of one type, the groups' loads and writes are batched ([`Batch`]):
 //! those that come while another of that type is under way are done together by the
 //! next, in one statement, and each group gets its own outcome.
+//!
+//! While an aggregate type's commands lately found their aggregates new ([`Newness`]), a
+//! leader may guess that its aggregate is new too and not load it: the group decides on
+//! the empty state, and its write (which appends from sequence 1, makes the data key and
+//! records each answer) holds only if nobody wrote the stream or answered a key before
+//! it. A guess that does not hold rolls the group back, and the leader loads and leads
+//! again; every decision taken on the guess is given only once the write committed.
 
 use std::any::Any;
 use std::collections::HashMap;
 use std::future::Future;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, OnceLock};
 
 use cqrs_es::Aggregate;
@@ -98,6 +105,9 @@ pub(crate) enum Ended {
 
 pub(crate) struct Group<A: Aggregate> {
     pub work: Mutex<Option<Work<A>>>,
+    /// Its leader guessed that the aggregate is new instead of loading it: what a turn
+    /// decides holds only once the group committed (see [`Newness`]).
+    pub guessed: bool,
     /// Where the group's events landed, by sequence, once it committed.
     pub positions: OnceLock<HashMap<u64, Position>>,
     /// Members that joined and have not finished their turn.
@@ -108,11 +118,12 @@ pub(crate) struct Group<A: Aggregate> {
 }
 
 impl<A: Aggregate> Group<A> {
-    /// A group whose work its leader has yet to load (it holds `work`'s lock until it has,
-    /// and members take their turns after it).
-    pub fn new() -> Self {
+    /// A group whose work its leader has yet to load, or to start on a guess (it holds
+    /// `work`'s lock until it has, and members take their turns after it).
+    pub fn new(guessed: bool) -> Self {
         Self {
             work: Mutex::new(None),
+            guessed,
             positions: OnceLock::new(),
             joined: AtomicUsize::new(0),
             turn_done: Notify::new(),
@@ -333,10 +344,11 @@ impl<T: Send + 'static, R: Send + 'static> Batch<T, R> {
 }
 
 /// The loads and the writes of an aggregate type's groups (of different aggregates),
-/// each batched.
+/// each batched, and how often its groups lately found their aggregate new.
 pub(crate) struct Batches<A: Aggregate> {
     pub loads: Batch<Load, Loading<A>>,
     pub writes: Batch<Work<A>, Written>,
+    pub newness: Newness,
 }
 
 impl<A: Aggregate + 'static> Batches<A> {
@@ -344,7 +356,55 @@ impl<A: Aggregate + 'static> Batches<A> {
         Self {
             loads: Batch::new(A::TYPE, "load"),
             writes: Batch::new(A::TYPE, "write"),
+            newness: Newness::default(),
         }
+    }
+}
+
+/// The share of an aggregate type's groups that lately found their aggregate new: an
+/// exponentially weighted average over about the last [`Newness::WINDOW`] groups that
+/// learnt it, from a load or from a guess that held.
+///
+/// A guess that holds saves the group its load, one statement and one round trip; one
+/// that does not costs a write that fails (which makes the groups batched with it write
+/// alone) and the load after it. So leaders guess only while nearly all groups found
+/// their aggregate new: contacts created by an import or an enrichment run, enrollments
+/// of a new campaign. Two wrong guesses in a row are enough to stop (from above the
+/// threshold, each takes a [`Newness::WINDOW`]th of the way to 0); the loads that follow
+/// learn when guessing pays again. A process starts out expecting new aggregates: at
+/// worst that costs each aggregate type two wrong guesses.
+pub(crate) struct Newness(AtomicU32);
+
+impl Newness {
+    /// The average in units of 2^-16.
+    const ONE: u32 = 1 << 16;
+    const WINDOW: u32 = 32;
+    /// 0.95.
+    const THRESHOLD: u32 = Self::ONE / 20 * 19;
+
+    /// Learns that a group found its aggregate new, or not.
+    pub fn learn(&self, new: bool) {
+        let target = if new { Self::ONE } else { 0 };
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |share| {
+                Some(if target > share {
+                    share + (target - share).div_ceil(Self::WINDOW)
+                } else {
+                    share - (share - target).div_ceil(Self::WINDOW)
+                })
+            });
+    }
+
+    /// Whether a leader should guess that its aggregate is new.
+    pub fn likely(&self) -> bool {
+        self.0.load(Ordering::Relaxed) >= Self::THRESHOLD
+    }
+}
+
+impl Default for Newness {
+    fn default() -> Self {
+        Self(AtomicU32::new(Self::ONE))
     }
 }
 
@@ -384,5 +444,39 @@ impl Groups {
         if Arc::strong_count(&stream) == 2 {
             streams.remove(&(aggregate, id.to_string()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Newness;
+
+    #[test]
+    fn guessing_stops_after_two_wrong_guesses_and_comes_back_once_nearly_all_groups_find_their_aggregate_new()
+     {
+        let newness = Newness::default();
+        assert!(newness.likely(), "a process starts out guessing");
+        newness.learn(false);
+        assert!(newness.likely(), "one wrong guess may be chance");
+        newness.learn(false);
+        assert!(!newness.likely(), "two are not");
+        // Nine in ten new is not enough: a wrong guess costs more than a load.
+        for n in 0..1000 {
+            newness.learn(n % 10 != 0);
+        }
+        assert!(!newness.likely());
+        let mut loads = 0;
+        while !newness.likely() {
+            newness.learn(true);
+            loads += 1;
+        }
+        assert!(
+            (10..=100).contains(&loads),
+            "back after {loads} new aggregates"
+        );
+        for _ in 0..10_000 {
+            newness.learn(true);
+        }
+        assert!(newness.likely(), "and stays, without overflowing");
     }
 }

@@ -597,3 +597,99 @@ async fn commands_on_different_contacts_ready_together_commit_together_and_one_t
         "every contact written was answered, once"
     );
 }
+
+/// Whether `/metrics` counts guesses on contacts that ended with `outcome`.
+async fn metric_exported(app: &crate::helpers::TestApp, outcome: &str) -> bool {
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    metrics.contains(&format!(
+        r#"command_guesses_total{{aggregate="contact",outcome="{outcome}"}}"#
+    ))
+}
+
+#[tokio::test]
+async fn an_upsert_guessed_to_create_a_contact_that_exists_updates_it_and_a_repeated_key_replays() {
+    // A process starts out guessing that aggregates are new: the first upsert creates its
+    // contact without loading it, and so does the second try at the same one.
+    let app = spawn_app().await;
+    let upsert = |key: &'static str, name: &'static str| {
+        app.client
+            .post(app.url("/v1/contacts"))
+            .bearer_auth(&app.write_key)
+            .header("idempotency-key", key)
+            .json(&json!({"email": "guess@example.com", "first_name": name}))
+            .send()
+    };
+    let created = upsert("first", "Ada").await.unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let created: Value = created.json().await.unwrap();
+    let id = created["id"].as_str().unwrap().to_string();
+    assert!(
+        metric_exported(&app, "held").await,
+        "the creation was a guess"
+    );
+
+    let updated = upsert("second", "Grace").await.unwrap();
+    assert_eq!(
+        updated.status().as_u16(),
+        200,
+        "an update, not a second creation"
+    );
+    assert_eq!(updated.headers()["etag"], "\"2\"");
+    let updated: Value = updated.json().await.unwrap();
+    assert_eq!(updated["first_name"], "Grace", "{updated}");
+    assert_eq!(
+        stream(&app, &id).await,
+        vec![(1, "ContactCreated".into()), (2, "ContactUpdated".into())]
+    );
+    assert!(
+        metric_exported(&app, "wrong").await,
+        "the update was guessed wrong"
+    );
+
+    // The first key again: its answer, replayed, though a guess would have created.
+    let again = upsert("first", "Ada").await.unwrap();
+    assert_eq!(again.status().as_u16(), 201);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json::<Value>().await.unwrap(), created);
+    assert_eq!(stream(&app, &id).await.len(), 2, "nothing written again");
+}
+
+#[tokio::test]
+async fn commands_refused_on_a_guess_that_their_contact_is_new_are_decided_again_on_it_as_loaded() {
+    let app = spawn_app().await;
+    let created = app
+        .post("/v1/contacts", &json!({"email": "patched@example.com"}))
+        .await;
+    assert_eq!(created.status().as_u16(), 201);
+    let id = created.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // On a contact taken to be new, an update is refused (404): the leader's and those of
+    // the commands that joined its group. None of them may be the answer.
+    let patches = (0..10).map(|i| {
+        let request = app
+            .client
+            .patch(app.url(&format!("/v1/contacts/{id}")))
+            .bearer_auth(&app.write_key)
+            .header("idempotency-key", format!("patch-{i}"))
+            .json(&json!({"title": format!("Title {i}")}));
+        tokio::spawn(async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        })
+    });
+    for outcome in futures::future::join_all(patches).await {
+        let (status, body) = outcome.unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(stream(&app, &id).await.len(), 11, "every update written");
+    let recorded: Vec<i16> = sqlx::query_scalar(
+        "SELECT response_status FROM idempotency_records WHERE idempotency_key LIKE 'patch-%'",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(recorded, vec![200; 10], "no refusal recorded for any key");
+    assert!(metric_exported(&app, "untested").await);
+}

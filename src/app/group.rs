@@ -368,11 +368,11 @@ impl<A: Aggregate + 'static> Batches<A> {
 /// A guess that holds saves the group its load, one statement and one round trip; one
 /// that does not costs a write that fails (which makes the groups batched with it write
 /// alone) and the load after it. So leaders guess only while nearly all groups found
-/// their aggregate new: contacts created by an import or an enrichment run, enrollments
-/// of a new campaign. Two wrong guesses in a row are enough to stop (from above the
-/// threshold, each takes a [`Newness::WINDOW`]th of the way to 0); the loads that follow
-/// learn when guessing pays again. A process starts out expecting new aggregates: at
-/// worst that costs each aggregate type two wrong guesses.
+/// their aggregate new: contacts pushed one by one by a sign-up form or a CRM sync, say.
+/// At most two wrong guesses in a row stop it (from the threshold or above, each takes a
+/// [`Newness::WINDOW`]th of the way to 0); the loads that follow learn when guessing
+/// pays again. A process starts out expecting new aggregates: at worst that costs each
+/// aggregate type two wrong guesses.
 pub(crate) struct Newness(AtomicU32);
 
 impl Newness {

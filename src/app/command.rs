@@ -590,7 +590,7 @@ where
                 }
                 None => match stream.turn.try_lock() {
                     Ok(turn) => {
-                        let guess = may_guess && self.app.groups.batches::<A>().newness.likely();
+                        let guess = may_guess && batches::<A>(self.app).newness.likely();
                         let led = self.lead(stream, guess).await;
                         drop(turn);
                         stream.changed.notify_waiters();
@@ -655,7 +655,8 @@ where
                 .as_ref()
                 .map(|i| (i.scope, i.key.clone())),
         };
-        let newness = &app.groups.batches::<A>().newness;
+        let batches = batches::<A>(app);
+        let newness = &batches.newness;
         let (conn, loaded, answer) = if guess {
             (load.conn, Loaded::unwritten(self.id), None)
         } else {
@@ -845,17 +846,24 @@ where
     }
 }
 
+/// What a group's write ended with: where its events landed, by sequence.
+type GroupWritten = group::Written<Abort>;
+
+/// The batches of the groups of aggregate type `A` in this process.
+fn batches<A: Aggregate + 'static>(app: &App) -> Arc<group::Batches<A, Abort>> {
+    app.groups.batches::<A, Abort>()
+}
+
 /// Writes what a group's turns decided, in one statement (and commits the group's
 /// transaction, if it has one): the positions its events landed at, by sequence. A group
 /// without a transaction is written together with the other groups of its aggregate type
 /// that are ready while a write of that type is under way ([`group::Batch`]): one
 /// statement and one commit for all of them, as a group does for its members.
-async fn write_group<A: Aggregate + 'static>(app: &App, work: Work<A>) -> group::Written {
+async fn write_group<A: Aggregate + 'static>(app: &App, work: Work<A>) -> GroupWritten {
     if matches!(work.conn, Conn::Tx(_)) {
         return write_alone(app, work).await;
     }
-    app.groups
-        .batches::<A>()
+    batches::<A>(app)
         .writes
         .run(
             work,
@@ -877,8 +885,7 @@ async fn load_group<A: Aggregate + 'static>(
     if matches!(load.conn, Conn::Tx(_)) {
         return Some(load_alone(app, load).await);
     }
-    app.groups
-        .batches::<A>()
+    batches::<A>(app)
         .loads
         .run(
             load,
@@ -948,7 +955,7 @@ async fn load_alone<A: Aggregate>(app: &App, load: group::Load) -> group::Loadin
 async fn write_together<A: Aggregate>(
     app: &App,
     mut works: Vec<Work<A>>,
-) -> Result<Vec<group::Written>, Vec<Work<A>>> {
+) -> Result<Vec<GroupWritten>, Vec<Work<A>>> {
     let together = {
         let mut conns = Vec::with_capacity(works.len());
         let mut writes = Vec::with_capacity(works.len());
@@ -986,7 +993,7 @@ async fn write_together<A: Aggregate>(
 }
 
 /// [`write_group`] for one group, on its own connection.
-async fn write_alone<A: Aggregate>(app: &App, work: Work<A>) -> group::Written {
+async fn write_alone<A: Aggregate>(app: &App, work: Work<A>) -> GroupWritten {
     let Work {
         mut conn,
         mut loaded,

@@ -233,8 +233,9 @@ impl Stream {
 /// A stream's key: its aggregate type and id.
 type StreamKey = (&'static str, String);
 
-/// What a group's write ended with: where its events landed, by sequence.
-pub(crate) type Written = Result<HashMap<u64, Position>, crate::app::command::Abort>;
+/// What a group's write ended with: where its events landed, by sequence, or why it did
+/// not (`F`: the command's own terms).
+pub(crate) type Written<F> = Result<HashMap<u64, Position>, F>;
 
 /// What a group's leader hands in to be loaded: its connection, the stream and its
 /// command's idempotency key (its owner and the key).
@@ -345,13 +346,13 @@ impl<T: Send + 'static, R: Send + 'static> Batch<T, R> {
 
 /// The loads and the writes of an aggregate type's groups (of different aggregates),
 /// each batched, and how often its groups lately found their aggregate new.
-pub(crate) struct Batches<A: Aggregate> {
+pub(crate) struct Batches<A: Aggregate, F> {
     pub loads: Batch<Load, Loading<A>>,
-    pub writes: Batch<Work<A>, Written>,
+    pub writes: Batch<Work<A>, Written<F>>,
     pub newness: Newness,
 }
 
-impl<A: Aggregate + 'static> Batches<A> {
+impl<A: Aggregate + 'static, F: Send + 'static> Batches<A, F> {
     fn new() -> Self {
         Self {
             loads: Batch::new(A::TYPE, "load"),
@@ -417,13 +418,14 @@ pub struct Groups {
 }
 
 impl Groups {
-    pub(crate) fn batches<A: Aggregate + 'static>(&self) -> Arc<Batches<A>> {
+    /// The batches of aggregate type `A`, whose writes fail with `F`.
+    pub(crate) fn batches<A: Aggregate + 'static, F: Send + 'static>(&self) -> Arc<Batches<A, F>> {
         let mut batches = self.batches.lock().unwrap_or_else(|e| e.into_inner());
         batches
             .entry(A::TYPE)
-            .or_insert_with(|| Arc::new(Batches::<A>::new()))
+            .or_insert_with(|| Arc::new(Batches::<A, F>::new()))
             .clone()
-            .downcast::<Batches<A>>()
+            .downcast::<Batches<A, F>>()
             .expect("one aggregate type per name")
     }
 

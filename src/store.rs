@@ -605,11 +605,10 @@ impl Store {
                 metadata.iter().cloned()
             })
             .collect();
-        let answers: Vec<&[RecordRow]> = writes.iter().map(|(_, _, _, r)| *r).collect();
-        let records: Vec<(usize, &RecordRow)> = answers
+        let records: Vec<(usize, &RecordRow)> = writes
             .iter()
             .enumerate()
-            .flat_map(|(i, records)| records.iter().map(move |r| (i, r)))
+            .flat_map(|(i, (_, _, _, records))| records.iter().map(move |r| (i, r)))
             .collect();
         let mut streams: Vec<(&mut Loaded<A>, &[A::Event])> = writes
             .iter_mut()

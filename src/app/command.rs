@@ -646,20 +646,20 @@ where
         } else {
             Conn::Plain(app.pool.acquire().await.map_err(database)?)
         };
-        let load = group::Load {
-            conn,
-            id: self.id.to_string(),
-            key: self
-                .context
-                .idempotency
-                .as_ref()
-                .map(|i| (i.scope, i.key.clone())),
-        };
         let batches = batches::<A>(app);
         let newness = &batches.newness;
         let (conn, loaded, answer) = if guess {
-            (load.conn, Loaded::unwritten(self.id), None)
+            (conn, Loaded::unwritten(self.id), None)
         } else {
+            let load = group::Load {
+                conn,
+                id: self.id.to_string(),
+                key: self
+                    .context
+                    .idempotency
+                    .as_ref()
+                    .map(|i| (i.scope, i.key.clone())),
+            };
             // The load that took this one went away before it told it: try again.
             let Some((conn, loaded)) = load_group::<A>(app, load).await else {
                 return Ok(Led::RolledBack);

@@ -1,10 +1,12 @@
 //! The database: the embedded PostgreSQL or `DATABASE_URL`, the pool, and migrations.
 
-use std::time::Duration;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
-use sqlx::PgPool;
 use sqlx::migrate::Migrator;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{PgPool, Postgres};
 
 use crate::config::Config;
 use crate::embedded::{EmbeddedError, EmbeddedOptions, EmbeddedPostgres};
@@ -84,6 +86,133 @@ pub fn pool_options(size: u32) -> PgPoolOptions {
         // No extra round trip to test a connection before every use: a dead connection
         // fails its first statement instead, which maps to 503 (and the pool drops it).
         .test_before_acquire(false)
+}
+
+/// Connections that a command has just used and left clean, kept for the next command
+/// instead of handed back to the pool. The pool tests every connection handed back with a
+/// round trip (an empty `Sync`), which woke PostgreSQL once more for every command; a
+/// connection kept here goes straight to the next command, whose statement is its test.
+///
+/// Only a connection whose last statement ran to its end outside any transaction may be
+/// kept ([`Warm::keep`]). A connection kept longer than [`Warm::KEEP`] goes back to the
+/// pool, and at most half the pool is kept, so the pool's other users (reads, workers,
+/// imports) never wait long for connections this holds; when commands stop, all of them
+/// are back in the pool within twice that.
+#[derive(Clone)]
+pub struct Warm {
+    inner: Arc<WarmInner>,
+}
+
+struct WarmInner {
+    pool: PgPool,
+    limit: usize,
+    kept: Mutex<Kept>,
+}
+
+#[derive(Default)]
+struct Kept {
+    /// Oldest first: connections are taken from the end, and kept at the end.
+    connections: Vec<(Instant, PoolConnection<Postgres>)>,
+    /// A task hands back what has been kept too long ([`Warm::sweep`]).
+    sweeping: bool,
+}
+
+impl Warm {
+    /// How long a connection is kept unused before it goes back to the pool.
+    pub const KEEP: Duration = Duration::from_millis(100);
+
+    pub fn new(pool: PgPool) -> Self {
+        let limit = pool.options().get_max_connections() as usize / 2;
+        Self {
+            inner: Arc::new(WarmInner {
+                pool,
+                limit,
+                kept: Mutex::default(),
+            }),
+        }
+    }
+
+    /// The connection kept last, or one from the pool.
+    pub async fn acquire(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+        let kept = self.inner.lock().connections.pop();
+        match kept {
+            Some((_, connection)) => {
+                metrics::counter!("db_connections_reused_total").increment(1);
+                Ok(connection)
+            }
+            None => self.inner.pool.acquire().await,
+        }
+    }
+
+    /// Keeps `connection` for the next [`Warm::acquire`]. Only for a connection whose last
+    /// statement ran to its end, outside any transaction: nothing tests it before its next
+    /// statement.
+    pub fn keep(&self, connection: PoolConnection<Postgres>) {
+        if self.inner.pool.is_closed() {
+            return;
+        }
+        let mut kept = self.inner.lock();
+        if kept.connections.len() >= self.inner.limit {
+            // Handed back to the pool, outside the lock.
+            drop(kept);
+            drop(connection);
+            return;
+        }
+        kept.connections.push((Instant::now(), connection));
+        if !kept.sweeping {
+            kept.sweeping = true;
+            tokio::spawn(Self::sweep(Arc::downgrade(&self.inner)));
+        }
+    }
+
+    /// How many connections are kept now.
+    pub fn kept(&self) -> usize {
+        self.inner.lock().connections.len()
+    }
+
+    /// Every [`Warm::KEEP`], hands back to the pool the connections kept longer than that;
+    /// ends when none is kept (the next [`Warm::keep`] starts it again), or the app is gone.
+    async fn sweep(inner: Weak<WarmInner>) {
+        loop {
+            tokio::time::sleep(Self::KEEP).await;
+            let Some(inner) = inner.upgrade() else {
+                return;
+            };
+            let (stale, done): (Vec<_>, bool) = {
+                let mut kept = inner.lock();
+                let now = Instant::now();
+                let fresh = kept
+                    .connections
+                    .partition_point(|(at, _)| now.duration_since(*at) >= Self::KEEP);
+                let stale = kept.connections.drain(..fresh).collect();
+                kept.sweeping = !kept.connections.is_empty();
+                (stale, !kept.sweeping)
+            };
+            // Handed back to the pool, outside the lock.
+            drop(stale);
+            if done {
+                return;
+            }
+        }
+    }
+}
+
+impl WarmInner {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.kept.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl Drop for WarmInner {
+    fn drop(&mut self) {
+        let kept = std::mem::take(&mut self.lock().connections);
+        // Handing a connection back takes a task; without a runtime, close it instead.
+        if tokio::runtime::Handle::try_current().is_err() {
+            for (_, connection) in kept {
+                drop(connection.detach());
+            }
+        }
+    }
 }
 
 /// The newest migration compiled into this binary.

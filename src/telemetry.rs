@@ -104,6 +104,10 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
                 "command_batch_size",
                 "Groups of commands loaded, or written, in one statement"
             );
+            metrics::describe_counter!(
+                "db_connections_reused_total",
+                "Commands that took a connection a command before them left clean"
+            );
             handle
         })
         .clone()

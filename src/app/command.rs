@@ -644,7 +644,7 @@ where
                 .map_err(stored)?;
             Conn::Tx(tx)
         } else {
-            Conn::Plain(app.pool.acquire().await.map_err(database)?)
+            Conn::Plain(app.warm.acquire().await.map_err(database)?)
         };
         let batches = batches::<A>(app);
         let newness = &batches.newness;
@@ -984,10 +984,16 @@ async fn write_together<A: Aggregate>(
             .await
     };
     match together {
-        Ok(appended) => Ok(appended
-            .into_iter()
-            .map(|appended| Ok(appended.events.into_iter().collect()))
-            .collect()),
+        Ok(appended) => {
+            // The statement ran to its end: every group's connection is clean.
+            for work in works {
+                keep(app, work.conn);
+            }
+            Ok(appended
+                .into_iter()
+                .map(|appended| Ok(appended.events.into_iter().collect()))
+                .collect())
+        }
         Err(_) => Err(works),
     }
 }
@@ -1008,10 +1014,19 @@ async fn write_alone<A: Aggregate>(app: &App, work: Work<A>) -> GroupWritten {
         .store
         .append_recorded(&mut conn, &mut loaded, &events, &metadata, &records)
         .await?;
-    if let Conn::Tx(tx) = conn {
-        tx.commit().await?;
+    match conn {
+        Conn::Tx(tx) => tx.commit().await?,
+        plain => keep(app, plain),
     }
     Ok(appended.events.into_iter().collect())
+}
+
+/// Keeps a group's connection for the next command, once its write ran to its end (a
+/// transaction's connection goes back to the pool as it commits).
+fn keep(app: &App, conn: Conn) {
+    if let Conn::Plain(connection) = conn {
+        app.warm.keep(connection);
+    }
 }
 
 /// The placeholder position of a group's event at `sequence`: replies are made before
@@ -1062,8 +1077,9 @@ pub async fn load_existing<A: Aggregate>(
     exists: impl Fn(&A) -> bool,
     missing: &str,
 ) -> Result<Loaded<A>, AppError> {
-    let mut conn = app.pool.acquire().await?;
+    let mut conn = app.warm.acquire().await?;
     let loaded: Loaded<A> = app.store.load(&mut conn, &id.to_string()).await?;
+    app.warm.keep(conn);
     if exists(&loaded.aggregate) {
         Ok(loaded)
     } else {

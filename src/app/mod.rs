@@ -40,6 +40,8 @@ use crate::store::Store;
 #[derive(Clone)]
 pub struct App {
     pub pool: PgPool,
+    /// Connections commands left clean, for the next command (see `db::Warm`).
+    pub warm: crate::db::Warm,
     pub metrics: PrometheusHandle,
     pub store: Store,
     pub retry: RetryPolicy,
@@ -96,6 +98,7 @@ impl App {
         let secrets = config.secrets()?;
         projections::pii::install(secrets.derive(privacy::DATA_KEYS_PURPOSE));
         Ok(Self {
+            warm: crate::db::Warm::new(pool.clone()),
             pool,
             metrics: crate::telemetry::metrics_handle(),
             store: Store::new(config.snapshot_every),

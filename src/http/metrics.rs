@@ -71,6 +71,7 @@ pub async fn render(State(state): State<App>) -> impl IntoResponse {
     let pool = &state.pool;
     metrics::gauge!("db_pool_connections").set(f64::from(pool.size()));
     metrics::gauge!("db_pool_idle_connections").set(pool.num_idle() as f64);
+    metrics::gauge!("db_kept_connections").set(state.warm.kept() as f64);
     (
         [(
             header::CONTENT_TYPE,

@@ -693,3 +693,81 @@ async fn commands_refused_on_a_guess_that_their_contact_is_new_are_decided_again
     assert_eq!(recorded, vec![200; 10], "no refusal recorded for any key");
     assert!(metric_exported(&app, "untested").await);
 }
+
+#[tokio::test]
+async fn a_command_keeps_its_connection_for_the_next_and_the_pool_gets_it_back_once_commands_stop()
+{
+    let app = crate::helpers::spawn_app_with(false).await;
+    let warm = &app.state.warm;
+    for n in 0..5 {
+        let created = app
+            .post(
+                "/v1/contacts",
+                &json!({"email": format!("kept-{n}@example.com")}),
+            )
+            .await;
+        assert_eq!(created.status().as_u16(), 201);
+        // One command at a time: the one connection each used is kept for the next.
+        assert_eq!(warm.kept(), 1, "after command {n}");
+    }
+    tokio::time::sleep(leadledger::db::Warm::KEEP * 3).await;
+    assert_eq!(warm.kept(), 0);
+    assert_eq!(
+        app.pool.num_idle(),
+        app.pool.size() as usize,
+        "every connection is back in the pool"
+    );
+}
+
+#[tokio::test]
+async fn connections_kept_for_commands_never_hold_more_than_half_the_pool_nor_hold_it_long() {
+    let harness = crate::helpers::harness();
+    let database = harness.fresh_database().await;
+    let pool = leadledger::db::pool_options(4)
+        .acquire_timeout(std::time::Duration::from_secs(2))
+        .connect_with(harness.options(&database))
+        .await
+        .unwrap();
+    let warm = leadledger::db::Warm::new(pool.clone());
+    let mut taken = Vec::new();
+    for _ in 0..4 {
+        taken.push(warm.acquire().await.unwrap());
+    }
+    for connection in taken {
+        warm.keep(connection);
+    }
+    assert_eq!(warm.kept(), 2, "half the pool at most");
+    // The pool's other users get all four: two at once, two as soon as they are handed
+    // back, well before the pool's timeout.
+    let started = std::time::Instant::now();
+    let others: Vec<_> = futures::future::join_all((0..4).map(|_| pool.acquire()))
+        .await
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .expect("the pool's other users are not starved");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(warm.kept(), 0);
+    drop(others);
+}
+
+#[tokio::test]
+async fn closing_the_pool_waits_for_kept_connections_only_until_they_are_handed_back() {
+    let harness = crate::helpers::harness();
+    let database = harness.fresh_database().await;
+    let pool = leadledger::db::pool_options(4)
+        .connect_with(harness.options(&database))
+        .await
+        .unwrap();
+    let warm = leadledger::db::Warm::new(pool.clone());
+    let connection = warm.acquire().await.unwrap();
+    warm.keep(connection);
+    assert_eq!(warm.kept(), 1);
+    tokio::time::timeout(std::time::Duration::from_secs(2), pool.close())
+        .await
+        .expect("the pool closes while the app that keeps a connection lives on");
+    drop(warm);
+}

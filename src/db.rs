@@ -95,7 +95,7 @@ pub fn pool_options(size: u32) -> PgPoolOptions {
 ///
 /// Only a connection whose last statement ran to its end outside any transaction may be
 /// kept ([`Warm::keep`]). A connection kept longer than [`Warm::KEEP`] goes back to the
-/// pool, and at most half the pool is kept, so the pool's other users (reads, workers,
+/// pool, as does one in [`Warm::HAND_BACK_EVERY`], and at most half the pool is kept, so the pool's other users (reads, workers,
 /// imports) never wait long for connections this holds; when commands stop, all of them
 /// are back in the pool within twice that.
 #[derive(Clone)]
@@ -115,11 +115,18 @@ struct Kept {
     connections: Vec<(Instant, PoolConnection<Postgres>)>,
     /// A task hands back what has been kept too long ([`Warm::sweep`]).
     sweeping: bool,
+    /// Connections kept since one was last handed back to the pool.
+    kept_since_handed_back: u32,
 }
 
 impl Warm {
     /// How long a connection is kept unused before it goes back to the pool.
     pub const KEEP: Duration = Duration::from_millis(100);
+    /// One connection in this many is handed back to the pool even under constant load,
+    /// so that the pool still closes the connections past their lifetime (it checks a
+    /// connection as it comes back): a busy process's connections go through the pool
+    /// every few seconds.
+    pub const HAND_BACK_EVERY: u32 = 1024;
 
     pub fn new(pool: PgPool) -> Self {
         let limit = pool.options().get_max_connections() as usize / 2;
@@ -152,7 +159,11 @@ impl Warm {
             return;
         }
         let mut kept = self.inner.lock();
-        if kept.connections.len() >= self.inner.limit {
+        kept.kept_since_handed_back += 1;
+        if kept.connections.len() >= self.inner.limit
+            || kept.kept_since_handed_back >= Self::HAND_BACK_EVERY
+        {
+            kept.kept_since_handed_back = 0;
             // Handed back to the pool, outside the lock.
             drop(kept);
             drop(connection);

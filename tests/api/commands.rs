@@ -771,3 +771,24 @@ async fn closing_the_pool_waits_for_kept_connections_only_until_they_are_handed_
         .expect("the pool closes while the app that keeps a connection lives on");
     drop(warm);
 }
+
+#[tokio::test]
+async fn a_connection_kept_command_after_command_still_goes_back_to_the_pool_now_and_then() {
+    let harness = crate::helpers::harness();
+    let database = harness.fresh_database().await;
+    let pool = leadledger::db::pool_options(4)
+        .connect_with(harness.options(&database))
+        .await
+        .unwrap();
+    let warm = leadledger::db::Warm::new(pool.clone());
+    // Through the pool, where its lifetime is checked.
+    let mut handed_back = 0;
+    for _ in 0..leadledger::db::Warm::HAND_BACK_EVERY * 2 {
+        let connection = warm.acquire().await.unwrap();
+        warm.keep(connection);
+        if warm.kept() == 0 {
+            handed_back += 1;
+        }
+    }
+    assert_eq!(handed_back, 2);
+}

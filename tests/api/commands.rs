@@ -2,6 +2,7 @@
 //! keys, and the API's error conventions (problem+json, 400/413/415/422/503).
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use serde_json::{Value, json};
 
@@ -719,16 +720,23 @@ async fn a_command_keeps_its_connection_for_the_next_and_the_pool_gets_it_back_o
     );
 }
 
-#[tokio::test]
-async fn connections_kept_for_commands_never_hold_more_than_half_the_pool_nor_hold_it_long() {
+/// Connections kept from a pool of four on a fresh database, whose users wait at most
+/// `timeout` for a connection.
+async fn kept_on_a_pool_of_four(timeout: Duration) -> (sqlx::PgPool, leadledger::db::Warm) {
     let harness = crate::helpers::harness();
     let database = harness.fresh_database().await;
     let pool = leadledger::db::pool_options(4)
-        .acquire_timeout(std::time::Duration::from_secs(2))
+        .acquire_timeout(timeout)
         .connect_with(harness.options(&database))
         .await
         .unwrap();
     let warm = leadledger::db::Warm::new(pool.clone());
+    (pool, warm)
+}
+
+#[tokio::test]
+async fn connections_kept_for_commands_never_hold_more_than_half_the_pool_nor_hold_it_long() {
+    let (pool, warm) = kept_on_a_pool_of_four(Duration::from_secs(2)).await;
     let mut taken = Vec::new();
     for _ in 0..4 {
         taken.push(warm.acquire().await.unwrap());
@@ -746,7 +754,7 @@ async fn connections_kept_for_commands_never_hold_more_than_half_the_pool_nor_ho
         .collect::<Result<_, _>>()
         .expect("the pool's other users are not starved");
     assert!(
-        started.elapsed() < std::time::Duration::from_secs(1),
+        started.elapsed() < Duration::from_secs(1),
         "took {:?}",
         started.elapsed()
     );
@@ -756,17 +764,11 @@ async fn connections_kept_for_commands_never_hold_more_than_half_the_pool_nor_ho
 
 #[tokio::test]
 async fn closing_the_pool_waits_for_kept_connections_only_until_they_are_handed_back() {
-    let harness = crate::helpers::harness();
-    let database = harness.fresh_database().await;
-    let pool = leadledger::db::pool_options(4)
-        .connect_with(harness.options(&database))
-        .await
-        .unwrap();
-    let warm = leadledger::db::Warm::new(pool.clone());
+    let (pool, warm) = kept_on_a_pool_of_four(Duration::from_secs(5)).await;
     let connection = warm.acquire().await.unwrap();
     warm.keep(connection);
     assert_eq!(warm.kept(), 1);
-    tokio::time::timeout(std::time::Duration::from_secs(2), pool.close())
+    tokio::time::timeout(Duration::from_secs(2), pool.close())
         .await
         .expect("the pool closes while the app that keeps a connection lives on");
     drop(warm);
@@ -774,13 +776,7 @@ async fn closing_the_pool_waits_for_kept_connections_only_until_they_are_handed_
 
 #[tokio::test]
 async fn a_connection_kept_command_after_command_still_goes_back_to_the_pool_now_and_then() {
-    let harness = crate::helpers::harness();
-    let database = harness.fresh_database().await;
-    let pool = leadledger::db::pool_options(4)
-        .connect_with(harness.options(&database))
-        .await
-        .unwrap();
-    let warm = leadledger::db::Warm::new(pool.clone());
+    let (_pool, warm) = kept_on_a_pool_of_four(Duration::from_secs(5)).await;
     // Through the pool, where its lifetime is checked.
     let mut handed_back = 0;
     for _ in 0..leadledger::db::Warm::HAND_BACK_EVERY * 2 {

@@ -95,9 +95,9 @@ pub fn pool_options(size: u32) -> PgPoolOptions {
 ///
 /// Only a connection whose last statement ran to its end outside any transaction may be
 /// kept ([`Warm::keep`]). A connection kept longer than [`Warm::KEEP`] goes back to the
-/// pool, as does one in [`Warm::HAND_BACK_EVERY`], and at most half the pool is kept, so the pool's other users (reads, workers,
-/// imports) never wait long for connections this holds; when commands stop, all of them
-/// are back in the pool within twice that.
+/// pool, as does one in [`Warm::HAND_BACK_EVERY`], and at most half the pool is kept, so
+/// the pool's other users (reads, workers, imports) never wait long for connections this
+/// holds; when commands stop, all of them are back in the pool within twice that.
 #[derive(Clone)]
 pub struct Warm {
     inner: Arc<WarmInner>,

@@ -249,19 +249,24 @@ pub(crate) struct Load {
 /// key.
 pub(crate) type Loading<A> = (Conn, Result<(Loaded<A>, Option<StoredAnswer>), StoreError>);
 
+/// Requests waiting for a batch, each with where its outcome goes.
+type Queued<T, R> = Vec<(T, oneshot::Sender<R>)>;
+
 /// Requests of one kind to the database that come while another of them is under way, done
 /// together by the next: the first to come runs at once; those that come while it runs
-/// queue, and when it ends one of them runs every queued request in one go (one statement,
-/// one round trip for all) while the next ones queue. Each gets its own outcome: when
-/// requests run together fail, each runs again alone. A batch runs to its end in a task of
-/// its own, so that every request in it is told even if the caller that took them goes
-/// away (the next batch may then start before it ends). Each batch's size is counted in `command_batch_size{aggregate, step}`.
+/// queue, and when it ends the same task runs every queued request in one go (one
+/// statement, one round trip for all) while the next ones queue, until none is left. Each
+/// gets its own outcome: when requests run together fail, each runs again alone. The
+/// batches run in a task of their own, so that every request in them is told even if the
+/// caller that started it goes away; going on from one batch to the next in that task
+/// puts no hand-over between tasks between one statement and the next. Each batch's size
+/// is counted in `command_batch_size{aggregate, step}`.
 pub(crate) struct Batch<T, R> {
     aggregate: &'static str,
     step: &'static str,
-    queue: StdMutex<Vec<(T, oneshot::Sender<R>)>>,
-    /// Held by the one running.
-    running: Mutex<()>,
+    queue: Arc<StdMutex<Queued<T, R>>>,
+    /// Held by the task running the batches.
+    running: Arc<Mutex<()>>,
 }
 
 impl<T: Send + 'static, R: Send + 'static> Batch<T, R> {
@@ -269,41 +274,49 @@ impl<T: Send + 'static, R: Send + 'static> Batch<T, R> {
         Self {
             aggregate,
             step,
-            queue: StdMutex::new(Vec::new()),
-            running: Mutex::new(()),
+            queue: Arc::default(),
+            running: Arc::default(),
         }
     }
 
-    /// `item`'s outcome, from this caller's batch of every request queued when its turn
-    /// came, or from another caller's that took it. `together` runs several requests and
-    /// gives an outcome for each, in order, or the requests back when it failed; `alone`
-    /// runs one. Each is handed `with` (the application, say). `None`: the batch that took
-    /// it ended without telling it.
+    /// `item`'s outcome, from the batch of every request queued when it was taken. The
+    /// caller that finds no batch running starts the task that runs them. `together` runs
+    /// several requests and gives an outcome for each, in order, or the requests back when
+    /// it failed; `alone` runs one. Each is handed `with` (the application, say). `None`:
+    /// the batch that took it ended without telling it.
     pub async fn run<C, F, FF, G, GF>(&self, item: T, with: C, alone: F, together: G) -> Option<R>
     where
         C: Clone + Send + 'static,
-        F: Fn(C, T) -> FF + Send + 'static,
+        F: Fn(C, T) -> FF + Send + Sync + 'static,
         FF: Future<Output = R> + Send + 'static,
-        G: FnOnce(C, Vec<T>) -> GF + Send + 'static,
+        G: Fn(C, Vec<T>) -> GF + Send + Sync + 'static,
         GF: Future<Output = Result<Vec<R>, Vec<T>>> + Send + 'static,
     {
         let (sender, mut done) = oneshot::channel();
-        self.queue
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push((item, sender));
+        lock(&self.queue).push((item, sender));
         tokio::select! {
             biased;
-            // Another caller took it.
+            // A batch took it.
             outcome = &mut done => return outcome.ok(),
-            _running = self.running.lock() => {
-                let ready =
-                    std::mem::take(&mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()));
-                metrics::histogram!(
-                    "command_batch_size", "aggregate" => self.aggregate, "step" => self.step
-                )
-                .record(ready.len() as f64);
-                let _ = tokio::spawn(Self::run_batch(ready, with, alone, together)).await;
+            running = self.running.clone().lock_owned() => {
+                let queue = self.queue.clone();
+                let (aggregate, step) = (self.aggregate, self.step);
+                tokio::spawn(async move {
+                    let _running = running;
+                    loop {
+                        // Nothing queued: the next caller starts the task again (it waits
+                        // for this lock, which is let go after this).
+                        let ready = std::mem::take(&mut *lock(&queue));
+                        if ready.is_empty() {
+                            break;
+                        }
+                        metrics::histogram!(
+                            "command_batch_size", "aggregate" => aggregate, "step" => step
+                        )
+                        .record(ready.len() as f64);
+                        Self::run_batch(ready, with.clone(), &alone, &together).await;
+                    }
+                });
             }
         }
         done.await.ok()
@@ -311,16 +324,12 @@ impl<T: Send + 'static, R: Send + 'static> Batch<T, R> {
 
     /// Runs `ready` together (or the one alone) and tells each how it ended; if together
     /// failed, runs each alone.
-    async fn run_batch<C, F, FF, G, GF>(
-        ready: Vec<(T, oneshot::Sender<R>)>,
-        with: C,
-        alone: F,
-        together: G,
-    ) where
+    async fn run_batch<C, F, FF, G, GF>(ready: Queued<T, R>, with: C, alone: &F, together: &G)
+    where
         C: Clone,
         F: Fn(C, T) -> FF,
         FF: Future<Output = R>,
-        G: FnOnce(C, Vec<T>) -> GF,
+        G: Fn(C, Vec<T>) -> GF,
         GF: Future<Output = Result<Vec<R>, Vec<T>>>,
     {
         let (items, senders): (Vec<T>, Vec<_>) = ready.into_iter().unzip();
@@ -342,6 +351,10 @@ impl<T: Send + 'static, R: Send + 'static> Batch<T, R> {
             }
         }
     }
+}
+
+fn lock<T>(mutex: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// The loads and the writes of an aggregate type's groups (of different aggregates),

@@ -10,6 +10,7 @@ use sqlx::{PgPool, Postgres};
 
 use crate::config::Config;
 use crate::embedded::{EmbeddedError, EmbeddedOptions, EmbeddedPostgres};
+use crate::lock;
 
 /// The migrations in `migrations/`, compiled into the binary.
 pub static MIGRATOR: Migrator = sqlx::migrate!();
@@ -141,7 +142,7 @@ impl Warm {
 
     /// The connection kept last, or one from the pool.
     pub async fn acquire(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
-        let kept = self.inner.lock().connections.pop();
+        let kept = lock(&self.inner.kept).connections.pop();
         match kept {
             Some((_, connection)) => {
                 metrics::counter!("db_connections_reused_total").increment(1);
@@ -158,7 +159,7 @@ impl Warm {
         if self.inner.pool.is_closed() {
             return;
         }
-        let mut kept = self.inner.lock();
+        let mut kept = lock(&self.inner.kept);
         kept.kept_since_handed_back += 1;
         if kept.connections.len() >= self.inner.limit
             || kept.kept_since_handed_back >= Self::HAND_BACK_EVERY
@@ -178,7 +179,7 @@ impl Warm {
 
     /// How many connections are kept now.
     pub fn kept(&self) -> usize {
-        self.inner.lock().connections.len()
+        lock(&self.inner.kept).connections.len()
     }
 
     /// Every [`Warm::KEEP`], hands back to the pool the connections kept longer than that;
@@ -190,7 +191,7 @@ impl Warm {
                 return;
             };
             let (stale, done): (Vec<_>, bool) = {
-                let mut kept = inner.lock();
+                let mut kept = lock(&inner.kept);
                 let now = Instant::now();
                 let fresh = kept
                     .connections
@@ -208,15 +209,9 @@ impl Warm {
     }
 }
 
-impl WarmInner {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Kept> {
-        self.kept.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
-
 impl Drop for WarmInner {
     fn drop(&mut self) {
-        let kept = std::mem::take(&mut self.lock().connections);
+        let kept = std::mem::take(&mut lock(&self.kept).connections);
         // Handing a connection back takes a task; without a runtime, close it instead.
         if tokio::runtime::Handle::try_current().is_err() {
             for (_, connection) in kept {

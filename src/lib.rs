@@ -34,3 +34,10 @@ pub mod providers;
 pub mod secrets;
 pub mod store;
 pub mod telemetry;
+
+/// Locks `mutex`, also once a panic elsewhere has poisoned it: the values the crate keeps
+/// behind a `std::sync::Mutex` (caches, queues, lists of streams and connections) are whole
+/// between any two statements of their users, so a panic cannot leave one half-changed.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -38,6 +38,7 @@ use cqrs_es::Aggregate;
 use sqlx::PgConnection;
 use tokio::sync::{Mutex, Notify, oneshot, watch};
 
+use crate::lock;
 use crate::store::{Loaded, Metadata, Position, RecordRow, StoreError, StoredAnswer};
 
 /// The connection a group works on: a plain one, whose write commits by itself, or the
@@ -192,7 +193,7 @@ pub(crate) struct Stream {
 impl Stream {
     /// Joins the group taking members, if there is one.
     pub fn join<A: Aggregate + 'static>(&self) -> Option<(Arc<Group<A>>, Turn<A>)> {
-        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let open = lock(&self.open);
         let group = open.as_ref()?.clone().downcast::<Group<A>>().ok()?;
         group.joined.fetch_add(1, Ordering::AcqRel);
         let turn = Turn {
@@ -204,7 +205,7 @@ impl Stream {
 
     /// Opens `group` for members (the caller holds `turn`).
     pub fn open<A: Aggregate + 'static>(&self, group: &Arc<Group<A>>) {
-        *self.open.lock().unwrap_or_else(|e| e.into_inner()) = Some(group.clone());
+        *lock(&self.open) = Some(group.clone());
         self.changed.notify_waiters();
     }
 
@@ -214,7 +215,7 @@ impl Stream {
         loop {
             let notified = group.turn_done.notified();
             {
-                let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+                let mut open = lock(&self.open);
                 if group.joined.load(Ordering::Acquire) == 0 {
                     *open = None;
                     return;
@@ -226,7 +227,7 @@ impl Stream {
 
     /// Closes the group without waiting (its leader is going away).
     pub fn abandon(&self) {
-        *self.open.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *lock(&self.open) = None;
     }
 }
 
@@ -353,10 +354,6 @@ impl<T: Send + 'static, R: Send + 'static> Batch<T, R> {
     }
 }
 
-fn lock<T>(mutex: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// The loads and the writes of an aggregate type's groups (of different aggregates),
 /// each batched, and how often its groups lately found their aggregate new.
 pub(crate) struct Batches<A: Aggregate, F> {
@@ -433,7 +430,7 @@ pub struct Groups {
 impl Groups {
     /// The batches of aggregate type `A`, whose writes fail with `F`.
     pub(crate) fn batches<A: Aggregate + 'static, F: Send + 'static>(&self) -> Arc<Batches<A, F>> {
-        let mut batches = self.batches.lock().unwrap_or_else(|e| e.into_inner());
+        let mut batches = lock(&self.batches);
         batches
             .entry(A::TYPE)
             .or_insert_with(|| Arc::new(Batches::<A, F>::new()))
@@ -443,7 +440,7 @@ impl Groups {
     }
 
     pub(crate) fn stream(&self, aggregate: &'static str, id: &str) -> Arc<Stream> {
-        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let mut streams = lock(&self.streams);
         streams
             .entry((aggregate, id.to_string()))
             .or_default()
@@ -453,7 +450,7 @@ impl Groups {
     /// Forgets the stream when nobody else holds it (the map does not grow with every
     /// aggregate ever written).
     pub(crate) fn release(&self, aggregate: &'static str, id: &str, stream: Arc<Stream>) {
-        let mut streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let mut streams = lock(&self.streams);
         // Ours and the map's: nobody else is using it, and nobody can take it but from
         // the map, under this lock.
         if Arc::strong_count(&stream) == 2 {

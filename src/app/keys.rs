@@ -18,6 +18,7 @@ use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::app::error::AppError;
+use crate::lock;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -158,7 +159,7 @@ pub struct KeyCache {
 
 impl KeyCache {
     fn get(&self, hash: &[u8]) -> Option<ApiKey> {
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let entries = lock(&self.entries);
         entries
             .get(hash)
             .filter(|(_, at)| at.elapsed() < KEY_CACHE_TTL)
@@ -166,7 +167,7 @@ impl KeyCache {
     }
 
     fn put(&self, hash: Vec<u8>, key: ApiKey) {
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = lock(&self.entries);
         if entries.len() >= KEY_CACHE_MAX {
             entries.clear();
         }
@@ -175,10 +176,7 @@ impl KeyCache {
 
     /// Forgets every key: the next request of each asks the database.
     pub fn clear(&self) {
-        self.entries
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
+        lock(&self.entries).clear();
     }
 }
 

@@ -740,7 +740,7 @@ pub async fn check_secret_key(conn: &mut PgConnection) -> Result<bool, PiiError>
 
 /// What starts a sealed stored reply (an idempotency record's body); a body without it
 /// was stored in the clear by an earlier release.
-const SEALED_RECORD: &[u8] = b"LLS1";
+pub const SEALED_RECORD: &[u8] = b"LLS1";
 
 /// Seals a stored reply (bytes) under the server's key, bound to `aad` (its record's
 /// key): replies can name a person, and the database alone must not show them. Without

@@ -387,34 +387,56 @@ pub struct Encrypted {
     pub records: u64,
 }
 
-/// Seals the idempotency records' replies an earlier release stored in the clear.
-async fn seal_clear_records(pool: &sqlx::PgPool) -> Result<u64, AppError> {
-    let mut tx = pool.begin().await?;
-    let records = sqlx::query!(
-        "SELECT api_key_id, idempotency_key, response_body FROM idempotency_records
-         FOR UPDATE SKIP LOCKED"
-    )
-    .fetch_all(&mut *tx)
-    .await?;
+/// Seals the idempotency records' replies an earlier release stored in the clear, `batch`
+/// per transaction. Only replies in the clear are read and locked: `serve` runs this at
+/// every start, and the records already sealed (all of them, but for a database written by
+/// an earlier release) are left alone, with no lock taken and nothing written.
+async fn seal_clear_records(pool: &sqlx::PgPool, batch: i64) -> Result<u64, AppError> {
+    use projections::pii::{SEALED_RECORD, is_sealed_record, seal_record};
     let mut sealed = 0;
-    for r in records {
-        if projections::pii::is_sealed_record(&r.response_body) {
-            continue;
-        }
-        let aad = command::record_aad(r.api_key_id, &r.idempotency_key);
-        sqlx::query!(
-            "UPDATE idempotency_records SET response_body = $3
-             WHERE api_key_id = $1 AND idempotency_key = $2",
-            r.api_key_id,
-            r.idempotency_key,
-            projections::pii::seal_record(&aad, &r.response_body)
+    loop {
+        let mut tx = pool.begin().await?;
+        // Answered replies not starting with the sealed mark; SKIP LOCKED: one a request
+        // holds is taken by the next run.
+        let records = sqlx::query!(
+            "SELECT api_key_id, idempotency_key, response_body FROM idempotency_records
+             WHERE response_status IS NOT NULL
+               AND substr(response_body, 1, $1) IS DISTINCT FROM $2
+             LIMIT $3
+             FOR UPDATE SKIP LOCKED",
+            SEALED_RECORD.len() as i32,
+            SEALED_RECORD,
+            batch
         )
-        .execute(&mut *tx)
+        .fetch_all(&mut *tx)
         .await?;
-        sealed += 1;
+        if records.is_empty() {
+            tx.commit().await?;
+            return Ok(sealed);
+        }
+        for r in records {
+            let aad = command::record_aad(r.api_key_id, &r.idempotency_key);
+            let body = seal_record(&aad, &r.response_body);
+            if !is_sealed_record(&body) {
+                // No key to seal with: nothing can be sealed, and the same rows would come
+                // back for ever.
+                return Err(AppError::Internal(
+                    "idempotency replies in the clear cannot be sealed: no secret key".into(),
+                ));
+            }
+            sqlx::query!(
+                "UPDATE idempotency_records SET response_body = $3
+                 WHERE api_key_id = $1 AND idempotency_key = $2",
+                r.api_key_id,
+                r.idempotency_key,
+                body
+            )
+            .execute(&mut *tx)
+            .await?;
+            sealed += 1;
+        }
+        tx.commit().await?;
     }
-    tx.commit().await?;
-    Ok(sealed)
 }
 
 /// Seals every contact event still stored in the clear (written before encryption),
@@ -447,7 +469,7 @@ pub async fn encrypt_plaintext(
         .await?;
         let Some(last) = rows.last().map(|r| r.position) else {
             tx.commit().await?;
-            done.records += seal_clear_records(pool).await?;
+            done.records += seal_clear_records(pool, batch).await?;
             return Ok(done);
         };
         after = last;

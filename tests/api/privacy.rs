@@ -1050,3 +1050,80 @@ async fn the_feed_opens_a_contacts_personal_data_only_for_readers_of_it() {
         "clear members stay: {as_stored}"
     );
 }
+
+#[tokio::test]
+async fn sealing_clear_replies_at_start_locks_and_rewrites_only_the_replies_in_the_clear() {
+    use projections::pii::{is_sealed_record, open_record, seal_record};
+
+    let harness = harness();
+    let database = harness.fresh_database().await;
+    let pool = sqlx::PgPool::connect_with(harness.options(&database))
+        .await
+        .unwrap();
+    let _app = crate::helpers::build_app(pool.clone());
+    let scope = uuid::Uuid::new_v4();
+    let aad = |key: &str| leadledger::app::command::record_aad(scope, key);
+    let reply = |i: usize| format!(r#"{{"id":"reply {i}"}}"#).into_bytes();
+    // 300 replies sealed (as this release writes them), 5 in the clear (as an earlier
+    // release did) and one not answered yet.
+    let mut keys = Vec::new();
+    let mut bodies = Vec::new();
+    let mut statuses = Vec::new();
+    for i in 0..306 {
+        let key = format!("key-{i}");
+        bodies.push(match i {
+            0..300 => seal_record(&aad(&key), &reply(i)),
+            _ => reply(i),
+        });
+        statuses.push((i < 305).then_some(201i16));
+        keys.push(key);
+    }
+    sqlx::query(
+        "INSERT INTO idempotency_records
+             (api_key_id, idempotency_key, request_hash, response_status, response_body,
+              response_headers)
+         SELECT $1, u.key, '\\x00', u.status, u.body, '{}'
+         FROM UNNEST($2::text[], $3::int2[], $4::bytea[]) AS u(key, status, body)",
+    )
+    .bind(scope)
+    .bind(&keys)
+    .bind(&statuses)
+    .bind(&bodies)
+    .execute(&pool)
+    .await
+    .unwrap();
+
+    let done = leadledger::app::privacy::encrypt_plaintext(&pool, 2, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!(done.records, 5, "{done:?}");
+
+    let rows: Vec<(String, Vec<u8>, String)> = sqlx::query_as(
+        "SELECT idempotency_key, response_body, xmax::text FROM idempotency_records",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 306);
+    for (key, body, xmax) in rows {
+        let i: usize = key["key-".len()..].parse().unwrap();
+        // A row locked keeps its locker in `xmax` (and cost a WAL record).
+        let untouched = |xmax: &str| assert_eq!(xmax, "0", "{key} was locked");
+        match i {
+            0..300 => {
+                untouched(&xmax);
+                assert_eq!(body, bodies[i], "{key} left as it was");
+            }
+            300..305 => {
+                assert!(is_sealed_record(&body), "{key} sealed");
+                assert_eq!(open_record(&aad(&key), &body).unwrap(), reply(i));
+            }
+            _ => {
+                untouched(&xmax);
+                assert_eq!(body, reply(i), "{key}, not answered yet, left alone");
+            }
+        }
+    }
+    pool.close().await;
+    harness.drop_database(database);
+}

@@ -56,6 +56,17 @@ const CLEAR_MEMBERS: &[&str] = &[
 /// The member that holds the sealed personal members.
 pub const SEALED_MEMBER: &str = "pii";
 
+/// The members an event's variant object may have without holding personal data in the
+/// clear: the clear ones and the sealed one. A member of any other name is personal data
+/// in the clear (what [`event_needs_key`] finds), for queries that look for it.
+pub fn clear_or_sealed_members() -> Vec<&'static str> {
+    CLEAR_MEMBERS
+        .iter()
+        .copied()
+        .chain([SEALED_MEMBER])
+        .collect()
+}
+
 /// Events that start a life of a personal stream: written to a stream whose key was
 /// destroyed (an erased contact created again), they make the key's next generation.
 pub const NEW_LIFE_EVENTS: &[&str] = &["ContactCreated"];

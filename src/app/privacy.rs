@@ -114,15 +114,16 @@ async fn shred(conn: &mut PgConnection, id: &str, at: DateTime<Utc>) -> Result<(
     )
     .execute(&mut *conn)
     .await?;
-    let clear = sqlx::query!(
-        "SELECT position, payload FROM events
-         WHERE aggregate_type = $1 AND aggregate_id = $2 AND NOT payload::text LIKE '%\"pii\"%'",
+    // Each of the stream's events is looked at: the clear personal ones (stored by an
+    // earlier release) are told apart by their members, not by the text they hold.
+    let events = sqlx::query!(
+        "SELECT position, payload FROM events WHERE aggregate_type = $1 AND aggregate_id = $2",
         Contact::TYPE,
         id
     )
     .fetch_all(&mut *conn)
     .await?;
-    for row in clear {
+    for row in events {
         if projections::pii::is_clear_personal(Contact::TYPE, &row.payload) {
             let mut payload = row.payload;
             projections::pii::redact_event(&mut payload);
@@ -163,15 +164,7 @@ async fn redact_stored_responses(
         };
         if contains(&reply, email) || contains(&reply, &id) {
             let sealed = projections::pii::seal_record(&aad, &body);
-            sqlx::query!(
-                "UPDATE idempotency_records SET response_body = $3
-                 WHERE api_key_id = $1 AND idempotency_key = $2",
-                r.api_key_id,
-                r.idempotency_key,
-                sealed
-            )
-            .execute(&mut *conn)
-            .await?;
+            store_reply(conn, r.api_key_id, &r.idempotency_key, &sealed).await?;
         }
     }
     sqlx::query!(
@@ -387,6 +380,25 @@ pub struct Encrypted {
     pub records: u64,
 }
 
+/// Replaces the stored reply (as sealed) of an idempotency record.
+async fn store_reply(
+    conn: &mut PgConnection,
+    scope: Uuid,
+    key: &str,
+    body: &[u8],
+) -> Result<(), AppError> {
+    sqlx::query!(
+        "UPDATE idempotency_records SET response_body = $3
+         WHERE api_key_id = $1 AND idempotency_key = $2",
+        scope,
+        key,
+        body
+    )
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
 /// Seals the idempotency records' replies an earlier release stored in the clear, `batch`
 /// per transaction. Only replies in the clear are read and locked: `serve` runs this at
 /// every start, and the records already sealed (all of them, but for a database written by
@@ -424,15 +436,7 @@ async fn seal_clear_records(pool: &sqlx::PgPool, batch: i64) -> Result<u64, AppE
                     "idempotency replies in the clear cannot be sealed: no secret key".into(),
                 ));
             }
-            sqlx::query!(
-                "UPDATE idempotency_records SET response_body = $3
-                 WHERE api_key_id = $1 AND idempotency_key = $2",
-                r.api_key_id,
-                r.idempotency_key,
-                body
-            )
-            .execute(&mut *tx)
-            .await?;
+            store_reply(&mut tx, r.api_key_id, &r.idempotency_key, &body).await?;
             sealed += 1;
         }
         tx.commit().await?;
@@ -454,16 +458,29 @@ pub async fn encrypt_plaintext(
     let mut after = 0i64;
     loop {
         let mut tx = pool.begin().await?;
-        // SKIP LOCKED: rows a writer holds (an erasure stripping them) are taken next run.
+        // The events with personal data in the clear, and only those, are read and
+        // locked: not sealed (no `pii` member in the variant object, a member no event of
+        // an earlier release has: the cheap test, which passes over the sealed log at each
+        // start), and with a member that is neither clear nor sealed. An event with nothing
+        // personal is read past. SKIP LOCKED: rows a writer holds (an erasure stripping
+        // them) are taken next run.
         let rows = sqlx::query!(
             r#"SELECT position, aggregate_id, payload FROM events
                WHERE aggregate_type = $1 AND position > $2
-                 AND NOT payload::text LIKE '%"pii"%'
+                 AND NOT payload @? '$.*.pii'
+                 AND EXISTS (
+                     SELECT 1
+                     FROM jsonb_each(CASE WHEN jsonb_typeof(payload) = 'object'
+                                          THEN payload ELSE '{}' END) AS v(name, value),
+                          jsonb_object_keys(CASE WHEN jsonb_typeof(v.value) = 'object'
+                                                 THEN v.value ELSE '{}' END) AS m(name)
+                     WHERE m.name <> ALL($4::text[]))
                ORDER BY position LIMIT $3
                FOR UPDATE SKIP LOCKED"#,
             Contact::TYPE,
             after,
-            batch
+            batch,
+            &pii::clear_or_sealed_members() as &[&str]
         )
         .fetch_all(&mut *tx)
         .await?;
@@ -524,9 +541,10 @@ pub async fn encrypt_plaintext(
         let snapshots = sqlx::query!(
             r#"DELETE FROM snapshots
                WHERE aggregate_type = $1 AND aggregate_id = ANY($2)
-                 AND NOT payload::text LIKE '%"pii"%'"#,
+                 AND NOT jsonb_exists(payload, $3)"#,
             Contact::TYPE,
-            &ids
+            &ids,
+            pii::SEALED_MEMBER
         )
         .execute(&mut *tx)
         .await?;

@@ -829,6 +829,18 @@ async fn the_export_holds_everything_about_the_person_and_the_history_says_who_d
     );
 }
 
+/// A fresh database with the app built on it (migrated, the test key installed), for
+/// tests that store rows as an earlier release did and call the app directly: its name and
+/// a pool.
+async fn app_database() -> (String, sqlx::PgPool) {
+    let database = harness().fresh_database().await;
+    let pool = sqlx::PgPool::connect_with(harness().options(&database))
+        .await
+        .unwrap();
+    let _app = crate::helpers::build_app(pool.clone());
+    (database, pool)
+}
+
 /// A clear-text contact event as an earlier release stored it.
 fn clear_event(i: usize, sequence: i64) -> Value {
     if sequence == 1 {
@@ -850,12 +862,7 @@ async fn encrypting_clear_events_killed_midway_and_run_again_seals_each_event_on
     use nix::unistd::Pid;
 
     const CONTACTS: usize = 3_000;
-    let harness = harness();
-    let database = harness.fresh_database().await;
-    let pool = sqlx::PgPool::connect_with(harness.options(&database))
-        .await
-        .unwrap();
-    let _app = crate::helpers::build_app(pool.clone());
+    let (database, pool) = app_database().await;
     let ids: Vec<String> = (0..CONTACTS)
         .map(|_| uuid::Uuid::new_v4().to_string())
         .collect();
@@ -903,7 +910,7 @@ async fn encrypting_clear_events_killed_midway_and_run_again_seals_each_event_on
         .unwrap()
     };
 
-    let url = harness.url(&database);
+    let url = harness().url(&database);
     let (_keep, data) = crate::lifecycle::data_dir();
     let command = || {
         let mut cmd = crate::lifecycle::leadledger(&data);
@@ -955,7 +962,7 @@ async fn encrypting_clear_events_killed_midway_and_run_again_seals_each_event_on
     assert_eq!(load_all().await, before, "every aggregate loads as before");
     drop(conn);
     pool.close().await;
-    harness.drop_database(database);
+    harness().drop_database(database);
 }
 
 #[tokio::test]
@@ -1055,12 +1062,7 @@ async fn the_feed_opens_a_contacts_personal_data_only_for_readers_of_it() {
 async fn sealing_clear_replies_at_start_locks_and_rewrites_only_the_replies_in_the_clear() {
     use projections::pii::{is_sealed_record, open_record, seal_record};
 
-    let harness = harness();
-    let database = harness.fresh_database().await;
-    let pool = sqlx::PgPool::connect_with(harness.options(&database))
-        .await
-        .unwrap();
-    let _app = crate::helpers::build_app(pool.clone());
+    let (database, pool) = app_database().await;
     let scope = uuid::Uuid::new_v4();
     let aad = |key: &str| leadledger::app::command::record_aad(scope, key);
     let reply = |i: usize| format!(r#"{{"id":"reply {i}"}}"#).into_bytes();
@@ -1125,5 +1127,110 @@ async fn sealing_clear_replies_at_start_locks_and_rewrites_only_the_replies_in_t
         }
     }
     pool.close().await;
-    harness.drop_database(database);
+    harness().drop_database(database);
+}
+
+/// Inserts `payloads` as a contact's events in the clear, as an earlier release stored them.
+async fn insert_clear_events(pool: &sqlx::PgPool, id: &str, payloads: &[Value]) {
+    for (i, payload) in payloads.iter().enumerate() {
+        let kind = payload.as_object().unwrap().keys().next().unwrap().clone();
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                                 event_version, payload)
+             VALUES ('contact', $1, $2, $3, '1.0', $4)",
+        )
+        .bind(id)
+        .bind(i as i64 + 1)
+        .bind(kind)
+        .bind(payload)
+        .execute(pool)
+        .await
+        .unwrap();
+    }
+}
+
+/// A clear contact whose data holds the text `"pii"` (the sealed member's name) as a value.
+fn clear_event_mentioning_pii() -> Value {
+    json!({"ContactCreated": {
+        "email": "legacy-pii@example.org",
+        "fields": {"first_name": "pii", "phone": "+1 555 0199"},
+        "created_at": "2026-01-01T00:00:00Z"}})
+}
+
+#[tokio::test]
+async fn encrypting_seals_clear_events_by_their_members_and_locks_no_event_it_leaves() {
+    let (database, pool) = app_database().await;
+    let (mentioning, plain) = (
+        uuid::Uuid::new_v4().to_string(),
+        uuid::Uuid::new_v4().to_string(),
+    );
+    // Personal data in the clear whose text mentions "pii"; and a contact whose second
+    // event holds nothing personal (a status, its basis and a time).
+    insert_clear_events(&pool, &mentioning, &[clear_event_mentioning_pii()]).await;
+    let nothing_personal = json!({"ConsentRecorded": {
+        "status": "granted", "basis": "consent", "recorded_at": "2026-01-02T00:00:00Z"}});
+    insert_clear_events(
+        &pool,
+        &plain,
+        &[clear_event(1, 1), nothing_personal.clone()],
+    )
+    .await;
+
+    let done = leadledger::app::privacy::encrypt_plaintext(&pool, 10, &|_| {})
+        .await
+        .unwrap();
+    assert_eq!((done.events, done.redacted), (2, 0), "{done:?}");
+
+    let rows: Vec<(String, i64, Value, String)> = sqlx::query_as(
+        "SELECT aggregate_id, sequence, payload, xmax::text FROM events ORDER BY position",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let keys = projections::pii::keys(&mut conn, "contact", &[mentioning.clone(), plain.clone()])
+        .await
+        .unwrap();
+    for (id, sequence, payload, xmax) in rows {
+        let text = payload.to_string();
+        let original = match (id == mentioning, sequence) {
+            (true, _) => clear_event_mentioning_pii(),
+            (false, 1) => clear_event(1, 1),
+            _ => {
+                // Read past: neither rewritten nor locked (a lock leaves its locker in `xmax`).
+                assert_eq!(payload, nothing_personal);
+                assert_eq!(xmax, "0", "an event with nothing personal was locked");
+                continue;
+            }
+        };
+        assert!(!text.contains("example.org"), "{text}");
+        assert!(!text.contains("555"), "{text}");
+        let opened = projections::pii::open_event(&keys, "contact", &id, payload).unwrap();
+        assert_eq!(opened, original);
+    }
+    drop(conn);
+    pool.close().await;
+    harness().drop_database(database);
+}
+
+#[tokio::test]
+async fn erasing_a_contact_stored_in_the_clear_strips_every_event_even_one_mentioning_pii() {
+    let app = spawn_app().await;
+    let id = uuid::Uuid::new_v4().to_string();
+    insert_clear_events(&app.pool, &id, &[clear_event_mentioning_pii()]).await;
+
+    let erased = delete(&app, &format!("/v1/contacts/{id}")).await;
+    assert_eq!(erased.status().as_u16(), 200, "{:?}", erased.text().await);
+
+    let stored: Vec<String> =
+        sqlx::query_scalar("SELECT payload::text FROM events WHERE aggregate_id = $1")
+            .bind(&id)
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert!(!stored.is_empty());
+    for text in stored {
+        assert!(!text.contains("legacy-pii@example.org"), "{text}");
+        assert!(!text.contains("555 0199"), "{text}");
+    }
 }

@@ -104,6 +104,11 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
                 "command_batch_size",
                 "Groups of commands loaded, or written, in one statement"
             );
+            metrics::describe_histogram!(
+                "command_batch_duration_seconds",
+                metrics::Unit::Seconds,
+                "Time a batch of loads, or of writes, took until each of its groups was told"
+            );
             metrics::describe_counter!(
                 "db_connections_reused_total",
                 "Commands that took a connection a command before them left clean"

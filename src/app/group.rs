@@ -261,7 +261,8 @@ type Queued<T, R> = Vec<(T, oneshot::Sender<R>)>;
 /// batches run in a task of their own, so that every request in them is told even if the
 /// caller that started it goes away; going on from one batch to the next in that task
 /// puts no hand-over between tasks between one statement and the next. Each batch's size
-/// is counted in `command_batch_size{aggregate, step}`.
+/// is counted in `command_batch_size{aggregate, step}`, and the time it took (until every
+/// request in it was told) in `command_batch_duration_seconds{aggregate, step}`.
 pub(crate) struct Batch<T, R> {
     aggregate: &'static str,
     step: &'static str,
@@ -315,7 +316,13 @@ impl<T: Send + 'static, R: Send + 'static> Batch<T, R> {
                             "command_batch_size", "aggregate" => aggregate, "step" => step
                         )
                         .record(ready.len() as f64);
+                        let started = std::time::Instant::now();
                         Self::run_batch(ready, with.clone(), &alone, &together).await;
+                        metrics::histogram!(
+                            "command_batch_duration_seconds",
+                            "aggregate" => aggregate, "step" => step
+                        )
+                        .record(started.elapsed().as_secs_f64());
                     }
                 });
             }

@@ -582,6 +582,11 @@ async fn commands_on_different_contacts_ready_together_commit_together_and_one_t
         metrics.contains(r#"command_batch_size_bucket{aggregate="contact",step="write",le="2"}"#),
         "the batches are counted: {metrics}"
     );
+    assert!(
+        metrics
+            .contains(r#"command_batch_duration_seconds_count{aggregate="contact",step="write"}"#),
+        "the batches are timed: {metrics}"
+    );
     let contacts: i64 = sqlx::query_scalar(
         "SELECT count(DISTINCT aggregate_id) FROM events WHERE aggregate_type = 'contact'",
     )

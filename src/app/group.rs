@@ -305,6 +305,13 @@ impl<T: Send + 'static, R: Send + 'static> Batch<T, R> {
                 let (aggregate, step) = (self.aggregate, self.step);
                 tokio::spawn(async move {
                     let _running = running;
+                    // Looked up once for every batch this task runs.
+                    let sizes = metrics::histogram!(
+                        "command_batch_size", "aggregate" => aggregate, "step" => step
+                    );
+                    let durations = metrics::histogram!(
+                        "command_batch_duration_seconds", "aggregate" => aggregate, "step" => step
+                    );
                     loop {
                         // Nothing queued: the next caller starts the task again (it waits
                         // for this lock, which is let go after this).
@@ -312,17 +319,10 @@ impl<T: Send + 'static, R: Send + 'static> Batch<T, R> {
                         if ready.is_empty() {
                             break;
                         }
-                        metrics::histogram!(
-                            "command_batch_size", "aggregate" => aggregate, "step" => step
-                        )
-                        .record(ready.len() as f64);
+                        sizes.record(ready.len() as f64);
                         let started = std::time::Instant::now();
                         Self::run_batch(ready, with.clone(), &alone, &together).await;
-                        metrics::histogram!(
-                            "command_batch_duration_seconds",
-                            "aggregate" => aggregate, "step" => step
-                        )
-                        .record(started.elapsed().as_secs_f64());
+                        durations.record(started.elapsed().as_secs_f64());
                     }
                 });
             }

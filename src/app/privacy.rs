@@ -14,6 +14,7 @@
 use aggregates::contact::{Contact, ContactCommand, ContactEmail};
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
+use futures::TryStreamExt;
 use serde::Serialize;
 use serde_json::json;
 use sqlx::PgConnection;
@@ -149,23 +150,30 @@ async fn redact_stored_responses(
     let redacted = json!({"redacted": "the contact this response named was erased"});
     let body = serde_json::to_vec(&redacted).unwrap_or_default();
     let (email, id) = (email.as_str(), id.to_string());
-    // Replies are sealed, so each is opened to be searched: the records are few (kept 25
-    // hours) and an erasure is rare.
-    let records =
-        sqlx::query!("SELECT api_key_id, idempotency_key, response_body FROM idempotency_records")
-            .fetch_all(&mut *conn)
-            .await?;
+    // Replies are sealed, so each is opened to be searched (the records are kept 25 hours
+    // and an erasure is rare). They are read as a stream and only the keys of those that
+    // name the person are kept, so that memory does not grow with the number of records.
     let contains =
         |hay: &[u8], needle: &str| hay.windows(needle.len()).any(|w| w == needle.as_bytes());
-    for r in records {
-        let aad = command::record_aad(r.api_key_id, &r.idempotency_key);
-        let Ok(reply) = projections::pii::open_record(&aad, &r.response_body) else {
-            continue;
-        };
-        if contains(&reply, email) || contains(&reply, &id) {
-            let sealed = projections::pii::seal_record(&aad, &body);
-            store_reply(conn, r.api_key_id, &r.idempotency_key, &sealed).await?;
+    let mut naming = Vec::new();
+    {
+        let mut records = sqlx::query!(
+            "SELECT api_key_id, idempotency_key, response_body FROM idempotency_records"
+        )
+        .fetch(&mut *conn);
+        while let Some(r) = records.try_next().await? {
+            let aad = command::record_aad(r.api_key_id, &r.idempotency_key);
+            let Ok(reply) = projections::pii::open_record(&aad, &r.response_body) else {
+                continue;
+            };
+            if contains(&reply, email) || contains(&reply, &id) {
+                naming.push((r.api_key_id, r.idempotency_key, aad));
+            }
         }
+    }
+    for (api_key_id, idempotency_key, aad) in naming {
+        let sealed = projections::pii::seal_record(&aad, &body);
+        store_reply(conn, api_key_id, &idempotency_key, &sealed).await?;
     }
     sqlx::query!(
         "UPDATE webhook_deliveries SET response = $3

@@ -188,6 +188,20 @@ async fn an_erased_person_is_nowhere_in_a_dump_of_the_database_even_after_a_rebu
     assert_eq!(gone["erased_at"], erased["erased_at"]);
     let again = delete(&app, &format!("/v1/contacts/{id}")).await;
     assert_eq!(again.status().as_u16(), 200, "erasure is idempotent");
+    // The reply recorded for the earlier patch is replayed without the person in it.
+    let replayed = app
+        .client
+        .patch(app.url(&format!("/v1/contacts/{id}")))
+        .bearer_auth(&app.write_key)
+        .header("idempotency-key", "patch-1")
+        .json(&json!({"company": "Babbage Engines Unlimited"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replayed.status().as_u16(), 200);
+    let replayed = replayed.text().await.unwrap();
+    assert!(replayed.contains("redacted"), "{replayed}");
+    assert!(leaks(&replayed).is_empty(), "{replayed}");
     let patch = app
         .client
         .patch(app.url(&format!("/v1/contacts/{id}")))

@@ -6,7 +6,9 @@
 //!   a peer: the same aggregate and command through cqrs-es + postgres-es, in-process;
 //!   our contact-upsert throughput as a ratio of each, computed within each run;
 //! - write-to-read-model lag under a steady load; aggregate load time at 10 vs 100,000
-//!   events; the process's peak memory.
+//!   events; the process's peak memory;
+//! - how fast this sitting's disk flushes and CPU runs (see [`crate::calibrate`]), so that
+//!   figures from two sittings can be compared.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -18,7 +20,7 @@ use crate::floor::{Floor, Target};
 use crate::measure::{Measured, cores, millis, percentile};
 use crate::peer::Peer;
 use crate::report::Report;
-use crate::{Server, contacts, spends, start, store, webhooks};
+use crate::{Server, calibrate, contacts, spends, start, store, webhooks};
 
 /// The server's pool size in the benchmark (see `start`); the peer gets the same.
 const POOL_SIZE: u32 = 40;
@@ -30,6 +32,8 @@ const RATIOS: &str = "Contact upserts over HTTP, as a ratio of the floor and of 
 const LAG: &str = "Write-to-read-model lag under load (`campaigns` projection)";
 const LOAD: &str = "Aggregate load at ~10 vs 100,000 events (target: long/short ≤ 1.5)";
 const MEMORY: &str = "Memory";
+const CALIBRATION: &str =
+    "This sitting's machine, measured at the start of each run on the idle server";
 const REBUILD: &str =
     "Projection rebuild (every projection, child process) and reads over the rebuilt log";
 
@@ -140,6 +144,25 @@ pub async fn run(plan: Plan, json_path: Option<PathBuf>) -> anyhow::Result<()> {
         eprintln!("run {} of {}", run + 1, plan.runs);
         let peak_reset = reset_peak_memory();
         let rss_at_start = memory_kib("VmRSS:");
+
+        settle(&server).await?;
+        let dir = server.scratch_dir();
+        let flushes = tokio::task::spawn_blocking(move || {
+            calibrate::flush_latencies(&dir, Duration::from_secs(1))
+        })
+        .await??;
+        let cpu = tokio::task::spawn_blocking(calibrate::cpu_loop).await?;
+        let row = "8 KiB write + fdatasync, in the data directory";
+        for (name, p) in [("p50 µs", 0.5), ("p99 µs", 0.99)] {
+            let micros = percentile(&flushes, p).as_secs_f64() * 1e6;
+            report.record(CALIBRATION, row, name, micros);
+        }
+        report.record(
+            CALIBRATION,
+            "fixed integer loop, one thread",
+            "ms",
+            millis(cpu),
+        );
 
         // Ours, the floor and the peer back to back at each concurrency, so that each ratio
         // compares measurements taken under the same machine conditions.
@@ -320,6 +343,11 @@ pub async fn run(plan: Plan, json_path: Option<PathBuf>) -> anyhow::Result<()> {
     report.note(
         RATIOS,
         "Each run's ratio is taken from measurements made back to back; the table gives the median, min and max of those ratios.",
+    );
+    report.note(
+        CALIBRATION,
+        "The flush is what a durable commit waits for; the loop is CPU-bound work on one core. \
+         A slower sitting shows here first: compare these before comparing two sittings' figures.",
     );
     report.note(
         LOAD,

@@ -35,6 +35,7 @@ struct Cli {
 }
 
 mod all;
+mod calibrate;
 mod cluster;
 mod console;
 mod contacts;

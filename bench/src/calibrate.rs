@@ -48,8 +48,8 @@ pub fn flush_latencies(dir: &Path, duration: Duration) -> io::Result<Vec<Duratio
     Ok(times)
 }
 
-/// The time one thread takes for a fixed amount of integer work (about 0.2 s on a
-/// 2020s server core).
+/// The time one thread takes for a fixed amount of integer work (262 ms on the machine
+/// of BENCHMARKS.md).
 pub fn cpu_loop() -> Duration {
     let began = Instant::now();
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;

@@ -115,15 +115,15 @@ async fn an_erased_person_is_nowhere_in_a_dump_of_the_database_even_after_a_rebu
         .unwrap();
     let id = created["id"].as_str().unwrap().to_string();
     // Replies recorded for idempotency keys hold the person too.
-    let patched = app
-        .client
-        .patch(app.url(&format!("/v1/contacts/{id}")))
-        .bearer_auth(&app.write_key)
-        .header("idempotency-key", "patch-1")
-        .json(&json!({"company": "Babbage Engines Unlimited"}))
-        .send()
-        .await
-        .unwrap();
+    let patch_with_a_key = || {
+        app.client
+            .patch(app.url(&format!("/v1/contacts/{id}")))
+            .bearer_auth(&app.write_key)
+            .header("idempotency-key", "patch-1")
+            .json(&json!({"company": "Babbage Engines Unlimited"}))
+            .send()
+    };
+    let patched = patch_with_a_key().await.unwrap();
     assert_eq!(patched.status().as_u16(), 200);
     let enriched = app
         .post(
@@ -189,15 +189,7 @@ async fn an_erased_person_is_nowhere_in_a_dump_of_the_database_even_after_a_rebu
     let again = delete(&app, &format!("/v1/contacts/{id}")).await;
     assert_eq!(again.status().as_u16(), 200, "erasure is idempotent");
     // The reply recorded for the earlier patch is replayed without the person in it.
-    let replayed = app
-        .client
-        .patch(app.url(&format!("/v1/contacts/{id}")))
-        .bearer_auth(&app.write_key)
-        .header("idempotency-key", "patch-1")
-        .json(&json!({"company": "Babbage Engines Unlimited"}))
-        .send()
-        .await
-        .unwrap();
+    let replayed = patch_with_a_key().await.unwrap();
     assert_eq!(replayed.status().as_u16(), 200);
     let replayed = replayed.text().await.unwrap();
     assert!(replayed.contains("redacted"), "{replayed}");

@@ -36,9 +36,30 @@ use crate::secrets::{SecretBox, SecretError};
 use crate::store::Store;
 
 /// What every service can reach: the database, the event store, the secret box, the
-/// retry policy of writes and the limits of the process.
+/// retry policy of writes and the limits of the process ([`AppParts`]). Every request,
+/// middleware layer and task takes a clone, so the parts are held behind one reference
+/// count: a clone is one increment, not one per part. Changing a part (as tests and
+/// `serve` do while assembling it) changes this `App`'s own copy.
 #[derive(Clone)]
-pub struct App {
+pub struct App(Arc<AppParts>);
+
+impl std::ops::Deref for App {
+    type Target = AppParts;
+
+    fn deref(&self) -> &AppParts {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for App {
+    fn deref_mut(&mut self) -> &mut AppParts {
+        Arc::make_mut(&mut self.0)
+    }
+}
+
+/// The parts of an [`App`].
+#[derive(Clone)]
+pub struct AppParts {
     pub pool: PgPool,
     /// Connections commands left clean, for the next command (see `db::Warm`).
     pub warm: crate::db::Warm,
@@ -97,7 +118,7 @@ impl App {
     pub fn build(pool: PgPool, config: &Config, limits: Limits) -> Result<Self, SecretError> {
         let secrets = config.secrets()?;
         projections::pii::install(secrets.derive(privacy::DATA_KEYS_PURPOSE));
-        Ok(Self {
+        Ok(Self(Arc::new(AppParts {
             warm: crate::db::Warm::new(pool.clone()),
             pool,
             metrics: crate::telemetry::metrics_handle(),
@@ -111,7 +132,7 @@ impl App {
             groups: group::Groups::default(),
             replica: None,
             outbound: outbound::OutboundConfig::from_env(),
-        })
+        })))
     }
 }
 

@@ -233,13 +233,20 @@ pub enum Abort<E = AppError> {
 
 impl<E: From<AppError>> From<AppError> for Abort<E> {
     fn from(e: AppError) -> Self {
-        Self::Fail(e.into())
+        match e {
+            // PostgreSQL ended this transaction so that another could go on (a deadlock,
+            // a serialization failure): nothing of it is kept, and it runs again.
+            AppError::Database(ref d) if crate::app::error::is_ended_for_another(d) => {
+                Self::Conflict
+            }
+            e => Self::Fail(e.into()),
+        }
     }
 }
 
 impl<E: From<AppError>> From<sqlx::Error> for Abort<E> {
     fn from(e: sqlx::Error) -> Self {
-        Self::Fail(AppError::from(e).into())
+        Self::from(AppError::from(e))
     }
 }
 

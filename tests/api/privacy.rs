@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, assert_problem, harness, spawn_app};
+use crate::helpers::{TestApp, assert_problem, harness, spawn_app, spawn_app_with};
 use crate::webhooks::{deliver, event, source};
 
 /// Every personal value the person of these tests has.
@@ -1217,6 +1217,45 @@ async fn encrypting_seals_clear_events_by_their_members_and_locks_no_event_it_le
     drop(conn);
     pool.close().await;
     harness().drop_database(database);
+}
+
+#[tokio::test]
+async fn an_erasure_ended_by_a_deadlock_runs_again_and_erases() {
+    let app = spawn_app_with(false).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    insert_clear_events(&app.pool, &id, &[clear_event_mentioning_pii()]).await;
+    // Another transaction holds the clear event and then makes the contact's data key, as
+    // the start-up pass that seals it does; the erasure, which destroys that key and then
+    // strips the event, waits for the event first, so PostgreSQL ends the erasure.
+    let mut other = app.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM events WHERE aggregate_id = $1 FOR UPDATE")
+        .bind(&id)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let path = format!("/v1/contacts/{id}");
+    let erasing = delete(&app, &path);
+    let sealing = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let made = sqlx::query(
+            "INSERT INTO contact_keys (contact_id, generation, wrapped_key) VALUES ($1, 0, '\\x00')",
+        )
+        .bind(&id)
+        .execute(&mut *other)
+        .await;
+        other.rollback().await.unwrap();
+        made
+    };
+    let (erased, made) = tokio::join!(erasing, sealing);
+    made.expect("the other transaction went on once the erasure was ended");
+    assert_eq!(erased.status().as_u16(), 200, "{:?}", erased.text().await);
+    let stored: Vec<String> =
+        sqlx::query_scalar("SELECT payload::text FROM events WHERE aggregate_id = $1")
+            .bind(&id)
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert!(stored.iter().all(|t| !t.contains("legacy-pii@example.org")));
 }
 
 #[tokio::test]

@@ -1249,13 +1249,23 @@ async fn an_erasure_ended_by_a_deadlock_runs_again_and_erases() {
     let (erased, made) = tokio::join!(erasing, sealing);
     made.expect("the other transaction went on once the erasure was ended");
     assert_eq!(erased.status().as_u16(), 200, "{:?}", erased.text().await);
+    assert_clear_event_stripped(&app, &id).await;
+}
+
+/// The events of `id`, inserted in the clear by [`clear_event_mentioning_pii`], hold
+/// nothing of the person.
+async fn assert_clear_event_stripped(app: &TestApp, id: &str) {
     let stored: Vec<String> =
         sqlx::query_scalar("SELECT payload::text FROM events WHERE aggregate_id = $1")
-            .bind(&id)
+            .bind(id)
             .fetch_all(&app.pool)
             .await
             .unwrap();
-    assert!(stored.iter().all(|t| !t.contains("legacy-pii@example.org")));
+    assert!(!stored.is_empty());
+    for text in stored {
+        assert!(!text.contains("legacy-pii@example.org"), "{text}");
+        assert!(!text.contains("555 0199"), "{text}");
+    }
 }
 
 #[tokio::test]
@@ -1266,16 +1276,5 @@ async fn erasing_a_contact_stored_in_the_clear_strips_every_event_even_one_menti
 
     let erased = delete(&app, &format!("/v1/contacts/{id}")).await;
     assert_eq!(erased.status().as_u16(), 200, "{:?}", erased.text().await);
-
-    let stored: Vec<String> =
-        sqlx::query_scalar("SELECT payload::text FROM events WHERE aggregate_id = $1")
-            .bind(&id)
-            .fetch_all(&app.pool)
-            .await
-            .unwrap();
-    assert!(!stored.is_empty());
-    for text in stored {
-        assert!(!text.contains("legacy-pii@example.org"), "{text}");
-        assert!(!text.contains("555 0199"), "{text}");
-    }
+    assert_clear_event_stripped(&app, &id).await;
 }

@@ -102,6 +102,12 @@ pub const MAX_EVENT_BYTES: usize = 256 * 1024;
 /// bytes, whatever their number: a few large events cost as much to replay as many.
 pub const SNAPSHOT_BYTES: u64 = 512 * 1024;
 
+/// PostgreSQL ended the transaction so that another could go on: a deadlock (`40P01`) or
+/// a serialization failure (`40001`). Running it again from the start is the remedy.
+pub fn is_ended_for_another(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
+}
+
 impl StoreError {
     fn from_insert(e: sqlx::Error) -> Self {
         // A clash on a stream's sequence, or on a data key made with the stream's next
@@ -110,15 +116,15 @@ impl StoreError {
         // (see `leadledger_require_recorded`) is a clash of the same kind: the next attempt
         // finds the answer. Two writes of overlapping streams and keys may also wait on
         // each other; the one PostgreSQL picks to end tries again.
-        let conflict = e.as_database_error().is_some_and(|d| {
-            d.code().is_some_and(|c| c == "40P01")
-                || (d.code().is_some_and(|c| c == "23505")
+        let conflict = is_ended_for_another(&e)
+            || e.as_database_error().is_some_and(|d| {
+                d.code().is_some_and(|c| c == "23505")
                     && d.constraint().is_some_and(|c| {
                         c == "events_stream_sequence"
                             || c == "contact_keys_pkey"
                             || c == "idempotency_records_pkey"
-                    }))
-        });
+                    })
+            });
         if conflict {
             Self::Conflict
         } else {

@@ -236,9 +236,7 @@ impl<E: From<AppError>> From<AppError> for Abort<E> {
         match e {
             // PostgreSQL ended this transaction so that another could go on (a deadlock,
             // a serialization failure): nothing of it is kept, and it runs again.
-            AppError::Database(ref d) if crate::app::error::is_ended_for_another(d) => {
-                Self::Conflict
-            }
+            AppError::Database(ref d) if crate::store::is_ended_for_another(d) => Self::Conflict,
             e => Self::Fail(e.into()),
         }
     }

@@ -109,12 +109,6 @@ pub fn is_out_of_descriptors(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Io(io) if matches!(io.raw_os_error(), Some(23 | 24)))
 }
 
-/// PostgreSQL ended the transaction so that another could go on: a deadlock (`40P01`) or
-/// a serialization failure (`40001`). Running it again from the start is the remedy.
-pub fn is_ended_for_another(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
-}
-
 /// Errors that mean "the database cannot be reached now", as opposed to a defect.
 pub fn is_unavailable(e: &sqlx::Error) -> bool {
     match e {

@@ -447,6 +447,24 @@ pub async fn assert_problem(response: reqwest::Response, status: u16) -> serde_j
     body
 }
 
+/// How long a test waits for what it wrote to show in the feed.
+pub const FEED_WAIT: Duration = Duration::from_secs(10);
+
+/// Reads with `read` until `done` holds for what it read, or [`FEED_WAIT`] has passed, and
+/// returns the last read for the caller to check. The feed ends where every older
+/// transaction of the whole cluster has ended, and other tests' transactions run beside
+/// each test's: events just committed may show a moment later.
+pub async fn read_until<T>(mut read: impl AsyncFnMut() -> T, done: impl Fn(&T) -> bool) -> T {
+    let deadline = tokio::time::Instant::now() + FEED_WAIT;
+    loop {
+        let got = read().await;
+        if done(&got) || tokio::time::Instant::now() >= deadline {
+            return got;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Writes raw rows with `insert` (one statement, no parameters), then analyzes `events`: for
 /// tests that shape the log's statistics.
 pub async fn insert_then_analyze_events(pool: &sqlx::PgPool, insert: &str) {

@@ -12,7 +12,7 @@ use sqlx::{ConnectOptions, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
 
 use crate::helpers::{
-    TestApp, assert_problem, insert_then_analyze_events, most_value_plans, spawn_app,
+    TestApp, assert_problem, insert_then_analyze_events, most_value_plans, read_until, spawn_app,
     spawn_app_with,
 };
 
@@ -545,16 +545,12 @@ async fn a_rebuilds_copy_of_the_feed_reads_the_same_events_as_the_feeds_query() 
         .unwrap();
     }
     let mut conn = app.pool.acquire().await.unwrap();
-    // The feed ends where every older transaction of the cluster has ended, and other
-    // tests' transactions run beside this one: read until it shows all 31 events.
-    let mut queried = Vec::new();
-    for _ in 0..100 {
-        queried = read_whole_feed(&mut conn, false).await;
-        if queried.len() >= 31 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    // Other tests' transactions can hold the feed back: read until it shows all 31 events.
+    let queried = read_until(
+        async || read_whole_feed(&mut conn, false).await,
+        |queried| queried.len() >= 31,
+    )
+    .await;
     assert!(queried.len() >= 31, "{} events", queried.len());
     let copied = read_whole_feed(&mut conn, true).await;
     assert_eq!(queried.len(), copied.len());

@@ -12,7 +12,7 @@ use projections::rebuild::{self, Difference, Observer, Options, RebuildError};
 use serde_json::{Value, json};
 use sqlx::{Connection, PgConnection, PgPool};
 
-use crate::helpers::{TestApp, spawn_app, spawn_app_with};
+use crate::helpers::{TestApp, read_until, spawn_app, spawn_app_with};
 use crate::webhooks::{Source, deliver, event, source};
 
 /// Every table of every rebuildable projection.
@@ -837,20 +837,18 @@ async fn a_rebuild_meeting_an_event_its_projection_cannot_apply_names_that_event
     // head, so that the rebuild reads every event.
     let mut conn = app.pool.acquire().await.unwrap();
     let head = feed::head(&mut conn).await.unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while feed::read(&mut conn, Position::default(), 100)
-        .await
-        .unwrap()
-        .last()
-        .map(|e| e.at)
-        != head
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the feed reaches its head"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let last_read = read_until(
+        async || {
+            feed::read(&mut conn, Position::default(), 100)
+                .await
+                .unwrap()
+                .last()
+                .map(|e| e.at)
+        },
+        |last| *last == head,
+    )
+    .await;
+    assert_eq!(last_read, head, "the feed reaches its head");
     drop(conn);
 
     let outcome = rebuild::rebuild(

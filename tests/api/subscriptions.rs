@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::helpers::{TestApp, assert_problem, spawn_app_configured, spawn_beside};
+use crate::helpers::{TestApp, assert_problem, read_until, spawn_app_configured, spawn_beside};
 
 /// What the receiver does with one request.
 #[derive(Debug, Clone)]
@@ -394,7 +394,14 @@ async fn every_event_arrives_once_in_feed_order_signed_and_verified() {
     assert!(first.signature.starts_with("v1,"));
 
     let id = created["id"].as_str().unwrap();
-    let view = admin_get(&app, &format!("/v1/subscriptions/{id}")).await;
+    // The receiver answers before the server records the delivery (and its log line, in
+    // the same statement): read until the last is recorded.
+    let view_path = format!("/v1/subscriptions/{id}");
+    let view = read_until(
+        async || admin_get(&app, &view_path).await,
+        |view| view["backlog"] == 0,
+    )
+    .await;
     assert_eq!(view["backlog"], 0);
     assert_eq!(view["breaker"], "closed");
     assert!(view["last_success_at"].is_string());
@@ -844,12 +851,18 @@ async fn a_redirect_is_never_followed() {
         0,
         "the redirect target was never reached"
     );
-    let log = admin_get(
-        &app,
-        &format!(
-            "/v1/subscriptions/{}/deliveries",
-            created["id"].as_str().unwrap()
-        ),
+    // The receiver answers before the server logs the attempt: read until both are there.
+    let log_path = format!(
+        "/v1/subscriptions/{}/deliveries",
+        created["id"].as_str().unwrap()
+    );
+    let log = read_until(
+        async || admin_get(&app, &log_path).await,
+        |log| {
+            log["items"]
+                .as_array()
+                .is_some_and(|items| items.len() >= 2)
+        },
     )
     .await;
     let codes: Vec<&Value> = log["items"]

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use crate::measure::{Outcome, closed_loop, ms};
+use crate::wire::Wire;
 
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
@@ -48,26 +49,24 @@ pub async fn run(
             (bytes, secs)
         })
     };
-    let op = move |_client: usize| {
-        let (client, url, key, run_id, counter) = (
-            client.clone(),
-            url.clone(),
-            key.clone(),
-            run_id.clone(),
-            counter.clone(),
-        );
+    let wire = Arc::new(Wire::new(&url, &key, clients)?);
+    let op = move |client: usize| {
+        let (wire, run_id, counter) = (wire.clone(), run_id.clone(), counter.clone());
         async move {
             let i = counter.fetch_add(1, Ordering::Relaxed);
-            let r = client
-                .post(format!("{url}/v1/contacts"))
-                .bearer_auth(&key)
-                .header("Idempotency-Key", format!("{run_id}-{i}"))
-                .json(&serde_json::json!({"email": format!("c{i}-{run_id}@example.com"), "first_name": "Bench"}))
-                .send()
+            let body = serde_json::json!({"email": format!("c{i}-{run_id}@example.com"), "first_name": "Bench"});
+            let key = format!("{run_id}-{i}");
+            let r = wire
+                .post_json(
+                    client,
+                    "/v1/contacts",
+                    &[("Idempotency-Key", &key)],
+                    serde_json::to_vec(&body)?,
+                )
                 .await;
             Ok(match r {
-                Ok(r) if r.status().is_success() => Outcome::Done(1),
-                Ok(r) => Outcome::Failed(r.status().as_str().to_string()),
+                Ok((status, _)) if status.is_success() => Outcome::Done(1),
+                Ok((status, _)) => Outcome::Failed(status.as_str().to_string()),
                 Err(_) => Outcome::Failed("no answer".into()),
             })
         }

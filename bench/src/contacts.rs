@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 
 use crate::Server;
 use crate::measure::{Measured, Outcome, closed_loop};
+use crate::wire::Wire;
 
 /// The body of upsert `n` of the series `tag`; the peer builds its command from the same.
 pub fn body(tag: &str, n: u64) -> Value {
@@ -37,28 +38,27 @@ pub async fn upserts(
     tag: &str,
 ) -> anyhow::Result<Measured> {
     let next = Arc::new(AtomicU64::new(0));
-    let server = server.clone();
+    let wire = Arc::new(Wire::new(&server.address, &server.key, clients)?);
     let tag = tag.to_string();
-    closed_loop(clients, duration, move |_| {
-        let server = server.clone();
+    closed_loop(clients, duration, move |client| {
+        let wire = wire.clone();
         let n = next.fetch_add(1, Ordering::Relaxed);
         let tag = tag.clone();
         async move {
-            let response = server
-                .client
-                .post(format!("{}/v1/contacts", server.address))
-                .bearer_auth(&server.key)
-                .header("idempotency-key", format!("{tag}-{n}"))
-                .json(&body(&tag, n))
-                .send()
+            let key = format!("{tag}-{n}");
+            // The whole answer is read, as a real client would.
+            let (status, _) = wire
+                .post_json(
+                    client,
+                    "/v1/contacts",
+                    &[("idempotency-key", &key)],
+                    serde_json::to_vec(&body(&tag, n))?,
+                )
                 .await?;
-            let status = response.status().as_u16();
-            // The whole answer counts, as for a real client.
-            response.bytes().await?;
             Ok(if status == 201 {
                 Outcome::Done(1)
             } else {
-                Outcome::Failed(status.to_string())
+                Outcome::Failed(status.as_str().to_string())
             })
         }
     })

@@ -50,6 +50,7 @@ mod spends;
 mod store;
 mod subscriptions;
 mod webhooks;
+mod wire;
 
 #[derive(Subcommand)]
 enum Bench {

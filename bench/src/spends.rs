@@ -11,6 +11,7 @@ use rust_decimal::Decimal;
 use serde_json::{Value, json};
 
 use crate::measure::{Measured, Outcome, closed_loop, cores, ms};
+use crate::wire::Wire;
 use crate::{Server, start};
 
 /// What one client run measured.
@@ -62,25 +63,19 @@ async fn spend_from(
     clients: usize,
     duration: Duration,
 ) -> anyhow::Result<Measured> {
-    let server = server.clone();
-    let url = Arc::new(format!("{}/v1/budgets/{budget}/spend", server.address));
-    closed_loop(clients, duration, move |_| {
-        let server = server.clone();
-        let url = url.clone();
+    let wire = Arc::new(Wire::new(&server.address, &server.key, clients)?);
+    let path = Arc::new(format!("/v1/budgets/{budget}/spend"));
+    closed_loop(clients, duration, move |client| {
+        let (wire, path) = (wire.clone(), path.clone());
         async move {
-            let response = server
-                .client
-                .post(url.as_str())
-                .bearer_auth(&server.key)
-                .json(&json!({"amount": "0.01", "category": "ai", "model": "bench", "input_tokens": 100, "output_tokens": 10}))
-                .send()
+            let body = json!({"amount": "0.01", "category": "ai", "model": "bench", "input_tokens": 100, "output_tokens": 10});
+            let (status, _) = wire
+                .post_json(client, &path, &[], serde_json::to_vec(&body)?)
                 .await?;
-            let status = response.status().as_u16();
-            response.bytes().await?;
             Ok(if status == 201 {
                 Outcome::Done(1)
             } else {
-                Outcome::Failed(status.to_string())
+                Outcome::Failed(status.as_str().to_string())
             })
         }
     })

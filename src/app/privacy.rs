@@ -6,8 +6,8 @@
 //! An erasure is one transaction: `ContactErased` (no personal data) is appended to the
 //! contact's stream — which orders it against every other write of that stream, so an
 //! update racing it either commits before (and is shredded with the rest) or conflicts,
-//! reloads and is refused — then the data key is destroyed, the snapshot deleted, events
-//! stored in the clear before encryption existed are stripped of their personal members,
+//! reloads and is refused — then events stored in the clear before encryption existed are
+//! stripped of their personal members, the data key is destroyed, the snapshot deleted,
 //! stored responses naming the person (idempotency records, webhook delivery answers) are
 //! redacted, and the email goes on the suppression list with reason `erased`.
 
@@ -94,27 +94,15 @@ pub async fn erase(app: &App, context: &CommandContext, id: Uuid) -> Result<Answ
     }
 }
 
-/// Destroys stream `id`'s data key, deletes its snapshot and strips personal members
-/// from its events stored in the clear (before encryption).
+/// Strips personal members from stream `id`'s events stored in the clear (before
+/// encryption), destroys its data key and deletes its snapshot.
+///
+/// In that order: the start-up pass that seals clear events ([`encrypt_plaintext`]) locks
+/// them, then makes or reads their contacts' keys, then deletes their snapshots. Taking the
+/// rows in the same order, an erasure meeting the pass on one contact waits for it (or the
+/// pass skips the events the erasure holds) instead of each waiting for the other until
+/// PostgreSQL ends one of them.
 async fn shred(conn: &mut PgConnection, id: &str, at: DateTime<Utc>) -> Result<(), AppError> {
-    sqlx::query!(
-        "INSERT INTO contact_keys (contact_id, generation, wrapped_key, destroyed_at)
-         SELECT $1, coalesce(max(generation), 0), NULL, $2::timestamptz
-         FROM contact_keys WHERE contact_id = $1
-         ON CONFLICT (contact_id, generation) DO UPDATE SET wrapped_key = NULL,
-             destroyed_at = coalesce(contact_keys.destroyed_at, EXCLUDED.destroyed_at)",
-        id,
-        at
-    )
-    .execute(&mut *conn)
-    .await?;
-    sqlx::query!(
-        "DELETE FROM snapshots WHERE aggregate_type = $1 AND aggregate_id = $2",
-        Contact::TYPE,
-        id
-    )
-    .execute(&mut *conn)
-    .await?;
     // Each of the stream's events is looked at: the clear personal ones (stored by an
     // earlier release) are told apart by their members, not by the text they hold.
     let events = sqlx::query!(
@@ -137,6 +125,24 @@ async fn shred(conn: &mut PgConnection, id: &str, at: DateTime<Utc>) -> Result<(
             .await?;
         }
     }
+    sqlx::query!(
+        "INSERT INTO contact_keys (contact_id, generation, wrapped_key, destroyed_at)
+         SELECT $1, coalesce(max(generation), 0), NULL, $2::timestamptz
+         FROM contact_keys WHERE contact_id = $1
+         ON CONFLICT (contact_id, generation) DO UPDATE SET wrapped_key = NULL,
+             destroyed_at = coalesce(contact_keys.destroyed_at, EXCLUDED.destroyed_at)",
+        id,
+        at
+    )
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query!(
+        "DELETE FROM snapshots WHERE aggregate_type = $1 AND aggregate_id = $2",
+        Contact::TYPE,
+        id
+    )
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 

@@ -1220,13 +1220,15 @@ async fn encrypting_seals_clear_events_by_their_members_and_locks_no_event_it_le
 }
 
 #[tokio::test]
-async fn an_erasure_ended_by_a_deadlock_runs_again_and_erases() {
+async fn an_erasure_meeting_the_sealing_pass_on_one_contact_waits_for_it_without_a_deadlock() {
     let app = spawn_app_with(false).await;
     let id = uuid::Uuid::new_v4().to_string();
     insert_clear_events(&app.pool, &id, &[clear_event_mentioning_pii()]).await;
-    // Another transaction holds the clear event and then makes the contact's data key, as
-    // the start-up pass that seals it does; the erasure, which destroys that key and then
-    // strips the event, waits for the event first, so PostgreSQL ends the erasure.
+    // Another transaction takes the rows as the start-up pass that seals clear events
+    // does: the clear event, then (while the erasure waits for that event) the contact's
+    // new data key. The erasure takes them in the same order, so it holds no key the
+    // other could wait for: the key goes in at once, well before PostgreSQL would look
+    // for a deadlock (after a second).
     let mut other = app.pool.begin().await.unwrap();
     sqlx::query("SELECT 1 FROM events WHERE aggregate_id = $1 FOR UPDATE")
         .bind(&id)
@@ -1237,17 +1239,63 @@ async fn an_erasure_ended_by_a_deadlock_runs_again_and_erases() {
     let erasing = delete(&app, &path);
     let sealing = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
+        sqlx::query("SET LOCAL lock_timeout = '500ms'")
+            .execute(&mut *other)
+            .await
+            .unwrap();
         let made = sqlx::query(
             "INSERT INTO contact_keys (contact_id, generation, wrapped_key) VALUES ($1, 0, '\\x00')",
         )
         .bind(&id)
         .execute(&mut *other)
         .await;
-        other.rollback().await.unwrap();
+        other.commit().await.unwrap();
         made
     };
     let (erased, made) = tokio::join!(erasing, sealing);
-    made.expect("the other transaction went on once the erasure was ended");
+    made.expect("the key went in without waiting for the erasure");
+    assert_eq!(erased.status().as_u16(), 200, "{:?}", erased.text().await);
+    assert_clear_event_stripped(&app, &id).await;
+    let destroyed: bool = sqlx::query_scalar(
+        "SELECT bool_and(wrapped_key IS NULL AND destroyed_at IS NOT NULL)
+         FROM contact_keys WHERE contact_id = $1",
+    )
+    .bind(&id)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert!(destroyed, "the key the other transaction made is destroyed");
+}
+
+#[tokio::test]
+async fn an_erasure_ended_by_a_deadlock_runs_again_and_erases() {
+    let app = spawn_app_with(false).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    insert_clear_events(&app.pool, &id, &[clear_event_mentioning_pii()]).await;
+    // Another transaction makes the contact's data key and then, once the erasure has
+    // stripped the clear event and waits for that key, asks for the event: each waits for
+    // the other, and PostgreSQL ends the erasure, which waited first.
+    let mut other = app.pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO contact_keys (contact_id, generation, wrapped_key) VALUES ($1, 0, '\\x00')",
+    )
+    .bind(&id)
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    let path = format!("/v1/contacts/{id}");
+    let erasing = delete(&app, &path);
+    let locking = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let locked = sqlx::query("SELECT 1 FROM events WHERE aggregate_id = $1 FOR UPDATE")
+            .bind(&id)
+            .execute(&mut *other)
+            .await;
+        other.rollback().await.unwrap();
+        locked
+    };
+    let (erased, locked) = tokio::join!(erasing, locking);
+    locked.expect("the other transaction went on once the erasure was ended");
     assert_eq!(erased.status().as_u16(), 200, "{:?}", erased.text().await);
     assert_clear_event_stripped(&app, &id).await;
 }

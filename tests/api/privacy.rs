@@ -1230,11 +1230,7 @@ async fn an_erasure_meeting_the_sealing_pass_on_one_contact_waits_for_it_without
     // other could wait for: the key goes in at once, well before PostgreSQL would look
     // for a deadlock (after a second).
     let mut other = app.pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM events WHERE aggregate_id = $1 FOR UPDATE")
-        .bind(&id)
-        .execute(&mut *other)
-        .await
-        .unwrap();
+    lock_events(&mut other, &id).await.unwrap();
     let path = format!("/v1/contacts/{id}");
     let erasing = delete(&app, &path);
     let sealing = async {
@@ -1243,12 +1239,7 @@ async fn an_erasure_meeting_the_sealing_pass_on_one_contact_waits_for_it_without
             .execute(&mut *other)
             .await
             .unwrap();
-        let made = sqlx::query(
-            "INSERT INTO contact_keys (contact_id, generation, wrapped_key) VALUES ($1, 0, '\\x00')",
-        )
-        .bind(&id)
-        .execute(&mut *other)
-        .await;
+        let made = make_key(&mut other, &id).await;
         other.commit().await.unwrap();
         made
     };
@@ -1276,21 +1267,12 @@ async fn an_erasure_ended_by_a_deadlock_runs_again_and_erases() {
     // stripped the clear event and waits for that key, asks for the event: each waits for
     // the other, and PostgreSQL ends the erasure, which waited first.
     let mut other = app.pool.begin().await.unwrap();
-    sqlx::query(
-        "INSERT INTO contact_keys (contact_id, generation, wrapped_key) VALUES ($1, 0, '\\x00')",
-    )
-    .bind(&id)
-    .execute(&mut *other)
-    .await
-    .unwrap();
+    make_key(&mut other, &id).await.unwrap();
     let path = format!("/v1/contacts/{id}");
     let erasing = delete(&app, &path);
     let locking = async {
         tokio::time::sleep(Duration::from_millis(300)).await;
-        let locked = sqlx::query("SELECT 1 FROM events WHERE aggregate_id = $1 FOR UPDATE")
-            .bind(&id)
-            .execute(&mut *other)
-            .await;
+        let locked = lock_events(&mut other, &id).await;
         other.rollback().await.unwrap();
         locked
     };
@@ -1298,6 +1280,28 @@ async fn an_erasure_ended_by_a_deadlock_runs_again_and_erases() {
     locked.expect("the other transaction went on once the erasure was ended");
     assert_eq!(erased.status().as_u16(), 200, "{:?}", erased.text().await);
     assert_clear_event_stripped(&app, &id).await;
+}
+
+/// Locks the events of contact `id` on `conn`, as the start-up pass that seals clear
+/// events does before sealing them.
+async fn lock_events(conn: &mut sqlx::PgConnection, id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query("SELECT 1 FROM events WHERE aggregate_id = $1 FOR UPDATE")
+        .bind(id)
+        .execute(conn)
+        .await
+        .map(drop)
+}
+
+/// Makes a data key (of no use) for contact `id` on `conn`, as that pass makes a contact's
+/// key to seal its events with.
+async fn make_key(conn: &mut sqlx::PgConnection, id: &str) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO contact_keys (contact_id, generation, wrapped_key) VALUES ($1, 0, '\\x00')",
+    )
+    .bind(id)
+    .execute(conn)
+    .await
+    .map(drop)
 }
 
 /// The events of `id`, inserted in the clear by [`clear_event_mentioning_pii`], hold

@@ -72,6 +72,37 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 
+/// How often the recorder folds the histogram samples recorded since into their buckets.
+pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Upkeeps run so far by the process's recorder.
+static UPKEEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Upkeeps the process's recorder has run (see [`UPKEEP_EVERY`]).
+pub fn upkeeps() -> u64 {
+    UPKEEPS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The Prometheus recorder keeps every histogram sample (each request's latency, each
+/// batch's size) until it is folded into its buckets, which only a read of `/metrics` or an
+/// upkeep does: a server that nobody scrapes would hold them all, growing without end. A
+/// thread of the process (the recorder is the process's) runs the upkeep every
+/// [`UPKEEP_EVERY`], whatever runtime or server comes and goes.
+fn spawn_upkeep(handle: metrics_exporter_prometheus::PrometheusHandle) {
+    let spawned = std::thread::Builder::new()
+        .name("metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_EVERY);
+                handle.run_upkeep();
+                UPKEEPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "no metrics upkeep: histograms are folded only when /metrics is read");
+    }
+}
+
 /// The process-wide recorder; installed once, whatever number of servers the process runs.
 pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
     static HANDLE: std::sync::OnceLock<metrics_exporter_prometheus::PrometheusHandle> =
@@ -94,6 +125,7 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
             // Another recorder may already be installed (an embedding program); then the
             // metrics go there and /metrics shows what this handle saw.
             let _ = metrics::set_global_recorder(recorder);
+            spawn_upkeep(handle.clone());
             metrics::describe_counter!("http_requests_total", "HTTP requests answered");
             metrics::describe_histogram!(
                 "http_request_duration_seconds",
@@ -116,4 +148,33 @@ pub fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
             handle
         })
         .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_recorder_folds_its_histogram_samples_every_second_with_nobody_reading_metrics() {
+        let handle = metrics_handle();
+        let before = upkeeps();
+        metrics::histogram!("http_request_duration_seconds", "route" => "test").record(0.001);
+        let deadline = std::time::Instant::now() + UPKEEP_EVERY * 3;
+        while upkeeps() == before && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        assert!(
+            upkeeps() > before,
+            "no upkeep within {:?}",
+            UPKEEP_EVERY * 3
+        );
+        // Folded samples still count: the next read shows the one recorded.
+        assert!(
+            handle
+                .render()
+                .contains("http_request_duration_seconds_count{route=\"test\"} 1"),
+            "{}",
+            handle.render()
+        );
+    }
 }

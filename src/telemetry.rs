@@ -73,13 +73,14 @@ const LATENCY_BUCKETS: &[f64] = &[
 const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 
 /// How often the recorder folds the histogram samples recorded since into their buckets.
-pub const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Upkeeps run so far by the process's recorder.
 static UPKEEPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Upkeeps the process's recorder has run (see [`UPKEEP_EVERY`]).
-pub fn upkeeps() -> u64 {
+#[cfg(test)]
+fn upkeeps() -> u64 {
     UPKEEPS.load(std::sync::atomic::Ordering::Relaxed)
 }
 

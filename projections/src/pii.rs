@@ -730,12 +730,14 @@ pub fn is_clear_personal(aggregate_type: &str, payload: &Value) -> bool {
     event_needs_key(aggregate_type, payload)
 }
 
-/// Opens one data key of the database (the oldest not destroyed), to check that the
-/// configured secret key is the one it was sealed with. `Ok(false)` when there is none.
+/// Opens three data keys of the database (not destroyed, the first by contact id), to
+/// check that the configured secret key is the one they were sealed with. `Ok(false)`
+/// when there is none. In the primary key's order, so that the check reads a few rows of
+/// its index at every start, however many contacts there are.
 pub async fn check_secret_key(conn: &mut PgConnection) -> Result<bool, PiiError> {
     let rows = sqlx::query!(
         "SELECT contact_id, generation, wrapped_key AS \"wrapped_key!\" FROM contact_keys
-         WHERE wrapped_key IS NOT NULL ORDER BY created_at LIMIT 3"
+         WHERE wrapped_key IS NOT NULL ORDER BY contact_id, generation LIMIT 3"
     )
     .fetch_all(&mut *conn)
     .await?;

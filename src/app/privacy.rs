@@ -413,25 +413,32 @@ async fn store_reply(
     Ok(())
 }
 
+// The records' sealed mark, as the query of [`seal_clear_records`] and the partial index it
+// reads write it.
+const _: () = assert!(matches!(projections::pii::SEALED_RECORD, b"LLS1"));
+
 /// Seals the idempotency records' replies an earlier release stored in the clear, `batch`
 /// per transaction. Only replies in the clear are read and locked: `serve` runs this at
 /// every start, and the records already sealed (all of them, but for a database written by
 /// an earlier release) are left alone, with no lock taken and nothing written.
 async fn seal_clear_records(pool: &sqlx::PgPool, batch: i64) -> Result<u64, AppError> {
-    use projections::pii::{SEALED_RECORD, is_sealed_record, seal_record};
+    use projections::pii::{is_sealed_record, seal_record};
     let mut sealed = 0;
     loop {
         let mut tx = pool.begin().await?;
         // Answered replies not starting with the sealed mark; SKIP LOCKED: one a request
         // holds is taken by the next run.
+        // The predicate of the partial index `idempotency_records_clear`, word for word
+        // and with its constants (the sealed mark, `SEALED_RECORD`), and the index's
+        // order: PostgreSQL then reads that index (empty once everything is sealed). It
+        // cannot tell how few records match, and without the order it reads the table.
         let records = sqlx::query!(
             "SELECT api_key_id, idempotency_key, response_body FROM idempotency_records
              WHERE response_status IS NOT NULL
-               AND substr(response_body, 1, $1) IS DISTINCT FROM $2
-             LIMIT $3
+               AND substr(response_body, 1, 4) IS DISTINCT FROM 'LLS1'::bytea
+             ORDER BY created_at
+             LIMIT $1
              FOR UPDATE SKIP LOCKED",
-            SEALED_RECORD.len() as i32,
-            SEALED_RECORD,
             batch
         )
         .fetch_all(&mut *tx)
@@ -457,30 +464,47 @@ async fn seal_clear_records(pool: &sqlx::PgPool, batch: i64) -> Result<u64, AppE
     }
 }
 
+/// The name of [`encrypt_plaintext`]'s row in `sealing_marks`.
+const CONTACT_EVENTS_MARK: &str = "contact_events";
+
 /// Seals every contact event still stored in the clear (written before encryption),
 /// `batch` events per transaction, while the service runs. Each batch locks its rows and
 /// commits with its contacts' new keys, and an event already sealed is never touched
 /// again, so a run killed at any point leaves every event either in the clear or sealed
 /// once, and running it again finishes the work. `progress` hears the running totals.
+///
+/// A run reads only the events written since the last run that reached its end: the
+/// events of transactions from the mark in `sealing_marks` on. It then moves the mark to
+/// the oldest transaction that was still running when it started; every event of a
+/// transaction below that one was there to be read from its first batch on.
 pub async fn encrypt_plaintext(
     pool: &sqlx::PgPool,
     batch: i64,
     progress: &(dyn Fn(Encrypted) + Sync),
 ) -> Result<Encrypted, AppError> {
     use projections::pii;
+    let marks = sqlx::query!(
+        r#"SELECT coalesce((SELECT transaction_id::text FROM sealing_marks WHERE name = $1),
+                           '0') AS "from!",
+                  pg_snapshot_xmin(pg_current_snapshot())::text AS "reached!""#,
+        CONTACT_EVENTS_MARK
+    )
+    .fetch_one(pool)
+    .await?;
     let mut done = Encrypted::default();
     let mut after = 0i64;
     loop {
         let mut tx = pool.begin().await?;
         // The events with personal data in the clear, and only those, are read and
         // locked: not sealed (no `pii` member in the variant object, a member no event of
-        // an earlier release has: the cheap test, which passes over the sealed log at each
-        // start), and with a member that is neither clear nor sealed. An event with nothing
-        // personal is read past. SKIP LOCKED: rows a writer holds (an erasure stripping
-        // them) are taken next run.
+        // an earlier release has: the cheap test), and with a member that is neither clear
+        // nor sealed. An event with nothing personal is read past. A row another holds
+        // (an erasure stripping it, another process's pass) is waited for and then read
+        // as it is: none may be skipped, or the mark would pass over it.
         let rows = sqlx::query!(
             r#"SELECT position, aggregate_id, payload FROM events
                WHERE aggregate_type = $1 AND position > $2
+                 AND transaction_id >= $5::text::xid8
                  AND NOT payload @? '$.*.pii'
                  AND EXISTS (
                      SELECT 1
@@ -490,15 +514,27 @@ pub async fn encrypt_plaintext(
                                                  THEN v.value ELSE '{}' END) AS m(name)
                      WHERE m.name <> ALL($4::text[]))
                ORDER BY position LIMIT $3
-               FOR UPDATE SKIP LOCKED"#,
+               FOR UPDATE"#,
             Contact::TYPE,
             after,
             batch,
-            &pii::clear_or_sealed_members() as &[&str]
+            &pii::clear_or_sealed_members() as &[&str],
+            marks.from
         )
         .fetch_all(&mut *tx)
         .await?;
         let Some(last) = rows.last().map(|r| r.position) else {
+            sqlx::query!(
+                "INSERT INTO sealing_marks (name, transaction_id) VALUES ($1, $2::text::xid8)
+                 ON CONFLICT (name) DO UPDATE
+                 SET transaction_id = greatest(sealing_marks.transaction_id,
+                                               EXCLUDED.transaction_id),
+                     updated_at = now()",
+                CONTACT_EVENTS_MARK,
+                marks.reached
+            )
+            .execute(&mut *tx)
+            .await?;
             tx.commit().await?;
             done.records += seal_clear_records(pool, batch).await?;
             return Ok(done);

@@ -1219,6 +1219,73 @@ async fn encrypting_seals_clear_events_by_their_members_and_locks_no_event_it_le
     harness().drop_database(database);
 }
 
+/// Whether the one event of contact `id` is still in the clear.
+async fn still_clear(pool: &sqlx::PgPool, id: &str) -> bool {
+    let payload: Value = sqlx::query_scalar(
+        "SELECT payload FROM events WHERE aggregate_type = 'contact' AND aggregate_id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    projections::pii::is_clear_personal("contact", &payload)
+}
+
+#[tokio::test]
+async fn each_sealing_pass_reads_only_the_events_of_transactions_from_the_oldest_running_at_the_last_ones_start()
+ {
+    use leadledger::app::privacy::encrypt_plaintext;
+    let (database, pool) = app_database().await;
+    let id = || uuid::Uuid::new_v4().to_string();
+    let (first, during, below, after) = (id(), id(), id(), id());
+    insert_clear_events(&pool, &first, &[clear_event(1, 1)]).await;
+    // Written by a transaction still running while the first pass runs to its end.
+    let mut running = pool.begin().await.unwrap();
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                             event_version, payload)
+         VALUES ('contact', $1, 1, 'ContactCreated', '1.0', $2)",
+    )
+    .bind(&during)
+    .bind(clear_event(2, 1))
+    .execute(&mut *running)
+    .await
+    .unwrap();
+
+    let done = encrypt_plaintext(&pool, 10, &|_| {}).await.unwrap();
+    assert_eq!(done.events, 1, "{done:?}");
+    assert!(!still_clear(&pool, &first).await);
+    running.commit().await.unwrap();
+
+    // An event of a transaction below the mark the first pass left (as none can be in the
+    // clear, short of writing it by hand), and one written after the pass.
+    sqlx::query(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
+                             event_version, payload, transaction_id)
+         VALUES ('contact', $1, 1, 'ContactCreated', '1.0', $2, '3'::xid8)",
+    )
+    .bind(&below)
+    .bind(clear_event(3, 1))
+    .execute(&pool)
+    .await
+    .unwrap();
+    insert_clear_events(&pool, &after, &[clear_event(4, 1)]).await;
+
+    let done = encrypt_plaintext(&pool, 10, &|_| {}).await.unwrap();
+    assert_eq!(done.events, 2, "{done:?}");
+    assert!(
+        !still_clear(&pool, &during).await,
+        "the running transaction's event is read by the next pass"
+    );
+    assert!(!still_clear(&pool, &after).await);
+    assert!(
+        still_clear(&pool, &below).await,
+        "an event below the mark is not read again"
+    );
+    pool.close().await;
+    harness().drop_database(database);
+}
+
 #[tokio::test]
 async fn an_erasure_meeting_the_sealing_pass_on_one_contact_waits_for_it_without_a_deadlock() {
     let app = spawn_app_with(false).await;

@@ -237,6 +237,8 @@ pub struct RecordRow {
     /// The sequence (in the stream written) of the event whose position the reply names,
     /// if it is one of this write's: the record stores that event's position.
     pub names_sequence: Option<u64>,
+    /// Whom the reply names (`pii::reply_names`): what an erasure finds it by.
+    pub subjects: Vec<uuid::Uuid>,
 }
 
 /// An aggregate as loaded: its state, its version (events so far) and where its last
@@ -748,6 +750,7 @@ impl Store {
             let mut record_ids = Vec::with_capacity(records.len());
             let mut record_sequences = Vec::with_capacity(records.len());
             let mut record_headers = Vec::with_capacity(records.len());
+            let mut record_subjects = Vec::with_capacity(records.len());
             for (stream, r) in records {
                 record_ids.push(
                     streams
@@ -757,6 +760,13 @@ impl Store {
                 );
                 record_sequences.push(r.names_sequence.map(|s| s as i64));
                 record_headers.push(r.headers.to_string());
+                record_subjects.push(
+                    r.subjects
+                        .iter()
+                        .map(uuid::Uuid::to_string)
+                        .collect::<Vec<_>>()
+                        .join(" "),
+                );
             }
             let records: Vec<&RecordRow> = records.iter().map(|(_, r)| *r).collect();
             // The data keys made for this write go in with its first events: a writer that
@@ -783,14 +793,15 @@ impl Store {
                        INSERT INTO idempotency_records
                            (api_key_id, idempotency_key, request_hash, response_status,
                             response_body, response_headers, response_transaction_id,
-                            response_position)
+                            response_position, subjects)
                        SELECT r.api_key_id, r.idempotency_key, r.request_hash, r.status,
-                              r.body, r.headers, i.transaction_id, i.position
+                              r.body, r.headers, i.transaction_id, i.position,
+                              string_to_array(r.subjects, ' ')::uuid[]
                        FROM UNNEST($11::uuid[], $12::text[], $13::bytea[], $14::int2[],
                                    $15::bytea[], $16::text[]::jsonb[], $17::text[],
-                                   $18::bigint[])
+                                   $18::bigint[], $19::text[])
                             AS r(api_key_id, idempotency_key, request_hash, status, body,
-                                 headers, aggregate_id, sequence)
+                                 headers, aggregate_id, sequence, subjects)
                        LEFT JOIN ins i
                          ON i.aggregate_id = r.aggregate_id AND i.sequence = r.sequence
                        ON CONFLICT (api_key_id, idempotency_key) DO UPDATE
@@ -799,7 +810,8 @@ impl Store {
                            response_body = EXCLUDED.response_body,
                            response_headers = EXCLUDED.response_headers,
                            response_transaction_id = EXCLUDED.response_transaction_id,
-                           response_position = EXCLUDED.response_position
+                           response_position = EXCLUDED.response_position,
+                           subjects = EXCLUDED.subjects
                        WHERE idempotency_records.response_status IS NULL
                        RETURNING 1
                    )
@@ -831,7 +843,8 @@ impl Store {
                 &records.iter().map(|r| r.body.clone()).collect::<Vec<_>>(),
                 &record_headers,
                 &record_ids,
-                &record_sequences as &[Option<i64>]
+                &record_sequences as &[Option<i64>],
+                &record_subjects
             )
             .fetch_all(&mut *conn)
             .await

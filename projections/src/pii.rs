@@ -27,6 +27,7 @@
 use std::collections::HashMap;
 use std::sync::RwLock;
 
+use aggregates::ContactEmail;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
@@ -100,6 +101,9 @@ pub enum PiiError {
 #[derive(Clone)]
 pub struct Keyring {
     cipher: XChaCha20Poly1305,
+    /// The key of the names of emails in stored replies ([`reply_names`]), derived from
+    /// the same key.
+    names: [u8; 32],
 }
 
 static KEYRING: RwLock<Option<Keyring>> = RwLock::new(None);
@@ -109,6 +113,7 @@ static KEYRING: RwLock<Option<Keyring>> = RwLock::new(None);
 pub fn install(key: [u8; 32]) {
     let keyring = Keyring {
         cipher: XChaCha20Poly1305::new(Key::from_slice(&key)),
+        names: keyed(&key, b"reply-names"),
     };
     *KEYRING.write().unwrap_or_else(|e| e.into_inner()) = Some(keyring);
 }
@@ -751,6 +756,95 @@ pub async fn check_secret_key(conn: &mut PgConnection) -> Result<bool, PiiError>
     Ok(true)
 }
 
+/// HMAC-SHA256 of `data` under `key`.
+fn keyed(key: &[u8], data: &[u8]) -> [u8; 32] {
+    use hmac::{Hmac, Mac};
+    let mut mac = <Hmac<sha2::Sha256> as Mac>::new_from_slice(key).expect("HMAC takes any key");
+    mac.update(data);
+    mac.finalize().into_bytes().into()
+}
+
+/// The name an email goes by among a stored reply's [`reply_names`]: its keyed hash (the
+/// database alone cannot tell whose it is), as a UUID. `None` without an installed key.
+pub fn email_name(email: &ContactEmail) -> Option<uuid::Uuid> {
+    let keyring = keyring().ok()?;
+    Some(name_of(&keyring.names, email.as_str()))
+}
+
+fn name_of(key: &[u8; 32], normalised: &str) -> uuid::Uuid {
+    let hash = keyed(key, normalised.as_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&hash[..16]);
+    uuid::Uuid::from_bytes(bytes)
+}
+
+/// Whom a reply (its JSON text, before sealing) names, so that an erasure finds the
+/// replies naming a person through an index instead of opening every stored reply: each
+/// UUID in its text (a contact's id is not personal), and the [`email_name`] of each
+/// address in it, normalised as a contact's email is. Sorted, without repeats.
+pub fn reply_names(reply: &[u8]) -> Vec<uuid::Uuid> {
+    names_in(keyring().ok().map(|k| k.names), reply)
+}
+
+fn names_in(key: Option<[u8; 32]>, reply: &[u8]) -> Vec<uuid::Uuid> {
+    let mut names = Vec::new();
+    let hex = |b: u8| b.is_ascii_hexdigit();
+    let mut i = 0;
+    while i < reply.len() {
+        // A UUID in its hyphenated form, as serde writes one.
+        if i + 36 <= reply.len()
+            && reply[i..i + 36].iter().enumerate().all(|(j, &b)| {
+                if matches!(j, 8 | 13 | 18 | 23) {
+                    b == b'-'
+                } else {
+                    hex(b)
+                }
+            })
+            && let Ok(text) = std::str::from_utf8(&reply[i..i + 36])
+            && let Ok(id) = uuid::Uuid::parse_str(text)
+        {
+            names.push(id);
+            i += 36;
+            continue;
+        }
+        i += 1;
+    }
+    if let Some(key) = key {
+        // An address: the run of address characters either side of each `@`.
+        let local =
+            |b: u8| b.is_ascii_alphanumeric() || b >= 0x80 || b"!#$%&'*+-/=?^_`{|}~.".contains(&b);
+        let domain = |b: u8| b.is_ascii_alphanumeric() || b >= 0x80 || b == b'.' || b == b'-';
+        for at in reply
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b == b'@')
+            .map(|(i, _)| i)
+        {
+            let start = reply[..at]
+                .iter()
+                .rposition(|&b| !local(b))
+                .map_or(0, |p| p + 1);
+            let end = reply[at + 1..]
+                .iter()
+                .position(|&b| !domain(b))
+                .map_or(reply.len(), |p| at + 1 + p);
+            let Ok(text) = std::str::from_utf8(&reply[start..end]) else {
+                continue;
+            };
+            let text = text.trim_end_matches(['.', '-']);
+            if text.is_ascii() {
+                // As `ContactEmail::parse` spells an address of ASCII letters: lower-cased.
+                names.push(name_of(&key, &text.to_ascii_lowercase()));
+            } else if let Ok(email) = ContactEmail::parse(text) {
+                names.push(name_of(&key, email.as_str()));
+            }
+        }
+    }
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
 /// What starts a sealed stored reply (an idempotency record's body); a body without it
 /// was stored in the clear by an earlier release.
 pub const SEALED_RECORD: &[u8] = b"LLS1";
@@ -794,6 +888,31 @@ mod tests {
 
     fn keys_of(id: &str, generations: Vec<(i32, DataKey)>) -> Keys {
         Keys(HashMap::from([(id.to_string(), Generations(generations))]))
+    }
+
+    #[test]
+    fn a_reply_is_named_by_its_uuids_and_the_keyed_names_of_its_emails_as_normalised() {
+        let key = random::<32>();
+        let id = uuid::Uuid::new_v4();
+        let reply = json!({
+            "id": id,
+            "errors": [{"row": 3, "message": "row 3 (Ann.Lee+News@Example.ORG.) was refused"}],
+            "also": "zoë@exämple.org",
+            "none": "not@an address, @, a@",
+        })
+        .to_string();
+        let names = names_in(Some(key), reply.as_bytes());
+        let named = |email: &str| names.contains(&name_of(&key, email));
+        assert!(names.contains(&id), "{names:?}");
+        assert!(named("ann.lee+news@example.org"), "{names:?}");
+        let unicode = ContactEmail::parse("zoë@exämple.org").unwrap();
+        assert!(named(unicode.as_str()), "{names:?}");
+        assert!(!named("someone@example.org"));
+        // Without a key, the UUIDs alone.
+        assert_eq!(names_in(None, reply.as_bytes()), vec![id]);
+        // The same reply, the same names, sorted and without repeats.
+        assert_eq!(names, names_in(Some(key), reply.as_bytes()));
+        assert!(names.windows(2).all(|w| w[0] < w[1]));
     }
 
     #[test]

@@ -1120,8 +1120,9 @@ pub async fn replay(
                SELECT pg_try_advisory_xact_lock(hashtextextended($1, 0)) AS locked
            ), claimed AS (
                INSERT INTO idempotency_records
-                   (api_key_id, idempotency_key, request_hash, response_status, response_body)
-               SELECT $3, $2, $4, NULL, '' FROM gate WHERE gate.locked
+                   (api_key_id, idempotency_key, request_hash, response_status, response_body,
+                    subjects)
+               SELECT $3, $2, $4, NULL, '', '{}' FROM gate WHERE gate.locked
                ON CONFLICT (api_key_id, idempotency_key) DO NOTHING
                RETURNING 1
            )
@@ -1206,8 +1207,8 @@ fn replay_answer(
 }
 
 /// A reply as recorded: sealed (a reply can name a person, a contact's answer, or hold a
-/// secret), with its headers.
-fn sealed_reply(scope: uuid::Uuid, key: &str, reply: &Reply) -> (Vec<u8>, Value) {
+/// secret), with its headers and whom it names.
+fn sealed_reply(scope: uuid::Uuid, key: &str, reply: &Reply) -> (Vec<u8>, Value, Vec<uuid::Uuid>) {
     let headers: serde_json::Map<String, Value> = reply
         .headers()
         .iter()
@@ -1218,16 +1219,15 @@ fn sealed_reply(scope: uuid::Uuid, key: &str, reply: &Reply) -> (Vec<u8>, Value)
             ))
         })
         .collect();
-    let body = projections::pii::seal_record(
-        &record_aad(scope, key),
-        &serde_json::to_vec(&reply.body).unwrap_or_default(),
-    );
-    (body, Value::Object(headers))
+    let clear = serde_json::to_vec(&reply.body).unwrap_or_default();
+    let subjects = projections::pii::reply_names(&clear);
+    let body = projections::pii::seal_record(&record_aad(scope, key), &clear);
+    (body, Value::Object(headers), subjects)
 }
 
 /// `reply` as a record for a group's write, naming the event its position stands for.
 fn record_row(idempotency: &Idempotency, reply: &Reply) -> RecordRow {
-    let (body, headers) = sealed_reply(idempotency.scope, &idempotency.key, reply);
+    let (body, headers, subjects) = sealed_reply(idempotency.scope, &idempotency.key, reply);
     RecordRow {
         api_key_id: idempotency.scope,
         key: idempotency.key.clone(),
@@ -1236,6 +1236,7 @@ fn record_row(idempotency: &Idempotency, reply: &Reply) -> RecordRow {
         body,
         headers,
         names_sequence: pending_in(&reply.body),
+        subjects,
     }
 }
 
@@ -1254,24 +1255,26 @@ pub async fn record(
     else {
         return Ok(());
     };
-    let (body, headers) = sealed_reply(*scope, key, reply);
+    let (body, headers, subjects) = sealed_reply(*scope, key, reply);
     let recorded = sqlx::query!(
         "INSERT INTO idempotency_records
              (api_key_id, idempotency_key, request_hash,
-              response_status, response_body, response_headers)
-         VALUES ($1, $2, $3, $4, $5, $6)
+              response_status, response_body, response_headers, subjects)
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
          ON CONFLICT (api_key_id, idempotency_key) DO UPDATE
          SET request_hash = EXCLUDED.request_hash,
              response_status = EXCLUDED.response_status,
              response_body = EXCLUDED.response_body,
-             response_headers = EXCLUDED.response_headers
+             response_headers = EXCLUDED.response_headers,
+             subjects = EXCLUDED.subjects
          WHERE idempotency_records.response_status IS NULL",
         scope,
         key,
         request_hash,
         reply.status.as_u16() as i16,
         body,
-        headers
+        headers,
+        &subjects
     )
     .execute(&mut *conn)
     .await?;

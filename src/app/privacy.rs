@@ -155,31 +155,52 @@ async fn redact_stored_responses(
 ) -> Result<(), AppError> {
     let redacted = json!({"redacted": "the contact this response named was erased"});
     let body = serde_json::to_vec(&redacted).unwrap_or_default();
+    let subjects: Vec<Uuid> = std::iter::once(id)
+        .chain(projections::pii::email_name(email))
+        .collect();
     let (email, id) = (email.as_str(), id.to_string());
-    // Replies are sealed, so each is opened to be searched (the records are kept 25 hours
-    // and an erasure is rare). They are read as a stream and only the keys of those that
-    // name the person are kept, so that memory does not grow with the number of records.
+    // Replies are sealed, so the database cannot search them. Each record keeps whom its
+    // reply names (`subjects`, indexed): the candidates are those naming the person, and
+    // the records of an earlier release, which have no `subjects` (kept 25 hours, like
+    // every record). Each candidate is opened, and its names (or, as before the names,
+    // the text of the id or the email) found in it. They are read as a stream and
+    // only the keys of those that name the person are kept, so that memory does not grow
+    // with the number of records.
     let contains =
         |hay: &[u8], needle: &str| hay.windows(needle.len()).any(|w| w == needle.as_bytes());
     let mut naming = Vec::new();
     {
         let mut records = sqlx::query!(
-            "SELECT api_key_id, idempotency_key, response_body FROM idempotency_records"
+            "SELECT api_key_id, idempotency_key, response_body FROM idempotency_records
+             WHERE subjects && $1
+             UNION ALL
+             (SELECT api_key_id, idempotency_key, response_body FROM idempotency_records
+              WHERE subjects IS NULL ORDER BY created_at)",
+            &subjects
         )
         .fetch(&mut *conn);
         while let Some(r) = records.try_next().await? {
-            let aad = command::record_aad(r.api_key_id, &r.idempotency_key);
-            let Ok(reply) = projections::pii::open_record(&aad, &r.response_body) else {
+            let (Some(api_key_id), Some(idempotency_key), Some(response_body)) =
+                (r.api_key_id, r.idempotency_key, r.response_body)
+            else {
                 continue;
             };
-            if contains(&reply, email) || contains(&reply, &id) {
-                naming.push((r.api_key_id, r.idempotency_key, aad));
+            let aad = command::record_aad(api_key_id, &idempotency_key);
+            let Ok(reply) = projections::pii::open_record(&aad, &response_body) else {
+                continue;
+            };
+            let names = projections::pii::reply_names(&reply);
+            if subjects.iter().any(|s| names.contains(s))
+                || contains(&reply, email)
+                || contains(&reply, &id)
+            {
+                naming.push((api_key_id, idempotency_key, aad));
             }
         }
     }
     for (api_key_id, idempotency_key, aad) in naming {
         let sealed = projections::pii::seal_record(&aad, &body);
-        store_reply(conn, api_key_id, &idempotency_key, &sealed).await?;
+        store_reply(conn, api_key_id, &idempotency_key, &sealed, &[]).await?;
     }
     sqlx::query!(
         "UPDATE webhook_deliveries SET response = $3
@@ -394,19 +415,21 @@ pub struct Encrypted {
     pub records: u64,
 }
 
-/// Replaces the stored reply (as sealed) of an idempotency record.
+/// Replaces the stored reply (as sealed) of an idempotency record, and whom it names.
 async fn store_reply(
     conn: &mut PgConnection,
     scope: Uuid,
     key: &str,
     body: &[u8],
+    subjects: &[Uuid],
 ) -> Result<(), AppError> {
     sqlx::query!(
-        "UPDATE idempotency_records SET response_body = $3
+        "UPDATE idempotency_records SET response_body = $3, subjects = $4
          WHERE api_key_id = $1 AND idempotency_key = $2",
         scope,
         key,
-        body
+        body,
+        subjects
     )
     .execute(conn)
     .await?;
@@ -457,7 +480,8 @@ async fn seal_clear_records(pool: &sqlx::PgPool, batch: i64) -> Result<u64, AppE
                     "idempotency replies in the clear cannot be sealed: no secret key".into(),
                 ));
             }
-            store_reply(&mut tx, r.api_key_id, &r.idempotency_key, &body).await?;
+            let subjects = projections::pii::reply_names(&r.response_body);
+            store_reply(&mut tx, r.api_key_id, &r.idempotency_key, &body, &subjects).await?;
             sealed += 1;
         }
         tx.commit().await?;

@@ -1219,6 +1219,81 @@ async fn encrypting_seals_clear_events_by_their_members_and_locks_no_event_it_le
     harness().drop_database(database);
 }
 
+#[tokio::test]
+async fn an_erasure_finds_the_replies_naming_the_person_by_whom_they_name_and_opens_the_others_of_an_earlier_release_only()
+ {
+    use projections::pii::{open_record, reply_names, seal_record};
+    let app = spawn_app().await;
+    let email = "erin.ostrander@example.org";
+    let created = app
+        .post(
+            "/v1/contacts",
+            &json!({"email": email, "first_name": "Erin"}),
+        )
+        .await;
+    assert_eq!(created.status().as_u16(), 201);
+    let id = created.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let scope = uuid::Uuid::new_v4();
+    let naming_by_email = json!({"errors": [{"row": 1, "email": "Erin.Ostrander@Example.ORG"}]});
+    let someone_else = json!({"errors": [{"row": 1, "email": "someone@example.org"}]});
+    // (key, reply, the subjects stored with it: `None` as an earlier release wrote it)
+    let records = [
+        (
+            "by-email",
+            naming_by_email.clone(),
+            Some(reply_names(naming_by_email.to_string().as_bytes())),
+        ),
+        ("earlier-release", json!({"id": id, "email": email}), None),
+        (
+            "someone-else",
+            someone_else.clone(),
+            Some(reply_names(someone_else.to_string().as_bytes())),
+        ),
+        // Said to name no one: an erasure does not open it.
+        ("said-to-name-no-one", json!({"id": id}), Some(vec![])),
+    ];
+    for (key, reply, subjects) in &records {
+        let aad = leadledger::app::command::record_aad(scope, key);
+        sqlx::query(
+            "INSERT INTO idempotency_records
+                 (api_key_id, idempotency_key, request_hash, response_status, response_body,
+                  subjects)
+             VALUES ($1, $2, '\\x00', 200, $3, $4)",
+        )
+        .bind(scope)
+        .bind(key)
+        .bind(seal_record(&aad, reply.to_string().as_bytes()))
+        .bind(subjects)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    }
+
+    let erased = delete(&app, &format!("/v1/contacts/{id}")).await;
+    assert_eq!(erased.status().as_u16(), 200);
+    for (key, reply, _) in &records {
+        let body: Vec<u8> = sqlx::query_scalar(
+            "SELECT response_body FROM idempotency_records
+             WHERE api_key_id = $1 AND idempotency_key = $2",
+        )
+        .bind(scope)
+        .bind(key)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        let aad = leadledger::app::command::record_aad(scope, key);
+        let now: Value = serde_json::from_slice(&open_record(&aad, &body).unwrap()).unwrap();
+        let redacted = now.get("redacted").is_some();
+        match *key {
+            "by-email" | "earlier-release" => assert!(redacted, "{key}: {now}"),
+            _ => assert_eq!(&now, reply, "{key} left as it was"),
+        }
+    }
+}
+
 /// Whether the one event of contact `id` is still in the clear.
 async fn still_clear(pool: &sqlx::PgPool, id: &str) -> bool {
     let payload: Value = sqlx::query_scalar(

@@ -537,6 +537,7 @@ fn answer_row(api_key_id: Uuid, key: &str, status: i16, names_sequence: Option<u
         body: key.as_bytes().to_vec(),
         headers: serde_json::json!({"etag": "\"1\""}),
         names_sequence,
+        subjects: Vec::new(),
     }
 }
 

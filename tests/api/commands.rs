@@ -663,14 +663,9 @@ async fn an_upsert_guessed_to_create_a_contact_that_exists_updates_it_and_a_repe
 #[tokio::test]
 async fn commands_refused_on_a_guess_that_their_contact_is_new_are_decided_again_on_it_as_loaded() {
     let app = spawn_app().await;
-    let created = app
-        .post("/v1/contacts", &json!({"email": "patched@example.com"}))
+    let id = app
+        .create_contact(&json!({"email": "patched@example.com"}))
         .await;
-    assert_eq!(created.status().as_u16(), 201);
-    let id = created.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
     // On a contact taken to be new, an update is refused (404): the leader's and those of
     // the commands that joined its group. None of them may be the answer.
     let patches = (0..10).map(|i| {

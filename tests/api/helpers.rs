@@ -402,6 +402,14 @@ impl TestApp {
             .expect("request sent")
     }
 
+    /// Creates a contact from `body` (a new email); returns its id.
+    pub async fn create_contact(&self, body: &Value) -> String {
+        let response = self.post("/v1/contacts", body).await;
+        assert_eq!(response.status().as_u16(), 201);
+        let created: Value = response.json().await.unwrap();
+        created["id"].as_str().unwrap().to_string()
+    }
+
     /// Creates a campaign; returns its JSON.
     pub async fn create_campaign(&self, name: &str) -> Value {
         let response = self.post("/v1/campaigns", &json!({"name": name})).await;

@@ -1225,17 +1225,9 @@ async fn an_erasure_finds_the_replies_naming_the_person_by_whom_they_name_and_op
     use projections::pii::{open_record, reply_names, seal_record};
     let app = spawn_app().await;
     let email = "erin.ostrander@example.org";
-    let created = app
-        .post(
-            "/v1/contacts",
-            &json!({"email": email, "first_name": "Erin"}),
-        )
+    let id = app
+        .create_contact(&json!({"email": email, "first_name": "Erin"}))
         .await;
-    assert_eq!(created.status().as_u16(), 201);
-    let id = created.json::<Value>().await.unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
     let scope = uuid::Uuid::new_v4();
     let naming_by_email = json!({"errors": [{"row": 1, "email": "Erin.Ostrander@Example.ORG"}]});
     let someone_else = json!({"errors": [{"row": 1, "email": "someone@example.org"}]});

@@ -450,11 +450,11 @@ async fn seal_clear_records(pool: &sqlx::PgPool, batch: i64) -> Result<u64, AppE
     loop {
         let mut tx = pool.begin().await?;
         // Answered replies not starting with the sealed mark; SKIP LOCKED: one a request
-        // holds is taken by the next run.
-        // The predicate of the partial index `idempotency_records_clear`, word for word
-        // and with its constants (the sealed mark, `SEALED_RECORD`), and the index's
-        // order: PostgreSQL then reads that index (empty once everything is sealed). It
-        // cannot tell how few records match, and without the order it reads the table.
+        // holds is taken by the next run. The predicate of the partial index
+        // `idempotency_records_clear`, word for word and with its constants (the sealed
+        // mark, `SEALED_RECORD`), and the index's order: PostgreSQL then reads that index
+        // (empty once everything is sealed). It cannot tell how few records match, and
+        // without the order it reads the table.
         let records = sqlx::query!(
             "SELECT api_key_id, idempotency_key, response_body FROM idempotency_records
              WHERE response_status IS NOT NULL

@@ -1136,8 +1136,14 @@ async fn sealing_clear_replies_at_start_locks_and_rewrites_only_the_replies_in_t
     harness().drop_database(database);
 }
 
-/// Inserts `payloads` as a contact's events in the clear, as an earlier release stored them.
-async fn insert_clear_events(pool: &sqlx::PgPool, id: &str, payloads: &[Value]) {
+/// Inserts `payloads` as a contact's events in the clear, as an earlier release stored them,
+/// through `db` (a pool, or a transaction of the caller's).
+async fn insert_clear_events<'a>(
+    db: impl sqlx::Acquire<'a, Database = sqlx::Postgres>,
+    id: &str,
+    payloads: &[Value],
+) {
+    let mut conn = db.acquire().await.unwrap();
     for (i, payload) in payloads.iter().enumerate() {
         let kind = payload.as_object().unwrap().keys().next().unwrap().clone();
         sqlx::query(
@@ -1149,7 +1155,7 @@ async fn insert_clear_events(pool: &sqlx::PgPool, id: &str, payloads: &[Value]) 
         .bind(i as i64 + 1)
         .bind(kind)
         .bind(payload)
-        .execute(pool)
+        .execute(&mut *conn)
         .await
         .unwrap();
     }
@@ -1308,16 +1314,7 @@ async fn each_sealing_pass_reads_only_the_events_of_transactions_from_the_oldest
     insert_clear_events(&pool, &first, &[clear_event(1, 1)]).await;
     // Written by a transaction still running while the first pass runs to its end.
     let mut running = pool.begin().await.unwrap();
-    sqlx::query(
-        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type,
-                             event_version, payload)
-         VALUES ('contact', $1, 1, 'ContactCreated', '1.0', $2)",
-    )
-    .bind(&during)
-    .bind(clear_event(2, 1))
-    .execute(&mut *running)
-    .await
-    .unwrap();
+    insert_clear_events(&mut *running, &during, &[clear_event(2, 1)]).await;
 
     let done = encrypt_plaintext(&pool, 10, &|_| {}).await.unwrap();
     assert_eq!(done.events, 1, "{done:?}");

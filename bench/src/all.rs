@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::cpu::{CpuMeter, CpuUse, postmaster_of};
 use crate::floor::{Floor, Target};
 use crate::measure::{Measured, cores, millis, percentile};
 use crate::peer::Peer;
@@ -29,6 +30,8 @@ const HTTP: &str = "Commands over HTTP (closed loop: each client sends its next 
 const FLOOR: &str = "Floor: the SQL of one contact upsert (load stream, insert event, insert idempotency record, commit), by pgbench";
 const PEER: &str = "Peer: contact upsert through cqrs-es 0.5 + postgres-es 0.5 (CqrsFramework::execute, in-process)";
 const RATIOS: &str = "Contact upserts over HTTP, as a ratio of the floor and of the peer (same run, same concurrency)";
+const CPU: &str =
+    "CPU of every process a contact upsert took, and the machine's idle share (the same cells)";
 const LAG: &str = "Write-to-read-model lag under load (`campaigns` projection)";
 const LOAD: &str = "Aggregate load at ~10 vs 100,000 events (target: long/short ≤ 1.5)";
 const MEMORY: &str = "Memory";
@@ -116,6 +119,23 @@ fn record_http(report: &mut Report, row: &str, m: &Measured, events: bool) {
     }
 }
 
+/// What a cell's commands (`ops` of them) cost in CPU, and the idle share it left.
+fn record_cpu(report: &mut Report, row: &str, who: &str, used: Option<CpuUse>, ops: usize) {
+    let Some(used) = used else {
+        return;
+    };
+    let ops = ops as f64;
+    let micros = |d: Duration| d.as_secs_f64() * 1e6;
+    report.record(CPU, row, &format!("{who} µs"), micros(used.per_op(ops)));
+    report.record(
+        CPU,
+        row,
+        &format!("{who} in PostgreSQL µs"),
+        micros(used.postgres_per_op(ops)),
+    );
+    report.record(CPU, row, &format!("{who} idle %"), used.idle * 100.0);
+}
+
 pub async fn run(plan: Plan, json_path: Option<PathBuf>) -> anyhow::Result<()> {
     let began = Instant::now();
     let load_before = load_average();
@@ -133,6 +153,7 @@ pub async fn run(plan: Plan, json_path: Option<PathBuf>) -> anyhow::Result<()> {
     let quiet = Target::quiet(&server).await?;
     let busy = Target::server(&server);
     let peer = Peer::prepare(&server, POOL_SIZE).await?;
+    let postmaster = postmaster_of(&server.pool).await?;
     let streams = if plan.upserts_only {
         None
     } else {
@@ -170,7 +191,9 @@ pub async fn run(plan: Plan, json_path: Option<PathBuf>) -> anyhow::Result<()> {
             let tag = format!("r{run}c{c}");
             settle(&server).await?;
             contacts::upserts(&server, c, plan.warm_up, &format!("{tag}w")).await?;
+            let meter = CpuMeter::start(postmaster);
             let ours = contacts::upserts(&server, c, plan.measure, &tag).await?;
+            let ours_cpu = meter.and_then(CpuMeter::stop);
             record_http(
                 &mut report,
                 &format!("contact upsert, {}", clients_label(c, "client")),
@@ -179,7 +202,9 @@ pub async fn run(plan: Plan, json_path: Option<PathBuf>) -> anyhow::Result<()> {
             );
             let row = clients_label(c, "client");
             settle(&server).await?;
+            let meter = CpuMeter::start(postmaster);
             let base = floor.run(&quiet, c, plan.measure).await?;
+            let base_cpu = meter.and_then(CpuMeter::stop);
             report.record(FLOOR, &row, "quiet db tx/s", base.tps);
             report.record(FLOOR, &row, "quiet p50 ms", millis(base.p50()));
             report.record(FLOOR, &row, "quiet p99 ms", millis(base.p99()));
@@ -190,7 +215,9 @@ pub async fn run(plan: Plan, json_path: Option<PathBuf>) -> anyhow::Result<()> {
             report.record(FLOOR, &row, "server's p99 ms", millis(woken.p99()));
             settle(&server).await?;
             peer.upserts(c, plan.warm_up, &format!("{tag}w")).await?;
+            let meter = CpuMeter::start(postmaster);
             let theirs = peer.upserts(c, plan.measure, &tag).await?;
+            let theirs_cpu = meter.and_then(CpuMeter::stop);
             let row = clients_label(c, "task");
             report.record(PEER, &row, "commands/s", theirs.per_second());
             report.record(PEER, &row, "p50 ms", millis(theirs.p50()));
@@ -216,6 +243,13 @@ pub async fn run(plan: Plan, json_path: Option<PathBuf>) -> anyhow::Result<()> {
                 "÷ peer (target ≥ 1.0)",
                 ours.per_second() / theirs.per_second().max(f64::EPSILON),
             );
+            for (who, used, ops) in [
+                ("ours", ours_cpu, ours.ops()),
+                ("floor", base_cpu, base.latencies.len()),
+                ("peer", theirs_cpu, theirs.ops()),
+            ] {
+                record_cpu(&mut report, &row, who, used, ops);
+            }
         }
         let Some(streams) = &streams else {
             continue;
@@ -343,6 +377,17 @@ pub async fn run(plan: Plan, json_path: Option<PathBuf>) -> anyhow::Result<()> {
     report.note(
         RATIOS,
         "Each run's ratio is taken from measurements made back to back; the table gives the median, min and max of those ratios.",
+    );
+    report.note(
+        CPU,
+        &format!(
+            "CPU time of every process over the measured cell, from Linux's `/proc`, divided by the commands (or pgbench transactions) it completed: \
+             this process (the server and the HTTP clients for ours, pgbench for the floor's quiet db, the peer's tasks for the peer) \
+             and PostgreSQL's processes (its part is shown beside). Idle: the share of the machine's {} cores' time nobody used. \
+             Where idle is near 0, the throughput is what the CPU allows: about {} cores' seconds ÷ CPU a command.",
+            cores(),
+            cores()
+        ),
     );
     report.note(
         CALIBRATION,

@@ -39,6 +39,7 @@ mod calibrate;
 mod cluster;
 mod console;
 mod contacts;
+mod cpu;
 mod floor;
 mod import;
 mod measure;

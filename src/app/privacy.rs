@@ -221,6 +221,24 @@ async fn redact_stored_responses(
     Ok(())
 }
 
+/// How often every server process merges the pending entries of the index of whom stored
+/// replies name ([`merge_reply_names`]).
+pub const MERGE_REPLY_NAMES_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Merges the entries that writes appended to the pending list of the index of whom stored
+/// replies name (`idempotency_records_subjects`, built with `fastupdate`), so that the
+/// write statement of a command batch only appends to the list and never merges it
+/// itself; returns the pages of the list merged. An erasure searches the list and the
+/// index alike, so this changes what a lookup costs, never what it finds.
+pub async fn merge_reply_names(pool: &sqlx::PgPool) -> Result<i64, sqlx::Error> {
+    let pages = sqlx::query_scalar!(
+        r#"SELECT gin_clean_pending_list('idempotency_records_subjects'::regclass) AS "pages!""#
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok(pages)
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum KeyCheckError {
     #[error(transparent)]

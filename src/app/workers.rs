@@ -80,6 +80,20 @@ pub fn start(state: &App) -> Workers {
             }
         }
     }));
+    // The index of whom stored replies name is merged beside the commands, not in them.
+    let pool = state.pool.clone();
+    let stop = cancel.clone();
+    tasks.push(tokio::spawn(async move {
+        loop {
+            if let Err(e) = crate::app::privacy::merge_reply_names(&pool).await {
+                tracing::warn!(error = %e, "merging the stored replies' names failed");
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(crate::app::privacy::MERGE_REPLY_NAMES_EVERY) => {},
+            }
+        }
+    }));
     // Spent Mailgun tokens are kept only while their signed timestamp could still pass.
     let pool = state.pool.clone();
     let stop = cancel.clone();

@@ -1461,3 +1461,70 @@ async fn erasing_a_contact_stored_in_the_clear_strips_every_event_even_one_menti
     assert_eq!(erased.status().as_u16(), 200, "{:?}", erased.text().await);
     assert_clear_event_stripped(&app, &id).await;
 }
+
+/// Creates a contact with an idempotency key, so that its reply is recorded; returns its id.
+async fn create_recorded(app: &TestApp, email: &str) -> String {
+    let response = app
+        .client
+        .post(app.url("/v1/contacts"))
+        .bearer_auth(&app.write_key)
+        .header("Idempotency-Key", format!("create-{email}"))
+        .json(&json!({"email": email}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 201);
+    let created: Value = response.json().await.unwrap();
+    created["id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn the_names_a_command_stores_with_its_reply_wait_in_the_index_pending_list_until_merged_and_are_found_there()
+ {
+    use leadledger::app::privacy::merge_reply_names;
+    // No workers: nothing merges but this test.
+    let app = spawn_app_with(false).await;
+    let id = create_recorded(&app, "pending.pia@example.org").await;
+    for n in 0..4 {
+        create_recorded(&app, &format!("pending.{n}@example.org")).await;
+    }
+    // The batches' writes appended the names to the pending list instead of the index.
+    let merged = merge_reply_names(&app.pool).await.expect("merged");
+    assert!(merged > 0, "nothing was pending: {merged} pages");
+    assert_eq!(merge_reply_names(&app.pool).await.expect("merged"), 0);
+
+    // A name still pending is found by an erasure as a merged one is.
+    let again = create_recorded(&app, "pending.again@example.org").await;
+    for erased in [&id, &again] {
+        let response = delete(&app, &format!("/v1/contacts/{erased}")).await;
+        assert_eq!(
+            response.status().as_u16(),
+            200,
+            "{:?}",
+            response.text().await
+        );
+        let named: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM idempotency_records WHERE $1::uuid = ANY(subjects)",
+        )
+        .bind(uuid::Uuid::parse_str(erased).unwrap())
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+        assert_eq!(named, 0, "a reply naming an erased contact is still there");
+    }
+}
+
+#[tokio::test]
+async fn every_server_process_merges_the_pending_names_of_stored_replies_within_seconds() {
+    use leadledger::app::privacy::{MERGE_REPLY_NAMES_EVERY, merge_reply_names};
+    let app = spawn_app().await;
+    for n in 0..5 {
+        create_recorded(&app, &format!("merged.{n}@example.org")).await;
+    }
+    tokio::time::sleep(MERGE_REPLY_NAMES_EVERY * 3).await;
+    assert_eq!(
+        merge_reply_names(&app.pool).await.expect("merged"),
+        0,
+        "the workers left names pending"
+    );
+}

@@ -99,7 +99,7 @@ impl Stat {
     fn parse(text: &str) -> Option<Self> {
         // The command name, in brackets, may hold spaces: the fields counted here come
         // after its closing bracket, from the state (the third field) on.
-        let rest = &text[text.rfind(')')? + 2..];
+        let rest = text.get(text.rfind(')')? + 2..)?;
         let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
         let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
         Some(Self {
@@ -176,6 +176,7 @@ mod tests {
         assert_eq!(stat.own, 250 + 36);
         assert_eq!(stat.children, 12 + 7);
         assert!(Stat::parse("4242 (cut short) S 17").is_none());
+        assert!(Stat::parse("4242 (cut)").is_none());
     }
 
     #[test]

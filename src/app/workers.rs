@@ -85,12 +85,18 @@ pub fn start(state: &App) -> Workers {
     let stop = cancel.clone();
     tasks.push(tokio::spawn(async move {
         loop {
-            if let Err(e) = crate::app::privacy::merge_reply_names(&pool).await {
-                tracing::warn!(error = %e, "merging the stored replies' names failed");
-            }
+            let wait = match crate::app::privacy::merge_reply_names(&pool).await {
+                Ok(_) => crate::app::privacy::MERGE_REPLY_NAMES_EVERY,
+                // A role that does not own the index may not merge it: the writes then
+                // merge the list themselves at its limit. Said once a minute, not a second.
+                Err(e) => {
+                    tracing::warn!(error = %e, "merging the stored replies' names failed");
+                    Duration::from_secs(60)
+                }
+            };
             tokio::select! {
                 () = stop.cancelled() => return,
-                () = tokio::time::sleep(crate::app::privacy::MERGE_REPLY_NAMES_EVERY) => {},
+                () = tokio::time::sleep(wait) => {},
             }
         }
     }));

@@ -788,21 +788,10 @@ pub fn reply_names(reply: &[u8]) -> Vec<uuid::Uuid> {
 
 fn names_in(key: Option<[u8; 32]>, reply: &[u8]) -> Vec<uuid::Uuid> {
     let mut names = Vec::new();
-    let hex = |b: u8| b.is_ascii_hexdigit();
     let mut i = 0;
     while i < reply.len() {
-        // A UUID in its hyphenated form, as serde writes one.
-        if i + 36 <= reply.len()
-            && reply[i..i + 36].iter().enumerate().all(|(j, &b)| {
-                if matches!(j, 8 | 13 | 18 | 23) {
-                    b == b'-'
-                } else {
-                    hex(b)
-                }
-            })
-            && let Ok(text) = std::str::from_utf8(&reply[i..i + 36])
-            && let Ok(id) = uuid::Uuid::parse_str(text)
-        {
+        // A UUID in its hyphenated form, as serde writes one (the only form of 36 bytes).
+        if let Some(Ok(id)) = reply.get(i..i + 36).map(uuid::Uuid::try_parse_ascii) {
             names.push(id);
             i += 36;
             continue;

@@ -760,6 +760,8 @@ impl Store {
                 );
                 record_sequences.push(r.names_sequence.map(|s| s as i64));
                 record_headers.push(r.headers.to_string());
+                // One text a record, space-separated: a parameter cannot be an array of
+                // arrays of different lengths (split back in the statement).
                 record_subjects.push(
                     r.subjects
                         .iter()

@@ -404,10 +404,21 @@ impl TestApp {
 
     /// Creates a contact from `body` (a new email); returns its id.
     pub async fn create_contact(&self, body: &Value) -> String {
-        let response = self.post("/v1/contacts", body).await;
-        assert_eq!(response.status().as_u16(), 201);
-        let created: Value = response.json().await.unwrap();
-        created["id"].as_str().unwrap().to_string()
+        created_id(self.post("/v1/contacts", body).await).await
+    }
+
+    /// [`TestApp::create_contact`] under an idempotency key, so that its reply is recorded.
+    pub async fn create_contact_recorded(&self, body: &Value, key: &str) -> String {
+        let response = self
+            .client
+            .post(self.url("/v1/contacts"))
+            .bearer_auth(&self.write_key)
+            .header("Idempotency-Key", key)
+            .json(body)
+            .send()
+            .await
+            .expect("request sent");
+        created_id(response).await
     }
 
     /// Creates a campaign; returns its JSON.
@@ -439,6 +450,13 @@ impl Drop for TestApp {
 }
 
 /// Asserts a problem+json answer with `status`, returning its body.
+/// The id of the contact a creation answered with (201).
+async fn created_id(response: reqwest::Response) -> String {
+    assert_eq!(response.status().as_u16(), 201);
+    let created: Value = response.json().await.unwrap();
+    created["id"].as_str().unwrap().to_string()
+}
+
 pub async fn assert_problem(response: reqwest::Response, status: u16) -> serde_json::Value {
     assert_eq!(response.status().as_u16(), status, "status");
     let content_type = response

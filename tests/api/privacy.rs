@@ -1466,18 +1466,8 @@ async fn erasing_a_contact_stored_in_the_clear_strips_every_event_even_one_menti
 
 /// Creates a contact with an idempotency key, so that its reply is recorded; returns its id.
 async fn create_recorded(app: &TestApp, email: &str) -> String {
-    let response = app
-        .client
-        .post(app.url("/v1/contacts"))
-        .bearer_auth(&app.write_key)
-        .header("Idempotency-Key", format!("create-{email}"))
-        .json(&json!({"email": email}))
-        .send()
+    app.create_contact_recorded(&json!({"email": email}), &format!("create-{email}"))
         .await
-        .unwrap();
-    assert_eq!(response.status().as_u16(), 201);
-    let created: Value = response.json().await.unwrap();
-    created["id"].as_str().unwrap().to_string()
 }
 
 #[tokio::test]

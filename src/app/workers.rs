@@ -12,6 +12,18 @@ use crate::app::command::purge_idempotency_records;
 /// Idempotency records are kept at least this long (the contract: at least 24 hours).
 pub const IDEMPOTENCY_RETENTION: Duration = Duration::from_secs(25 * 3600);
 
+/// Runs `step` until `stop` is cancelled, waiting after each run for as long as it says
+/// (a cancellation during the wait ends it at once).
+async fn every(stop: CancellationToken, mut step: impl AsyncFnMut() -> Duration) {
+    loop {
+        let wait = step().await;
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(wait) => {},
+        }
+    }
+}
+
 pub struct Workers {
     cancel: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
@@ -52,68 +64,47 @@ pub fn start(state: &App) -> Workers {
     tasks.push(tokio::spawn(reactor.run(cancel.clone())));
     let (pool, store, stop) = (state.pool.clone(), state.store.clone(), cancel.clone());
     let wakeup = state.wakeup.clone();
-    tasks.push(tokio::spawn(async move {
-        loop {
-            match crate::app::webhooks::retry_due(&pool, &store, 200).await {
-                Ok((0, _)) => {}
-                Ok(_) => wakeup.committed(),
-                Err(e) => tracing::warn!(error = %e, "retrying parked webhook events failed"),
-            }
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_secs(1)) => {},
-            }
+    tasks.push(tokio::spawn(every(stop, async move || {
+        match crate::app::webhooks::retry_due(&pool, &store, 200).await {
+            Ok((0, _)) => {}
+            Ok(_) => wakeup.committed(),
+            Err(e) => tracing::warn!(error = %e, "retrying parked webhook events failed"),
         }
-    }));
+        Duration::from_secs(1)
+    })));
     let pool = state.pool.clone();
     let stop = cancel.clone();
-    tasks.push(tokio::spawn(async move {
-        loop {
-            match purge_idempotency_records(&pool, IDEMPOTENCY_RETENTION).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(purged = n, "old idempotency records purged"),
-                Err(e) => tracing::warn!(error = %e, "purging idempotency records failed"),
-            }
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_secs(3600)) => {},
-            }
+    tasks.push(tokio::spawn(every(stop, async move || {
+        match purge_idempotency_records(&pool, IDEMPOTENCY_RETENTION).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "old idempotency records purged"),
+            Err(e) => tracing::warn!(error = %e, "purging idempotency records failed"),
         }
-    }));
+        Duration::from_secs(3600)
+    })));
     // The index of whom stored replies name is merged beside the commands, not in them.
     let pool = state.pool.clone();
     let stop = cancel.clone();
-    tasks.push(tokio::spawn(async move {
-        loop {
-            let wait = match crate::app::privacy::merge_reply_names(&pool).await {
-                Ok(_) => crate::app::privacy::MERGE_REPLY_NAMES_EVERY,
-                // A role that does not own the index may not merge it: the writes then
-                // merge the list themselves at its limit. Said once a minute, not a second.
-                Err(e) => {
-                    tracing::warn!(error = %e, "merging the stored replies' names failed");
-                    Duration::from_secs(60)
-                }
-            };
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(wait) => {},
+    tasks.push(tokio::spawn(every(stop, async move || {
+        match crate::app::privacy::merge_reply_names(&pool).await {
+            Ok(_) => crate::app::privacy::MERGE_REPLY_NAMES_EVERY,
+            // A role that does not own the index may not merge it: the writes then merge
+            // the list themselves at its limit. Said once a minute, not a second.
+            Err(e) => {
+                tracing::warn!(error = %e, "merging the stored replies' names failed");
+                Duration::from_secs(60)
             }
         }
-    }));
+    })));
     // Spent Mailgun tokens are kept only while their signed timestamp could still pass.
     let pool = state.pool.clone();
     let stop = cancel.clone();
-    tasks.push(tokio::spawn(async move {
-        loop {
-            if let Err(e) = crate::app::webhooks::purge_once_tokens(&pool).await {
-                tracing::warn!(error = %e, "purging spent webhook tokens failed");
-            }
-            tokio::select! {
-                () = stop.cancelled() => return,
-                () = tokio::time::sleep(Duration::from_secs(60)) => {},
-            }
+    tasks.push(tokio::spawn(every(stop, async move || {
+        if let Err(e) = crate::app::webhooks::purge_once_tokens(&pool).await {
+            tracing::warn!(error = %e, "purging spent webhook tokens failed");
         }
-    }));
+        Duration::from_secs(60)
+    })));
     // Contact events an earlier release stored in the clear are sealed while serving.
     if projections::pii::SEALING {
         let pool = state.pool.clone();

@@ -560,6 +560,9 @@ where
                             None => TurnOutcome::Failed(None),
                         }
                     };
+                    #[cfg(feature = "test-hooks")]
+                    super::pauses::reach(super::pauses::Point::MemberTurnTaken, A::TYPE, self.id)
+                        .await;
                     match outcome {
                         // Refused on a guessed state: true only if the guess held.
                         TurnOutcome::Refused(e) if group.guessed => {
@@ -616,6 +619,10 @@ where
                     }
                 },
             };
+            #[cfg(feature = "test-hooks")]
+            if retry {
+                super::pauses::reach(super::pauses::Point::TryingAgain, A::TYPE, self.id).await;
+            }
             if retry && !self.app.try_again(A::TYPE, &mut attempts).await {
                 return Ok(Retried::Exhausted);
             }
@@ -684,6 +691,8 @@ where
             group.poison();
         }
         drop(slot);
+        #[cfg(feature = "test-hooks")]
+        super::pauses::reach(super::pauses::Point::LeaderTurnTaken, A::TYPE, self.id).await;
         stream.close(&group).await;
         let work = group.work.lock().await.take();
         // The write runs to its end, and tells the members how it ended, even if this

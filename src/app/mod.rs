@@ -14,6 +14,8 @@ pub mod error;
 pub mod group;
 pub mod keys;
 pub mod outbound;
+#[cfg(feature = "test-hooks")]
+pub mod pauses;
 pub mod privacy;
 pub mod reads;
 pub mod replica;

@@ -695,6 +695,137 @@ async fn commands_refused_on_a_guess_that_their_contact_is_new_are_decided_again
     assert!(metric_exported(&app, "untested").await);
 }
 
+/// The id the server gives the contact with `email`.
+async fn contact_id(app: &crate::helpers::TestApp, email: &str) -> String {
+    let email = aggregates::contact::ContactEmail::parse(email).unwrap();
+    leadledger::app::contacts::id_for(&app.state, &email)
+        .await
+        .unwrap()
+        .to_string()
+}
+
+/// Starts an upsert of the contact with `email`, held once its group, led on the guess
+/// that the contact is new, has taken its turn and still takes members; then a `PATCH` of
+/// the same contact with `If-Match: "<version>"`, which joins that group and is refused
+/// there (412: the guessed state is at version 1). Returns the two requests as they run
+/// on, and the leader's hold, still held.
+async fn a_member_refused_in_a_guessed_group(
+    app: &crate::helpers::TestApp,
+    email: &'static str,
+    version: u32,
+) -> (
+    tokio::task::JoinHandle<(u16, Value)>,
+    tokio::task::JoinHandle<(u16, Value)>,
+    std::sync::Arc<leadledger::app::pauses::Held>,
+) {
+    use leadledger::app::pauses::{Point, hold};
+    let id = contact_id(app, email).await;
+    let leader_held = hold(Point::LeaderTurnTaken, "contact", &id);
+    let member_held = hold(Point::MemberTurnTaken, "contact", &id);
+    let send = |request: reqwest::RequestBuilder| {
+        tokio::spawn(async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<Value>().await.unwrap())
+        })
+    };
+    let leader = send(
+        app.client
+            .post(app.url("/v1/contacts"))
+            .bearer_auth(&app.write_key)
+            .header("idempotency-key", "leader")
+            .json(&json!({"email": email, "first_name": "Grace"})),
+    );
+    leader_held.reached().await;
+    let member = send(
+        app.client
+            .patch(app.url(&format!("/v1/contacts/{id}")))
+            .bearer_auth(&app.write_key)
+            .header("idempotency-key", "member")
+            .header("if-match", format!("\"{version}\""))
+            .json(&json!({"title": "CTO"})),
+    );
+    // It took its turn in the leader's group, since that group cannot close before.
+    member_held.reached().await;
+    member_held.release();
+    (leader, member, leader_held)
+}
+
+#[tokio::test]
+async fn a_member_refused_on_a_guess_that_held_hears_its_refusal_only_once_the_group_committed() {
+    let app = spawn_app().await;
+    let (leader, member, leader_held) =
+        a_member_refused_in_a_guessed_group(&app, "held-guess@example.com", 7).await;
+    // Its refusal holds only if the guess does, which the group's write tests: until
+    // then, no answer.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !member.is_finished(),
+        "the member was answered before its group was written"
+    );
+    leader_held.release();
+    let (status, created) = leader.await.unwrap();
+    assert_eq!(status, 201, "{created}");
+    let (status, refused) = member.await.unwrap();
+    assert_eq!(status, 412, "{refused}");
+    assert_eq!(refused["status"], 412);
+    let id = created["id"].as_str().unwrap();
+    assert_eq!(stream(&app, id).await, vec![(1, "ContactCreated".into())]);
+    assert!(metric_exported(&app, "held").await);
+}
+
+#[tokio::test]
+async fn a_member_refused_on_a_guess_that_did_not_hold_is_decided_again_on_the_contact_as_loaded() {
+    let app = spawn_app().await;
+    let email = "wrong-guess@example.com";
+    let id = app
+        .create_contact(&json!({"email": email, "first_name": "Ada"}))
+        .await;
+    // The upsert is guessed to create the contact, which exists: on the guessed state the
+    // member's `If-Match: "2"` is refused; on the contact as it is once the upsert has
+    // updated it, it holds.
+    let (leader, member, leader_held) = a_member_refused_in_a_guessed_group(&app, email, 2).await;
+    let again =
+        leadledger::app::pauses::hold(leadledger::app::pauses::Point::TryingAgain, "contact", &id);
+    leader_held.release();
+    tokio::time::timeout(Duration::from_secs(10), again.reached())
+        .await
+        .expect("the member, refused on the wrong guess, tries again");
+    let (status, updated) = leader.await.unwrap();
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["first_name"], "Grace");
+    // Once the upsert is answered, so that the member is decided after it.
+    again.release();
+    let (status, patched) = member.await.unwrap();
+    assert_eq!(
+        status, 200,
+        "the refusal on the wrong guess was its answer: {patched}"
+    );
+    assert_eq!(patched["title"], "CTO");
+    assert_eq!(patched["first_name"], "Grace");
+    assert_eq!(
+        stream(&app, &id).await,
+        vec![
+            (1, "ContactCreated".into()),
+            (2, "ContactUpdated".into()),
+            (3, "ContactUpdated".into())
+        ]
+    );
+    assert!(metric_exported(&app, "wrong").await);
+    let recorded: Vec<(String, i16)> = sqlx::query_as(
+        "SELECT idempotency_key, response_status FROM idempotency_records
+         WHERE idempotency_key IN ('leader', 'member') ORDER BY idempotency_key",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        recorded,
+        vec![("leader".into(), 200), ("member".into(), 200)],
+        "each key answered once, as it was answered"
+    );
+}
+
 #[tokio::test]
 async fn a_command_keeps_its_connection_for_the_next_and_the_pool_gets_it_back_once_commands_stop()
 {

@@ -119,7 +119,8 @@ fn record_http(report: &mut Report, row: &str, m: &Measured, events: bool) {
     }
 }
 
-/// What a cell's commands (`ops` of them) cost in CPU, and the idle share it left.
+/// What a cell's commands (`ops` of them) cost in CPU, and the idle share it left (and of
+/// that, the share waiting for the disk).
 fn record_cpu(report: &mut Report, row: &str, who: &str, used: Option<CpuUse>, ops: usize) {
     let Some(used) = used else {
         return;
@@ -134,6 +135,12 @@ fn record_cpu(report: &mut Report, row: &str, who: &str, used: Option<CpuUse>, o
         micros(used.postgres_per_op(ops)),
     );
     report.record(CPU, row, &format!("{who} idle %"), used.idle * 100.0);
+    report.record(
+        CPU,
+        row,
+        &format!("{who} disk wait %"),
+        used.disk_wait * 100.0,
+    );
 }
 
 pub async fn run(plan: Plan, json_path: Option<PathBuf>) -> anyhow::Result<()> {
@@ -383,7 +390,8 @@ pub async fn run(plan: Plan, json_path: Option<PathBuf>) -> anyhow::Result<()> {
         &format!(
             "CPU time of every process over the measured cell, from Linux's `/proc`, divided by the commands (or pgbench transactions) it completed: \
              this process (the server and the HTTP clients for ours, pgbench for the floor's quiet db, the peer's tasks for the peer) \
-             and PostgreSQL's processes (its part is shown beside). Idle: the share of the machine's {} cores' time nobody used. \
+             and PostgreSQL's processes (its part is shown beside). Idle: the share of the machine's {} cores' time nobody used; \
+             disk wait: the part of it Linux counts as `iowait` (a core left idle while a task that ran on it waits for the disk, a commit's flush say). \
              Where idle is near 0, the throughput is what the CPU allows: about {} cores' seconds ÷ CPU a command.",
             cores(),
             cores()

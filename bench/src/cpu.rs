@@ -28,6 +28,11 @@ pub struct CpuUse {
     pub postgres: Duration,
     /// The share of the machine's CPU time left idle (waiting for the disk included).
     pub idle: f64,
+    /// Of that, the share Linux counts as waiting for the disk (`iowait`: a core with
+    /// nothing to run while a task that last ran on it waits for a read or a write, such
+    /// as a commit's flush). The rest of the idle time nobody was waiting for the disk on
+    /// that core: the work waited for another core, or for a wake-up.
+    pub disk_wait: f64,
 }
 
 impl CpuUse {
@@ -60,10 +65,12 @@ impl CpuMeter {
         let machine = Machine::read()?;
         let total = machine.total.saturating_sub(self.machine.total);
         let idle = machine.idle.saturating_sub(self.machine.idle);
+        let disk_wait = machine.iowait.saturating_sub(self.machine.iowait);
         Some(CpuUse {
             process: ticks(process),
             postgres: ticks(postgres),
             idle: idle as f64 / total.max(1) as f64,
+            disk_wait: disk_wait as f64 / total.max(1) as f64,
         })
     }
 }
@@ -138,11 +145,13 @@ fn postgres_ticks(postmaster: u32) -> Option<u64> {
     Some(total)
 }
 
-/// The machine's CPU time in all and idle (`/proc/stat`'s first line).
+/// The machine's CPU time in all, idle, and of that waiting for the disk (`/proc/stat`'s
+/// first line).
 #[derive(Clone, Copy)]
 struct Machine {
     total: u64,
     idle: u64,
+    iowait: u64,
 }
 
 impl Machine {
@@ -157,8 +166,13 @@ impl Machine {
         // user, nice, system, idle, iowait, irq, softirq, steal; guest time is counted
         // in user time already.
         let total = values.iter().take(8).sum();
-        let idle = values.get(3)? + values.get(4)?;
-        Some(Self { total, idle })
+        let iowait = *values.get(4)?;
+        let idle = values.get(3)? + iowait;
+        Some(Self {
+            total,
+            idle,
+            iowait,
+        })
     }
 }
 
@@ -182,6 +196,6 @@ mod tests {
     #[test]
     fn this_process_and_the_machine_can_be_read() {
         assert!(super::process_ticks("self").is_some());
-        assert!(super::Machine::read().is_some_and(|m| m.total >= m.idle));
+        assert!(super::Machine::read().is_some_and(|m| m.total >= m.idle && m.idle >= m.iowait));
     }
 }

@@ -704,6 +704,23 @@ async fn contact_id(app: &crate::helpers::TestApp, email: &str) -> String {
         .to_string()
 }
 
+/// The id of the contact with `email`, and holds on the next leader and the next member
+/// of its stream once each has taken its turn.
+async fn held_contact(
+    app: &crate::helpers::TestApp,
+    email: &str,
+) -> (
+    String,
+    std::sync::Arc<leadledger::app::pauses::Held>,
+    std::sync::Arc<leadledger::app::pauses::Held>,
+) {
+    use leadledger::app::pauses::{Point, hold};
+    let id = contact_id(app, email).await;
+    let leader = hold(Point::LeaderTurnTaken, "contact", &id);
+    let member = hold(Point::MemberTurnTaken, "contact", &id);
+    (id, leader, member)
+}
+
 /// Starts an upsert of the contact with `email`, held once its group, led on the guess
 /// that the contact is new, has taken its turn and still takes members; then a `PATCH` of
 /// the same contact with `If-Match: "<version>"`, which joins that group and is refused
@@ -718,10 +735,7 @@ async fn a_member_refused_in_a_guessed_group(
     tokio::task::JoinHandle<(u16, Value)>,
     std::sync::Arc<leadledger::app::pauses::Held>,
 ) {
-    use leadledger::app::pauses::{Point, hold};
-    let id = contact_id(app, email).await;
-    let leader_held = hold(Point::LeaderTurnTaken, "contact", &id);
-    let member_held = hold(Point::MemberTurnTaken, "contact", &id);
+    let (id, leader_held, member_held) = held_contact(app, email).await;
     let send = |request: reqwest::RequestBuilder| {
         tokio::spawn(async move {
             let response = request.send().await.unwrap();
@@ -824,6 +838,122 @@ async fn a_member_refused_on_a_guess_that_did_not_hold_is_decided_again_on_the_c
         vec![("leader".into(), 200), ("member".into(), 200)],
         "each key answered once, as it was answered"
     );
+}
+
+/// The idempotency keys the app has records of.
+async fn recorded_keys(app: &crate::helpers::TestApp) -> Vec<String> {
+    sqlx::query_scalar("SELECT idempotency_key FROM idempotency_records ORDER BY 1")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap()
+}
+
+/// A request to the app's router in this process (as the server runs it, without the
+/// connection), so that the test can drop it midway, as the server drops a request
+/// whose time ran out or whose connection went away.
+fn in_process(
+    app: &crate::helpers::TestApp,
+    method: &str,
+    path: &str,
+    key: &str,
+    body: &Value,
+) -> tokio::task::JoinHandle<axum::response::Response> {
+    use tower::ServiceExt;
+    let request = axum::http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("authorization", format!("Bearer {}", app.write_key))
+        .header("idempotency-key", key)
+        .header("content-type", "application/json")
+        .body(axum::body::Body::from(body.to_string()))
+        .unwrap();
+    let router = leadledger::http::router(app.state.clone());
+    tokio::spawn(async move { router.oneshot(request).await.unwrap() })
+}
+
+#[tokio::test]
+async fn a_member_dropped_before_its_turn_is_done_rolls_its_group_back_and_the_leader_writes_alone()
+{
+    let app = spawn_app().await;
+    let email = "dropped-member@example.com";
+    let (id, leader_held, member_held) = held_contact(&app, email).await;
+    let leader = app
+        .client
+        .post(app.url("/v1/contacts"))
+        .bearer_auth(&app.write_key)
+        .header("idempotency-key", "leader")
+        .json(&json!({"email": email}))
+        .send();
+    let leader = tokio::spawn(leader);
+    leader_held.reached().await;
+    // On the leader's new contact, at version 1, the member's update is decided and added
+    // to the group's write; then its request goes away before it says its turn is done.
+    let member = in_process(
+        &app,
+        "PATCH",
+        &format!("/v1/contacts/{id}"),
+        "member",
+        &json!({"title": "CTO"}),
+    );
+    member_held.reached().await;
+    member.abort();
+    assert!(member.await.unwrap_err().is_cancelled());
+    leader_held.release();
+    let created = leader.await.unwrap().unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let created: Value = created.json().await.unwrap();
+    assert!(created.get("title").is_none_or(Value::is_null), "{created}");
+    assert_eq!(
+        stream(&app, &id).await,
+        vec![(1, "ContactCreated".into())],
+        "nothing of the dropped member was written"
+    );
+    let keys = recorded_keys(&app).await;
+    assert!(keys.contains(&"leader".to_string()), "{keys:?}");
+    assert!(!keys.contains(&"member".to_string()), "{keys:?}");
+}
+
+#[tokio::test]
+async fn a_leader_dropped_while_its_group_takes_members_ends_it_and_the_members_write_on_their_own()
+{
+    let app = spawn_app().await;
+    let email = "dropped-leader@example.com";
+    let (id, leader_held, member_held) = held_contact(&app, email).await;
+    let leader = in_process(
+        &app,
+        "POST",
+        "/v1/contacts",
+        "leader",
+        &json!({"email": email, "first_name": "Ada"}),
+    );
+    leader_held.reached().await;
+    let member = tokio::spawn(
+        app.client
+            .post(app.url("/v1/contacts"))
+            .bearer_auth(&app.write_key)
+            .header("idempotency-key", "member")
+            .json(&json!({"email": email, "first_name": "Grace"}))
+            .send(),
+    );
+    // The member decided its upsert on the leader's contact (an update), and is done.
+    member_held.reached().await;
+    member_held.release();
+    leader.abort();
+    assert!(leader.await.unwrap_err().is_cancelled());
+    // The group ended with its leader: the member tries again in a group of its own, in
+    // which the contact is new.
+    let created = tokio::time::timeout(Duration::from_secs(10), member)
+        .await
+        .expect("the member is not left waiting for a group that will never be written")
+        .unwrap()
+        .unwrap();
+    assert_eq!(created.status().as_u16(), 201);
+    let created: Value = created.json().await.unwrap();
+    assert_eq!(created["first_name"], "Grace");
+    assert_eq!(stream(&app, &id).await, vec![(1, "ContactCreated".into())]);
+    let keys = recorded_keys(&app).await;
+    assert!(keys.contains(&"member".to_string()), "{keys:?}");
+    assert!(!keys.contains(&"leader".to_string()), "{keys:?}");
 }
 
 #[tokio::test]

@@ -28,19 +28,14 @@ const EXPIRY_LOCK: &str = "worker:budget-expiry";
 
 /// Runs [`expire_due_holds`] every [`EXPIRY_SWEEP_EVERY`] until `cancel`.
 pub fn spawn_expiry_worker(state: App, cancel: CancellationToken) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        loop {
-            match expire_due_holds(&state, Utc::now()).await {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(expired = n, "budget reservations expired"),
-                Err(e) => tracing::warn!(error = ?e, "expiring budget reservations failed"),
-            }
-            tokio::select! {
-                () = cancel.cancelled() => return,
-                () = tokio::time::sleep(EXPIRY_SWEEP_EVERY) => {},
-            }
+    tokio::spawn(crate::app::workers::every(cancel, async move || {
+        match expire_due_holds(&state, Utc::now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(expired = n, "budget reservations expired"),
+            Err(e) => tracing::warn!(error = ?e, "expiring budget reservations failed"),
         }
-    })
+        EXPIRY_SWEEP_EVERY
+    }))
 }
 
 /// One sweep: sends `ExpireReservations` to every budget the `budget_holds` read model

@@ -14,7 +14,7 @@ pub const IDEMPOTENCY_RETENTION: Duration = Duration::from_secs(25 * 3600);
 
 /// Runs `step` until `stop` is cancelled, waiting after each run for as long as it says
 /// (a cancellation during the wait ends it at once).
-async fn every(stop: CancellationToken, mut step: impl AsyncFnMut() -> Duration) {
+pub(crate) async fn every(stop: CancellationToken, mut step: impl AsyncFnMut() -> Duration) {
     loop {
         let wait = step().await;
         tokio::select! {

@@ -227,7 +227,8 @@ impl Recheck {
     }
 }
 
-pub(crate) async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) {
+/// Waits `d`, or less if `cancel` is cancelled meanwhile.
+pub async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) {
     tokio::select! {
         () = tokio::time::sleep(d) => {},
         () = cancel.cancelled() => {},

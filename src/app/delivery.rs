@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use projections::feed::{self, FeedEvent, Position};
+use projections::wake::sleep_or_cancel;
 use rand::Rng;
 use serde_json::{Value, json};
 use sqlx::{ConnectOptions, Connection, PgConnection};
@@ -155,13 +156,6 @@ pub fn spawn(app: App, cancel: CancellationToken) -> JoinHandle<()> {
             let _ = task.await;
         }
     })
-}
-
-async fn sleep_or_cancel(d: Duration, cancel: &CancellationToken) {
-    tokio::select! {
-        () = tokio::time::sleep(d) => {},
-        () = cancel.cancelled() => {},
-    }
 }
 
 struct Deliverer {

@@ -889,6 +889,13 @@ async fn write_group<A: Aggregate + 'static>(app: &App, work: Work<A>) -> GroupW
         .unwrap_or(Err(Abort::Conflict))
 }
 
+/// How many groups' writes of aggregate type `A` wait for the next batch (for tests that
+/// hold a batch at [`super::pauses::Point::Writing`] while others queue behind it).
+#[cfg(feature = "test-hooks")]
+pub fn queued_writes<A: Aggregate + 'static>(app: &App) -> usize {
+    batches::<A>(app).writes.queued()
+}
+
 /// Loads a group's aggregate with the answer recorded for its leader's key. A group
 /// without a transaction is loaded together with the other groups of its aggregate type
 /// whose loads come while one of that type is under way ([`group::Batch`]).
@@ -970,6 +977,10 @@ async fn write_together<A: Aggregate>(
     app: &App,
     mut works: Vec<Work<A>>,
 ) -> Result<Vec<GroupWritten>, Vec<Work<A>>> {
+    #[cfg(feature = "test-hooks")]
+    for work in &works {
+        super::pauses::reach(super::pauses::Point::Writing, A::TYPE, &work.loaded.id).await;
+    }
     let together = {
         let mut conns = Vec::with_capacity(works.len());
         let mut writes = Vec::with_capacity(works.len());
@@ -1014,6 +1025,8 @@ async fn write_together<A: Aggregate>(
 
 /// [`write_group`] for one group, on its own connection.
 async fn write_alone<A: Aggregate>(app: &App, work: Work<A>) -> GroupWritten {
+    #[cfg(feature = "test-hooks")]
+    super::pauses::reach(super::pauses::Point::Writing, A::TYPE, &work.loaded.id).await;
     let Work {
         mut conn,
         mut loaded,

@@ -330,6 +330,12 @@ impl<T: Send + 'static, R: Send + 'static> Batch<T, R> {
         done.await.ok()
     }
 
+    /// How many requests wait for the next batch.
+    #[cfg(feature = "test-hooks")]
+    pub fn queued(&self) -> usize {
+        lock(&self.queue).len()
+    }
+
     /// Runs `ready` together (or the one alone) and tells each how it ended; if together
     /// failed, runs each alone.
     async fn run_batch<C, F, FF, G, GF>(ready: Queued<T, R>, with: C, alone: &F, together: &G)

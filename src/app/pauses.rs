@@ -25,6 +25,11 @@ pub enum Point {
     /// A command whose group rolled back (or lost to another writer) is about to try
     /// again, in a new group.
     TryingAgain,
+    /// A group's write is about to be sent, alone or in a batch with other groups of its
+    /// aggregate type. Held here, a group without a transaction holds the task that runs
+    /// its type's write batches, and the writes that come meanwhile queue for the next
+    /// batch (see `command::queued_writes`).
+    Writing,
 }
 
 /// A hold a test has set: how it learns that a command got there, and lets it go on.

@@ -488,104 +488,197 @@ async fn a_database_outage_is_503_with_retry_after_not_500() {
     assert_problem(response, 503).await;
 }
 
-/// Sends `bodies` to `POST /v1/contacts` at once, each with its idempotency key.
-async fn upsert_at_once(
+/// Starts the upserts `bodies` (`POST /v1/contacts`, each with its idempotency key) at
+/// once.
+fn start_upserts(
     app: &crate::helpers::TestApp,
     bodies: Vec<(String, Value)>,
-) -> Vec<(u16, Value)> {
-    let requests = bodies.into_iter().map(|(key, body)| {
-        let request = app
-            .client
-            .post(app.url("/v1/contacts"))
-            .bearer_auth(&app.write_key)
-            .header("idempotency-key", key)
-            .json(&body);
-        tokio::spawn(async move {
-            let r = request.send().await.unwrap();
-            let status = r.status().as_u16();
-            (status, r.json::<Value>().await.unwrap())
+) -> Vec<tokio::task::JoinHandle<(u16, Value)>> {
+    bodies
+        .into_iter()
+        .map(|(key, body)| {
+            let request = app
+                .client
+                .post(app.url("/v1/contacts"))
+                .bearer_auth(&app.write_key)
+                .header("idempotency-key", key)
+                .json(&body);
+            tokio::spawn(async move {
+                let r = request.send().await.unwrap();
+                let status = r.status().as_u16();
+                (status, r.json::<Value>().await.unwrap())
+            })
         })
-    });
-    futures::future::join_all(requests)
+        .collect()
+}
+
+/// Sends the upserts `bodies` while the write of another contact's upsert is held in the
+/// task that runs the contacts' write batches, and lets that write go only once every one
+/// of them waits for the next batch: they are all taken in one batch. Returns their
+/// answers, in order, and the other contact's id. `ahead`, that contact's email, must be
+/// the test's own: holds are kept by stream, for every app of the process. Each queued write holds a connection
+/// of the app's pool (20 in tests) until its batch is written: keep `bodies` well under.
+async fn upsert_in_one_batch(
+    app: &crate::helpers::TestApp,
+    ahead: &str,
+    bodies: Vec<(String, Value)>,
+) -> (Vec<(u16, Value)>, String) {
+    use leadledger::app::pauses::{Point, hold};
+    let ahead_id = contact_id(app, ahead).await;
+    let writing = hold(Point::Writing, "contact", &ahead_id);
+    let ahead = start_upserts(app, vec![("ahead".into(), json!({"email": ahead}))]);
+    tokio::time::timeout(Duration::from_secs(10), writing.reached())
+        .await
+        .expect("the first upsert's write reached the batch task");
+    let count = bodies.len();
+    let requests = start_upserts(app, bodies);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let queued =
+            leadledger::app::command::queued_writes::<aggregates::contact::Contact>(&app.state);
+        if queued == count {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{queued} of {count} writes queued behind the held one"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    writing.release();
+    for ahead in ahead {
+        let (status, body) = ahead.await.unwrap();
+        assert_eq!(status, 201, "{body}");
+    }
+    let answers = futures::future::join_all(requests)
         .await
         .into_iter()
         .map(Result::unwrap)
+        .collect();
+    (answers, ahead_id)
+}
+
+/// How many transactions wrote the events of the contacts `ids`, and how many events.
+async fn transactions_of(app: &crate::helpers::TestApp, ids: &[String]) -> (i64, i64) {
+    sqlx::query_as(
+        "SELECT count(DISTINCT transaction_id), count(*) FROM events
+         WHERE aggregate_type = 'contact' AND aggregate_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap()
+}
+
+/// The ids of the contacts the answers `answers` created.
+fn created_ids(answers: &[(u16, Value)]) -> Vec<String> {
+    answers
+        .iter()
+        .filter(|(status, _)| *status == 201)
+        .map(|(_, body)| body["id"].as_str().unwrap().to_string())
         .collect()
 }
 
 #[tokio::test]
-async fn commands_on_different_contacts_ready_together_commit_together_and_one_that_conflicts_leaves_the_others_committed()
+async fn upserts_of_different_contacts_that_queue_behind_a_write_are_written_next_in_one_transaction()
  {
     let app = spawn_app().await;
-    let mut together = false;
-    for round in 0..20 {
-        // Sixteen contacts, and two more under one key: the second of those conflicts
-        // with the first's record, in the same write or after it.
-        let mut bodies: Vec<(String, Value)> = (0..16)
-            .map(|i| {
-                (
-                    format!("r{round}-k{i}"),
-                    json!({"email": format!("r{round}-c{i}@example.com")}),
-                )
-            })
-            .collect();
-        for twin in ["a", "b"] {
-            bodies.push((
-                format!("r{round}-shared"),
-                json!({"email": format!("r{round}-{twin}@example.com")}),
-            ));
-        }
-        let results = upsert_at_once(&app, bodies).await;
-        for (status, body) in &results[..16] {
-            assert_eq!(*status, 201, "{body}");
-        }
-        let twins: Vec<u16> = results[16..].iter().map(|(s, _)| *s).collect();
-        assert_eq!(
-            twins.iter().filter(|s| **s == 201).count(),
-            1,
-            "one of the requests sharing a key creates its contact: {:?}",
-            &results[16..]
-        );
-        assert!(
-            twins.iter().all(|s| [201, 409, 422].contains(s)),
-            "{:?}",
-            &results[16..]
-        );
-        let created: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM idempotency_records
-             WHERE idempotency_key LIKE $1 AND response_status = 201",
-        )
-        .bind(format!("r{round}-%"))
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-        assert_eq!(created, 17, "each created contact answered once");
-        // Several contacts' events in one transaction: their groups were written together.
-        let shared: Option<i64> = sqlx::query_scalar(
-            "SELECT max(n) FROM (SELECT count(DISTINCT aggregate_id) AS n FROM events
-                                 WHERE aggregate_type = 'contact'
-                                 GROUP BY transaction_id) t",
-        )
-        .fetch_one(&app.pool)
-        .await
-        .unwrap();
-        if shared.unwrap_or(0) > 1 {
-            together = true;
-            if round >= 2 {
-                break;
-            }
-        }
+    let bodies = (0..8)
+        .map(|i| {
+            (
+                format!("k{i}"),
+                json!({"email": format!("c{i}@example.com")}),
+            )
+        })
+        .collect();
+    let (answers, ahead) = upsert_in_one_batch(&app, "ahead-of-eight@example.com", bodies).await;
+    for (status, body) in &answers {
+        assert_eq!(*status, 201, "{body}");
     }
-    assert!(together, "no two contacts were ever written together");
+    let ids = created_ids(&answers);
+    assert_eq!(
+        transactions_of(&app, &ids).await,
+        (1, 8),
+        "the eight contacts' events in one transaction"
+    );
+    assert_eq!(
+        transactions_of(&app, std::slice::from_ref(&ahead)).await,
+        (1, 1),
+        "the contact ahead in a transaction of its own"
+    );
+    let all = [ids, vec![ahead]].concat();
+    assert_eq!(
+        transactions_of(&app, &all).await,
+        (2, 9),
+        "the one ahead, then the eight"
+    );
+    assert_eq!(recorded_keys(&app).await.len(), 9, "each key answered once");
     let metrics = app.get("/metrics").await.text().await.unwrap();
+    let batches_up_to = |size: &str| -> u64 {
+        let series = format!(
+            r#"command_batch_size_bucket{{aggregate="contact",step="write",le="{size}"}} "#
+        );
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(series.as_str()))
+            .unwrap_or_else(|| panic!("the batches are counted: {metrics}"))
+            .parse()
+            .unwrap()
+    };
     assert!(
-        metrics.contains(r#"command_batch_size_bucket{aggregate="contact",step="write",le="2"}"#),
-        "the batches are counted: {metrics}"
+        batches_up_to("8") > batches_up_to("4"),
+        "a batch of 5 to 8 writes is counted: {metrics}"
     );
     assert!(
         metrics
             .contains(r#"command_batch_duration_seconds_count{aggregate="contact",step="write"}"#),
         "the batches are timed: {metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_write_in_a_batch_that_conflicts_makes_each_write_alone_and_leaves_the_others_committed()
+{
+    let app = spawn_app().await;
+    // Eight contacts, and two more under one key: in one batch, the second of those
+    // clashes with the first's record and fails the batch's statement whole.
+    let mut bodies: Vec<(String, Value)> = (0..8)
+        .map(|i| {
+            (
+                format!("k{i}"),
+                json!({"email": format!("c{i}@example.com")}),
+            )
+        })
+        .collect();
+    for twin in ["a", "b"] {
+        bodies.push((
+            "shared".into(),
+            json!({"email": format!("{twin}@example.com")}),
+        ));
+    }
+    let (answers, _) = upsert_in_one_batch(&app, "ahead-of-a-clash@example.com", bodies).await;
+    for (status, body) in &answers[..8] {
+        assert_eq!(*status, 201, "{body}");
+    }
+    let twins: Vec<u16> = answers[8..].iter().map(|(s, _)| *s).collect();
+    assert_eq!(
+        twins.iter().filter(|s| **s == 201).count(),
+        1,
+        "one of the requests sharing a key creates its contact: {:?}",
+        &answers[8..]
+    );
+    for (status, body) in &answers[8..] {
+        if *status != 201 {
+            assert_eq!(*status, 422, "{body}");
+            assert_eq!(body["status"], 422, "a problem: {body}");
+        }
+    }
+    let ids = created_ids(&answers);
+    assert_eq!(ids.len(), 9);
+    assert_eq!(
+        transactions_of(&app, &ids).await,
+        (9, 9),
+        "the batch's statement failed, and each of its writes went in alone"
     );
     let contacts: i64 = sqlx::query_scalar(
         "SELECT count(DISTINCT aggregate_id) FROM events WHERE aggregate_type = 'contact'",
@@ -593,15 +686,13 @@ async fn commands_on_different_contacts_ready_together_commit_together_and_one_t
     .fetch_one(&app.pool)
     .await
     .unwrap();
+    assert_eq!(contacts, 10, "the one ahead and the nine, and no other");
     let answered: i64 =
         sqlx::query_scalar("SELECT count(*) FROM idempotency_records WHERE response_status = 201")
             .fetch_one(&app.pool)
             .await
             .unwrap();
-    assert_eq!(
-        contacts, answered,
-        "every contact written was answered, once"
-    );
+    assert_eq!(answered, 10, "every contact written was answered, once");
 }
 
 /// Whether `/metrics` counts guesses on contacts that ended with `outcome`.

@@ -60,6 +60,9 @@ pub struct Plan {
     pub rebuild_events: u64,
     /// Contact upserts with their floor and peer only (`--upserts-only`).
     pub upserts_only: bool,
+    /// The server's workers (projection runners, reactors, sweeps) stopped before the
+    /// runs (`--without-workers`, with `--upserts-only`): the write path's share alone.
+    pub without_workers: bool,
 }
 
 impl Plan {
@@ -76,6 +79,7 @@ impl Plan {
             samples: 400,
             rebuild_events: 1_000_000,
             upserts_only: false,
+            without_workers: false,
         }
     }
 
@@ -93,6 +97,7 @@ impl Plan {
             samples: 100,
             rebuild_events: 50_000,
             upserts_only: false,
+            without_workers: false,
         }
     }
 }
@@ -166,6 +171,13 @@ pub async fn run(plan: Plan, json_path: Option<PathBuf>) -> anyhow::Result<()> {
     } else {
         Some(store::prepare(&server, plan.long_stream).await?)
     };
+
+    if plan.without_workers {
+        // Nothing applies the events from here on: the runs do not wait for it.
+        settle(&server).await?;
+        server.workers.cancel();
+        eprintln!("the server's workers stopped: the write path alone");
+    }
 
     let mut report = Report::default();
     for run in 0..plan.runs {
@@ -430,12 +442,19 @@ pub async fn run(plan: Plan, json_path: Option<PathBuf>) -> anyhow::Result<()> {
         load_before.as_deref().unwrap_or("?"),
         load_after.as_deref().unwrap_or("?")
     );
+    if plan.without_workers {
+        println!(
+            "Without the server's workers: no projection runner, reactor or periodic sweep ran \
+             during the runs, so \"ours\" is the write path alone, read models not kept.\n"
+        );
+    }
     print!("{}", report.to_markdown());
 
     if let Some(path) = json_path {
         let about = json!({
             "runs": plan.runs,
             "quick": plan.quick,
+            "without_workers": plan.without_workers,
             "seconds_per_measurement": plan.measure.as_secs_f64(),
             "warm_up_seconds": plan.warm_up.as_secs_f64(),
             "clients": plan.clients,
@@ -462,8 +481,11 @@ pub async fn run(plan: Plan, json_path: Option<PathBuf>) -> anyhow::Result<()> {
 }
 
 /// Lets the projections apply what earlier measurements wrote, so that a measurement does
-/// not pay for its predecessor's backlog.
+/// not pay for its predecessor's backlog (nothing to wait for once the workers are stopped).
 async fn settle(server: &Server) -> anyhow::Result<()> {
+    if server.workers.cancelled() {
+        return Ok(());
+    }
     store::wait_for_all_projections(server).await
 }
 

@@ -76,6 +76,10 @@ enum Bench {
         /// Measure only the contact upserts with their floor and peer.
         #[arg(long)]
         upserts_only: bool,
+        /// Stop the server's workers (projection runners, reactors, periodic sweeps) before
+        /// the runs: the write path's share alone, read models not kept.
+        #[arg(long, requires = "upserts_only")]
+        without_workers: bool,
     },
     /// Contact upserts/s through a running load balancer (`scripts/cluster-bench`), with
     /// the read replica's largest lag seen in the processes' /metrics meanwhile.
@@ -353,6 +357,7 @@ fn main() -> anyhow::Result<()> {
                 clients,
                 json,
                 upserts_only,
+                without_workers,
             } => {
                 let mut plan = if quick {
                     all::Plan::quick(clients)
@@ -360,6 +365,7 @@ fn main() -> anyhow::Result<()> {
                     all::Plan::full(runs, seconds, clients)
                 };
                 plan.upserts_only = upserts_only;
+                plan.without_workers = without_workers;
                 all::run(plan, json).await
             }
         }

@@ -146,6 +146,11 @@ impl Workers {
         self.cancel.cancel();
     }
 
+    /// Whether the workers were asked to stop.
+    pub fn cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+
     /// Asks every worker to stop and waits until each has finished its current batch.
     pub async fn stop(self) {
         self.cancel.cancel();

@@ -6,8 +6,6 @@ use std::time::Duration;
 use aggregates::budget::{Budget, BudgetCommand};
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::app::App;
@@ -18,25 +16,13 @@ use crate::store::{Loaded, Metadata};
 /// The read model that lists budgets.
 pub const BUDGETS_READ_MODEL: &str = projections::budgets::NAME;
 
-/// How often the expiry worker looks for holds past their time.
+/// How often the expiry sweep (one of the server's workers) looks for holds past their time.
 pub const EXPIRY_SWEEP_EVERY: Duration = Duration::from_secs(1);
 /// Budgets handled by one sweep at most; the next sweep takes the rest.
 const EXPIRY_BATCH: i64 = 500;
 /// The advisory lock (with `projections::runner::LOCK_CLASS`) that lets one process sweep
 /// at a time.
 const EXPIRY_LOCK: &str = "worker:budget-expiry";
-
-/// Runs [`expire_due_holds`] every [`EXPIRY_SWEEP_EVERY`] until `cancel`.
-pub fn spawn_expiry_worker(state: App, cancel: CancellationToken) -> JoinHandle<()> {
-    tokio::spawn(crate::app::workers::every(cancel, async move || {
-        match expire_due_holds(&state, Utc::now()).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(expired = n, "budget reservations expired"),
-            Err(e) => tracing::warn!(error = ?e, "expiring budget reservations failed"),
-        }
-        EXPIRY_SWEEP_EVERY
-    }))
-}
 
 /// One sweep: sends `ExpireReservations` to every budget the `budget_holds` read model
 /// shows with a hold due at `now`. Returns how many holds it expired.

@@ -1,5 +1,6 @@
 //! Background work of a server process: the projection runner, the purge of old
-//! idempotency records and the delivery of subscriptions. Every worker is safe with several processes on one database.
+//! idempotency records, the expiry of budget holds and the delivery of subscriptions.
+//! Every worker is safe with several processes on one database.
 
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ pub const IDEMPOTENCY_RETENTION: Duration = Duration::from_secs(25 * 3600);
 
 /// Runs `step` until `stop` is cancelled, waiting after each run for as long as it says
 /// (a cancellation during the wait ends it at once).
-pub(crate) async fn every(stop: CancellationToken, mut step: impl AsyncFnMut() -> Duration) {
+async fn every(stop: CancellationToken, mut step: impl AsyncFnMut() -> Duration) {
     loop {
         let wait = step().await;
         tokio::select! {
@@ -131,10 +132,15 @@ pub fn start(state: &App) -> Workers {
         );
     }
     // Expired budget holds are released by a command even if no one touches the budget.
-    tasks.push(crate::app::budgets::spawn_expiry_worker(
-        state.clone(),
-        cancel.clone(),
-    ));
+    let budgets = state.clone();
+    tasks.push(tokio::spawn(every(cancel.clone(), async move || {
+        match crate::app::budgets::expire_due_holds(&budgets, chrono::Utc::now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(expired = n, "budget reservations expired"),
+            Err(e) => tracing::warn!(error = ?e, "expiring budget reservations failed"),
+        }
+        crate::app::budgets::EXPIRY_SWEEP_EVERY
+    })));
     // Subscriptions: each delivered by the one process holding its lock.
     tasks.push(crate::app::delivery::spawn(state.clone(), cancel.clone()));
     Workers { cancel, tasks }

@@ -516,8 +516,9 @@ fn start_upserts(
 /// task that runs the contacts' write batches, and lets that write go only once every one
 /// of them waits for the next batch: they are all taken in one batch. Returns their
 /// answers, in order, and the other contact's id. `ahead`, that contact's email, must be
-/// the test's own: holds are kept by stream, for every app of the process. Each queued write holds a connection
-/// of the app's pool (20 in tests) until its batch is written: keep `bodies` well under.
+/// the test's own: holds are kept by stream, for every app of the process. Each queued
+/// write holds a connection of the app's pool (20 in tests) until its batch is written:
+/// keep `bodies` well under.
 async fn upsert_in_one_batch(
     app: &crate::helpers::TestApp,
     ahead: &str,
@@ -526,7 +527,7 @@ async fn upsert_in_one_batch(
     use leadledger::app::pauses::{Point, hold};
     let ahead_id = contact_id(app, ahead).await;
     let writing = hold(Point::Writing, "contact", &ahead_id);
-    let ahead = start_upserts(app, vec![("ahead".into(), json!({"email": ahead}))]);
+    let first = start_upserts(app, vec![("ahead".into(), json!({"email": ahead}))]);
     tokio::time::timeout(Duration::from_secs(10), writing.reached())
         .await
         .expect("the first upsert's write reached the batch task");
@@ -546,8 +547,8 @@ async fn upsert_in_one_batch(
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     writing.release();
-    for ahead in ahead {
-        let (status, body) = ahead.await.unwrap();
+    for first in first {
+        let (status, body) = first.await.unwrap();
         assert_eq!(status, 201, "{body}");
     }
     let answers = futures::future::join_all(requests)
@@ -556,6 +557,18 @@ async fn upsert_in_one_batch(
         .map(Result::unwrap)
         .collect();
     (answers, ahead_id)
+}
+
+/// Upserts of `n` new contacts, each with a key of its own.
+fn new_contacts(n: usize) -> Vec<(String, Value)> {
+    (0..n)
+        .map(|i| {
+            (
+                format!("k{i}"),
+                json!({"email": format!("c{i}@example.com")}),
+            )
+        })
+        .collect()
 }
 
 /// How many transactions wrote the events of the contacts `ids`, and how many events.
@@ -583,14 +596,7 @@ fn created_ids(answers: &[(u16, Value)]) -> Vec<String> {
 async fn upserts_of_different_contacts_that_queue_behind_a_write_are_written_next_in_one_transaction()
  {
     let app = spawn_app().await;
-    let bodies = (0..8)
-        .map(|i| {
-            (
-                format!("k{i}"),
-                json!({"email": format!("c{i}@example.com")}),
-            )
-        })
-        .collect();
+    let bodies = new_contacts(8);
     let (answers, ahead) = upsert_in_one_batch(&app, "ahead-of-eight@example.com", bodies).await;
     for (status, body) in &answers {
         assert_eq!(*status, 201, "{body}");
@@ -642,14 +648,7 @@ async fn a_write_in_a_batch_that_conflicts_makes_each_write_alone_and_leaves_the
     let app = spawn_app().await;
     // Eight contacts, and two more under one key: in one batch, the second of those
     // clashes with the first's record and fails the batch's statement whole.
-    let mut bodies: Vec<(String, Value)> = (0..8)
-        .map(|i| {
-            (
-                format!("k{i}"),
-                json!({"email": format!("c{i}@example.com")}),
-            )
-        })
-        .collect();
+    let mut bodies = new_contacts(8);
     for twin in ["a", "b"] {
         bodies.push((
             "shared".into(),

@@ -2,12 +2,13 @@
 //! batch's changes and the checkpoints committed in one transaction (an exactly-once
 //! effect, whatever crashes between batches).
 //!
-//! - One task per group of projections (the read models; the reactors). It holds a
-//!   PostgreSQL session advisory lock for each projection on a connection of its own, and
-//!   applies batches on that same connection: among several server processes exactly one
-//!   applies a projection, and when its process or connection dies the locks go with it
-//!   and another process takes over. A process that holds only some of a group's locks
-//!   applies those, and tries for the others now and then.
+//! - One task per group of projections (in a server process, one group: the read models
+//!   and the reactors, `Runner::with_reactors`). It holds a PostgreSQL session advisory
+//!   lock for each projection on a connection of its own, and applies batches on that same
+//!   connection: among several server processes exactly one applies a projection, and
+//!   when its process or connection dies the locks go with it and another process takes
+//!   over. A process that holds only some of a group's locks applies those, and tries for
+//!   the others now and then.
 //! - A batch is read once for the whole group (each event opened and upcast once) and
 //!   applied to every projection in one transaction, so a commit costs the group one read
 //!   and one transaction, not one per projection.
@@ -131,16 +132,18 @@ impl Runner {
         }
     }
 
-    /// A runner of reactors: the same batches, checkpoints and locks as projections get.
-    pub fn reactors(pool: PgPool, reactors: Vec<Arc<dyn Reactor>>, config: RunnerConfig) -> Self {
-        let handlers = reactors
-            .into_iter()
-            .map(|reactor| Arc::new(Reacting(reactor)) as Arc<dyn Projection>)
-            .collect();
-        Self {
-            group: "reactors",
-            ..Self::new(pool, handlers, config)
-        }
+    /// Adds reactors to the group: they get the same batches, checkpoints and locks as
+    /// its projections, in the same feed read and the same transaction (a reactor's
+    /// commands commit with the read models' batch and every checkpoint). A group of its
+    /// own would read the feed and move its checkpoints again for every batch, most often
+    /// to find nothing it reacts to.
+    pub fn with_reactors(mut self, reactors: Vec<Arc<dyn Reactor>>) -> Self {
+        self.projections.extend(
+            reactors
+                .into_iter()
+                .map(|reactor| Arc::new(Reacting(reactor)) as Arc<dyn Projection>),
+        );
+        self
     }
 
     /// Shares the process's wake-ups: its writers' commits wake these runners at once.

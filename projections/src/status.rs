@@ -16,8 +16,8 @@ pub struct ProjectionStatus {
     pub state: &'static str,
     pub failed_position: Option<i64>,
     pub failed_error: Option<String>,
-    /// The application name of the connection holding it (`leadledger-projection:GROUP:pidN`, GROUP
-    /// being `projections` or `reactors`).
+    /// The application name of the connection holding it (`leadledger-projection:GROUP:pidN`;
+    /// a server's group, read models and reactors, is `projections`).
     pub held_by: Option<String>,
 }
 

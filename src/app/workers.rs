@@ -32,11 +32,19 @@ pub struct Workers {
 
 pub fn start(state: &App) -> Workers {
     let cancel = CancellationToken::new();
+    // The read models and the reactors in one group: one feed read, one transaction and
+    // one move of the checkpoints a batch for all of them.
     let runner = projections::runner::Runner::new(
         state.pool.clone(),
         projections::all(),
         projections::runner::RunnerConfig::default(),
     )
+    .with_reactors(vec![
+        std::sync::Arc::new(crate::app::webhooks::ParkingReactor::new(
+            state.store.clone(),
+        )),
+        std::sync::Arc::new(crate::app::suppressions::SuppressionReactor::new(state)),
+    ])
     .with_wakeup(state.wakeup.clone());
     let mut tasks = vec![
         // Other processes' notifications in, this one's out (coalesced, after commit).
@@ -49,20 +57,8 @@ pub fn start(state: &App) -> Workers {
             cancel.clone(),
         )),
     ];
-    // Parked webhook events: applied when their enrollment appears (from the feed, with
-    // its own checkpoint), and retried on a timer for what the feed cannot see.
-    let reactor = projections::runner::Runner::reactors(
-        state.pool.clone(),
-        vec![
-            std::sync::Arc::new(crate::app::webhooks::ParkingReactor::new(
-                state.store.clone(),
-            )),
-            std::sync::Arc::new(crate::app::suppressions::SuppressionReactor::new(state)),
-        ],
-        projections::runner::RunnerConfig::default(),
-    )
-    .with_wakeup(state.wakeup.clone());
-    tasks.push(tokio::spawn(reactor.run(cancel.clone())));
+    // Parked webhook events are applied by their reactor when their enrollment appears in
+    // the feed, and retried on a timer for what the feed cannot see.
     let (pool, store, stop) = (state.pool.clone(), state.store.clone(), cancel.clone());
     let wakeup = state.wakeup.clone();
     tasks.push(tokio::spawn(every(stop, async move || {

@@ -141,6 +141,29 @@ async fn a_position_never_reached_answers_503_with_retry_after() {
 }
 
 #[tokio::test]
+async fn a_server_applies_its_read_models_and_its_reactors_on_one_connection() {
+    let app = spawn_app().await;
+    let mut conn = app.pool.acquire().await.unwrap();
+    let mut status = Vec::new();
+    for _ in 0..250 {
+        status = projections::status::all(&mut conn).await.unwrap();
+        if status.len() > projections::names().len() && status.iter().all(|s| s.held_by.is_some()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let names: Vec<&str> = status.iter().map(|s| s.name.as_str()).collect();
+    for reactor in ["suppressions", "webhook_parking"] {
+        assert!(names.contains(&reactor), "{reactor} in {names:?}");
+    }
+    // One group: one feed read and one transaction a batch for all of them.
+    let holders: std::collections::BTreeSet<Option<&str>> =
+        status.iter().map(|s| s.held_by.as_deref()).collect();
+    assert_eq!(holders.len(), 1, "{status:?}");
+    assert!(holders.iter().all(Option::is_some), "{status:?}");
+}
+
+#[tokio::test]
 async fn two_runners_on_one_database_never_apply_an_event_twice_and_one_takes_over() {
     let app = spawn_app_with(false).await;
     let (first_cancel, first) = start_runner(&app.pool, projections::all());

@@ -11,8 +11,7 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use hmac::Mac;
 
 /// What outbound deliveries may reach and how long they may take.
 #[derive(Debug, Clone)]
@@ -368,12 +367,7 @@ pub fn sign(keys: &[Vec<u8>], id: &str, timestamp: i64, body: &[u8]) -> String {
     let timestamp = timestamp.to_string();
     keys.iter()
         .filter_map(|key| {
-            let mut mac = Hmac::<Sha256>::new_from_slice(key).ok()?;
-            mac.update(id.as_bytes());
-            mac.update(b".");
-            mac.update(timestamp.as_bytes());
-            mac.update(b".");
-            mac.update(body);
+            let mac = crate::providers::standard_mac(key, id, &timestamp, body)?;
             Some(format!(
                 "v1,{}",
                 STANDARD.encode(mac.finalize().into_bytes())

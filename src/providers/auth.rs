@@ -123,6 +123,19 @@ fn standard(key: &[u8], d: &Delivery<'_>) -> Result<Authenticated, AuthError> {
     })
 }
 
+/// The Standard Webhooks v1 MAC of a message: HMAC-SHA256 under `key` of
+/// `{id}.{timestamp}.{body}`. What a sender signs (`app::outbound::sign`) and a receiver
+/// checks ([`standard_signature`]). `None`: a key HMAC refuses.
+pub fn standard_mac(key: &[u8], id: &str, timestamp: &str, body: &[u8]) -> Option<Hmac<Sha256>> {
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).ok()?;
+    mac.update(id.as_bytes());
+    mac.update(b".");
+    mac.update(timestamp.as_bytes());
+    mac.update(b".");
+    mac.update(body);
+    Some(mac)
+}
+
 /// Standard Webhooks v1 signature check: `timestamp` within the tolerance of `now`, and
 /// any `v1,<base64>` entry of `signatures` an HMAC-SHA256 under `key` of
 /// `{id}.{timestamp}.{body}`, compared in constant time. Returns the signed time.
@@ -135,12 +148,7 @@ pub fn standard_signature(
     now: i64,
 ) -> Result<i64, AuthError> {
     let signed_at = fresh(timestamp, "webhook-timestamp", now)?;
-    let mut mac = Hmac::<Sha256>::new_from_slice(key).map_err(|_| AuthError::UnusableKey)?;
-    mac.update(id.as_bytes());
-    mac.update(b".");
-    mac.update(timestamp.as_bytes());
-    mac.update(b".");
-    mac.update(body);
+    let mac = standard_mac(key, id, timestamp, body).ok_or(AuthError::UnusableKey)?;
     // Several entries during a key rotation; any `v1,` one that matches will do.
     let valid = signatures
         .split(' ')

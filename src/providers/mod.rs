@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
 pub use auth::{
-    AuthError, Authenticated, authenticate, sendgrid_public_key_der, standard_key,
+    AuthError, Authenticated, authenticate, sendgrid_public_key_der, standard_key, standard_mac,
     standard_signature,
 };
 pub use custom::CustomMapping;

@@ -153,7 +153,10 @@ async fn a_server_applies_its_read_models_and_its_reactors_on_one_connection() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let names: Vec<&str> = status.iter().map(|s| s.name.as_str()).collect();
-    for reactor in ["suppressions", "webhook_parking"] {
+    for reactor in [
+        leadledger::app::suppressions::SUPPRESSION_REACTOR,
+        leadledger::app::webhooks::PARKING_REACTOR,
+    ] {
         assert!(names.contains(&reactor), "{reactor} in {names:?}");
     }
     // One group: one feed read and one transaction a batch for all of them.

@@ -144,14 +144,13 @@ async fn a_position_never_reached_answers_503_with_retry_after() {
 async fn a_server_applies_its_read_models_and_its_reactors_on_one_connection() {
     let app = spawn_app().await;
     let mut conn = app.pool.acquire().await.unwrap();
-    let mut status = Vec::new();
-    for _ in 0..250 {
-        status = projections::status::all(&mut conn).await.unwrap();
-        if status.len() > projections::names().len() && status.iter().all(|s| s.held_by.is_some()) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let status = read_until(
+        async || projections::status::all(&mut conn).await.unwrap(),
+        |status| {
+            status.len() > projections::names().len() && status.iter().all(|s| s.held_by.is_some())
+        },
+    )
+    .await;
     let names: Vec<&str> = status.iter().map(|s| s.name.as_str()).collect();
     for reactor in [
         leadledger::app::suppressions::SUPPRESSION_REACTOR,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::helpers::{assert_problem, spawn_app};
+use crate::helpers::{assert_problem, read_until, spawn_app};
 
 async fn stream(app: &crate::helpers::TestApp, id: &str) -> Vec<(i64, String)> {
     sqlx::query_as(
@@ -533,19 +533,14 @@ async fn upsert_in_one_batch(
         .expect("the first upsert's write reached the batch task");
     let count = bodies.len();
     let requests = start_upserts(app, bodies);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let queued =
-            leadledger::app::command::queued_writes::<aggregates::contact::Contact>(&app.state);
-        if queued == count {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{queued} of {count} writes queued behind the held one"
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let queued = read_until(
+        async || {
+            leadledger::app::command::queued_writes::<aggregates::contact::Contact>(&app.state)
+        },
+        |queued| *queued == count,
+    )
+    .await;
+    assert_eq!(queued, count, "writes queued behind the held one");
     writing.release();
     for first in first {
         let (status, body) = first.await.unwrap();

@@ -36,12 +36,16 @@ pub async fn all(conn: &mut PgConnection) -> Result<Vec<ProjectionStatus>, sqlx:
     let mut out = Vec::new();
     for name in names {
         let name = name.as_str();
+        // `pg_locks` lists the advisory locks of every database on the server: another
+        // database's runner holding the same key is not this one's.
         let row = sqlx::query!(
             r#"SELECT c.transaction_id::text AS "transaction_id!", c.position, c.failed_position,
                       c.failed_error,
                       (SELECT a.application_name
                        FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
                        WHERE l.locktype = 'advisory' AND l.granted
+                         AND l.database = (SELECT oid FROM pg_database
+                                           WHERE datname = current_database())
                          AND l.classid = $2::int::oid AND l.objid = hashtext($1)::oid
                        LIMIT 1) AS held_by
                FROM projection_checkpoints c WHERE c.name = $1"#,

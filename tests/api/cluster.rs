@@ -157,6 +157,7 @@ async fn holders(conn: &mut PgConnection) -> Vec<(String, u32)> {
     let names: Vec<String> = sqlx::query_scalar(
         "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
          WHERE l.locktype = 'advisory' AND l.granted
+           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
            AND a.application_name LIKE 'leadledger-projection:%'",
     )
     .fetch_all(conn)

@@ -166,6 +166,32 @@ async fn a_server_applies_its_read_models_and_its_reactors_on_one_connection() {
 }
 
 #[tokio::test]
+async fn a_projection_held_only_in_another_database_on_the_same_server_shows_idle() {
+    let busy = spawn_app().await;
+    let quiet = spawn_app_with(false).await;
+    let mut busy_conn = busy.pool.acquire().await.unwrap();
+    let held = read_until(
+        async || projections::status::all(&mut busy_conn).await.unwrap(),
+        |status| status.iter().all(|s| s.held_by.is_some()),
+    )
+    .await;
+    assert!(held.iter().all(|s| s.state == "running"), "{held:?}");
+
+    // The same advisory keys are held on the server, but in `busy`'s database. `quiet` has
+    // checkpoints, as a database whose runner stopped has, and no runner.
+    let mut conn = quiet.pool.acquire().await.unwrap();
+    sqlx::query("INSERT INTO projection_checkpoints (name) SELECT unnest($1::text[])")
+        .bind(projections::names())
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let status = projections::status::all(&mut conn).await.unwrap();
+    for s in &status {
+        assert_eq!((s.state, s.held_by.as_deref()), ("idle", None), "{s:?}");
+    }
+}
+
+#[tokio::test]
 async fn two_runners_on_one_database_never_apply_an_event_twice_and_one_takes_over() {
     let app = spawn_app_with(false).await;
     let (first_cancel, first) = start_runner(&app.pool, projections::all());

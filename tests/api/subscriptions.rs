@@ -773,7 +773,8 @@ async fn two_servers_on_one_database_never_deliver_one_subscription_at_once() {
     assert_eq!(receiver.delivered(), expected);
     assert_eq!(receiver.max_in_flight(), 1, "never two deliveries at once");
     let holders: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1 AND granted",
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = $1 AND granted
+           AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
     )
     .bind(leadledger::app::delivery::LOCK_CLASS)
     .fetch_one(&first.pool)

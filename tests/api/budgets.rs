@@ -1202,7 +1202,8 @@ async fn until_waiting_on_lock(pool: &sqlx::PgPool, start: &str) {
     for _ in 0..500 {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity
-             WHERE wait_event_type = 'Lock' AND query LIKE $1 || '%'",
+             WHERE datname = current_database()
+               AND wait_event_type = 'Lock' AND query LIKE $1 || '%'",
         )
         .bind(start)
         .fetch_one(pool)
